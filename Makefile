@@ -1,0 +1,29 @@
+# Two commands from nothing (they create .venv and install pinned dependencies):
+#   make quickstart   the main job: sample data + shipped pretrained weights -> feature caches
+#   make test         the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install quickstart test clean
+
+# torch/torchvision are pinned in constraints.txt (torch==2.14.1 torchvision==0.29.1): the
+# CPU-only torch wheel cannot be paired with any published torchvision, and an unpinned
+# torch floats to a release that torchvision does not support yet.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/embedder run pipelines/quickstart.toml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data/digits data/lfw_subset data/photos data/out

@@ -1,0 +1,5 @@
+import sys
+
+from embedder.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""Command line: parse -> typed config -> API call -> exit code. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from embedder.errors import EmbedderError
+
+EPILOG = "Docs: README.md. Every command has --help."
+
+
+def _int_or_auto(value: str) -> int | None:
+    return None if value == "auto" else int(value)
+
+
+def _add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="image folder (ImageFolder tree, train/val split tree or flat) or .txt/.csv file list")
+    p.add_argument("--model", required=True, help="backbone name (see `embedder models`)")
+    p.add_argument("--out", required=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained), none (random init) or PATH to a state dict")
+    p.add_argument("--layer", default=None, help="output point (default: the pooled last conv stage; VGG: fc7 also)")
+    p.add_argument("--normalize", choices=["none", "l2"], default="none", help="store L2-normalised features")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=_int_or_auto, default=None, help="reader processes (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = fastest measured for the device (see docs/BENCHMARKS.md)")
+    p.add_argument("--memory-layout", default="auto", choices=["auto", "channels_last", "contiguous"])
+    p.add_argument("--image-size", type=int, default=None, help="override the weights' crop size (resize keeps its ratio)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N files of the sorted listing")
+    p.add_argument("--layout", default="auto",
+                   choices=["auto", "imagefolder", "split-imagefolder", "flat", "filelist"],
+                   help="how SOURCE is organised (default: detect)")
+    p.add_argument("--dtype", dest="feature_dtype", default="float32", choices=["float32", "float16"],
+                   help="storage type of the features")
+    p.add_argument("--commit-every", type=int, default=512, help="files per committed part (most a kill can lose)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images as decompression bombs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache with another configuration")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedder",
+        description="Frozen pretrained CNN features, extracted once into an HDF5 cache.",
+        epilog=EPILOG,
+    )
+    from embedder import __version__
+
+    parser.add_argument("--version", action="version", version=f"embedder {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list backbones, feature widths and offline weight availability")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("embed", help="extract features of an image folder into an HDF5 cache (resumable)")
+    _add_embed_args(p)
+
+    p = sub.add_parser("info", help="describe a feature cache")
+    p.add_argument("cache")
+    p.add_argument("--errors", action="store_true", help="list every file in the errors table")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("run", help="run a declarative pipeline (TOML), e.g. pipelines/quickstart.toml")
+    p.add_argument("pipeline")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("make-samples", help="write the sample datasets (from data shipped in packages)")
+    p.add_argument("out", nargs="?", default="data", help="folder to write into (default: data)")
+    p.add_argument("--only", nargs="*", default=None, help="subset of: digits lfw_subset photos")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except EmbedderError as exc:
+        print(f"embedder: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("embedder: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "models":
+        from embedder.commands import models
+
+        return models(as_json=args.json)
+    if args.command == "embed":
+        from embedder.commands import embed_command
+        from embedder.config import EmbedConfig
+        from embedder.decode import DEFAULT_MAX_PIXELS
+
+        config = EmbedConfig(
+            source=args.source,
+            model=args.model,
+            out=args.out,
+            weights=args.weights,
+            layer=args.layer,
+            normalize=args.normalize,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            precision=args.precision,
+            memory_layout=args.memory_layout,
+            image_size=args.image_size,
+            limit=args.limit,
+            layout=args.layout,
+            feature_dtype=args.feature_dtype,
+            commit_every=args.commit_every,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        return embed_command(config, as_json=args.json)
+    if args.command == "info":
+        from embedder.commands import info
+
+        return info(args.cache, list_errors=args.errors, as_json=args.json)
+    if args.command == "run":
+        from embedder.pipeline import run_pipeline
+
+        run_pipeline(args.pipeline, progress=not args.quiet)
+        return 0
+    if args.command == "make-samples":
+        from embedder.samples import make_samples
+
+        make_samples(args.out, only=args.only)
+        return 0
+    raise AssertionError(args.command)
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

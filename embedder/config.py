@@ -1,0 +1,100 @@
+"""Typed configs, parsed once at the boundary (CLI flags or a pipeline TOML step).
+
+Precedence, as in timm's `resolve_data_config`: explicit values given by the user, then
+the backbone's own settings from the registry (preprocessing, default layer), then the
+defaults below. `auto` values are resolved by `embedder.runtime` and the resolved value is
+what lands in the cache fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedder.decode import DEFAULT_MAX_PIXELS
+from embedder.errors import ConfigError
+from embedder.sources import LAYOUTS
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    source: str  # image folder, or .txt/.csv file list
+    model: str  # registry name, see `embedder models`
+    out: str  # the HDF5 cache to create, resume or append to
+    weights: str = "DEFAULT"  # DEFAULT | none | path to a state-dict file
+    layer: str | None = None  # None = the registry's default pooling point
+    pool: str = "avg"
+    normalize: str = "none"  # "l2" stores unit-length features
+    batch_size: int = 32
+    workers: int | None = None  # None = auto (one per spare core, at most 8)
+    device: str = "auto"
+    precision: str = "auto"
+    memory_layout: str = "auto"
+    image_size: int | None = None  # override the weights' crop size; resize keeps its ratio
+    limit: int | None = None  # only the first N files of the (sorted) listing
+    layout: str = "auto"  # how SOURCE is organised, see embedder.sources
+    feature_dtype: str = "float32"
+    commit_every: int = 512  # files per committed part: the most a kill can lose
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "commit_every", "max_pixels")
+        _positive(self, "limit", "image_size", optional=True)
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}.")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}.")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ConfigError(f"--dtype must be float32 or float16, got {self.feature_dtype!r}.")
+        if self.normalize not in ("none", "l2"):
+            raise ConfigError(f"normalize must be 'none' or 'l2', got {self.normalize!r}.")
+        if not str(self.out).endswith((".h5", ".hdf5")):
+            raise ConfigError(f"--out should name an HDF5 file ending in .h5, got {self.out!r}.")
+
+    @classmethod
+    def from_mapping(cls, values: dict, base_dir: Path | None = None) -> EmbedConfig:
+        """Build from a TOML table; relative paths are taken relative to `base_dir`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown embed setting(s) {unknown}. Known: {sorted(known)}.")
+        values = dict(values)
+        if base_dir is not None:
+            for key in ("source", "out"):
+                if key in values:
+                    values[key] = str(_resolve(values[key], base_dir))
+            if values.get("weights", "DEFAULT").upper() != "DEFAULT" and values.get("weights", "").lower() not in (
+                "none",
+                "random",
+            ):
+                values["weights"] = str(_resolve(values["weights"], base_dir))
+        missing = [k for k in ("source", "model", "out") if k not in values]
+        if missing:
+            raise ConfigError(f"The embed step needs {', '.join(missing)}.")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"Bad embed settings: {exc}") from exc
+
+    def resolved_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    p = Path(os.path.expanduser(str(value)))
+    return p if p.is_absolute() else base_dir / p
+
+
+def _positive(cfg, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")

@@ -1,0 +1,50 @@
+"""Exception types. Every message names the fix, not just the failure."""
+
+from __future__ import annotations
+
+
+class EmbedderError(Exception):
+    """Base class: the CLI prints these as one clean line and exits non-zero."""
+
+    exit_code = 2
+
+
+class ConfigError(EmbedderError):
+    """A setting that cannot be used as given (unknown model, bad option value, ...)."""
+
+
+class SourceError(EmbedderError):
+    """The image source is missing, empty or unreadable."""
+
+
+class WeightsUnavailableError(EmbedderError):
+    """Pretrained weights could not be obtained; the message says where to put them."""
+
+
+class CacheError(EmbedderError):
+    """The feature cache is unreadable, incomplete or locked."""
+
+
+class CacheMismatchError(CacheError):
+    """A cache was written with a different configuration than the one asked for."""
+
+    def __init__(self, path, differences: dict[str, tuple[object, object]], hint: str):
+        self.path = path
+        self.differences = differences
+        lines = [f"{path} was written with a different configuration:"]
+        for key, (cached, requested) in differences.items():
+            lines.append(f"  {key}: cache has {cached!r}, this run asks for {requested!r}")
+        lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+class AllImagesFailedError(EmbedderError):
+    """Every image of a run failed to decode: almost certainly the wrong SOURCE."""
+
+
+class BadImageError(Exception):
+    """One image cannot be used. Not an EmbedderError: it is recorded and skipped, never fatal."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

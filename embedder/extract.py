@@ -1,0 +1,324 @@
+"""Reader -> backbone -> cache writer, timed per stage.
+
+Batch contract between the stages (one dict per batch, produced by `BatchReader`):
+
+    indices   int64 [n]            listing rows that decoded, in order
+    images    uint8 [n, 3, S, S]   crop-size RGB pixels of those rows
+    errors    list[(row, reason)]  listing rows that could not be used, and why
+    decode_s  float                seconds spent reading and decoding files
+    resize_s  float                seconds spent resizing and cropping
+
+Batches are fixed slices of the pending rows, so which images share a batch never
+depends on worker timing, resume points or commit sizes: the same command always feeds
+the network the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import embedder
+from embedder.backbone import BackboneConfig, FrozenBackbone
+from embedder.cache import CacheSpec, CacheWriter, FeatureCache
+from embedder.config import EmbedConfig
+from embedder.decode import DECODER, DEFAULT_MAX_PIXELS, load_rgb
+from embedder.errors import AllImagesFailedError, BadImageError
+from embedder.preprocess import geometric_transform
+from embedder.registry import Preprocessing
+from embedder.runtime import resolve_runtime
+from embedder.sources import Listing, list_source
+
+STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
+
+
+class BatchReader(Dataset):
+    """Reader stage. Item `b` is the b-th batch of `rows` (indices into `paths`)."""
+
+    def __init__(
+        self,
+        root: Path,
+        paths: list[str],
+        rows: np.ndarray,
+        batch_size: int,
+        preprocessing: Preprocessing,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.root, self.paths, self.rows = root, paths, rows
+        self.batch_size = batch_size
+        self.crop = preprocessing.crop_size
+        self.transform = geometric_transform(preprocessing)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, b: int) -> dict:
+        rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
+        images, ok, errors = [], [], []
+        decode_s = resize_s = 0.0
+        for row in rows:
+            t0 = time.perf_counter()
+            try:
+                image = load_rgb(self.root / self.paths[row], self.max_pixels)
+            except BadImageError as exc:
+                errors.append((int(row), exc.reason))
+                continue
+            finally:
+                decode_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            images.append(self.transform(image))
+            resize_s += time.perf_counter() - t1
+            ok.append(int(row))
+        stacked = torch.stack(images) if images else torch.empty((0, 3, self.crop, self.crop), dtype=torch.uint8)
+        return {
+            "indices": np.asarray(ok, dtype=np.int64),
+            "images": stacked,
+            "errors": errors,
+            "decode_s": decode_s,
+            "resize_s": resize_s,
+        }
+
+
+@dataclass
+class EmbedReport:
+    out: str
+    fingerprint: str
+    listed: int  # files found in SOURCE (after --limit)
+    already_cached: int  # listed files that an earlier run had done (rows or errors)
+    embedded: int  # new feature rows written by this run
+    errors: list[tuple[str, str]]  # (path, reason) recorded by this run
+    total_rows: int  # feature rows in the finished cache
+    ignored: int  # files skipped for their extension or place
+    wall_s: float
+    stage_s: dict[str, float] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.embedded == 0 and not self.errors
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.embedded + len(self.errors)
+        return done / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return (
+                f"{self.out} is up to date: all {self.listed} files of SOURCE are cached "
+                f"({self.total_rows} rows). Nothing to do."
+            )
+        lines = [
+            f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
+            f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
+            f"  already cached  : {self.already_cached}",
+            f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
+        ]
+        if self.ignored:
+            lines.append(f"  ignored files   : {self.ignored} (not image files, or outside class folders)")
+        for path, reason in self.errors[:5]:
+            lines.append(f"    {path}: {reason}")
+        if len(self.errors) > 5:
+            lines.append(f"    ... and {len(self.errors) - 5} more")
+        lines.append("  time per stage  : " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_s.items()))
+        lines.append("                    (decode and resize run in the reader workers, in parallel with the model;")
+        lines.append("                     'wait' is the time the model stage waited for them)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "out": self.out,
+            "fingerprint": self.fingerprint,
+            "listed": self.listed,
+            "already_cached": self.already_cached,
+            "embedded": self.embedded,
+            "errors": [{"path": p, "reason": r} for p, r in self.errors],
+            "total_rows": self.total_rows,
+            "ignored": self.ignored,
+            "wall_s": self.wall_s,
+            "images_per_s": self.images_per_s,
+            "stage_s": self.stage_s,
+            "config": self.config,
+        }
+
+
+class StageTimer:
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+def backbone_for(config: EmbedConfig) -> FrozenBackbone:
+    runtime = resolve_runtime(config.device, config.precision, config.memory_layout)
+    return FrozenBackbone.from_config(
+        BackboneConfig(
+            model=config.model,
+            weights=config.weights,
+            layer=config.layer,
+            pool=config.pool,
+            normalize=config.normalize,
+            image_size=config.image_size,
+            device=runtime.device,
+            precision=runtime.precision,
+            channels_last=runtime.channels_last,
+        )
+    )
+
+
+def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float32") -> dict[str, str]:
+    """Everything that can change a feature's bits, as readable strings."""
+    cfg = backbone.config
+    components = {
+        "model": backbone.spec.name,
+        "weights": backbone.weights.identity,
+        "preprocessing": json.dumps(backbone.preprocessing.as_dict(), sort_keys=True),
+        "decoder": DECODER,
+        "layer": backbone.node,
+        "pooling": cfg.pool,
+        "normalization": cfg.normalize,
+        "precision": cfg.precision,
+        "memory_layout": "channels_last" if cfg.channels_last else "contiguous",
+        "device_type": torch.device(cfg.device).type,
+        "feature_dtype": feature_dtype,
+        "embedder_version": embedder.__version__,
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+    }
+    if backbone.spec.uses_timm:
+        import timm
+
+        components["timm_version"] = str(timm.__version__)
+    return components
+
+
+def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None) -> EmbedReport:
+    """Embed every image of `config.source` into the cache `config.out` (create, resume or append)."""
+    t_start = time.perf_counter()
+    listing = list_source(config.source, config.layout, config.limit)
+    backbone = backbone or backbone_for(config)
+    spec = CacheSpec(
+        components=fingerprint_components(backbone, config.feature_dtype),
+        source=str(listing.root if listing.layout != "filelist" else Path(config.source).resolve()),
+        feature_dim=backbone.feature_dim,
+        layout=listing.layout,
+        command=command if command is not None else shlex.join(["embedder", *sys.argv[1:]]),
+    )
+    timer = StageTimer()
+    new_errors: list[tuple[str, str]] = []
+    embedded = 0
+    with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every) as writer:
+        pending = writer.pending
+        already = len(listing) - len(pending)
+        if len(pending):
+            embedded = _run_batches(config, backbone, listing, writer, timer, new_errors)
+        total_rows = writer.finish()
+    wall = time.perf_counter() - t_start
+    report = EmbedReport(
+        out=str(config.out),
+        fingerprint=spec.fingerprint,
+        listed=len(listing),
+        already_cached=already,
+        embedded=embedded,
+        errors=new_errors,
+        total_rows=total_rows,
+        ignored=len(listing.ignored),
+        wall_s=wall,
+        stage_s={k: round(v, 3) for k, v in timer.seconds.items()},
+        config={k: str(v) for k, v in spec.components.items()},
+    )
+    if total_rows == 0:
+        with FeatureCache(config.out) as cache:
+            errors = cache.errors
+        sample = "; ".join(f"{p}: {r}" for p, r in errors[:3])
+        raise AllImagesFailedError(
+            f"No image of {config.source} could be used ({len(errors)} failed, e.g. {sample}). "
+            f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."
+        )
+    return report
+
+
+def _run_batches(config, backbone, listing: Listing, writer: CacheWriter, timer: StageTimer, new_errors) -> int:
+    on_gpu = backbone.device.type == "cuda"
+    reader = BatchReader(
+        listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing, config.max_pixels
+    )
+    workers = config.resolved_workers()
+    loader = DataLoader(
+        reader,
+        batch_size=None,  # the reader already yields whole batches
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=on_gpu,
+        prefetch_factor=4 if workers else None,
+    )
+    embedded = 0
+    bar = tqdm(
+        total=len(writer.pending), unit="img", desc="embed", disable=not config.progress, dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    with bar:
+        batches = iter(loader)
+        while True:
+            with timer("wait"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            timer.seconds["decode"] += batch["decode_s"]
+            timer.seconds["resize"] += batch["resize_s"]
+            features = np.zeros((0, backbone.feature_dim), dtype=np.float32)
+            if len(batch["indices"]):
+                with timer("transfer"):
+                    images = batch["images"].to(backbone.device, non_blocking=True)
+                with timer("model"):
+                    out = backbone(images)
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                with timer("transfer"):
+                    features = out.cpu().numpy()
+            with timer("write"):
+                writer.add(batch["indices"], features, batch["errors"])
+            embedded += len(batch["indices"])
+            new_errors += [(listing.paths[i], reason) for i, reason in batch["errors"]]
+            bar.update(len(batch["indices"]) + len(batch["errors"]))
+            if batch["errors"]:
+                bar.set_postfix(errors=len(new_errors))
+    return embedded
+
+
+def embed_images(
+    backbone: FrozenBackbone, paths: list[str | Path], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Features for image files, in memory, with the same reader as `embed`.
+
+    Returns (features [n_ok, D], errors [(path, reason)]); rows follow `paths`, minus failures.
+    """
+    rows = np.arange(len(paths), dtype=np.int64)
+    reader = BatchReader(Path("."), [str(p) for p in paths], rows, batch_size, backbone.preprocessing, max_pixels)
+    feats, errors = [], []
+    for b in range(len(reader)):
+        batch = reader[b]
+        if len(batch["indices"]):
+            feats.append(backbone(batch["images"]).cpu().numpy())
+        errors += [(str(paths[i]), reason) for i, reason in batch["errors"]]
+    out = np.concatenate(feats) if feats else np.zeros((0, backbone.feature_dim), np.float32)
+    return out, errors

@@ -1,0 +1,121 @@
+"""Declarative pipelines: a TOML file of steps run in order by `embedder run FILE`.
+
+    [pipeline]
+    name = "quickstart"
+    base_dir = ".."        # relative paths in steps are taken from here (default: the file's folder)
+
+    [[steps]]
+    run = "make-samples"   # then the step's own settings, as on the command line
+    out = "data"
+
+    [[steps]]
+    run = "embed"
+    source = "data/digits"
+    model = "efficientnet_lite0"
+    out = "data/out/digits.h5"
+
+Every step is validated before the first one runs, so a typo in step 5 fails in a second,
+not after an hour of extraction.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedder.errors import ConfigError
+
+
+@dataclass
+class Step:
+    kind: str
+    describe: str
+    execute: Callable[[], object]
+
+
+def _make_samples_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.samples import SAMPLES, make_samples
+
+    _only_keys(values, {"out", "only"}, "make-samples")
+    out = base / values.get("out", "data")
+    only = values.get("only")
+    if only is not None and (not isinstance(only, list) or set(only) - set(SAMPLES)):
+        raise ConfigError(f"make-samples: `only` must be a list drawn from {list(SAMPLES)}, got {only!r}.")
+    return Step("make-samples", f"make sample data in {out}", lambda: make_samples(out, only=only))
+
+
+def _embed_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.config import EmbedConfig
+
+    config = EmbedConfig.from_mapping({"progress": progress, **values}, base_dir=base)
+
+    def execute():
+        from embedder.extract import embed
+
+        report = embed(config, command=f"embedder run (embed step: {config.source} -> {config.out})")
+        print(report.summary())
+        return report
+
+    return Step("embed", f"embed {config.source} with {config.model} -> {config.out}", execute)
+
+
+def _info_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.commands import info
+
+    _only_keys(values, {"cache", "errors"}, "info")
+    if "cache" not in values:
+        raise ConfigError("The info step needs `cache`.")
+    cache = base / values["cache"]
+    return Step("info", f"describe {cache}", lambda: info(str(cache), list_errors=bool(values.get("errors"))))
+
+
+STEP_KINDS: dict[str, Callable[[dict, Path, bool], Step]] = {
+    "make-samples": _make_samples_step,
+    "embed": _embed_step,
+    "info": _info_step,
+}
+
+
+def _only_keys(values: dict, allowed: set[str], kind: str) -> None:
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"{kind} step: unknown setting(s) {unknown}; allowed: {sorted(allowed)}.")
+
+
+def load_pipeline(path: str | Path, progress: bool = True) -> tuple[str, list[Step]]:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"No pipeline file at {path}. See pipelines/ for examples.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    head = doc.get("pipeline", {})
+    base = (path.parent / head.get("base_dir", ".")).resolve()
+    steps = []
+    for n, table in enumerate(doc.get("steps", []), start=1):
+        values = dict(table)
+        kind = values.pop("run", None)
+        if kind not in STEP_KINDS:
+            raise ConfigError(f"{path}: step {n} has run = {kind!r}; known steps: {', '.join(STEP_KINDS)}.")
+        try:
+            steps.append(STEP_KINDS[kind](values, base, progress))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: step {n} ({kind}): {exc}") from None
+    if not steps:
+        raise ConfigError(f"{path} has no [[steps]].")
+    return head.get("name", path.stem), steps
+
+
+def run_pipeline(path: str | Path, progress: bool = True) -> list[object]:
+    name, steps = load_pipeline(path, progress)
+    results = []
+    t0 = time.perf_counter()
+    for n, step in enumerate(steps, start=1):
+        print(f"\n[{name} {n}/{len(steps)}] {step.describe}", flush=True)
+        results.append(step.execute())
+    print(f"\n[{name}] done: {len(steps)} steps in {time.perf_counter() - t0:.1f} s")
+    return results

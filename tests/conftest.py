@@ -1,0 +1,97 @@
+"""Shared fixtures: small generated image trees and a fast, fully pinned embed config.
+
+Fast tests use random-init resnet18 at 32 px in fp32/contiguous, with no reader workers,
+so they are deterministic and take well under a second per extraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedder.config import EmbedConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(40, 30), mode="RGB", fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "L": 1}[mode]
+    array = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(array.squeeze() if channels == 1 else array, mode=mode).save(path, format=fmt)
+    return path
+
+
+def make_tree(root: Path, classes=("cat", "dog", "fox"), per_class=6, seed=0) -> Path:
+    """An ImageFolder tree of random PNG and JPEG images of varying sizes."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        for i in range(per_class):
+            ext = ".png" if i % 2 else ".jpg"
+            write_image(root / c / f"{c}_{i:03d}{ext}", rng, size=(int(rng.integers(24, 64)), int(rng.integers(24, 64))))
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    return make_tree(tmp_path / "images")
+
+
+def fast_config(source, out, **overrides) -> EmbedConfig:
+    values = dict(
+        source=str(source),
+        model="resnet18",
+        out=str(out),
+        weights="none",
+        image_size=32,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        memory_layout="contiguous",
+        progress=False,
+    )
+    values.update(overrides)
+    return EmbedConfig(**values)
+
+
+def cli_args(config: EmbedConfig) -> list[str]:
+    """The `embedder embed` command line equivalent to `config`."""
+    args = [config.source, "--model", config.model, "--out", config.out, "--weights", config.weights]
+    flags = {
+        "image_size": "--image-size", "batch_size": "--batch-size", "workers": "--workers", "device": "--device",
+        "precision": "--precision", "memory_layout": "--memory-layout", "commit_every": "--commit-every",
+        "limit": "--limit", "layer": "--layer", "feature_dtype": "--dtype",
+    }
+    defaults = {f.name: f.default for f in dataclasses.fields(EmbedConfig)}
+    for field, flag in flags.items():
+        value = getattr(config, field)
+        if value is not None and value != defaults[field]:
+            args += [flag, str(value)]
+    if not config.progress:
+        args.append("--quiet")
+    return args
+
+
+def embedder_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "embedder", *args]
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_home(tmp_path_factory, monkeypatch):
+    # Tests must never find (or download into) a user's weight cache by accident.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    yield
+
+
+def env_with_repo() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
