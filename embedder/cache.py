@@ -144,12 +144,12 @@ class FeatureCache:
                 f"understands ({SCHEMA_VERSION}). Upgrade embedder."
             )
         if require_complete and not self.complete:
-            command = attrs.get("command", "") or "the embed command"
-            self._f.close()
-            raise CacheError(
+            message = (
                 f"{self.path} is incomplete ({self.committed_rows} rows committed): its run was interrupted. "
-                f"Rerun `{command}` to finish it."
+                f"Rerun `{attrs.get('command', '') or 'the embed command'}` to finish it."
             )
+            self._f.close()
+            raise CacheError(message)
         if not self.complete:
             missing = [s.file_name for s in self._virtual_sources() if not (self.path.parent / s.file_name).exists()]
             if missing:

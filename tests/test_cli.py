@@ -1,0 +1,111 @@
+"""The command line, the pipeline runner and the sample data, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from embedder.cache import FeatureCache
+from embedder.cli import main
+from embedder.errors import ConfigError
+from embedder.pipeline import load_pipeline
+from embedder.registry import list_backbones
+from embedder.samples import make_samples
+from tests.conftest import REPO, embedder_cmd, env_with_repo
+
+
+def test_models_lists_every_backbone_with_width_and_offline_flag(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == sorted(list_backbones())
+    assert len(rows) == 14  # resnet18-152, vgg11-19 with and without BN, efficientnet_lite0
+    assert rows["resnet50"]["feature_dim"] == 2048 and rows["resnet18"]["feature_dim"] == 512
+    assert rows["vgg16"]["feature_dim"] == 512 and rows["vgg16"]["other_layers"]["fc7"] == 4096
+    assert rows["efficientnet_lite0"]["feature_dim"] == 1280
+    assert rows["efficientnet_lite0"]["weights_offline"] is True
+    assert rows["resnet18"]["weights_offline"] is False  # TORCH_HOME points at an empty folder in tests
+
+
+def test_module_entry_point_and_help():
+    proc = subprocess.run(embedder_cmd("embed", "--help"), env=env_with_repo(), capture_output=True, text=True)
+    assert proc.returncode == 0
+    for flag in ("--weights", "--batch-size", "--workers", "--device", "--precision", "--image-size", "--limit",
+                 "--overwrite", "--layer", "--normalize"):
+        assert flag in proc.stdout
+
+
+def test_bad_option_value_is_one_clean_line(tmp_path, capsys):
+    code = main(["embed", str(tmp_path), "--model", "resnet18", "--out", str(tmp_path / "c.h5"), "--batch-size", "0"])
+    err = capsys.readouterr().err
+    assert code != 0 and "batch-size must be a positive integer" in err
+
+
+def test_pipeline_runs_steps_and_info(tmp_path, capsys):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        """
+[pipeline]
+name = "tiny"
+
+[[steps]]
+run = "make-samples"
+out = "data"
+only = ["photos"]
+
+[[steps]]
+run = "embed"
+source = "data/photos"
+model = "resnet18"
+weights = "none"
+image_size = 32
+precision = "fp32"
+workers = 0
+out = "out/photos.h5"
+
+[[steps]]
+run = "info"
+cache = "out/photos.h5"
+"""
+    )
+    assert main(["run", str(pipeline), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "[tiny 3/3]" in printed and "8 x 512" in printed
+    with FeatureCache(tmp_path / "out" / "photos.h5") as c:
+        assert len(c) == 8 and "chelsea.jpg" in c.paths
+
+
+def test_pipeline_is_validated_before_anything_runs(tmp_path):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[[steps]]\nrun = "make-samples"\nout = "data"\n\n[[steps]]\nrun = "embed"\nsource = "x"\nmodel = "resnet18"\n'
+        'out = "c.h5"\nbatch = 3\n'
+    )
+    with pytest.raises(ConfigError, match="step 2 .*batch"):
+        load_pipeline(pipeline)
+    assert not (tmp_path / "data").exists()
+
+
+def test_quickstart_pipeline_is_valid():
+    name, steps = load_pipeline(REPO / "pipelines" / "quickstart.toml")
+    kinds = [s.kind for s in steps]
+    assert kinds[0] == "make-samples" and "embed" in kinds
+    assert all("efficientnet_lite0" in s.describe for s in steps if s.kind == "embed")
+
+
+def test_samples_are_made_from_shipped_data(tmp_path):
+    made = make_samples(tmp_path, verbose=False)
+    digits = sorted(p for p in made["digits"].rglob("*.png"))
+    assert len(digits) == 1797 and len({p.parent.name for p in digits}) == 10
+    lfw = list(made["lfw_subset"].rglob("*.png"))
+    assert len(lfw) == 200
+    assert {p.relative_to(made["lfw_subset"]).parts[:2] for p in lfw} == {
+        ("train", "face"), ("train", "non_face"), ("val", "face"), ("val", "non_face")
+    }
+    assert len(list((made["lfw_subset"] / "val" / "face").iterdir())) == 30
+    assert (made["photos"] / "chelsea.jpg").is_file()
+    # A second call leaves the finished samples alone.
+    stamp = (made["digits"] / "0").stat().st_mtime_ns
+    make_samples(tmp_path, verbose=False)
+    assert (made["digits"] / "0").stat().st_mtime_ns == stamp

@@ -1,0 +1,96 @@
+"""Decoding awkward and broken files: correct pixels for the first, a recorded reason for the second."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedder.cache import FeatureCache
+from embedder.decode import load_rgb
+from embedder.errors import BadImageError
+from embedder.extract import embed
+from tests.conftest import fast_config
+from tests.corpus import BAD, make_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root)
+
+
+def test_every_good_file_decodes_to_rgb_uint8(corpus):
+    root, expected = corpus
+    for name, outcome in expected.items():
+        if outcome != "ok":
+            continue
+        t = load_rgb(root / name)
+        assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3, name
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_every_bad_file_raises_with_a_reason(corpus, name):
+    root, _ = corpus
+    with pytest.raises(BadImageError) as err:
+        load_rgb(root / name)
+    assert BAD[name] in err.value.reason
+    assert err.value.reason
+
+
+def test_missing_file_is_a_bad_image_not_a_crash(tmp_path):
+    with pytest.raises(BadImageError, match="file not found"):
+        load_rgb(tmp_path / "nope.jpg")
+
+
+def test_small_pixel_limit_refuses_before_decoding(corpus):
+    root, _ = corpus
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        load_rgb(root / "plain.jpg", max_pixels=100)
+
+
+def test_exif_orientation_is_applied(corpus):
+    root, _ = corpus
+    stored = Image.open(root / "exif_rotated.jpg").size
+    assert stored == (64, 48)
+    assert tuple(load_rgb(root / "exif_rotated.jpg").shape) == (3, 64, 48)  # shown rotated: 48 wide, 64 high
+
+
+def test_sixteen_bit_is_rescaled_not_clipped(tmp_path):
+    wide = np.array([[0, 257 * 128, 65535, 1000]], dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    assert load_rgb(tmp_path / "g16.png")[0, 0].tolist() == [0, 128, 255, 4]
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    rgba = np.zeros((1, 3, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[0, 1] = (0, 0, 0, 0)  # fully transparent black
+    rgba[0, 2] = (0, 0, 0, 128)  # half-transparent black
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    px = load_rgb(tmp_path / "a.png")[:, 0].T.tolist()
+    assert px[0] == [255, 0, 0]
+    assert px[1] == [255, 255, 255]
+    assert all(126 <= v <= 128 for v in px[2])
+
+
+def test_cmyk_is_converted_to_rgb(tmp_path):
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(tmp_path / "cyan.jpg", quality=100)
+    r, g, b = load_rgb(tmp_path / "cyan.jpg")[:, 4, 4].tolist()
+    assert r < 30 and g > 225 and b > 225
+
+
+def test_corpus_run_records_every_bad_file_and_embeds_every_good_one(corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "corpus.h5"
+    report = embed(fast_config(root, out))
+    good = sorted(n for n, o in expected.items() if o == "ok")
+    with FeatureCache(out) as cache:
+        assert sorted(cache.paths) == good
+        errors = dict(cache.errors)
+        assert np.isfinite(cache.features()).all()
+    assert sorted(errors) == sorted(BAD)
+    for name, fragment in BAD.items():
+        assert fragment in errors[name], (name, errors[name])
+    assert report.embedded == len(good) and len(report.errors) == len(BAD)
