@@ -98,7 +98,7 @@ class FrozenBackbone(nn.Module):
         return cls(build_model(spec, weights), spec, config, weights)
 
     # -- the lock -------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> FrozenBackbone:  # noqa: ARG002 - the mode is refused on purpose
+    def train(self, mode: bool = True) -> FrozenBackbone:
         return super().train(False)
 
     def _assert_eval(self) -> None:

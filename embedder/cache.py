@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: schema, fingerprint, crash-safe appends, resume, and block reads.
+"""The HDF5 feature cache: schema, fingerprint and block reads.
 
 Layout of a finished cache (`schema_version` 1)::
 
@@ -12,36 +12,22 @@ Layout of a finished cache (`schema_version` 1)::
            fingerprint_components (JSON), source, layout, feature_dim, feature_dtype,
            committed_rows, complete, command
 
-Crash safety. HDF5 is not safe to modify in place across a `kill -9` (a half-flushed
-metadata cache can leave a file that no longer opens), so the cache file itself is only
-ever *replaced*, atomically (write a temporary file, fsync, `os.replace`). While a run is
-in progress its rows are committed as immutable part files in `CACHE.h5.partial/`, each
-written to a temporary name and renamed into place: the rename is the commit marker.
-During a fresh run `CACHE.h5` is a small file whose datasets are HDF5 *virtual datasets*
-over the committed parts (`complete = False`, `committed_rows` = rows readable), rewritten
-atomically after each commit. During an append run the previous complete cache stays in
-place untouched. At the end everything is consolidated into one self-contained file and
-the part folder is removed. Rerunning the command resumes after the last committed part;
-parts are made of whole batches, so a resumed run feeds the network exactly the batches
-an uninterrupted run would have, and the final file is bit-identical.
+Writing (and why a kill cannot corrupt a cache) lives in `embedder.cache_writer`.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from embedder.errors import CacheError, CacheMismatchError
+from embedder.errors import CacheError
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -83,11 +69,11 @@ class CacheSpec:
         return diff
 
 
-def _chunk_rows(dim: int, itemsize: int) -> int:
+def chunk_rows(dim: int, itemsize: int) -> int:
     return max(1, (1 << 20) // max(1, dim * itemsize))
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,10 +81,10 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    _fsync_path(tmp)
+def atomic_replace(tmp: Path, final: Path) -> None:
+    fsync_path(tmp)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,367 +221,3 @@ class FeatureCache:
 
 def open_cache(path: str | os.PathLike, require_complete: bool = True) -> FeatureCache:
     return FeatureCache(path, require_complete=require_complete)
-
-
-# ----------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Part:
-    """Rows of one commit, kept in memory until written."""
-
-    paths: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    features: list[np.ndarray] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    processed: int = 0  # files looked at, successes and errors
-
-
-@dataclass
-class _Committed:
-    """What the parts already on disk hold (paths only; features stay on disk)."""
-
-    files: list[Path] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    paths: set[str] = field(default_factory=set)
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-
-class CacheWriter:
-    """Writes one run's rows into the cache at `path`, resuming any interrupted run.
-
-    Usage (this is what `embedder.extract` does)::
-
-        with CacheWriter(path, spec, listing, overwrite=False, commit_every=512) as w:
-            for batch in batches_of(w.pending):        # listing indices still to do
-                w.add(ok_indices, features, errors)    # commits by itself every `commit_every` files
-            w.finish()                                 # consolidate into one file
-    """
-
-    def __init__(self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512):
-        if spec.feature_dtype not in FEATURE_DTYPES:
-            raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
-        self.path = Path(path).absolute()
-        self.spec = spec
-        self.listing = listing
-        self.overwrite = overwrite
-        self.commit_every = max(1, int(commit_every))
-        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self._lock_fd: int | None = None
-        self._buffer = _Part()
-        self.base: dict | None = None  # summary of the previous complete cache, when appending
-        self.committed = _Committed()
-        self.classes: list[str] = []  # label space of the parts (append-only)
-        self.pending: np.ndarray = np.zeros(0, dtype=np.int64)
-        self.removed_from_source = 0
-
-    # lifecycle -----------------------------------------------------------------------------
-    def __enter__(self) -> CacheWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock()
-        try:
-            self._prepare()
-        except BaseException:
-            self._unlock()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._unlock()
-
-    def _lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise CacheError(
-                        f"Another embedder process is writing {self.path} (lock {lock_path}). "
-                        "Wait for it to finish, or write to another --out."
-                    ) from None
-                raise
-            # The previous holder may have unlinked the file between our open and our lock.
-            try:
-                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                    self._lock_fd, self._lock_path = fd, lock_path
-                    return
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                os.unlink(self._lock_path)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    # planning ------------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        if self.overwrite:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            if self.path.exists():
-                self.path.unlink()
-        existing = self._read_existing()
-        manifest = self._read_manifest()
-        if existing is not None and existing["complete"]:
-            self.base = existing
-        if manifest is not None:
-            base_rows = self.base["rows"] if self.base else 0
-            if manifest.get("base_rows", 0) != base_rows:
-                raise CacheError(
-                    f"{self.partial} belongs to an interrupted run on a different version of {self.path}. "
-                    "Rerun with --overwrite to start over."
-                )
-            self.classes = list(manifest["classes"])
-            self._scan_parts()
-        for name in self.listing.classes:
-            if name not in self.classes:
-                self.classes.append(name)
-        if manifest is None or manifest["classes"] != self.classes:
-            self._write_manifest()
-        # listing label -> label in the parts' class list; the extra last entry maps -1 to -1
-        self._relabel = np.array([self.classes.index(c) for c in self.listing.classes] + [-1], dtype=np.int64)
-
-        done = set(self.committed.paths)
-        done.update(p for p, _ in self.committed.errors)
-        if self.base:
-            done.update(self.base["paths"])
-            done.update(p for p, _ in self.base["errors"])
-            listed = set(self.listing.paths)
-            self.removed_from_source = sum(1 for p in self.base["paths"] if p not in listed)
-        self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
-        if self.base is None and manifest is None:
-            self._write_view()  # from the first second on, CACHE.h5 opens and says "0 rows"
-
-    def _read_existing(self) -> dict | None:
-        if not self.path.exists():
-            return None
-        try:
-            cache = FeatureCache(self.path, require_complete=False)
-        except CacheError as exc:
-            raise CacheError(f"{exc} Use --overwrite to replace it, or choose another --out.") from None
-        with cache:
-            diff = self.spec.differences(cache.components, cache.source)
-            if diff:
-                raise CacheMismatchError(self.path, diff, "Use --overwrite to replace it, or choose another --out.")
-            if not cache.complete:
-                return {"complete": False}
-            return {"complete": True, "rows": len(cache), "paths": cache.paths, "errors": cache.errors}
-
-    def _read_manifest(self) -> dict | None:
-        mpath = self.partial / "manifest.json"
-        if not mpath.exists():
-            return None
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CacheError(f"{mpath} is unreadable ({exc}). Rerun with --overwrite to start over.") from exc
-        diff = self.spec.differences(manifest["components"], manifest["source"])
-        if diff:
-            raise CacheMismatchError(
-                self.path,
-                diff,
-                f"(These settings come from an interrupted run whose parts are in {self.partial}.) "
-                "Rerun with the original settings to resume it, or use --overwrite to discard it.",
-            )
-        return manifest
-
-    def _write_manifest(self) -> None:
-        self.partial.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "components": self.spec.components,
-            "fingerprint": self.spec.fingerprint,
-            "source": self.spec.source,
-            "classes": self.classes,
-            "base_rows": self.base["rows"] if self.base else 0,
-        }
-        tmp = self.partial / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        _atomic_replace(tmp, self.partial / "manifest.json")
-
-    def _scan_parts(self) -> None:
-        for stale in self.partial.glob("*.tmp"):
-            stale.unlink()  # a commit that was killed before its rename never happened
-        for part in sorted(self.partial.glob("part-*.h5")):
-            with h5py.File(part, "r") as f:
-                paths = [p.decode() for p in f["paths"][:]]
-                errors = list(zip(f["errors/path"].asstr()[:], f["errors/reason"].asstr()[:]))
-            self.committed.files.append(part)
-            self.committed.rows.append(len(paths))
-            self.committed.paths.update(paths)
-            self.committed.errors += errors
-
-    @property
-    def resumed_rows(self) -> int:
-        return sum(self.committed.rows)
-
-    # appending -----------------------------------------------------------------------------
-    def add(self, indices: np.ndarray, features: np.ndarray, errors: list[tuple[int, str]]) -> None:
-        """Record one batch: features of the listing rows `indices`, and (index, reason) failures.
-
-        Commits a part once `commit_every` files have accumulated; call only on batch boundaries.
-        """
-        if len(indices) != len(features):
-            raise ValueError("indices and features differ in length")
-        if len(features) and features.shape[1] != self.spec.feature_dim:
-            raise ValueError(f"features have width {features.shape[1]}, cache expects {self.spec.feature_dim}")
-        buf = self._buffer
-        for i in indices:
-            buf.paths.append(self.listing.paths[i])
-            buf.labels.append(int(self._relabel[self.listing.labels[i]]))
-        if len(features):
-            buf.features.append(np.asarray(features, dtype=self.spec.feature_dtype))
-        buf.errors += [(self.listing.paths[i], reason) for i, reason in errors]
-        buf.processed += len(indices) + len(errors)
-        if buf.processed >= self.commit_every:
-            self.commit()
-
-    def commit(self) -> None:
-        buf = self._buffer
-        if not buf.processed:
-            return
-        number = len(self.committed.files)
-        final = self.partial / f"part-{number:06d}.h5"
-        tmp = final.with_suffix(".h5.tmp")
-        dim = self.spec.feature_dim
-        feats = np.concatenate(buf.features) if buf.features else np.zeros((0, dim), self.spec.feature_dtype)
-        width = max((len(p.encode()) for p in buf.paths), default=1)
-        with h5py.File(tmp, "w", track_order=False) as f:
-            f.create_dataset("features", data=feats, track_times=False)
-            f.create_dataset("labels", data=np.asarray(buf.labels, dtype=np.int64), track_times=False)
-            fixed = h5py.string_dtype("utf-8", width)  # fixed width: virtual datasets cannot span vlen strings
-            f.create_dataset("paths", data=np.array([p.encode() for p in buf.paths], dtype=fixed), track_times=False)
-            _write_errors(f, buf.errors)
-        _atomic_replace(tmp, final)
-        self.committed.files.append(final)
-        self.committed.rows.append(len(buf.paths))
-        self.committed.paths.update(buf.paths)
-        self.committed.errors += buf.errors
-        self._buffer = _Part()
-        if self.base is None:
-            self._write_view()
-
-    def _write_view(self) -> None:
-        """CACHE.h5 as virtual datasets over the committed parts (fresh runs only)."""
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        rows = self.committed.rows
-        total, dim = sum(rows), self.spec.feature_dim
-        rel = [os.path.relpath(p, self.path.parent) for p in self.committed.files]
-        with h5py.File(tmp, "w") as f:
-            if total:
-                widths = []
-                for p in self.committed.files:
-                    with h5py.File(p, "r") as pf:
-                        widths.append(pf["paths"].dtype.itemsize)
-                lay_f = h5py.VirtualLayout((total, dim), dtype=self.spec.feature_dtype)
-                lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
-                lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", max(widths)))
-                start = 0
-                for name, n in zip(rel, rows):
-                    if n:
-                        lay_f[start : start + n] = h5py.VirtualSource(name, "features", shape=(n, dim))
-                        lay_l[start : start + n] = h5py.VirtualSource(name, "labels", shape=(n,))
-                        lay_p[start : start + n] = h5py.VirtualSource(name, "paths", shape=(n,))
-                    start += n
-                f.create_virtual_dataset("features", lay_f, fillvalue=np.nan)
-                f.create_virtual_dataset("labels", lay_l, fillvalue=-1)
-                f.create_virtual_dataset("paths", lay_p)
-            else:
-                f.create_dataset("features", shape=(0, dim), dtype=self.spec.feature_dtype)
-                f.create_dataset("labels", shape=(0,), dtype=np.int64)
-                f.create_dataset("paths", shape=(0,), dtype=STR)
-            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=STR)
-            _write_errors(f, self.committed.errors)
-            self._write_attrs(f, rows=total, complete=False)
-        _atomic_replace(tmp, self.path)
-
-    def _write_attrs(self, f: h5py.File, rows: int, complete: bool) -> None:
-        spec = self.spec
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["fingerprint"] = spec.fingerprint
-        f.attrs["fingerprint_components"] = json.dumps(spec.components, sort_keys=True)
-        for key, value in spec.components.items():
-            f.attrs[key] = value
-        f.attrs["source"] = spec.source
-        f.attrs["layout"] = spec.layout
-        f.attrs["feature_dim"] = spec.feature_dim
-        f.attrs["feature_dtype"] = spec.feature_dtype
-        f.attrs["committed_rows"] = rows
-        f.attrs["complete"] = complete
-        f.attrs["command"] = spec.command
-
-    # finishing -----------------------------------------------------------------------------
-    def finish(self) -> int:
-        """Commit what is buffered and consolidate base + parts into one file. Returns its rows."""
-        self.commit()
-        if not self.committed.files and self.base is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return self.base["rows"]
-        old = FeatureCache(self.path, require_complete=True) if self.base is not None else None
-        try:
-            rows = self._consolidate(old)
-        finally:
-            if old is not None:
-                old.close()
-        shutil.rmtree(self.partial, ignore_errors=True)
-        return rows
-
-    def _consolidate(self, old: FeatureCache | None) -> int:
-        classes = sorted(set(self.classes) | set(old.classes if old else []))
-        index = {c: i for i, c in enumerate(classes)}
-        total = (len(old) if old else 0) + self.resumed_rows
-        dim, dtype = self.spec.feature_dim, self.spec.feature_dtype
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        with h5py.File(tmp, "w") as f:
-            chunk = (min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim)
-            feats = f.create_dataset(
-                "features", shape=(total, dim), maxshape=(None, dim), dtype=dtype, chunks=chunk, track_times=False
-            )
-            labels = f.create_dataset(
-                "labels", shape=(total,), maxshape=(None,), dtype=np.int64,
-                chunks=(min(65536, max(total, 1)),), track_times=False,
-            )
-            paths: list[str] = []
-            errors: list[tuple[str, str]] = []
-            start = 0
-            if old is not None:
-                remap = np.array([index[c] for c in old.classes] + [-1], dtype=np.int64)
-                for block in old.iter_blocks():
-                    feats[block.start : block.stop] = block.features
-                    labels[block.start : block.stop] = remap[block.labels]  # -1 maps to the last entry, -1
-                start = len(old)
-                paths += old.paths
-                errors += old.errors
-            remap = np.array([index[c] for c in self.classes] + [-1], dtype=np.int64)
-            for part, n in zip(self.committed.files, self.committed.rows):
-                with h5py.File(part, "r") as pf:
-                    feats[start : start + n] = pf["features"][:]
-                    labels[start : start + n] = remap[pf["labels"][:]]
-                    paths += [p.decode() for p in pf["paths"][:]]
-                start += n
-            errors += self.committed.errors
-            f.create_dataset(
-                "paths", data=np.array(paths, dtype=object), dtype=STR, maxshape=(None,),
-                chunks=(min(65536, max(total, 1)),), track_times=False,
-            )
-            f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR, track_times=False)
-            _write_errors(f, errors)
-            self._write_attrs(f, rows=total, complete=True)
-        _atomic_replace(tmp, self.path)
-        return total
-
-
-def _write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
-    g = f.create_group("errors")
-    g.create_dataset("path", data=np.array([p for p, _ in errors], dtype=object), dtype=STR, shape=(len(errors),))
-    g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR, shape=(len(errors),))
-

@@ -88,7 +88,10 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
     state = "complete" if doc["complete"] else "INCOMPLETE (interrupted run; rerun its command to finish)"
     print(f"{path}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}")
     print(f"  fingerprint  {doc['fingerprint'][:16]}")
-    for key, value in doc["components"].items():
+    order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
+             "memory_layout", "device_type", "feature_dtype"]
+    components = sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    for key, value in components:
         if key == "preprocessing":
             value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
         print(f"  {key:<20} {value}")

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 import embedder
 from embedder.backbone import BackboneConfig, FrozenBackbone
-from embedder.cache import CacheSpec, CacheWriter, FeatureCache
+from embedder.cache import CacheSpec, FeatureCache
+from embedder.cache_writer import CacheWriter
 from embedder.config import EmbedConfig
 from embedder.decode import DECODER, DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import AllImagesFailedError, BadImageError
@@ -168,20 +169,46 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - t0
 
 
-def backbone_for(config: EmbedConfig) -> FrozenBackbone:
-    runtime = resolve_runtime(config.device, config.precision, config.memory_layout)
+def load_backbone(
+    model: str,
+    weights: str = "DEFAULT",
+    *,
+    layer: str | None = None,
+    normalize: str = "none",
+    image_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    memory_layout: str = "auto",
+    pool: str = "avg",
+) -> FrozenBackbone:
+    """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them."""
+    runtime = resolve_runtime(device, precision, memory_layout)
     return FrozenBackbone.from_config(
         BackboneConfig(
-            model=config.model,
-            weights=config.weights,
-            layer=config.layer,
-            pool=config.pool,
-            normalize=config.normalize,
-            image_size=config.image_size,
+            model=model,
+            weights=weights,
+            layer=layer,
+            pool=pool,
+            normalize=normalize,
+            image_size=image_size,
             device=runtime.device,
             precision=runtime.precision,
             channels_last=runtime.channels_last,
         )
+    )
+
+
+def backbone_for(config: EmbedConfig) -> FrozenBackbone:
+    return load_backbone(
+        config.model,
+        config.weights,
+        layer=config.layer,
+        normalize=config.normalize,
+        image_size=config.image_size,
+        device=config.device,
+        precision=config.precision,
+        memory_layout=config.memory_layout,
+        pool=config.pool,
     )
 
 
@@ -274,7 +301,7 @@ def _run_batches(config, backbone, listing: Listing, writer: CacheWriter, timer:
     embedded = 0
     bar = tqdm(
         total=len(writer.pending), unit="img", desc="embed", disable=not config.progress, dynamic_ncols=True,
-        file=sys.stderr,
+        file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s
     )
     with bar:
         batches = iter(loader)

@@ -21,10 +21,11 @@ not after an hour of extraction.
 from __future__ import annotations
 
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from embedder.errors import ConfigError
 

@@ -24,7 +24,7 @@ import numpy as np
 from embedder.errors import SourceError
 
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .png .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
+    [".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"]
 )
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 LAYOUTS = ("auto", "imagefolder", "split-imagefolder", "flat", "filelist")

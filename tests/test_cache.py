@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from embedder.cache import CacheSpec, CacheWriter, FeatureCache
+from embedder.cache import CacheSpec, FeatureCache
+from embedder.cache_writer import CacheWriter
 from embedder.errors import AllImagesFailedError, CacheError, CacheMismatchError, SourceError
 from embedder.extract import backbone_for, embed, embed_images
 from embedder.sources import list_source
@@ -181,10 +182,9 @@ def test_second_writer_is_locked_out(tree, tmp_path):
     config = fast_config(tree, tmp_path / "c.h5")
     listing = list_source(tree)
     spec = CacheSpec({"model": "x"}, str(listing.root), 4)
-    with CacheWriter(config.out, spec, listing):
-        with pytest.raises(CacheError, match="Another embedder process"):
-            with CacheWriter(config.out, spec, listing):
-                pass
+    with CacheWriter(config.out, spec, listing), pytest.raises(CacheError, match="Another embedder process"):
+        with CacheWriter(config.out, spec, listing):
+            pass
 
 
 def test_blocks_stream_the_whole_cache(tree, tmp_path):

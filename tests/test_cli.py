@@ -88,7 +88,7 @@ def test_pipeline_is_validated_before_anything_runs(tmp_path):
 
 
 def test_quickstart_pipeline_is_valid():
-    name, steps = load_pipeline(REPO / "pipelines" / "quickstart.toml")
+    _, steps = load_pipeline(REPO / "pipelines" / "quickstart.toml")
     kinds = [s.kind for s in steps]
     assert kinds[0] == "make-samples" and "embed" in kinds
     assert all("efficientnet_lite0" in s.describe for s in steps if s.kind == "embed")

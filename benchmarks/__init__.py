@@ -1,0 +1,1 @@
+"""Benchmarks: each one runs the compared variants side by side, in one process, and prints ratios."""
