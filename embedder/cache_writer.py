@@ -57,6 +57,7 @@ class _Committed:
 
     files: list[Path] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    path_widths: list[int] = field(default_factory=list)  # bytes of each part's fixed-width paths
     paths: set[str] = field(default_factory=set)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -227,6 +228,7 @@ class CacheWriter:
             with h5py.File(part, "r") as f:
                 paths = [p.decode() for p in f["paths"][:]]
                 errors = list(zip(f["errors/path"].asstr()[:], f["errors/reason"].asstr()[:]))
+                self.committed.path_widths.append(f["paths"].dtype.itemsize)
             self.committed.files.append(part)
             self.committed.rows.append(len(paths))
             self.committed.paths.update(paths)
@@ -276,6 +278,7 @@ class CacheWriter:
         atomic_replace(tmp, final)
         self.committed.files.append(final)
         self.committed.rows.append(len(buf.paths))
+        self.committed.path_widths.append(width)
         self.committed.paths.update(buf.paths)
         self.committed.errors += buf.errors
         self._buffer = _Part()
@@ -290,13 +293,10 @@ class CacheWriter:
         rel = [os.path.relpath(p, self.path.parent) for p in self.committed.files]
         with h5py.File(tmp, "w") as f:
             if total:
-                widths = []
-                for p in self.committed.files:
-                    with h5py.File(p, "r") as pf:
-                        widths.append(pf["paths"].dtype.itemsize)
+                width = max(self.committed.path_widths)
                 lay_f = h5py.VirtualLayout((total, dim), dtype=self.spec.feature_dtype)
                 lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
-                lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", max(widths)))
+                lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
                 start = 0
                 for name, n in zip(rel, rows):
                     if n:

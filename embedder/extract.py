@@ -60,11 +60,25 @@ class BatchReader(Dataset):
         self.root, self.paths, self.rows = root, paths, rows
         self.batch_size = batch_size
         self.crop = preprocessing.crop_size
+        self.resize_size = preprocessing.resize_size
         self.transform = geometric_transform(preprocessing)
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
+
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        # Resizing the shorter side of a 1 x 100000 banner to 256 px would allocate gigabytes.
+        scale = self.resize_size / min(h, w)
+        if h * w * scale * scale > self.max_pixels:
+            raise BadImageError(
+                f"extreme aspect ratio: {w}x{h} would be resized to {round(w * scale)}x{round(h * scale)} pixels"
+            )
+        try:
+            return self.transform(image)
+        except Exception as exc:  # noqa: BLE001 - one unusable image, never a dead run
+            raise BadImageError(f"cannot resize: {exc.__class__.__name__}: {exc}") from None
 
     def __getitem__(self, b: int) -> dict:
         rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
@@ -80,8 +94,13 @@ class BatchReader(Dataset):
             finally:
                 decode_s += time.perf_counter() - t0
             t1 = time.perf_counter()
-            images.append(self.transform(image))
-            resize_s += time.perf_counter() - t1
+            try:
+                images.append(self._resize(image))
+            except BadImageError as exc:
+                errors.append((int(row), exc.reason))
+                continue
+            finally:
+                resize_s += time.perf_counter() - t1
             ok.append(int(row))
         stacked = torch.stack(images) if images else torch.empty((0, 3, self.crop, self.crop), dtype=torch.uint8)
         return {

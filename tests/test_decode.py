@@ -94,3 +94,13 @@ def test_corpus_run_records_every_bad_file_and_embeds_every_good_one(corpus, tmp
     for name, fragment in BAD.items():
         assert fragment in errors[name], (name, errors[name])
     assert report.embedded == len(good) and len(report.errors) == len(BAD)
+
+
+def test_extreme_aspect_ratio_is_recorded_not_allocated(tmp_path):
+    Image.new("RGB", (60000, 1), (10, 20, 30)).save(tmp_path / "banner.png")
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "fine.png")
+    out = tmp_path / "c.h5"
+    embed(fast_config(tmp_path, out, max_pixels=10_000_000, layout="flat"))
+    with FeatureCache(out) as cache:
+        assert cache.paths == ["fine.png"]
+        assert "extreme aspect ratio" in dict(cache.errors)["banner.png"]
