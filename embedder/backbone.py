@@ -63,7 +63,16 @@ def _seeded(seed: int):
 class FrozenBackbone(nn.Module):
     """uint8 images [N, 3, H, W] -> float32 features [N, D]. Cannot be put in train mode."""
 
-    def __init__(self, model: nn.Module, spec: BackboneSpec, config: BackboneConfig, weights: ResolvedWeights):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: BackboneSpec,
+        config: BackboneConfig,
+        weights: ResolvedWeights,
+        *,
+        output: tuple[str, int] | None = None,
+    ):
+        """`output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
         super().__init__()
         if config.pool not in POOLINGS:
             raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {config.pool!r}.")
@@ -74,8 +83,11 @@ class FrozenBackbone(nn.Module):
         self.spec = spec
         self.config = config
         self.weights = weights
-        self.node = spec.resolve_layer(config.layer)
-        self.feature_dim = spec.layer_dims[self.node]
+        if output is None:
+            self.node = spec.resolve_layer(config.layer)
+            self.feature_dim = spec.layer_dims[self.node]
+        else:
+            self.node, self.feature_dim = output
         preprocessing = spec.preprocessing
         if config.image_size is not None:
             preprocessing = preprocessing.with_image_size(config.image_size)

@@ -64,6 +64,9 @@ class BackboneSpec:
     layer_dims: dict[str, int]  # graph node -> feature width after pooling
     layer_aliases: dict[str, str] = field(default_factory=dict)  # friendly name -> graph node
     head: str = "fc"  # dotted path of the classifier layer that a new head replaces
+    # Output points whose (pooled) features are exactly what `head` consumes, so a head
+    # trained on them can be put in its place.
+    head_inputs: tuple[str, ...] = ()
     uses_timm: bool = False
 
     @property
@@ -120,7 +123,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 _RESNET_WIDTH = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
 
-def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, aliases, head):
+def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, aliases, head, head_inputs):
     import torchvision
 
     weights_enum = torchvision.models.get_model_weights(name).DEFAULT
@@ -134,6 +137,7 @@ def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, al
         layer_dims=layer_dims,
         layer_aliases=aliases,
         head=head,
+        head_inputs=head_inputs,
     )
 
 
@@ -149,6 +153,7 @@ def _resnet(name: str) -> Callable[[], BackboneSpec]:
             layer_dims={"avgpool": width, "layer4": width},
             aliases={"pool": "avgpool", "fc_input": "avgpool"},
             head="fc",
+            head_inputs=("avgpool", "layer4"),  # global average of layer4 is what avgpool feeds fc
         )
 
     return factory
@@ -176,6 +181,7 @@ def _vgg(name: str) -> Callable[[], BackboneSpec]:
             layer_dims={last: 512, "classifier.1": 4096, "classifier.4": 4096},
             aliases={"features": last, "pool": last, "fc6": "classifier.1", "fc7": "classifier.4"},
             head="classifier.6",
+            head_inputs=("classifier.4",),  # fc7 after ReLU; classifier.5 is dropout (identity in eval)
         )
 
     return factory
@@ -215,5 +221,6 @@ def _efficientnet_lite0() -> BackboneSpec:
         layer_dims={"global_pool.flatten": 1280, "bn2": 1280},
         layer_aliases={"pool": "global_pool.flatten", "avgpool": "global_pool.flatten"},
         head="classifier",
+        head_inputs=("global_pool.flatten", "bn2"),
         uses_timm=True,
     )
