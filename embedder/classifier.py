@@ -74,6 +74,9 @@ class ImageClassifier(nn.Module):
         self.classes = list(info.classes)
         self.preprocessing = network.preprocessing
 
+    def train(self, mode: bool = True) -> ImageClassifier:  # noqa: ARG002 - frozen as a whole
+        return super().train(False)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
 

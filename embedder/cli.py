@@ -59,6 +59,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="extract features of an image folder into an HDF5 cache (resumable)")
     _add_embed_args(p)
 
+    p = sub.add_parser("probe", help="train a linear probe (or a scikit-learn classifier) on a feature cache")
+    p.add_argument("cache", help="feature cache to train on (split by train/ val/ folders, or stratified)")
+    p.add_argument("--val-cache", default=None, help="validation cache (same fingerprint): selects the regularisation")
+    p.add_argument("--test-cache", default=None, help="test cache (same fingerprint), reported once")
+    p.add_argument("--classifier", default="probe", choices=["probe", "logreg", "linear-svm", "ridge", "knn", "mlp"],
+                   help="probe = PyTorch linear head with a C sweep; others = scikit-learn pipelines tuned by CV")
+    p.add_argument("--out", default=None, help="PROBE_DIR for the model, report.json and confusion_matrix.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--memory-budget", default="2G", help="train in memory up to this size, else stream blocks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (includes val_accuracy)")
+
+    p = sub.add_parser("evaluate", help="apply a saved probe or classifier to another cache")
+    p.add_argument("probe_dir")
+    p.add_argument("cache")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="assemble backbone + trained linear probe into one image classifier")
+    p.add_argument("probe_dir")
+    p.add_argument("--out", required=True, help="MODEL.pt to write")
+    p.add_argument("--weights", default=None, help="the weights file, when the cache was embedded with --weights PATH")
+
+    p = sub.add_parser("predict", help="label images with an exported or fine-tuned classifier")
+    p.add_argument("model", help="MODEL.pt from `embedder export` or `embedder finetune`")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="describe a feature cache")
     p.add_argument("cache")
     p.add_argument("--errors", action="store_true", help="list every file in the errors table")
@@ -118,6 +150,29 @@ def _dispatch(args) -> int:
             progress=not args.quiet,
         )
         return embed_command(config, as_json=args.json)
+    if args.command == "probe":
+        from embedder.commands import probe_command
+        from embedder.train_cache import ProbeConfig, parse_size
+
+        config = ProbeConfig(
+            cache=args.cache, out=args.out, val_cache=args.val_cache, test_cache=args.test_cache,
+            classifier=args.classifier, seed=args.seed, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, memory_budget=parse_size(args.memory_budget), device=args.device,
+        )
+        return probe_command(config, as_json=args.json)
+    if args.command == "evaluate":
+        from embedder.commands import evaluate_command
+
+        return evaluate_command(args.probe_dir, args.cache, as_json=args.json)
+    if args.command == "export":
+        from embedder.commands import export_command
+
+        return export_command(args.probe_dir, args.out, args.weights)
+    if args.command == "predict":
+        from embedder.commands import predict_command
+
+        return predict_command(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size,
+                               device=args.device, as_json=args.json)
     if args.command == "info":
         from embedder.commands import info
 

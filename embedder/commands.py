@@ -106,3 +106,89 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
     for e in doc.get("error_list", []):
         print(f"    {e['path']}: {e['reason']}")
     return 0
+
+
+def probe_command(config, as_json: bool = False) -> int:
+    from embedder.metrics import format_table
+    from embedder.train_cache import run_probe
+
+    report = run_probe(config)
+    if as_json:
+        print_json(report)
+    else:
+        print(format_table(report))
+    return 0
+
+
+def evaluate_command(probe_dir: str, cache: str, as_json: bool = False) -> int:
+    from embedder.train_cache import evaluate_probe
+
+    result = evaluate_probe(probe_dir, cache)
+    if as_json:
+        print_json(result)
+    else:
+        acc = result["accuracy"]
+        print(f"{cache}: {result['rows']} rows, accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}")
+    return 0
+
+
+def export_command(probe_dir: str, out: str, weights: str | None) -> int:
+    from embedder.export import export_probe
+
+    path = export_probe(probe_dir, out, weights)
+    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`")
+    return 0
+
+
+def _expand_images(items: list[str]) -> list[str]:
+    from pathlib import Path
+
+    from embedder.errors import SourceError
+    from embedder.sources import is_image_name
+
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(str(q) for q in p.rglob("*") if q.is_file() and is_image_name(q.name))
+        else:
+            paths.append(item)
+    if not paths:
+        raise SourceError("No images given (files or folders of images).")
+    return paths
+
+
+def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_size: int = 32,
+                    device: str = "auto", as_json: bool = False) -> int:
+    import numpy as np
+    import torch
+
+    from embedder.classifier import load_classifier
+    from embedder.errors import AllImagesFailedError
+    from embedder.extract import embed_images
+
+    classifier = load_classifier(model_path, device=device)
+    paths = _expand_images(images)
+    logits, errors = embed_images(classifier.network, paths, batch_size=batch_size)
+    failed = {p for p, _ in errors}
+    ok_paths = [p for p in paths if p not in failed]
+    proba = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    k = max(1, min(top_k, len(classifier.classes)))
+    results = []
+    for path, p in zip(ok_paths, proba):
+        order = np.argsort(-p)[:k]
+        results.append({"path": path, "label": classifier.classes[order[0]], "probability": float(p[order[0]]),
+                        "top": [{"label": classifier.classes[i], "probability": float(p[i])} for i in order]})
+    results += [{"path": p, "error": reason} for p, reason in errors]
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}\tERROR\t{r['error']}")
+            else:
+                extra = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
+                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({extra})" if extra else ""))
+    if not ok_paths:
+        raise AllImagesFailedError("None of the images could be read.")
+    return 0
