@@ -22,6 +22,7 @@ from embedder.errors import (
     WeightsUnavailableError,
 )
 from embedder.extract import EmbedReport, embed, embed_images, load_backbone
+from embedder.probe import LinearProbe
 from embedder.registry import get_backbone_spec, list_backbones
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "EmbedderError",
     "FeatureCache",
     "FrozenBackbone",
+    "LinearProbe",
     "SourceError",
     "WeightsUnavailableError",
     "__version__",

@@ -35,6 +35,7 @@ class Step:
     kind: str
     describe: str
     execute: Callable[[], object]
+    label: str = ""  # row name in the closing results table (steps that report an accuracy)
 
 
 def _make_samples_step(values: dict, base: Path, progress: bool) -> Step:
@@ -51,6 +52,8 @@ def _make_samples_step(values: dict, base: Path, progress: bool) -> Step:
 def _embed_step(values: dict, base: Path, progress: bool) -> Step:
     from embedder.config import EmbedConfig
 
+    values = dict(values)
+    label = values.pop("label", "")
     config = EmbedConfig.from_mapping({"progress": progress, **values}, base_dir=base)
 
     def execute():
@@ -60,7 +63,25 @@ def _embed_step(values: dict, base: Path, progress: bool) -> Step:
         print(report.summary())
         return report
 
-    return Step("embed", f"embed {config.source} with {config.model} -> {config.out}", execute)
+    return Step("embed", f"embed {config.source} with {config.model} -> {config.out}", execute, label)
+
+
+def _finetune_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.finetune import FinetuneConfig
+
+    values = dict(values)
+    label = values.pop("label", "")
+    config = FinetuneConfig.from_mapping({"progress": progress, **values}, base_dir=base)
+
+    def execute():
+        from embedder.finetune import finetune
+
+        report = finetune(config)
+        print(report.summary())
+        return report
+
+    mode = "fixed feature extractor" if config.freeze_backbone else "fine-tune"
+    return Step("finetune", f"{mode} {config.model} on {config.source} -> {config.out}", execute, label or mode)
 
 
 def _info_step(values: dict, base: Path, progress: bool) -> Step:
@@ -73,10 +94,32 @@ def _info_step(values: dict, base: Path, progress: bool) -> Step:
     return Step("info", f"describe {cache}", lambda: info(str(cache), list_errors=bool(values.get("errors"))))
 
 
+def _probe_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.train_cache import ProbeConfig, parse_size
+
+    values = dict(values)
+    label = values.pop("label", "")
+    if isinstance(values.get("memory_budget"), str):
+        values["memory_budget"] = parse_size(values["memory_budget"])
+    config = ProbeConfig.from_mapping(values, base_dir=base)
+
+    def execute():
+        from embedder.metrics import format_table
+        from embedder.train_cache import run_probe
+
+        report = run_probe(config)
+        print(format_table(report))
+        return report
+
+    return Step("probe", f"{config.classifier} on {config.cache}", execute, label or config.classifier)
+
+
 STEP_KINDS: dict[str, Callable[[dict, Path, bool], Step]] = {
     "make-samples": _make_samples_step,
     "embed": _embed_step,
     "info": _info_step,
+    "probe": _probe_step,
+    "finetune": _finetune_step,
 }
 
 
@@ -119,4 +162,27 @@ def run_pipeline(path: str | Path, progress: bool = True) -> list[object]:
         print(f"\n[{name} {n}/{len(steps)}] {step.describe}", flush=True)
         results.append(step.execute())
     print(f"\n[{name}] done: {len(steps)} steps in {time.perf_counter() - t0:.1f} s")
+    table = results_table(steps, results)
+    if table:
+        print(table)
     return results
+
+
+def results_table(steps: list[Step], results: list[object]) -> str:
+    """One row per training step: accuracy (test if there is a test split, else validation) and wall time."""
+    rows = []
+    for step, result in zip(steps, results):
+        if not step.label:
+            continue
+        doc = result if isinstance(result, dict) else result.as_dict()
+        test, val = doc.get("test_accuracy"), doc.get("val_accuracy")
+        rows.append((step.label, test, val, doc.get("wall_s", 0.0)))
+    if not rows:
+        return ""
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    lines = [f"\n{'method':<34}{'test acc':>10}{'val acc':>10}{'wall time':>12}"]
+    lines += [f"{label:<34}{pct(t):>10}{pct(v):>10}{w:>11.1f}s" for label, t, v, w in rows]
+    return "\n".join(lines)

@@ -109,3 +109,36 @@ def test_samples_are_made_from_shipped_data(tmp_path):
     stamp = (made["digits"] / "0").stat().st_mtime_ns
     make_samples(tmp_path, verbose=False)
     assert (made["digits"] / "0").stat().st_mtime_ns == stamp
+
+
+def test_pipeline_probe_step_prints_a_results_table(tmp_path, capsys):
+    from tests.conftest import make_tree
+
+    make_tree(tmp_path / "images", classes=("a", "b"), per_class=6)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        """
+[[steps]]
+run = "embed"
+label = "extract"
+source = "images"
+model = "resnet18"
+weights = "none"
+image_size = 32
+precision = "fp32"
+workers = 0
+out = "c.h5"
+
+[[steps]]
+run = "probe"
+label = "my probe"
+cache = "c.h5"
+Cs = [0.1, 1.0]
+out = "probe"
+"""
+    )
+    assert main(["run", str(pipeline), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("method"):]
+    assert "my probe" in table and "extract" in table and "%" in table
+    assert (tmp_path / "probe" / "probe.pt").is_file()

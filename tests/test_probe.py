@@ -86,7 +86,7 @@ def test_streaming_from_blocks_matches_in_memory(labelled_cache, tmp_path):
     mem = run_probe(ProbeConfig(str(cache), out=str(tmp_path / "a"), Cs=FAST_CS, device="cpu"))
     # 18 train rows x 512 floats = 36 KiB: a 16 KiB budget forces several streamed blocks.
     streamed = run_probe(ProbeConfig(str(cache), out=str(tmp_path / "b"), Cs=FAST_CS, device="cpu",
-                                     memory_budget=16 << 10))
+                                     memory_budget=32 << 10))
     assert mem["chosen"]["streamed"] is False and streamed["chosen"]["streamed"] is True
     assert mem["chosen"]["C"] == streamed["chosen"]["C"]
     a = torch.load(tmp_path / "a" / "probe.pt", weights_only=True)["coef"]
