@@ -91,6 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("finetune", help="train the whole network (or a head on a frozen backbone) on images")
+    p.add_argument("source", help="ImageFolder tree, split tree (train/ val/ [test/]) or file list")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output folder: best.pt (for `embedder predict`) and history.json")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, none or PATH")
+    p.add_argument("--layer", default=None, help="feature layer the head sits on (default: the pooled last stage)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.001)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["step", "cosine"], default="step")
+    p.add_argument("--step-size", type=int, default=7, help="epochs between LR drops (step schedule)")
+    p.add_argument("--gamma", type=float, default=0.1, help="LR factor at each drop (step schedule)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="fixed feature extractor: only the head trains, the backbone re-runs every epoch (eval-locked)")
+    p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics and affine weights locked")
+    p.add_argument("--init-head", default=None, metavar="PROBE_DIR", help="start the head from a trained linear probe")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear")
+    p.add_argument("--mlp-hidden", type=int, default=512)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--workers", type=_int_or_auto, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="describe a feature cache")
     p.add_argument("cache")
     p.add_argument("--errors", action="store_true", help="list every file in the errors table")
@@ -173,6 +201,20 @@ def _dispatch(args) -> int:
 
         return predict_command(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size,
                                device=args.device, as_json=args.json)
+    if args.command == "finetune":
+        from embedder.finetune import FinetuneConfig, finetune
+
+        config = FinetuneConfig(
+            source=args.source, model=args.model, out=args.out, weights=args.weights, layer=args.layer,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, schedule=args.schedule, step_size=args.step_size, gamma=args.gamma,
+            freeze_backbone=args.freeze_backbone, freeze_bn=args.freeze_bn, init_head=args.init_head,
+            head=args.head, mlp_hidden=args.mlp_hidden, image_size=args.image_size, workers=args.workers,
+            device=args.device, seed=args.seed, limit=args.limit, progress=not args.quiet,
+        )
+        report = finetune(config)
+        print_json(report.as_dict()) if args.json else print(report.summary())
+        return 0
     if args.command == "info":
         from embedder.commands import info
 
