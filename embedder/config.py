@@ -58,32 +58,43 @@ class EmbedConfig:
     @classmethod
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> EmbedConfig:
         """Build from a TOML table; relative paths are taken relative to `base_dir`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown embed setting(s) {unknown}. Known: {sorted(known)}.")
-        values = dict(values)
-        if base_dir is not None:
-            for key in ("source", "out"):
-                if key in values:
-                    values[key] = str(_resolve(values[key], base_dir))
-            if values.get("weights", "DEFAULT").upper() != "DEFAULT" and values.get("weights", "").lower() not in (
-                "none",
-                "random",
-            ):
-                values["weights"] = str(_resolve(values["weights"], base_dir))
-        missing = [k for k in ("source", "model", "out") if k not in values]
-        if missing:
-            raise ConfigError(f"The embed step needs {', '.join(missing)}.")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"Bad embed settings: {exc}") from exc
+        return config_from_table(cls, values, base_dir, "embed", path_keys=("source", "out"))
 
     def resolved_workers(self) -> int:
-        if self.workers is not None:
-            return self.workers
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
+        return auto_workers(self.workers)
+
+
+def auto_workers(workers: int | None) -> int:
+    """Reader processes: as given, else one per spare core (the model stage keeps one), at most 8."""
+    if workers is not None:
+        return workers
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def config_from_table(cls, values: dict, base_dir: Path | None, what: str, path_keys: tuple[str, ...]):
+    """A config dataclass from a pipeline TOML table: unknown keys and missing required keys are
+    refused by name; `path_keys` (and a weights file) are resolved against `base_dir`."""
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"Unknown {what} setting(s) {unknown}. Known: {sorted(known)}.")
+    values = dict(values)
+    if base_dir is not None:
+        for key in path_keys:
+            if values.get(key) is not None:
+                values[key] = str(_resolve(values[key], base_dir))
+        weights = str(values.get("weights", "DEFAULT"))
+        if "weights" in values and weights.upper() != "DEFAULT" and weights.lower() not in ("none", "random"):
+            values["weights"] = str(_resolve(weights, base_dir))
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ConfigError(f"The {what} step needs {', '.join(missing)}.")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"Bad {what} settings: {exc}") from exc
 
 
 def _resolve(value: str, base_dir: Path) -> Path:

@@ -37,7 +37,7 @@ from embedder.cache_writer import CacheWriter
 from embedder.config import EmbedConfig
 from embedder.decode import DECODER, DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import AllImagesFailedError, BadImageError
-from embedder.preprocess import geometric_transform
+from embedder.preprocess import apply_guarded, geometric_transform
 from embedder.registry import Preprocessing
 from embedder.runtime import resolve_runtime
 from embedder.sources import Listing, list_source
@@ -67,19 +67,6 @@ class BatchReader(Dataset):
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
 
-    def _resize(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        # Resizing the shorter side of a 1 x 100000 banner to 256 px would allocate gigabytes.
-        scale = self.resize_size / min(h, w)
-        if h * w * scale * scale > self.max_pixels:
-            raise BadImageError(
-                f"extreme aspect ratio: {w}x{h} would be resized to {round(w * scale)}x{round(h * scale)} pixels"
-            )
-        try:
-            return self.transform(image)
-        except Exception as exc:  # noqa: BLE001 - one unusable image, never a dead run
-            raise BadImageError(f"cannot resize: {exc.__class__.__name__}: {exc}") from None
-
     def __getitem__(self, b: int) -> dict:
         rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
         images, ok, errors = [], [], []
@@ -95,7 +82,7 @@ class BatchReader(Dataset):
                 decode_s += time.perf_counter() - t0
             t1 = time.perf_counter()
             try:
-                images.append(self._resize(image))
+                images.append(apply_guarded(self.transform, image, self.resize_size, self.max_pixels))
             except BadImageError as exc:
                 errors.append((int(row), exc.reason))
                 continue

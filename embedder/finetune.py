@@ -28,7 +28,6 @@ use a fine-tuned model exactly like an exported probe.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -49,11 +48,11 @@ from tqdm.auto import tqdm
 
 from embedder.backbone import build_model
 from embedder.classifier import ClassifierInfo, save_classifier
-from embedder.config import _positive, _resolve
+from embedder.config import _positive, auto_workers, config_from_table
 from embedder.decode import DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import AllImagesFailedError, BadImageError, ConfigError
 from embedder.heads import head_slot, mlp_head, replace_head
-from embedder.preprocess import geometric_transform
+from embedder.preprocess import apply_guarded, geometric_transform
 from embedder.registry import BackboneSpec, Preprocessing, get_backbone_spec
 from embedder.runtime import resolve_runtime
 from embedder.sources import LAYOUTS, Listing, list_source
@@ -133,31 +132,11 @@ class FinetuneConfig:
 
     @classmethod
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> FinetuneConfig:
-        """Build from a TOML table; relative paths are taken relative to `base_dir`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown finetune setting(s) {unknown}. Known: {sorted(known)}.")
-        values = dict(values)
-        if base_dir is not None:
-            for key in ("source", "out", "init_head"):
-                if values.get(key) is not None:
-                    values[key] = str(_resolve(values[key], base_dir))
-            weights = str(values.get("weights", "DEFAULT"))
-            if weights.upper() != "DEFAULT" and weights.lower() not in ("none", "random"):
-                values["weights"] = str(_resolve(weights, base_dir))
-        missing = [k for k in ("source", "model", "out") if k not in values]
-        if missing:
-            raise ConfigError(f"The finetune step needs {', '.join(missing)}.")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"Bad finetune settings: {exc}") from exc
+        """Build from a pipeline TOML table; relative paths are taken from `base_dir`."""
+        return config_from_table(cls, values, base_dir, "finetune", path_keys=("source", "out", "init_head"))
 
     def resolved_workers(self) -> int:
-        if self.workers is not None:
-            return self.workers
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
+        return auto_workers(self.workers)
 
 
 def _number(cfg, name: str, *, low: float, below: float | None = None, positive: bool = False) -> None:
@@ -211,24 +190,11 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         try:
-            image = self._transform(load_rgb(self.root / self.paths[row], self.max_pixels))
+            image = apply_guarded(self.transform, load_rgb(self.root / self.paths[row], self.max_pixels),
+                                  self.resize_size, self.max_pixels)
         except BadImageError as exc:
             return {"row": row, "error": exc.reason}
         return {"row": row, "image": image, "label": int(self.labels[row])}
-
-    def _transform(self, image: torch.Tensor) -> torch.Tensor:
-        if self.resize_size is not None:
-            h, w = image.shape[-2:]
-            # Resizing the shorter side of a 1 x 100000 banner would allocate gigabytes (see BatchReader).
-            scale = self.resize_size / min(h, w)
-            if h * w * scale * scale > self.max_pixels:
-                raise BadImageError(
-                    f"extreme aspect ratio: {w}x{h} would be resized to {round(w * scale)}x{round(h * scale)} pixels"
-                )
-        try:
-            return self.transform(image)
-        except Exception as exc:  # noqa: BLE001 - one unusable image, never a dead run
-            raise BadImageError(f"cannot resize: {exc.__class__.__name__}: {exc}") from None
 
 
 def collate_rows(items: list[dict]) -> dict:

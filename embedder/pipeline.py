@@ -95,12 +95,10 @@ def _info_step(values: dict, base: Path, progress: bool) -> Step:
 
 
 def _probe_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.train_cache import ProbeConfig, parse_size
+    from embedder.train_cache import ProbeConfig
 
     values = dict(values)
     label = values.pop("label", "")
-    if isinstance(values.get("memory_budget"), str):
-        values["memory_budget"] = parse_size(values["memory_budget"])
     config = ProbeConfig.from_mapping(values, base_dir=base)
 
     def execute():

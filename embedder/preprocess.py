@@ -14,6 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from embedder.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.errors import BadImageError
 from embedder.registry import Preprocessing
 
 
@@ -30,3 +31,22 @@ def geometric_transform(pre: Preprocessing) -> v2.Compose:
 def load_for_model(path: str | os.PathLike, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode one file and bring it to the network's input geometry (uint8). Raises BadImageError."""
     return geometric_transform(pre)(load_rgb(path, max_pixels=max_pixels))
+
+
+def apply_guarded(transform, image: torch.Tensor, resize_size: int | None, max_pixels: int) -> torch.Tensor:
+    """Run a resizing transform, turning its failures into BadImageError.
+
+    Resizing the shorter side of a 1 x 100000 banner to 256 px would allocate gigabytes,
+    so such images are refused before the transform runs.
+    """
+    if resize_size is not None:
+        h, w = image.shape[-2:]
+        scale = resize_size / min(h, w)
+        if h * w * scale * scale > max_pixels:
+            raise BadImageError(
+                f"extreme aspect ratio: {w}x{h} would be resized to {round(w * scale)}x{round(h * scale)} pixels"
+            )
+    try:
+        return transform(image)
+    except Exception as exc:  # noqa: BLE001 - one unusable image, never a dead run
+        raise BadImageError(f"cannot resize: {exc.__class__.__name__}: {exc}") from None

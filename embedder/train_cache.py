@@ -20,6 +20,7 @@ import torch
 
 from embedder.cache import FeatureCache
 from embedder.classify import CLASSIFIERS, fit_classifier
+from embedder.config import config_from_table
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.metrics import accuracy, per_class, save_confusion_png
 from embedder.probe import DEFAULT_CS, LinearProbe
@@ -62,18 +63,11 @@ class ProbeConfig:
     @classmethod
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> ProbeConfig:
         values = dict(values)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown probe setting(s) {unknown}. Known: {sorted(known)}.")
-        if "cache" not in values:
-            raise ConfigError("The probe step needs `cache`.")
-        for key in ("cache", "out", "val_cache", "test_cache"):
-            if values.get(key) and base_dir is not None and not os.path.isabs(values[key]):
-                values[key] = str(base_dir / values[key])
         if "Cs" in values:
             values["Cs"] = tuple(float(c) for c in values["Cs"])
-        return cls(**values)
+        if isinstance(values.get("memory_budget"), str):
+            values["memory_budget"] = parse_size(values["memory_budget"])
+        return config_from_table(cls, values, base_dir, "probe", path_keys=("cache", "out", "val_cache", "test_cache"))
 
 
 def parse_size(text: str) -> int:
