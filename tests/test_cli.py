@@ -142,3 +142,27 @@ out = "probe"
     table = printed[printed.index("method"):]
     assert "my probe" in table and "extract" in table and "%" in table
     assert (tmp_path / "probe" / "probe.pt").is_file()
+
+
+def test_compare_pipeline_is_valid_and_covers_the_four_methods():
+    _, steps = load_pipeline(REPO / "pipelines" / "compare.toml")
+    labels = [s.label for s in steps if s.kind in ("probe", "finetune")]
+    assert len(labels) == 4
+    kinds = [(s.kind, s.describe) for s in steps]
+    assert any(k == "probe" and "logreg" in d for k, d in kinds)
+    assert any(k == "finetune" and "fixed feature extractor" in d for k, d in kinds)
+    assert any(k == "finetune" and d.startswith("fine-tune") for k, d in kinds)
+
+
+def test_finetune_cli_writes_a_checkpoint_that_predict_reads(tmp_path, capsys):
+    from tests.conftest import make_tree
+
+    tree = make_tree(tmp_path / "img", classes=("a", "b"), per_class=5)
+    out = tmp_path / "ft"
+    assert main(["finetune", str(tree), "--model", "resnet18", "--weights", "none", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--out", str(out), "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "finetune" and len(report["epochs"]) == 1 and "val_accuracy" in report
+    assert main(["predict", str(out / "best.pt"), str(tree / "a"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5 and all(r["label"] in ("a", "b") for r in rows)
