@@ -119,6 +119,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("index", help="build a FAISS similarity index from a feature cache")
+    p.add_argument("cache")
+    p.add_argument("--out", required=True, help="INDEX_DIR to write (replaced atomically)")
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+                   help="auto: exact when small, HNSW or IVF when large, IVF-PQ when memory is short")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    p.add_argument("--memory-budget", default=None, help="e.g. 4G (default 4G): bounds the index size")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("search", help="query an index by image(s), cached path, row id or vector")
+    p.add_argument("index_dir")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", nargs="+", help="query image files or folders (several = batch mode)")
+    q.add_argument("--path", help="a path as stored in the cache")
+    q.add_argument("--id", type=int, dest="row_id", help="a cache row id")
+    q.add_argument("--vector", help="a .npy file with one vector (D,) or several (n, D)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="JSON lines: one object per query")
+    p.add_argument("--grid", default=None, help="write a PNG of each query and its neighbours")
+    p.add_argument("--weights", default=None, help="the weights file, when the cache was embedded with --weights PATH")
+
+    p = sub.add_parser("dedup", help="list near-duplicate groups of a cache (range search)")
+    p.add_argument("cache")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity >= T (or squared L2 <= T)")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plot", help="2-D scatter of a cache coloured by label")
+    p.add_argument("cache")
+    p.add_argument("--method", default="pca", choices=["pca", "tsne"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--max-points", type=int, default=5000)
+
     p = sub.add_parser("info", help="describe a feature cache")
     p.add_argument("cache")
     p.add_argument("--errors", action="store_true", help="list every file in the errors table")
@@ -215,6 +251,24 @@ def _dispatch(args) -> int:
         report = finetune(config)
         print_json(report.as_dict()) if args.json else print(report.summary())
         return 0
+    if args.command == "index":
+        from embedder.commands import index_command
+
+        return index_command(args.cache, args.out, args.kind, args.metric, args.memory_budget, args.target_recall,
+                             args.seed, not args.quiet, args.json)
+    if args.command == "search":
+        from embedder.commands import search_command
+
+        return search_command(args.index_dir, args.image, args.path, args.row_id, args.vector, args.k, args.json,
+                              args.grid, args.weights)
+    if args.command == "dedup":
+        from embedder.commands import dedup_command
+
+        return dedup_command(args.cache, args.threshold, args.metric, args.json)
+    if args.command == "plot":
+        from embedder.commands import plot_command
+
+        return plot_command(args.cache, args.method, args.out, args.max_points)
     if args.command == "info":
         from embedder.commands import info
 

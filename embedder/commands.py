@@ -192,3 +192,96 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
     if not ok_paths:
         raise AllImagesFailedError("None of the images could be read.")
     return 0
+
+
+def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: str | None, target_recall: float,
+                  seed: int, progress: bool, as_json: bool) -> int:
+    from embedder.index import build_index
+    from embedder.train_cache import parse_size
+
+    meta = build_index(cache, out, kind=kind, metric=metric,
+                       memory_budget=parse_size(memory_budget) if memory_budget else None,
+                       target_recall=target_recall, seed=seed, progress=progress)
+    if as_json:
+        print_json(meta)
+        return 0
+    knob = {k: v for k, v in meta["params"].items() if k in ("nprobe", "efSearch")}
+    print(f"wrote {out}: {meta['kind']} index of {meta['ntotal']} x {meta['dim']} ({meta['metric']}) "
+          f"in {meta['build_s']:.1f} s")
+    print(f"  why            {meta['why']}")
+    print(f"  parameters     {meta['params']}")
+    reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
+    print(f"  recall@10      {meta['recall_at_10']:.4f} against exact search on {meta['eval_queries']} held-out "
+          f"queries; target {meta['target_recall']} {reached}" + (f" with {knob}" if knob else ""))
+    return 0
+
+
+def search_command(index_dir: str, images: list[str] | None, path: str | None, row_id: int | None,
+                   vector: str | None, k: int, as_json: bool, grid: str | None, weights: str | None) -> int:
+    import numpy as np
+
+    from embedder.index import SearchIndex
+
+    index = SearchIndex.open(index_dir, weights_path=weights)
+    errors: list[tuple[str, str]] = []
+    if images:
+        results, errors = index.search_files(_expand_images(images), k=k)
+        queries = [(str(f), hits) for f, hits in results]
+    elif path is not None:
+        queries = [(str(index.image_path(index.row_of_path(path))), index.search_ids([index.row_of_path(path)], k)[0])]
+    elif row_id is not None:
+        queries = [(str(index.image_path(row_id)), index.search_ids([row_id], k)[0])]
+    else:
+        vec = np.load(vector)
+        queries = [(None, hits) for hits in index.search(np.atleast_2d(vec), k)]
+    if as_json:
+        import json
+        import sys
+
+        for q, hits in queries:  # JSON lines: one query per line, streams well for batch mode
+            sys.stdout.write(json.dumps({"query": q, "hits": [h.as_dict() for h in hits]}) + "\n")
+        for q, reason in errors:
+            sys.stdout.write(json.dumps({"query": q, "error": reason}) + "\n")
+    else:
+        for q, hits in queries:
+            print(f"query: {q or vector}")
+            for h in hits:
+                print(f"  {h.rank:>3}  {h.score:>8.4f}  {h.label or '-':<12} {h.path}")
+        for q, reason in errors:
+            print(f"query: {q}\n  ERROR {reason}")
+    if grid:
+        from embedder.explore import result_grid
+
+        result_grid(queries[:10], lambda h: index.image_path(h.id), grid)
+        if not as_json:
+            print(f"grid: {grid}")
+    return 0
+
+
+def dedup_command(cache: str, threshold: float, metric: str, as_json: bool) -> int:
+    from embedder.explore import near_duplicates
+
+    groups = near_duplicates(cache, threshold, metric)
+    with FeatureCache(cache) as c:
+        paths = c.paths
+    doc = [[paths[i] for i in g] for g in groups]
+    if as_json:
+        print_json({"threshold": threshold, "metric": metric, "groups": doc})
+        return 0
+    print(f"{len(groups)} near-duplicate groups ({metric} {'>=' if metric == 'cosine' else '<='} {threshold}), "
+          f"{sum(len(g) for g in groups)} images")
+    for n, g in enumerate(doc, start=1):
+        print(f"group {n} ({len(g)}):")
+        for p in g:
+            print(f"  {p}")
+    return 0
+
+
+def plot_command(cache: str, method: str, out: str | None, max_points: int) -> int:
+    from pathlib import Path
+
+    from embedder.explore import plot_space
+
+    out = out or str(Path(cache).with_suffix(f".{method}.png"))
+    print(f"wrote {plot_space(cache, out, method=method, max_points=max_points)}")
+    return 0

@@ -12,6 +12,7 @@ Correctness rules, each of which some popular tool gets wrong:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -37,12 +38,21 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
         raise BadImageError("file not found") from None
     except OSError as exc:
         raise BadImageError(f"cannot read file: {exc.strerror or exc}") from None
+    return _decode(path, size, max_pixels)
+
+
+def load_rgb_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """`load_rgb` for bytes already in memory (uploads), with the same rules and reasons."""
+    return _decode(io.BytesIO(data), len(data), max_pixels)
+
+
+def _decode(source, size: int, max_pixels: int) -> torch.Tensor:
     if size == 0:
         raise BadImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImageError(

@@ -19,20 +19,7 @@ from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.heads import replace_head
 from embedder.registry import get_backbone_spec
 from embedder.train_cache import load_probe
-from embedder.weights import resolve_weights
-
-
-def _weights_choice(identity: str, weights_path: str | None) -> str:
-    """The --weights value that reproduces the backbone weights recorded in the fingerprint."""
-    if identity.startswith("random-init"):
-        return "none"
-    if identity.startswith(("torchvision:", "pypi:")):
-        return "DEFAULT"
-    if weights_path is None:
-        raise ConfigError(
-            f"The cache was embedded with weights from a local file ({identity}); pass that file with --weights PATH."
-        )
-    return weights_path
+from embedder.weights import resolve_weights, weights_choice_for
 
 
 def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_path: str | None = None) -> Path:
@@ -44,7 +31,7 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
             "the network. Embed without --normalize l2 and train the probe again to export it."
         )
     spec = get_backbone_spec(probe["model"])
-    weights = resolve_weights(spec.weights, _weights_choice(components["weights"], weights_path))
+    weights = resolve_weights(spec.weights, weights_choice_for(components["weights"], weights_path))
     if weights.identity != components["weights"]:
         raise WeightsUnavailableError(
             f"--weights gives {weights.identity}, but the probe's cache was embedded with {components['weights']}."

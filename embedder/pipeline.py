@@ -112,12 +112,42 @@ def _probe_step(values: dict, base: Path, progress: bool) -> Step:
     return Step("probe", f"{config.classifier} on {config.cache}", execute, label or config.classifier)
 
 
+def _index_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.commands import index_command
+
+    _only_keys(values, {"cache", "out", "kind", "metric", "memory_budget", "target_recall", "seed"}, "index")
+    missing = [k for k in ("cache", "out") if k not in values]
+    if missing:
+        raise ConfigError(f"The index step needs {', '.join(missing)}.")
+    cache, out = base / values["cache"], base / values["out"]
+    return Step("index", f"index {cache} -> {out}", lambda: index_command(
+        str(cache), str(out), values.get("kind", "auto"), values.get("metric", "cosine"),
+        values.get("memory_budget"), float(values.get("target_recall", 0.95)), int(values.get("seed", 0)),
+        progress, False))
+
+
+def _search_step(values: dict, base: Path, progress: bool) -> Step:
+    from embedder.commands import search_command
+
+    _only_keys(values, {"index", "image", "k", "grid"}, "search")
+    if "index" not in values or "image" not in values:
+        raise ConfigError("The search step needs `index` and `image` (a file, folder, or list of them).")
+    images = values["image"] if isinstance(values["image"], list) else [values["image"]]
+    images = [str(base / i) for i in images]
+    grid = str(base / values["grid"]) if values.get("grid") else None
+    index = str(base / values["index"])
+    return Step("search", f"search {index} with {', '.join(images)}", lambda: search_command(
+        index, images, None, None, None, int(values.get("k", 5)), False, grid, None))
+
+
 STEP_KINDS: dict[str, Callable[[dict, Path, bool], Step]] = {
     "make-samples": _make_samples_step,
     "embed": _embed_step,
     "info": _info_step,
     "probe": _probe_step,
     "finetune": _finetune_step,
+    "index": _index_step,
+    "search": _search_step,
 }
 
 

@@ -187,3 +187,16 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             mapped[ours] = tensor
         state = mapped
     model.load_state_dict(state, strict=True)
+
+
+def weights_choice_for(identity: str, weights_path: str | None = None) -> str:
+    """The --weights value that reproduces weights recorded in a fingerprint as `identity`."""
+    if identity.startswith("random-init"):
+        return "none"
+    if identity.startswith(("torchvision:", "pypi:")):
+        return "DEFAULT"
+    if weights_path is None:
+        raise ConfigError(
+            f"The cache was embedded with weights from a local file ({identity}); pass that file with --weights PATH."
+        )
+    return weights_path

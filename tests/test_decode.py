@@ -104,3 +104,14 @@ def test_extreme_aspect_ratio_is_recorded_not_allocated(tmp_path):
     with FeatureCache(out) as cache:
         assert cache.paths == ["fine.png"]
         assert "extreme aspect ratio" in dict(cache.errors)["banner.png"]
+
+
+def test_bytes_in_memory_decode_like_files(corpus):
+    from embedder.decode import load_rgb_bytes
+
+    root, expected = corpus
+    assert torch.equal(load_rgb_bytes((root / "exif_rotated.jpg").read_bytes()), load_rgb(root / "exif_rotated.jpg"))
+    for name, fragment in BAD.items():
+        with pytest.raises(BadImageError) as err:
+            load_rgb_bytes((root / name).read_bytes())
+        assert fragment in err.value.reason

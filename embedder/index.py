@@ -1,0 +1,399 @@
+"""FAISS indexes built from a feature cache, and searching them.
+
+`build_index` streams the cache block by block (adding vectors never loads the whole
+cache), trains IVF / PQ on a seeded sample, tunes the search parameter (nprobe or
+efSearch) until recall@10 against exact search reaches the target on held-out queries,
+and saves atomically: everything is written into a temporary folder that replaces
+INDEX_DIR only when complete.
+
+INDEX_DIR holds:
+    index.faiss   the FAISS index; faiss id = cache row
+    rows.h5       paths, labels, classes of the rows (the mapping back to images)
+    meta.json     fingerprint and components of the cache, kind, metric, parameters and why
+                  they were chosen, build time, recall@10 against exact search
+
+Choice of `--kind auto` (memory as estimated for the index alone):
+    flat     N <= 50,000 and N*D*4 bytes fit the budget: exact search, nothing to tune
+    hnsw     the graph (N * (4D + 2*32*4) bytes) fits the budget: fastest single queries
+    ivf      IVF with raw vectors (N * (4D + 8) bytes) fits
+    ivfpq    otherwise: IVF + product quantisation with as many bytes per vector as fit
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedder.cache import STR, FeatureCache
+from embedder.errors import CacheMismatchError, ConfigError
+
+KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+METRICS = ("cosine", "l2")
+EVAL_K = 10
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - a dependency, but say how to get it
+        raise ConfigError("Similarity search needs FAISS: pip install faiss-cpu") from exc
+    return faiss
+
+
+@dataclass
+class Hit:
+    rank: int  # 1-based
+    id: int  # row in the cache and the index
+    path: str
+    label: str | None
+    score: float  # cosine similarity (metric cosine) or squared L2 distance (metric l2)
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "id": self.id, "path": self.path, "label": self.label, "score": self.score}
+
+
+def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(norms, 1e-12)
+    return x
+
+
+def choose_kind(n: int, dim: int, budget: int) -> tuple[str, str]:
+    flat = n * dim * 4
+    if n <= 50_000 and flat <= budget:
+        return "flat", f"{n} vectors ({flat / 2**20:.1f} MiB) are few enough for exact search"
+    hnsw = n * (dim * 4 + 2 * 32 * 4)
+    if hnsw <= budget:
+        return "hnsw", f"{n} vectors: the HNSW graph ({hnsw / 2**20:.0f} MiB) fits the budget ({budget / 2**20:.0f} MiB)"
+    ivf = n * (dim * 4 + 8)
+    if ivf <= budget:
+        return "ivf", f"HNSW would need {hnsw / 2**20:.0f} MiB; IVF with raw vectors ({ivf / 2**20:.0f} MiB) fits"
+    return "ivfpq", f"raw vectors need {ivf / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB: IVF-PQ compresses them"
+
+
+def _pq_bytes(n: int, dim: int, budget: int) -> int:
+    for m in (64, 48, 32, 24, 16, 12, 8, 4):
+        if dim % m == 0 and n * (m + 8) <= budget:
+            return m
+    return next(m for m in (4, 2, 1) if dim % m == 0)
+
+
+def _nlist(n: int) -> int:
+    return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(n))))))
+
+
+def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(size, n), replace=False))
+
+
+def _read_rows(cache: FeatureCache, rows: np.ndarray, metric: str) -> np.ndarray:
+    # One contiguous read per 64k-row window: HDF5 point selection is slow.
+    out = []
+    for start in range(0, len(cache), 65536):
+        sel = rows[(rows >= start) & (rows < start + 65536)]
+        if len(sel):
+            block = cache.features(slice(start, min(start + 65536, len(cache))))
+            out.append(block[sel - start])
+    return _prepare(np.concatenate(out), metric)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, queries: np.ndarray, k: int) -> float:
+    """recall@k with the query's own row removed from both lists (a self-match is no achievement)."""
+    hits = 0
+    for q, f, t in zip(queries, found, truth):
+        f = [i for i in f if i != q and i >= 0][:k]
+        t = [i for i in t if i != q][:k]
+        hits += len(set(f) & set(t))
+    return hits / (k * len(queries))
+
+
+def build_index(
+    cache_path,
+    out_dir,
+    kind: str = "auto",
+    metric: str = "cosine",
+    memory_budget: int | None = None,
+    target_recall: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+    block_rows: int = 65536,
+    n_eval: int = 500,
+) -> dict:
+    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata."""
+    from tqdm.auto import tqdm
+
+    faiss = _faiss()
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric must be cosine or l2, got {metric!r}.")
+    if not 0 < target_recall <= 1:
+        raise ConfigError("--target-recall must be in (0, 1].")
+    t0 = time.perf_counter()
+    cache = FeatureCache(cache_path)
+    n, dim = len(cache), cache.dim
+    if n == 0:
+        raise ConfigError(f"{cache_path} has no rows to index.")
+    budget = memory_budget or (4 << 30)
+    why = "chosen with --kind"
+    if kind == "auto":
+        kind, why = choose_kind(n, dim, budget)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    params: dict = {}
+    if kind == "flat":
+        index = faiss.IndexFlat(dim, faiss_metric)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss_metric)
+        index.hnsw.efConstruction = 80
+        params.update(M=32, efConstruction=80)
+    else:
+        nlist = min(_nlist(n), max(1, n // 39))  # FAISS wants >= 39 training points per list
+        quantizer = faiss.IndexFlat(dim, faiss_metric)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
+        else:
+            m = _pq_bytes(n, dim, budget)
+            nbits = 8 if n >= 256 * 39 else 4
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss_metric)
+            params.update(pq_m=m, pq_nbits=nbits)
+        params["nlist"] = nlist
+        train_rows = _sample_rows(n, max(40 * nlist, 10_000), seed)
+        index.train(_read_rows(cache, train_rows, metric))
+        params["trained_on"] = len(train_rows)
+    with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress) as bar:
+        for block in cache.iter_blocks(block_rows):
+            index.add(_prepare(block.features, metric))
+            bar.update(len(block.features))
+
+    # Recall@10 against exact search on held-out query rows, and tuning of the search knob.
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    q_rows = _sample_rows(n, n_eval, seed + 1)
+    queries = _read_rows(cache, q_rows, metric)
+    k = min(EVAL_K + 1, n)
+    db_blocks = (_prepare(b.features, metric) for b in cache.iter_blocks(block_rows))
+    _, truth = knn_ground_truth(queries, db_blocks, k, metric_type=faiss_metric)
+    tuning = []
+    knob, values = {"ivf": ("nprobe", None), "ivfpq": ("nprobe", None), "hnsw": ("efSearch", None)}.get(kind, (None, None))
+    if knob == "nprobe":
+        values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= params["nlist"]]
+    elif knob == "efSearch":
+        values = [16, 32, 64, 128, 256, 512]
+    recall = None
+    if knob:
+        for v in values:
+            _set_knob(index, knob, v)
+            _, found = index.search(queries, k)
+            recall = _recall(found, truth, q_rows, k - 1)
+            tuning.append({knob: v, "recall_at_10": recall})
+            if recall >= target_recall:
+                break
+        params[knob] = tuning[-1][knob]
+    else:
+        _, found = index.search(queries, k)
+        recall = _recall(found, truth, q_rows, k - 1)
+    meta = {
+        "format": "embedder-index/1",
+        "cache": str(Path(cache_path).resolve()),
+        "fingerprint": cache.fingerprint,
+        "components": cache.components,
+        "source": cache.source,
+        "kind": kind,
+        "metric": metric,
+        "why": why,
+        "params": params,
+        "tuning": tuning,
+        "ntotal": int(index.ntotal),
+        "dim": dim,
+        "memory_budget": budget,
+        "recall_at_10": recall,
+        "target_recall": target_recall,
+        "target_reached": recall is not None and recall >= target_recall,
+        "eval_queries": len(q_rows),
+        "build_s": time.perf_counter() - t0,
+        "faiss_version": faiss.__version__,
+    }
+    _save(Path(out_dir), index, cache, meta)
+    cache.close()
+    return meta
+
+
+def _set_knob(index, knob: str, value: int) -> None:
+    faiss = _faiss()
+    if knob == "efSearch":
+        faiss.downcast_index(index).hnsw.efSearch = value
+    else:
+        faiss.extract_index_ivf(index).nprobe = value
+
+
+def _save(out: Path, index, cache: FeatureCache, meta: dict) -> None:
+    faiss = _faiss()
+    out = out.absolute()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    with h5py.File(tmp / "rows.h5", "w") as f:
+        f.create_dataset("paths", data=np.array(cache.paths, dtype=object), dtype=STR)
+        f.create_dataset("labels", data=cache.labels)
+        f.create_dataset("classes", data=np.array(cache.classes, dtype=object), dtype=STR)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+class SearchIndex:
+    """A saved index, ready to answer queries by vector, by cached row id, or by image."""
+
+    def __init__(self, index_dir, weights_path: str | None = None):
+        self.dir = Path(index_dir)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"No index at {self.dir}. Build one with `embedder index CACHE.h5 --out {self.dir}`.")
+        self.meta = json.loads(meta_path.read_text())
+        faiss = _faiss()
+        self.index = faiss.read_index(str(self.dir / "index.faiss"))
+        knob = next((k for k in ("nprobe", "efSearch") if k in self.meta["params"]), None)
+        if knob:
+            _set_knob(self.index, knob, self.meta["params"][knob])
+        with h5py.File(self.dir / "rows.h5", "r") as f:
+            self.paths = list(f["paths"].asstr()[:]) if len(f["paths"]) else []
+            self.labels = f["labels"][:]
+            self.classes = list(f["classes"].asstr()[:])
+        self._row = {p: i for i, p in enumerate(self.paths)}
+        self.metric = self.meta["metric"]
+        self.weights_path = weights_path
+        self._backbone = None
+
+    @classmethod
+    def open(cls, index_dir, weights_path: str | None = None) -> SearchIndex:
+        return cls(index_dir, weights_path)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def source(self) -> str:
+        return str(self.meta["source"])
+
+    def image_path(self, row_id: int) -> Path:
+        p = Path(self.paths[row_id])
+        return p if p.is_absolute() else Path(self.source) / p
+
+    def has_path(self, path: str) -> bool:
+        return path in self._row
+
+    def row_of_path(self, path: str) -> int:
+        if path not in self._row:
+            raise KeyError(f"{path!r} is not in the index (paths are relative to {self.source}).")
+        return self._row[path]
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        out = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits = []
+            for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0), start=1):
+                label = self.labels[i]
+                hits.append(Hit(rank, int(i), self.paths[i], self.classes[label] if label >= 0 else None, float(s)))
+            out.append(hits)
+        return out
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.dim:
+            raise ConfigError(f"Query vectors have {queries.shape[1]} dimensions; the index has {self.dim}.")
+        if k < 1:
+            raise ConfigError("k must be at least 1.")
+        scores, ids = self.index.search(_prepare(queries, self.metric), min(k, self.ntotal))
+        return self._hits(scores, ids)
+
+    def search_ids(self, ids: list[int], k: int = 10) -> list[list[Hit]]:
+        bad = [i for i in ids if not 0 <= i < self.ntotal]
+        if bad:
+            raise IndexError(f"Row id {bad[0]} is not in the index (0 .. {self.ntotal - 1}).")
+        with FeatureCache(self.meta["cache"]) as cache:
+            vectors = np.stack([cache.features(slice(i, i + 1))[0] for i in ids])
+        return self.search(vectors, k)
+
+    # -- queries by image ----------------------------------------------------------------------
+    def backbone(self):
+        """The cache's backbone, rebuilt and checked against the fingerprint (once)."""
+        if self._backbone is None:
+            self._backbone = query_backbone(self.meta["components"], self.weights_path)
+        return self._backbone
+
+    def search_pixels(self, images, k: int = 10) -> list[list[Hit]]:
+        from embedder.preprocess import geometric_transform
+
+        backbone = self.backbone()
+        transform = geometric_transform(backbone.preprocessing)
+        import torch
+
+        batch = torch.stack([transform(img) for img in images])
+        return self.search(backbone(batch).cpu().numpy(), k)
+
+    def search_files(self, files: list[str], k: int = 10, batch_size: int = 32):
+        """(hits per readable file, [(file, reason)] for the others)."""
+        from embedder.extract import embed_images
+
+        feats, errors = embed_images(self.backbone(), files, batch_size=batch_size)
+        failed = {p for p, _ in errors}
+        ok = [f for f in files if str(f) not in failed]
+        return list(zip(ok, self.search(feats, k) if len(feats) else [])), errors
+
+
+def query_backbone(components: dict, weights_path: str | None = None):
+    """Rebuild the backbone a cache was embedded with, refusing any difference in the fingerprint."""
+    import torch
+
+    from embedder.extract import fingerprint_components, load_backbone
+    from embedder.registry import get_backbone_spec
+    from embedder.weights import weights_choice_for
+
+    spec = get_backbone_spec(components["model"])
+    crop = json.loads(components["preprocessing"])["crop_size"]
+    device = components.get("device_type", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"  # the fingerprint check below reports the difference
+    backbone = load_backbone(
+        components["model"],
+        weights_choice_for(components["weights"], weights_path),
+        layer=components["layer"],
+        normalize=components["normalization"],
+        image_size=None if crop == spec.preprocessing.crop_size else int(crop),
+        device=device,
+        precision=components["precision"],
+        memory_layout=components["memory_layout"],
+        pool=components["pooling"],
+    )
+    mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
+    diff = {k: (components.get(k), mine.get(k)) for k in sorted(set(mine) | set(components)) if mine.get(k) != components.get(k)}
+    if diff:
+        raise CacheMismatchError(
+            "the index's cache",
+            diff,
+            "Queries by image need the exact backbone configuration of the cache; install the versions it "
+            "records, or re-embed and re-index with this one.",
+        )
+    return backbone

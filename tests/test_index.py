@@ -1,0 +1,184 @@
+"""FAISS indexes from the cache: exactness, recall of approximate kinds, queries, dedup, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedder.cache import CacheSpec, FeatureCache
+from embedder.cache_writer import CacheWriter
+from embedder.cli import main
+from embedder.errors import CacheMismatchError
+from embedder.explore import near_duplicates, plot_space
+from embedder.extract import embed
+from embedder.index import SearchIndex, build_index
+from embedder.sources import Listing
+from tests.conftest import fast_config, make_tree
+
+
+def synthetic_cache(path: Path, X: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """A real cache file (written by the real writer) holding given vectors."""
+    n, d = X.shape
+    labels = np.full(n, -1, dtype=np.int64) if labels is None else labels
+    classes = [f"c{i}" for i in range(int(labels.max()) + 1)] if labels.max() >= 0 else []
+    listing = Listing(path.parent, [f"v{i:06d}.png" for i in range(n)], labels, classes, "flat")
+    spec = CacheSpec({"model": "synthetic", "dim": str(d)}, str(path.parent), d, layout="flat")
+    with CacheWriter(path, spec, listing, commit_every=10**9) as w:
+        w.add(np.arange(n), X, [])
+        w.finish()
+    return path
+
+
+def clustered(n=20000, d=32, centers=50, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d)).astype(np.float32) * 4
+    return (c[rng.integers(0, centers, n)] + rng.normal(size=(n, d)).astype(np.float32)).astype(np.float32)
+
+
+def test_flat_search_equals_exact_numpy_knn(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 16)).astype(np.float32)
+    cache = synthetic_cache(tmp_path / "c.h5", X)
+    build_index(cache, tmp_path / "idx", kind="flat", metric="l2", progress=False)
+    index = SearchIndex.open(tmp_path / "idx")
+    Q = rng.normal(size=(20, 16)).astype(np.float32)
+    d2 = ((Q[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    expected = np.argsort(d2, axis=1, kind="stable")[:, :10]
+    for q, hits in enumerate(index.search(Q, k=10)):
+        assert [h.id for h in hits] == expected[q].tolist()
+        np.testing.assert_allclose([h.score for h in hits], d2[q, expected[q]], rtol=1e-4)
+
+    build_index(cache, tmp_path / "cos", kind="flat", metric="cosine", progress=False)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    expected = np.argsort(-(Qn @ Xn.T), axis=1, kind="stable")[:, :10]
+    got = [[h.id for h in hits] for hits in SearchIndex.open(tmp_path / "cos").search(Q, 10)]
+    assert got == expected.tolist()
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_kinds_reach_recall_on_clustered_data(tmp_path, kind):
+    data = clustered(n=20200)
+    X, Q = data[:20000], data[20000:]  # fresh queries from the same distribution, not indexed
+    cache = synthetic_cache(tmp_path / "c.h5", X)
+    meta = build_index(cache, tmp_path / kind, kind=kind, metric="l2", target_recall=0.95, progress=False)
+    assert meta["kind"] == kind and meta["recall_at_10"] >= 0.95 and meta["target_reached"]
+    # Check the saved index independently, on fresh queries, against numpy.
+    index = SearchIndex.open(tmp_path / kind)
+    d2 = (Q * Q).sum(1)[:, None] - 2 * Q @ X.T + (X * X).sum(1)[None, :]
+    truth = np.argsort(d2, axis=1)[:, :10]
+    found = [[h.id for h in hits] for hits in index.search(Q, 10)]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall >= 0.95, recall
+
+
+def test_auto_chooses_by_size_and_budget(tmp_path):
+    X = clustered(n=3000, d=16)
+    cache = synthetic_cache(tmp_path / "c.h5", X)
+    assert build_index(cache, tmp_path / "a", progress=False)["kind"] == "flat"
+    meta = build_index(cache, tmp_path / "b", memory_budget=100_000, progress=False)
+    assert meta["kind"] == "ivfpq" and "budget" in meta["why"]
+    saved = json.loads((tmp_path / "b" / "meta.json").read_text())
+    for key in ("fingerprint", "kind", "params", "build_s", "recall_at_10"):
+        assert key in saved
+
+
+def test_rebuild_replaces_atomically_and_leaves_no_temp(tmp_path):
+    X = clustered(n=400, d=8)
+    cache = synthetic_cache(tmp_path / "c.h5", X)
+    build_index(cache, tmp_path / "idx", kind="flat", progress=False)
+    build_index(cache, tmp_path / "idx", kind="hnsw", progress=False)
+    assert SearchIndex.open(tmp_path / "idx").meta["kind"] == "hnsw"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "idx"]
+
+
+@pytest.fixture(scope="module")
+def photos_index(tmp_path_factory):
+    from embedder.samples import make_samples
+
+    root = tmp_path_factory.mktemp("photos")
+    photos = make_samples(root, only=["photos"], verbose=False)["photos"]
+    cache = root / "photos.h5"
+    embed(fast_config(photos, cache, model="efficientnet_lite0", weights="DEFAULT", image_size=None,
+                      memory_layout="auto"))
+    build_index(cache, root / "idx", kind="flat", progress=False)
+    return photos, cache, root / "idx"
+
+
+@pytest.mark.slow
+def test_augmented_copies_of_real_photos_find_their_originals(photos_index):
+    from torchvision.transforms import v2
+
+    from embedder.decode import load_rgb
+
+    photos, _, idx_dir = photos_index
+    index = SearchIndex.open(idx_dir)
+    torch.manual_seed(0)
+    augment = v2.Compose([
+        v2.RandomResizedCrop((224, 224), scale=(0.6, 0.8), antialias=True),
+        v2.RandomHorizontalFlip(p=1.0),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+    ])
+    names = index.paths
+    images = [augment(load_rgb(photos / name)) for name in names]
+    for name, hits in zip(names, index.search_pixels(images, k=3)):
+        assert hits[0].path == name, (name, [h.path for h in hits])
+
+
+def test_query_by_image_refuses_a_mismatching_backbone(tmp_path):
+    tree = make_tree(tmp_path / "img", per_class=3)
+    cache = tmp_path / "c.h5"
+    embed(fast_config(tree, cache))
+    build_index(cache, tmp_path / "idx", kind="flat", progress=False)
+    meta_path = tmp_path / "idx" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["components"]["torch_version"] = "0.0.1"  # as if the cache came from another install
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CacheMismatchError, match="torch_version"):
+        SearchIndex.open(tmp_path / "idx").search_files([str(tree / "cat" / "cat_000.jpg")])
+
+
+def test_search_cli_by_id_path_vector_and_images(tmp_path, capsys):
+    tree = make_tree(tmp_path / "img", per_class=4)
+    cache = tmp_path / "c.h5"
+    embed(fast_config(tree, cache))
+    assert main(["index", str(cache), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), "--id", "3", "-k", "4", "--json"]) == 0
+    by_id = json.loads(capsys.readouterr().out)
+    assert by_id["hits"][0]["id"] == 3 and len(by_id["hits"]) == 4
+    with FeatureCache(cache) as c:
+        path3, vec3 = c.paths[3], c.features(slice(3, 4))[0]
+    assert main(["search", str(tmp_path / "idx"), "--path", path3, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"][0]["path"] == path3
+    np.save(tmp_path / "q.npy", vec3)
+    assert main(["search", str(tmp_path / "idx"), "--vector", str(tmp_path / "q.npy"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"][0]["id"] == 3
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    grid = tmp_path / "grid.png"
+    assert main(["search", str(tmp_path / "idx"), "--image", str(tree / "dog"), str(tmp_path / "bad.jpg"),
+                 "--json", "--grid", str(grid)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 5 and lines[-1]["error"]
+    for line in lines[:4]:  # each indexed image finds itself first
+        assert line["hits"][0]["path"] == Path(line["query"]).relative_to(tree).as_posix()
+    assert grid.stat().st_size > 1000
+
+
+def test_dedup_finds_planted_duplicates_and_plot_writes_png(tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 24)).astype(np.float32)
+    X[10] = X[200] * 1.0001
+    X[50] = X[200] + 1e-4
+    X[7] = X[8]
+    labels = rng.integers(0, 3, 300)
+    cache = synthetic_cache(tmp_path / "c.h5", X, labels)
+    groups = near_duplicates(cache, threshold=0.999)
+    assert groups == [[10, 50, 200], [7, 8]]
+    png = plot_space(cache, tmp_path / "pca.png", method="pca")
+    assert png.stat().st_size > 5000
+    assert plot_space(cache, tmp_path / "tsne.png", method="tsne", max_points=200).stat().st_size > 5000
