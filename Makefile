@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test browser clean
 
 # torch/torchvision are pinned in constraints.txt (torch==2.14.1 torchvision==0.29.1): the
 # CPU-only torch wheel cannot be paired with any published torchvision, and an unpinned
@@ -22,7 +22,15 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/embedder run pipelines/quickstart.toml
 
-test: $(STAMP)
+# The web page is tested in a real headless browser: Debian's chromium, driven by Playwright
+# with executablePath /usr/bin/chromium (no browser download).
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "The browser test needs /usr/bin/chromium: sudo apt-get install chromium"; exit 1; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 clean:

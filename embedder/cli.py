@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--max-points", type=int, default=5000)
 
+    p = sub.add_parser("serve", help="HTTP search service with a web page (FastAPI + uvicorn)")
+    p.add_argument("index_dir")
+    p.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
+    p.add_argument("-k", type=int, default=10, help="neighbours returned when a request does not say")
+    p.add_argument("--weights", default=None, help="the weights file, when the cache was embedded with --weights PATH")
+
     p = sub.add_parser("info", help="describe a feature cache")
     p.add_argument("cache")
     p.add_argument("--errors", action="store_true", help="list every file in the errors table")
@@ -269,6 +277,13 @@ def _dispatch(args) -> int:
         from embedder.commands import plot_command
 
         return plot_command(args.cache, args.method, args.out, args.max_points)
+    if args.command == "serve":
+        from embedder.service import serve
+
+        print(f"serving {args.index_dir} on http://{args.host}:{args.port}/  (API: /docs, /openapi.json)", flush=True)
+        serve(args.index_dir, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+              default_k=args.k, weights_path=args.weights)
+        return 0
     if args.command == "info":
         from embedder.commands import info
 

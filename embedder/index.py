@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,11 @@ class SearchIndex:
         self.metric = self.meta["metric"]
         self.weights_path = weights_path
         self._backbone = None
+        self._backbone_lock = threading.Lock()
+        # Exact indexes can give back their vectors, so search by id needs no cache file.
+        self._reconstructs = self.meta["kind"] in ("flat", "hnsw", "ivf")
+        if self.meta["kind"] == "ivf":
+            faiss.extract_index_ivf(self.index).make_direct_map()
 
     @classmethod
     def open(cls, index_dir, weights_path: str | None = None) -> SearchIndex:
@@ -332,25 +338,33 @@ class SearchIndex:
         bad = [i for i in ids if not 0 <= i < self.ntotal]
         if bad:
             raise IndexError(f"Row id {bad[0]} is not in the index (0 .. {self.ntotal - 1}).")
-        with FeatureCache(self.meta["cache"]) as cache:
-            vectors = np.stack([cache.features(slice(i, i + 1))[0] for i in ids])
+        if self._reconstructs:
+            vectors = np.stack([self.index.reconstruct(int(i)) for i in ids])
+        else:  # PQ codes are lossy: take the exact vectors from the cache
+            with FeatureCache(self.meta["cache"]) as cache:
+                vectors = np.stack([cache.features(slice(i, i + 1))[0] for i in ids])
         return self.search(vectors, k)
 
     # -- queries by image ----------------------------------------------------------------------
     def backbone(self):
         """The cache's backbone, rebuilt and checked against the fingerprint (once)."""
-        if self._backbone is None:
-            self._backbone = query_backbone(self.meta["components"], self.weights_path)
+        with self._backbone_lock:  # a service's threads may ask at once; build it only once
+            if self._backbone is None:
+                self._backbone = query_backbone(self.meta["components"], self.weights_path)
         return self._backbone
 
-    def search_pixels(self, images, k: int = 10) -> list[list[Hit]]:
-        from embedder.preprocess import geometric_transform
-
-        backbone = self.backbone()
-        transform = geometric_transform(backbone.preprocessing)
+    def search_pixels(self, images, k: int = 10, max_pixels: int | None = None) -> list[list[Hit]]:
+        """Queries given as decoded uint8 RGB tensors [3, H, W]; BadImageError for unusable ones."""
         import torch
 
-        batch = torch.stack([transform(img) for img in images])
+        from embedder.decode import DEFAULT_MAX_PIXELS
+        from embedder.preprocess import apply_guarded, geometric_transform
+
+        backbone = self.backbone()
+        pre = backbone.preprocessing
+        transform = geometric_transform(pre)
+        limit = max_pixels or DEFAULT_MAX_PIXELS
+        batch = torch.stack([apply_guarded(transform, img, pre.resize_size, limit) for img in images])
         return self.search(backbone(batch).cpu().numpy(), k)
 
     def search_files(self, files: list[str], k: int = 10, batch_size: int = 32):
