@@ -8,6 +8,7 @@ import numpy as np
 
 from embedder.cache import FeatureCache
 from embedder.errors import ConfigError
+from embedder.figures import pyplot, save_figure
 
 
 def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384) -> list[list[int]]:
@@ -49,11 +50,7 @@ def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
 
 def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0) -> Path:
     """A 2-D scatter of the features (PCA or t-SNE of a seeded sample), coloured by label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if method not in ("pca", "tsne"):
         raise ConfigError("--method must be pca or tsne.")
     with FeatureCache(cache_path) as cache:
@@ -82,12 +79,7 @@ def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int
     else:
         ax.scatter(xy[:, 0], xy[:, 1], s=8)
     ax.set_title(f"{Path(cache_path).name}: {method.upper()} of {len(X)} rows")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Path, thumb: int = 128) -> Path:
@@ -95,10 +87,6 @@ def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Pat
 
     `queries` is [(query image path or None, hits)], `image_of(hit)` gives a hit's image file.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
     from embedder.decode import load_rgb
@@ -113,7 +101,7 @@ def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Pat
         return img
 
     cols = 1 + max(len(h) for _, h in queries)
-    fig, axes = plt.subplots(len(queries), cols, figsize=(1.6 * cols, 1.9 * len(queries)), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(len(queries), cols, figsize=(1.6 * cols, 1.9 * len(queries)), dpi=100, squeeze=False)
     for r, (qpath, hits) in enumerate(queries):
         cells = [(qpath, "query")] + [(image_of(h), f"#{h.rank} {h.score:.3f}\n{h.label or ''}") for h in hits]
         for c in range(cols):
@@ -124,9 +112,4 @@ def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Pat
                 if img is not None:
                     ax.imshow(img)
                 ax.set_title(cells[c][1], fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

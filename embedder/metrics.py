@@ -22,22 +22,16 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dic
 
 
 def save_confusion_png(y_true, y_pred, classes: list[str], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
+
+    from embedder.figures import pyplot, save_figure
 
     cm = confusion_matrix(y_true, y_pred, labels=np.arange(len(classes)))
     size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(size, size), dpi=110)
     ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45)
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_table(report: dict) -> str:
