@@ -642,10 +642,21 @@ def _check_out(out: str) -> Path:
     return path
 
 
+def _strict(value):
+    """NaN/inf (a diverged run) become null: strict JSON parsers reject bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(_strict(payload), f, indent=2, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 

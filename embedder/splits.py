@@ -51,7 +51,7 @@ def _stratified(rows: np.ndarray, labels: np.ndarray, fractions: tuple[float, ..
     parts = [[] for _ in range(len(fractions) + 1)]
     for c in np.unique(labels[rows]):
         members = rows[labels[rows] == c]
-        need = len(fractions) + 1
+        need = 1 + sum(1 for f in fractions if f > 0)  # a zero fraction asks for an empty part
         if len(members) < need:
             raise ConfigError(
                 f"Class {classes[c]!r} has {len(members)} labelled image(s); the split needs at least {need} "
@@ -59,8 +59,13 @@ def _stratified(rows: np.ndarray, labels: np.ndarray, fractions: tuple[float, ..
             )
         members = rng.permutation(members)
         start = 0
+        still_needed = need - 1
         for i, f in enumerate(fractions):
-            n = min(max(1, int(round(f * len(members)))), len(members) - (need - 1 - i) - start)
+            if f <= 0:
+                parts[i].append(members[:0])
+                continue
+            still_needed -= 1
+            n = min(max(1, int(round(f * len(members)))), len(members) - still_needed - 1 - start)
             parts[i].append(members[start : start + n])
             start += n
         parts[-1].append(members[start:])

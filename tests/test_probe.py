@@ -218,3 +218,14 @@ def test_real_lite0_features_of_digits_pass_a_floor(tmp_path):
         assert f["features"].shape == (599, 1280)
     # Measured 0.842 on this subset (120 test images); the full 1,797-image set gives 0.947.
     assert report["test_accuracy"] >= 0.82, report["test_accuracy"]
+
+
+def test_zero_test_fraction_means_no_test_split():
+    from embedder.splits import assign_splits
+
+    paths = [f"{c}/{i}.png" for c in "ab" for i in range(10)]
+    labels = np.array([0] * 10 + [1] * 10)
+    s = assign_splits(paths, labels, ["a", "b"], test_fraction=0.0)
+    assert len(s.test) == 0 and len(s.train) + len(s.val) == 20 and not set(s.train) & set(s.val)
+    s = assign_splits(paths, labels, ["a", "b"])
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 4, 4)
