@@ -1,7 +1,7 @@
 """CPU precision and memory layout, side by side: the measurement behind `--precision auto`.
 
-    python -m benchmarks.precision            # resnet50 and efficientnet_lite0, batch 16
-    python -m benchmarks.precision --quick    # resnet18 only, shorter
+    python -m benchmarks precision            # resnet50 and efficientnet_lite0, batch 16
+    python -m benchmarks precision --quick    # resnet18 only, shorter
 
 Variants run interleaved round by round (so drift on a shared machine hits all of them
 alike) through the real FrozenBackbone on random uint8 input at 224 px. Prints images/s,
@@ -11,7 +11,6 @@ the fp32 ones.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 
@@ -23,7 +22,7 @@ from embedder.runtime import cpu_has_native_bf16, resolve_runtime
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", True)]
 
 
-def run(models: list[str], batch: int, rounds: int, batches_per_round: int) -> None:
+def compare(models: list[str], batch: int, rounds: int, batches_per_round: int) -> None:
     torch.manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
     print(f"# CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -57,15 +56,8 @@ def run(models: list[str], batch: int, rounds: int, batches_per_round: int) -> N
             print(f"{name:<24}{rate:>8.1f}{rate / base:>8.2f}x{cos:>16.6f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    if args.quick:
-        run(["resnet18"], batch=16, rounds=2, batches_per_round=1)
+def run(quick: bool = False) -> None:
+    if quick:
+        compare(["resnet18"], batch=16, rounds=2, batches_per_round=1)
     else:
-        run(["resnet50", "efficientnet_lite0"], batch=16, rounds=3, batches_per_round=2)
-
-
-if __name__ == "__main__":
-    main()
+        compare(["resnet50", "efficientnet_lite0"], batch=16, rounds=3, batches_per_round=2)

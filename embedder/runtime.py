@@ -1,6 +1,6 @@
 """Resolve `auto` device, precision and memory layout into concrete, fingerprinted choices.
 
-The CPU defaults come from measurement (benchmarks/precision.py, docs/BENCHMARKS.md):
+The CPU defaults come from measurement (`python -m benchmarks precision`, docs/BENCHMARKS.md):
 on a CPU without native bf16 (no AVX512-BF16 / AMX), bf16 autocast is emulated and ran
 3.5x *slower* than fp32 for ResNet-50, while channels_last fp32 ran 1.5x faster than
 contiguous fp32. With native bf16 the opposite holds (about 4x faster than fp32), so

@@ -1,0 +1,44 @@
+"""One entry point for the benchmarks: `python -m benchmarks [--quick] [NAME ...]`.
+
+Each benchmark runs the variants it compares side by side in one process and prints
+ratios; docs/BENCHMARKS.md records the results with the command that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import time
+
+import torch
+
+BENCHMARKS = {
+    "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
+    "extraction": "JPEG files -> committed cache, against the bare model forward",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], metavar="NAME",
+                    help=f"which to run (default: all): {', '.join(BENCHMARKS)}")
+    ap.add_argument("--quick", action="store_true", help="small models and inputs: about a minute in all")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = ap.parse_args()
+    if args.list:
+        for name, what in BENCHMARKS.items():
+            print(f"{name:<12} {what}")
+        return
+    print(f"# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"{'quick' if args.quick else 'full'} mode")
+    for name in args.names or list(BENCHMARKS):
+        print(f"\n== {name}: {BENCHMARKS[name]}")
+        t0 = time.perf_counter()
+        importlib.import_module(f"benchmarks.{name}").run(quick=args.quick)
+        print(f"   ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
