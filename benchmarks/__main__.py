@@ -16,6 +16,7 @@ import torch
 BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
+    "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
 }
 
 
