@@ -17,6 +17,7 @@ BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
+    "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",
 }
 
 
