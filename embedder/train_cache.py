@@ -8,6 +8,7 @@ metadata (classes, cache fingerprint, chosen regularisation) into PROBE_DIR.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -106,7 +107,7 @@ class _Rows:
             yield span[sel - sel[0]], self.codes[start : start + block_rows]
 
 
-def _plan(config: ProbeConfig, train_cache: FeatureCache):
+def _plan(config: ProbeConfig, train_cache: FeatureCache, open_cache):
     """(classes, train rows, val rows, test rows, Splits) for the run."""
     labels = train_cache.labels
     classes = train_cache.classes
@@ -130,8 +131,8 @@ def _plan(config: ProbeConfig, train_cache: FeatureCache):
         return _Rows(cache, rows, remap[lab[rows]])
 
     train_rows = np.flatnonzero(labels >= 0)
-    val = rows_of(FeatureCache(config.val_cache), "validation cache")
-    test = rows_of(FeatureCache(config.test_cache), "test cache") if config.test_cache else None
+    val = rows_of(open_cache(config.val_cache), "validation cache")
+    test = rows_of(open_cache(config.test_cache), "test cache") if config.test_cache else None
     parts = [_Rows(train_cache, train_rows, labels[train_rows]), val,
              test or _Rows(train_cache, np.zeros(0, np.int64), np.zeros(0, np.int64))]
     splits = Splits(train_rows, val.rows, parts[2].rows, "separate caches")
@@ -139,9 +140,15 @@ def _plan(config: ProbeConfig, train_cache: FeatureCache):
 
 
 def run_probe(config: ProbeConfig) -> dict:
+    # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
+    with contextlib.ExitStack() as stack:
+        return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path)))
+
+
+def _run_probe(config: ProbeConfig, open_cache) -> dict:
     t_start = time.perf_counter()
-    cache = FeatureCache(config.cache)
-    classes, (train, val, test), splits = _plan(config, cache)
+    cache = open_cache(config.cache)
+    classes, (train, val, test), splits = _plan(config, cache, open_cache)
     unlabelled = int((cache.labels < 0).sum())
     if unlabelled:
         warnings.warn(f"{unlabelled} unlabelled rows of {cache.path} are left out of training.", stacklevel=2)
@@ -247,7 +254,11 @@ def load_probe(probe_dir: str | os.PathLike) -> dict:
 def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) -> dict:
     """Apply a saved probe (or sklearn classifier) to another cache of the same feature space."""
     probe_dir = Path(probe_dir)
-    cache = FeatureCache(cache_path)
+    with FeatureCache(cache_path) as cache:
+        return _evaluate(probe_dir, cache)
+
+
+def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
     if (probe_dir / PROBE_FILE).is_file():
         payload = load_probe(probe_dir)
         classes, components = payload["classes"], payload["components"]
@@ -273,7 +284,7 @@ def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) 
     preds = np.concatenate([predict(b.features) for b in cache.iter_blocks()]) if len(cache) else np.zeros(0, int)
     known = codes >= 0
     return {
-        "cache": str(cache_path),
+        "cache": str(cache.path),
         "rows": len(cache),
         "accuracy": accuracy(codes[known], preds[known]) if known.any() else None,
         "predictions": [classes[i] for i in preds],
