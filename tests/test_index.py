@@ -76,6 +76,20 @@ def test_approximate_kinds_reach_recall_on_clustered_data(tmp_path, kind):
     assert recall >= 0.95, recall
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_tuning_queries_are_held_out_then_indexed_under_their_own_row(tmp_path, kind):
+    X = clustered(n=3000, d=16)
+    cache = synthetic_cache(tmp_path / "c.h5", X)
+    meta = build_index(cache, tmp_path / kind, kind=kind, metric="l2", progress=False, n_eval=200)
+    assert meta["eval_queries_held_out"] and meta["ntotal"] == 3000
+    index = SearchIndex.open(tmp_path / kind)
+    # Every row, the held-out ones included, is in the index under its cache row ...
+    np.testing.assert_array_equal(np.stack([index.index.reconstruct(i) for i in range(3000)]), X)
+    # ... so each row finds itself first.
+    ids = [int(i) for i in np.random.default_rng(1).choice(3000, 50, replace=False)]
+    assert [hits[0].id for hits in index.search_ids(ids, 5)] == ids
+
+
 def test_auto_chooses_by_size_and_budget(tmp_path):
     X = clustered(n=3000, d=16)
     cache = synthetic_cache(tmp_path / "c.h5", X)
