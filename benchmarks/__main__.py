@@ -16,7 +16,9 @@ import torch
 BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
+    "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
+    "memory": "peak RSS of extraction at N and 10 N images; index build RSS against --memory-budget",
     "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",
 }
 

@@ -24,7 +24,7 @@ from embedder.config import EmbedConfig
 from embedder.extract import embed, load_backbone
 
 
-def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+def make_jpegs(folder: Path, n: int, seed: int = 0, scale: float = 1.5) -> list[Path]:
     """Photo-like JPEGs of varying size: random crops of scikit-image's bundled photographs."""
     import skimage.data
 
@@ -37,7 +37,7 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
         h, w = src.shape[:2]
         ch, cw = int(rng.integers(h // 2, h)), int(rng.integers(w // 2, w))
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        img = Image.fromarray(src[y : y + ch, x : x + cw]).resize((int(cw * 1.5), int(ch * 1.5)))
+        img = Image.fromarray(src[y : y + ch, x : x + cw]).resize((int(cw * scale), int(ch * scale)))
         path = folder / f"{i:05d}.jpg"
         img.save(path, quality=90)
         paths.append(path)

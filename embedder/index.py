@@ -12,7 +12,11 @@ INDEX_DIR holds:
     meta.json     fingerprint and components of the cache, kind, metric, parameters and why
                   they were chosen, build time, recall@10 against exact search
 
-Choice of `--kind auto` (memory as estimated for the index alone):
+Memory: `--memory-budget` bounds the whole build, not just the index. Three quarters of it
+go to the index itself; the rest to working buffers (the block being added or compared,
+the training sample), whose sizes are derived from the budget.
+
+Choice of `--kind auto` (memory as estimated for the index alone, against 3/4 of the budget):
     flat     N <= 50,000 and N*D*4 bytes fit the budget: exact search, nothing to tune
     hnsw     the graph (N * (4D + 2*32*4) bytes) fits the budget: fastest single queries
     ivf      IVF with raw vectors (N * (4D + 8) bytes) fits
@@ -98,13 +102,13 @@ def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(size, n), replace=False))
 
 
-def _read_rows(cache: FeatureCache, rows: np.ndarray, metric: str) -> np.ndarray:
-    # One contiguous read per 64k-row window: HDF5 point selection is slow.
+def _read_rows(cache: FeatureCache, rows: np.ndarray, metric: str, window: int = 65536) -> np.ndarray:
+    # One contiguous read per window of rows: HDF5 point selection is slow.
     out = []
-    for start in range(0, len(cache), 65536):
-        sel = rows[(rows >= start) & (rows < start + 65536)]
+    for start in range(0, len(cache), window):
+        sel = rows[(rows >= start) & (rows < start + window)]
         if len(sel):
-            block = cache.features(slice(start, min(start + 65536, len(cache))))
+            block = cache.features(slice(start, min(start + window, len(cache))))
             out.append(block[sel - start])
     return _prepare(np.concatenate(out), metric)
 
@@ -147,9 +151,14 @@ def build_index(
     if n == 0:
         raise ConfigError(f"{cache_path} has no rows to index.")
     budget = memory_budget or (4 << 30)
+    index_budget = budget * 3 // 4
+    # Up to four copies of a block are alive at once (read, normalised, masked, FAISS's own),
+    # and the training sample is one more buffer: together they keep to the last quarter.
+    work_rows = max(1024, budget // 4 // (5 * dim * 4))
+    block_rows = min(block_rows, work_rows)
     why = "chosen with --kind"
     if kind == "auto":
-        kind, why = choose_kind(n, dim, budget)
+        kind, why = choose_kind(n, dim, index_budget)
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     params: dict = {}
     if kind == "flat":
@@ -161,18 +170,20 @@ def build_index(
         index = faiss.IndexIDMap2(hnsw)
         params.update(M=32, efConstruction=80)
     else:
-        nlist = min(_nlist(n), max(1, n // 39))  # FAISS wants >= 39 training points per list
+        # 10,000 points is the floor for sound k-means (8-bit PQ needs 39 x 256), whatever the budget.
+        train_size = min(max(40 * _nlist(n), 10_000), max(work_rows, 10_000), n)
+        nlist = min(_nlist(n), max(1, train_size // 39))  # FAISS wants >= 39 training points per list
         quantizer = faiss.IndexFlat(dim, faiss_metric)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
         else:
-            m = _pq_bytes(n, dim, budget)
+            m = _pq_bytes(n, dim, index_budget)
             nbits = 8 if n >= 256 * 39 else 4
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss_metric)
             params.update(pq_m=m, pq_nbits=nbits)
         params["nlist"] = nlist
-        train_rows = _sample_rows(n, max(40 * nlist, 10_000), seed)
-        index.train(_read_rows(cache, train_rows, metric))
+        train_rows = _sample_rows(n, train_size, seed)
+        index.train(_read_rows(cache, train_rows, metric, block_rows))
         params["trained_on"] = len(train_rows)
 
     # Tuning queries must be *fresh*: a query that is itself in an HNSW graph lands on its own
@@ -192,7 +203,7 @@ def build_index(
         # Recall@10 against exact search over the same indexed rows, and tuning of the search knob.
         from faiss.contrib.exhaustive_search import knn_ground_truth
 
-        queries = _read_rows(cache, q_rows, metric)
+        queries = _read_rows(cache, q_rows, metric, block_rows)
         indexed = np.flatnonzero(keep)
         k = min(EVAL_K + (0 if len(held_out) else 1), len(indexed))
         db_blocks = (_prepare(b.features[keep[b.start:b.stop]], metric) for b in cache.iter_blocks(block_rows))
