@@ -7,6 +7,10 @@ alternating round by round. "model only" feeds ready uint8 crops to the backbone
 end" is `embedder.embed` from JPEG files to a finished HDF5 cache (decode, resize, transfer,
 model, write, commit, consolidate), once per reader-worker setting. Prints images/s, the
 ratio end-to-end / model-only, and the per-stage seconds of the end-to-end runs.
+
+Two sweeps check the other extraction defaults: model-only images/s at batch 8..64 (the
+default is 32), and the JPEG decoder: PIL (embedder's, with its EXIF/alpha/bomb rules)
+against `torchvision.io.decode_jpeg`, per image, with the largest pixel difference.
 """
 
 from __future__ import annotations
@@ -76,5 +80,39 @@ def run(quick: bool = False) -> None:
             print(f"{f'end to end, {workers} reader workers':<34}{rate:>8.1f}{rate / model_rate:>9.2f}x")
         for workers, st in stages.items():
             print(f"  stages, {workers} workers (last round, s): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
+        batch_sweep(backbone, 64 if quick else 128)
+        decoders(sorted((work / "images").glob("*.jpg")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def batch_sweep(backbone, n: int) -> None:
+    sizes = (8, 16, 32, 64)
+    seconds = dict.fromkeys(sizes, 0.0)
+    for _ in range(2):  # interleaved rounds
+        for b in sizes:
+            crops = torch.randint(0, 256, (b, 3, 224, 224), dtype=torch.uint8)
+            backbone(crops)  # warm-up for this shape
+            t = time.perf_counter()
+            for _ in range(0, n, b):
+                backbone(crops)
+            seconds[b] += time.perf_counter() - t
+    base = 2 * n / seconds[32]
+    print("  batch size (model only): " + ", ".join(f"{b}: {2 * n / s:.1f} img/s ({2 * n / s / base:.2f}x)"
+                                                   for b, s in seconds.items()))
+
+
+def decoders(paths: list[Path]) -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from embedder.decode import load_rgb
+
+    t = time.perf_counter()
+    pil = [load_rgb(p) for p in paths]
+    pil_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tv = [decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB) for p in paths]
+    tv_s = time.perf_counter() - t
+    diff = max(int((a.int() - b.int()).abs().max()) for a, b in zip(pil, tv))
+    print(f"  JPEG decode: PIL {len(paths) / pil_s:.0f} img/s, torchvision.io.decode_jpeg {len(paths) / tv_s:.0f} img/s "
+          f"({pil_s / tv_s:.2f}x); largest pixel difference {diff}")
