@@ -49,14 +49,27 @@ def models(as_json: bool = False) -> int:
     return 0
 
 
-def embed_command(config: EmbedConfig, as_json: bool = False) -> int:
-    from embedder.extract import embed
+def embed_command(config: EmbedConfig, as_json: bool = False, ray_options=None) -> int:
+    if ray_options is not None:
+        from embedder.ray_backend import embed_ray
 
-    report = embed(config)
+        report = embed_ray(config, ray_options)
+    else:
+        from embedder.extract import embed
+
+        report = embed(config)
     if as_json:
         print_json(report.as_dict())
     else:
         print(report.summary())
+    return 0
+
+
+def merge_command(cache: str, out: str, overwrite: bool = False) -> int:
+    from embedder.shards import merge_cache
+
+    rows = merge_cache(cache, out, overwrite=overwrite)
+    print(f"wrote {out}: {rows} rows, one self-contained file (same fingerprint as {cache})")
     return 0
 
 
@@ -195,13 +208,13 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
 
 
 def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: str | None, target_recall: float,
-                  seed: int, progress: bool, as_json: bool) -> int:
+                  seed: int, progress: bool, as_json: bool, on_disk: bool = False) -> int:
     from embedder.index import build_index
     from embedder.train_cache import parse_size
 
     meta = build_index(cache, out, kind=kind, metric=metric,
                        memory_budget=parse_size(memory_budget) if memory_budget else None,
-                       target_recall=target_recall, seed=seed, progress=progress)
+                       target_recall=target_recall, seed=seed, progress=progress, on_disk=on_disk)
     if as_json:
         print_json(meta)
         return 0

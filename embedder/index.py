@@ -130,8 +130,15 @@ def build_index(
     progress: bool = True,
     block_rows: int = 65536,
     n_eval: int = 500,
+    on_disk: bool = False,
 ) -> dict:
-    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata."""
+    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata.
+
+    `on_disk` (ivf, ivfpq; automatic when the index would not fit `memory_budget`): one index
+    per shard of the cache (its virtual-dataset sources, else blocks of `block_rows`), all
+    sharing the trained quantizer, merged into one inverted-list file on disk with faiss
+    `contrib.ondisk`. Search then memory-maps the lists; the results equal an in-memory build.
+    """
     from tqdm.auto import tqdm
 
     faiss = _faiss()
@@ -152,6 +159,8 @@ def build_index(
         kind, why = choose_kind(n, dim, budget)
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     params: dict = {}
+    if on_disk and kind not in ("ivf", "ivfpq"):
+        raise ConfigError(f"--on-disk needs --kind ivf or ivfpq (inverted lists), not {kind}.")
     if kind == "flat":
         index = faiss.IndexFlat(dim, faiss_metric)
     elif kind == "hnsw":
@@ -172,10 +181,20 @@ def build_index(
         train_rows = _sample_rows(n, max(40 * nlist, 10_000), seed)
         index.train(_read_rows(cache, train_rows, metric))
         params["trained_on"] = len(train_rows)
-    with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress) as bar:
-        for block in cache.iter_blocks(block_rows):
-            index.add(_prepare(block.features, metric))
-            bar.update(len(block.features))
+        size = n * (dim * 4 + 8) if kind == "ivf" else n * (params["pq_m"] + 8)
+        if not on_disk and size > budget:
+            on_disk, why = True, f"{why}; its {size / 2**20:.0f} MiB exceed the budget, so its lists live on disk"
+    out = Path(out_dir).absolute()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if on_disk:
+        params["on_disk_shards"] = _add_on_disk(index, cache, metric, block_rows, tmp, progress, kind)
+    else:
+        with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress) as bar:
+            for block in cache.iter_blocks(block_rows):
+                index.add(_prepare(block.features, metric))
+                bar.update(len(block.features))
 
     # Recall@10 against exact search on held-out query rows, and tuning of the search knob.
     from faiss.contrib.exhaustive_search import knn_ground_truth
@@ -211,6 +230,7 @@ def build_index(
         "components": cache.components,
         "source": cache.source,
         "kind": kind,
+        "on_disk": on_disk,
         "metric": metric,
         "why": why,
         "params": params,
@@ -225,9 +245,35 @@ def build_index(
         "build_s": time.perf_counter() - t0,
         "faiss_version": faiss.__version__,
     }
-    _save(Path(out_dir), index, cache, meta)
+    _save(out, tmp, index, cache, meta)
     cache.close()
     return meta
+
+
+def _add_on_disk(index, cache: FeatureCache, metric: str, block_rows: int, tmp: Path, progress: bool,
+                 kind: str) -> int:
+    """Fill the trained, empty `index` through per-shard indexes merged on disk. Returns the shard count."""
+    from faiss.contrib.ondisk import merge_ondisk
+    from tqdm.auto import tqdm
+
+    from embedder.shards import row_ranges
+
+    faiss = _faiss()
+    files = []
+    with tqdm(total=len(cache), unit="vec", desc=f"index ({kind}, on disk)", disable=not progress) as bar:
+        for k, (start, stop) in enumerate(row_ranges(cache, block_rows)):
+            shard = faiss.clone_index(index)  # same trained quantizer (and PQ), no vectors
+            for s in range(start, stop, block_rows):
+                e = min(s + block_rows, stop)
+                shard.add_with_ids(_prepare(cache.features(slice(s, e)), metric), np.arange(s, e, dtype=np.int64))
+                bar.update(e - s)
+            files.append(tmp / f"shard-{k:05d}.index")
+            faiss.write_index(shard, str(files[-1]))
+            del shard
+    merge_ondisk(index, [str(f) for f in files], str(tmp / "lists.ivfdata"))
+    for f in files:
+        f.unlink()
+    return len(files)
 
 
 def _set_knob(index, knob: str, value: int) -> None:
@@ -238,12 +284,9 @@ def _set_knob(index, knob: str, value: int) -> None:
         faiss.extract_index_ivf(index).nprobe = value
 
 
-def _save(out: Path, index, cache: FeatureCache, meta: dict) -> None:
+def _save(out: Path, tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
+    """Write into `tmp` (which may already hold the on-disk lists), then swap it in as `out`."""
     faiss = _faiss()
-    out = out.absolute()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     faiss.write_index(index, str(tmp / "index.faiss"))
     with h5py.File(tmp / "rows.h5", "w") as f:
         f.create_dataset("paths", data=np.array(cache.paths, dtype=object), dtype=STR)
@@ -269,7 +312,9 @@ class SearchIndex:
             raise ConfigError(f"No index at {self.dir}. Build one with `embedder index CACHE.h5 --out {self.dir}`.")
         self.meta = json.loads(meta_path.read_text())
         faiss = _faiss()
-        self.index = faiss.read_index(str(self.dir / "index.faiss"))
+        # On-disk lists are found next to index.faiss, wherever the folder has moved since.
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.meta.get("on_disk") else 0
+        self.index = faiss.read_index(str(self.dir / "index.faiss"), flags)
         knob = next((k for k in ("nprobe", "efSearch") if k in self.meta["params"]), None)
         if knob:
             _set_knob(self.index, knob, self.meta["params"][knob])
