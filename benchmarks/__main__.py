@@ -18,6 +18,7 @@ BENCHMARKS = {
     "extraction": "JPEG files -> committed cache, against the bare model forward",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
     "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",
+    "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
 }
 
 

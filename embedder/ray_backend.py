@@ -70,14 +70,12 @@ def _spec_for(config: EmbedConfig, listing, command: str):
 class ShardEmbedder:
     """A Ray Data actor: holds one eval-locked backbone, embeds one shard per call."""
 
-    def __init__(self, config: EmbedConfig, shard_set_ref, spec: CacheSpec):
-        import ray
-
+    def __init__(self, config: EmbedConfig, job):
         from embedder.errors import CacheMismatchError
         from embedder.extract import backbone_for, fingerprint_components
 
-        self.config = config
-        self.shards = ray.get(shard_set_ref) if isinstance(shard_set_ref, ray.ObjectRef) else shard_set_ref
+        self.config, self.job = config, job
+        spec = job.spec
         self.backbone = backbone_for(config)
         mine = CacheSpec(fingerprint_components(self.backbone, config.feature_dtype), spec.source, spec.feature_dim)
         diff = mine.differences(spec.components, spec.source)
@@ -87,11 +85,11 @@ class ShardEmbedder:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from embedder.shards import Shard, embed_shard
+        from embedder.shards import embed_shard
 
         markers = [
-            embed_shard(self.config, self.backbone, self.shards, Shard(int(k), int(a), int(b)))
-            for k, a, b in zip(batch["shard"], batch["start"], batch["stop"])
+            embed_shard(self.config, self.backbone, self.job, {key: batch[key][i] for key in batch})
+            for i in range(len(batch["shard"]))
         ]
         return {
             "shard": np.array([m["shard"] for m in markers]),
@@ -143,13 +141,11 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
                 actors = max(1, min(len(pending), int(share)))
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
-            ds = ray.data.from_items(
-                [{"shard": s.number, "start": s.start, "stop": s.stop} for s in pending],
-                override_num_blocks=len(pending),
-            )
+            # The listing as a dataset: one row per pending shard, carrying that shard's paths and labels.
+            ds = ray.data.from_items([shard_set.task(s) for s in pending], override_num_blocks=len(pending))
             out = ds.map_batches(
                 ShardEmbedder,
-                fn_constructor_kwargs={"config": config, "shard_set_ref": ray.put(shard_set), "spec": spec},
+                fn_constructor_kwargs={"config": config, "job": shard_set.job},
                 batch_size=1,  # one shard per call: a shard is the unit of work and of resume
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=actors),

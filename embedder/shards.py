@@ -54,6 +54,22 @@ class Shard:
         return self.stop - self.start
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs to embed any shard of a plan. The shard's rows travel with each
+    task, so no worker ever holds the whole listing (hundreds of millions of paths)."""
+
+    spec: CacheSpec
+    folder: Path  # OUT.shards
+    root: Path  # listing paths are relative to it
+    classes: list[str]
+    layout: str
+
+    def listing(self, paths, labels) -> Listing:
+        return Listing(self.root, [str(p) for p in paths], np.asarray(labels, dtype=np.int64), self.classes,
+                       self.layout)
+
+
 def plan_shards(n_rows: int, shard_size: int, batch_size: int) -> list[Shard]:
     """Contiguous row ranges of about `shard_size` rows, bounds rounded up to whole batches."""
     if shard_size < 1 or batch_size < 1:
@@ -126,6 +142,11 @@ class ShardSet:
             self.out.unlink(missing_ok=True)
         mpath = self.dir / "manifest.json"
         if mpath.exists():
+            if self.out.exists() and not _is_view(self.out):
+                raise CacheError(
+                    f"{self.out} is no longer the view over {self.dir} (a local run rewrote it). "
+                    "Use --overwrite to start the sharded cache over, or choose another --out."
+                )
             old = json.loads(mpath.read_text())
             diff = self.spec.differences(old["components"], old["source"])
             if diff:
@@ -172,10 +193,15 @@ class ShardSet:
         done = self.done()
         return [s for s in self.shards if s.number not in done]
 
-    def sub_listing(self, shard: Shard) -> Listing:
-        li = self.listing
-        return Listing(li.root, li.paths[shard.start : shard.stop], li.labels[shard.start : shard.stop],
-                       li.classes, li.layout)
+    @property
+    def job(self) -> ShardJob:
+        return ShardJob(self.spec, self.dir, self.listing.root, self.listing.classes, self.listing.layout)
+
+    def task(self, shard: Shard) -> dict:
+        """One dataset row: the shard and its rows of the listing."""
+        return {"shard": shard.number, "start": shard.start, "stop": shard.stop,
+                "paths": self.listing.paths[shard.start : shard.stop],
+                "labels": self.listing.labels[shard.start : shard.stop].tolist()}
 
     def write_view(self) -> tuple[int, bool]:
         """OUT as virtual datasets over the finished shards. Returns (rows, complete)."""
@@ -186,16 +212,30 @@ class ShardSet:
         return rows, complete
 
 
-def embed_shard(config, backbone, shard_set: ShardSet, shard: Shard) -> dict:
-    """Embed one shard into its own cache file, then write its marker. Returns the marker."""
+def _is_view(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "shards" in f.attrs
+    except OSError:
+        return False
+
+
+def embed_shard(config, backbone, job: ShardJob, task: dict) -> dict:
+    """Embed one shard (a `ShardSet.task` row) into its own cache file, then write its marker.
+
+    Returns the marker. The shard's cache resumes from its own committed parts if an earlier
+    attempt was killed."""
     from embedder.extract import StageTimer, _run_batches
 
     t0 = time.perf_counter()
-    h5 = shard_set.dir / f"{shard.name}.h5"
-    listing = shard_set.sub_listing(shard)
+    shard = Shard(int(task["shard"]), int(task["start"]), int(task["stop"]))
+    listing = job.listing(task["paths"], task["labels"])
+    if len(listing) != len(shard):
+        raise ValueError(f"{shard.name}: {len(listing)} rows given for [{shard.start}, {shard.stop})")
+    h5 = job.folder / f"{shard.name}.h5"
     timer, errors = StageTimer(), []
     config = dataclasses.replace(config, progress=False)
-    with CacheWriter(h5, shard_set.spec, listing, commit_every=config.commit_every, fixed_width_paths=True) as w:
+    with CacheWriter(h5, job.spec, listing, commit_every=config.commit_every, fixed_width_paths=True) as w:
         resumed = len(listing) - len(w.pending)
         embedded = _run_batches(config, backbone, listing, w, timer, errors) if len(w.pending) else 0
         rows = w.finish()
@@ -203,11 +243,11 @@ def embed_shard(config, backbone, shard_set: ShardSet, shard: Shard) -> dict:
         n_errors = len(f["errors/path"])
     marker = {
         "shard": shard.number, "start": shard.start, "stop": shard.stop, "rows": rows, "errors": n_errors,
-        "fingerprint": shard_set.spec.fingerprint, "bytes": h5.stat().st_size, "sha256": file_sha256(h5),
+        "fingerprint": job.spec.fingerprint, "bytes": h5.stat().st_size, "sha256": file_sha256(h5),
         "embedded": embedded, "resumed": resumed, "wall_s": time.perf_counter() - t0,
         "stage_s": {k: round(v, 3) for k, v in timer.seconds.items()}, "host": os.uname().nodename,
     }
-    _write_json(shard_set.dir / f"{shard.name}.done", marker)
+    _write_json(job.folder / f"{shard.name}.done", marker)
     return marker
 
 

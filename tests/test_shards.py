@@ -38,7 +38,7 @@ def embed_sharded(config, shard_size):
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     for shard in shard_set.pending():
-        embed_shard(config, backbone, shard_set, shard)
+        embed_shard(config, backbone, shard_set.job, shard_set.task(shard))
     return shard_set, shard_set.write_view()
 
 
