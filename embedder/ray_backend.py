@@ -154,11 +154,17 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
             )
             bar = tqdm(total=len(pending), unit="shard", desc="embed (ray)", disable=not config.progress,
                        file=sys.stderr, dynamic_ncols=True)
+            # The view opens every finished shard: refresh it now and then, not after each of thousands.
+            next_view, view_s = time.monotonic() + 30, 0.0
             with bar:
                 for row in out.iter_rows():
                     summaries.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-                    shard_set.write_view()
                     bar.update(1)
+                    if time.monotonic() >= next_view:
+                        t0 = time.monotonic()
+                        shard_set.write_view()
+                        view_s = time.monotonic() - t0
+                        next_view = time.monotonic() + max(30, 10 * view_s)
         total_rows, complete = shard_set.write_view()
     finally:
         if started_here:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,7 @@ from embedder.index import SearchIndex, build_index
 from embedder.ray_backend import _spec_for
 from embedder.shards import ShardSet, embed_shard, merge_cache, plan_shards, write_view
 from embedder.sources import Listing, list_source
-from tests.conftest import fast_config, make_tree
+from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache
 from tests.test_index import clustered
 
@@ -143,3 +144,12 @@ def test_on_disk_is_chosen_when_the_index_exceeds_the_budget(tmp_path):
     assert meta["on_disk"] and "on disk" in meta["why"] and meta["params"]["on_disk_shards"] == 2
     with pytest.raises(Exception, match="ivf or ivfpq"):
         build_index(view, tmp_path / "h", kind="hnsw", on_disk=True, progress=False)
+
+
+def test_ray_backend_without_ray_says_how_to_install_it(tree, tmp_path):
+    config = fast_config(tree, tmp_path / "c.h5")
+    args = ["embed", *cli_args(config), "--backend", "ray"]
+    code = f"import sys; sys.modules['ray'] = None; from embedder.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.run([embedder_cmd()[0], "-c", code], env=env_with_repo(), capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "pip install 'embedder[ray]'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "c.h5").exists()
