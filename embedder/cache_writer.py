@@ -111,27 +111,8 @@ class CacheWriter:
         self._unlock()
 
     def _lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise CacheError(
-                        f"Another embedder process is writing {self.path} (lock {lock_path}). "
-                        "Wait for it to finish, or write to another --out."
-                    ) from None
-                raise
-            # The previous holder may have unlinked the file between our open and our lock.
-            try:
-                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                    self._lock_fd, self._lock_path = fd, lock_path
-                    return
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd = acquire_lock(self._lock_path, self.path)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -390,6 +371,30 @@ class CacheWriter:
             self._write_attrs(f, rows=total, complete=True)
         atomic_replace(tmp, self.path)
         return total
+
+
+def acquire_lock(lock_path: Path, what: Path) -> int:
+    """Exclusive, non-blocking flock on `lock_path` (the lock of the cache `what`). Returns the fd;
+    release by unlinking the file, then closing the fd. Also used by the Ray driver (embedder.shards)."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise CacheError(
+                    f"Another embedder process is writing {what} (lock {lock_path}). "
+                    "Wait for it to finish, or write to another --out."
+                ) from None
+            raise
+        # The previous holder may have unlinked the file between our open and our lock.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool) -> None:

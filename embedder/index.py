@@ -185,11 +185,15 @@ def build_index(
         if not on_disk and size > budget:
             on_disk, why = True, f"{why}; its {size / 2**20:.0f} MiB exceed the budget, so its lists live on disk"
     out = Path(out_dir).absolute()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # becomes INDEX_DIR once complete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if on_disk:
-        params["on_disk_shards"] = _add_on_disk(index, cache, metric, block_rows, tmp, progress, kind)
+        try:
+            params["on_disk_shards"] = _add_on_disk(index, cache, metric, block_rows, tmp, progress, kind)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     else:
         with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress) as bar:
             for block in cache.iter_blocks(block_rows):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +55,18 @@ class RayOptions:
 
 def _spec_for(config: EmbedConfig, listing, command: str):
     """Build the backbone here and return (spec, backbone): what a local run would fingerprint."""
+    return _spec_at(config, listing.root, listing.layout, command)
+
+
+def _spec_at(config: EmbedConfig, root: Path, layout: str, command: str):
     from embedder.extract import backbone_for, fingerprint_components
 
     backbone = backbone_for(config)
     spec = CacheSpec(
         components=fingerprint_components(backbone, config.feature_dtype),
-        source=str(listing.root if listing.layout != "filelist" else Path(config.source).resolve()),
+        source=str(root if layout != "filelist" else Path(config.source).resolve()),
         feature_dim=backbone.feature_dim,
-        layout=listing.layout,
+        layout=layout,
         command=command,
     )
     return spec, backbone
@@ -117,6 +122,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     if started_here:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=config.progress,
                  logging_level="WARNING")
+    stack = ExitStack()
     try:
         gpus = options.gpus_per_actor
         if gpus is None:
@@ -124,10 +130,11 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
         if gpus > 0:
             # Fingerprint where the work runs: a GPU node resolves `auto` device/precision differently.
             remote = ray.remote(num_gpus=gpus, num_cpus=options.cpus_per_actor)(_spec_only)
-            spec = ray.get(remote.remote(config, listing, command))
+            spec = ray.get(remote.remote(config, listing.root, listing.layout, command))
         else:
             spec, _ = _spec_for(config, listing, command)
         shard_set = ShardSet(config.out, spec, listing, options.shard_size, config.batch_size)
+        stack.enter_context(shard_set.lock())
         shard_set.prepare(overwrite=config.overwrite)
         pending = shard_set.pending()
         already = len(listing) - sum(len(s) for s in pending)
@@ -167,6 +174,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
                         next_view = time.monotonic() + max(30, 10 * view_s)
         total_rows, complete = shard_set.write_view()
     finally:
+        stack.close()
         if started_here:
             ray.shutdown()
     done = {s["shard"] for s in summaries}
@@ -201,5 +209,5 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     return report
 
 
-def _spec_only(config, listing, command):
-    return _spec_for(config, listing, command)[0]
+def _spec_only(config, root, layout, command):
+    return _spec_at(config, root, layout, command)[0]

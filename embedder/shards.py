@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import h5py
 import numpy as np
 
 from embedder.cache import PARTIAL_SUFFIX, STR, CacheSpec, FeatureCache, atomic_replace
-from embedder.cache_writer import CacheWriter, write_attrs, write_errors
+from embedder.cache_writer import CacheWriter, acquire_lock, write_attrs, write_errors
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
 from embedder.sources import Listing
 
@@ -170,6 +171,17 @@ class ShardSet:
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
             _write_json(mpath, self.manifest)
+
+    @contextmanager
+    def lock(self):
+        """The lock a local `CacheWriter` takes on OUT: one writer per cache, local or sharded."""
+        lock_path = self.out.with_name(self.out.name + ".lock")
+        fd = acquire_lock(lock_path, self.out)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            os.close(fd)
 
     def done(self) -> dict[int, dict]:
         """Markers of finished shards that match the plan (a marker is written last)."""

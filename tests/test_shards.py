@@ -94,6 +94,9 @@ def test_rerun_skips_finished_shards_and_resumes_the_rest(tmp_path):
     # A different plan is refused rather than mixed in.
     with pytest.raises(CacheError, match="shard-size"):
         embed_sharded(config, shard_size=12)
+    # One writer per cache: a sharded run holds the lock a local run takes, and the other way round.
+    with shard_set.lock(), pytest.raises(CacheError, match="Another embedder process"):
+        embed(config)
 
 
 def sharded_synthetic(folder: Path, X: np.ndarray, bounds: list[int]) -> tuple[Path, Path]:
