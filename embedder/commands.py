@@ -93,6 +93,8 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             "errors": len(errors),
             "command": str(cache.attrs["command"]),
         }
+        if "shards" in cache.attrs:  # a view over the shards of a --backend ray run
+            doc["shards"] = int(cache.attrs["shards"])
         if list_errors:
             doc["error_list"] = [{"path": p, "reason": r} for p, r in errors]
     if as_json:
@@ -109,6 +111,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
         print(f"  {key:<20} {value}")
     print(f"  source       {doc['source']} ({doc['layout']})")
+    if "shards" in doc:
+        print(f"  sharded      view over {doc['shards']} finished shards in {path}.shards/ (embedder merge "
+              "makes one file)")
     if doc["classes"]:
         shown = ", ".join(f"{c} ({n})" for c, n in list(doc["rows_per_class"].items())[:12])
         more = f" ... {len(doc['classes']) - 12} more" if len(doc["classes"]) > 12 else ""

@@ -107,6 +107,6 @@ def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
     done = len(list(shards_dir(killed.out).glob("shard-*.done")))
     assert 2 <= done < 24, "the kill must land mid-run"
 
-    report = embed_ray(killed, RayOptions(shard_size=4, **OPTIONS))
+    report = embed_ray(killed, RayOptions(shard_size=4, actors=1, cpus_per_actor=0.5))
     assert report.already_cached == 4 * done and report.total_rows == 96  # finished shards were skipped
     assert_same_cache(reference.out, killed.out)

@@ -43,7 +43,7 @@ def embed_sharded(config, shard_size):
     return shard_set, shard_set.write_view()
 
 
-def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path):
+def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path, capsys):
     src = make_tree(tmp_path / "src", per_class=7)
     (src / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     local = fast_config(src, tmp_path / "local.h5")
@@ -75,6 +75,8 @@ def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path):
     assert main(["probe", str(sharded.out), "--out", str(tmp_path / "probe"), "--json"]) == 0
     assert main(["index", str(sharded.out), "--out", str(tmp_path / "idx"), "--kind", "flat", "--quiet"]) == 0
     assert main(["search", str(tmp_path / "idx"), "--id", "0", "-k", "3"]) == 0
+    assert main(["info", str(sharded.out)]) == 0
+    assert "view over 3 finished shards" in capsys.readouterr().out
 
 
 def test_rerun_skips_finished_shards_and_resumes_the_rest(tmp_path):
