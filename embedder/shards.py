@@ -176,6 +176,7 @@ class ShardSet:
     def lock(self):
         """The lock a local `CacheWriter` takes on OUT: one writer per cache, local or sharded."""
         lock_path = self.out.with_name(self.out.name + ".lock")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
         fd = acquire_lock(lock_path, self.out)
         try:
             yield

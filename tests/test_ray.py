@@ -15,6 +15,7 @@ import pytest
 import ray  # in the `test` extra: missing, these tests must fail, not skip
 
 from embedder.cache import FeatureCache
+from embedder.cli import main
 from embedder.extract import embed
 from embedder.ray_backend import RayOptions, embed_ray
 from embedder.shards import shards_dir
@@ -31,7 +32,7 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_backend_equals_local_backend_bit_for_bit(local_ray, tmp_path):
+def test_ray_backend_equals_local_backend_bit_for_bit(local_ray, tmp_path, capsys):
     src = make_tree(tmp_path / "src", per_class=7)
     (src / "fox" / "empty.jpg").write_bytes(b"")
     (src / "cat" / "garbage.png").write_bytes(b"this is not a png")
@@ -47,8 +48,32 @@ def test_ray_backend_equals_local_backend_bit_for_bit(local_ray, tmp_path):
         assert a.fingerprint == b.fingerprint and b.attrs["shards"] == 3
     assert len(list(shards_dir(on_ray.out).glob("shard-*.done"))) == 3
 
-    again = embed_ray(on_ray, RayOptions(shard_size=5, **OPTIONS))
-    assert again.up_to_date and again.already_cached == 23
+    # The rerun, as a pipeline step (the same settings reach embed_ray: a different shard size would be refused).
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f"""
+[[steps]]
+run = "embed"
+source = "{src}"
+model = "resnet18"
+weights = "none"
+image_size = 32
+precision = "fp32"
+memory_layout = "contiguous"
+workers = 0
+batch_size = 4
+out = "{on_ray.out}"
+backend = "ray"
+ray = {{ shard_size = 5, actors = 2, cpus_per_actor = 0.5 }}
+
+[[steps]]
+run = "info"
+cache = "{on_ray.out}"
+""")
+    capsys.readouterr()
+    assert main(["run", str(pipeline), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "is up to date: all 23 files of SOURCE are cached (21 rows)" in printed
+    assert "view over 3 finished shards" in printed
 
 
 def _wait_for_markers(folder, n, proc, timeout=180):
@@ -110,3 +135,4 @@ def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
     report = embed_ray(killed, RayOptions(shard_size=4, actors=1, cpus_per_actor=0.5))
     assert report.already_cached == 4 * done and report.total_rows == 96  # finished shards were skipped
     assert_same_cache(reference.out, killed.out)
+

@@ -158,3 +158,15 @@ def test_ray_backend_without_ray_says_how_to_install_it(tree, tmp_path):
     proc = subprocess.run([embedder_cmd()[0], "-c", code], env=env_with_repo(), capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "pip install 'embedder[ray]'" in proc.stderr, proc.stderr
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_pipeline_ray_settings_are_validated_before_anything_runs(tmp_path):
+    from embedder.errors import ConfigError
+    from embedder.pipeline import load_pipeline
+
+    step = '[[steps]]\nrun = "embed"\nsource = "s"\nmodel = "resnet18"\nout = "o.h5"\nbackend = "ray"\n'
+    (tmp_path / "bad.toml").write_text(step + 'ray = { shard_size = 8, gpus = 1 }\n')
+    with pytest.raises(ConfigError, match=r"Unknown ray setting\(s\) \['gpus'\]"):
+        load_pipeline(tmp_path / "bad.toml")
+    (tmp_path / "good.toml").write_text(step + 'ray = { shard_size = 8, gpus_per_actor = 1 }\n')
+    assert [s.kind for s in load_pipeline(tmp_path / "good.toml")[1]] == ["embed"]
