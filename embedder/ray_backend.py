@@ -11,6 +11,7 @@ A killed run loses at most the shards in flight (and those resume from their own
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -102,7 +103,7 @@ class ShardEmbedder:
             "errors": np.array([m["errors"] for m in markers]),
             "embedded": np.array([m["embedded"] for m in markers]),
             "wall_s": np.array([m["wall_s"] for m in markers]),
-            "model_s": np.array([m["stage_s"]["model"] for m in markers]),
+            "stage_s": np.array([json.dumps(m["stage_s"]) for m in markers]),
             "host": np.array([m["host"] for m in markers]),
         }
 
@@ -194,8 +195,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
         total_rows=total_rows,
         ignored=len(listing.ignored),
         wall_s=wall,
-        stage_s={"model": round(sum(s["model_s"] for s in summaries), 3),
-                 "shards": round(sum(s["wall_s"] for s in summaries), 3)},
+        stage_s=_stage_sums(summaries),
         config={k: str(v) for k, v in spec.components.items()},
     )
     if total_rows == 0 and complete:
@@ -207,6 +207,15 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
             f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."
         )
     return report
+
+
+def _stage_sums(summaries: list[dict]) -> dict[str, float]:
+    """Seconds per stage, summed over the shards this run embedded (actors run in parallel)."""
+    total: dict[str, float] = {}
+    for s in summaries:
+        for stage, seconds in json.loads(s["stage_s"]).items():
+            total[stage] = round(total.get(stage, 0.0) + seconds, 3)
+    return total
 
 
 def _spec_only(config, root, layout, command):
