@@ -73,7 +73,10 @@ class CacheWriter:
             w.finish()                                 # consolidate into one file
     """
 
-    def __init__(self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512):
+    def __init__(
+        self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512,
+        fixed_width_paths: bool = False,
+    ):
         if spec.feature_dtype not in FEATURE_DTYPES:
             raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
         self.path = Path(path).absolute()
@@ -81,6 +84,9 @@ class CacheWriter:
         self.listing = listing
         self.overwrite = overwrite
         self.commit_every = max(1, int(commit_every))
+        # Fixed-width /paths in the finished file: lets a virtual dataset span several caches
+        # (the shards of a Ray run, embedder.shards); variable-length strings cannot be mapped.
+        self.fixed_width_paths = fixed_width_paths
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self._lock_fd: int | None = None
         self._buffer = _Part()
@@ -105,27 +111,8 @@ class CacheWriter:
         self._unlock()
 
     def _lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise CacheError(
-                        f"Another embedder process is writing {self.path} (lock {lock_path}). "
-                        "Wait for it to finish, or write to another --out."
-                    ) from None
-                raise
-            # The previous holder may have unlinked the file between our open and our lock.
-            try:
-                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                    self._lock_fd, self._lock_path = fd, lock_path
-                    return
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd = acquire_lock(self._lock_path, self.path)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -274,7 +261,7 @@ class CacheWriter:
             f.create_dataset("labels", data=np.asarray(buf.labels, dtype=np.int64), track_times=False)
             fixed = h5py.string_dtype("utf-8", width)  # fixed width: virtual datasets cannot span vlen strings
             f.create_dataset("paths", data=np.array([p.encode() for p in buf.paths], dtype=fixed), track_times=False)
-            _write_errors(f, buf.errors)
+            write_errors(f, buf.errors)
         atomic_replace(tmp, final)
         self.committed.files.append(final)
         self.committed.rows.append(len(buf.paths))
@@ -312,24 +299,12 @@ class CacheWriter:
                 f.create_dataset("labels", shape=(0,), dtype=np.int64)
                 f.create_dataset("paths", shape=(0,), dtype=STR)
             f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=STR)
-            _write_errors(f, self.committed.errors)
+            write_errors(f, self.committed.errors)
             self._write_attrs(f, rows=total, complete=False)
         atomic_replace(tmp, self.path)
 
     def _write_attrs(self, f: h5py.File, rows: int, complete: bool) -> None:
-        spec = self.spec
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["fingerprint"] = spec.fingerprint
-        f.attrs["fingerprint_components"] = json.dumps(spec.components, sort_keys=True)
-        for key, value in spec.components.items():
-            f.attrs[key] = value
-        f.attrs["source"] = spec.source
-        f.attrs["layout"] = spec.layout
-        f.attrs["feature_dim"] = spec.feature_dim
-        f.attrs["feature_dtype"] = spec.feature_dtype
-        f.attrs["committed_rows"] = rows
-        f.attrs["complete"] = complete
-        f.attrs["command"] = spec.command
+        write_attrs(f, self.spec, rows, complete)
 
     # finishing -----------------------------------------------------------------------------
     def finish(self) -> int:
@@ -381,18 +356,64 @@ class CacheWriter:
                     paths += [p.decode() for p in pf["paths"][:]]
                 start += n
             errors += self.committed.errors
+            if self.fixed_width_paths:
+                width = max((len(p.encode()) for p in paths), default=1)
+                path_dtype = h5py.string_dtype("utf-8", width)
+                data = np.array([p.encode() for p in paths], dtype=path_dtype)
+            else:
+                data, path_dtype = np.array(paths, dtype=object), STR
             f.create_dataset(
-                "paths", data=np.array(paths, dtype=object), dtype=STR, maxshape=(None,),
+                "paths", data=data, dtype=path_dtype, shape=(total,), maxshape=(None,),
                 chunks=(min(65536, max(total, 1)),), track_times=False,
             )
             f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR, track_times=False)
-            _write_errors(f, errors)
+            write_errors(f, errors)
             self._write_attrs(f, rows=total, complete=True)
         atomic_replace(tmp, self.path)
         return total
 
 
-def _write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
+def acquire_lock(lock_path: Path, what: Path) -> int:
+    """Exclusive, non-blocking flock on `lock_path` (the lock of the cache `what`). Returns the fd;
+    release by unlinking the file, then closing the fd. Also used by the Ray driver (embedder.shards)."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise CacheError(
+                    f"Another embedder process is writing {what} (lock {lock_path}). "
+                    "Wait for it to finish, or write to another --out."
+                ) from None
+            raise
+        # The previous holder may have unlinked the file between our open and our lock.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool) -> None:
+    """The cache attributes of schema v1 (see embedder.cache)."""
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["fingerprint"] = spec.fingerprint
+    f.attrs["fingerprint_components"] = json.dumps(spec.components, sort_keys=True)
+    for key, value in spec.components.items():
+        f.attrs[key] = value
+    f.attrs["source"] = spec.source
+    f.attrs["layout"] = spec.layout
+    f.attrs["feature_dim"] = spec.feature_dim
+    f.attrs["feature_dtype"] = spec.feature_dtype
+    f.attrs["committed_rows"] = rows
+    f.attrs["complete"] = complete
+    f.attrs["command"] = spec.command
+
+
+def write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
     g = f.create_group("errors")
     g.create_dataset("path", data=np.array([p for p, _ in errors], dtype=object), dtype=STR, shape=(len(errors),))
     g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR, shape=(len(errors),))

@@ -40,6 +40,17 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache with another configuration")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    g = p.add_argument_group("scale-out on Ray (docs/SCALING.md)")
+    g.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="ray: shard the listing over a Ray cluster's actor pool (pip install 'embedder[ray]')")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto (the one `ray start` made) or HOST:PORT; default: start a local one")
+    g.add_argument("--shard-size", type=int, default=65536,
+                   help="rows per shard file (rounded up to whole batches): the unit of work and of resume")
+    g.add_argument("--actors", type=int, default=None, help="actor pool size (default: fill the cluster)")
+    g.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs reserved per actor (its reader processes are --workers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="extract features of an image folder into an HDF5 cache (resumable)")
     _add_embed_args(p)
+
+    p = sub.add_parser("merge", help="consolidate a sharded cache (from --backend ray) into one self-contained file")
+    p.add_argument("cache", help="the sharded cache OUT.h5 (a virtual view), or its OUT.h5.shards folder")
+    p.add_argument("--out", required=True, help="single HDF5 cache to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("probe", help="train a linear probe (or a scikit-learn classifier) on a feature cache")
     p.add_argument("cache", help="feature cache to train on (split by train/ val/ folders, or stratified)")
@@ -127,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
     p.add_argument("--memory-budget", default=None, help="e.g. 4G (default 4G): bounds the index size")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
+    p.add_argument("--on-disk", action="store_true",
+                   help="ivf/ivfpq: build one index per shard and merge their lists on disk (faiss contrib.ondisk); "
+                        "automatic when the index would exceed --memory-budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -221,7 +240,17 @@ def _dispatch(args) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-        return embed_command(config, as_json=args.json)
+        ray_options = None
+        if args.backend == "ray":
+            from embedder.ray_backend import RayOptions
+
+            ray_options = RayOptions(address=args.address, shard_size=args.shard_size, actors=args.actors,
+                                     gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
+        return embed_command(config, as_json=args.json, ray_options=ray_options)
+    if args.command == "merge":
+        from embedder.commands import merge_command
+
+        return merge_command(args.cache, args.out, args.overwrite)
     if args.command == "probe":
         from embedder.commands import probe_command
         from embedder.train_cache import ProbeConfig, parse_size
@@ -263,7 +292,7 @@ def _dispatch(args) -> int:
         from embedder.commands import index_command
 
         return index_command(args.cache, args.out, args.kind, args.metric, args.memory_budget, args.target_recall,
-                             args.seed, not args.quiet, args.json)
+                             args.seed, not args.quiet, args.json, on_disk=args.on_disk)
     if args.command == "search":
         from embedder.commands import search_command
 

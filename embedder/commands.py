@@ -49,14 +49,27 @@ def models(as_json: bool = False) -> int:
     return 0
 
 
-def embed_command(config: EmbedConfig, as_json: bool = False) -> int:
-    from embedder.extract import embed
+def embed_command(config: EmbedConfig, as_json: bool = False, ray_options=None) -> int:
+    if ray_options is not None:
+        from embedder.ray_backend import embed_ray
 
-    report = embed(config)
+        report = embed_ray(config, ray_options)
+    else:
+        from embedder.extract import embed
+
+        report = embed(config)
     if as_json:
         print_json(report.as_dict())
     else:
         print(report.summary())
+    return 0
+
+
+def merge_command(cache: str, out: str, overwrite: bool = False) -> int:
+    from embedder.shards import merge_cache
+
+    rows = merge_cache(cache, out, overwrite=overwrite)
+    print(f"wrote {out}: {rows} rows, one self-contained file (same fingerprint as {cache})")
     return 0
 
 
@@ -80,6 +93,8 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             "errors": len(errors),
             "command": str(cache.attrs["command"]),
         }
+        if "shards" in cache.attrs:  # a view over the shards of a --backend ray run
+            doc["shards"] = int(cache.attrs["shards"])
         if list_errors:
             doc["error_list"] = [{"path": p, "reason": r} for p, r in errors]
     if as_json:
@@ -96,6 +111,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
         print(f"  {key:<20} {value}")
     print(f"  source       {doc['source']} ({doc['layout']})")
+    if "shards" in doc:
+        print(f"  sharded      view over {doc['shards']} finished shards in {path}.shards/ (embedder merge "
+              "makes one file)")
     if doc["classes"]:
         shown = ", ".join(f"{c} ({n})" for c, n in list(doc["rows_per_class"].items())[:12])
         more = f" ... {len(doc['classes']) - 12} more" if len(doc["classes"]) > 12 else ""
@@ -195,13 +213,13 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
 
 
 def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: str | None, target_recall: float,
-                  seed: int, progress: bool, as_json: bool) -> int:
+                  seed: int, progress: bool, as_json: bool, on_disk: bool = False) -> int:
     from embedder.index import build_index
     from embedder.train_cache import parse_size
 
     meta = build_index(cache, out, kind=kind, metric=metric,
                        memory_budget=parse_size(memory_budget) if memory_budget else None,
-                       target_recall=target_recall, seed=seed, progress=progress)
+                       target_recall=target_recall, seed=seed, progress=progress, on_disk=on_disk)
     if as_json:
         print_json(meta)
         return 0

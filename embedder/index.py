@@ -134,8 +134,15 @@ def build_index(
     progress: bool = True,
     block_rows: int = 65536,
     n_eval: int = 500,
+    on_disk: bool = False,
 ) -> dict:
-    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata."""
+    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata.
+
+    `on_disk` (ivf, ivfpq; automatic when the index would not fit `memory_budget`): one index
+    per shard of the cache (its virtual-dataset sources, else blocks of `block_rows`), all
+    sharing the trained quantizer, merged into one inverted-list file on disk with faiss
+    `contrib.ondisk`. Search then memory-maps the lists; the results equal an in-memory build.
+    """
     from tqdm.auto import tqdm
 
     faiss = _faiss()
@@ -161,6 +168,8 @@ def build_index(
         kind, why = choose_kind(n, dim, index_budget)
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     params: dict = {}
+    if on_disk and kind not in ("ivf", "ivfpq"):
+        raise ConfigError(f"--on-disk needs --kind ivf or ivfpq (inverted lists), not {kind}.")
     if kind == "flat":
         index = faiss.IndexFlat(dim, faiss_metric)
     elif kind == "hnsw":
@@ -185,53 +194,70 @@ def build_index(
         train_rows = _sample_rows(n, train_size, seed)
         index.train(_read_rows(cache, train_rows, metric, block_rows))
         params["trained_on"] = len(train_rows)
+        size = n * (dim * 4 + 8) if kind == "ivf" else n * (params["pq_m"] + 8)
+        if not on_disk and size > index_budget:
+            on_disk, why = True, f"{why}; its {size / 2**20:.0f} MiB exceed the budget, so its lists live on disk"
+    out = Path(out_dir).absolute()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # becomes INDEX_DIR once complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
 
     # Tuning queries must be *fresh*: a query that is itself in an HNSW graph lands on its own
     # node and finds its neighbours through its own links, which overstates recall (efSearch 16
     # gave 0.995 on indexed rows but 0.91 on new queries at 100k x 512). So the query rows are
     # held out of the index while the knob is tuned, and added last, under their own row ids.
+    # (Merged on-disk lists take no later additions; IVF, the only on-disk kind, is tuned on
+    # indexed rows with their own row excluded, which agrees with fresh queries for IVF.)
     knob = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
     q_rows = _sample_rows(n, n_eval, seed + 1)
-    held_out = q_rows if knob and n > 2 * len(q_rows) else q_rows[:0]
+    held_out = q_rows if knob and not on_disk and n > 2 * len(q_rows) else q_rows[:0]
     keep = np.ones(n, dtype=bool)
     keep[held_out] = False
-    with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress) as bar:
-        for block in cache.iter_blocks(block_rows):
-            _add(index, _prepare(block.features, metric), np.arange(block.start, block.stop), keep[block.start:block.stop])
-            bar.update(len(block.features) - int((~keep[block.start:block.stop]).sum()))
+    try:  # a failed build leaves no temporary folder behind
+        with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress or on_disk) as bar:
+            if on_disk:
+                params["on_disk_shards"] = _add_on_disk(index, cache, metric, block_rows, tmp, progress, kind)
+            else:
+                for block in cache.iter_blocks(block_rows):
+                    rows, mask = np.arange(block.start, block.stop), keep[block.start:block.stop]
+                    _add(index, _prepare(block.features, metric), rows, mask)
+                    bar.update(int(mask.sum()))
 
-        # Recall@10 against exact search over the same indexed rows, and tuning of the search knob.
-        from faiss.contrib.exhaustive_search import knn_ground_truth
+            # Recall@10 against exact search over the same indexed rows, and tuning of the search knob.
+            from faiss.contrib.exhaustive_search import knn_ground_truth
 
-        queries = _read_rows(cache, q_rows, metric, block_rows)
-        indexed = np.flatnonzero(keep)
-        k = min(EVAL_K + (0 if len(held_out) else 1), len(indexed))
-        db_blocks = (_prepare(b.features[keep[b.start:b.stop]], metric) for b in cache.iter_blocks(block_rows))
-        _, truth = knn_ground_truth(queries, db_blocks, k, metric_type=faiss_metric)
-        truth = indexed[truth]
-        exclude = np.full(len(q_rows), -1) if len(held_out) else q_rows  # an indexed query's own row is no hit
-        kk = k if len(held_out) else k - 1
-        tuning = []
-        values = []
-        if knob == "nprobe":
-            values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= params["nlist"]]
-        elif knob == "efSearch":
-            values = [16, 32, 64, 128, 256, 512]
-        if knob:
-            for v in values:
-                _set_knob(index, knob, v)
+            queries = _read_rows(cache, q_rows, metric, block_rows)
+            indexed = np.flatnonzero(keep)
+            k = min(EVAL_K + (0 if len(held_out) else 1), len(indexed))
+            db_blocks = (_prepare(b.features[keep[b.start:b.stop]], metric) for b in cache.iter_blocks(block_rows))
+            _, truth = knn_ground_truth(queries, db_blocks, k, metric_type=faiss_metric)
+            truth = indexed[truth]
+            exclude = np.full(len(q_rows), -1) if len(held_out) else q_rows  # an indexed query's own row is no hit
+            kk = k if len(held_out) else k - 1
+            tuning = []
+            values = []
+            if knob == "nprobe":
+                values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= params["nlist"]]
+            elif knob == "efSearch":
+                values = [16, 32, 64, 128, 256, 512]
+            if knob:
+                for v in values:
+                    _set_knob(index, knob, v)
+                    _, found = index.search(queries, k)
+                    recall = _recall(found, truth, exclude, kk)
+                    tuning.append({knob: v, "recall_at_10": recall})
+                    if recall >= target_recall:
+                        break
+                params[knob] = tuning[-1][knob]
+            else:
                 _, found = index.search(queries, k)
                 recall = _recall(found, truth, exclude, kk)
-                tuning.append({knob: v, "recall_at_10": recall})
-                if recall >= target_recall:
-                    break
-            params[knob] = tuning[-1][knob]
-        else:
-            _, found = index.search(queries, k)
-            recall = _recall(found, truth, exclude, kk)
-        if len(held_out):
-            _add(index, queries, held_out, np.ones(len(held_out), bool))
-            bar.update(len(held_out))
+            if len(held_out):
+                _add(index, queries, held_out, np.ones(len(held_out), bool))
+                bar.update(len(held_out))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     meta = {
         "format": "embedder-index/1",
         "cache": str(Path(cache_path).resolve()),
@@ -239,6 +265,7 @@ def build_index(
         "components": cache.components,
         "source": cache.source,
         "kind": kind,
+        "on_disk": on_disk,
         "metric": metric,
         "why": why,
         "params": params,
@@ -254,9 +281,35 @@ def build_index(
         "build_s": time.perf_counter() - t0,
         "faiss_version": faiss.__version__,
     }
-    _save(Path(out_dir), index, cache, meta)
+    _save(out, tmp, index, cache, meta)
     cache.close()
     return meta
+
+
+def _add_on_disk(index, cache: FeatureCache, metric: str, block_rows: int, tmp: Path, progress: bool,
+                 kind: str) -> int:
+    """Fill the trained, empty `index` through per-shard indexes merged on disk. Returns the shard count."""
+    from faiss.contrib.ondisk import merge_ondisk
+    from tqdm.auto import tqdm
+
+    from embedder.shards import row_ranges
+
+    faiss = _faiss()
+    files = []
+    with tqdm(total=len(cache), unit="vec", desc=f"index ({kind}, on disk)", disable=not progress) as bar:
+        for k, (start, stop) in enumerate(row_ranges(cache, block_rows)):
+            shard = faiss.clone_index(index)  # same trained quantizer (and PQ), no vectors
+            for s in range(start, stop, block_rows):
+                e = min(s + block_rows, stop)
+                shard.add_with_ids(_prepare(cache.features(slice(s, e)), metric), np.arange(s, e, dtype=np.int64))
+                bar.update(e - s)
+            files.append(tmp / f"shard-{k:05d}.index")
+            faiss.write_index(shard, str(files[-1]))
+            del shard
+    merge_ondisk(index, [str(f) for f in files], str(tmp / "lists.ivfdata"))
+    for f in files:
+        f.unlink()
+    return len(files)
 
 
 def _add(index, x: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> None:
@@ -281,12 +334,9 @@ def _set_knob(index, knob: str, value: int) -> None:
         faiss.extract_index_ivf(index).nprobe = value
 
 
-def _save(out: Path, index, cache: FeatureCache, meta: dict) -> None:
+def _save(out: Path, tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
+    """Write into `tmp` (which may already hold the on-disk lists), then swap it in as `out`."""
     faiss = _faiss()
-    out = out.absolute()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     faiss.write_index(index, str(tmp / "index.faiss"))
     with h5py.File(tmp / "rows.h5", "w") as f:
         f.create_dataset("paths", data=np.array(cache.paths, dtype=object), dtype=STR)
@@ -312,7 +362,9 @@ class SearchIndex:
             raise ConfigError(f"No index at {self.dir}. Build one with `embedder index CACHE.h5 --out {self.dir}`.")
         self.meta = json.loads(meta_path.read_text())
         faiss = _faiss()
-        self.index = faiss.read_index(str(self.dir / "index.faiss"))
+        # On-disk lists are found next to index.faiss, wherever the folder has moved since.
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.meta.get("on_disk") else 0
+        self.index = faiss.read_index(str(self.dir / "index.faiss"), flags)
         knob = next((k for k in ("nprobe", "efSearch") if k in self.meta["params"]), None)
         if knob:
             _set_knob(self.index, knob, self.meta["params"][knob])

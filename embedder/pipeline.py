@@ -13,6 +13,8 @@
     source = "data/digits"
     model = "efficientnet_lite0"
     out = "data/out/digits.h5"
+    # backend = "ray"                                   # optional: sharded, on a Ray cluster
+    # ray = { address = "auto", shard_size = 65536 }    # RayOptions (docs/SCALING.md)
 
 Every step is validated before the first one runs, so a typo in step 5 fails in a second,
 not after an hour of extraction.
@@ -54,12 +56,33 @@ def _embed_step(values: dict, base: Path, progress: bool) -> Step:
 
     values = dict(values)
     label = values.pop("label", "")
+    backend = values.pop("backend", "local")
+    ray_table = values.pop("ray", {})  # e.g. ray = { address = "auto", shard_size = 65536 }
     config = EmbedConfig.from_mapping({"progress": progress, **values}, base_dir=base)
+    options = None
+    if backend == "ray":
+        import dataclasses
+
+        from embedder.ray_backend import RayOptions
+
+        known = {f.name for f in dataclasses.fields(RayOptions)}
+        unknown = sorted(set(ray_table) - known)
+        if unknown or not isinstance(ray_table, dict):
+            raise ConfigError(f"Unknown ray setting(s) {unknown} in the embed step. Known: {sorted(known)}.")
+        options = RayOptions(**ray_table)
+    elif backend != "local" or ray_table:
+        raise ConfigError(f"embed step: backend must be 'local' or 'ray' (with a `ray` table), got {backend!r}.")
 
     def execute():
-        from embedder.extract import embed
+        command = f"embedder run (embed step: {config.source} -> {config.out})"
+        if options is not None:
+            from embedder.ray_backend import embed_ray
 
-        report = embed(config, command=f"embedder run (embed step: {config.source} -> {config.out})")
+            report = embed_ray(config, options, command=command)
+        else:
+            from embedder.extract import embed
+
+            report = embed(config, command=command)
         print(report.summary())
         return report
 
@@ -115,7 +138,8 @@ def _probe_step(values: dict, base: Path, progress: bool) -> Step:
 def _index_step(values: dict, base: Path, progress: bool) -> Step:
     from embedder.commands import index_command
 
-    _only_keys(values, {"cache", "out", "kind", "metric", "memory_budget", "target_recall", "seed"}, "index")
+    _only_keys(values, {"cache", "out", "kind", "metric", "memory_budget", "target_recall", "seed", "on_disk"},
+               "index")
     missing = [k for k in ("cache", "out") if k not in values]
     if missing:
         raise ConfigError(f"The index step needs {', '.join(missing)}.")
@@ -123,7 +147,7 @@ def _index_step(values: dict, base: Path, progress: bool) -> Step:
     return Step("index", f"index {cache} -> {out}", lambda: index_command(
         str(cache), str(out), values.get("kind", "auto"), values.get("metric", "cosine"),
         values.get("memory_budget"), float(values.get("target_recall", 0.95)), int(values.get("seed", 0)),
-        progress, False))
+        progress, False, on_disk=bool(values.get("on_disk", False))))
 
 
 def _search_step(values: dict, base: Path, progress: bool) -> Step:

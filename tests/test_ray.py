@@ -1,0 +1,138 @@
+"""`embed --backend ray` on a local Ray cluster: same bits as a local run, and resume after a kill.
+
+Ray starts once per module (`ray.init(num_cpus=2)`); actors ask for half a CPU so the read
+task is never starved on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import ray  # in the `test` extra: missing, these tests must fail, not skip
+
+from embedder.cache import FeatureCache
+from embedder.cli import main
+from embedder.extract import embed
+from embedder.ray_backend import RayOptions, embed_ray
+from embedder.shards import shards_dir
+from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
+from tests.test_cache import assert_same_cache
+
+OPTIONS = {"actors": 2, "cpus_per_actor": 0.5}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_backend_equals_local_backend_bit_for_bit(local_ray, tmp_path, capsys):
+    src = make_tree(tmp_path / "src", per_class=7)
+    (src / "fox" / "empty.jpg").write_bytes(b"")
+    (src / "cat" / "garbage.png").write_bytes(b"this is not a png")
+    local = fast_config(src, tmp_path / "local.h5")
+    embed(local)
+
+    on_ray = fast_config(src, tmp_path / "ray.h5")
+    report = embed_ray(on_ray, RayOptions(shard_size=5, **OPTIONS))  # 5 rounds up to 8 = two batches of 4
+    assert report.embedded == 21 and report.total_rows == 21 and len(report.errors) == 2
+    assert sorted(p for p, _ in report.errors) == ["cat/garbage.png", "fox/empty.jpg"]
+    assert_same_cache(local.out, on_ray.out)  # features in fp32, paths, labels, classes, errors
+    with FeatureCache(local.out) as a, FeatureCache(on_ray.out) as b:
+        assert a.fingerprint == b.fingerprint and b.attrs["shards"] == 3
+    assert len(list(shards_dir(on_ray.out).glob("shard-*.done"))) == 3
+
+    # The rerun, as a pipeline step (the same settings reach embed_ray: a different shard size would be refused).
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f"""
+[[steps]]
+run = "embed"
+source = "{src}"
+model = "resnet18"
+weights = "none"
+image_size = 32
+precision = "fp32"
+memory_layout = "contiguous"
+workers = 0
+batch_size = 4
+out = "{on_ray.out}"
+backend = "ray"
+ray = {{ shard_size = 5, actors = 2, cpus_per_actor = 0.5 }}
+
+[[steps]]
+run = "info"
+cache = "{on_ray.out}"
+""")
+    capsys.readouterr()
+    assert main(["run", str(pipeline), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "is up to date: all 23 files of SOURCE are cached (21 rows)" in printed
+    assert "view over 3 finished shards" in printed
+
+
+def _wait_for_markers(folder, n, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(folder.glob("shard-*.done"))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {n} shards were done: {proc.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError("no shard finished in time")
+
+
+def _kill_session(sid: int, timeout: float = 30) -> None:
+    """SIGKILL every process of the run's session: the driver and the Ray processes it started
+    (Ray's workers have process groups of their own, so killpg alone would leave them running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+                alive.append(int(entry))
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"processes of session {sid} survived SIGKILL")
+
+
+@pytest.mark.slow
+def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
+    src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=48, seed=5)
+    reference = fast_config(src, tmp_path / "reference.h5", image_size=64)
+    embed(reference)
+
+    killed = fast_config(src, tmp_path / "killed.h5", image_size=64)
+    args = [*cli_args(killed), "--backend", "ray", "--shard-size", "4", "--actors", "1", "--cpus-per-actor", "0.5"]
+    proc = subprocess.Popen(
+        embedder_cmd("embed", *args), env=env_with_repo(), start_new_session=True,  # its own Ray, killed with it
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_for_markers(shards_dir(killed.out), 2, proc)
+    finally:
+        _kill_session(proc.pid)
+        proc.wait()
+    done = len(list(shards_dir(killed.out).glob("shard-*.done")))
+    assert 2 <= done < 24, "the kill must land mid-run"
+
+    report = embed_ray(killed, RayOptions(shard_size=4, actors=1, cpus_per_actor=0.5))
+    assert report.already_cached == 4 * done and report.total_rows == 96  # finished shards were skipped
+    assert_same_cache(reference.out, killed.out)
+

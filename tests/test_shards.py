@@ -1,0 +1,172 @@
+"""Sharded caches without Ray: plan, per-shard embedding, the virtual view, merge, and indexes built from shards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from embedder.cache import CacheSpec, FeatureCache
+from embedder.cache_writer import CacheWriter
+from embedder.cli import main
+from embedder.errors import CacheError
+from embedder.extract import embed
+from embedder.index import SearchIndex, build_index
+from embedder.ray_backend import _spec_for
+from embedder.shards import ShardSet, embed_shard, merge_cache, plan_shards, write_view
+from embedder.sources import Listing, list_source
+from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
+from tests.test_cache import assert_same_cache
+from tests.test_index import clustered
+
+
+def test_plan_rounds_shards_to_whole_batches_and_covers_every_row():
+    shards = plan_shards(103, shard_size=10, batch_size=4)
+    assert [(s.start, s.stop) for s in shards][:3] == [(0, 12), (12, 24), (24, 36)]
+    assert shards[-1].stop == 103 and all(s.start % 4 == 0 for s in shards)
+    assert sum(len(s) for s in shards) == 103
+
+
+def embed_sharded(config, shard_size):
+    """What each Ray actor does, done here in turn: every shard through `embed_shard`, then the view."""
+    listing = list_source(config.source)
+    spec, backbone = _spec_for(config, listing, "test")
+    shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
+    shard_set.prepare(overwrite=config.overwrite)
+    for shard in shard_set.pending():
+        embed_shard(config, backbone, shard_set.job, shard_set.task(shard))
+    return shard_set, shard_set.write_view()
+
+
+def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path, capsys):
+    src = make_tree(tmp_path / "src", per_class=7)
+    (src / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    local = fast_config(src, tmp_path / "local.h5")
+    embed(local)
+    sharded = fast_config(src, tmp_path / "sharded.h5")
+    shard_set, (rows, complete) = embed_sharded(sharded, shard_size=6)
+    assert rows == 21 and complete and len(shard_set.shards) == 3
+    assert_same_cache(local.out, sharded.out)  # bit for bit, errors table included
+    with FeatureCache(local.out) as a, FeatureCache(sharded.out) as b:
+        assert a.fingerprint == b.fingerprint and b._f["features"].is_virtual
+        assert b.errors == [("dog/broken.jpg", a.errors[0][1])]
+    for shard in shard_set.shards:  # every shard is a normal finished cache with a marker
+        marker = json.loads((shard_set.dir / f"{shard.name}.done").read_text())
+        assert (marker["start"], marker["stop"]) == (shard.start, shard.stop)
+        with FeatureCache(shard_set.dir / f"{shard.name}.h5") as c:
+            assert c.fingerprint == marker["fingerprint"] and len(c) == marker["rows"]
+
+    # merge, from the view and from the folder: the file a local run writes
+    assert main(["merge", str(sharded.out), "--out", str(tmp_path / "merged.h5")]) == 0
+    assert_same_cache(local.out, tmp_path / "merged.h5")
+    merge_cache(shard_set.dir, tmp_path / "merged2.h5")
+    assert_same_cache(local.out, tmp_path / "merged2.h5")
+    with h5py.File(tmp_path / "merged2.h5", "r") as f:
+        assert not f["features"].is_virtual and bool(f.attrs["complete"])
+    with pytest.raises(CacheError, match="--overwrite"):
+        merge_cache(sharded.out, tmp_path / "merged.h5")
+
+    # every downstream command reads the view unchanged
+    assert main(["probe", str(sharded.out), "--out", str(tmp_path / "probe"), "--json"]) == 0
+    assert main(["index", str(sharded.out), "--out", str(tmp_path / "idx"), "--kind", "flat", "--quiet"]) == 0
+    assert main(["search", str(tmp_path / "idx"), "--id", "0", "-k", "3"]) == 0
+    assert main(["info", str(sharded.out)]) == 0
+    assert "view over 3 finished shards" in capsys.readouterr().out
+
+
+def test_rerun_skips_finished_shards_and_resumes_the_rest(tmp_path):
+    src = make_tree(tmp_path / "src", per_class=6)
+    config = fast_config(src, tmp_path / "s.h5", commit_every=4)
+    shard_set, _ = embed_sharded(config, shard_size=8)
+    merge_cache(config.out, tmp_path / "reference.h5")
+    # Lose shard 1 entirely and shard 2's marker (as a kill mid-shard would).
+    (shard_set.dir / "shard-00001.done").unlink()
+    (shard_set.dir / "shard-00001.h5").unlink()
+    (shard_set.dir / "shard-00002.done").unlink()
+    before = (shard_set.dir / "shard-00000.h5").stat().st_mtime_ns
+    shard_set, (rows, complete) = embed_sharded(config, shard_size=8)
+    assert complete and rows == 18
+    assert (shard_set.dir / "shard-00000.h5").stat().st_mtime_ns == before  # skipped, not rewritten
+    assert_same_cache(tmp_path / "reference.h5", config.out)
+    # A different plan is refused rather than mixed in.
+    with pytest.raises(CacheError, match="shard-size"):
+        embed_sharded(config, shard_size=12)
+    # One writer per cache: a sharded run holds the lock a local run takes, and the other way round.
+    with shard_set.lock(), pytest.raises(CacheError, match="Another embedder process"):
+        embed(config)
+
+
+def sharded_synthetic(folder: Path, X: np.ndarray, bounds: list[int]) -> tuple[Path, Path]:
+    """The same vectors as one cache and as a view over shards (each written by the real writer)."""
+    n, d = X.shape
+    paths = [f"v{i:06d}.png" for i in range(n)]
+    listing = Listing(folder, paths, np.full(n, -1, np.int64), [], "flat")
+    spec = CacheSpec({"model": "synthetic", "dim": str(d)}, str(folder), d, layout="flat")
+    single = folder / "single.h5"
+    with CacheWriter(single, spec, listing) as w:
+        w.add(np.arange(n), X, [])
+        w.finish()
+    files = []
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+        sub = Listing(folder, paths[a:b], listing.labels[a:b], [], "flat")
+        files.append(folder / f"shard-{k}.h5")
+        with CacheWriter(files[-1], spec, sub, fixed_width_paths=True) as w:
+            w.add(np.arange(b - a), X[a:b], [])
+            w.finish()
+    view = folder / "view.h5"
+    write_view(view, spec, [], files, complete=True)
+    return single, view
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_index_from_shards_on_disk_gives_the_same_neighbours(tmp_path, kind):
+    X = clustered(n=6000, d=32, seed=1)
+    single, view = sharded_synthetic(tmp_path, X, [0, 1500, 2600, 4100, 6000])
+    a = build_index(single, tmp_path / "a", kind=kind, metric="l2", progress=False)
+    b = build_index(view, tmp_path / "b", kind=kind, metric="l2", progress=False, on_disk=True)
+    assert b["on_disk"] and b["params"]["on_disk_shards"] == 4 and not a["on_disk"]
+    assert a["params"] == {k: v for k, v in b["params"].items() if k != "on_disk_shards"}
+    assert (tmp_path / "b" / "lists.ivfdata").exists() and not list((tmp_path / "b").glob("shard-*"))
+    moved = tmp_path / "moved"
+    (tmp_path / "b").rename(moved)  # the lists are found next to the index, wherever it goes
+    ia, ib = SearchIndex.open(tmp_path / "a"), SearchIndex.open(moved)
+    Q = clustered(n=50, d=32, seed=2)
+    for ha, hb in zip(ia.search(Q, 10), ib.search(Q, 10)):
+        assert [h.id for h in ha] == [h.id for h in hb]
+        assert [h.score for h in ha] == [h.score for h in hb]
+    assert [h.id for h in ib.search_ids([123], 5)[0]] == [h.id for h in ia.search_ids([123], 5)[0]]
+
+
+def test_on_disk_is_chosen_when_the_index_exceeds_the_budget(tmp_path):
+    X = clustered(n=3000, d=16)
+    _, view = sharded_synthetic(tmp_path, X, [0, 1000, 3000])
+    meta = build_index(view, tmp_path / "i", kind="ivf", metric="l2", memory_budget=100_000, progress=False)
+    assert meta["on_disk"] and "on disk" in meta["why"] and meta["params"]["on_disk_shards"] == 2
+    with pytest.raises(Exception, match="ivf or ivfpq"):
+        build_index(view, tmp_path / "h", kind="hnsw", on_disk=True, progress=False)
+
+
+def test_ray_backend_without_ray_says_how_to_install_it(tree, tmp_path):
+    config = fast_config(tree, tmp_path / "c.h5")
+    args = ["embed", *cli_args(config), "--backend", "ray"]
+    code = f"import sys; sys.modules['ray'] = None; from embedder.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.run([embedder_cmd()[0], "-c", code], env=env_with_repo(), capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "pip install 'embedder[ray]'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_pipeline_ray_settings_are_validated_before_anything_runs(tmp_path):
+    from embedder.errors import ConfigError
+    from embedder.pipeline import load_pipeline
+
+    step = '[[steps]]\nrun = "embed"\nsource = "s"\nmodel = "resnet18"\nout = "o.h5"\nbackend = "ray"\n'
+    (tmp_path / "bad.toml").write_text(step + 'ray = { shard_size = 8, gpus = 1 }\n')
+    with pytest.raises(ConfigError, match=r"Unknown ray setting\(s\) \['gpus'\]"):
+        load_pipeline(tmp_path / "bad.toml")
+    (tmp_path / "good.toml").write_text(step + 'ray = { shard_size = 8, gpus_per_actor = 1 }\n')
+    assert [s.kind for s in load_pipeline(tmp_path / "good.toml")[1]] == ["embed"]
