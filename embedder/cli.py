@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list backbones, feature widths and offline weight availability")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("inspect", help="list a model's layers (graph nodes) with output shapes, default and head marked")
+    p.add_argument("model", help="backbone name (see `embedder models`)")
+    p.add_argument("--image-size", type=int, default=None, help="input size for the shapes (default: the model's)")
+    p.add_argument("--weights", default="none", help="none (default: shapes need no weights), DEFAULT or PATH")
+    p.add_argument("--depth", type=int, default=None, help="0 = the model's children only, 1 = one level more, ...")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("embed", help="extract features of an image folder into an HDF5 cache (resumable)")
     _add_embed_args(p)
 
@@ -195,6 +202,11 @@ def _dispatch(args) -> int:
         from embedder.commands import models
 
         return models(as_json=args.json)
+    if args.command == "inspect":
+        from embedder.commands import inspect_command
+
+        return inspect_command(args.model, image_size=args.image_size, weights=args.weights, depth=args.depth,
+                               as_json=args.json)
     if args.command == "embed":
         from embedder.commands import embed_command
         from embedder.config import EmbedConfig

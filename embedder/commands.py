@@ -49,6 +49,18 @@ def models(as_json: bool = False) -> int:
     return 0
 
 
+def inspect_command(model: str, image_size: int | None = None, weights: str = "none", depth: int | None = None,
+                    as_json: bool = False) -> int:
+    from embedder.inspect import format_inspection, inspect_model
+
+    ins = inspect_model(model, image_size=image_size, weights=weights)
+    if as_json:
+        print_json(ins.as_dict())
+    else:
+        print(format_inspection(ins, depth))
+    return 0
+
+
 def embed_command(config: EmbedConfig, as_json: bool = False) -> int:
     from embedder.extract import embed
 
