@@ -187,15 +187,15 @@ class FrozenBackbone(nn.Module):
 
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw (unpooled) maps of every node, {node: tensor}, from one pass, with autograd flowing
-        back to `images` (float RGB in [0, 1]).
+        back to `images` (float RGB in [0, 1]) unless the caller disables grad mode.
 
-        For optimising the *input* (style transfer): the eval lock still holds and every parameter
-        stays frozen (requires_grad False), so gradients reach the pixels and never the network.
+        For optimising the *input* (style transfer): unlike `forward` it does not run under
+        inference_mode, but the eval lock still holds and every parameter stays frozen
+        (requires_grad False), so gradients reach the pixels and never the network.
         """
         if not torch.is_floating_point(images):
             raise TypeError("feature_maps takes float images in [0, 1]; convert uint8 with .float() / 255")
-        with torch.enable_grad():
-            return self._maps(images)
+        return self._maps(images.to(self.device))
 
     def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._assert_eval()

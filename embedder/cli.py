@@ -126,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("stylize", help="neural style transfer: repaint --content with the texture of --style (L-BFGS)")
+    p.add_argument("--content", required=True, help="image whose layout is kept")
+    p.add_argument("--style", required=True, help="image whose texture (Gram statistics) is transferred")
+    p.add_argument("--out", required=True, help="OUT.png to write")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="backbone (default efficientnet_lite0: its weights work offline; vgg19 is the classic)")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, none or PATH")
+    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    p.add_argument("--style-weight", type=float, default=100.0, help="weight of the (relative) style loss")
+    p.add_argument("--content-weight", type=float, default=1.0, help="weight of the (relative) content loss")
+    p.add_argument("--style-layer", action="append", default=None, metavar="NAME[:WEIGHT]",
+                   help="a style layer and its weight; repeat for several (default: the model's, see inspect)")
+    p.add_argument("--content-layer", default=None, help="content layer (default: the model's, see inspect)")
+    p.add_argument("--image-size", type=int, default=256, help="longer side of the output in pixels")
+    p.add_argument("--init", choices=["content", "noise"], default="content", help="start from the content image or seeded noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("index", help="build a FAISS similarity index from a feature cache")
     p.add_argument("cache")
     p.add_argument("--out", required=True, help="INDEX_DIR to write (replaced atomically)")
@@ -269,6 +289,18 @@ def _dispatch(args) -> int:
             device=args.device, seed=args.seed, limit=args.limit, progress=not args.quiet,
         )
         report = finetune(config)
+        print_json(report.as_dict()) if args.json else print(report.summary())
+        return 0
+    if args.command == "stylize":
+        from embedder.stylize import StylizeConfig, stylize
+
+        config = StylizeConfig(
+            content=args.content, style=args.style, out=args.out, model=args.model, weights=args.weights,
+            steps=args.steps, style_weight=args.style_weight, content_weight=args.content_weight,
+            style_layers=tuple(args.style_layer or ()), content_layer=args.content_layer, image_size=args.image_size,
+            init=args.init, seed=args.seed, device=args.device, progress=not args.quiet,
+        )
+        report = stylize(config)
         print_json(report.as_dict()) if args.json else print(report.summary())
         return 0
     if args.command == "index":
