@@ -49,8 +49,9 @@ class BackboneConfig:
     device: str = "cpu"  # resolved device: "cpu" or "cuda[:i]"
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
     channels_last: bool = False
-    extra_layers: tuple[str, ...] = ()  # more outputs computed in the same pass as `layer`
-    style: bool = False  # also output the Gram style descriptor (embedder.style)
+    # More outputs from the same pass. Among `layer` and `extra_layers`, "style" names the
+    # Gram style descriptor (embedder.style) over `style_layers`.
+    extra_layers: tuple[str, ...] = ()
     style_layers: tuple[str, ...] = ()  # () = the registry's style layers
     style_dim: int = DEFAULT_STYLE_DIM  # 0 = the full Gram triangles, unprojected
 
@@ -108,14 +109,16 @@ class FrozenBackbone(nn.Module):
 
         if output is None:
             self.node = spec.node_name(config.layer)
-            layers = [self.node] + [spec.node_name(n) for n in config.extra_layers]
+            names = list(dict.fromkeys([self.node] + [spec.node_name(n) for n in config.extra_layers]))
         else:
             self.node = output[0]
-            layers = [self.node]
-        self.layers: tuple[str, ...] = tuple(dict.fromkeys(layers))  # order kept, repeats dropped
-        style_layers = (config.style_layers or spec.style_layers) if config.style else ()
+            names = [self.node]
+        self.output_names: tuple[str, ...] = tuple(names)  # order kept, repeats dropped; primary first
+        self.layers: tuple[str, ...] = tuple(n for n in names if n != STYLE_OUTPUT)  # pooled graph nodes
+        style = STYLE_OUTPUT in names
+        style_layers = (config.style_layers or spec.style_layers) if style else ()
         self.style_nodes: tuple[str, ...] = tuple(dict.fromkeys(spec.node_name(n) for n in style_layers))
-        if config.style and not self.style_nodes:
+        if style and not self.style_nodes:
             raise ConfigError(f"Model {spec.name!r} has no default style layers; name them with --style-layer.")
         nodes = tuple(dict.fromkeys(self.layers + self.style_nodes))
         _check_nodes(model, spec, [n for n in nodes if n not in spec.layer_dims])
@@ -144,7 +147,7 @@ class FrozenBackbone(nn.Module):
             self.outputs = {
                 n: spec.layer_dims[n] if known else _pooled_width(shapes[n], config.pool) for n in self.layers
             }
-            if self.style_nodes:
+            if style:
                 for n in self.style_nodes:
                     if len(shapes[n]) != 4:
                         raise ConfigError(
@@ -153,6 +156,7 @@ class FrozenBackbone(nn.Module):
                         )
                 self.style_descriptor = StyleDescriptor([shapes[n][1] for n in self.style_nodes], config.style_dim)
                 self.outputs[STYLE_OUTPUT] = self.style_descriptor.dim
+            self.outputs = {n: self.outputs[n] for n in self.output_names}
         self.feature_dim = self.outputs[self.node]
 
     @classmethod
@@ -212,11 +216,12 @@ class FrozenBackbone(nn.Module):
             x = x.float().div_(255.0)
         maps = self._maps(x)
         out = {}
-        for node in self.layers:
+        for node in self.output_names:
+            if node == STYLE_OUTPUT:
+                out[node] = self.style_descriptor([maps[n].float() for n in self.style_nodes])
+                continue
             feats = pool_map(maps[node].float(), self.config.pool)
             out[node] = F.normalize(feats, dim=1) if self.config.normalize == "l2" else feats
-        if self.style_descriptor is not None:
-            out[STYLE_OUTPUT] = self.style_descriptor([maps[n].float() for n in self.style_nodes])
         return out
 
     def _probe_shapes(self) -> dict[str, tuple[int, ...]]:

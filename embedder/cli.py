@@ -20,7 +20,18 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="backbone name (see `embedder models`)")
     p.add_argument("--out", required=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained), none (random init) or PATH to a state dict")
-    p.add_argument("--layer", default=None, help="output point (default: the pooled last conv stage; VGG: fc7 also)")
+    p.add_argument("--layer", action="append", default=None, metavar="NAME",
+                   help="output point (default: the pooled last conv stage); any name from `embedder inspect MODEL`. "
+                        "Repeat for several layers in one pass: each is stored as its own dataset, the first as "
+                        "/features; `style` names the Gram style descriptor")
+    p.add_argument("--pool", choices=["avg", "max", "gem", "none"], default="avg",
+                   help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), none = flatten")
+    p.add_argument("--style", action="store_true",
+                   help="also store the Gram-matrix style descriptor as the layer `style` (indexable)")
+    p.add_argument("--style-layer", action="append", default=None, metavar="NAME",
+                   help="a layer of the style descriptor; repeat (default: the model's, see `embedder inspect`)")
+    p.add_argument("--style-dim", type=int, default=2048,
+                   help="length of the style descriptor (seeded count-sketch projection); 0 = full Gram triangles")
     p.add_argument("--normalize", choices=["none", "l2"], default="none", help="store L2-normalised features")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=_int_or_auto, default=None, help="reader processes (default auto)")
@@ -78,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--memory-budget", default="2G", help="train in memory up to this size, else stream blocks")
     p.add_argument("--device", default="auto")
+    p.add_argument("--layer", default=None, help="which layer of a multi-layer cache (default: the first, /features)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (includes val_accuracy)")
 
     p = sub.add_parser("evaluate", help="apply a saved probe or classifier to another cache")
@@ -154,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
     p.add_argument("--memory-budget", default=None, help="e.g. 4G (default 4G): bounds the index size")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
+    p.add_argument("--layer", default=None,
+                   help="which layer of a multi-layer cache to index, e.g. `style` (default: the first, /features)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -168,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="JSON lines: one object per query")
     p.add_argument("--grid", default=None, help="write a PNG of each query and its neighbours")
+    p.add_argument("--layer", default=None,
+                   help="the layer the index must have been built on (checked; an index holds one layer)")
     p.add_argument("--weights", default=None, help="the weights file, when the cache was embedded with --weights PATH")
 
     p = sub.add_parser("dedup", help="list near-duplicate groups of a cache (range search)")
@@ -237,7 +253,12 @@ def _dispatch(args) -> int:
             model=args.model,
             out=args.out,
             weights=args.weights,
-            layer=args.layer,
+            layer=args.layer[0] if args.layer else None,
+            extra_layers=tuple(args.layer[1:]) if args.layer else (),
+            pool=args.pool,
+            style=args.style,
+            style_layers=tuple(args.style_layer or ()),
+            style_dim=args.style_dim,
             normalize=args.normalize,
             batch_size=args.batch_size,
             workers=args.workers,
@@ -262,6 +283,7 @@ def _dispatch(args) -> int:
             cache=args.cache, out=args.out, val_cache=args.val_cache, test_cache=args.test_cache,
             classifier=args.classifier, seed=args.seed, val_fraction=args.val_fraction,
             test_fraction=args.test_fraction, memory_budget=parse_size(args.memory_budget), device=args.device,
+            layer=args.layer,
         )
         return probe_command(config, as_json=args.json)
     if args.command == "evaluate":
@@ -307,12 +329,12 @@ def _dispatch(args) -> int:
         from embedder.commands import index_command
 
         return index_command(args.cache, args.out, args.kind, args.metric, args.memory_budget, args.target_recall,
-                             args.seed, not args.quiet, args.json)
+                             args.seed, not args.quiet, args.json, layer=args.layer)
     if args.command == "search":
         from embedder.commands import search_command
 
         return search_command(args.index_dir, args.image, args.path, args.row_id, args.vector, args.k, args.json,
-                              args.grid, args.weights)
+                              args.grid, args.weights, layer=args.layer)
     if args.command == "dedup":
         from embedder.commands import dedup_command
 

@@ -82,8 +82,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             "dim": cache.dim,
             "dtype": str(cache.attrs["feature_dtype"]),
             "complete": cache.complete,
-            "fingerprint": cache.fingerprint,
-            "components": cache.components,
+            "fingerprint": cache.file_fingerprint,
+            "components": cache.file_components,
+            "layers": cache.layers,
             "source": cache.source,
             "layout": str(cache.attrs["layout"]),
             "classes": cache.classes,
@@ -100,6 +101,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
     state = "complete" if doc["complete"] else "INCOMPLETE (interrupted run; rerun its command to finish)"
     print(f"{path}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}")
     print(f"  fingerprint  {doc['fingerprint'][:16]}")
+    if len(doc["layers"]) > 1:
+        print("  layers       " + ", ".join(f"{n} ({d})" for n, d in doc["layers"].items())
+              + "  (the first is /features; pick one with --layer in probe, index, search)")
     order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
              "memory_layout", "device_type", "feature_dtype"]
     components = sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
@@ -207,19 +211,19 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
 
 
 def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: str | None, target_recall: float,
-                  seed: int, progress: bool, as_json: bool) -> int:
+                  seed: int, progress: bool, as_json: bool, layer: str | None = None) -> int:
     from embedder.index import build_index
     from embedder.train_cache import parse_size
 
     meta = build_index(cache, out, kind=kind, metric=metric,
                        memory_budget=parse_size(memory_budget) if memory_budget else None,
-                       target_recall=target_recall, seed=seed, progress=progress)
+                       target_recall=target_recall, seed=seed, progress=progress, layer=layer)
     if as_json:
         print_json(meta)
         return 0
     knob = {k: v for k, v in meta["params"].items() if k in ("nprobe", "efSearch")}
     print(f"wrote {out}: {meta['kind']} index of {meta['ntotal']} x {meta['dim']} ({meta['metric']}) "
-          f"in {meta['build_s']:.1f} s")
+          f"in {meta['build_s']:.1f} s, layer {meta['layer']}")
     print(f"  why            {meta['why']}")
     print(f"  parameters     {meta['params']}")
     reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
@@ -229,12 +233,19 @@ def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: s
 
 
 def search_command(index_dir: str, images: list[str] | None, path: str | None, row_id: int | None,
-                   vector: str | None, k: int, as_json: bool, grid: str | None, weights: str | None) -> int:
+                   vector: str | None, k: int, as_json: bool, grid: str | None, weights: str | None,
+                   layer: str | None = None) -> int:
     import numpy as np
 
+    from embedder.errors import ConfigError
     from embedder.index import SearchIndex
+    from embedder.registry import get_backbone_spec
 
     index = SearchIndex.open(index_dir, weights_path=weights)
+    built_on = index.meta.get("layer") or index.meta["components"]["layer"]
+    if layer is not None and get_backbone_spec(index.meta["components"]["model"]).node_name(layer) != built_on:
+        raise ConfigError(f"{index_dir} indexes the layer {built_on!r}, not {layer!r}. Build an index of that "
+                          f"layer with `embedder index CACHE.h5 --layer {layer} --out DIR`.")
     errors: list[tuple[str, str]] = []
     if images:
         results, errors = index.search_files(_expand_images(images), k=k)

@@ -129,7 +129,7 @@ def test_gram_is_normalised_and_invariant_to_circular_shifts():
 
 
 def test_style_output_of_the_backbone():
-    config = BackboneConfig("resnet18", style=True, style_dim=256, **SMALL)
+    config = BackboneConfig("resnet18", extra_layers=("style",), style_dim=256, **SMALL)
     bb = FrozenBackbone.from_config(config)
     assert bb.outputs == {"avgpool": 512, "style": 256}
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
@@ -139,6 +139,9 @@ def test_style_output_of_the_backbone():
     torch.testing.assert_close(out["style"], ref)
     torch.testing.assert_close(out["avgpool"], bb(x))
     assert np.isfinite(out["style"].numpy()).all()
+    only = FrozenBackbone.from_config(BackboneConfig("resnet18", layer="style", style_dim=256, **SMALL))
+    assert only.outputs == {"style": 256} and only.layers == ()
+    torch.testing.assert_close(only(x), out["style"])
 
 
 # --- stylize ----------------------------------------------------------------------------------
