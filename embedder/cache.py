@@ -43,7 +43,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from embedder.errors import CacheError
+from embedder.errors import CacheError, EmbedderError
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -200,7 +200,7 @@ class FeatureCache:
             from embedder.registry import get_backbone_spec
 
             node = get_backbone_spec(self.file_components["model"]).node_name(layer)
-        except Exception:
+        except EmbedderError:  # a model this version does not know: plain names only
             node = layer
         if node in layers:
             return node

@@ -133,6 +133,8 @@ class EmbedReport:
             f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
             f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
             f"  already cached  : {self.already_cached}",
+            *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
+              if "layers" in self.config else []),
             f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
         ]
         if self.ignored:

@@ -110,8 +110,8 @@ def format_inspection(ins: Inspection, depth: int | None = None) -> str:
     width = max(len("  " * r.depth + r.name) for r in rows) + 2
     kind_w = max(len(r.kind) for r in rows) + 2
     lines = [
-        f"{ins.model}: {len(ins.layers)} layers at input {'x'.join(map(str, ins.input_shape[1:]))} "
-        f"(names work as --layer NAME; shapes are for one image)",
+        (f"{ins.model}: {len(ins.layers)} layers at input {'x'.join(map(str, ins.input_shape[1:]))} "
+         "(names work as --layer NAME; shapes are for one image)"),
         f"{'layer':<{width}}{'type':<{kind_w}}{'output shape':<20}",
     ]
     for r in rows:

@@ -17,7 +17,7 @@ from embedder.extract import BatchReader, backbone_for, embed, fingerprint_compo
 from embedder.sources import list_source
 from tests.conftest import cli_args, fast_config
 
-MULTI = dict(layer="layer3", extra_layers=("avgpool", "layer1"), pool="gem", style=True, style_dim=64)
+MULTI = {"layer": "layer3", "extra_layers": ("avgpool", "layer1"), "pool": "gem", "style": True, "style_dim": 64}
 
 
 def _layers(path):
@@ -37,8 +37,8 @@ def test_each_layer_is_a_dataset_and_reads_like_a_single_layer_cache(tree, tmp_p
     assert json.loads(components["style"])["layers"] == ["layer1", "layer2", "layer3", "layer4"]
 
     # Every layer equals (values and fingerprint) a cache embedded with that layer alone.
-    for name, single in [("avgpool", dict(layer="avgpool", pool="gem")), ("layer3", dict(layer="layer3", pool="gem")),
-                         ("style", dict(layer="style", style_dim=64, pool="gem"))]:
+    for name, single in [("avgpool", {"layer": "avgpool", "pool": "gem"}), ("layer3", {"layer": "layer3", "pool": "gem"}),
+                         ("style", {"layer": "style", "style_dim": 64, "pool": "gem"})]:
         ref = fast_config(tree, tmp_path / f"{name}.h5", **single)
         embed(ref)
         with FeatureCache(multi.out, layer=name) as a, FeatureCache(ref.out) as b:

@@ -16,7 +16,7 @@ from embedder.registry import get_backbone_spec
 from embedder.style import StyleDescriptor, gram, gram_triangle
 from embedder.weights import resolve_weights
 
-SMALL = dict(weights="none", image_size=64, device="cpu", precision="fp32")
+SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32"}
 
 
 def _rows(ins):
