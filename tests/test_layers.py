@@ -8,6 +8,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from embedder.cache import CacheSpec, FeatureCache
 from embedder.cache_writer import CacheWriter
@@ -18,6 +19,16 @@ from embedder.sources import list_source
 from tests.conftest import cli_args, fast_config
 
 MULTI = {"layer": "layer3", "extra_layers": ("avgpool", "layer1"), "pool": "gem", "style": True, "style_dim": 64}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tests run many tiny forward passes; on a shared 2-core machine two intra-op threads
+    spin against each other and make them ~4x slower. One thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _layers(path):

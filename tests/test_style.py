@@ -19,6 +19,16 @@ from embedder.weights import resolve_weights
 SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32"}
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tests run many tiny forward passes; on a shared 2-core machine two intra-op threads
+    spin against each other and make them ~4x slower. One thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rows(ins):
     return {r.name: r for r in ins.layers}
 
@@ -211,3 +221,17 @@ def test_stylize_is_deterministic_for_a_seed_and_keeps_the_backbone_frozen(style
     assert a != c
     assert all(torch.equal(v, before[k]) for k, v in bb.state_dict().items())
     assert not any(p.requires_grad for p in bb.parameters()) and not any(m.training for m in bb.modules())
+
+
+def test_style_layer_weights_are_parsed_and_checked(style_pair, tmp_path):
+    from embedder.stylize import StylizeConfig, parse_style_layers, stylize
+
+    assert parse_style_layers(["relu1_1", "relu2_1:0.5"]) == [("relu1_1", 1.0), ("relu2_1", 0.5)]
+    with pytest.raises(ConfigError, match="must be a number"):
+        parse_style_layers(["relu1_1:heavy"])
+    content, style = style_pair
+    with pytest.raises(ConfigError, match="embedder inspect resnet18"):
+        stylize(StylizeConfig(str(content), str(style), str(tmp_path / "o.png"), model="resnet18", weights="none",
+                              style_layers=("layer9",), steps=1, image_size=32, progress=False))
+    with pytest.raises(ConfigError, match=".png"):
+        StylizeConfig(str(content), str(style), str(tmp_path / "o.jpg"))
