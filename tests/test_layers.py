@@ -105,6 +105,9 @@ def test_probe_index_and_search_pick_a_layer(tree, tmp_path, capsys):
     assert report["layer"] == "layer2"
     assert main(["evaluate", str(tmp_path / "probe"), config.out, "--json"]) == 0  # finds layer2 by itself
     assert json.loads(capsys.readouterr().out)["rows"] == 18
+    # layer2 is not what resnet18's fc consumes, so the probe cannot become the network's head
+    assert main(["export", str(tmp_path / "probe"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "cannot replace resnet18's classifier from layer 'layer2'" in capsys.readouterr().err
 
     out = tmp_path / "style_index"
     assert main(["index", config.out, "--layer", "style", "--out", str(out), "--kind", "flat", "--quiet", "--json"]) == 0
