@@ -18,6 +18,7 @@ run is deterministic for a given seed (deterministic algorithms are switched on 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -133,14 +134,20 @@ def _resize(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _deterministic(seed: int):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    """Seeded RNG and deterministic kernels for the run, then the caller's settings back.
+
+    cuBLAS needs a fixed workspace for deterministic matmuls (read when its handle is
+    created, i.e. on the first matmul); an op with no deterministic kernel warns, not fails.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def stylize(config: StylizeConfig, backbone: FrozenBackbone | None = None) -> StylizeReport:
