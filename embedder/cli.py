@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity >= T (or squared L2 <= T)")
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    p.add_argument("--layer", default=None, help="which layer of a multi-layer cache (default: the first)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("plot", help="2-D scatter of a cache coloured by label")
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="pca", choices=["pca", "tsne"])
     p.add_argument("--out", default=None)
     p.add_argument("--max-points", type=int, default=5000)
+    p.add_argument("--layer", default=None, help="which layer of a multi-layer cache (default: the first)")
 
     p = sub.add_parser("serve", help="HTTP search service with a web page (FastAPI + uvicorn)")
     p.add_argument("index_dir")
@@ -338,11 +340,11 @@ def _dispatch(args) -> int:
     if args.command == "dedup":
         from embedder.commands import dedup_command
 
-        return dedup_command(args.cache, args.threshold, args.metric, args.json)
+        return dedup_command(args.cache, args.threshold, args.metric, args.json, layer=args.layer)
     if args.command == "plot":
         from embedder.commands import plot_command
 
-        return plot_command(args.cache, args.method, args.out, args.max_points)
+        return plot_command(args.cache, args.method, args.out, args.max_points, layer=args.layer)
     if args.command == "serve":
         from embedder.service import serve
 

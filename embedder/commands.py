@@ -281,10 +281,10 @@ def search_command(index_dir: str, images: list[str] | None, path: str | None, r
     return 0
 
 
-def dedup_command(cache: str, threshold: float, metric: str, as_json: bool) -> int:
+def dedup_command(cache: str, threshold: float, metric: str, as_json: bool, layer: str | None = None) -> int:
     from embedder.explore import near_duplicates
 
-    groups = near_duplicates(cache, threshold, metric)
+    groups = near_duplicates(cache, threshold, metric, layer=layer)
     with FeatureCache(cache) as c:
         paths = c.paths
     doc = [[paths[i] for i in g] for g in groups]
@@ -300,11 +300,11 @@ def dedup_command(cache: str, threshold: float, metric: str, as_json: bool) -> i
     return 0
 
 
-def plot_command(cache: str, method: str, out: str | None, max_points: int) -> int:
+def plot_command(cache: str, method: str, out: str | None, max_points: int, layer: str | None = None) -> int:
     from pathlib import Path
 
     from embedder.explore import plot_space
 
     out = out or str(Path(cache).with_suffix(f".{method}.png"))
-    print(f"wrote {plot_space(cache, out, method=method, max_points=max_points)}")
+    print(f"wrote {plot_space(cache, out, method=method, max_points=max_points, layer=layer)}")
     return 0
