@@ -53,7 +53,7 @@ def _run(code: str, *args: str) -> dict:
 
 def extraction(quick: bool, work: Path) -> None:
     n = 40 if quick else 400
-    print(f"# extraction: resnet18 (random init, default settings) over N and 10 N JPEGs, fresh process each")
+    print("# extraction: resnet18 (random init, default settings) over N and 10 N JPEGs, fresh process each")
     print(f"{'images':>8}{'main MiB':>10}{'worker MiB':>12}{'total MiB':>11}")
     totals = {}
     for count in (n, 10 * n):
@@ -70,7 +70,7 @@ def index_build(quick: bool, work: Path) -> None:
     from benchmarks.search import clustered, write_cache
 
     cases = [(100_000, 128 << 20), (100_000, 512 << 20)] if quick else [(400_000, 256 << 20), (400_000, 2 << 30)]
-    print(f"# index build under --memory-budget (512-d clustered vectors, kind chosen by the budget)")
+    print("# index build under --memory-budget (512-d clustered vectors, kind chosen by the budget)")
     print(f"{'vectors':>9}{'budget MiB':>12}{'kind':>7}{'added RSS MiB':>15}{'within':>8}{'recall@10':>11}")
     done = set()
     for n, budget in cases:

@@ -12,6 +12,22 @@ Layout of a finished cache (`schema_version` 1)::
            fingerprint_components (JSON), source, layout, feature_dim, feature_dtype,
            committed_rows, complete, command
 
+Multi-layer caches (`embed --layer A --layer B`, `--style`) add, in the same file::
+
+    /layers/<name>   float32|float16 [N, D_name]  one dataset per layer, rows aligned with /paths
+    attrs: layers (JSON {name: width}, the primary first)
+
+where <name> is the graph node (`layer3`, `features.29`) or `style` (the Gram style
+descriptor, embedder.style). `/features` stays the primary (first) layer, so every reader
+of single-layer caches works unchanged, and `/layers/<primary>` is an HDF5 hard link to it
+(stored once). The fingerprint components gain `layers` (the list) and, with a style
+descriptor, `style` (its layers, length and projection); single-layer caches have neither.
+
+`FeatureCache(path, layer=NAME)` reads one layer as if it were the whole cache: `features`,
+`dim`, `iter_blocks`, and `components`/`fingerprint` become those a single-layer cache of
+that layer has, so probes, indexes and query backbones built on it check out against a
+cache embedded with `--layer NAME` alone.
+
 Writing (and why a kill cannot corrupt a cache) lives in `embedder.cache_writer`.
 """
 
@@ -21,13 +37,13 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from embedder.errors import CacheError
+from embedder.errors import CacheError, EmbedderError
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -39,6 +55,15 @@ def fingerprint_of(components: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
 
 
+def layer_view_components(components: dict[str, str], name: str) -> dict[str, str]:
+    """The components a cache embedded with `--layer name` alone would have."""
+    view = {k: v for k, v in components.items() if k != "layers"}
+    view["layer"] = name
+    if name != "style":
+        view.pop("style", None)
+    return view
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """What a run asks the cache to hold. `components` define the feature space."""
@@ -46,8 +71,14 @@ class CacheSpec:
     components: dict[str, str]
     source: str
     feature_dim: int
+    layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
     layout: str = "imagefolder"
     command: str = ""
+
+    @property
+    def extra_layers(self) -> dict[str, int]:
+        """The layers stored in /layers besides the primary one (which is /features)."""
+        return dict(list(self.layers.items())[1:])
 
     @property
     def fingerprint(self) -> str:
@@ -111,7 +142,8 @@ class FeatureCache:
     ...         use(block.features, block.labels)
     """
 
-    def __init__(self, path: str | os.PathLike, require_complete: bool = True):
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, layer: str | None = None):
+        """`layer` picks the layer of a multi-layer cache (None = the primary, /features)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise CacheError(f"No feature cache at {self.path}. Create it with `embedder embed SOURCE --out {path}`.")
@@ -141,6 +173,46 @@ class FeatureCache:
             if missing:
                 self._f.close()
                 raise CacheError(f"{self.path} is incomplete and its part files are gone ({missing[0]} ...).")
+        try:
+            self.layer = self._resolve_layer(layer)
+        except CacheError:
+            self._f.close()
+            raise
+        self._ds_name = "features" if self.layer == self.primary_layer else f"layers/{self.layer}"
+
+    # layers --------------------------------------------------------------------------------
+    @property
+    def layers(self) -> dict[str, int]:
+        """{name: width} of every stored layer, the primary first."""
+        if "layers" in self._f.attrs:
+            return json.loads(self._f.attrs["layers"])
+        return {self.file_components.get("layer", "features"): int(self._f["features"].shape[1])}
+
+    @property
+    def primary_layer(self) -> str:
+        return next(iter(self.layers))
+
+    def _resolve_layer(self, layer: str | None) -> str:
+        layers = self.layers
+        if layer is None or layer == "default" or layer in layers:
+            return self.primary_layer if layer in (None, "default") else layer
+        try:  # a friendly name (fc7, relu4_2, pool) of the cache's model
+            from embedder.registry import get_backbone_spec
+
+            node = get_backbone_spec(self.file_components["model"]).node_name(layer)
+        except EmbedderError:  # a model this version does not know: plain names only
+            node = layer
+        if node in layers:
+            return node
+        raise CacheError(
+            f"{self.path} has no layer {layer!r}; it holds {', '.join(layers)}. Embed it with `--layer {layer}` "
+            "(several --layer options store several layers in one pass)."
+        )
+
+    def layer_rows(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows of any stored layer, whichever layer this view reads."""
+        ds = self._f["features" if name == self.primary_layer else f"layers/{name}"]
+        return ds[:] if rows is None else ds[rows]
 
     def _virtual_sources(self):
         ds = self._f["features"]
@@ -152,12 +224,28 @@ class FeatureCache:
         return self._f.attrs
 
     @property
-    def fingerprint(self) -> str:
+    def file_fingerprint(self) -> str:
+        """Fingerprint of the whole file (all its layers): what a rerun must match to resume or append."""
         return str(self._f.attrs["fingerprint"])
 
     @property
-    def components(self) -> dict[str, str]:
+    def file_components(self) -> dict[str, str]:
         return json.loads(self._f.attrs["fingerprint_components"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the feature space read (the chosen layer); the file's for single-layer caches."""
+        if "layers" not in self._f.attrs:
+            return self.file_fingerprint
+        return fingerprint_of(self.components)
+
+    @property
+    def components(self) -> dict[str, str]:
+        """Components of the feature space read: those of a cache holding only the chosen layer."""
+        components = self.file_components
+        if "layers" not in self._f.attrs:
+            return components
+        return layer_view_components(components, self.layer)
 
     @property
     def source(self) -> str:
@@ -173,7 +261,7 @@ class FeatureCache:
 
     @property
     def dim(self) -> int:
-        return int(self._f["features"].shape[1])
+        return int(self._f[self._ds_name].shape[1])
 
     def __len__(self) -> int:
         return int(self._f["features"].shape[0])
@@ -199,12 +287,12 @@ class FeatureCache:
         return list(zip(g["path"].asstr()[:], g["reason"].asstr()[:]))
 
     def features(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        ds = self._f["features"]
+        ds = self._f[self._ds_name]
         return ds[:] if rows is None else ds[rows]
 
     def iter_blocks(self, block_rows: int = 65536) -> Iterator[Block]:
         """Stream (features, labels) in row order, `block_rows` at a time."""
-        ds, labels = self._f["features"], self._f["labels"]
+        ds, labels = self._f[self._ds_name], self._f["labels"]
         for start in range(0, len(self), block_rows):
             stop = min(start + block_rows, len(self))
             yield Block(start, ds[start:stop], labels[start:stop])
@@ -219,5 +307,5 @@ class FeatureCache:
         self.close()
 
 
-def open_cache(path: str | os.PathLike, require_complete: bool = True) -> FeatureCache:
-    return FeatureCache(path, require_complete=require_complete)
+def open_cache(path: str | os.PathLike, require_complete: bool = True, layer: str | None = None) -> FeatureCache:
+    return FeatureCache(path, require_complete=require_complete, layer=layer)

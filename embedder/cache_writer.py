@@ -47,6 +47,7 @@ class _Part:
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)
+    extra: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the other layers, by name
     errors: list[tuple[str, str]] = field(default_factory=list)
     processed: int = 0  # files looked at, successes and errors
 
@@ -169,7 +170,7 @@ class CacheWriter:
         except CacheError as exc:
             raise CacheError(f"{exc} Use --overwrite to replace it, or choose another --out.") from None
         with cache:
-            diff = self.spec.differences(cache.components, cache.source)
+            diff = self.spec.differences(cache.file_components, cache.source)
             if diff:
                 raise CacheMismatchError(self.path, diff, "Use --overwrite to replace it, or choose another --out.")
             if not cache.complete:
@@ -226,11 +227,24 @@ class CacheWriter:
         return sum(self.committed.rows)
 
     # appending -----------------------------------------------------------------------------
-    def add(self, indices: np.ndarray, features: np.ndarray, errors: list[tuple[int, str]]) -> None:
+    def add(self, indices: np.ndarray, features, errors: list[tuple[int, str]]) -> None:
         """Record one batch: features of the listing rows `indices`, and (index, reason) failures.
 
+        `features` is one array, or {layer: array} with every layer of `spec.layers` (multi-layer caches).
         Commits a part once `commit_every` files have accumulated; call only on batch boundaries.
         """
+        extra = {}
+        if isinstance(features, dict):
+            if list(features) != list(self.spec.layers):
+                raise ValueError(f"features have layers {list(features)}, cache expects {list(self.spec.layers)}")
+            for name, dim in self.spec.layers.items():
+                if len(features[name]) != len(indices) or (len(indices) and features[name].shape[1] != dim):
+                    raise ValueError(f"layer {name!r} has shape {features[name].shape}, cache expects width {dim}")
+            primary, *others = self.spec.layers
+            extra = {name: features[name] for name in others}
+            features = features[primary]
+        elif self.spec.layers:
+            raise ValueError(f"this cache stores layers {list(self.spec.layers)}; pass features as a dict")
         if len(indices) != len(features):
             raise ValueError("indices and features differ in length")
         if len(features) and features.shape[1] != self.spec.feature_dim:
@@ -241,6 +255,8 @@ class CacheWriter:
             buf.labels.append(int(self._relabel[self.listing.labels[i]]))
         if len(features):
             buf.features.append(np.asarray(features, dtype=self.spec.feature_dtype))
+            for name, value in extra.items():
+                buf.extra.setdefault(name, []).append(np.asarray(value, dtype=self.spec.feature_dtype))
         buf.errors += [(self.listing.paths[i], reason) for i, reason in errors]
         buf.processed += len(indices) + len(errors)
         if buf.processed >= self.commit_every:
@@ -258,6 +274,10 @@ class CacheWriter:
         width = max((len(p.encode()) for p in buf.paths), default=1)
         with h5py.File(tmp, "w", track_order=False) as f:
             f.create_dataset("features", data=feats, track_times=False)
+            for name, d in self.spec.extra_layers.items():
+                arrays = buf.extra.get(name)
+                data = np.concatenate(arrays) if arrays else np.zeros((0, d), self.spec.feature_dtype)
+                f.create_dataset(f"layers/{name}", data=data, track_times=False)
             f.create_dataset("labels", data=np.asarray(buf.labels, dtype=np.int64), track_times=False)
             fixed = h5py.string_dtype("utf-8", width)  # fixed width: virtual datasets cannot span vlen strings
             f.create_dataset("paths", data=np.array([p.encode() for p in buf.paths], dtype=fixed), track_times=False)
@@ -284,27 +304,41 @@ class CacheWriter:
                 lay_f = h5py.VirtualLayout((total, dim), dtype=self.spec.feature_dtype)
                 lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
                 lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
+                lay_x = {k: h5py.VirtualLayout((total, d), dtype=self.spec.feature_dtype)
+                         for k, d in self.spec.extra_layers.items()}
                 start = 0
                 for name, n in zip(rel, rows):
                     if n:
                         lay_f[start : start + n] = h5py.VirtualSource(name, "features", shape=(n, dim))
+                        for k, d in self.spec.extra_layers.items():
+                            lay_x[k][start : start + n] = h5py.VirtualSource(name, f"layers/{k}", shape=(n, d))
                         lay_l[start : start + n] = h5py.VirtualSource(name, "labels", shape=(n,))
                         lay_p[start : start + n] = h5py.VirtualSource(name, "paths", shape=(n,))
                     start += n
                 f.create_virtual_dataset("features", lay_f, fillvalue=np.nan)
+                for k, lay in lay_x.items():
+                    f.create_virtual_dataset(f"layers/{k}", lay, fillvalue=np.nan)
                 f.create_virtual_dataset("labels", lay_l, fillvalue=-1)
                 f.create_virtual_dataset("paths", lay_p)
             else:
                 f.create_dataset("features", shape=(0, dim), dtype=self.spec.feature_dtype)
+                for k, d in self.spec.extra_layers.items():
+                    f.create_dataset(f"layers/{k}", shape=(0, d), dtype=self.spec.feature_dtype)
                 f.create_dataset("labels", shape=(0,), dtype=np.int64)
                 f.create_dataset("paths", shape=(0,), dtype=STR)
             f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=STR)
             write_errors(f, self.committed.errors)
+            self._link_primary(f)
             self._write_attrs(f, rows=total, complete=False)
         atomic_replace(tmp, self.path)
 
     def _write_attrs(self, f: h5py.File, rows: int, complete: bool) -> None:
         write_attrs(f, self.spec, rows, complete)
+
+    def _link_primary(self, f: h5py.File) -> None:
+        """/layers/<primary> is a hard link to /features: every layer is in /layers, stored once."""
+        if self.spec.layers:
+            f[f"layers/{next(iter(self.spec.layers))}"] = f["features"]
 
     # finishing -----------------------------------------------------------------------------
     def finish(self) -> int:
@@ -333,6 +367,12 @@ class CacheWriter:
             feats = f.create_dataset(
                 "features", shape=(total, dim), maxshape=(None, dim), dtype=dtype, chunks=chunk, track_times=False
             )
+            extra = {}
+            for k, d in self.spec.extra_layers.items():
+                extra[k] = f.create_dataset(
+                    f"layers/{k}", shape=(total, d), maxshape=(None, d), dtype=dtype,
+                    chunks=(min(chunk_rows(d, np.dtype(dtype).itemsize), max(total, 1)), d), track_times=False,
+                )
             labels = f.create_dataset(
                 "labels", shape=(total,), maxshape=(None,), dtype=np.int64,
                 chunks=(min(65536, max(total, 1)),), track_times=False,
@@ -345,6 +385,10 @@ class CacheWriter:
                 for block in old.iter_blocks():
                     feats[block.start : block.stop] = block.features
                     labels[block.start : block.stop] = remap[block.labels]  # -1 maps to the last entry, -1
+                for k, ds in extra.items():
+                    for begin in range(0, len(old), 65536):
+                        stop = min(begin + 65536, len(old))
+                        ds[begin:stop] = old.layer_rows(k, slice(begin, stop))
                 start = len(old)
                 paths += old.paths
                 errors += old.errors
@@ -352,6 +396,8 @@ class CacheWriter:
             for part, n in zip(self.committed.files, self.committed.rows):
                 with h5py.File(part, "r") as pf:
                     feats[start : start + n] = pf["features"][:]
+                    for k, ds in extra.items():
+                        ds[start : start + n] = pf[f"layers/{k}"][:]
                     labels[start : start + n] = remap[pf["labels"][:]]
                     paths += [p.decode() for p in pf["paths"][:]]
                 start += n
@@ -368,6 +414,7 @@ class CacheWriter:
             )
             f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR, track_times=False)
             write_errors(f, errors)
+            self._link_primary(f)
             self._write_attrs(f, rows=total, complete=True)
         atomic_replace(tmp, self.path)
         return total
@@ -408,6 +455,8 @@ def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool) -> Non
     f.attrs["layout"] = spec.layout
     f.attrs["feature_dim"] = spec.feature_dim
     f.attrs["feature_dtype"] = spec.feature_dtype
+    if spec.layers:
+        f.attrs["layers"] = json.dumps(spec.layers)  # {name: width}, the primary (/features) first
     f.attrs["committed_rows"] = rows
     f.attrs["complete"] = complete
     f.attrs["command"] = spec.command

@@ -20,7 +20,18 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="backbone name (see `embedder models`)")
     p.add_argument("--out", required=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT (pretrained), none (random init) or PATH to a state dict")
-    p.add_argument("--layer", default=None, help="output point (default: the pooled last conv stage; VGG: fc7 also)")
+    p.add_argument("--layer", action="append", default=None, metavar="NAME",
+                   help="output point (default: the pooled last conv stage); any name from `embedder inspect MODEL`. "
+                        "Repeat for several layers in one pass: each is stored as its own dataset, the first as "
+                        "/features; `style` names the Gram style descriptor")
+    p.add_argument("--pool", choices=["avg", "max", "gem", "none"], default="avg",
+                   help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), none = flatten")
+    p.add_argument("--style", action="store_true",
+                   help="also store the Gram-matrix style descriptor as the layer `style` (indexable)")
+    p.add_argument("--style-layer", action="append", default=None, metavar="NAME",
+                   help="a layer of the style descriptor; repeat (default: the model's, see `embedder inspect`)")
+    p.add_argument("--style-dim", type=int, default=2048,
+                   help="length of the style descriptor (seeded count-sketch projection); 0 = full Gram triangles")
     p.add_argument("--normalize", choices=["none", "l2"], default="none", help="store L2-normalised features")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=_int_or_auto, default=None, help="reader processes (default auto)")
@@ -67,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list backbones, feature widths and offline weight availability")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("inspect", help="list a model's layers (graph nodes) with output shapes, default and head marked")
+    p.add_argument("model", help="backbone name (see `embedder models`)")
+    p.add_argument("--image-size", type=int, default=None, help="input size for the shapes (default: the model's)")
+    p.add_argument("--weights", default="none", help="none (default: shapes need no weights), DEFAULT or PATH")
+    p.add_argument("--depth", type=int, default=None, help="0 = the model's children only, 1 = one level more, ...")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("embed", help="extract features of an image folder into an HDF5 cache (resumable)")
     _add_embed_args(p)
 
@@ -87,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--memory-budget", default="2G", help="train in memory up to this size, else stream blocks")
     p.add_argument("--device", default="auto")
+    p.add_argument("--layer", default=None, help="which layer of a multi-layer cache (default: the first, /features)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (includes val_accuracy)")
 
     p = sub.add_parser("evaluate", help="apply a saved probe or classifier to another cache")
@@ -135,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("stylize", help="neural style transfer: repaint --content with the texture of --style (L-BFGS)")
+    p.add_argument("--content", required=True, help="image whose layout is kept")
+    p.add_argument("--style", required=True, help="image whose texture (Gram statistics) is transferred")
+    p.add_argument("--out", required=True, help="OUT.png to write")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="backbone (default efficientnet_lite0: its weights work offline; vgg19 is the classic)")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, none or PATH")
+    p.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    p.add_argument("--style-weight", type=float, default=100.0, help="weight of the (relative) style loss")
+    p.add_argument("--content-weight", type=float, default=1.0, help="weight of the (relative) content loss")
+    p.add_argument("--style-layer", action="append", default=None, metavar="NAME[:WEIGHT]",
+                   help="a style layer and its weight; repeat for several (default: the model's, see inspect)")
+    p.add_argument("--content-layer", default=None, help="content layer (default: the model's, see inspect)")
+    p.add_argument("--image-size", type=int, default=256, help="longer side of the output in pixels")
+    p.add_argument("--init", choices=["content", "noise"], default="content", help="start from the content image or seeded noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("index", help="build a FAISS similarity index from a feature cache")
     p.add_argument("cache")
     p.add_argument("--out", required=True, help="INDEX_DIR to write (replaced atomically)")
@@ -146,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-disk", action="store_true",
                    help="ivf/ivfpq: build one index per shard and merge their lists on disk (faiss contrib.ondisk); "
                         "automatic when the index would exceed --memory-budget")
+    p.add_argument("--layer", default=None,
+                   help="which layer of a multi-layer cache to index, e.g. `style` (default: the first, /features)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -160,12 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="JSON lines: one object per query")
     p.add_argument("--grid", default=None, help="write a PNG of each query and its neighbours")
+    p.add_argument("--layer", default=None,
+                   help="the layer the index must have been built on (checked; an index holds one layer)")
     p.add_argument("--weights", default=None, help="the weights file, when the cache was embedded with --weights PATH")
 
     p = sub.add_parser("dedup", help="list near-duplicate groups of a cache (range search)")
     p.add_argument("cache")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity >= T (or squared L2 <= T)")
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    p.add_argument("--layer", default=None, help="which layer of a multi-layer cache (default: the first)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("plot", help="2-D scatter of a cache coloured by label")
@@ -173,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="pca", choices=["pca", "tsne"])
     p.add_argument("--out", default=None)
     p.add_argument("--max-points", type=int, default=5000)
+    p.add_argument("--layer", default=None, help="which layer of a multi-layer cache (default: the first)")
 
     p = sub.add_parser("serve", help="HTTP search service with a web page (FastAPI + uvicorn)")
     p.add_argument("index_dir")
@@ -214,6 +259,11 @@ def _dispatch(args) -> int:
         from embedder.commands import models
 
         return models(as_json=args.json)
+    if args.command == "inspect":
+        from embedder.commands import inspect_command
+
+        return inspect_command(args.model, image_size=args.image_size, weights=args.weights, depth=args.depth,
+                               as_json=args.json)
     if args.command == "embed":
         from embedder.commands import embed_command
         from embedder.config import EmbedConfig
@@ -224,7 +274,12 @@ def _dispatch(args) -> int:
             model=args.model,
             out=args.out,
             weights=args.weights,
-            layer=args.layer,
+            layer=args.layer[0] if args.layer else None,
+            extra_layers=tuple(args.layer[1:]) if args.layer else (),
+            pool=args.pool,
+            style=args.style,
+            style_layers=tuple(args.style_layer or ()),
+            style_dim=args.style_dim,
             normalize=args.normalize,
             batch_size=args.batch_size,
             workers=args.workers,
@@ -259,6 +314,7 @@ def _dispatch(args) -> int:
             cache=args.cache, out=args.out, val_cache=args.val_cache, test_cache=args.test_cache,
             classifier=args.classifier, seed=args.seed, val_fraction=args.val_fraction,
             test_fraction=args.test_fraction, memory_budget=parse_size(args.memory_budget), device=args.device,
+            layer=args.layer,
         )
         return probe_command(config, as_json=args.json)
     if args.command == "evaluate":
@@ -288,24 +344,36 @@ def _dispatch(args) -> int:
         report = finetune(config)
         print_json(report.as_dict()) if args.json else print(report.summary())
         return 0
+    if args.command == "stylize":
+        from embedder.stylize import StylizeConfig, stylize
+
+        config = StylizeConfig(
+            content=args.content, style=args.style, out=args.out, model=args.model, weights=args.weights,
+            steps=args.steps, style_weight=args.style_weight, content_weight=args.content_weight,
+            style_layers=tuple(args.style_layer or ()), content_layer=args.content_layer, image_size=args.image_size,
+            init=args.init, seed=args.seed, device=args.device, progress=not args.quiet,
+        )
+        report = stylize(config)
+        print_json(report.as_dict()) if args.json else print(report.summary())
+        return 0
     if args.command == "index":
         from embedder.commands import index_command
 
         return index_command(args.cache, args.out, args.kind, args.metric, args.memory_budget, args.target_recall,
-                             args.seed, not args.quiet, args.json, on_disk=args.on_disk)
+                             args.seed, not args.quiet, args.json, on_disk=args.on_disk, layer=args.layer)
     if args.command == "search":
         from embedder.commands import search_command
 
         return search_command(args.index_dir, args.image, args.path, args.row_id, args.vector, args.k, args.json,
-                              args.grid, args.weights)
+                              args.grid, args.weights, layer=args.layer)
     if args.command == "dedup":
         from embedder.commands import dedup_command
 
-        return dedup_command(args.cache, args.threshold, args.metric, args.json)
+        return dedup_command(args.cache, args.threshold, args.metric, args.json, layer=args.layer)
     if args.command == "plot":
         from embedder.commands import plot_command
 
-        return plot_command(args.cache, args.method, args.out, args.max_points)
+        return plot_command(args.cache, args.method, args.out, args.max_points, layer=args.layer)
     if args.command == "serve":
         from embedder.service import serve
 

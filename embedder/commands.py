@@ -49,6 +49,18 @@ def models(as_json: bool = False) -> int:
     return 0
 
 
+def inspect_command(model: str, image_size: int | None = None, weights: str = "none", depth: int | None = None,
+                    as_json: bool = False) -> int:
+    from embedder.inspect import format_inspection, inspect_model
+
+    ins = inspect_model(model, image_size=image_size, weights=weights)
+    if as_json:
+        print_json(ins.as_dict())
+    else:
+        print(format_inspection(ins, depth))
+    return 0
+
+
 def embed_command(config: EmbedConfig, as_json: bool = False, ray_options=None) -> int:
     if ray_options is not None:
         from embedder.ray_backend import embed_ray
@@ -83,8 +95,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             "dim": cache.dim,
             "dtype": str(cache.attrs["feature_dtype"]),
             "complete": cache.complete,
-            "fingerprint": cache.fingerprint,
-            "components": cache.components,
+            "fingerprint": cache.file_fingerprint,
+            "components": cache.file_components,
+            "layers": cache.layers,
             "source": cache.source,
             "layout": str(cache.attrs["layout"]),
             "classes": cache.classes,
@@ -103,6 +116,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
     state = "complete" if doc["complete"] else "INCOMPLETE (interrupted run; rerun its command to finish)"
     print(f"{path}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}")
     print(f"  fingerprint  {doc['fingerprint'][:16]}")
+    if len(doc["layers"]) > 1:
+        print("  layers       " + ", ".join(f"{n} ({d})" for n, d in doc["layers"].items())
+              + "  (the first is /features; pick one with --layer in probe, index, search)")
     order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
              "memory_layout", "device_type", "feature_dtype"]
     components = sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
@@ -213,19 +229,19 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
 
 
 def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: str | None, target_recall: float,
-                  seed: int, progress: bool, as_json: bool, on_disk: bool = False) -> int:
+                  seed: int, progress: bool, as_json: bool, on_disk: bool = False, layer: str | None = None) -> int:
     from embedder.index import build_index
     from embedder.train_cache import parse_size
 
     meta = build_index(cache, out, kind=kind, metric=metric,
                        memory_budget=parse_size(memory_budget) if memory_budget else None,
-                       target_recall=target_recall, seed=seed, progress=progress, on_disk=on_disk)
+                       target_recall=target_recall, seed=seed, progress=progress, on_disk=on_disk, layer=layer)
     if as_json:
         print_json(meta)
         return 0
     knob = {k: v for k, v in meta["params"].items() if k in ("nprobe", "efSearch")}
     print(f"wrote {out}: {meta['kind']} index of {meta['ntotal']} x {meta['dim']} ({meta['metric']}) "
-          f"in {meta['build_s']:.1f} s")
+          f"in {meta['build_s']:.1f} s, layer {meta['layer']}")
     print(f"  why            {meta['why']}")
     print(f"  parameters     {meta['params']}")
     reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
@@ -235,12 +251,19 @@ def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: s
 
 
 def search_command(index_dir: str, images: list[str] | None, path: str | None, row_id: int | None,
-                   vector: str | None, k: int, as_json: bool, grid: str | None, weights: str | None) -> int:
+                   vector: str | None, k: int, as_json: bool, grid: str | None, weights: str | None,
+                   layer: str | None = None) -> int:
     import numpy as np
 
+    from embedder.errors import ConfigError
     from embedder.index import SearchIndex
+    from embedder.registry import get_backbone_spec
 
     index = SearchIndex.open(index_dir, weights_path=weights)
+    built_on = index.meta.get("layer") or index.meta["components"]["layer"]
+    if layer is not None and get_backbone_spec(index.meta["components"]["model"]).node_name(layer) != built_on:
+        raise ConfigError(f"{index_dir} indexes the layer {built_on!r}, not {layer!r}. Build an index of that "
+                          f"layer with `embedder index CACHE.h5 --layer {layer} --out DIR`.")
     errors: list[tuple[str, str]] = []
     if images:
         results, errors = index.search_files(_expand_images(images), k=k)
@@ -276,10 +299,10 @@ def search_command(index_dir: str, images: list[str] | None, path: str | None, r
     return 0
 
 
-def dedup_command(cache: str, threshold: float, metric: str, as_json: bool) -> int:
+def dedup_command(cache: str, threshold: float, metric: str, as_json: bool, layer: str | None = None) -> int:
     from embedder.explore import near_duplicates
 
-    groups = near_duplicates(cache, threshold, metric)
+    groups = near_duplicates(cache, threshold, metric, layer=layer)
     with FeatureCache(cache) as c:
         paths = c.paths
     doc = [[paths[i] for i in g] for g in groups]
@@ -295,11 +318,11 @@ def dedup_command(cache: str, threshold: float, metric: str, as_json: bool) -> i
     return 0
 
 
-def plot_command(cache: str, method: str, out: str | None, max_points: int) -> int:
+def plot_command(cache: str, method: str, out: str | None, max_points: int, layer: str | None = None) -> int:
     from pathlib import Path
 
     from embedder.explore import plot_space
 
     out = out or str(Path(cache).with_suffix(f".{method}.png"))
-    print(f"wrote {plot_space(cache, out, method=method, max_points=max_points)}")
+    print(f"wrote {plot_space(cache, out, method=method, max_points=max_points, layer=layer)}")
     return 0

@@ -24,8 +24,12 @@ class EmbedConfig:
     model: str  # registry name, see `embedder models`
     out: str  # the HDF5 cache to create, resume or append to
     weights: str = "DEFAULT"  # DEFAULT | none | path to a state-dict file
-    layer: str | None = None  # None = the registry's default pooling point
-    pool: str = "avg"
+    layer: str | None = None  # None = the registry's default pooling point; the cache's /features
+    extra_layers: tuple[str, ...] = ()  # more layers, same pass, each its own dataset in /layers
+    pool: str = "avg"  # avg | max | gem | none (flatten)
+    style: bool = False  # also store the Gram style descriptor as the layer "style"
+    style_layers: tuple[str, ...] = ()  # () = the model's style layers (see `embedder inspect`)
+    style_dim: int = 2048  # length of the projected style descriptor; 0 = full Gram triangles
     normalize: str = "none"  # "l2" stores unit-length features
     batch_size: int = 32
     workers: int | None = None  # None = auto (one per spare core, at most 8)
@@ -42,6 +46,14 @@ class EmbedConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for name in ("extra_layers", "style_layers"):  # TOML gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        from embedder.backbone import POOLINGS
+
+        if self.pool not in POOLINGS:
+            raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {self.pool!r}.")
+        if self.style_dim < 0:
+            raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {self.style_dim}.")
         _positive(self, "batch_size", "commit_every", "max_pixels")
         _positive(self, "limit", "image_size", optional=True)
         if self.workers is not None and self.workers < 0:
@@ -59,6 +71,12 @@ class EmbedConfig:
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> EmbedConfig:
         """Build from a TOML table; relative paths are taken relative to `base_dir`."""
         return config_from_table(cls, values, base_dir, "embed", path_keys=("source", "out"))
+
+    @property
+    def outputs(self) -> tuple[str | None, ...]:
+        """Requested outputs, primary first: `layer`, `extra_layers`, then "style" with --style."""
+        extra = self.extra_layers + (("style",) if self.style and "style" not in (self.layer, *self.extra_layers) else ())
+        return (self.layer, *extra)
 
     def resolved_workers(self) -> int:
         return auto_workers(self.workers)

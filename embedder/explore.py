@@ -11,7 +11,8 @@ from embedder.errors import ConfigError
 from embedder.figures import pyplot, save_figure
 
 
-def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384) -> list[list[int]]:
+def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384,
+                    layer: str | None = None) -> list[list[int]]:
     """Groups of rows closer than `threshold` (cosine similarity >= T, or squared L2 distance <= T),
     found with FAISS range search over an exact index; groups are connected components."""
     import faiss
@@ -20,7 +21,7 @@ def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
 
     if metric not in ("cosine", "l2"):
         raise ConfigError("--metric must be cosine or l2.")
-    with FeatureCache(cache_path) as cache:
+    with FeatureCache(cache_path, layer=layer) as cache:
         index = faiss.IndexFlat(cache.dim, faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
         for block in cache.iter_blocks(block_rows):
             index.add(_prepare(block.features, metric))
@@ -48,12 +49,13 @@ def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
-def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0) -> Path:
+def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0,
+               layer: str | None = None) -> Path:
     """A 2-D scatter of the features (PCA or t-SNE of a seeded sample), coloured by label."""
     plt = pyplot()
     if method not in ("pca", "tsne"):
         raise ConfigError("--method must be pca or tsne.")
-    with FeatureCache(cache_path) as cache:
+    with FeatureCache(cache_path, layer=layer) as cache:
         n = len(cache)
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
         X = cache.features()[rows] if n <= 4 * max_points else np.concatenate(

@@ -30,6 +30,11 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
             "This probe was trained on L2-normalised features, which the replaced head cannot reproduce inside "
             "the network. Embed without --normalize l2 and train the probe again to export it."
         )
+    if components.get("pooling", "avg") != "avg":
+        raise ConfigError(
+            f"This probe was trained on {components['pooling']}-pooled features, but the network's classifier "
+            "sits after global *average* pooling. Embed with --pool avg and train the probe again to export it."
+        )
     spec = get_backbone_spec(probe["model"])
     weights = resolve_weights(spec.weights, weights_choice_for(components["weights"], weights_path))
     if weights.identity != components["weights"]:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import embedder
-from embedder.backbone import BackboneConfig, FrozenBackbone
+from embedder.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
 from embedder.cache import CacheSpec, FeatureCache
 from embedder.cache_writer import CacheWriter
 from embedder.config import EmbedConfig
@@ -41,6 +41,7 @@ from embedder.preprocess import apply_guarded, geometric_transform
 from embedder.registry import Preprocessing
 from embedder.runtime import resolve_runtime
 from embedder.sources import Listing, list_source
+from embedder.style import SKETCH_SEED
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
 
@@ -132,6 +133,8 @@ class EmbedReport:
             f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
             f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
             f"  already cached  : {self.already_cached}",
+            *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
+              if "layers" in self.config else []),
             f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
         ]
         if self.ignored:
@@ -186,6 +189,9 @@ def load_backbone(
     precision: str = "auto",
     memory_layout: str = "auto",
     pool: str = "avg",
+    extra_layers: tuple[str, ...] = (),
+    style_layers: tuple[str, ...] = (),
+    style_dim: int = DEFAULT_STYLE_DIM,
 ) -> FrozenBackbone:
     """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them."""
     runtime = resolve_runtime(device, precision, memory_layout)
@@ -200,6 +206,9 @@ def load_backbone(
             device=runtime.device,
             precision=runtime.precision,
             channels_last=runtime.channels_last,
+            extra_layers=tuple(extra_layers),
+            style_layers=tuple(style_layers),
+            style_dim=style_dim,
         )
     )
 
@@ -215,6 +224,9 @@ def backbone_for(config: EmbedConfig) -> FrozenBackbone:
         precision=config.precision,
         memory_layout=config.memory_layout,
         pool=config.pool,
+        extra_layers=tuple(n for n in config.outputs[1:] if n is not None),
+        style_layers=config.style_layers,
+        style_dim=config.style_dim,
     )
 
 
@@ -241,6 +253,15 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
         import timm
 
         components["timm_version"] = str(timm.__version__)
+    # Only present when used, so single-layer caches keep the fingerprints they always had.
+    if len(backbone.outputs) > 1:
+        components["layers"] = json.dumps(list(backbone.outputs))
+    if backbone.style_descriptor is not None:
+        components["style"] = json.dumps(
+            {"layers": list(backbone.style_nodes), "dim": cfg.style_dim, "gram": "FF^T/(HW), triu*sqrt2, l2 per layer",
+             "projection": f"count-sketch seed {SKETCH_SEED}" if cfg.style_dim else "none"},
+            sort_keys=True,
+        )
     return components
 
 
@@ -253,11 +274,16 @@ def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: 
         components=fingerprint_components(backbone, config.feature_dtype),
         source=str(listing.root if listing.layout != "filelist" else Path(config.source).resolve()),
         feature_dim=backbone.feature_dim,
+        layers=dict(backbone.outputs) if len(backbone.outputs) > 1 else {},
         layout=listing.layout,
         command=command if command is not None else shlex.join(["embedder", *sys.argv[1:]]),
     )
     timer = StageTimer()
     new_errors: list[tuple[str, str]] = []
+    if config.pool == "none":
+        mib = sum(backbone.outputs.values()) * (2 if config.feature_dtype == "float16" else 4) * 1000 / 2**20
+        print(f"embedder: --pool none stores whole maps: {dict(backbone.outputs)} values per image, "
+              f"{mib:.0f} MiB per 1000 images.", file=sys.stderr)
     embedded = 0
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every) as writer:
         pending = writer.pending
@@ -318,16 +344,18 @@ def _run_batches(config, backbone, listing: Listing, writer: CacheWriter, timer:
                 break
             timer.seconds["decode"] += batch["decode_s"]
             timer.seconds["resize"] += batch["resize_s"]
-            features = np.zeros((0, backbone.feature_dim), dtype=np.float32)
+            features = {n: np.zeros((0, d), dtype=np.float32) for n, d in backbone.outputs.items()}
             if len(batch["indices"]):
                 with timer("transfer"):
                     images = batch["images"].to(backbone.device, non_blocking=True)
                 with timer("model"):
-                    out = backbone(images)
+                    out = backbone.forward_all(images)
                     if on_gpu:
                         torch.cuda.synchronize()
                 with timer("transfer"):
-                    features = out.cpu().numpy()
+                    features = {n: v.cpu().numpy() for n, v in out.items()}
+            if len(features) == 1:
+                features = features[backbone.node]  # single-layer caches: exactly the old write path
             with timer("write"):
                 writer.add(batch["indices"], features, batch["errors"])
             embedded += len(batch["indices"])

@@ -689,6 +689,9 @@ def _read_probe(probe_dir: str, spec: BackboneSpec, node: str, classes: list[str
             same_slot = False
         if not same_slot:
             differences.append(f"layer: probe has {probe['layer']!r}, this run uses {node!r} (pass --layer)")
+        pooling = json.loads(probe.get("components", "{}")).get("pooling", "avg")
+        if pooling != "avg":
+            differences.append(f"pooling: probe has {pooling!r}, the network's head sees average pooling (--pool avg)")
     if list(probe["classes"]) != list(classes):
         differences.append(f"classes: probe has {list(probe['classes'])}, SOURCE has {list(classes)}")
     if differences:

@@ -26,7 +26,7 @@ def mlp_head(in_features: int, n_classes: int, hidden: int = 512) -> nn.Sequenti
 
 def head_slot(spec: BackboneSpec, layer: str | None) -> tuple[str, int]:
     """(dotted path where the head goes, its in_features) for a head on `layer`'s features."""
-    node = spec.resolve_layer(layer)
+    node = spec.node_name(layer)
     if node in spec.head_inputs:
         return spec.head, spec.layer_dims[node]
     if spec.family == "vgg" and node == spec.default_layer:

@@ -135,6 +135,7 @@ def build_index(
     block_rows: int = 65536,
     n_eval: int = 500,
     on_disk: bool = False,
+    layer: str | None = None,
 ) -> dict:
     """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata.
 
@@ -153,7 +154,7 @@ def build_index(
     if not 0 < target_recall <= 1:
         raise ConfigError("--target-recall must be in (0, 1].")
     t0 = time.perf_counter()
-    cache = FeatureCache(cache_path)
+    cache = FeatureCache(cache_path, layer=layer)
     n, dim = len(cache), cache.dim
     if n == 0:
         raise ConfigError(f"{cache_path} has no rows to index.")
@@ -263,6 +264,7 @@ def build_index(
         "cache": str(Path(cache_path).resolve()),
         "fingerprint": cache.fingerprint,
         "components": cache.components,
+        "layer": cache.layer,
         "source": cache.source,
         "kind": kind,
         "on_disk": on_disk,
@@ -436,7 +438,7 @@ class SearchIndex:
         if self._reconstructs:
             vectors = np.stack([self.index.reconstruct(int(i)) for i in ids])
         else:  # PQ codes are lossy: take the exact vectors from the cache
-            with FeatureCache(self.meta["cache"]) as cache:
+            with FeatureCache(self.meta["cache"], layer=self.meta.get("layer")) as cache:
                 vectors = np.stack([cache.features(slice(i, i + 1))[0] for i in ids])
         return self.search(vectors, k)
 
@@ -482,6 +484,7 @@ def query_backbone(components: dict, weights_path: str | None = None):
 
     spec = get_backbone_spec(components["model"])
     crop = json.loads(components["preprocessing"])["crop_size"]
+    style = json.loads(components["style"]) if "style" in components else {}
     device = components.get("device_type", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"  # the fingerprint check below reports the difference
@@ -495,6 +498,8 @@ def query_backbone(components: dict, weights_path: str | None = None):
         precision=components["precision"],
         memory_layout=components["memory_layout"],
         pool=components["pooling"],
+        style_layers=tuple(style.get("layers", ())),
+        style_dim=int(style.get("dim", 0)),
     )
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     diff = {k: (components.get(k), mine.get(k)) for k in sorted(set(mine) | set(components)) if mine.get(k) != components.get(k)}

@@ -138,8 +138,8 @@ def _probe_step(values: dict, base: Path, progress: bool) -> Step:
 def _index_step(values: dict, base: Path, progress: bool) -> Step:
     from embedder.commands import index_command
 
-    _only_keys(values, {"cache", "out", "kind", "metric", "memory_budget", "target_recall", "seed", "on_disk"},
-               "index")
+    _only_keys(values, {"cache", "out", "kind", "metric", "memory_budget", "target_recall", "seed", "on_disk",
+                        "layer"}, "index")
     missing = [k for k in ("cache", "out") if k not in values]
     if missing:
         raise ConfigError(f"The index step needs {', '.join(missing)}.")
@@ -147,7 +147,7 @@ def _index_step(values: dict, base: Path, progress: bool) -> Step:
     return Step("index", f"index {cache} -> {out}", lambda: index_command(
         str(cache), str(out), values.get("kind", "auto"), values.get("metric", "cosine"),
         values.get("memory_budget"), float(values.get("target_recall", 0.95)), int(values.get("seed", 0)),
-        progress, False, on_disk=bool(values.get("on_disk", False))))
+        progress, False, on_disk=bool(values.get("on_disk", False)), layer=values.get("layer")))
 
 
 def _search_step(values: dict, base: Path, progress: bool) -> Step:

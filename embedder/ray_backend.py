@@ -115,6 +115,11 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     from embedder.extract import EmbedReport
 
     options = options or RayOptions()
+    if config.extra_layers or config.style:
+        raise ConfigError(
+            "--backend ray stores one layer per cache for now (the shards' view maps /features only). "
+            "Run one Ray embed per --layer, or use the local backend for several layers and --style."
+        )
     ray = _ray()
     t_start = time.perf_counter()
     listing = list_source(config.source, config.layout, config.limit)

@@ -68,6 +68,10 @@ class BackboneSpec:
     # trained on them can be put in its place.
     head_inputs: tuple[str, ...] = ()
     uses_timm: bool = False
+    # Neural-style defaults (Gatys et al.): Gram matrices over several depths carry texture,
+    # one mid-depth map carries the layout. Any graph node or alias may be named here.
+    style_layers: tuple[str, ...] = ()
+    content_layer: str = ""
 
     @property
     def feature_dim(self) -> int:
@@ -84,6 +88,13 @@ class BackboneSpec:
                 f"Model {self.name!r} has no layer {layer!r}. Layers available: {known}."
             )
         return node
+
+    def node_name(self, layer: str | None) -> str:
+        """Like `resolve_layer`, but any name passes through: graph nodes beyond `layer_dims` are
+        checked against the traced graph by the backbone (see `embedder inspect MODEL`)."""
+        if layer is None or layer == "default":
+            return self.default_layer
+        return self.layer_aliases.get(layer, layer)
 
 
 _FACTORIES: dict[str, Callable[[], BackboneSpec]] = {}
@@ -123,7 +134,8 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 _RESNET_WIDTH = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
 
-def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, aliases, head, head_inputs):
+def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, aliases, head, head_inputs,
+                      style_layers=(), content_layer=""):
     import torchvision
 
     weights_enum = torchvision.models.get_model_weights(name).DEFAULT
@@ -138,6 +150,8 @@ def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, al
         layer_aliases=aliases,
         head=head,
         head_inputs=head_inputs,
+        style_layers=tuple(style_layers),
+        content_layer=content_layer,
     )
 
 
@@ -154,6 +168,9 @@ def _resnet(name: str) -> Callable[[], BackboneSpec]:
             aliases={"pool": "avgpool", "fc_input": "avgpool"},
             head="fc",
             head_inputs=("avgpool", "layer4"),  # global average of layer4 is what avgpool feeds fc
+            # One map per stage; layer2 (stride 8) is the resolution VGG's relu4_2 has.
+            style_layers=("layer1", "layer2", "layer3", "layer4"),
+            content_layer="layer2",
         )
 
     return factory
@@ -168,6 +185,27 @@ _VGG_LAST_FEATURE = {
 }
 
 
+def _vgg_conv_aliases(name: str) -> dict[str, str]:
+    """Caffe-style names for `features.i`: conv3_1, relu3_1, pool3 (as in Gatys et al.'s VGG-19).
+
+    Read from torchvision's own configuration table, so no model is built to name its layers.
+    """
+    from torchvision.models.vgg import cfgs
+
+    cfg = cfgs[{"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}[name.removesuffix("_bn")]]
+    per_conv = 3 if name.endswith("_bn") else 2  # conv, [bn,] relu
+    aliases, i, block, conv = {}, 0, 1, 1
+    for v in cfg:
+        if v == "M":
+            aliases[f"pool{block}"] = f"features.{i}"
+            i, block, conv = i + 1, block + 1, 1
+            continue
+        aliases[f"conv{block}_{conv}"] = f"features.{i}"
+        aliases[f"relu{block}_{conv}"] = f"features.{i + per_conv - 1}"
+        i, conv = i + per_conv, conv + 1
+    return aliases
+
+
 def _vgg(name: str) -> Callable[[], BackboneSpec]:
     last = f"features.{_VGG_LAST_FEATURE[name]}"
 
@@ -179,9 +217,13 @@ def _vgg(name: str) -> Callable[[], BackboneSpec]:
             "vgg",
             default_layer=last,
             layer_dims={last: 512, "classifier.1": 4096, "classifier.4": 4096},
-            aliases={"features": last, "pool": last, "fc6": "classifier.1", "fc7": "classifier.4"},
+            aliases={
+                **_vgg_conv_aliases(name), "features": last, "pool": last, "fc6": "classifier.1", "fc7": "classifier.4",
+            },
             head="classifier.6",
             head_inputs=("classifier.4",),  # fc7 after ReLU; classifier.5 is dropout (identity in eval)
+            style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),  # Gatys et al. 2016
+            content_layer="relu4_2",
         )
 
     return factory
@@ -223,4 +265,7 @@ def _efficientnet_lite0() -> BackboneSpec:
         head="classifier",
         head_inputs=("global_pool.flatten", "bn2"),
         uses_timm=True,
+        # Stem and the ends of stages 1-5 (strides 2, 4, 8, 16, 32); content at stride 8.
+        style_layers=("bn1", "blocks.1", "blocks.2", "blocks.3", "blocks.5"),
+        content_layer="blocks.2",
     )

@@ -45,6 +45,7 @@ class ProbeConfig:
     test_fraction: float = 0.2
     memory_budget: int = 2 << 30  # bytes of training features held in memory before streaming
     device: str = "auto"
+    layer: str | None = None  # which layer of a multi-layer cache (None = the primary, /features)
 
     def __post_init__(self):
         if self.classifier != "probe" and self.classifier not in CLASSIFIERS:
@@ -142,7 +143,7 @@ def _plan(config: ProbeConfig, train_cache: FeatureCache, open_cache):
 def run_probe(config: ProbeConfig) -> dict:
     # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
     with contextlib.ExitStack() as stack:
-        return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path)))
+        return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path, layer=config.layer)))
 
 
 def _run_probe(config: ProbeConfig, open_cache) -> dict:
@@ -254,8 +255,22 @@ def load_probe(probe_dir: str | os.PathLike) -> dict:
 def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) -> dict:
     """Apply a saved probe (or sklearn classifier) to another cache of the same feature space."""
     probe_dir = Path(probe_dir)
+    layer = _trained_layer(probe_dir)
     with FeatureCache(cache_path) as cache:
+        if layer is None or layer not in cache.layers or layer == cache.layer:
+            return _evaluate(probe_dir, cache)
+    with FeatureCache(cache_path, layer=layer) as cache:  # the layer the classifier was trained on
         return _evaluate(probe_dir, cache)
+
+
+def _trained_layer(probe_dir: Path) -> str | None:
+    report = probe_dir / REPORT_FILE
+    if report.is_file():
+        try:
+            return json.loads(report.read_text()).get("layer")
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
 
 
 def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
