@@ -71,9 +71,9 @@ class CacheSpec:
     components: dict[str, str]
     source: str
     feature_dim: int
-    layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
     layout: str = "imagefolder"
     command: str = ""
+    layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
 
     @property
     def extra_layers(self) -> dict[str, int]:
