@@ -8,8 +8,8 @@ end" is `embedder.embed` from JPEG files to a finished HDF5 cache (decode, resiz
 model, write, commit, consolidate), once per reader-worker setting. Prints images/s, the
 ratio end-to-end / model-only, and the per-stage seconds of the end-to-end runs.
 
-Two sweeps check the other extraction defaults: model-only images/s at batch 8..64 (the
-default is 32), and the JPEG decoder: PIL (embedder's, with its EXIF/alpha/bomb rules)
+Two sweeps check the other extraction defaults: model-only images/s at batch 2..32 (the
+CPU default is 4), and the JPEG decoder: PIL (embedder's, with its EXIF/alpha/bomb rules)
 against `torchvision.io.decode_jpeg`, per image, with the largest pixel difference.
 """
 
@@ -49,7 +49,10 @@ def make_jpegs(folder: Path, n: int, seed: int = 0, scale: float = 1.5) -> list[
 
 
 def run(quick: bool = False) -> None:
-    model, n, batch, rounds = ("resnet18", 64, 32, 2) if quick else ("resnet50", 192, 32, 2)
+    from embedder.runtime import auto_batch_size
+
+    batch = auto_batch_size()  # the default of `embedder embed`
+    model, n, rounds = ("resnet18", 64, 2) if quick else ("resnet50", 192, 2)
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-"))
     try:
         make_jpegs(work / "images", n)
@@ -87,7 +90,7 @@ def run(quick: bool = False) -> None:
 
 
 def batch_sweep(backbone, n: int) -> None:
-    sizes = (8, 16, 32, 64)
+    sizes = (2, 4, 8, 16, 32)
     seconds = dict.fromkeys(sizes, 0.0)
     for _ in range(2):  # interleaved rounds
         for b in sizes:
@@ -97,7 +100,7 @@ def batch_sweep(backbone, n: int) -> None:
             for _ in range(0, n, b):
                 backbone(crops)
             seconds[b] += time.perf_counter() - t
-    base = 2 * n / seconds[32]
+    base = 2 * n / seconds[4]
     print("  batch size (model only): " + ", ".join(f"{b}: {2 * n / s:.1f} img/s ({2 * n / s / base:.2f}x)"
                                                    for b, s in seconds.items()))
 

@@ -42,6 +42,7 @@ from embedder.cache_writer import CacheWriter
 from embedder.config import EmbedConfig, auto_workers
 from embedder.extract import embed, load_backbone
 from embedder.registry import get_backbone_spec
+from embedder.runtime import auto_batch_size
 from embedder.sources import list_source
 from embedder.train_cache import ProbeConfig, run_probe
 from embedder.weights import resolve_weights
@@ -112,7 +113,7 @@ def speed(quick: bool, work: Path) -> None:
     cfg = default.config
     print(f"# part 1: {name} (random init), {n} photo-like JPEGs (about 0.1-0.9 MP), {torch.get_num_threads()} threads; "
           f"embedder default = precision {cfg.precision}, "
-          f"{'channels_last' if cfg.channels_last else 'contiguous'}, batch 32, "
+          f"{'channels_last' if cfg.channels_last else 'contiguous'}, batch {auto_batch_size()}, "
           f"{auto_workers(None)} reader worker(s)")
     seconds = {"tutorial loop (batch 4, 4 workers)": 0.0, "tutorial loop (batch 32, 4 workers)": 0.0,
                "embedder default (JPEG -> cache)": 0.0}

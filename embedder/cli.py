@@ -33,7 +33,8 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style-dim", type=int, default=2048,
                    help="length of the style descriptor (seeded count-sketch projection); 0 = full Gram triangles")
     p.add_argument("--normalize", choices=["none", "l2"], default="none", help="store L2-normalised features")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_int_or_auto, default=None,
+                   help="images per forward pass (default auto: 4 on CPU, 32 on GPU; measured, see docs/BENCHMARKS.md)")
     p.add_argument("--workers", type=_int_or_auto, default=None, help="reader processes (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -31,7 +31,7 @@ class EmbedConfig:
     style_layers: tuple[str, ...] = ()  # () = the model's style layers (see `embedder inspect`)
     style_dim: int = 2048  # length of the projected style descriptor; 0 = full Gram triangles
     normalize: str = "none"  # "l2" stores unit-length features
-    batch_size: int = 32
+    batch_size: int | None = None  # None = auto: measured best for the device (see auto_batch_size)
     workers: int | None = None  # None = auto (one per spare core, at most 8)
     device: str = "auto"
     precision: str = "auto"
@@ -48,6 +48,10 @@ class EmbedConfig:
     def __post_init__(self):
         for name in ("extra_layers", "style_layers"):  # TOML gives lists
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        if self.batch_size is None:
+            from embedder.runtime import auto_batch_size
+
+            object.__setattr__(self, "batch_size", auto_batch_size(self.device))
         from embedder.backbone import POOLINGS
 
         if self.pool not in POOLINGS:
