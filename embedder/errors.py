@@ -32,8 +32,11 @@ class CacheMismatchError(CacheError):
         self.path = path
         self.differences = differences
         lines = [f"{path} was written with a different configuration:"]
+        def show(value: object) -> str:  # a component only one side records (e.g. compile) is "not set"
+            return "not set" if value is None else repr(value)
+
         for key, (cached, requested) in differences.items():
-            lines.append(f"  {key}: cache has {cached!r}, this run asks for {requested!r}")
+            lines.append(f"  {key}: cache has {show(cached)}, this run asks for {show(requested)}")
         lines.append(hint)
         super().__init__("\n".join(lines))
 
