@@ -15,6 +15,7 @@ import torch
 
 BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
+    "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
     "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",

@@ -40,6 +40,9 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = fastest measured for the device (see docs/BENCHMARKS.md)")
     p.add_argument("--memory-layout", default="auto", choices=["auto", "channels_last", "contiguous"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone: 1.3-1.5x faster on CPU once compiled, about 20 s to compile; "
+                        "worth it from about 1,000 images (docs/BENCHMARKS.md)")
     p.add_argument("--image-size", type=int, default=None, help="override the weights' crop size (resize keeps its ratio)")
     p.add_argument("--limit", type=int, default=None, help="only the first N files of the sorted listing")
     p.add_argument("--layout", default="auto",
@@ -287,6 +290,7 @@ def _dispatch(args) -> int:
             device=args.device,
             precision=args.precision,
             memory_layout=args.memory_layout,
+            compile=args.compile,
             image_size=args.image_size,
             limit=args.limit,
             layout=args.layout,

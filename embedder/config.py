@@ -36,6 +36,7 @@ class EmbedConfig:
     device: str = "auto"
     precision: str = "auto"
     memory_layout: str = "auto"
+    compile: bool = False  # torch.compile the backbone: faster for large jobs, ~20 s to start (CPU)
     image_size: int | None = None  # override the weights' crop size; resize keeps its ratio
     limit: int | None = None  # only the first N files of the (sorted) listing
     layout: str = "auto"  # how SOURCE is organised, see embedder.sources

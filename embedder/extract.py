@@ -192,6 +192,7 @@ def load_backbone(
     extra_layers: tuple[str, ...] = (),
     style_layers: tuple[str, ...] = (),
     style_dim: int = DEFAULT_STYLE_DIM,
+    compile: bool = False,
 ) -> FrozenBackbone:
     """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them."""
     runtime = resolve_runtime(device, precision, memory_layout)
@@ -209,6 +210,7 @@ def load_backbone(
             extra_layers=tuple(extra_layers),
             style_layers=tuple(style_layers),
             style_dim=style_dim,
+            compile=compile,
         )
     )
 
@@ -227,6 +229,7 @@ def backbone_for(config: EmbedConfig) -> FrozenBackbone:
         extra_layers=tuple(n for n in config.outputs[1:] if n is not None),
         style_layers=config.style_layers,
         style_dim=config.style_dim,
+        compile=config.compile,
     )
 
 
@@ -254,6 +257,8 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
 
         components["timm_version"] = str(timm.__version__)
     # Only present when used, so single-layer caches keep the fingerprints they always had.
+    if cfg.compile:
+        components["compile"] = "torch.compile inductor, freezing, fixed batch"
     if len(backbone.outputs) > 1:
         components["layers"] = json.dumps(list(backbone.outputs))
     if backbone.style_descriptor is not None:
@@ -284,6 +289,9 @@ def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: 
         mib = sum(backbone.outputs.values()) * (2 if config.feature_dtype == "float16" else 4) * 1000 / 2**20
         print(f"embedder: --pool none stores whole maps: {dict(backbone.outputs)} values per image, "
               f"{mib:.0f} MiB per 1000 images.", file=sys.stderr)
+    if config.compile and config.progress:
+        print(f"embedder: --compile: the first batch compiles {config.model} (tens of seconds on a CPU).",
+              file=sys.stderr)
     embedded = 0
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every) as writer:
         pending = writer.pending

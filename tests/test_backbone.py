@@ -174,3 +174,32 @@ def test_shipped_efficientnet_lite0_sees_a_cat_in_chelsea():
     logits = model.get_submodule(spec.head)(feats)
     top3 = logits.topk(3).indices[0].tolist()
     assert all(281 <= c <= 287 for c in top3), top3  # ImageNet's cat classes
+
+
+@pytest.mark.slow
+def test_compiled_backbone_matches_eager_pads_the_last_batch_and_stays_locked(resnet):
+    """`--compile`: same features as eager (within float rounding), the same bits from two
+    compiled backbones, a short last batch computed exactly like rows of a full one, and the
+    eval lock intact. (Its speed is measured in benchmarks/compiled.py, not here.)"""
+    from embedder.extract import fingerprint_components
+
+    config = BackboneConfig("resnet18", compile=True, **SMALL)
+    compiled = FrozenBackbone.from_config(config)
+    x = images(5)
+    first, last = compiled(x[:3]), compiled(x[3:])  # compiled at batch 3; the last batch of 2 is padded
+    eager = resnet(x)
+    got = torch.cat([first, last])
+    assert torch.allclose(got, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+    assert torch.equal(compiled(x[[3, 4, 0]])[:2], last)  # padding rows do not touch the real ones
+    again = FrozenBackbone.from_config(config)
+    assert torch.equal(again(x[:3]), first) and torch.equal(again(x[3:]), last)
+
+    compiled.train()
+    nn.Sequential(compiled).train()
+    assert not any(m.training for m in compiled.modules())
+    assert torch.equal(compiled(x[:3]), first)
+    # The compiled wrapper is not a second copy in the module tree or the state dict.
+    assert len(list(compiled.modules())) == len(list(resnet.modules()))
+    assert compiled.state_dict().keys() == resnet.state_dict().keys()
+    # Compiling changes the last bits on other models, so a cache records it.
+    assert fingerprint_components(compiled)["compile"] and "compile" not in fingerprint_components(resnet)
