@@ -20,6 +20,7 @@ BENCHMARKS = {
     "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
     "memory": "peak RSS of extraction at N and 10 N images; index build RSS against --memory-budget",
+    "compressed": "IVF with raw, 8-bit (ivfsq) and PQ-coded (ivfpq) vectors: recall for the bytes",
     "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",
     "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
 }

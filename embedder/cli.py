@@ -181,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build a FAISS similarity index from a feature cache")
     p.add_argument("cache")
     p.add_argument("--out", required=True, help="INDEX_DIR to write (replaced atomically)")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
-                   help="auto: exact when small, HNSW or IVF when large, IVF-PQ when memory is short")
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq"],
+                   help="auto: exact when small, HNSW or IVF when large, IVF-SQ8 then IVF-PQ as memory gets short")
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
     p.add_argument("--memory-budget", default=None, help="e.g. 4G (default 4G): bounds the index size")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
     p.add_argument("--on-disk", action="store_true",
-                   help="ivf/ivfpq: build one index per shard and merge their lists on disk (faiss contrib.ondisk); "
+                   help="ivf/ivfsq/ivfpq: build one index per shard and merge their lists on disk (faiss contrib.ondisk); "
                         "automatic when the index would exceed --memory-budget")
     p.add_argument("--layer", default=None,
                    help="which layer of a multi-layer cache to index, e.g. `style` (default: the first, /features)")

@@ -123,7 +123,7 @@ def sharded_synthetic(folder: Path, X: np.ndarray, bounds: list[int]) -> tuple[P
     return single, view
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfsq", "ivfpq"])
 def test_index_from_shards_on_disk_gives_the_same_neighbours(tmp_path, kind):
     X = clustered(n=6000, d=32, seed=1)
     single, view = sharded_synthetic(tmp_path, X, [0, 1500, 2600, 4100, 6000])
@@ -147,7 +147,7 @@ def test_on_disk_is_chosen_when_the_index_exceeds_the_budget(tmp_path):
     _, view = sharded_synthetic(tmp_path, X, [0, 1000, 3000])
     meta = build_index(view, tmp_path / "i", kind="ivf", metric="l2", memory_budget=100_000, progress=False)
     assert meta["on_disk"] and "on disk" in meta["why"] and meta["params"]["on_disk_shards"] == 2
-    with pytest.raises(Exception, match="ivf or ivfpq"):
+    with pytest.raises(Exception, match="ivf, ivfsq or ivfpq"):
         build_index(view, tmp_path / "h", kind="hnsw", on_disk=True, progress=False)
 
 
