@@ -199,6 +199,25 @@ def test_search_cli_by_id_path_vector_and_images(tmp_path, capsys):
     assert grid.stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_compiled_cache_is_searchable_by_image(tmp_path, capsys):
+    """Queries run the backbone eagerly even when the cache was embedded with --compile
+    (the fingerprint check skips only that component), and still find each image first."""
+    tree = make_tree(tmp_path / "img", per_class=2)
+    cache = tmp_path / "c.h5"
+    embed(fast_config(tree, cache, compile=True))
+    with FeatureCache(cache) as c:
+        assert c.components["compile"]
+    assert main(["index", str(cache), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), "--image", str(tree / "cat"), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["hits"][0]["path"] == Path(line["query"]).relative_to(tree).as_posix()
+        assert line["hits"][0]["score"] > 0.9999
+
+
 def test_dedup_finds_planted_duplicates_and_plot_writes_png(tmp_path):
     rng = np.random.default_rng(3)
     X = rng.normal(size=(300, 24)).astype(np.float32)
