@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.search import clustered, exact_top10, write_cache
+from benchmarks.search import clustered, digit_features, exact_top10, recall_at_10, write_cache
 from embedder.index import SearchIndex, build_index
 
 KINDS = ("ivf", "ivfsq", "ivfpq")
 
 
 def compare(cache: Path, work: Path, Q: np.ndarray, truth: np.ndarray, metric: str, own_rows=None) -> None:
-    n = None
     print(f"{'kind':<7}{'B/vector':>9}{'build s':>9}{'recall@10':>11}{'p50 ms':>8}  params")
     for kind in KINDS:
         meta = build_index(cache, work / kind, kind=kind, metric=metric, progress=False)
@@ -40,7 +39,7 @@ def compare(cache: Path, work: Path, Q: np.ndarray, truth: np.ndarray, metric: s
             found = [[h.id for h in hs] for hs in hits]
         else:  # queries are cached rows: their own row is no neighbour
             found = [[h.id for h in hs if h.id != r][:10] for r, hs in zip(own_rows, hits)]
-        recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+        recall = recall_at_10(found, truth)
         lat = []
         for q in Q:
             t = time.perf_counter()
@@ -62,22 +61,9 @@ def synthetic(quick: bool, work: Path) -> None:
 
 
 def digits(work: Path) -> None:
-    from embedder.cache import FeatureCache
-    from embedder.config import EmbedConfig
-    from embedder.extract import embed
-    from embedder.samples import make_samples
-
-    folder = make_samples(work, only=["digits"], verbose=False)["digits"]
-    embed(EmbedConfig(source=str(folder), model="efficientnet_lite0", out=str(work / "digits.h5"), progress=False))
-    with FeatureCache(work / "digits.h5") as cache:
-        X = cache.features()
-    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
-    rows = np.random.default_rng(0).choice(len(X), 300, replace=False)
-    sims = Xn[rows] @ Xn.T
-    sims[np.arange(len(rows)), rows] = -np.inf
-    truth = np.argsort(-sims, axis=1)[:, :10]
+    cache, X, rows, truth = digit_features(work)
     print("\n# real features: 1,797 digits x 1280 (EfficientNet-Lite0), cosine, queries = 300 cached rows")
-    compare(work / "digits.h5", work, X[rows], truth, "cosine", own_rows=rows)
+    compare(cache, work, X[rows], truth, "cosine", own_rows=rows)
 
 
 def run(quick: bool = False) -> None:

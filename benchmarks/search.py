@@ -101,29 +101,41 @@ def http_latency(index_dir: Path, queries: np.ndarray, n: int = 300) -> tuple[fl
         server.wait(30)
 
 
-def real_features(work: Path) -> None:
+def recall_at_10(found, truth) -> float:
+    return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+
+
+def digit_features(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """The real-feature set: (cache, features, query rows, exact top 10 per query). The 1,797
+    digits embedded with the shipped EfficientNet-Lite0; 300 seeded cached rows as queries,
+    each query's own row excluded from its exact cosine neighbours."""
+    from embedder.cache import FeatureCache
     from embedder.config import EmbedConfig
     from embedder.extract import embed
     from embedder.samples import make_samples
 
     digits = make_samples(work, only=["digits"], verbose=False)["digits"]
-    embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(work / "digits.h5"), progress=False))
-    print("# real features: 1,797 digits x 1280 (EfficientNet-Lite0), cosine, queries = 300 cached rows")
-    print(f"{'kind':<6}{'recall@10':>11}{'p50 ms':>8}  params")
-    from embedder.cache import FeatureCache
-
-    with FeatureCache(work / "digits.h5") as cache:
-        X = cache.features()
+    cache = work / "digits.h5"
+    embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))
+    with FeatureCache(cache) as c:
+        X = c.features()
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     rows = np.random.default_rng(0).choice(len(X), 300, replace=False)
     sims = Xn[rows] @ Xn.T
     sims[np.arange(len(rows)), rows] = -np.inf  # a row is not its own neighbour
-    truth = np.argsort(-sims, axis=1)[:, :10]
+    return cache, X, rows, np.argsort(-sims, axis=1)[:, :10]
+
+
+def real_features(work: Path) -> None:
+    cache, X, rows, truth = digit_features(work)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    print("# real features: 1,797 digits x 1280 (EfficientNet-Lite0), cosine, queries = 300 cached rows")
+    print(f"{'kind':<6}{'recall@10':>11}{'p50 ms':>8}  params")
     for kind in ("flat", "ivf", "hnsw"):
-        meta = build_index(work / "digits.h5", work / f"d-{kind}", kind=kind, progress=False)
+        meta = build_index(cache, work / f"d-{kind}", kind=kind, progress=False)
         index = SearchIndex.open(work / f"d-{kind}")
         found = [[h.id for h in hits if h.id != r][:10] for r, hits in zip(rows, index.search(X[rows], 11))]
-        recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+        recall = recall_at_10(found, truth)
         lat = []
         for q in Xn[rows]:
             t = time.perf_counter()
@@ -149,7 +161,7 @@ def run(quick: bool = False) -> None:
             meta = build_index(work / "c.h5", work / kind, kind=kind, metric="l2", progress=False)
             index = SearchIndex.open(work / kind)
             found = np.array([[h.id for h in hits] for hits in index.search(Q[:200], 10)])
-            recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+            recall = recall_at_10(found, truth)
             lat = []
             for q in Q[:500]:
                 t = time.perf_counter()

@@ -54,8 +54,8 @@ class BackboneConfig:
     extra_layers: tuple[str, ...] = ()
     style_layers: tuple[str, ...] = ()  # () = the registry's style layers
     style_dim: int = DEFAULT_STYLE_DIM  # 0 = the full Gram triangles, unprojected
-    # torch.compile (inductor, weights frozen into the graph): 1.33-1.5x on a 2-core CPU for
-    # ResNet-50 after about 20 s of compiling (benchmarks/compiled.py). It changes the last bits
+    # torch.compile (inductor, weights frozen into the graph): 1.25-1.5x on a 2-core CPU for
+    # ResNet-50 after 18-26 s of compiling (benchmarks/compiled.py). It changes the last bits
     # (about 1e-4 absolute), so it is part of the fingerprint.
     compile: bool = False
 
@@ -141,7 +141,8 @@ class FrozenBackbone(nn.Module):
         if config.channels_last:
             self.to(memory_format=torch.channels_last)
         super().train(False)
-        self.__dict__["_compiled"] = None  # see the end of __init__
+        # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.
+        self.__dict__.update(_compiled=None, _compiled_batch=None)
 
         self.style_descriptor = None
         if output is not None:
@@ -165,10 +166,8 @@ class FrozenBackbone(nn.Module):
         self.feature_dim = self.outputs[self.node]
         # Set last, so that the shape probe above runs eagerly. Kept out of the module tree (no
         # double entries in modules() or state_dict); it wraps self.body.
-        self.__dict__["_compiled"] = (
-            torch.compile(self.body, dynamic=False, options={"freezing": True}) if config.compile else None
-        )
-        self.__dict__["_compiled_batch"] = None  # the batch size the graph is compiled for
+        if config.compile:
+            self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
 
     @classmethod
     def from_config(cls, config: BackboneConfig) -> FrozenBackbone:

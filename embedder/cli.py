@@ -41,8 +41,8 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="auto = fastest measured for the device (see docs/BENCHMARKS.md)")
     p.add_argument("--memory-layout", default="auto", choices=["auto", "channels_last", "contiguous"])
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone: 1.3-1.5x faster on CPU once compiled, about 20 s to compile; "
-                        "worth it from about 1,000 images (docs/BENCHMARKS.md)")
+                   help="torch.compile the backbone: 1.25-1.5x faster on CPU once compiled, 18-26 s to compile; "
+                        "worth it from about 1,300 images (docs/BENCHMARKS.md)")
     p.add_argument("--image-size", type=int, default=None, help="override the weights' crop size (resize keeps its ratio)")
     p.add_argument("--limit", type=int, default=None, help="only the first N files of the sorted listing")
     p.add_argument("--layout", default="auto",

@@ -25,6 +25,12 @@ class CacheError(EmbedderError):
     """The feature cache is unreadable, incomplete or locked."""
 
 
+def _shown(value: object) -> str:
+    """A fingerprint component as a mismatch message shows it; one only one side records
+    (e.g. compile) is "not set"."""
+    return "not set" if value is None else repr(value)
+
+
 class CacheMismatchError(CacheError):
     """A cache was written with a different configuration than the one asked for."""
 
@@ -32,11 +38,8 @@ class CacheMismatchError(CacheError):
         self.path = path
         self.differences = differences
         lines = [f"{path} was written with a different configuration:"]
-        def show(value: object) -> str:  # a component only one side records (e.g. compile) is "not set"
-            return "not set" if value is None else repr(value)
-
         for key, (cached, requested) in differences.items():
-            lines.append(f"  {key}: cache has {show(cached)}, this run asks for {show(requested)}")
+            lines.append(f"  {key}: cache has {_shown(cached)}, this run asks for {_shown(requested)}")
         lines.append(hint)
         super().__init__("\n".join(lines))
 

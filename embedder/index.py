@@ -84,7 +84,7 @@ def choose_kind(n: int, dim: int, budget: int) -> tuple[str, str]:
     hnsw = n * (dim * 4 + 2 * 32 * 4)
     if hnsw <= budget:
         return "hnsw", f"{n} vectors: the HNSW graph ({hnsw / 2**20:.0f} MiB) fits the budget ({budget / 2**20:.0f} MiB)"
-    ivf = n * (dim * 4 + 8)
+    ivf = _index_bytes("ivf", n, dim)
     if ivf <= budget:
         return "ivf", f"HNSW would need {hnsw / 2**20:.0f} MiB; IVF with raw vectors ({ivf / 2**20:.0f} MiB) fits"
     sq = _index_bytes("ivfsq", n, dim)
@@ -225,9 +225,9 @@ def build_index(
     # node and finds its neighbours through its own links, which overstates recall (efSearch 16
     # gave 0.995 on indexed rows but 0.91 on new queries at 100k x 512). So the query rows are
     # held out of the index while the knob is tuned, and added last, under their own row ids.
-    # (Merged on-disk lists take no later additions; IVF, the only on-disk kind, is tuned on
+    # (Merged on-disk lists take no later additions; the on-disk kinds, all IVF, are tuned on
     # indexed rows with their own row excluded, which agrees with fresh queries for IVF.)
-    knob = {"ivf": "nprobe", "ivfsq": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
+    knob = "nprobe" if kind in INVERTED_LIST_KINDS else {"hnsw": "efSearch"}.get(kind)
     q_rows = _sample_rows(n, n_eval, seed + 1)
     held_out = q_rows if knob and not on_disk and n > 2 * len(q_rows) else q_rows[:0]
     keep = np.ones(n, dtype=bool)
@@ -522,7 +522,7 @@ def query_backbone(components: dict, weights_path: str | None = None):
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
     # (benchmarks/compiled.py), far below what a ranking can notice, and compiling a query
-    # backbone would cost every search process 20-45 s.
+    # backbone would cost every search process 18-26 s (benchmarks/compiled.py).
     ignored = {"compile"}
     diff = {k: (components.get(k), mine.get(k)) for k in sorted(set(mine) | set(components))
             if k not in ignored and mine.get(k) != components.get(k)}
