@@ -12,8 +12,10 @@ Correctness rules, each of which some popular tool gets wrong:
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -33,12 +35,19 @@ _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except FileNotFoundError:
-        raise BadImageError("file not found") from None
+        reason = "broken symbolic link (its target is missing)" if os.path.islink(path) else "file not found"
+        raise BadImageError(reason) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadImageError("symbolic link loop (the link leads back to itself)") from None
         raise BadImageError(f"cannot read file: {exc.strerror or exc}") from None
-    return _decode(path, size, max_pixels)
+    if stat.S_ISDIR(st.st_mode):
+        raise BadImageError("is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImageError("not a regular file (a device, pipe or socket)")  # reading could block forever
+    return _decode(path, st.st_size, max_pixels)
 
 
 def load_rgb_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -67,6 +76,8 @@ def _decode(source, size: int, max_pixels: int) -> torch.Tensor:
         raise BadImageError("not an image: no decoder recognises the file format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"decompression bomb: {exc}") from None
+    except PermissionError:
+        raise BadImageError("permission denied (the file cannot be read by this user)") from None
     except OSError as exc:
         msg = str(exc)
         if "truncated" in msg.lower():

@@ -1,4 +1,4 @@
-"""Turn SOURCE into an ordered list of (relative path, label).
+"""Turn SOURCE into an ordered list of (relative path, label), accounting for every file.
 
 Layouts (auto-detected, or forced with `layout=`):
   imagefolder        SOURCE/<class>/**/<image>; labels are class-folder indices
@@ -8,14 +8,28 @@ Layouts (auto-detected, or forced with `layout=`):
   flat               SOURCE/**/<image>, no labels (-1)
   filelist           a .txt/.csv file of `path[,label]` lines, relative to the list's folder
 
-Folder listings are sorted by relative POSIX path, so two runs give the same rows.
-A file list keeps the order it was written in (duplicates dropped).
+No file is lost without a word. Every file under SOURCE becomes a row of the listing (and
+later a feature row or an errors-table entry) or an *ignored* entry with its reason:
+not an image name, hidden, outside the class folders, or the same file reached twice
+(hard links, symlinks). Auto-detection never guesses: images both beside and inside
+sub-folders (`photos/*.jpg` + `photos/thumbs/`) are refused with a message naming
+`--layout`, since either reading would drop or mislabel some of them.
+
+The walk follows directory symlinks but visits each real directory once (keyed by device
+and inode), so a symlink loop ends the descent instead of the run. Real folders are walked
+before symlinked ones and real files win over links to them, so the stored path is the
+file's own whenever it lies inside SOURCE. A symlink that leads nowhere (missing target,
+or a loop such as `loop.jpg -> loop.jpg`) stays a row and becomes an error entry.
+
+Folder listings are sorted by relative POSIX path, so two runs give the same rows. A file
+list keeps the order it was written in; a path listed twice is kept once.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +43,15 @@ IMAGE_EXTENSIONS = frozenset(
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 LAYOUTS = ("auto", "imagefolder", "split-imagefolder", "flat", "filelist")
 
+# Why a file under SOURCE is not a row. Fixed strings, so that counts by reason add up.
+NOT_IMAGE = "not an image file name"
+HIDDEN = "hidden (name starts with '.')"
+OUTSIDE_CLASSES = "outside the class folders"
+SAME_FILE = "same file as another listed path (hard link or symlink)"
+FOLDER_AGAIN = "folder already listed through another path (symlink)"
+UNREADABLE_FOLDER = "folder cannot be read"
+LISTED_TWICE = "listed more than once in the file list"
+
 
 @dataclass
 class Listing:
@@ -37,7 +60,7 @@ class Listing:
     labels: np.ndarray  # int64, -1 = unlabelled
     classes: list[str]
     layout: str
-    ignored: list[str] = field(default_factory=list)  # files skipped for their extension
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that are not rows
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,39 +72,134 @@ class Listing:
             raise SourceError(f"--limit must be at least 1, got {n}.")
         return Listing(self.root, self.paths[:n], self.labels[:n], self.classes, self.layout, self.ignored)
 
+    def ignored_counts(self) -> dict[str, int]:
+        """{reason: files}, most frequent first."""
+        return dict(Counter(reason for _, reason in self.ignored).most_common())
+
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
+def describe_ignored(counts: dict[str, int]) -> str:
+    """`5 (3 not an image file name, 2 hidden ...)`: one line for a summary."""
+    total = sum(counts.values())
+    return f"{total} (" + ", ".join(f"{n} {reason}" for reason, n in counts.items()) + ")" if total else "0"
 
 
-def _walk_images(folder: Path, root: Path, ignored: list[str]) -> list[str]:
-    """Relative POSIX paths of the image files under `folder`, sorted; hidden entries skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if _visible(d)]
-        for name in filenames:
-            if not _visible(name):
+# ----------------------------------------------------------------------------------------
+# Walking a folder
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Walk:
+    """Everything found under a root: image candidates, folders walked, and what was ignored."""
+
+    images: list[str] = field(default_factory=list)
+    dirs: set[str] = field(default_factory=set)  # relative paths of the folders walked
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    # Image candidates as (path, (device, inode) of the file or None for a broken link):
+    # files found directly, and those reached through a symlink, which are resolved last.
+    _files: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
+    _links: list[tuple[str, tuple[int, int] | None]] = field(default_factory=list)
+
+
+def _walk(root: Path) -> _Walk:
+    """Every image name under `root` (relative POSIX paths, sorted), each real file and folder once."""
+    walk = _Walk()
+    st = os.stat(root)
+    visited = {(st.st_dev, st.st_ino)}
+    real, linked = [(root, "", st.st_dev)], []
+    # Real folders first, then folders reached through symlinks, so that a link into SOURCE
+    # finds its target already listed under its own path.
+    while real or linked:
+        folder, rel, dev = real.pop() if real else linked.pop()
+        for sub in _scan(walk, folder, rel, dev, visited):
+            (linked if sub[3] else real).append(sub[:3])
+    # Each real file once: the first of its paths in sorted order, links after real paths.
+    listed: set[tuple[int, int]] = set()
+    for rel, key in sorted(walk._files) + sorted(walk._links, key=lambda c: c[0]):
+        if key is not None and key in listed:
+            walk.ignored.append((rel, SAME_FILE))
+            continue
+        if key is not None:
+            listed.add(key)
+        walk.images.append(rel)
+    walk.images.sort()
+    return walk
+
+
+def _scan(walk: _Walk, folder: Path, rel: str, dev: int, visited: set) -> list[tuple[Path, str, int, bool]]:
+    """List one folder into `walk`; return its sub-folders to visit as (path, rel, device, via_symlink)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        if not rel:
+            raise  # SOURCE itself: the caller says so
+        walk.ignored.append((f"{rel}/", f"{UNREADABLE_FOLDER} ({exc.strerror})"))
+        return []
+    subdirs = []
+    for entry in entries:
+        child = f"{rel}/{entry.name}" if rel else entry.name
+        if entry.name.startswith("."):
+            walk.ignored.append((child, HIDDEN))
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows symlinks; a looping link raises
+        except OSError:
+            is_dir = False
+        if is_dir:
+            try:
+                st = entry.stat()
+            except OSError as exc:
+                walk.ignored.append((child + "/", f"{UNREADABLE_FOLDER} ({exc.strerror})"))
                 continue
-            rel = Path(dirpath, name).relative_to(root).as_posix()
-            (found if is_image_name(name) else ignored).append(rel)
-    return sorted(found)
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                walk.ignored.append((child + "/", FOLDER_AGAIN))
+                continue
+            visited.add(key)
+            walk.dirs.add(child)
+            subdirs.append((Path(entry.path), child, st.st_dev, entry.is_symlink()))
+        elif not is_image_name(entry.name):
+            walk.ignored.append((child, NOT_IMAGE))
+        elif entry.is_symlink():
+            walk._links.append((child, _target_key(entry)))
+        else:
+            walk._files.append((child, (dev, entry.inode())))  # d_ino from the listing: no stat per file
+    return subdirs
 
 
-def _subdirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
+def _target_key(entry: os.DirEntry) -> tuple[int, int] | None:
+    try:
+        st = entry.stat()
+    except OSError:
+        return None  # a broken or looping link: listed, and the reader records why it fails
+    return st.st_dev, st.st_ino
 
 
-def _detect_layout(root: Path) -> str:
-    subdirs = _subdirs(root)
-    if not subdirs:
-        return "flat"
-    if all(d in SPLIT_NAMES for d in subdirs) and all(_subdirs(root / d) for d in subdirs):
+# ----------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------
+
+
+def _depth(rel: str) -> int:
+    return rel.count("/")
+
+
+def _detect_layout(walk: _Walk) -> str:
+    top = {d for d in walk.dirs if "/" not in d}
+    if not any(_depth(p) for p in walk.images):
+        return "flat"  # no image inside a sub-folder: the sub-folders (if any) are not classes
+    if top and top <= set(SPLIT_NAMES) and all(any(d.startswith(t + "/") for d in walk.dirs) for t in top):
         return "split-imagefolder"
     return "imagefolder"
+
+
+def _class_depth(layout: str) -> int:
+    """How many folder levels sit above an image's class folder name: imagefolder 0, split 1."""
+    return 1 if layout == "split-imagefolder" else 0
 
 
 def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | None = None) -> Listing:
@@ -97,11 +215,12 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
     else:
         if layout == "filelist":
             raise SourceError(f"--layout filelist needs a .txt/.csv file, but {src} is a folder.")
-        root = src.resolve()
-        chosen = _detect_layout(root) if layout == "auto" else layout
-        listing = _list_folder(root, chosen)
+        try:
+            listing = _list_folder(src.resolve(), layout)
+        except OSError as exc:
+            raise SourceError(f"SOURCE {src} cannot be read ({exc.strerror}). Check its permissions.") from None
     if not listing.paths:
-        hint = f" ({len(listing.ignored)} files were skipped for their extension)" if listing.ignored else ""
+        hint = f" ({describe_ignored(listing.ignored_counts())} files ignored)" if listing.ignored else ""
         raise SourceError(
             f"SOURCE {src} holds no images{hint}. Image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}."
         )
@@ -109,37 +228,29 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
 
 
 def _list_folder(root: Path, layout: str) -> Listing:
-    ignored: list[str] = []
-    if layout == "flat":
-        paths = _walk_images(root, root, ignored)
-        return Listing(root, paths, np.full(len(paths), -1, dtype=np.int64), [], layout, ignored)
-
-    if layout == "split-imagefolder":
-        class_dirs = [(split, Path(split, c)) for split in _subdirs(root) for c in _subdirs(root / split)]
-        classes = sorted({d.name for _, d in class_dirs})
-    elif layout == "imagefolder":
-        class_dirs = [("", Path(c)) for c in _subdirs(root)]
-        classes = [d.name for _, d in class_dirs]
-    else:
+    walk = _walk(root)
+    chosen = _detect_layout(walk) if layout == "auto" else layout
+    if chosen == "flat":
+        return Listing(root, walk.images, np.full(len(walk.images), -1, dtype=np.int64), [], chosen, walk.ignored)
+    if chosen not in ("imagefolder", "split-imagefolder"):
         raise SourceError(f"unknown layout {layout!r}")
+    level = _class_depth(chosen)
+    classes = sorted({d.split("/")[level] for d in walk.dirs if _depth(d) == level})
+    inside = [p for p in walk.images if _depth(p) > level]
+    outside = [p for p in walk.images if _depth(p) <= level]
+    if outside and layout == "auto":
+        folders = sorted(d for d in walk.dirs if "/" not in d)
+        shown = ", ".join(folders[:3]) + (" ..." if len(folders) > 3 else "")
+        raise SourceError(
+            f"SOURCE {root} has {len(outside)} images outside its sub-folders (e.g. {outside[0]}) beside "
+            f"{len(folders)} sub-folder{'s' if len(folders) > 1 else ''} ({shown}), so its layout is ambiguous. "
+            "Use --layout flat to embed all of them unlabelled, or --layout imagefolder to label by sub-folder "
+            "and ignore the images outside them."
+        )
     index = {c: i for i, c in enumerate(classes)}
-    # Images outside class folders have no label in these layouts: report, don't guess.
-    for entry in os.scandir(root):
-        if entry.is_file() and _visible(entry.name):
-            ignored.append(entry.name)
-    rows: list[tuple[str, int]] = []
-    for _, rel_dir in class_dirs:
-        label = index[rel_dir.name]
-        rows += [(p, label) for p in _walk_images(root / rel_dir, root, ignored)]
-    rows.sort()
-    return Listing(
-        root,
-        [p for p, _ in rows],
-        np.array([lab for _, lab in rows], dtype=np.int64),
-        classes,
-        layout,
-        ignored,
-    )
+    labels = np.array([index[p.split("/")[level]] for p in inside], dtype=np.int64)
+    ignored = walk.ignored + [(p, OUTSIDE_CLASSES) for p in outside]
+    return Listing(root, inside, labels, classes, chosen, ignored)
 
 
 def _list_file(list_path: Path) -> Listing:
@@ -147,6 +258,7 @@ def _list_file(list_path: Path) -> Listing:
     root = list_path.resolve().parent
     rows: list[tuple[str, str | None]] = []
     seen: set[str] = set()
+    ignored: list[tuple[str, str]] = []
     try:
         with open(list_path, newline="", encoding="utf-8") as f:
             for lineno, rec in enumerate(csv.reader(f), start=1):
@@ -162,15 +274,19 @@ def _list_file(list_path: Path) -> Listing:
                 p = Path(rec[0].strip())
                 rel = p.as_posix() if not p.is_absolute() else _relative_if_inside(p, root)
                 label = rec[1].strip() if len(rec) == 2 and rec[1].strip() else None
-                if rel not in seen:
-                    seen.add(rel)
-                    rows.append((rel, label))
+                if rel in seen:
+                    ignored.append((rel, LISTED_TWICE))
+                    continue
+                seen.add(rel)
+                rows.append((rel, label))
     except UnicodeDecodeError as exc:
         raise SourceError(f"{list_path} is not a UTF-8 text file list: {exc}") from exc
+    except OSError as exc:
+        raise SourceError(f"{list_path} cannot be read ({exc.strerror}).") from None
     classes = sorted({lab for _, lab in rows if lab is not None})
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[lab] if lab is not None else -1 for _, lab in rows], dtype=np.int64)
-    return Listing(root, [p for p, _ in rows], labels, classes, "filelist")
+    return Listing(root, [p for p, _ in rows], labels, classes, "filelist", ignored)
 
 
 def _relative_if_inside(path: Path, root: Path) -> str:
