@@ -10,7 +10,11 @@ Layout of a finished cache (`schema_version` 1)::
     /errors/reason   UTF-8 [E]                ... and why
     attrs: schema_version, fingerprint, one attribute per fingerprint component,
            fingerprint_components (JSON), source, layout, feature_dim, feature_dtype,
-           committed_rows, complete, command
+           committed_rows, complete, command, ignored (JSON {reason: files} of the
+           files under SOURCE that are not rows, e.g. not image names)
+
+Paths are the file names' own bytes (UTF-8 for nearly all; see embedder.names), read back
+with `errors="surrogateescape"` so that each one opens its file again.
 
 Multi-layer caches (`embed --layer A --layer B`, `--style`) add, in the same file::
 
@@ -43,7 +47,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from embedder.atomic import atomic_replace, fsync_path, lock_holder  # noqa: F401 - re-exported
 from embedder.errors import CacheError, EmbedderError
+from embedder.names import ERRORS as NAME_ERRORS
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -104,20 +110,6 @@ def chunk_rows(dim: int, itemsize: int) -> int:
     return max(1, (1 << 20) // max(1, dim * itemsize))
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_replace(tmp: Path, final: Path) -> None:
-    fsync_path(tmp)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-
-
 # ----------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------
@@ -162,10 +154,7 @@ class FeatureCache:
                 f"understands ({SCHEMA_VERSION}). Upgrade embedder."
             )
         if require_complete and not self.complete:
-            message = (
-                f"{self.path} is incomplete ({self.committed_rows} rows committed): its run was interrupted. "
-                f"Rerun `{attrs.get('command', '') or 'the embed command'}` to finish it."
-            )
+            message = self.incomplete_reason()
             self._f.close()
             raise CacheError(message)
         if not self.complete:
@@ -179,6 +168,24 @@ class FeatureCache:
             self._f.close()
             raise
         self._ds_name = "features" if self.layer == self.primary_layer else f"layers/{self.layer}"
+
+    def incomplete_reason(self) -> str:
+        """Why an incomplete cache cannot be used yet: a run still writing it, or one that was interrupted."""
+        pid = self.writer_pid
+        if pid is not None:
+            return (
+                f"{self.path} is still being written by a running embedder process (pid {pid}; "
+                f"{self.committed_rows} rows committed so far). Wait for it to finish."
+            )
+        return (
+            f"{self.path} is incomplete ({self.committed_rows} rows committed): its run was interrupted. "
+            f"Rerun `{self._f.attrs.get('command', '') or 'the embed command'}` to finish it."
+        )
+
+    @property
+    def writer_pid(self) -> int | None:
+        """Pid of the live process writing this cache (its write lock is held), else None."""
+        return lock_holder(self.path)
 
     # layers --------------------------------------------------------------------------------
     @property
@@ -277,25 +284,42 @@ class FeatureCache:
 
     @property
     def paths(self) -> list[str]:
-        return list(self._f["paths"].asstr()[:]) if len(self) else []
+        return self._checked(read_paths(self._f["paths"])) if len(self) else []
 
     @property
     def errors(self) -> list[tuple[str, str]]:
         g = self._f["errors"]
         if not len(g["path"]):
             return []
-        return list(zip(g["path"].asstr()[:], g["reason"].asstr()[:]))
+        return list(zip(read_paths(g["path"]), g["reason"].asstr()[:]))
+
+    @property
+    def ignored_counts(self) -> dict[str, int]:
+        """{reason: files} for the files under SOURCE that are not rows (not image names, hidden, ...)."""
+        return json.loads(self._f.attrs.get("ignored", "{}"))
 
     def features(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
         ds = self._f[self._ds_name]
-        return ds[:] if rows is None else ds[rows]
+        return self._checked(ds[:] if rows is None else ds[rows])
 
     def iter_blocks(self, block_rows: int = 65536) -> Iterator[Block]:
         """Stream (features, labels) in row order, `block_rows` at a time."""
         ds, labels = self._f[self._ds_name], self._f["labels"]
         for start in range(0, len(self), block_rows):
             stop = min(start + block_rows, len(self))
-            yield Block(start, ds[start:stop], labels[start:stop])
+            yield Block(start, *self._checked((ds[start:stop], labels[start:stop])))
+
+    def _checked(self, data):
+        """Rows read from an incomplete cache -- a live view over a run's part files -- are only
+        good if the parts were still there: the writer moves their folder away before deleting
+        anything, so a read that raced the end of the run is refused instead of returning the
+        view's fill values (NaN rows, empty paths)."""
+        if not self.complete and not self.path.with_name(self.path.name + PARTIAL_SUFFIX).is_dir():
+            raise CacheError(
+                f"The run writing {self.path} finished (or moved its parts) while this reader had it open. "
+                "Open it again to read the finished cache."
+            )
+        return data
 
     def close(self) -> None:
         self._f.close()
@@ -305,6 +329,11 @@ class FeatureCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_paths(ds: h5py.Dataset) -> list[str]:
+    """A dataset of stored file names, as the `str`s that open the files (see embedder.names)."""
+    return list(ds.asstr(errors=NAME_ERRORS)[:])
 
 
 def open_cache(path: str | os.PathLike, require_complete: bool = True, layer: str | None = None) -> FeatureCache:

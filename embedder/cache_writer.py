@@ -16,17 +16,17 @@ an uninterrupted run would have, and the final file is bit-identical.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from embedder.atomic import WriteLock, atomic_replace, discard, is_disk_full, remove_leftovers, temp_dir, temp_file
 from embedder.cache import (
     FEATURE_DTYPES,
     PARTIAL_SUFFIX,
@@ -34,10 +34,11 @@ from embedder.cache import (
     STR,
     CacheSpec,
     FeatureCache,
-    atomic_replace,
     chunk_rows,
+    read_paths,
 )
-from embedder.errors import CacheError, CacheMismatchError
+from embedder.errors import CacheError, CacheMismatchError, DiskFullError
+from embedder.names import decode_path, encode_path
 
 
 @dataclass
@@ -76,8 +77,11 @@ class CacheWriter:
 
     def __init__(
         self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512,
-        fixed_width_paths: bool = False,
+        fixed_width_paths: bool = False, lock: WriteLock | None = None, ignored: dict | None = None,
     ):
+        """`lock`: the cache's write lock, when the caller took it already (`embed` does, before
+        it builds the model, so that a second run is refused at once). `ignored`: {reason: files}
+        not in the listing, recorded in the cache (default: the listing's own)."""
         if spec.feature_dtype not in FEATURE_DTYPES:
             raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
         self.path = Path(path).absolute()
@@ -89,7 +93,9 @@ class CacheWriter:
         # (the shards of a Ray run, embedder.shards); variable-length strings cannot be mapped.
         self.fixed_width_paths = fixed_width_paths
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self._lock_fd: int | None = None
+        self._lock = lock
+        self._own_lock = lock is None
+        self.ignored = listing.ignored_counts() if ignored is None else dict(ignored)
         self._buffer = _Part()
         self.base: dict | None = None  # summary of the previous complete cache, when appending
         self.committed = _Committed()
@@ -100,8 +106,13 @@ class CacheWriter:
     # lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        if self._own_lock:
+            self._lock = WriteLock(self.path)
+            self._lock.acquire()
         try:
+            # We hold the lock: any temporary file of this cache is a dead run's.
+            remove_leftovers(self.path)
+            remove_leftovers(self.partial)
             self._prepare()
         except BaseException:
             self._unlock()
@@ -111,18 +122,10 @@ class CacheWriter:
     def __exit__(self, *exc) -> None:
         self._unlock()
 
-    def _lock(self) -> None:
-        self._lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock_fd = acquire_lock(self._lock_path, self.path)
-
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                os.unlink(self._lock_path)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._own_lock and self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # planning ------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -135,14 +138,20 @@ class CacheWriter:
         if existing is not None and existing["complete"]:
             self.base = existing
         if manifest is not None:
+            self._scan_parts()
             base_rows = self.base["rows"] if self.base else 0
             if manifest.get("base_rows", 0) != base_rows:
-                raise CacheError(
-                    f"{self.partial} belongs to an interrupted run on a different version of {self.path}. "
-                    "Rerun with --overwrite to start over."
-                )
+                if not self._parts_are_in(existing, manifest):
+                    raise CacheError(
+                        f"{self.partial} belongs to an interrupted run on a different version of {self.path}. "
+                        "Rerun with --overwrite to start over."
+                    )
+                # A run killed after its consolidated file was in place, before the parts were
+                # removed: the cache is complete and holds them. Drop them and carry on.
+                self._drop_partial()
+                self.committed, manifest = _Committed(), None
+        if manifest is not None:
             self.classes = list(manifest["classes"])
-            self._scan_parts()
         for name in self.listing.classes:
             if name not in self.classes:
                 self.classes.append(name)
@@ -161,6 +170,28 @@ class CacheWriter:
         self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
         if self.base is None and manifest is None:
             self._write_view()  # from the first second on, CACHE.h5 opens and says "0 rows"
+
+    def _parts_are_in(self, existing: dict | None, manifest: dict) -> bool:
+        """Whether the committed parts are already the last rows of the complete cache `existing`."""
+        if existing is None or not existing["complete"]:
+            return False
+        base_rows = manifest.get("base_rows", 0)
+        parts = [p for part in self._part_paths() for p in part]
+        return existing["rows"] == base_rows + len(parts) and existing["paths"][base_rows:] == parts
+
+    def _part_paths(self):
+        for part in self.committed.files:
+            with h5py.File(part, "r") as f:
+                yield [decode_path(p) for p in f["paths"][:]]
+
+    def _drop_partial(self) -> None:
+        """Remove the part folder: first renamed away in one step (so a reader of the live view sees
+        it gone at once, never half deleted: embedder.cache), then deleted."""
+        if not self.partial.exists():
+            return
+        trash = temp_dir(self.partial)
+        os.replace(self.partial, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _read_existing(self) -> dict | None:
         if not self.path.exists():
@@ -214,8 +245,8 @@ class CacheWriter:
             stale.unlink()  # a commit that was killed before its rename never happened
         for part in sorted(self.partial.glob("part-*.h5")):
             with h5py.File(part, "r") as f:
-                paths = [p.decode() for p in f["paths"][:]]
-                errors = list(zip(f["errors/path"].asstr()[:], f["errors/reason"].asstr()[:]))
+                paths = [decode_path(p) for p in f["paths"][:]]
+                errors = list(zip(read_paths(f["errors/path"]), f["errors/reason"].asstr()[:]))
                 self.committed.path_widths.append(f["paths"].dtype.itemsize)
             self.committed.files.append(part)
             self.committed.rows.append(len(paths))
@@ -269,10 +300,55 @@ class CacheWriter:
         number = len(self.committed.files)
         final = self.partial / f"part-{number:06d}.h5"
         tmp = final.with_suffix(".h5.tmp")
+        with self._writing(tmp, needed=_part_bytes(buf)):
+            self._write_part(tmp, buf)
+            atomic_replace(tmp, final)
+        self.committed.files.append(final)
+        self.committed.rows.append(len(buf.paths))
+        self.committed.path_widths.append(max((len(encode_path(p)) for p in buf.paths), default=1))
+        self.committed.paths.update(buf.paths)
+        self.committed.errors += buf.errors
+        self._buffer = _Part()
+        if self.base is None:
+            self._write_view()
+
+    @contextmanager
+    def _writing(self, tmp: Path, needed: int):
+        """Write `tmp`, which takes about `needed` bytes: gone again if the write fails.
+
+        A full disk becomes a DiskFullError that says what is safe (the committed rows) and
+        that rerunning resumes. It is checked *before* writing: HDF5 does not recover from a
+        failed write (the file's handle stays broken, and the interpreter can crash at exit),
+        so a write that would not fit is never started. One that fails anyway (the disk
+        filled up meanwhile) is reported the same way, marked `unclean`."""
+        free = _free_bytes(tmp.parent)
+        if free is not None and free < needed + DISK_HEADROOM:
+            raise self._disk_full(free, needed)
+        try:
+            yield
+        except BaseException as exc:
+            discard(tmp)
+            if is_disk_full(exc):
+                raise self._disk_full(_free_bytes(tmp.parent), needed, unclean=True) from None
+            raise
+
+    def _disk_full(self, free: int | None, needed: int, unclean: bool = False) -> DiskFullError:
+        error = DiskFullError(
+            f"Not enough space on the device of {self.path} (the next write needs about "
+            f"{_size(needed + DISK_HEADROOM)}, {'?' if free is None else _size(free)} are free). "
+            f"{self.resumed_rows + (self.base or {}).get('rows', 0)} rows are committed and safe: free some "
+            "space and rerun the same command, it resumes from there."
+        )
+        error.unclean = unclean
+        return error
+
+    def _write_part(self, tmp: Path, buf: _Part) -> None:
         dim = self.spec.feature_dim
         feats = np.concatenate(buf.features) if buf.features else np.zeros((0, dim), self.spec.feature_dtype)
-        width = max((len(p.encode()) for p in buf.paths), default=1)
-        with h5py.File(tmp, "w", track_order=False) as f:
+        width = max((len(encode_path(p)) for p in buf.paths), default=1)
+        # The core driver builds the (small) part in memory and writes it in one go, so a failed
+        # write is a plain OSError, not a broken HDF5 handle.
+        with h5py.File(tmp, "w", track_order=False, driver="core", backing_store=True) as f:
             f.create_dataset("features", data=feats, track_times=False)
             for name, d in self.spec.extra_layers.items():
                 arrays = buf.extra.get(name)
@@ -280,25 +356,22 @@ class CacheWriter:
                 f.create_dataset(f"layers/{name}", data=data, track_times=False)
             f.create_dataset("labels", data=np.asarray(buf.labels, dtype=np.int64), track_times=False)
             fixed = h5py.string_dtype("utf-8", width)  # fixed width: virtual datasets cannot span vlen strings
-            f.create_dataset("paths", data=np.array([p.encode() for p in buf.paths], dtype=fixed), track_times=False)
+            paths = np.array([encode_path(p) for p in buf.paths], dtype=fixed)
+            f.create_dataset("paths", data=paths, track_times=False)
             write_errors(f, buf.errors)
-        atomic_replace(tmp, final)
-        self.committed.files.append(final)
-        self.committed.rows.append(len(buf.paths))
-        self.committed.path_widths.append(width)
-        self.committed.paths.update(buf.paths)
-        self.committed.errors += buf.errors
-        self._buffer = _Part()
-        if self.base is None:
-            self._write_view()
 
     def _write_view(self) -> None:
         """CACHE.h5 as virtual datasets over the committed parts (fresh runs only)."""
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp = temp_file(self.path)
+        with self._writing(tmp, needed=(64 << 10) + 512 * len(self.committed.files) + _errors_bytes(self.committed)):
+            self._write_view_file(tmp)
+            atomic_replace(tmp, self.path)
+
+    def _write_view_file(self, tmp: Path) -> None:
         rows = self.committed.rows
         total, dim = sum(rows), self.spec.feature_dim
         rel = [os.path.relpath(p, self.path.parent) for p in self.committed.files]
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", driver="core", backing_store=True) as f:
             if total:
                 width = max(self.committed.path_widths)
                 lay_f = h5py.VirtualLayout((total, dim), dtype=self.spec.feature_dtype)
@@ -330,10 +403,9 @@ class CacheWriter:
             write_errors(f, self.committed.errors)
             self._link_primary(f)
             self._write_attrs(f, rows=total, complete=False)
-        atomic_replace(tmp, self.path)
 
     def _write_attrs(self, f: h5py.File, rows: int, complete: bool) -> None:
-        write_attrs(f, self.spec, rows, complete)
+        write_attrs(f, self.spec, rows, complete, ignored=self.ignored)
 
     def _link_primary(self, f: h5py.File) -> None:
         """/layers/<primary> is a hard link to /features: every layer is in /layers, stored once."""
@@ -345,23 +417,26 @@ class CacheWriter:
         """Commit what is buffered and consolidate base + parts into one file. Returns its rows."""
         self.commit()
         if not self.committed.files and self.base is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            self._drop_partial()
             return self.base["rows"]
         old = FeatureCache(self.path, require_complete=True) if self.base is not None else None
+        tmp = temp_file(self.path)
+        needed = sum(p.stat().st_size for p in self.committed.files) + (self.path.stat().st_size if old else 0)
         try:
-            rows = self._consolidate(old)
+            with self._writing(tmp, needed=needed + (256 << 10)):
+                rows = self._consolidate(old, tmp)
+                atomic_replace(tmp, self.path)  # the commit point: from here on the cache is complete
         finally:
             if old is not None:
                 old.close()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self._drop_partial()  # a kill before this is recognised by the next run (_parts_are_in)
         return rows
 
-    def _consolidate(self, old: FeatureCache | None) -> int:
+    def _consolidate(self, old: FeatureCache | None, tmp: Path) -> int:
         classes = sorted(set(self.classes) | set(old.classes if old else []))
         index = {c: i for i, c in enumerate(classes)}
         total = (len(old) if old else 0) + self.resumed_rows
         dim, dtype = self.spec.feature_dim, self.spec.feature_dtype
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
         with h5py.File(tmp, "w") as f:
             chunk = (min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim)
             feats = f.create_dataset(
@@ -399,15 +474,15 @@ class CacheWriter:
                     for k, ds in extra.items():
                         ds[start : start + n] = pf[f"layers/{k}"][:]
                     labels[start : start + n] = remap[pf["labels"][:]]
-                    paths += [p.decode() for p in pf["paths"][:]]
+                    paths += [decode_path(p) for p in pf["paths"][:]]
                 start += n
             errors += self.committed.errors
+            encoded = [encode_path(p) for p in paths]
             if self.fixed_width_paths:
-                width = max((len(p.encode()) for p in paths), default=1)
-                path_dtype = h5py.string_dtype("utf-8", width)
-                data = np.array([p.encode() for p in paths], dtype=path_dtype)
+                path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
+                data = np.array(encoded, dtype=path_dtype)
             else:
-                data, path_dtype = np.array(paths, dtype=object), STR
+                data, path_dtype = np.array(encoded, dtype=object), STR
             f.create_dataset(
                 "paths", data=data, dtype=path_dtype, shape=(total,), maxshape=(None,),
                 chunks=(min(65536, max(total, 1)),), track_times=False,
@@ -416,35 +491,10 @@ class CacheWriter:
             write_errors(f, errors)
             self._link_primary(f)
             self._write_attrs(f, rows=total, complete=True)
-        atomic_replace(tmp, self.path)
         return total
 
 
-def acquire_lock(lock_path: Path, what: Path) -> int:
-    """Exclusive, non-blocking flock on `lock_path` (the lock of the cache `what`). Returns the fd;
-    release by unlinking the file, then closing the fd. Also used by the Ray driver (embedder.shards)."""
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise CacheError(
-                    f"Another embedder process is writing {what} (lock {lock_path}). "
-                    "Wait for it to finish, or write to another --out."
-                ) from None
-            raise
-        # The previous holder may have unlinked the file between our open and our lock.
-        try:
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool) -> None:
+def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignored: dict | None = None) -> None:
     """The cache attributes of schema v1 (see embedder.cache)."""
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["fingerprint"] = spec.fingerprint
@@ -460,10 +510,39 @@ def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool) -> Non
     f.attrs["committed_rows"] = rows
     f.attrs["complete"] = complete
     f.attrs["command"] = spec.command
+    f.attrs["ignored"] = json.dumps(ignored or {})
 
 
 def write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
     g = f.create_group("errors")
-    g.create_dataset("path", data=np.array([p for p, _ in errors], dtype=object), dtype=STR, shape=(len(errors),))
+    paths = np.array([encode_path(p) for p, _ in errors], dtype=object)
+    g.create_dataset("path", data=paths, dtype=STR, shape=(len(errors),))
     g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR, shape=(len(errors),))
 
+
+
+DISK_HEADROOM = 256 << 10  # bytes kept free beyond an estimate: HDF5's own overhead varies
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**10:.0f} KiB" if n < 10 << 20 else f"{n / 2**20:.0f} MiB"
+
+
+def _part_bytes(buf: _Part) -> int:
+    """About what a part file of `buf` takes on disk."""
+    feats = sum(a.nbytes for a in buf.features) + sum(a.nbytes for arrays in buf.extra.values() for a in arrays)
+    paths = len(buf.paths) * max((len(encode_path(p)) for p in buf.paths), default=1)
+    errors = sum(len(encode_path(p)) + len(r) for p, r in buf.errors)
+    return feats + paths + 8 * len(buf.paths) + 2 * errors + (64 << 10)
+
+
+def _errors_bytes(committed: _Committed) -> int:
+    return sum(len(encode_path(p)) + len(r) for p, r in committed.errors) * 2

@@ -54,3 +54,9 @@ class BadImageError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class DiskFullError(CacheError):
+    """The output's file system is full; what was committed is safe and a rerun resumes."""
+
+    unclean = False  # True when an HDF5 write failed midway: the library's state is not to be trusted after

@@ -31,16 +31,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import embedder
+from embedder.atomic import WriteLock
 from embedder.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
 from embedder.cache import CacheSpec, FeatureCache
 from embedder.cache_writer import CacheWriter
 from embedder.config import EmbedConfig
 from embedder.decode import DECODER, DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import AllImagesFailedError, BadImageError
+from embedder.names import display_path
 from embedder.preprocess import apply_guarded, geometric_transform
 from embedder.registry import Preprocessing
 from embedder.runtime import resolve_runtime
-from embedder.sources import Listing, list_source
+from embedder.sources import Listing, describe_ignored, list_source
 from embedder.style import SKETCH_SEED
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
@@ -109,10 +111,11 @@ class EmbedReport:
     embedded: int  # new feature rows written by this run
     errors: list[tuple[str, str]]  # (path, reason) recorded by this run
     total_rows: int  # feature rows in the finished cache
-    ignored: int  # files skipped for their extension or place
+    ignored: int  # files under SOURCE that are not rows (not image names, hidden, outside classes, links)
     wall_s: float
     stage_s: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    ignored_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def up_to_date(self) -> bool:
@@ -138,9 +141,9 @@ class EmbedReport:
             f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
         ]
         if self.ignored:
-            lines.append(f"  ignored files   : {self.ignored} (not image files, or outside class folders)")
+            lines.append(f"  ignored files   : {describe_ignored(self.ignored_by_reason)}")
         for path, reason in self.errors[:5]:
-            lines.append(f"    {path}: {reason}")
+            lines.append(f"    {display_path(path)}: {reason}")
         if len(self.errors) > 5:
             lines.append(f"    ... and {len(self.errors) - 5} more")
         lines.append("  time per stage  : " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_s.items()))
@@ -158,6 +161,7 @@ class EmbedReport:
             "errors": [{"path": p, "reason": r} for p, r in self.errors],
             "total_rows": self.total_rows,
             "ignored": self.ignored,
+            "ignored_by_reason": self.ignored_by_reason,
             "wall_s": self.wall_s,
             "images_per_s": self.images_per_s,
             "stage_s": self.stage_s,
@@ -272,6 +276,13 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
 
 def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None) -> EmbedReport:
     """Embed every image of `config.source` into the cache `config.out` (create, resume or append)."""
+    # The lock first: a second run into the same cache is refused at once, before it spends
+    # tens of seconds building a model.
+    with WriteLock(Path(config.out)) as lock:
+        return _embed_locked(config, backbone, command, lock)
+
+
+def _embed_locked(config: EmbedConfig, backbone, command: str | None, lock: WriteLock) -> EmbedReport:
     t_start = time.perf_counter()
     listing = list_source(config.source, config.layout, config.limit)
     backbone = backbone or backbone_for(config)
@@ -293,7 +304,8 @@ def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: 
         print(f"embedder: --compile: the first batch compiles {config.model} (tens of seconds on a CPU).",
               file=sys.stderr)
     embedded = 0
-    with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every) as writer:
+    with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
+                     lock=lock) as writer:
         pending = writer.pending
         already = len(listing) - len(pending)
         if len(pending):
@@ -312,11 +324,12 @@ def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: 
         wall_s=wall,
         stage_s={k: round(v, 3) for k, v in timer.seconds.items()},
         config={k: str(v) for k, v in spec.components.items()},
+        ignored_by_reason=listing.ignored_counts(),
     )
     if total_rows == 0:
         with FeatureCache(config.out) as cache:
             errors = cache.errors
-        sample = "; ".join(f"{p}: {r}" for p, r in errors[:3])
+        sample = "; ".join(f"{display_path(p)}: {r}" for p, r in errors[:3])
         raise AllImagesFailedError(
             f"No image of {config.source} could be used ({len(errors)} failed, e.g. {sample}). "
             f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."

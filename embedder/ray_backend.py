@@ -15,7 +15,6 @@ import json
 import shlex
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import numpy as np
 from embedder.cache import CacheSpec, FeatureCache
 from embedder.config import EmbedConfig
 from embedder.errors import AllImagesFailedError, ConfigError
-from embedder.shards import ShardSet
+from embedder.names import display_path
+from embedder.shards import ShardSet, lock_output
 from embedder.sources import list_source
 
 
@@ -102,6 +102,7 @@ class ShardEmbedder:
             "rows": np.array([m["rows"] for m in markers]),
             "errors": np.array([m["errors"] for m in markers]),
             "embedded": np.array([m["embedded"] for m in markers]),
+            "resumed": np.array([m["resumed"] for m in markers]),
             "wall_s": np.array([m["wall_s"] for m in markers]),
             "stage_s": np.array([json.dumps(m["stage_s"]) for m in markers]),
             "host": np.array([m["host"] for m in markers]),
@@ -110,10 +111,6 @@ class ShardEmbedder:
 
 def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: str | None = None):
     """Embed `config.source` into the sharded cache `config.out` on Ray. Returns an `EmbedReport`."""
-    from tqdm.auto import tqdm
-
-    from embedder.extract import EmbedReport
-
     options = options or RayOptions()
     if config.extra_layers or config.style:
         raise ConfigError(
@@ -122,96 +119,117 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
         )
     ray = _ray()
     t_start = time.perf_counter()
-    listing = list_source(config.source, config.layout, config.limit)
-    command = command if command is not None else shlex.join(["embedder", *sys.argv[1:]])
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=config.progress,
-                 logging_level="WARNING")
-    stack = ExitStack()
-    try:
-        gpus = options.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        if gpus > 0:
-            # Fingerprint where the work runs: a GPU node resolves `auto` device/precision differently.
-            remote = ray.remote(num_gpus=gpus, num_cpus=options.cpus_per_actor)(_spec_only)
-            spec = ray.get(remote.remote(config, listing.root, listing.layout, command))
-        else:
-            spec, _ = _spec_for(config, listing, command)
-        shard_set = ShardSet(config.out, spec, listing, options.shard_size, config.batch_size)
-        stack.enter_context(shard_set.lock())
-        shard_set.prepare(overwrite=config.overwrite)
-        pending = shard_set.pending()
-        already = len(listing) - sum(len(s) for s in pending)
-        shard_set.write_view()  # from the first second on, OUT opens (incomplete until every shard is done)
-        summaries: list[dict] = []
-        if pending:
-            actors = options.actors
-            if actors is None:
-                res = ray.cluster_resources()
-                share = res.get("GPU", 0) / gpus if gpus > 0 else res.get("CPU", 1) / options.cpus_per_actor
-                actors = max(1, min(len(pending), int(share)))
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
-            # The listing as a dataset: one row per pending shard, carrying that shard's paths and labels.
-            ds = ray.data.from_items([shard_set.task(s) for s in pending], override_num_blocks=len(pending))
-            out = ds.map_batches(
-                ShardEmbedder,
-                fn_constructor_kwargs={"config": config, "job": shard_set.job},
-                batch_size=1,  # one shard per call: a shard is the unit of work and of resume
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                num_cpus=options.cpus_per_actor,
-                num_gpus=gpus,
-            )
-            bar = tqdm(total=len(pending), unit="shard", desc="embed (ray)", disable=not config.progress,
-                       file=sys.stderr, dynamic_ncols=True)
-            # The view opens every finished shard: refresh it now and then, not after each of thousands.
-            next_view, view_s = time.monotonic() + 30, 0.0
-            with bar:
-                for row in out.iter_rows():
-                    summaries.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-                    bar.update(1)
-                    if time.monotonic() >= next_view:
-                        t0 = time.monotonic()
-                        shard_set.write_view()
-                        view_s = time.monotonic() - t0
-                        next_view = time.monotonic() + max(30, 10 * view_s)
-        total_rows, complete = shard_set.write_view()
-    finally:
-        stack.close()
+    # The lock first: a second run into the same cache is refused before Ray starts or a model is built.
+    with lock_output(config.out):
+        listing = list_source(config.source, config.layout, config.limit)
+        command = command if command is not None else shlex.join(["embedder", *sys.argv[1:]])
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
+            _init(ray, options.address, config.progress)
+        try:
+            return _embed_on_ray(ray, config, options, listing, command, t_start)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _init(ray, address: str | None, progress: bool) -> None:
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=progress, logging_level="WARNING")
+    except (ConnectionError, TimeoutError) as exc:
+        raise ConfigError(
+            f"Cannot join the Ray cluster at {address}: {exc}. Start one with `ray start --head` (and pass "
+            "--address auto), or leave out --address to run on a Ray instance started here."
+        ) from None
+
+
+def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing, command: str, t_start: float):
+    from embedder.extract import EmbedReport
+
+    gpus = options.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if gpus > 0:
+        # Fingerprint where the work runs: a GPU node resolves `auto` device/precision differently.
+        remote = ray.remote(num_gpus=gpus, num_cpus=options.cpus_per_actor)(_spec_only)
+        spec = ray.get(remote.remote(config, listing.root, listing.layout, command))
+    else:
+        spec, _ = _spec_for(config, listing, command)
+    shard_set = ShardSet(config.out, spec, listing, options.shard_size, config.batch_size)
+    shard_set.prepare(overwrite=config.overwrite)
+    pending = shard_set.pending()
+    already = len(listing) - sum(len(s) for s in pending)
+    shard_set.write_view()  # from the first second on, OUT opens (incomplete until every shard is done)
+    summaries = _run_pool(ray, config, options, shard_set, pending, gpus) if pending else []
+    total_rows, complete = shard_set.write_view()
     done = {s["shard"] for s in summaries}
     new_errors: list[tuple[str, str]] = []
     for shard in shard_set.shards:
         if shard.number in done:
             with FeatureCache(shard_set.dir / f"{shard.name}.h5") as c:
                 new_errors += c.errors
-    wall = time.perf_counter() - t_start
     report = EmbedReport(
         out=str(config.out),
         fingerprint=spec.fingerprint,
         listed=len(listing),
-        already_cached=already,
+        # Rows a shard had committed before an earlier run was killed were cached, not embedded, now.
+        already_cached=already + sum(s["resumed"] for s in summaries),
         embedded=sum(s["embedded"] for s in summaries),
         errors=new_errors,
         total_rows=total_rows,
         ignored=len(listing.ignored),
-        wall_s=wall,
+        wall_s=time.perf_counter() - t_start,
         stage_s=_stage_sums(summaries),
         config={k: str(v) for k, v in spec.components.items()},
+        ignored_by_reason=listing.ignored_counts(),
     )
     if total_rows == 0 and complete:
         with FeatureCache(config.out) as cache:
             errors = cache.errors
-        sample = "; ".join(f"{p}: {r}" for p, r in errors[:3])
+        sample = "; ".join(f"{display_path(p)}: {r}" for p, r in errors[:3])
         raise AllImagesFailedError(
             f"No image of {config.source} could be used ({len(errors)} failed, e.g. {sample}). "
             f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."
         )
     return report
+
+
+def _run_pool(ray, config: EmbedConfig, options: RayOptions, shard_set: ShardSet, pending, gpus: float) -> list[dict]:
+    """Embed the pending shards on an actor pool; returns one summary per shard embedded."""
+    from tqdm.auto import tqdm
+
+    actors = options.actors
+    if actors is None:
+        res = ray.cluster_resources()
+        share = res.get("GPU", 0) / gpus if gpus > 0 else res.get("CPU", 1) / options.cpus_per_actor
+        actors = max(1, min(len(pending), int(share)))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # The listing as a dataset: one row per pending shard, carrying that shard's paths and labels.
+    ds = ray.data.from_items([shard_set.task(s) for s in pending], override_num_blocks=len(pending))
+    out = ds.map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs={"config": config, "job": shard_set.job},
+        batch_size=1,  # one shard per call: a shard is the unit of work and of resume
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=options.cpus_per_actor,
+        num_gpus=gpus,
+    )
+    summaries = []
+    bar = tqdm(total=len(pending), unit="shard", desc="embed (ray)", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    # The view opens every finished shard: refresh it now and then, not after each of thousands.
+    next_view = time.monotonic() + 30
+    with bar:
+        for row in out.iter_rows():
+            summaries.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+            bar.update(1)
+            if time.monotonic() >= next_view:
+                t0 = time.monotonic()
+                shard_set.write_view()
+                next_view = time.monotonic() + max(30, 10 * (time.monotonic() - t0))
+    return summaries
 
 
 def _stage_sums(summaries: list[dict]) -> dict[str, float]:

@@ -32,8 +32,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from embedder.cache import PARTIAL_SUFFIX, STR, CacheSpec, FeatureCache, atomic_replace
-from embedder.cache_writer import CacheWriter, acquire_lock, write_attrs, write_errors
+from embedder.atomic import WriteLock, atomic_replace, discard, remove_leftovers, temp_file
+from embedder.cache import PARTIAL_SUFFIX, STR, CacheSpec, FeatureCache
+from embedder.cache_writer import CacheWriter, write_attrs, write_errors
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
 from embedder.sources import Listing
 
@@ -172,17 +173,9 @@ class ShardSet:
             self.dir.mkdir(parents=True, exist_ok=True)
             _write_json(mpath, self.manifest)
 
-    @contextmanager
     def lock(self):
         """The lock a local `CacheWriter` takes on OUT: one writer per cache, local or sharded."""
-        lock_path = self.out.with_name(self.out.name + ".lock")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd = acquire_lock(lock_path, self.out)
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
-            os.close(fd)
+        return lock_output(self.out)
 
     def done(self) -> dict[int, dict]:
         """Markers of finished shards that match the plan (a marker is written last)."""
@@ -221,8 +214,16 @@ class ShardSet:
         done = self.done()
         files = [self.dir / f"{s.name}.h5" for s in self.shards if s.number in done]
         complete = len(done) == len(self.shards)
-        rows = write_view(self.out, self.spec, self.listing.classes, files, complete)
+        rows = write_view(self.out, self.spec, self.listing.classes, files, complete, self.listing.ignored_counts())
         return rows, complete
+
+
+@contextmanager
+def lock_output(out):
+    """Hold OUT's write lock (the one a local `CacheWriter` takes) and clear a dead writer's leftovers."""
+    with WriteLock(Path(out)) as lock:
+        remove_leftovers(Path(out).absolute())
+        yield lock
 
 
 def _is_view(path: Path) -> bool:
@@ -269,13 +270,13 @@ def embed_shard(config, backbone, job: ShardJob, task: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], complete: bool) -> int:
+def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], complete: bool,
+               ignored: dict | None = None) -> int:
     """Write `out` (atomically) as a cache whose rows are those of `files`, in order, without copying them.
 
     Every file must be a finished cache with `spec`'s fingerprint, the same class list, and
     fixed-width paths. Errors tables are concatenated (they are small)."""
     out = Path(out).absolute()
-    dim, dtype = spec.feature_dim, spec.feature_dtype
     sources, errors = [], []
     for path in files:
         with FeatureCache(path) as c:
@@ -286,8 +287,19 @@ def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], comp
                 raise CacheError(f"{path} stores variable-length paths; a view needs shards written by embedder.")
             sources.append((os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize))
             errors += c.errors
+    tmp = temp_file(out)
+    try:
+        _write_view_file(tmp, spec, classes, sources, errors, complete, ignored)
+        atomic_replace(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return sum(n for _, n, _ in sources)
+
+
+def _write_view_file(tmp: Path, spec: CacheSpec, classes, sources, errors, complete: bool, ignored) -> None:
+    dim, dtype = spec.feature_dim, spec.feature_dtype
     total = sum(n for _, n, _ in sources)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     with h5py.File(tmp, "w") as f:
         if total:
             width = max(w for _, _, w in sources)
@@ -310,10 +322,8 @@ def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], comp
             f.create_dataset("paths", shape=(0,), dtype=STR)
         f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
         write_errors(f, errors)
-        write_attrs(f, spec, rows=total, complete=complete)
-        f.attrs["shards"] = len(files)
-    atomic_replace(tmp, out)
-    return total
+        write_attrs(f, spec, rows=total, complete=complete, ignored=ignored)
+        f.attrs["shards"] = len(sources)
 
 
 def row_ranges(cache: FeatureCache, block_rows: int = 65536) -> list[tuple[int, int]]:
@@ -342,9 +352,23 @@ def _view_of(src) -> tuple[Path, bool]:
     m = json.loads(mpath.read_text())
     spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"])
     files = [src / f"shard-{k:05d}.h5" for k in range(m["shards"]) if (src / f"shard-{k:05d}.done").exists()]
+    _remove_dead_views(src)
     view = src / f".view-{os.getpid()}.h5"
     write_view(view, spec, m["classes"], files, complete=len(files) == m["shards"])
     return view, True
+
+
+def _remove_dead_views(folder: Path) -> None:
+    """Temporary views of merges whose process is gone (killed before it could remove its own)."""
+    for view in folder.glob(".view-*.h5"):
+        try:
+            os.kill(int(view.name[len(".view-"):-len(".h5")]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            view.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> int:
@@ -364,7 +388,8 @@ def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> i
                               cache.classes, str(cache.attrs["layout"]))
             if Path(out).absolute() == view:
                 raise ConfigError("merge --out must differ from the cache it merges.")
-            with CacheWriter(out, spec, listing, overwrite=overwrite, commit_every=block_rows) as w:
+            with CacheWriter(out, spec, listing, overwrite=overwrite, commit_every=block_rows,
+                             ignored=cache.ignored_counts) as w:
                 if w.base is not None:
                     raise CacheError(f"{out} already exists. Use --overwrite to replace it.")
                 todo = w.pending
