@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedder.atomic import save_torch, staged_file
 from embedder.backbone import BackboneConfig, FrozenBackbone, _seeded
 from embedder.errors import ConfigError
 from embedder.heads import head_slot, mlp_head, replace_head
@@ -55,12 +56,12 @@ def logits_node(head_path: str, head: nn.Module) -> str:
 
 
 def save_classifier(path: str | os.PathLike, model: nn.Module, info: ClassifierInfo) -> Path:
+    """Write the checkpoint `path` (replaced in one step: a kill leaves the old file or the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "info": {**info.__dict__}, "state_dict": model.state_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        save_torch(payload, tmp)
     return path
 
 

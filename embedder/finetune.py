@@ -47,6 +47,7 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
 from embedder.backbone import build_model
+from embedder.atomic import staged_dir
 from embedder.classifier import ClassifierInfo, save_classifier
 from embedder.config import _positive, auto_workers, config_from_table
 from embedder.decode import DEFAULT_MAX_PIXELS, load_rgb
@@ -376,14 +377,23 @@ class FinetuneReport:
 
 
 def finetune(config: FinetuneConfig) -> FinetuneReport:
-    """Train on `config.source`, keep the best epoch by validation accuracy, save it in `config.out`."""
+    """Train on `config.source`, keep the best epoch by validation accuracy, save it in `config.out`.
+
+    OUT is written as a whole (best.pt and history.json into a temporary folder that replaces
+    OUT in one step), and its write lock is held from the start, so a second run into the same
+    OUT is refused before it trains."""
+    out = _check_out(config.out)
+    with staged_dir(out) as tmp:
+        return _finetune(config, out, tmp)
+
+
+def _finetune(config: FinetuneConfig, out: Path, tmp: Path) -> FinetuneReport:
     t_start = time.perf_counter()
     # Cheap checks first: a bad model, layer, device or probe fails before any image is read.
     spec = get_backbone_spec(config.model)
     node = spec.resolve_layer(config.layer)
     in_features = head_slot(spec, config.layer)[1]
     runtime = resolve_runtime(config.device, "fp32", "contiguous")
-    out = _check_out(config.out)
     listing = list_source(config.source, config.layout, config.limit)
     check_labels(listing.labels, listing.classes, what=f"SOURCE {config.source}")
     splits = assign_splits(
@@ -462,7 +472,7 @@ def finetune(config: FinetuneConfig) -> FinetuneReport:
             "init_head": config.init_head,
         },
     )
-    save_classifier(out / "best.pt", net.model.cpu(), info)  # creates `out`
+    save_classifier(tmp / "best.pt", net.model.cpu(), info)
     report = FinetuneReport(
         out=str(out),
         model=spec.name,
@@ -478,7 +488,7 @@ def finetune(config: FinetuneConfig) -> FinetuneReport:
         config=resolved,
     )
     report.wall_s = round(time.perf_counter() - t_start, 3)
-    _write_json(out / "history.json", report.as_dict())
+    _write_json(tmp / "history.json", report.as_dict())
     return report
 
 

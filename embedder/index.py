@@ -31,17 +31,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from embedder.cache import STR, FeatureCache
+from embedder.atomic import staged_dir
+from embedder.cache import STR, FeatureCache, read_paths
 from embedder.errors import CacheMismatchError, ConfigError
+from embedder.names import encode_path
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 INVERTED_LIST_KINDS = ("ivf", "ivfsq", "ivfpq")  # the kinds whose lists can live on disk
@@ -157,18 +160,30 @@ def build_index(
     per shard of the cache (its virtual-dataset sources, else blocks of `block_rows`), all
     sharing the trained quantizer, merged into one inverted-list file on disk with faiss
     `contrib.ondisk`. Search then memory-maps the lists; the results equal an in-memory build.
-    """
-    from tqdm.auto import tqdm
 
-    faiss = _faiss()
+    Crash safety: the build holds INDEX_DIR's write lock (`.INDEX_DIR.lock`) and writes into a
+    hidden temporary folder that replaces INDEX_DIR in one step, so a kill leaves the old index
+    or the new one; the next build removes what a killed one left.
+    """
     if kind not in KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     if metric not in METRICS:
         raise ConfigError(f"--metric must be cosine or l2, got {metric!r}.")
     if not 0 < target_recall <= 1:
         raise ConfigError("--target-recall must be in (0, 1].")
+    with staged_dir(out_dir) as tmp:  # becomes INDEX_DIR once complete
+        with FeatureCache(cache_path, layer=layer) as cache:
+            return _build(cache, cache_path, tmp, kind, metric, memory_budget, target_recall, seed, progress,
+                          block_rows, n_eval, on_disk)
+
+
+def _build(cache: FeatureCache, cache_path, tmp: Path, kind: str, metric: str, memory_budget: int | None,
+           target_recall: float, seed: int, progress: bool, block_rows: int, n_eval: int, on_disk: bool) -> dict:
+    """Everything of `build_index` between the lock and the swap: the index and its files in `tmp`."""
+    from tqdm.auto import tqdm
+
+    faiss = _faiss()
     t0 = time.perf_counter()
-    cache = FeatureCache(cache_path, layer=layer)
     n, dim = len(cache), cache.dim
     if n == 0:
         raise ConfigError(f"{cache_path} has no rows to index.")
@@ -216,10 +231,6 @@ def build_index(
         size = _index_bytes(kind, n, dim, params.get("pq_m", 0))
         if not on_disk and size > index_budget:
             on_disk, why = True, f"{why}; its {size / 2**20:.0f} MiB exceed the budget, so its lists live on disk"
-    out = Path(out_dir).absolute()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # becomes INDEX_DIR once complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
 
     # Tuning queries must be *fresh*: a query that is itself in an HNSW graph lands on its own
     # node and finds its neighbours through its own links, which overstates recall (efSearch 16
@@ -232,51 +243,47 @@ def build_index(
     held_out = q_rows if knob and not on_disk and n > 2 * len(q_rows) else q_rows[:0]
     keep = np.ones(n, dtype=bool)
     keep[held_out] = False
-    try:  # a failed build leaves no temporary folder behind
-        with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress or on_disk) as bar:
-            if on_disk:
-                params["on_disk_shards"] = _add_on_disk(index, cache, metric, block_rows, tmp, progress, kind)
-            else:
-                for block in cache.iter_blocks(block_rows):
-                    rows, mask = np.arange(block.start, block.stop), keep[block.start:block.stop]
-                    _add(index, _prepare(block.features, metric), rows, mask)
-                    bar.update(int(mask.sum()))
+    with tqdm(total=n, unit="vec", desc=f"index ({kind})", disable=not progress or on_disk) as bar:
+        if on_disk:
+            params["on_disk_shards"] = _add_on_disk(index, cache, metric, block_rows, tmp, progress, kind)
+        else:
+            for block in cache.iter_blocks(block_rows):
+                rows, mask = np.arange(block.start, block.stop), keep[block.start:block.stop]
+                _add(index, _prepare(block.features, metric), rows, mask)
+                bar.update(int(mask.sum()))
 
-            # Recall@10 against exact search over the same indexed rows, and tuning of the search knob.
-            from faiss.contrib.exhaustive_search import knn_ground_truth
+        # Recall@10 against exact search over the same indexed rows, and tuning of the search knob.
+        from faiss.contrib.exhaustive_search import knn_ground_truth
 
-            queries = _read_rows(cache, q_rows, metric, block_rows)
-            indexed = np.flatnonzero(keep)
-            k = min(EVAL_K + (0 if len(held_out) else 1), len(indexed))
-            db_blocks = (_prepare(b.features[keep[b.start:b.stop]], metric) for b in cache.iter_blocks(block_rows))
-            _, truth = knn_ground_truth(queries, db_blocks, k, metric_type=faiss_metric)
-            truth = indexed[truth]
-            exclude = np.full(len(q_rows), -1) if len(held_out) else q_rows  # an indexed query's own row is no hit
-            kk = k if len(held_out) else k - 1
-            tuning = []
-            values = []
-            if knob == "nprobe":
-                values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= params["nlist"]]
-            elif knob == "efSearch":
-                values = [16, 32, 64, 128, 256, 512]
-            if knob:
-                for v in values:
-                    _set_knob(index, knob, v)
-                    _, found = index.search(queries, k)
-                    recall = _recall(found, truth, exclude, kk)
-                    tuning.append({knob: v, "recall_at_10": recall})
-                    if recall >= target_recall:
-                        break
-                params[knob] = tuning[-1][knob]
-            else:
+        queries = _read_rows(cache, q_rows, metric, block_rows)
+        indexed = np.flatnonzero(keep)
+        k = min(EVAL_K + (0 if len(held_out) else 1), len(indexed))
+        db_blocks = (_prepare(b.features[keep[b.start:b.stop]], metric) for b in cache.iter_blocks(block_rows))
+        _, truth = knn_ground_truth(queries, db_blocks, k, metric_type=faiss_metric)
+        truth = indexed[truth]
+        exclude = np.full(len(q_rows), -1) if len(held_out) else q_rows  # an indexed query's own row is no hit
+        kk = k if len(held_out) else k - 1
+        tuning = []
+        values = []
+        if knob == "nprobe":
+            values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= params["nlist"]]
+        elif knob == "efSearch":
+            values = [16, 32, 64, 128, 256, 512]
+        if knob:
+            for v in values:
+                _set_knob(index, knob, v)
                 _, found = index.search(queries, k)
                 recall = _recall(found, truth, exclude, kk)
-            if len(held_out):
-                _add(index, queries, held_out, np.ones(len(held_out), bool))
-                bar.update(len(held_out))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                tuning.append({knob: v, "recall_at_10": recall})
+                if recall >= target_recall:
+                    break
+            params[knob] = tuning[-1][knob]
+        else:
+            _, found = index.search(queries, k)
+            recall = _recall(found, truth, exclude, kk)
+        if len(held_out):
+            _add(index, queries, held_out, np.ones(len(held_out), bool))
+            bar.update(len(held_out))
     meta = {
         "format": "embedder-index/1",
         "cache": str(Path(cache_path).resolve()),
@@ -301,8 +308,7 @@ def build_index(
         "build_s": time.perf_counter() - t0,
         "faiss_version": faiss.__version__,
     }
-    _save(out, tmp, index, cache, meta)
-    cache.close()
+    _save(tmp, index, cache, meta)
     return meta
 
 
@@ -346,6 +352,23 @@ def _inner(index):
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
+@contextmanager
+def _c_stdout_to_stderr():
+    """Send what C code prints on stdout to stderr: faiss announces on-disk lists with a printf,
+    which would land in front of `search --json` output."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # C's own stdout buffer, before fd 1 points back
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _set_knob(index, knob: str, value: int) -> None:
     faiss = _faiss()
     if knob == "efSearch":
@@ -354,22 +377,15 @@ def _set_knob(index, knob: str, value: int) -> None:
         faiss.extract_index_ivf(index).nprobe = value
 
 
-def _save(out: Path, tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
-    """Write into `tmp` (which may already hold the on-disk lists), then swap it in as `out`."""
+def _save(tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
+    """Write the index files into `tmp` (which may already hold the on-disk lists)."""
     faiss = _faiss()
     faiss.write_index(index, str(tmp / "index.faiss"))
     with h5py.File(tmp / "rows.h5", "w") as f:
-        f.create_dataset("paths", data=np.array(cache.paths, dtype=object), dtype=STR)
+        f.create_dataset("paths", data=np.array([encode_path(p) for p in cache.paths], dtype=object), dtype=STR)
         f.create_dataset("labels", data=cache.labels)
         f.create_dataset("classes", data=np.array(cache.classes, dtype=object), dtype=STR)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 class SearchIndex:
@@ -384,12 +400,13 @@ class SearchIndex:
         faiss = _faiss()
         # On-disk lists are found next to index.faiss, wherever the folder has moved since.
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.meta.get("on_disk") else 0
-        self.index = faiss.read_index(str(self.dir / "index.faiss"), flags)
+        with _c_stdout_to_stderr():
+            self.index = faiss.read_index(str(self.dir / "index.faiss"), flags)
         knob = next((k for k in ("nprobe", "efSearch") if k in self.meta["params"]), None)
         if knob:
             _set_knob(self.index, knob, self.meta["params"][knob])
         with h5py.File(self.dir / "rows.h5", "r") as f:
-            self.paths = list(f["paths"].asstr()[:]) if len(f["paths"]) else []
+            self.paths = read_paths(f["paths"]) if len(f["paths"]) else []
             self.labels = f["labels"][:]
             self.classes = list(f["classes"].asstr()[:])
         self._row = {p: i for i, p in enumerate(self.paths)}

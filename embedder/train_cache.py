@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedder.atomic import save_torch, staged_dir
 from embedder.cache import FeatureCache
 from embedder.classify import CLASSIFIERS, fit_classifier
 from embedder.config import config_from_table
@@ -141,12 +142,14 @@ def _plan(config: ProbeConfig, train_cache: FeatureCache, open_cache):
 
 
 def run_probe(config: ProbeConfig) -> dict:
+    """Train and save a probe. PROBE_DIR is written as a whole: the files go into a temporary
+    folder that replaces PROBE_DIR in one step, so a kill leaves the old folder or the new one."""
     # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
-    with contextlib.ExitStack() as stack:
-        return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path, layer=config.layer)))
+    with staged_dir(config.out_dir) as tmp, contextlib.ExitStack() as stack:
+        return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path, layer=config.layer)), tmp)
 
 
-def _run_probe(config: ProbeConfig, open_cache) -> dict:
+def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
     t_start = time.perf_counter()
     cache = open_cache(config.cache)
     classes, (train, val, test), splits = _plan(config, cache, open_cache)
@@ -158,7 +161,6 @@ def _run_probe(config: ProbeConfig, open_cache) -> dict:
         if len(present) < 2:
             raise ConfigError(f"The {name} rows hold a single class; a classifier needs at least two.")
     out = config.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     X_val, X_test = val.load(), test.load()
     t_fit = time.perf_counter()
     if config.classifier == "probe":
@@ -183,7 +185,7 @@ def _run_probe(config: ProbeConfig, open_cache) -> dict:
         test_pred = np.array([to_codes[c] for c in probe.predict(X_test)], dtype=np.int64) if len(X_test) else None
         chosen = {"C": probe.C_, "weight_decay": 1.0 / (probe.C_ * len(train.rows)), "streamed": streamed}
         extra = {"cv_results": probe.cv_results_}
-        _save_probe(out / PROBE_FILE, probe, classes, cache)
+        _save_probe(tmp / PROBE_FILE, probe, classes, cache)
     else:
         import joblib
 
@@ -195,10 +197,10 @@ def _run_probe(config: ProbeConfig, open_cache) -> dict:
         chosen = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
         extra = {"cv_best_accuracy": float(search.best_score_)}
         joblib.dump({"model": search.best_estimator_, "classes": classes, "fingerprint": cache.fingerprint,
-                     "components": cache.components}, out / SKLEARN_FILE)
+                     "components": cache.components}, tmp / SKLEARN_FILE)
     eval_codes, eval_pred, evaluated_on = (test.codes, test_pred, "test") if test_pred is not None else (
         val.codes, val_pred, "val")
-    png = save_confusion_png(eval_codes, eval_pred, classes, out / "confusion_matrix.png",
+    png = save_confusion_png(eval_codes, eval_pred, classes, tmp / "confusion_matrix.png",
                              f"{config.classifier} on {Path(config.cache).name} ({evaluated_on})")
     report = {
         "classifier": config.classifier,
@@ -216,11 +218,11 @@ def _run_probe(config: ProbeConfig, open_cache) -> dict:
         "chosen": chosen,
         "fit_s": fit_s,
         "wall_s": time.perf_counter() - t_start,
-        "confusion_png": str(png),
+        "confusion_png": str(out / Path(png).name),
         "out": str(out),
         **extra,
     }
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -236,9 +238,7 @@ def _save_probe(path: Path, probe: LinearProbe, classes: list[str], cache: Featu
         "components": json.dumps(cache.components),
         "C": float(probe.C_),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch(payload, path)
 
 
 def load_probe(probe_dir: str | os.PathLike) -> dict:
