@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
 from embedder.errors import EmbedderError
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     from embedder import __version__
 
     parser.add_argument("--version", action="version", version=f"embedder {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: EMBEDDER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list backbones, feature widths and offline weight availability")
@@ -248,14 +252,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("EMBEDDER_DEBUG", "") not in ("", "0")
     try:
         return _dispatch(args)
-    except EmbedderError as exc:
-        print(f"embedder: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("embedder: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line
+        if debug:
+            raise
+        message, code = explain(exc)
+        print(f"embedder: error: {message}", file=sys.stderr)
+        if getattr(exc, "unclean", False):
+            # HDF5 does not recover from a write that failed midway: its exit handler would try
+            # to flush the broken file again and can crash the interpreter. Everything embedder
+            # wrote is complete or gone (temporary files are removed), so leave without it.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+
+def explain(exc: Exception) -> tuple[str, int]:
+    """One line (or a short block, for listed differences) that says what happened and what to do."""
+    if isinstance(exc, EmbedderError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError):
+        return _explain_os_error(exc), 1
+    if isinstance(exc, MemoryError):
+        return ("out of memory. Lower --batch-size (embed) or --memory-budget (index, probe), or close other "
+                "programs; rerunning resumes what was committed."), 1
+    return (f"internal error: {type(exc).__name__}: {exc}. This is a bug in embedder: rerun with --debug to see "
+            "where it happened, and report it."), 70
+
+
+def _explain_os_error(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}. Free some space and rerun the same command: finished and "
+                "committed work is kept.")
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{where}. Write the output (--out) to writable storage."
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}. Check the permissions, or write the output (--out) elsewhere."
+    if exc.errno == errno.ENOENT:
+        return f"no such file or folder{where}."
+    reason = exc.strerror or str(exc)
+    return f"{reason}{where}."
 
 
 def _dispatch(args) -> int:

@@ -7,7 +7,9 @@ import json
 from embedder.cache import FeatureCache
 from embedder.cli import print_json
 from embedder.config import EmbedConfig
+from embedder.names import display_path
 from embedder.registry import get_backbone_spec, list_backbones
+from embedder.sources import describe_ignored
 
 
 def models(as_json: bool = False) -> int:
@@ -104,7 +106,9 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
             "rows_per_class": {c: int((labels == i).sum()) for i, c in enumerate(cache.classes)},
             "unlabelled_rows": int((labels < 0).sum()),
             "errors": len(errors),
+            "ignored": cache.ignored_counts,
             "command": str(cache.attrs["command"]),
+            "writer_pid": None if cache.complete else cache.writer_pid,
         }
         if "shards" in cache.attrs:  # a view over the shards of a --backend ray run
             doc["shards"] = int(cache.attrs["shards"])
@@ -113,7 +117,12 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
     if as_json:
         print_json(doc)
         return 0
-    state = "complete" if doc["complete"] else "INCOMPLETE (interrupted run; rerun its command to finish)"
+    if doc["complete"]:
+        state = "complete"
+    elif doc["writer_pid"] is not None:
+        state = f"INCOMPLETE (being written right now by embedder pid {doc['writer_pid']}; rows so far shown)"
+    else:
+        state = "INCOMPLETE (interrupted run; rerun its command to finish)"
     print(f"{path}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}")
     print(f"  fingerprint  {doc['fingerprint'][:16]}")
     if len(doc["layers"]) > 1:
@@ -136,9 +145,12 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
         print(f"  classes      {len(doc['classes'])}: {shown}{more}")
     if doc["unlabelled_rows"]:
         print(f"  unlabelled   {doc['unlabelled_rows']} rows")
-    print(f"  errors       {doc['errors']}" + ("" if list_errors or not doc["errors"] else " (list them with --errors)"))
+    hint = "" if list_errors or not doc["errors"] else " (list them with --errors)"
+    print(f"  errors       {doc['errors']}{hint}")
     for e in doc.get("error_list", []):
-        print(f"    {e['path']}: {e['reason']}")
+        print(f"    {display_path(e['path'])}: {e['reason']}")
+    if doc["ignored"]:
+        print(f"  ignored      {describe_ignored(doc['ignored'])}: files under SOURCE that are not rows")
     return 0
 
 
@@ -219,10 +231,10 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
     else:
         for r in results:
             if "error" in r:
-                print(f"{r['path']}\tERROR\t{r['error']}")
+                print(f"{display_path(r['path'])}\tERROR\t{r['error']}")
             else:
                 extra = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
-                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({extra})" if extra else ""))
+                print(f"{display_path(r['path'])}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({extra})" if extra else ""))
     if not ok_paths:
         raise AllImagesFailedError("None of the images could be read.")
     return 0
@@ -285,11 +297,11 @@ def search_command(index_dir: str, images: list[str] | None, path: str | None, r
             sys.stdout.write(json.dumps({"query": q, "error": reason}) + "\n")
     else:
         for q, hits in queries:
-            print(f"query: {q or vector}")
+            print(f"query: {display_path(q or vector)}")
             for h in hits:
-                print(f"  {h.rank:>3}  {h.score:>8.4f}  {h.label or '-':<12} {h.path}")
+                print(f"  {h.rank:>3}  {h.score:>8.4f}  {h.label or '-':<12} {display_path(h.path)}")
         for q, reason in errors:
-            print(f"query: {q}\n  ERROR {reason}")
+            print(f"query: {display_path(q)}\n  ERROR {reason}")
     if grid:
         from embedder.explore import result_grid
 
@@ -314,7 +326,7 @@ def dedup_command(cache: str, threshold: float, metric: str, as_json: bool, laye
     for n, g in enumerate(doc, start=1):
         print(f"group {n} ({len(g)}):")
         for p in g:
-            print(f"  {p}")
+            print(f"  {display_path(p)}")
     return 0
 
 
