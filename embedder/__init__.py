@@ -6,43 +6,48 @@
     with FeatureCache("feats.h5") as cache:
         for block in cache.iter_blocks():
             ...
+
+The names below are imported on first use (PEP 562), so `import embedder.errors` or the CLI's
+`--help` do not pay for torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from embedder.backbone import BackboneConfig, FrozenBackbone
-from embedder.cache import FeatureCache, open_cache
-from embedder.config import EmbedConfig
-from embedder.errors import (
-    CacheError,
-    CacheMismatchError,
-    ConfigError,
-    EmbedderError,
-    SourceError,
-    WeightsUnavailableError,
-)
-from embedder.extract import EmbedReport, embed, embed_images, load_backbone
-from embedder.probe import LinearProbe
-from embedder.registry import get_backbone_spec, list_backbones
+_EXPORTS = {
+    "BackboneConfig": "embedder.backbone",
+    "FrozenBackbone": "embedder.backbone",
+    "FeatureCache": "embedder.cache",
+    "open_cache": "embedder.cache",
+    "EmbedConfig": "embedder.config",
+    "CacheError": "embedder.errors",
+    "CacheMismatchError": "embedder.errors",
+    "ConfigError": "embedder.errors",
+    "EmbedderError": "embedder.errors",
+    "SourceError": "embedder.errors",
+    "WeightsUnavailableError": "embedder.errors",
+    "EmbedReport": "embedder.extract",
+    "embed": "embedder.extract",
+    "embed_images": "embedder.extract",
+    "load_backbone": "embedder.extract",
+    "LinearProbe": "embedder.probe",
+    "get_backbone_spec": "embedder.registry",
+    "list_backbones": "embedder.registry",
+}
 
-__all__ = [
-    "BackboneConfig",
-    "CacheError",
-    "CacheMismatchError",
-    "ConfigError",
-    "EmbedConfig",
-    "EmbedReport",
-    "EmbedderError",
-    "FeatureCache",
-    "FrozenBackbone",
-    "LinearProbe",
-    "SourceError",
-    "WeightsUnavailableError",
-    "__version__",
-    "embed",
-    "embed_images",
-    "get_backbone_spec",
-    "list_backbones",
-    "load_backbone",
-    "open_cache",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedder' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
