@@ -11,18 +11,31 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import ray  # in the `test` extra: missing, these tests must fail, not skip
 
-from embedder.cache import FeatureCache
+from embedder.cache import CacheSpec, FeatureCache
+from embedder.cache_writer import CacheWriter
 from embedder.cli import main
+from embedder.errors import ConfigError
 from embedder.extract import embed
 from embedder.ray_backend import RayOptions, embed_ray
-from embedder.shards import shards_dir
+from embedder.shards import merge_cache, shards_dir
+from embedder.sources import Listing, list_source
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache
 
 OPTIONS = {"actors": 2, "cpus_per_actor": 0.5}
+
+
+def test_no_cluster_at_the_address_is_one_clear_error(tree, tmp_path, monkeypatch):
+    # First in the module: it needs Ray not yet started in this process (the fixture below starts it).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match="Cannot join the Ray cluster at auto.*ray start --head"):
+        embed_ray(fast_config(tree, tmp_path / "c.h5"), RayOptions(address="auto", **OPTIONS))
+    assert not (tmp_path / "c.h5.lock").exists()
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +149,26 @@ def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
     assert report.already_cached == 4 * done and report.total_rows == 96  # finished shards were skipped
     assert_same_cache(reference.out, killed.out)
 
+
+
+def test_a_shard_resumed_from_its_parts_reports_them_as_already_cached(local_ray, tmp_path):
+    src = make_tree(tmp_path / "src", per_class=4)  # 12 images: shards [0, 8) and [8, 12)
+    config = fast_config(src, tmp_path / "ray.h5", commit_every=4)
+    options = RayOptions(shard_size=8, actors=1, cpus_per_actor=0.5)
+    embed_ray(config, options)
+    reference = tmp_path / "reference.h5"
+    merge_cache(config.out, reference)
+    # Rewind shard 0 to what a kill after its first commit leaves: one part of 4 rows, no marker.
+    shard = shards_dir(config.out) / "shard-00000.h5"
+    with FeatureCache(shard) as c:
+        spec = CacheSpec(c.file_components, c.source, c.dim, str(c.attrs["layout"]), str(c.attrs["command"]))
+        first = c.features()[:4]
+    listing = list_source(src)
+    rows = Listing(listing.root, listing.paths[:8], listing.labels[:8], listing.classes, listing.layout)
+    (shards_dir(config.out) / "shard-00000.done").unlink()
+    shard.unlink()
+    with CacheWriter(shard, spec, rows, commit_every=4, fixed_width_paths=True) as w:
+        w.add(np.arange(4), first, [])  # commits a part; then "the process dies"
+    report = embed_ray(config, options)
+    assert (report.already_cached, report.embedded) == (8, 4)  # shard 1 whole, shard 0's part; 4 new rows
+    assert_same_cache(reference, config.out)
