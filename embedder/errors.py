@@ -59,4 +59,5 @@ class BadImageError(Exception):
 class DiskFullError(CacheError):
     """The output's file system is full; what was committed is safe and a rerun resumes."""
 
+    exit_code = 1  # the system's state, not the user's input: like the other OS errors
     unclean = False  # True when an HDF5 write failed midway: the library's state is not to be trusted after

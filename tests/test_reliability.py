@@ -180,7 +180,7 @@ def test_full_disk_is_one_line_keeps_the_committed_rows_and_the_rerun_resumes(tm
     reference = fast_config(src, tmp_path / "reference.h5", commit_every=16)
     embed(reference)
     config = fast_config(src, small_disk / "c.h5", commit_every=16)
-    assert main(["embed", *cli_args(config)]) == 2
+    assert main(["embed", *cli_args(config)]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     committed = int(lines[0].split(" rows are committed")[0].rsplit(" ", 1)[1])
@@ -198,7 +198,7 @@ def test_full_disk_is_one_line_keeps_the_committed_rows_and_the_rerun_resumes(tm
 @pytest.mark.slow
 def test_a_write_that_fails_midway_is_reported_without_a_crash(tmp_path, small_disk):
     """If the disk fills *during* an HDF5 write (another process took the space after the
-    check), HDF5's state is broken: still one line, exit 2, no segfault at exit, no leftovers."""
+    check), HDF5's state is broken: still one line, exit 1, no segfault at exit, no leftovers."""
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=150, seed=7)
     # One part of all 300 rows (600 KB) fits; the consolidated copy of it does not.
     subprocess.run(["mount", "-o", "remount,size=1000k", str(small_disk)], check=True)
@@ -207,7 +207,7 @@ def test_a_write_that_fails_midway_is_reported_without_a_crash(tmp_path, small_d
             "from embedder.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "embed", *cli_args(config)], env=env_with_repo(),
                           capture_output=True, text=True)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # not 139: no crash at exit
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not 139: no crash at exit
     assert "Not enough space" in proc.stderr and "300 rows are committed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]
