@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from embedder.atomic import staged_dir
 
 SAMPLES = ("digits", "lfw_subset", "photos")
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "logo")
@@ -43,12 +43,11 @@ def make_samples(out: str | os.PathLike = "data", only: list[str] | None = None,
             if verbose:
                 print(f"{target}: already there ({marker.read_text().strip()} images)")
         else:
-            # Build in a temporary folder and rename, so an interrupted run leaves nothing half-made.
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-            count = makers[name](tmp)
-            (tmp / ".complete").write_text(f"{count}\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            # Built in a temporary folder that replaces the target in one step: an interrupted
+            # run leaves nothing half-made, and the next one removes its leftovers.
+            with staged_dir(target) as tmp:
+                count = makers[name](tmp)
+                (tmp / ".complete").write_text(f"{count}\n")
             if verbose:
                 print(f"{target}: wrote {count} images")
         made[name] = target
