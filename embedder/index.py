@@ -42,6 +42,8 @@ import numpy as np
 
 from embedder.cache import STR, FeatureCache
 from embedder.errors import CacheMismatchError, ConfigError
+from embedder.names import ERRORS as NAME_ERRORS
+from embedder.names import encode_path
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 INVERTED_LIST_KINDS = ("ivf", "ivfsq", "ivfpq")  # the kinds whose lists can live on disk
@@ -359,9 +361,9 @@ def _save(out: Path, tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
     faiss = _faiss()
     faiss.write_index(index, str(tmp / "index.faiss"))
     with h5py.File(tmp / "rows.h5", "w") as f:
-        f.create_dataset("paths", data=np.array(cache.paths, dtype=object), dtype=STR)
+        f.create_dataset("paths", data=_names(cache.paths), dtype=STR)
         f.create_dataset("labels", data=cache.labels)
-        f.create_dataset("classes", data=np.array(cache.classes, dtype=object), dtype=STR)
+        f.create_dataset("classes", data=_names(cache.classes), dtype=STR)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -370,6 +372,11 @@ def _save(out: Path, tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _names(names: list[str]) -> np.ndarray:
+    """Names as the bytes the file system gave (embedder.names), so a Latin-1 name survives."""
+    return np.array([encode_path(n) for n in names], dtype=object)
 
 
 class SearchIndex:
@@ -389,9 +396,11 @@ class SearchIndex:
         if knob:
             _set_knob(self.index, knob, self.meta["params"][knob])
         with h5py.File(self.dir / "rows.h5", "r") as f:
-            self.paths = list(f["paths"].asstr()[:]) if len(f["paths"]) else []
+            # Names are stored as the file system's bytes (embedder.names): a non-UTF-8 one reads
+            # back surrogate-escaped, the str that opens the same file.
+            self.paths = list(f["paths"].asstr(errors=NAME_ERRORS)[:]) if len(f["paths"]) else []
             self.labels = f["labels"][:]
-            self.classes = list(f["classes"].asstr()[:])
+            self.classes = list(f["classes"].asstr(errors=NAME_ERRORS)[:])
         self._row = {p: i for i, p in enumerate(self.paths)}
         self.metric = self.meta["metric"]
         self.weights_path = weights_path
