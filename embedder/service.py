@@ -1,7 +1,8 @@
 """HTTP similarity search over a built index: a JSON API, thumbnails and a drop-an-image web page.
 
     create_app(index_dir)      the FastAPI application (the index is opened once, here)
-    serve(index_dir, ...)      run it with uvicorn (`embedder serve`)
+    serve(index_dir, ...)      create it and run it with uvicorn until interrupted
+    run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner)
     allowed_hosts_for(host)    the Host names a server bound to `host` answers to by default
 
 Design choices, and why:
@@ -25,6 +26,8 @@ Design choices, and why:
     orientation, alpha over white, bomb refusal), so an indexed image uploaded again finds itself.
 """
 
+# No `from __future__ import annotations`: the endpoints' parameter types are built per index
+# inside create_app, and FastAPI could not resolve them from strings there.
 import io
 import json
 import math

@@ -547,7 +547,7 @@ def test_an_upload_declaring_too_many_pixels_is_refused_before_decoding(service,
     r, health_s = health_while(service, lambda: upload(service, "huge.png", data))
     assert r.status == 400
     detail = r.json()["detail"]
-    assert f"{side}x{side} = {side * side} pixels" in detail or f"{side * side} pixels" in detail
+    assert f"{side * side} pixels" in detail
     assert f"exceeds the limit of {DEFAULT_MAX_UPLOAD_PIXELS}" in detail and "--max-upload-pixels" in detail
     assert str(Image.MAX_IMAGE_PIXELS) not in detail  # the configured limit, not PIL's
     assert health_s < 1.0
