@@ -23,6 +23,7 @@ BENCHMARKS = {
     "compressed": "IVF with raw, 8-bit (ivfsq) and PQ-coded (ivfpq) vectors: recall for the bytes",
     "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",
     "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
+    "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
 }
 
 

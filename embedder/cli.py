@@ -231,7 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir")
     p.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*' = any, for a proxy that "
+                        "checks Host itself); always allowed: localhost, 127.0.0.1, ::1 and --host unless 0.0.0.0/::")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
+    p.add_argument("--max-upload-pixels", type=int, default=None,
+                   help="uploads declaring more pixels are refused (400) before decoding (default 50,000,000; "
+                        "each image decoded at once may take ~4 bytes per pixel)")
+    p.add_argument("--decode-slots", type=int, default=None,
+                   help="images decoded at once, uploads and thumbnails together (default 2)")
     p.add_argument("-k", type=int, default=10, help="neighbours returned when a request does not say")
     p.add_argument("--weights", default=None, help="the weights file, when the cache was embedded with --weights PATH")
 
@@ -423,12 +431,7 @@ def _dispatch(args) -> int:
 
         return plot_command(args.cache, args.method, args.out, args.max_points, layer=args.layer)
     if args.command == "serve":
-        from embedder.service import serve
-
-        print(f"serving {args.index_dir} on http://{args.host}:{args.port}/  (API: /docs, /openapi.json)", flush=True)
-        serve(args.index_dir, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
-              default_k=args.k, weights_path=args.weights)
-        return 0
+        return _serve(args)
     if args.command == "info":
         from embedder.commands import info
 
@@ -444,6 +447,22 @@ def _dispatch(args) -> int:
         make_samples(args.out, only=args.only)
         return 0
     raise AssertionError(args.command)
+
+
+def _serve(args) -> int:
+    from embedder.service import allowed_hosts_for, create_app, run
+
+    hosts = allowed_hosts_for(args.host, args.allowed_host)
+    # Flags left out keep the service's own defaults (importing them here would load FastAPI for every command).
+    given = {"max_pixels": args.max_upload_pixels, "decode_slots": args.decode_slots}
+    app = create_app(args.index_dir, max_upload_bytes=int(args.max_upload_mb * 2**20), default_k=args.k,
+                     weights_path=args.weights, allowed_hosts=hosts,
+                     **{name: value for name, value in given.items() if value is not None})
+    where = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.index_dir} on http://{where}:{args.port}/  (answering Host: {', '.join(hosts)}; "
+          "API spec: /openapi.json)", flush=True)
+    run(app, host=args.host, port=args.port)
+    return 0
 
 
 def print_json(obj) -> None:

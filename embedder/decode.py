@@ -7,7 +7,15 @@ Correctness rules, each of which some popular tool gets wrong:
   * 16-bit and 32-bit integer images are rescaled to 8 bits, not clipped;
   * CMYK, palette, grayscale and the rest are converted with PIL's own conversions;
   * truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES stays off), and images
-    with more than `max_pixels` pixels are refused *before* decoding (decompression bombs).
+    with more than `max_pixels` pixels are refused *before* decoding (decompression bombs),
+    the refusal quoting that limit (not PIL's own, which this check replaces).
+
+A caller that will shrink the image anyway (a search query, a thumbnail) may pass
+`min_side`: the image is then decoded small, its shorter side still at least `min_side`.
+JPEG uses libjpeg's scaled decoding (`Image.draft`, 1/2 to 1/8 of the size, a fraction of
+the memory and time); other formats are box-reduced by a whole factor right after decoding,
+before orientation and the colour conversions copy the pixels (alpha is premultiplied
+for it, so the rules above still hold).
 """
 
 from __future__ import annotations
@@ -15,13 +23,14 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 import warnings
 
 import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from embedder.errors import BadImageError
 
@@ -29,10 +38,28 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (~ 9459 x 9459)
 DECODER = f"PIL-{PIL.__version__}"
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+# Modes Image.reduce averages correctly (it premultiplies LA and RGBA itself); palettes and
+# 16-bit modes are converted to RGB first.
+_REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_SIDES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                Image.Transpose.ROTATE_90}
+_RAISE_LIMIT = "raise it with --max-pixels if the image is genuine"
+_PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def load_rgb(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side: int | None = None
+) -> torch.Tensor:
     """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied."""
     try:
         st = os.stat(path)
@@ -47,35 +74,60 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
         raise BadImageError("is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise BadImageError("not a regular file (a device, pipe or socket)")  # reading could block forever
-    return _decode(path, st.st_size, max_pixels)
+    return _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT)
 
 
-def load_rgb_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """`load_rgb` for bytes already in memory (uploads), with the same rules and reasons."""
-    return _decode(io.BytesIO(data), len(data), max_pixels)
+def load_rgb_bytes(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_side: int | None = None,
+    raise_limit: str = _RAISE_LIMIT,
+) -> torch.Tensor:
+    """`load_rgb` for bytes already in memory (uploads), with the same rules and reasons.
+
+    `raise_limit` ends a decompression-bomb refusal: how the limit is raised where the caller runs.
+    """
+    return _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit)
 
 
-def _decode(source, size: int, max_pixels: int) -> torch.Tensor:
+def shown_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes as shown (EXIF orientation applied), from the header alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            turned = _orientation(img) in _SWAPS_SIDES
+    return (h, w) if turned else (w, h)
+
+
+def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str) -> torch.Tensor:
     if size == 0:
         raise BadImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The size check below, against `max_pixels`, replaces PIL's warning at its own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImageError(
                         f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                        "(raise it with --max-pixels if the image is genuine)"
+                        f"({raise_limit})"
                     )
+                if min_side and img.format == "JPEG":
+                    img.draft(None, (min_side, min_side))  # scaled IDCT: both sides stay >= min_side
                 img.load()
-                rgb = _to_rgb(_upright(img))
+                turn = _orientation(img)  # read first: a reduced copy may not carry the file's tags
+                rgb = _to_rgb(_turn(_reduce(img, min_side), turn))
+                # Copied out while the file is open: closing it releases a plain RGB file's pixels.
+                array = np.array(rgb, dtype=np.uint8)
     except BadImageError:
         raise
     except UnidentifiedImageError:
         raise BadImageError("not an image: no decoder recognises the file format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(f"decompression bomb: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(_pil_bomb(str(exc), max_pixels, raise_limit)) from None
     except PermissionError:
         raise BadImageError("permission denied (the file cannot be read by this user)") from None
     except OSError as exc:
@@ -85,15 +137,52 @@ def _decode(source, size: int, max_pixels: int) -> torch.Tensor:
         raise BadImageError(f"corrupt image data: {msg}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, never a dead run
         raise BadImageError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None
-    array = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _upright(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels as stored
+def _pil_bomb(message: str, max_pixels: int, raise_limit: str) -> str:
+    # PIL refuses outright at twice its own MAX_IMAGE_PIXELS, inside Image.open (or while
+    # loading a frame), before the size reaches us: quote our limit, not PIL's.
+    found = _PIL_PIXELS.search(message)
+    pixels = int(found.group(1)) if found else None
+    if pixels is None or pixels > max_pixels:
+        shown = f"{pixels} pixels" if pixels else "the image"
+        return f"decompression bomb: {shown} exceeds the limit of {max_pixels} ({raise_limit})"
+    return (f"decompression bomb: {pixels} pixels exceeds PIL's own hard limit of {2 * Image.MAX_IMAGE_PIXELS} "
+            "(PIL.Image.MAX_IMAGE_PIXELS), which a higher limit here does not lift")
+
+
+def _reduce(img: Image.Image, min_side: int | None) -> Image.Image:
+    """Box-reduce by the largest whole factor that keeps the shorter side >= `min_side`."""
+    factor = min(img.size) // min_side if min_side else 1
+    if factor < 2:
         return img
+    if img.mode == "1":
+        img = img.convert("L")  # 1 byte a pixel, not RGB's 4
+    elif img.mode not in _REDUCIBLE_MODES:
+        img = _to_rgb(img)  # averaging palette indices or 16-bit codes would be meaningless
+    if img.mode not in ("LA", "RGBA"):
+        return img.reduce(factor)
+    # Image.reduce premultiplies alpha into a full-size copy; strip by strip (whole boxes
+    # each, so the result is the same) that copy stays a few MB instead of doubling the peak.
+    w, h = img.size
+    out = Image.new(img.mode, (-(-w // factor), -(-h // factor)))
+    rows = factor * max(1, (4 << 20) // (4 * w * factor))
+    for top in range(0, h, rows):
+        out.paste(img.crop((0, top, w, min(top + rows, h))).reduce(factor), (0, top // factor))
+    return out
+
+
+def _orientation(img: Image.Image) -> Image.Transpose | None:
+    """The transposition that shows `img` upright (EXIF tag 0x0112), as ImageOps.exif_transpose applies it."""
+    try:
+        return _TRANSPOSE.get(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels as stored
+        return None
+
+
+def _turn(img: Image.Image, method: Image.Transpose | None) -> Image.Image:
+    return img if method is None else img.transpose(method)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

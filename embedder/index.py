@@ -382,10 +382,15 @@ def _save(tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
     faiss = _faiss()
     faiss.write_index(index, str(tmp / "index.faiss"))
     with h5py.File(tmp / "rows.h5", "w") as f:
-        f.create_dataset("paths", data=np.array([encode_path(p) for p in cache.paths], dtype=object), dtype=STR)
+        f.create_dataset("paths", data=_names(cache.paths), dtype=STR)
         f.create_dataset("labels", data=cache.labels)
-        f.create_dataset("classes", data=np.array(cache.classes, dtype=object), dtype=STR)
+        f.create_dataset("classes", data=_names(cache.classes), dtype=STR)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _names(names: list[str]) -> np.ndarray:
+    """Names as the bytes the file system gave (embedder.names), so a Latin-1 name survives."""
+    return np.array([encode_path(n) for n in names], dtype=object)
 
 
 class SearchIndex:
@@ -408,7 +413,7 @@ class SearchIndex:
         with h5py.File(self.dir / "rows.h5", "r") as f:
             self.paths = read_paths(f["paths"]) if len(f["paths"]) else []
             self.labels = f["labels"][:]
-            self.classes = list(f["classes"].asstr()[:])
+            self.classes = read_paths(f["classes"])
         self._row = {p: i for i, p in enumerate(self.paths)}
         self.metric = self.meta["metric"]
         self.weights_path = weights_path

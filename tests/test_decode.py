@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,82 @@ def test_bytes_in_memory_decode_like_files(corpus):
         with pytest.raises(BadImageError) as err:
             load_rgb_bytes((root / name).read_bytes())
         assert fragment in err.value.reason
+
+
+# ---------------------------------------------------------------- limits, and decoding small
+
+
+@pytest.mark.parametrize("side", [9000, 10_000, 20_000])  # ours alone; past PIL's warning; past PIL's own refusal
+def test_bomb_refusal_quotes_the_configured_limit_not_pils(side):
+    from embedder.decode import load_rgb_bytes
+    from tests.corpus import bomb_png
+
+    with pytest.raises(BadImageError) as err:
+        load_rgb_bytes(bomb_png(side, side), max_pixels=50_000_000, raise_limit="restart with a larger --max-x")
+    reason = err.value.reason
+    assert "decompression bomb" in reason and "exceeds the limit of 50000000" in reason
+    assert str(side * side) in reason and "--max-x" in reason
+    assert str(Image.MAX_IMAGE_PIXELS) not in reason and str(2 * Image.MAX_IMAGE_PIXELS) not in reason
+
+
+def test_a_limit_above_pils_is_honoured_up_to_pils_own_refusal(tmp_path, monkeypatch):
+    from embedder.decode import load_rgb_bytes
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's levels made small: warns past 1000, refuses past 2000
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, format="PNG")
+    assert tuple(load_rgb_bytes(buf.getvalue(), max_pixels=10**6).shape) == (3, 40, 40)  # PIL's warning ignored
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 50), (1, 2, 3)).save(buf, format="PNG")
+    with pytest.raises(BadImageError, match="PIL's own hard limit of 2000"):  # past it, PIL refuses in Image.open
+        load_rgb_bytes(buf.getvalue(), max_pixels=10**6)
+
+
+def _box_reduce(t: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return torch.nn.functional.adaptive_avg_pool2d(t.float()[None], size)[0].numpy()
+
+
+def test_min_side_decodes_a_jpeg_small_and_upright(tmp_path):
+    from embedder.decode import load_rgb_bytes, shown_size
+
+    y, x = np.mgrid[0:600, 0:800]
+    smooth = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    Image.fromarray(smooth).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    data = (tmp_path / "photo.jpg").read_bytes()
+    full = load_rgb(tmp_path / "photo.jpg")
+    small = load_rgb(tmp_path / "photo.jpg", min_side=100)
+    assert tuple(full.shape) == (3, 800, 600)  # upright: portrait
+    assert tuple(small.shape) == (3, 200, 150)  # libjpeg's 1/4 scale, the most that keeps 150 >= 100
+    assert torch.equal(load_rgb_bytes(data, min_side=100), small)
+    assert np.abs(_box_reduce(full, (200, 150)) - small.float().numpy()).mean() < 2  # the same picture
+    assert shown_size(data) == (600, 800)  # as shown, from the header alone
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16"])
+def test_min_side_keeps_the_rules_for_alpha_palettes_and_sixteen_bits(tmp_path, mode):
+    y, x = np.mgrid[0:400, 0:600]
+    if mode == "RGBA":
+        a = np.stack([x * 255 // 600, y * 255 // 400, np.full_like(x, 90), np.where(x < 300, 0, 255)], -1)
+        img = Image.fromarray(a.astype(np.uint8), "RGBA")
+    elif mode == "P":
+        img = Image.fromarray(((x // 150) * 60).astype(np.uint8), "L").convert("P")
+        img.info["transparency"] = 0  # palette entry 0 (the leftmost quarter) is transparent
+    else:
+        img = Image.fromarray((x * 65535 // 600).astype(np.uint16))
+    img.save(tmp_path / "a.png")
+    full, small = load_rgb(tmp_path / "a.png"), load_rgb(tmp_path / "a.png", min_side=100)
+    assert tuple(small.shape) == (3, 100, 150)  # box-reduced by 4
+    assert np.abs(_box_reduce(full, (100, 150)) - small.float().numpy()).max() <= 2
+    if mode != "I;16":
+        assert (small[:, :, :30] == 255).all()  # transparent: white, not the colour underneath
+
+
+def test_alpha_is_reduced_strip_by_strip_exactly_as_whole():
+    from embedder.decode import _reduce
+
+    rgba = np.random.default_rng(0).integers(0, 256, (701, 3001, 4), dtype=np.uint8)
+    img = Image.fromarray(rgba, "RGBA")  # ~8.4 MB: several 4 MB strips
+    for factor in (2, 3, 7):
+        assert np.array_equal(np.asarray(_reduce(img, 701 // factor)), np.asarray(img.reduce(factor)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,24 @@ def test_rebuild_replaces_atomically_and_leaves_no_temp(tmp_path):
     build_index(cache, tmp_path / "idx", kind="hnsw", progress=False)
     assert SearchIndex.open(tmp_path / "idx").meta["kind"] == "hnsw"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "idx"]
+
+
+def test_names_stored_as_raw_bytes_read_back_as_the_str_that_opens_the_file(tmp_path):
+    import h5py
+
+    from embedder.names import encode_path
+
+    X = clustered(n=50, d=8)
+    build_index(synthetic_cache(tmp_path / "c.h5", X), tmp_path / "idx", kind="flat", progress=False)
+    latin1 = os.fsdecode(b"caf\xe9.png")  # what a listing of a Latin-1 name gives: 'caf\udce9.png'
+    with h5py.File(tmp_path / "idx" / "rows.h5", "r+") as f:
+        paths = f["paths"]
+        assert paths[3] == b"v000003.png"  # UTF-8 names are stored as they always were
+        paths[3] = encode_path(latin1)  # the file system's own bytes, as embedder.names stores them
+        assert paths[3] == b"caf\xe9.png"
+    index = SearchIndex.open(tmp_path / "idx")
+    assert index.paths[3] == latin1 and index.row_of_path(latin1) == 3
+    assert index.search(X[3:4], k=1)[0][0].path == latin1
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """The search service over real HTTP: a real index, a real uvicorn server, a real browser.
 
-One index (3 classes x 6 random images plus one EXIF-rotated photo, random-init resnet18
-at 32 px, exact search) and one server for the whole module; every request goes through
-a socket, so the upload limit, the threadpool and the error handlers are the ones that
-run in production.
+One index (3 classes x 6 random images plus one EXIF-rotated photo and two large images,
+random-init resnet18 at 32 px, exact search) and one server for the whole module; every
+request goes through a socket, so the upload limit, the guards in front of the app, the
+threadpool and the error handlers are the ones that run in production. Besides the API and
+the page: the hardening (bounded errors, big images, Host, headers, HEAD, non-UTF-8 names),
+schemathesis over every route, and a short load (benchmarks/service.py has the long one).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http.client as httpclient
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -26,20 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn  # a dependency of the package: a missing one must fail, not skip
 from PIL import Image
 
 from embedder.cache import FeatureCache
+from embedder.cli import build_parser
 from embedder.extract import embed
-from tests.conftest import fast_config, make_tree
-
-import uvicorn  # noqa: E402 - dependencies of the package: a missing one must fail, not skip
-
 from embedder.index import build_index
 from embedder.service import create_app
+from tests.conftest import fast_config, make_tree
 
 K = 5
 MAX_UPLOAD = 200_000
 EXIF_IMAGE = "cat/cat_exif.jpg"  # stored 320x160, displayed 160x320 (EXIF orientation 6)
+# Large enough that uploads of them are decoded small (JPEG draft, PNG box reduction): the
+# model needs 37 px at 32 px crops, so they decode at ~1/8 and ~1/12 of their size.
+LARGE = {"dog/dog_photo.jpg": (1600, 1200), "fox/fox_screen.png": (1200, 900)}
 CHROMIUM = "/usr/bin/chromium"
 # The closed network refuses the browser's own background connections; without these it stalls.
 CHROMIUM_ARGS = [
@@ -93,10 +98,23 @@ def built(tmp_path_factory):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     rgb.save(tree / EXIF_IMAGE, exif=exif.tobytes(), quality=90)
+    write_large_images(tree)
     cache, index_dir = root / "feats.h5", root / "index"
     embed(fast_config(tree, cache))
     build_index(cache, index_dir, kind="flat", progress=False)
     return tree, cache, index_dir
+
+
+def write_large_images(tree: Path) -> None:
+    import skimage.data
+
+    photo = Image.fromarray(skimage.data.chelsea()).resize(LARGE["dog/dog_photo.jpg"], Image.Resampling.BICUBIC)
+    photo.save(tree / "dog/dog_photo.jpg", quality=75)
+    w, h = LARGE["fox/fox_screen.png"]
+    y, x = np.mgrid[0:h, 0:w]
+    screen = np.stack([x * 255 // w, y * 255 // h, (x // 150 % 2) * 200, np.where(x < 200, 0, 255)], -1)
+    # Flat bands and gradients compress like a screenshot; the transparent band is white once decoded.
+    Image.fromarray(screen.astype(np.uint8), "RGBA").save(tree / "fox/fox_screen.png")
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +201,11 @@ def indexed_file(service: Service, rel: str) -> tuple[int, bytes]:
     return service.index.row_of_path(rel), (service.tree / rel).read_bytes()
 
 
+def serve_parser():
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command")
+    return subcommands.choices["serve"]
+
+
 # ---------------------------------------------------------------- API
 
 
@@ -191,7 +214,7 @@ def test_health_describes_the_index(service):
     assert r.status == 200
     h = r.json()
     assert h["status"] == "ok"
-    assert h["ntotal"] == 3 * 6 + 1
+    assert h["ntotal"] == 3 * 6 + 1 + len(LARGE)
     assert h["dim"] == 512  # resnet18's pooled features
     assert (h["kind"], h["metric"]) == ("flat", "cosine")
     with FeatureCache(service.cache) as cache:
@@ -278,8 +301,29 @@ def test_thumbnail_of_a_vanished_file_is_404_with_the_reason(service):
     finally:
         os.replace(hidden, src)
     assert r.status == 404
-    assert "file not found" in r.json()["detail"] and rel in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert "file not found" in detail and f"({rel})" in detail  # the path as stored: relative to SOURCE
+    assert str(service.tree) not in detail and str(service.tree.resolve()) not in detail
     assert http("GET", f"{service.url}/thumbnail/{row}").status == 200  # back once restored
+
+
+def test_a_file_the_server_cannot_open_is_404_without_server_paths(service):
+    # getsize succeeds, open fails: the OS error names the file, and the answer must not repeat it.
+    rel = "fox/fox_002.jpg"
+    row = service.index.row_of_path(rel)
+    src = service.tree / rel
+    saved = src.read_bytes()
+    src.unlink()
+    src.mkdir()  # a folder where the image was: its size reads, opening it as a file fails
+    try:
+        r = http("GET", f"{service.url}/thumbnail/{row}")
+    finally:
+        src.rmdir()
+        src.write_bytes(saved)
+    assert r.status == 404
+    detail = r.json()["detail"]
+    assert f"({rel})" in detail and "cannot be shown" in detail
+    assert str(service.tree) not in detail and str(service.tree.resolve()) not in detail
 
 
 @pytest.mark.parametrize(
@@ -312,7 +356,9 @@ def test_oversize_upload_is_413(service):
     finally:
         conn.close()
     assert status == 413
-    assert "declares" in detail and str(MAX_UPLOAD) in detail and "--max-upload-bytes" in detail
+    assert "declares" in detail and str(MAX_UPLOAD) in detail
+    assert "--max-upload-mb" in detail  # the flag `embedder serve` has (it once named one it lacks)
+    assert "--max-upload-mb" in {a for action in serve_parser()._actions for a in action.option_strings}
 
 
 def test_upload_limit_is_exact_for_the_file_itself(service):
@@ -326,7 +372,7 @@ def test_upload_limit_is_exact_for_the_file_itself(service):
 def test_declared_oversize_is_refused_before_the_body_is_read(service):
     # Content-Length says 1 GB and no body follows: only an up-front check can answer.
     head = (
-        b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"POST /search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Content-Length: 1000000000\r\n\r\n"
     )
     answer = raw_exchange(service, head, [])
@@ -336,7 +382,7 @@ def test_declared_oversize_is_refused_before_the_body_is_read(service):
 def test_undeclared_oversize_is_cut_off_while_reading(service):
     # Chunked, no Content-Length, and the body never ends: only counting can stop it.
     head = (
-        b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"POST /search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     preamble = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n\r\n'
@@ -372,6 +418,12 @@ def test_a_backbone_that_cannot_be_rebuilt_is_503_and_the_rest_still_works(built
         assert r.status == 503
         assert "--weights PATH" in r.json()["detail"]
         assert http("GET", f"{url}/search/id/0").status == 200
+    # Given a weights file that is not there, the reason names it: as WEIGHTS, not by its server path.
+    secret = tmp_path / "private" / "weights.pt"
+    with running(create_app(moved, weights_path=str(secret))) as (host, port):
+        r = http("POST", f"http://{host}:{port}/search/image", body, headers)
+    assert r.status == 503
+    assert "'WEIGHTS' is neither DEFAULT" in r.json()["detail"] and str(tmp_path) not in r.json()["detail"]
 
 
 def test_openapi_lists_every_endpoint(service):
@@ -382,7 +434,30 @@ def test_openapi_lists_every_endpoint(service):
         spec["paths"]
     )
     assert "multipart/form-data" in spec["paths"]["/search/image"]["post"]["requestBody"]["content"]
-    assert http("GET", service.url + "/docs").status == 200
+    # Swagger UI and ReDoc load their scripts from a CDN: offline they were blank pages, so they are gone.
+    assert http("GET", service.url + "/docs").status == 404 and http("GET", service.url + "/redoc").status == 404
+
+
+def test_openapi_states_the_constraints_the_server_enforces(service):
+    spec = http("GET", service.url + "/openapi.json").json()
+    schemas, paths = spec["components"]["schemas"], spec["paths"]
+    vector = schemas["VectorQuery"]["properties"]["vector"]
+    assert vector["minItems"] == vector["maxItems"] == service.index.dim
+    assert vector["contains"] == {"not": {"const": 0}}  # cosine: not all zero
+    assert schemas["VectorQuery"]["properties"]["k"]["minimum"] == 1
+    assert schemas["VectorQuery"]["properties"]["k"]["maximum"] == 1000
+    upload = schemas["Body_search_image_search_image_post"]["properties"]["file"]
+    assert upload["minLength"] == 1 and upload["format"] == "binary"
+    row = next(p for p in paths["/thumbnail/{row_id}"]["get"]["parameters"] if p["name"] == "row_id")["schema"]
+    assert (row["minimum"], row["maximum"]) == (0, service.index.ntotal - 1)
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    image = paths["/search/image"]["post"]["responses"]
+    assert all(image[code]["content"]["application/json"]["schema"] == error for code in ("400", "413", "503"))
+    assert paths["/thumbnail/{row_id}"]["get"]["responses"]["404"]["content"]["application/json"]["schema"] == error
+    invalid = paths["/search/vector"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert schemas[invalid["$ref"].split("/")[-1]]["properties"]["detail"]["type"] == "string"
+    assert schemas["ErrorOut"]["required"] == ["detail"]
+    assert {"get", "head"} <= set(paths["/health"])
 
 
 # ---------------------------------------------------------------- the web page
@@ -392,13 +467,23 @@ def test_page_is_self_contained(service):
     r = http("GET", service.url + "/")
     assert r.status == 200 and r.headers["content-type"].startswith("text/html")
     html = r.body.decode()
-    for marker in ('id="results"', 'id="error"', 'type="file"', "/search/image"):
+    for marker in ('id="results"', 'id="error"', 'type="file"', 'src="/static/search.js"', 'href="/static/search.css"'):
         assert marker in html
-    assert "http://" not in html and "https://" not in html  # no CDN, nothing fetched from elsewhere
+    script = http("GET", service.url + "/static/search.js")
+    style = http("GET", service.url + "/static/search.css")
+    assert script.status == style.status == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert style.headers["content-type"].startswith("text/css")
+    assert b"/search/image" in script.body and b"#results" in style.body
+    for text in (html, script.body.decode(), style.body.decode()):
+        assert "http://" not in text and "https://" not in text  # no CDN, nothing fetched from elsewhere
+    # No inline code: the Content-Security-Policy forbids it (the browser test proves the page still works).
+    assert "<style" not in html and "<script>" not in html and not re.search(r"\son\w+=", html)
 
 
 def test_browser_drop_page_shows_neighbours_and_errors(service, tmp_path):
     from playwright import sync_api
+    from playwright.sync_api import expect
 
     assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} not installed: run `make browser` (apt-get install chromium)"
     rel = "fox/fox_004.jpg"
@@ -408,23 +493,299 @@ def test_browser_drop_page_shows_neighbours_and_errors(service, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            console = []  # a refused script, style or image shows up here as a CSP violation
+            page.on("console", lambda m: console.append(m.text))
             page.goto(service.url + "/")
+            # The page's own script ran (under the Content-Security-Policy) once it shows /health.
+            expect(page.locator("#about")).to_contain_text(f"{service.index.ntotal} images", timeout=15_000)
             page.set_input_files("input[type=file]", str(service.tree / rel))
-            page.wait_for_function(f"document.querySelectorAll('#results .hit').length === {K}", timeout=15_000)
-            page.wait_for_function(
-                "[...document.querySelectorAll('#results .hit img')].every(i => i.complete && i.naturalWidth > 0)",
-                timeout=15_000,
-            )
-            first = page.locator("#results .hit").first
+            # Locator waits, not wait_for_function: that one evaluates a string, which the CSP forbids.
+            hits = page.locator("#results .hit")
+            expect(hits).to_have_count(K, timeout=15_000)
+            for i in range(K):
+                expect(hits.nth(i).locator("img")).to_have_js_property("complete", True, timeout=15_000)
+                assert hits.nth(i).locator("img").evaluate("i => i.naturalWidth") > 0  # a thumbnail was drawn
+            first = hits.first
             assert first.get_attribute("data-path") == rel
             assert first.locator(".rank").inner_text() == "#1"
             assert first.locator(".label").inner_text() == "fox"
             assert "1.000" in first.locator(".score").inner_text()
             assert page.locator("#error").inner_text() == ""
+            # The style sheet applied: the drop zone has its dashed border.
+            assert page.locator("#drop").evaluate("e => getComputedStyle(e).borderStyle") == "dashed"
 
             page.set_input_files("input[type=file]", str(text_file))
-            page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=15_000)
-            assert "not an image" in page.locator("#error").inner_text()
+            expect(page.locator("#error")).to_contain_text("not an image", timeout=15_000)
             assert page.locator("#results .hit").count() == 0
+            assert not [m for m in console if "Content Security Policy" in m], console
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- hardening: big images, bounded errors
+
+
+def test_large_images_are_decoded_small_and_still_find_themselves(service):
+    for rel, (w, h) in LARGE.items():
+        row, data = indexed_file(service, rel)
+        r = upload(service, Path(rel).name, data)
+        assert r.status == 200, r.body
+        result = r.json()
+        assert (result["query"]["width"], result["query"]["height"]) == (w, h)  # the upload's own size
+        assert (result["hits"][0]["id"], result["hits"][0]["path"]) == (row, rel)
+        assert result["hits"][0]["score"] > 0.99  # decoded at 1/8 (JPEG) and 1/12 (PNG), indexed at full size
+        with Image.open(io.BytesIO(http("GET", f"{service.url}/thumbnail/{row}").body)) as thumb:
+            assert thumb.size == (160, 120)
+
+
+@pytest.mark.parametrize("side", [9000, 20_000])  # under PIL's own limit; far over it
+def test_an_upload_declaring_too_many_pixels_is_refused_before_decoding(service, side):
+    from embedder.service import DEFAULT_MAX_UPLOAD_PIXELS
+    from tests.corpus import bomb_png
+
+    data = bomb_png(side, side)  # a header that declares the size, a few hundred bytes
+    r, health_s = health_while(service, lambda: upload(service, "huge.png", data))
+    assert r.status == 400
+    detail = r.json()["detail"]
+    assert f"{side * side} pixels" in detail
+    assert f"exceeds the limit of {DEFAULT_MAX_UPLOAD_PIXELS}" in detail and "--max-upload-pixels" in detail
+    assert str(Image.MAX_IMAGE_PIXELS) not in detail  # the configured limit, not PIL's
+    assert health_s < 1.0
+
+
+def test_a_real_9000_square_png_is_refused_and_health_keeps_answering(service):
+    data = _png(Image.new("L", (9000, 9000), 7))  # ~100 kB that decode to 81 million pixels
+    assert len(data) < MAX_UPLOAD
+    r, health_s = health_while(service, lambda: upload(service, "big.png", data))
+    assert r.status == 400 and "decompression bomb: 9000x9000" in r.json()["detail"]
+    assert health_s < 1.0
+
+
+def test_validation_errors_are_bounded_and_lengths_come_first(service):
+    dim = service.index.dim
+    r = post_json(service, "/search/vector", {"vector": ["a"] * dim})
+    assert r.status == 422 and len(r.body) < 4096
+    body = r.json()
+    assert body["error_count"] == dim and len(body["errors"]) == 5
+    assert f"and {dim - 5} more errors" in body["detail"]
+    # A wrong length is one error, whatever the elements are: they are never looked at.
+    r = post_json(service, "/search/vector", {"vector": ["a"] * 5000})
+    assert r.status == 422 and r.json()["error_count"] == 1 and "vector has 5000 values" in r.json()["detail"]
+
+
+def test_the_amplification_payload_is_refused_at_once_and_health_keeps_answering(service):
+    payload = json.dumps({"vector": ["a"] * 1_000_000}).encode()  # 5 MB that once came back as a 143 MB 422
+    r, health_s = health_while(service, lambda: post_json_bytes(service, payload))
+    assert r.status == 413 and len(r.body) < 4096
+    assert "request body too large" in r.json()["detail"] and "one 512-d vector" in r.json()["detail"]
+    chunk = payload[:65536]
+    head = (b"POST /search/vector HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    answer = raw_exchange(service, head, [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 40)  # no length: counted
+    assert answer.startswith(b"HTTP/1.1 413") and b"request body too large" in answer
+    assert health_s < 1.0
+
+
+def test_every_bad_request_gets_a_short_json_reason(service):
+    dim = service.index.dim
+    long_name = "n" * 5000 + ".txt"
+    deep = b'{"vector": ' + b"[" * 40000 + b"]" * 40000 + b"}"  # Python's JSON parser recurses once a level
+    cases = {
+        "k out of range": lambda: http("GET", f"{service.url}/search/id/0?k=0"),
+        "k not a number": lambda: http("GET", f"{service.url}/search/id/0?k=" + "x" * 3000),
+        "id of 4000 digits": lambda: http("GET", f"{service.url}/search/id/" + "9" * 4000),
+        "id not a number": lambda: http("GET", f"{service.url}/thumbnail/abc"),
+        "broken JSON": lambda: post_json_bytes(service, b'{"vector": [1, 2'),
+        "JSON nested 40,000 deep": lambda: post_json_bytes(service, deep),
+        "NaN in the vector": lambda: post_json_bytes(service, b'{"vector": [NaN' + b", 1" * (dim - 1) + b"]}"),
+        "1e39 overflows float32": lambda: post_json(service, "/search/vector", {"vector": [1e39] * dim}),
+        "unknown field": lambda: post_json(service, "/search/vector", {"vector": [1.0] * dim, "K": 3}),
+        "all-zero vector": lambda: post_json(service, "/search/vector", {"vector": [0] * dim}),
+        "not an object": lambda: post_json(service, "/search/vector", [1, 2]),
+        "no file part": lambda: http("POST", f"{service.url}/search/image", *multipart_field("other", b"x")),
+        "a long file name": lambda: upload(service, long_name, b"not an image"),
+        "empty upload": lambda: upload(service, "empty.png", b""),
+        "wrong method": lambda: http("DELETE", f"{service.url}/health"),
+        "unknown route": lambda: http("GET", f"{service.url}/etc/passwd"),
+    }
+    for what, send in cases.items():
+        r = send()
+        assert 400 <= r.status < 500, (what, r.status, r.body[:300])
+        assert len(r.body) < 4096, (what, len(r.body))
+        assert r.headers["content-type"] == "application/json", what
+        assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], what
+    assert long_name not in upload(service, long_name, b"not an image").json()["detail"]  # echoed clipped
+
+
+# ---------------------------------------------------------------- headers, Host, methods
+
+
+def test_head_is_answered_wherever_get_is(service):
+    for path in ("/health", "/thumbnail/0", "/search/id/0", "/"):
+        r = http("HEAD", service.url + path)
+        assert r.status == 200 and r.body == b"", path
+    r = http("DELETE", service.url + "/health")
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+
+
+def test_security_headers_are_on_every_answer(service):
+    answers = [http("GET", service.url + p) for p in ("/", "/health", "/static/search.js", "/thumbnail/0", "/nope")]
+    answers += [http("GET", service.url + "/health", headers={"Host": "evil.example"}),
+                post_json(service, "/search/vector", {"vector": [1]}), upload(service, "x.txt", b"x")]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "LOCALHOST.", "[::1]"])
+def test_loopback_names_are_answered_with_or_without_a_port(service, host):
+    for value in (host, f"{host}:{service.port}"):
+        assert http("GET", service.url + "/health", headers={"Host": value}).status == 200, value
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost.evil", ""])
+def test_a_foreign_host_header_is_400_with_the_flag_to_allow_it(service, host):
+    r = http("GET", service.url + "/health", headers={"Host": host})
+    assert r.status == 400 and len(r.body) < 4096
+    detail = r.json()["detail"]
+    assert "is not served here" in detail and "--allowed-host" in detail and "localhost" in detail
+
+
+def test_a_request_without_host_is_400(service):
+    answer = raw_exchange(service, b"GET /health HTTP/1.0\r\n\r\n", [])
+    assert answer.startswith(b"HTTP/1.1 400") and b"no Host header" in answer
+
+
+def test_allowed_hosts_replace_the_defaults_and_star_allows_any(built):
+    _, _, index_dir = built
+    with running(create_app(index_dir, allowed_hosts=("search.example",))) as (host, port):
+        url = f"http://{host}:{port}/health"
+        assert http("GET", url, headers={"Host": "search.example:8000"}).status == 200
+        assert http("GET", url, headers={"Host": "localhost"}).status == 400
+    with running(create_app(index_dir, allowed_hosts=("*",))) as (host, port):
+        assert http("GET", f"http://{host}:{port}/health", headers={"Host": "any.example"}).status == 200
+
+
+def test_serve_flags_give_the_allowed_hosts():
+    from embedder.service import allowed_hosts_for
+
+    args = serve_parser().parse_args(["idx", "--allowed-host", "a.example", "--allowed-host", "b.example"])
+    assert args.allowed_host == ["a.example", "b.example"]
+    assert allowed_hosts_for("127.0.0.1", args.allowed_host) == ("localhost", "127.0.0.1", "::1", "a.example",
+                                                                  "b.example")
+    assert allowed_hosts_for("0.0.0.0") == allowed_hosts_for("::") == ("localhost", "127.0.0.1", "::1")
+    assert allowed_hosts_for("192.168.1.5") == ("localhost", "127.0.0.1", "::1", "192.168.1.5")
+    assert serve_parser().parse_args(["idx"]).max_upload_pixels is None  # the service's default applies
+
+
+# ---------------------------------------------------------------- non-UTF-8 file names
+
+
+LATIN1 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name as a listing gives it: 'caf\udce9.png'
+
+
+@pytest.fixture(scope="module")
+def latin1_service(built, tmp_path_factory):
+    """The index with one file renamed to a Latin-1 name, and its rows.h5 holding that name's bytes.
+
+    Built around rows.h5 because embedding such a file needs the cache writer to store raw
+    names (embedder.names), which another change brings; the index side is what is tested here.
+    """
+    import h5py
+
+    from embedder.names import encode_path
+
+    tree, cache, index_dir = built
+    root = tmp_path_factory.mktemp("latin1")
+    shutil.copytree(tree, root / "images")
+    shutil.copytree(index_dir, root / "index")
+    rel = "cat/cat_003.png"
+    os.replace(root / "images" / rel, root / "images" / "cat" / LATIN1)
+    meta = json.loads((root / "index" / "meta.json").read_text())
+    meta["source"] = str(root / "images")
+    (root / "index" / "meta.json").write_text(json.dumps(meta))
+    with h5py.File(root / "index" / "rows.h5", "r+") as f:
+        row = [p.decode() for p in f["paths"][:]].index(rel)
+        f["paths"][row] = encode_path(f"cat/{LATIN1}")
+        f["classes"][0] = encode_path(os.fsdecode(b"ch\xe4t"))  # a class folder with a Latin-1 name, too
+    app = create_app(root / "index", max_upload_bytes=MAX_UPLOAD, default_k=K)
+    with running(app) as (host, port):
+        yield Service(f"http://{host}:{port}", host, port, root / "images", cache, app.state.index), row
+
+
+def test_non_utf8_names_are_shown_escaped_in_json(latin1_service):
+    service, row = latin1_service
+    shown = "cat/caf\\xe9.png"  # embedder.names.display_path
+    r = http("GET", f"{service.url}/search/id/{row}?k=3")
+    assert r.status == 200, r.body
+    first = r.json()["hits"][0]
+    assert (first["id"], first["path"], first["label"]) == (row, shown, "ch\\xe4t")
+    assert http("GET", f"{service.url}/thumbnail/{row}").status == 200  # the str still opens the file
+    r = upload(service, "q.png", (service.tree / "cat" / LATIN1).read_bytes())
+    assert r.status == 200 and r.json()["hits"][0]["path"] == shown
+    os.replace(service.tree / "cat" / LATIN1, service.tree / "cat" / "gone.bak")
+    try:
+        r = http("GET", f"{service.url}/thumbnail/{row}")
+    finally:
+        os.replace(service.tree / "cat" / "gone.bak", service.tree / "cat" / LATIN1)
+    assert r.status == 404 and shown in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- fuzzing and load
+
+
+def test_schemathesis_passes_every_check_on_every_route(service):
+    from benchmarks.service import fuzz
+
+    result = fuzz(service.url, max_examples=5)
+    assert result["failures"] == [] and result["errors"] == []
+    assert result["requests"] > 100 and not [s for s in result["statuses"] if s is None or s >= 500]
+    assert {"not_a_server_error", "positive_data_acceptance", "negative_data_rejection",
+            "response_schema_conformance", "status_code_conformance", "unsupported_method"} <= set(result["checks"])
+    operations = {f"{m.upper()} {p}" for p, ops in http("GET", service.url + "/openapi.json").json()["paths"].items()
+                  for m in ops}
+    assert set(result["positive_200"]) == operations  # schema-valid cases reached 200 on every route
+
+
+def test_a_short_load_gets_no_5xx_and_every_query_finds_itself(service):
+    from benchmarks.service import load
+
+    with FeatureCache(service.cache) as cache:
+        vectors = [(i, cache.features(slice(i, i + 1))[0].tolist()) for i in range(4)]
+        images = [(p, (service.tree / p).read_bytes()) for p in cache.paths[:4]]
+    stats = load(service.port, clients=4, seconds=2, vectors=vectors, images=images)
+    assert stats["5xx"] == 0 and stats["non_200"] == 0
+    for kind in ("vector", "image"):
+        assert stats[kind]["n"] > 0 and stats[kind]["itself_first"] == stats[kind]["n"], kind
+
+
+# ---------------------------------------------------------------- helpers for the above
+
+
+def health_while(service: Service, request) -> tuple[Reply, float]:
+    """Run `request()` in a thread while /health is asked every 20 ms: (its reply, slowest /health in s)."""
+    from benchmarks.service import during
+
+    reply, slowest_ms, _ = during(service.port, request)
+    return reply, slowest_ms / 1000
+
+
+def post_json_bytes(service: Service, body: bytes) -> Reply:
+    # http.client keeps the connection open (urllib asks for close): a refusal sent while the
+    # body is still on its way then arrives intact instead of as a connection reset.
+    conn = httpclient.HTTPConnection(service.host, service.port, timeout=30)
+    try:
+        conn.request("POST", "/search/vector", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return Reply(r.status, dict(r.headers), r.read())
+    finally:
+        conn.close()
+
+
+def multipart_field(name: str, data: bytes) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + data
+    return body + f"\r\n--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
