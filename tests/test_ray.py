@@ -33,6 +33,10 @@ def test_no_cluster_at_the_address_is_one_clear_error(tree, tmp_path, monkeypatc
     # First in the module: it needs Ray not yet started in this process (the fixture below starts it).
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not ray.is_initialized()
+    from ray._private.services import find_gcs_addresses  # what `address="auto"` looks for
+
+    if find_gcs_addresses():
+        pytest.skip("another job's Ray cluster runs on this machine: address 'auto' would join it")
     with pytest.raises(ConfigError, match="Cannot join the Ray cluster at auto.*ray start --head"):
         embed_ray(fast_config(tree, tmp_path / "c.h5"), RayOptions(address="auto", **OPTIONS))
     assert not (tmp_path / "c.h5.lock").exists()
