@@ -332,7 +332,7 @@ class Forker:
               log: Path | None = None) -> int:
         """Start a child; returns its pid. Finish with `wait`."""
         self.runs += 1
-        self._output = self.logs / f"forked-{os.getpid()}-{self.runs}.out"
+        self._output = self.logs / f"forked-{self.proc.pid}-{self.runs}.out"  # one name space per zygote
         request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "phase": phase, "at": at, "when": when,
                    "log": str(log) if log else None, "output": str(self._output)}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())

@@ -749,8 +749,8 @@ def prepare(sc: Scenario, runner, forker: Forker) -> Tally:
     sc.setup(sc, forker)
     sc.reset()
     before = _signature(sc.root / sc.out)
-    t_start, first, outcome = time.monotonic(), None, None
     handle = runner.start(sc)
+    t_start, first, outcome = time.monotonic(), None, None  # from the start, as the kill moments are
     while outcome is None:
         outcome = runner.poll(handle, 0.02)
         if first is None and _signature(sc.root / sc.out) != before:
@@ -896,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where to work (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (kept anyway on failure)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of the runs (default 1: on a loaded machine more threads spin-wait)")
     parser.add_argument("scenarios", nargs="*", help="names to run (default: all of the mode); see --list")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
@@ -920,7 +922,7 @@ def _run_all(chosen: list[tuple[Scenario, str]], args, base: Path) -> int:
     share = allocate([sc for sc, kind in chosen if kind == "random"], total_kills)
     logs = base / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = env_with_repo()
+    env = {**env_with_repo(), "OMP_NUM_THREADS": str(args.threads)}
     rows, failed = [], Tally()
     t0 = time.monotonic()
     with Forker(env, logs) as forker:
