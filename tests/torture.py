@@ -142,7 +142,20 @@ def _entries(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) + ("/" if p.is_dir() else "") for p in folder.rglob("*"))
 
 
+def _h5_datasets(path: Path) -> dict:
+    out = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            out[name] = _strings(obj) if h5py.check_string_dtype(obj.dtype) else _array(obj)
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return out
+
+
 def _read_member(path: Path):
+    """One file of a result folder, by what it holds (report and meta without their wall times)."""
     try:
         if path.name.endswith(".json"):
             return _without_times(json.loads(path.read_text()))
@@ -151,12 +164,7 @@ def _read_member(path: Path):
 
             return _torch_payload(torch.load(path, map_location="cpu", weights_only=True))
         if path.suffix == ".h5":
-            with h5py.File(path, "r") as f:
-                out = {}
-                f.visititems(lambda name, obj: out.__setitem__(name, _array(obj))
-                             if isinstance(obj, h5py.Dataset) and obj.dtype.kind != "O" else
-                             out.__setitem__(name, _strings(obj)) if isinstance(obj, h5py.Dataset) else None)
-                return out
+            return _h5_datasets(path)
         return _digest(path.read_bytes())
     except Exception as exc:  # noqa: BLE001 - as above
         return _unreadable(exc)
@@ -637,6 +645,7 @@ class Tally:
     """What one scenario's trials did, and every failed check (grouped, with one example each)."""
 
     kills: int = 0
+    torn: int = 0  # kills after which a check of what the kill left failed
     reruns: int = 0
     reruns_ok: int = 0
     finals: int = 0  # completed runs whose artefacts were compared with the reference
@@ -652,7 +661,7 @@ class Tally:
         self.examples.setdefault(key, f"{message}  [{where}]")
 
     def add(self, other: Tally) -> None:
-        for name in ("kills", "reruns", "reruns_ok", "finals", "finals_equal", "seconds"):
+        for name in ("kills", "torn", "reruns", "reruns_ok", "finals", "finals_equal", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.leftovers = max(self.leftovers, other.leftovers)
         for key, count in other.failures.items():
@@ -690,6 +699,11 @@ def _last_line(output: str, root: Path) -> str:
     return lines[-1].replace(f"{root}/", "")[:300] if lines else "(no output)"
 
 
+def _tops(entries: set[str]) -> list[str]:
+    """The outermost of `entries`: a left-over folder counts once, not once per file in it."""
+    return sorted(e for e in entries if not any(e != d and e.startswith(d) for d in entries if d.endswith("/")))
+
+
 def judge_run(sc: Scenario, outcome: Outcome, tally: Tally, where: str, rerun: bool = True) -> None:
     """A run that should have completed: exit 0, no refusal or advice, reference artefacts, no leftovers."""
     if rerun:
@@ -708,7 +722,7 @@ def judge_run(sc: Scenario, outcome: Outcome, tally: Tally, where: str, rerun: b
     for text in wrong:
         tally.fail(f"final {text} (vs the uninterrupted run)", where)
     entries = sc.entries()
-    extra, missing = sorted(entries - sc.ref_entries), sorted(sc.ref_entries - entries)
+    extra, missing = _tops(entries - sc.ref_entries), _tops(sc.ref_entries - entries)
     tally.leftovers = max(tally.leftovers, len(extra))
     if extra:
         tally.fail(f"leftovers in {sc.out}/: {', '.join(extra[:6])}", where)
@@ -719,7 +733,9 @@ def judge_run(sc: Scenario, outcome: Outcome, tally: Tally, where: str, rerun: b
 def after_kill(sc: Scenario, runner, killed_session: int, tally: Tally, where: str) -> None:
     """The checks of a kill, the immediate rerun, and the checks of its result."""
     tally.kills += 1
-    for problem in after_kill_problems(sc):
+    problems = after_kill_problems(sc)
+    tally.torn += bool(problems)
+    for problem in problems:
         tally.fail(problem, where)
     rerun = run_to_end(runner, sc)  # at once: orphans of the killed run may still be alive
     kill_session(killed_session)
@@ -863,8 +879,8 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 def _row(name: str, kind: str, t: Tally) -> str:
     equal = "yes" if t.finals and t.finals == t.finals_equal and t.reruns == t.reruns_ok else "no"
-    return (f"{name:<22}{kind:<8}{t.kills:>6}{f'{t.reruns_ok}/{t.reruns}':>11}{equal:>8}{t.leftovers:>11}"
-            f"{t.seconds:>9.0f}")
+    return (f"{name:<22}{kind:<8}{t.kills:>6}{t.torn:>6}{f'{t.reruns_ok}/{t.reruns}':>11}{equal:>8}"
+            f"{t.leftovers:>11}{t.seconds:>9.0f}")
 
 
 def _say(text: str) -> None:
@@ -944,7 +960,10 @@ def _run_all(chosen: list[tuple[Scenario, str]], args, base: Path) -> int:
 
 
 def _print_report(rows, failed: Tally, args, seconds: float) -> None:
-    print(f"\n{'scenario':<22}{'kind':<8}{'kills':>6}{'reruns ok':>11}{'equal':>8}{'leftovers':>11}{'seconds':>9}")
+    print(f"\n{'scenario':<22}{'kind':<8}{'kills':>6}{'torn':>6}{'reruns ok':>11}{'equal':>8}{'leftovers':>11}"
+          f"{'seconds':>9}")
+    print("(torn: kills that left an unreadable cache or a mixed folder; equal: every completed run's artefacts"
+          " equal the uninterrupted run's; leftovers: most stray entries after a completed run)")
     for name, kind, tally in rows:
         print(_row(name, kind, tally))
     random_kills_done = sum(t.kills for _, kind, t in rows if kind == "random")
