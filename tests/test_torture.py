@@ -1,0 +1,189 @@
+"""The fast subset of the kill -9 torture harness (tests/torture.py; the full run: `python -m tests.torture`).
+
+Commands run in children forked from one pre-imported interpreter (tests.crashpoints.Forker),
+so a kill-and-rerun costs a fraction of a second instead of the ~3.5 s of imports a fresh
+process pays; the last test uses real processes because it is about start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import embedder_cmd, env_with_repo, make_tree
+from tests.crashpoints import WHEN, Forker
+from tests.torture import (
+    LOCK_ERROR,
+    ForkRunner,
+    Tally,
+    append_scenario,
+    fast_flags,
+    fresh_scenario,
+    index_scenario,
+    inject,
+    judge_run,
+    kill_session,
+    prepare,
+    prepare_injection,
+    probe_scenario,
+    random_kills,
+    session_alive,
+)
+
+pytestmark = pytest.mark.slow  # every test here starts processes
+
+
+@pytest.fixture(scope="module")
+def forkers(tmp_path_factory):
+    """Two zygotes: the before- and after-sweeps of a phase run side by side, one per core."""
+    env = env_with_repo()
+    env["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch_home"))  # never a user's weight cache
+    # One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting made each probe run
+    # 7-10x slower with two (measured: 1.6-2.3 s against 0.22 s). Threads are not under test here.
+    env["OMP_NUM_THREADS"] = "1"
+    logs = tmp_path_factory.mktemp("forked")
+    with Forker(env, logs=logs) as first, Forker(env, logs=logs) as second:
+        yield first, second
+
+
+@pytest.fixture
+def forker(forkers):
+    return forkers[0]
+
+
+def _clean(tally: Tally) -> None:
+    assert not tally.failures, f"{sum(tally.failures.values())} failed checks:\n{tally.report()}"
+
+
+def test_random_kills_of_a_local_extraction_with_a_reader_worker(forker, tmp_path):
+    sc = fresh_scenario("random", tmp_path, per_class=12, workers=1)
+    _clean(prepare(sc, ForkRunner(forker), forker))
+    tally = random_kills(sc, ForkRunner(forker), kills=4, rng=np.random.default_rng(0))
+    assert tally.kills >= 3, "the kill moments must land while the run is alive"
+    _clean(tally)
+    assert tally.reruns_ok == tally.reruns == tally.kills and tally.finals_equal == tally.finals
+
+
+def _sweep(make, tmp_path, forker, when: str, at_least: int) -> Tally:
+    """Kill at every step of the phase, `when` (before/after) it; each kill rerun and checked."""
+    sc = make(tmp_path / when)
+    logs = tmp_path / when  # the counting logs of the two sweeps must not meet
+    tally = prepare_injection(sc, forker, logs)
+    if sc.calls < at_least:
+        tally.fail(f"only {sc.calls} file-system mutations counted in phase {sc.phase}", "counting run")
+    swept = inject(sc, forker, when, logs)
+    if swept.kills != sc.calls:
+        tally.fail(f"{swept.kills} kills for {sc.calls} steps", when)
+    tally.add(swept)
+    return tally
+
+
+def _sweep_both(make, tmp_path, forkers, at_least: int) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        tallies = list(pool.map(lambda w: _sweep(make, tmp_path, forkers[WHEN.index(w)], w, at_least), WHEN))
+    report = "\n".join(f"kills {w} each step: {sum(t.failures.values())} failed checks\n{t.report()}"
+                       for w, t in zip(WHEN, tallies) if t.failures)
+    assert not report, report
+
+
+def test_kill_at_every_step_of_finish_of_a_fresh_run(forkers, tmp_path):
+    _sweep_both(lambda base: fresh_scenario("fresh", base, per_class=4), tmp_path, forkers, at_least=8)
+
+
+def test_kill_at_every_step_of_finish_of_an_append_run(forkers, tmp_path):
+    _sweep_both(lambda base: append_scenario("append", base, per_class=2, grow=2, commit_every=4), tmp_path,
+                forkers, at_least=6)
+
+
+def test_kill_at_every_step_of_a_probe_saved_over_another_runs_probe(forkers, tmp_path):
+    _sweep_both(lambda base: probe_scenario("probe", base, per_class=6, over_seed=1), tmp_path, forkers,
+                at_least=3)
+
+
+def test_kill_at_every_step_of_an_index_rebuilt_over_another_index(forkers, tmp_path):
+    _sweep_both(lambda base: index_scenario("index", base, per_class=6, kind="ivf", over="flat"), tmp_path,
+                forkers, at_least=4)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for_rows(cache, alive, timeout=60.0) -> None:
+    """Until the cache at `cache` shows committed rows (read with plain h5py)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert alive(), "the run ended before it committed anything"
+        try:
+            with h5py.File(cache, "r") as f:
+                if int(f.attrs["committed_rows"]) > 0:
+                    return
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError("no rows committed in time")
+
+
+def test_immediate_rerun_after_kill_9_with_forked_reader_workers_is_not_locked_out(forker, tmp_path):
+    """`kill -9` of the main process leaves its reader workers alive for a while (they inherit its
+    open files); a rerun at once must still go ahead."""
+    sc = fresh_scenario("workers", tmp_path, per_class=30, workers=1)
+    _clean(prepare(sc, ForkRunner(forker), forker))
+    sc.reset()
+    pid = forker.start(sc.argv, sc.root)
+    _wait_for_rows(sc.root / "out/c.h5", lambda: _alive(pid))
+    assert session_alive(pid) >= 2, "the run should have a reader worker"
+    os.kill(pid, signal.SIGKILL)
+    assert forker.wait().killed
+    try:
+        assert session_alive(pid) >= 1, "the orphaned reader worker is what this test is about"
+        rerun = forker.run(sc.argv, sc.root)
+    finally:
+        kill_session(pid)
+    if LOCK_ERROR in rerun.output:
+        pytest.fail(f"the rerun was locked out by the killed run's orphaned reader worker: {rerun.output.strip()}")
+    tally = Tally()
+    judge_run(sc, rerun, tally, "immediate rerun")
+    _clean(tally)
+
+
+def test_second_embed_into_the_same_out_is_refused_at_once_naming_the_holder(tmp_path):
+    """Refused within ~2 s of starting (a real process: its start-up counts), before any model
+    is built, with the holder's pid in the message."""
+    src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=150, seed=4)
+    out = tmp_path / "c.h5"
+    argv = embedder_cmd("embed", str(src), "--out", str(out), *fast_flags(image_size=160))
+    env = env_with_repo()
+    holder_env = {**env, "OMP_NUM_THREADS": "1"}  # leave the second core to the process under test
+    holder = subprocess.Popen(argv, env=holder_env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_rows(out, lambda: holder.poll() is None)
+        t0 = time.monotonic()
+        second = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - t0
+        assert holder.poll() is None, "the holder must still be running for the test to mean anything"
+    finally:
+        kill_session(holder.pid)
+        holder.wait()
+    said = (second.stdout + second.stderr).strip()
+    problems = []
+    if second.returncode == 0 or not re.search(r"lock|another embedder process", said, re.IGNORECASE):
+        problems.append(f"not refused for the lock (exit {second.returncode})")
+    if str(holder.pid) not in said:
+        problems.append(f"the message does not name the holder's pid {holder.pid}")
+    if elapsed > 2.0:
+        problems.append(f"refused after {elapsed:.1f} s, not within 2 s")
+    assert not problems, f"{'; '.join(problems)}. It said: {said}"
