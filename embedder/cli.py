@@ -320,44 +320,12 @@ def _dispatch(args) -> int:
         return inspect_command(args.model, image_size=args.image_size, weights=args.weights, depth=args.depth,
                                as_json=args.json)
     if args.command == "embed":
-        from embedder.commands import embed_command
-        from embedder.config import EmbedConfig
-        from embedder.decode import DEFAULT_MAX_PIXELS
+        from embedder.atomic import WriteLock
 
-        config = EmbedConfig(
-            source=args.source,
-            model=args.model,
-            out=args.out,
-            weights=args.weights,
-            layer=args.layer[0] if args.layer else None,
-            extra_layers=tuple(args.layer[1:]) if args.layer else (),
-            pool=args.pool,
-            style=args.style,
-            style_layers=tuple(args.style_layer or ()),
-            style_dim=args.style_dim,
-            normalize=args.normalize,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            precision=args.precision,
-            memory_layout=args.memory_layout,
-            compile=args.compile,
-            image_size=args.image_size,
-            limit=args.limit,
-            layout=args.layout,
-            feature_dtype=args.feature_dtype,
-            commit_every=args.commit_every,
-            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-        ray_options = None
-        if args.backend == "ray":
-            from embedder.ray_backend import RayOptions
-
-            ray_options = RayOptions(address=args.address, shard_size=args.shard_size, actors=args.actors,
-                                     gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
-        return embed_command(config, as_json=args.json, ray_options=ray_options)
+        # The lock first, before torch is even imported (seconds): a second run into the same
+        # cache is refused at once, with the running one's pid.
+        with WriteLock(args.out) as lock:
+            return _embed(args, lock)
     if args.command == "merge":
         from embedder.commands import merge_command
 
@@ -447,6 +415,47 @@ def _dispatch(args) -> int:
         make_samples(args.out, only=args.only)
         return 0
     raise AssertionError(args.command)
+
+
+def _embed(args, lock) -> int:
+    from embedder.commands import embed_command
+    from embedder.config import EmbedConfig
+    from embedder.decode import DEFAULT_MAX_PIXELS
+
+    config = EmbedConfig(
+        source=args.source,
+        model=args.model,
+        out=args.out,
+        weights=args.weights,
+        layer=args.layer[0] if args.layer else None,
+        extra_layers=tuple(args.layer[1:]) if args.layer else (),
+        pool=args.pool,
+        style=args.style,
+        style_layers=tuple(args.style_layer or ()),
+        style_dim=args.style_dim,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        memory_layout=args.memory_layout,
+        compile=args.compile,
+        image_size=args.image_size,
+        limit=args.limit,
+        layout=args.layout,
+        feature_dtype=args.feature_dtype,
+        commit_every=args.commit_every,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    ray_options = None
+    if args.backend == "ray":
+        from embedder.ray_backend import RayOptions
+
+        ray_options = RayOptions(address=args.address, shard_size=args.shard_size, actors=args.actors,
+                                 gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
+    return embed_command(config, as_json=args.json, ray_options=ray_options, lock=lock)
 
 
 def _serve(args) -> int:

@@ -63,15 +63,16 @@ def inspect_command(model: str, image_size: int | None = None, weights: str = "n
     return 0
 
 
-def embed_command(config: EmbedConfig, as_json: bool = False, ray_options=None) -> int:
+def embed_command(config: EmbedConfig, as_json: bool = False, ray_options=None, lock=None) -> int:
+    """`lock`: the cache's write lock, already taken by the CLI."""
     if ray_options is not None:
         from embedder.ray_backend import embed_ray
 
-        report = embed_ray(config, ray_options)
+        report = embed_ray(config, ray_options, lock=lock)
     else:
         from embedder.extract import embed
 
-        report = embed(config)
+        report = embed(config, lock=lock)
     if as_json:
         print_json(report.as_dict())
     else:

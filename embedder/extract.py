@@ -274,8 +274,13 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
     return components
 
 
-def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None) -> EmbedReport:
-    """Embed every image of `config.source` into the cache `config.out` (create, resume or append)."""
+def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None,
+          lock: WriteLock | None = None) -> EmbedReport:
+    """Embed every image of `config.source` into the cache `config.out` (create, resume or append).
+
+    `lock`: the cache's write lock, when the caller holds it already (the CLI takes it first thing)."""
+    if lock is not None:
+        return _embed_locked(config, backbone, command, lock)
     # The lock first: a second run into the same cache is refused at once, before it spends
     # tens of seconds building a model.
     with WriteLock(Path(config.out)) as lock:

@@ -109,8 +109,10 @@ class ShardEmbedder:
         }
 
 
-def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: str | None = None):
-    """Embed `config.source` into the sharded cache `config.out` on Ray. Returns an `EmbedReport`."""
+def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: str | None = None, lock=None):
+    """Embed `config.source` into the sharded cache `config.out` on Ray. Returns an `EmbedReport`.
+
+    `lock`: the cache's write lock, when the caller holds it already (the CLI takes it first thing)."""
     options = options or RayOptions()
     if config.extra_layers or config.style:
         raise ConfigError(
@@ -120,7 +122,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     ray = _ray()
     t_start = time.perf_counter()
     # The lock first: a second run into the same cache is refused before Ray starts or a model is built.
-    with lock_output(config.out):
+    with lock_output(config.out, held=lock):
         listing = list_source(config.source, config.layout, config.limit)
         command = command if command is not None else shlex.join(["embedder", *sys.argv[1:]])
         started_here = not ray.is_initialized()

@@ -19,6 +19,7 @@ itself resumable (its `CacheWriter` parts), and a rerun skips every shard with a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -219,9 +220,10 @@ class ShardSet:
 
 
 @contextmanager
-def lock_output(out):
-    """Hold OUT's write lock (the one a local `CacheWriter` takes) and clear a dead writer's leftovers."""
-    with WriteLock(Path(out)) as lock:
+def lock_output(out, held: WriteLock | None = None):
+    """Hold OUT's write lock (the one a local `CacheWriter` takes; `held` if the caller has it)
+    and clear a dead writer's leftovers."""
+    with contextlib.nullcontext(held) if held is not None else WriteLock(Path(out)) as lock:
         remove_leftovers(Path(out).absolute())
         yield lock
 
@@ -390,8 +392,10 @@ def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> i
                 raise ConfigError("merge --out must differ from the cache it merges.")
             with CacheWriter(out, spec, listing, overwrite=overwrite, commit_every=block_rows,
                              ignored=cache.ignored_counts) as w:
-                if w.base is not None:
+                if w.base is not None and len(w.pending):
                     raise CacheError(f"{out} already exists. Use --overwrite to replace it.")
+                # A complete OUT holding every row already is this very merge, finished (a rerun
+                # after a kill that came once the file was in place): nothing to add.
                 todo = w.pending
                 for start, stop in row_ranges(cache, block_rows):
                     sel = todo[(todo >= start) & (todo < stop)]

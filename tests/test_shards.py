@@ -68,8 +68,13 @@ def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path, capsys):
     assert_same_cache(local.out, tmp_path / "merged2.h5")
     with h5py.File(tmp_path / "merged2.h5", "r") as f:
         assert not f["features"].is_virtual and bool(f.attrs["complete"])
+    # Merging again into the finished file is a rerun with nothing to do (a kill after the file
+    # was in place must not need --overwrite); into a cache of another configuration, refused.
+    assert merge_cache(sharded.out, tmp_path / "merged.h5") == 21
+    assert_same_cache(local.out, tmp_path / "merged.h5")
+    embed(fast_config(src, tmp_path / "other.h5", image_size=48))
     with pytest.raises(CacheError, match="--overwrite"):
-        merge_cache(sharded.out, tmp_path / "merged.h5")
+        merge_cache(sharded.out, tmp_path / "other.h5")
 
     # every downstream command reads the view unchanged
     assert main(["probe", str(sharded.out), "--out", str(tmp_path / "probe"), "--json"]) == 0
