@@ -6,11 +6,16 @@ output, concurrent readers during a run, ambiguous layouts, file names that are 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +33,7 @@ from embedder.index import build_index
 from embedder.names import display_path, encode_path
 from embedder.sources import HIDDEN, NOT_IMAGE, OUTSIDE_CLASSES, SAME_FILE, list_source
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
+from tests.test_corpus import as_user
 
 
 def _cache(path):
@@ -349,3 +355,35 @@ def test_search_json_on_an_on_disk_index_is_only_json(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(line)["hits"][0]["id"] for line in proc.stdout.splitlines()] == [3]
+
+
+def test_an_output_folder_without_write_permission_is_one_line():
+    """Root may write anywhere, so as root the run is made by `nobody`, in a folder it cannot write."""
+    if os.geteuid() == 0:
+        uid, gid = pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid
+    else:
+        uid, gid = -1, -1
+    base = Path(tempfile.mkdtemp(prefix="embedder-perm-"))  # not under pytest's tmp: private to root
+    try:
+        os.chmod(base, 0o755)  # readable by everyone, writable by its owner only
+        source = base / "src"
+        make_tree(source, classes=("a", "b"), per_class=2)
+        for p in [source, *source.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        locked = base / "out"
+        locked.mkdir(mode=0o555)
+        os.chmod(locked, 0o555)
+
+        def work():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(["embed", *cli_args(fast_config(source, locked / "c.h5"))])
+            return {"code": code, "err": err.getvalue()}
+
+        result = as_user(uid, gid, work)
+    finally:
+        os.chmod(base / "out", 0o755)
+        shutil.rmtree(base)
+    assert "error" not in result, result.get("error")
+    assert result["code"] == 1 and result["err"].count("\n") == 1
+    assert "permission denied" in result["err"] and "Traceback" not in result["err"]
