@@ -1,0 +1,45 @@
+"""Caches written by an earlier embedder stay valid: same layout read, same fingerprint computed.
+
+`tests/fixtures/legacy/` holds two small caches written by the code as it was before the
+package was split into subpackages (single-layer, and multi-layer with a style descriptor),
+with their source images. A rerun of the same configuration today must find them up to
+date, and a fresh run must reproduce them bit for bit.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from embedder.cache import FeatureCache
+from embedder.extract import embed
+from tests.conftest import REPO, fast_config
+
+FIXTURES = REPO / "tests" / "fixtures" / "legacy"
+CASES = {
+    "single.h5": {},
+    "layers.h5": {"layer": "avgpool", "extra_layers": ("layer3",), "style": True, "style_dim": 64},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_cache_from_before_is_up_to_date_and_reproduced_bit_for_bit(tmp_path, name):
+    src = shutil.copytree(FIXTURES / "src", tmp_path / "src")
+    cache = shutil.copy(FIXTURES / name, tmp_path / name)
+    with h5py.File(cache, "r+") as f:  # it moved with its images: SOURCE is where they are now
+        f.attrs["source"] = str(src.resolve())
+        stored = str(f.attrs["fingerprint"])
+    report = embed(fast_config(src, cache, **CASES[name]))
+    assert report.up_to_date and report.fingerprint == stored and report.total_rows == 6
+    fresh = embed(fast_config(src, tmp_path / "fresh.h5", **CASES[name]))
+    assert fresh.fingerprint == stored
+    with FeatureCache(cache) as old, FeatureCache(fresh.out) as new:
+        assert old.layers == new.layers and old.file_components == new.file_components
+        assert (old.paths, old.labels.tolist(), old.classes, old.errors) == (
+            new.paths, new.labels.tolist(), new.classes, new.errors)
+        assert old.errors == [("bee/broken.jpg", new.errors[0][1])]
+        for layer in old.layers:
+            assert np.array_equal(old.layer_rows(layer), new.layer_rows(layer)), layer
