@@ -142,13 +142,13 @@ def _scan(walk: _Walk, folder: Path, rel: str, dev: int, visited: set) -> list[t
     subdirs = []
     for entry in entries:
         child = f"{rel}/{entry.name}" if rel else entry.name
-        if entry.name.startswith("."):
-            walk.ignored.append((child, HIDDEN))
-            continue
         try:
             is_dir = entry.is_dir()  # follows symlinks; a looping link raises
         except OSError:
             is_dir = False
+        if entry.name.startswith("."):
+            walk.ignored.append((child + "/" if is_dir else child, HIDDEN))  # a hidden folder is not searched
+            continue
         if is_dir:
             try:
                 st = entry.stat()

@@ -4,7 +4,7 @@
 `make_bad_input_tree`: an imagefolder SOURCE holding every awkward kind of entry -- formats,
 broken files, links, odd names, special files, hidden and stray entries -- as `Case`s that say
 whether each becomes a feature row, an errors-table entry or an ignored entry, and why
-(tests/test_corpus.py, docs/RELIABILITY-corpus.md).
+(tests/test_corpus.py, docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ def make_unreadable_tree(root: Path) -> list[Case]:
 
 
 def docs_rows(cases: list[Case]) -> list[str]:
-    """The `## Bad input` table rows of docs/RELIABILITY-corpus.md (kind | file | outcome | reason)."""
+    """The `## Bad input` table rows of docs/RELIABILITY.md (kind | file | outcome | reason)."""
     return [f"| {c.kind} | `{display_path(c.path)}` | {c.outcome} | {c.reason or '-'} |" for c in cases]
 
 

@@ -53,7 +53,7 @@ from tests.corpus import (
     race_contents,
 )
 
-DOCS = REPO / "docs" / "RELIABILITY-corpus.md"
+DOCS = REPO / "docs" / "RELIABILITY.md"
 TIMEOUT_S = 120  # a run that blocks (opening a FIFO, say) fails the test instead of hanging the suite
 
 
