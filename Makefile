@@ -30,7 +30,9 @@ browser:
 	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	  else echo "The browser test needs /usr/bin/chromium: sudo apt-get install chromium"; exit 1; fi; }
 
+# Lint first (seconds), then the suite; the suite also checks the import-linter contracts.
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check embedder tests benchmarks
 	$(PY) -m pytest -q
 
 clean:

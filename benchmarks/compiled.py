@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from embedder.backbone import BackboneConfig, FrozenBackbone
-from embedder.runtime import resolve_runtime
+from embedder.models.backbone import BackboneConfig, FrozenBackbone
+from embedder.models.runtime import resolve_runtime
 
 
 def compare(model: str, size: int, batch: int, rounds: int, batches_per_round: int) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedder.config import EmbedConfig
-from embedder.extract import embed, load_backbone
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import embed, load_backbone
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0, scale: float = 1.5) -> list[Path]:
@@ -49,7 +49,7 @@ def make_jpegs(folder: Path, n: int, seed: int = 0, scale: float = 1.5) -> list[
 
 
 def run(quick: bool = False) -> None:
-    from embedder.runtime import auto_batch_size
+    from embedder.models.runtime import auto_batch_size
 
     batch = auto_batch_size()  # the default of `embedder embed`
     model, n, rounds = ("resnet18", 64, 2) if quick else ("resnet50", 192, 2)
@@ -108,7 +108,7 @@ def batch_sweep(backbone, n: int) -> None:
 def decoders(paths: list[Path]) -> None:
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from embedder.decode import load_rgb
+    from embedder.data.decode import load_rgb
 
     t = time.perf_counter()
     pil = [load_rgb(p) for p in paths]

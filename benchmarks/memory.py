@@ -26,8 +26,8 @@ from benchmarks.extraction import make_jpegs
 
 EMBED = """
 import json, resource, sys
-from embedder.config import EmbedConfig
-from embedder.extract import embed
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import embed
 embed(EmbedConfig(source=sys.argv[1], model="resnet18", weights="none", out=sys.argv[2], progress=False))
 print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -36,7 +36,7 @@ print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
 INDEX = """
 import json, sys
 import faiss, faiss.contrib.exhaustive_search, tqdm.auto  # noqa: F401 - libraries, loaded before the baseline
-from embedder.index import build_index
+from embedder.search.index import build_index
 def kib(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
 base = kib("VmRSS")  # resident after imports, right before the build

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from embedder.backbone import BackboneConfig, FrozenBackbone
-from embedder.runtime import cpu_has_native_bf16, resolve_runtime
+from embedder.models.backbone import BackboneConfig, FrozenBackbone
+from embedder.models.runtime import cpu_has_native_bf16, resolve_runtime
 
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", True)]
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks search [--quick]      # full: 1,000,000 x 512; quick: 100,000 x 512
 
-Each kind is built by `embedder.index.build_index` from a real cache file (streamed, tuned
+Each kind is built by `embedder.search.index.build_index` from a real cache file (streamed, tuned
 to recall@10 >= 0.95 on held-out rows), then queried through `SearchIndex`: single-query
 latency p50/p99 over 500 queries and batch throughput over 2,000 queries, with recall@10
 of fresh queries (drawn from the same clusters, not indexed) against exact numpy search.
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.cache import CacheSpec
-from embedder.cache_writer import CacheWriter
-from embedder.index import SearchIndex, build_index
-from embedder.sources import Listing
+from embedder.cache.reader import CacheSpec
+from embedder.cache.writer import CacheWriter
+from embedder.data.sources import Listing
+from embedder.search.index import SearchIndex, build_index
 
 
 def clustered(n: int, d: int, centers: int, seed: int) -> np.ndarray:
@@ -109,10 +109,10 @@ def digit_features(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray
     """The real-feature set: (cache, features, query rows, exact top 10 per query). The 1,797
     digits embedded with the shipped EfficientNet-Lite0; 300 seeded cached rows as queries,
     each query's own row excluded from its exact cosine neighbours."""
-    from embedder.cache import FeatureCache
-    from embedder.config import EmbedConfig
-    from embedder.extract import embed
-    from embedder.samples import make_samples
+    from embedder.cache.reader import FeatureCache
+    from embedder.data.samples import make_samples
+    from embedder.extract.config import EmbedConfig
+    from embedder.extract.core import embed
 
     digits = make_samples(work, only=["digits"], verbose=False)["digits"]
     cache = work / "digits.h5"

@@ -326,10 +326,10 @@ def _summary(records: list[tuple[str, int, float, bool]], wall: float) -> dict:
 def build(work: Path, quick: bool) -> tuple[Path, list, list]:
     """An index of photo-like JPEGs; (index dir, vector queries, image queries)."""
     from benchmarks.extraction import make_jpegs
-    from embedder.cache import FeatureCache
-    from embedder.config import EmbedConfig
-    from embedder.extract import embed
-    from embedder.index import build_index
+    from embedder.cache.reader import FeatureCache
+    from embedder.extract.config import EmbedConfig
+    from embedder.extract.core import embed
+    from embedder.search.index import build_index
 
     n, size = (24, 64) if quick else (96, None)
     make_jpegs(work / "images" / "photos", n, scale=1.0)

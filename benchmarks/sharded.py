@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.extraction import make_jpegs
-from embedder.cache import FeatureCache
-from embedder.config import EmbedConfig
-from embedder.extract import embed
+from embedder.cache.reader import FeatureCache
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import embed
 
 
 def _mean_pixels(work: Path) -> float:
@@ -36,15 +36,15 @@ def _mean_pixels(work: Path) -> float:
 def run(quick: bool = False) -> None:
     import ray
 
-    from embedder.ray_backend import RayOptions, embed_ray
-    from embedder.shards import shards_dir
+    from embedder.cache.shards import shards_dir
+    from embedder.extract.ray import RayOptions, embed_ray
 
     model, n, batch, shard, rounds = ("resnet18", 64, 16, 32, 1) if quick else ("resnet50", 128, 16, 32, 2)
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-"))
     try:
         make_jpegs(work / "src" / "x", n)
-        common = dict(source=str(work / "src"), model=model, weights="none", batch_size=batch, workers=1,
-                      device="cpu", precision="fp32", memory_layout="channels_last", progress=False)
+        common = {"source": str(work / "src"), "model": model, "weights": "none", "batch_size": batch, "workers": 1,
+                      "device": "cpu", "precision": "fp32", "memory_layout": "channels_last", "progress": False}
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         print(f"   ray.init      : {time.perf_counter() - t0:.1f} s")

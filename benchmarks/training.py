@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedder.config import EmbedConfig
-from embedder.extract import embed
-from embedder.finetune import FinetuneConfig, finetune
-from embedder.samples import make_samples
-from embedder.train_cache import ProbeConfig, run_probe
+from embedder.data.samples import make_samples
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import embed
+from embedder.learn.finetune import FinetuneConfig, finetune
+from embedder.learn.runner import ProbeConfig, run_probe
 
 
 def run(quick: bool = False) -> None:

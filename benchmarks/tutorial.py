@@ -35,16 +35,16 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks.extraction import make_jpegs
-from embedder.backbone import build_model
-from embedder.cache import CacheSpec, FeatureCache
-from embedder.cache_writer import CacheWriter
-from embedder.config import EmbedConfig, auto_workers
-from embedder.extract import embed, load_backbone
-from embedder.registry import get_backbone_spec
-from embedder.runtime import auto_batch_size
-from embedder.sources import list_source
-from embedder.train_cache import ProbeConfig, run_probe
-from embedder.weights import resolve_weights
+from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.writer import CacheWriter
+from embedder.data.sources import list_source
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import embed, load_backbone
+from embedder.learn.runner import ProbeConfig, run_probe
+from embedder.models.backbone import build_model
+from embedder.models.registry import get_backbone_spec
+from embedder.models.runtime import auto_batch_size, auto_workers
+from embedder.models.weights import resolve_weights
 
 
 def tutorial_model(name: str, weights: str) -> nn.Module:
@@ -142,7 +142,7 @@ def speed(quick: bool, work: Path) -> None:
 
 
 def accuracy(quick: bool, work: Path) -> None:
-    from embedder.samples import make_samples
+    from embedder.data.samples import make_samples
 
     name = "efficientnet_lite0"
     digits = make_samples(work, only=["digits"], verbose=False)["digits"]

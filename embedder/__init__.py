@@ -15,30 +15,50 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from embedder._version import __version__ as __version__
 
 _EXPORTS = {
-    "BackboneConfig": "embedder.backbone",
-    "FrozenBackbone": "embedder.backbone",
-    "FeatureCache": "embedder.cache",
-    "open_cache": "embedder.cache",
-    "EmbedConfig": "embedder.config",
+    "BackboneConfig": "embedder.models.backbone",
+    "FrozenBackbone": "embedder.models.backbone",
+    "FeatureCache": "embedder.cache.reader",
+    "open_cache": "embedder.cache.reader",
+    "EmbedConfig": "embedder.extract.config",
     "CacheError": "embedder.errors",
     "CacheMismatchError": "embedder.errors",
     "ConfigError": "embedder.errors",
     "EmbedderError": "embedder.errors",
     "SourceError": "embedder.errors",
     "WeightsUnavailableError": "embedder.errors",
-    "EmbedReport": "embedder.extract",
-    "embed": "embedder.extract",
-    "embed_images": "embedder.extract",
-    "load_backbone": "embedder.extract",
-    "LinearProbe": "embedder.probe",
-    "get_backbone_spec": "embedder.registry",
-    "list_backbones": "embedder.registry",
+    "EmbedReport": "embedder.extract.core",
+    "embed": "embedder.extract.core",
+    "embed_images": "embedder.extract.core",
+    "load_backbone": "embedder.extract.core",
+    "LinearProbe": "embedder.learn.probe",
+    "get_backbone_spec": "embedder.models.registry",
+    "list_backbones": "embedder.models.registry",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "BackboneConfig",
+    "CacheError",
+    "CacheMismatchError",
+    "ConfigError",
+    "EmbedConfig",
+    "EmbedReport",
+    "EmbedderError",
+    "FeatureCache",
+    "FrozenBackbone",
+    "LinearProbe",
+    "SourceError",
+    "WeightsUnavailableError",
+    "__version__",
+    "embed",
+    "embed_images",
+    "get_backbone_spec",
+    "list_backbones",
+    "load_backbone",
+    "open_cache",
+]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
 import sys
 
-from embedder.cli import main
+from embedder.cli.main import main
 
 sys.exit(main())

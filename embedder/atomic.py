@@ -19,6 +19,11 @@ Record locks are per process, so a registry refuses a second lock within one pro
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
+    from typing import Self
+
 import ctypes
 import errno
 import fcntl
@@ -216,7 +221,7 @@ class WriteLock:
         self.path = Path(lock_path) if lock_path else lock_path_for(self.what)
         self.fd: int | None = None
 
-    def __enter__(self) -> WriteLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -48,6 +48,10 @@ class AllImagesFailedError(EmbedderError):
     """Every image of a run failed to decode: almost certainly the wrong SOURCE."""
 
 
+class EmbedderNotice(UserWarning):
+    """Something a user should know before a long run (not an error): the CLI shows it as one line."""
+
+
 class BadImageError(Exception):
     """One image cannot be used. Not an EmbedderError: it is recorded and skipped, never fatal."""
 

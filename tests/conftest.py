@@ -12,7 +12,7 @@ import os
 # without it the check is skipped, and every estimator check should run.
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
-import dataclasses  # noqa: E402
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder.config import EmbedConfig
+from embedder.extract.config import EmbedConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,19 +49,19 @@ def tree(tmp_path) -> Path:
 
 
 def fast_config(source, out, **overrides) -> EmbedConfig:
-    values = dict(
-        source=str(source),
-        model="resnet18",
-        out=str(out),
-        weights="none",
-        image_size=32,
-        batch_size=4,
-        workers=0,
-        device="cpu",
-        precision="fp32",
-        memory_layout="contiguous",
-        progress=False,
-    )
+    values = {
+        "source": str(source),
+        "model": "resnet18",
+        "out": str(out),
+        "weights": "none",
+        "image_size": 32,
+        "batch_size": 4,
+        "workers": 0,
+        "device": "cpu",
+        "precision": "fp32",
+        "memory_layout": "contiguous",
+        "progress": False,
+    }
     values.update(overrides)
     return EmbedConfig(**values)
 

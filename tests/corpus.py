@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedder.names import display_path
-from embedder.sources import (
+from embedder.data.sources import (
     FOLDER_AGAIN,
     HIDDEN,
     LISTED_TWICE,
@@ -30,6 +29,7 @@ from embedder.sources import (
     SAME_FILE,
     UNREADABLE_FOLDER,
 )
+from embedder.names import display_path
 
 # name -> substring expected in the recorded reason
 BAD = {

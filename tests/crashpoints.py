@@ -51,9 +51,9 @@ from typing import Self
 
 # phase name -> (module, attribute path) of the library entry point whose run is counted
 PHASES = {
-    "finish": ("embedder.cache_writer", "CacheWriter.finish"),
-    "probe": ("embedder.train_cache", "run_probe"),
-    "index": ("embedder.index", "build_index"),
+    "finish": ("embedder.cache.writer", "CacheWriter.finish"),
+    "probe": ("embedder.learn.runner", "run_probe"),
+    "index": ("embedder.search.index", "build_index"),
 }
 WHEN = ("before", "after")
 
@@ -205,7 +205,7 @@ def _patch_phase(injector: Injector, phase: str) -> None:
 
 def install(phase: str | None, at: int = 0, when: str = "before", log: str | None = None) -> Injector:
     """Patch this process: count (and at `at`, kill on) mutations made while `phase` runs."""
-    import embedder.cli  # noqa: F401 - the library must be importable before its entry points are wrapped
+    import embedder.cli.main  # noqa: F401 - the library must be importable before its entry points are wrapped
 
     injector = Injector(at, when, log)
     if phase is not None:
@@ -218,7 +218,7 @@ def install(phase: str | None, at: int = 0, when: str = "before", log: str | Non
 
 def run_cli(argv: list[str]) -> int:
     """`embedder ARGV` in this process, as the console script runs it; returns the exit code."""
-    from embedder.cli import main as cli_main
+    from embedder.cli.main import main as cli_main
 
     sys.argv = ["embedder", *argv]
     try:
@@ -241,8 +241,8 @@ def run_cli(argv: list[str]) -> int:
 def _preload() -> None:
     """Import everything the commands use, so that children start at once. Runs no torch op:
     a process that has started OpenMP threads must not fork children that use torch."""
-    for name in ("embedder.cli", "embedder.commands", "embedder.extract", "embedder.train_cache", "embedder.index",
-                 "embedder.shards", "embedder.pipeline", "embedder.metrics", "embedder.samples", "h5py", "torch",
+    for name in ("embedder.cli.main", "embedder.cli.commands", "embedder.extract.core", "embedder.learn.runner", "embedder.search.index",
+                 "embedder.cache.shards", "embedder.cli.pipeline", "embedder.learn.metrics", "embedder.data.samples", "h5py", "torch",
                  "faiss", "faiss.contrib.exhaustive_search", "matplotlib.pyplot", "sklearn.model_selection"):
         try:
             importlib.import_module(name)

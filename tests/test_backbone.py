@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from embedder.backbone import BackboneConfig, FrozenBackbone, build_model
 from embedder.errors import ConfigError, WeightsUnavailableError
-from embedder.registry import get_backbone_spec, list_backbones
-from embedder.weights import resolve_weights
+from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
+from embedder.models.registry import get_backbone_spec, list_backbones
+from embedder.models.weights import resolve_weights
 
-SMALL = dict(weights="none", image_size=32, precision="fp32", channels_last=False)
+SMALL = {"weights": "none", "image_size": 32, "precision": "fp32", "channels_last": False}
 
 
 def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,7 +162,7 @@ def test_shipped_efficientnet_lite0_sees_a_cat_in_chelsea():
     from PIL import Image
     from skimage.data import chelsea
 
-    from embedder.preprocess import geometric_transform
+    from embedder.data.transforms import geometric_transform
 
     bb = FrozenBackbone.from_config(BackboneConfig("efficientnet_lite0", precision="fp32"))
     assert bb.weights.kind == "default"
@@ -181,7 +181,7 @@ def test_compiled_backbone_matches_eager_pads_the_last_batch_and_stays_locked(re
     """`--compile`: same features as eager (within float rounding), the same bits from two
     compiled backbones, a short last batch computed exactly like rows of a full one, and the
     eval lock intact. (Its speed is measured in benchmarks/compiled.py, not here.)"""
-    from embedder.extract import fingerprint_components
+    from embedder.extract.core import fingerprint_components
 
     config = BackboneConfig("resnet18", compile=True, **SMALL)
     compiled = FrozenBackbone.from_config(config)

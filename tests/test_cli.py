@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from embedder.cache import FeatureCache
-from embedder.cli import main
+from embedder.cache.reader import FeatureCache
+from embedder.cli.main import main
+from embedder.cli.pipeline import load_pipeline
+from embedder.data.samples import make_samples
 from embedder.errors import ConfigError
-from embedder.pipeline import load_pipeline
-from embedder.registry import list_backbones
-from embedder.samples import make_samples
+from embedder.models.registry import list_backbones
 from tests.conftest import REPO, embedder_cmd, env_with_repo
 
 
@@ -29,7 +29,7 @@ def test_models_lists_every_backbone_with_width_and_offline_flag(capsys):
 
 
 def test_module_entry_point_and_help():
-    proc = subprocess.run(embedder_cmd("embed", "--help"), env=env_with_repo(), capture_output=True, text=True)
+    proc = subprocess.run(embedder_cmd("embed", "--help"), env=env_with_repo(), capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     for flag in ("--weights", "--batch-size", "--workers", "--device", "--precision", "--image-size", "--limit",
                  "--overwrite", "--layer", "--normalize"):
@@ -95,7 +95,7 @@ def test_quickstart_pipeline_is_valid():
 
 
 def test_samples_are_made_from_shipped_data(tmp_path):
-    made = make_samples(tmp_path, verbose=False)
+    made = make_samples(tmp_path)
     digits = sorted(p for p in made["digits"].rglob("*.png"))
     assert len(digits) == 1797 and len({p.parent.name for p in digits}) == 10
     lfw = list(made["lfw_subset"].rglob("*.png"))
@@ -107,7 +107,7 @@ def test_samples_are_made_from_shipped_data(tmp_path):
     assert (made["photos"] / "chelsea.jpg").is_file()
     # A second call leaves the finished samples alone.
     stamp = (made["digits"] / "0").stat().st_mtime_ns
-    make_samples(tmp_path, verbose=False)
+    make_samples(tmp_path)
     assert (made["digits"] / "0").stat().st_mtime_ns == stamp
 
 

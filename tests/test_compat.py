@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from embedder.cache import FeatureCache
-from embedder.extract import embed
+from embedder.cache.reader import FeatureCache
+from embedder.extract.core import embed
 from tests.conftest import REPO, fast_config
 
 FIXTURES = REPO / "tests" / "fixtures" / "legacy"

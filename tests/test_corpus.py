@@ -26,13 +26,13 @@ import pytest
 import torch
 from PIL import Image
 
-from embedder import extract
-from embedder.cache import FeatureCache
-from embedder.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.cache.reader import FeatureCache
+from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.data.sources import Listing, list_source
 from embedder.errors import BadImageError, SourceError
-from embedder.extract import EmbedReport, backbone_for, embed, embed_images
+from embedder.extract import core as extract
+from embedder.extract.core import EmbedReport, backbone_for, embed, embed_images
 from embedder.names import display_path
-from embedder.sources import Listing, list_source
 from tests.conftest import REPO, fast_config
 from tests.corpus import (
     AWKWARD_NAMES,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from embedder.cache import FeatureCache
-from embedder.decode import load_rgb
+from embedder.cache.reader import FeatureCache
+from embedder.data.decode import load_rgb
 from embedder.errors import BadImageError
-from embedder.extract import embed
+from embedder.extract.core import embed
 from tests.conftest import fast_config
 from tests.corpus import BAD, make_corpus
 
@@ -109,9 +109,9 @@ def test_extreme_aspect_ratio_is_recorded_not_allocated(tmp_path):
 
 
 def test_bytes_in_memory_decode_like_files(corpus):
-    from embedder.decode import load_rgb_bytes
+    from embedder.data.decode import load_rgb_bytes
 
-    root, expected = corpus
+    root, _expected = corpus
     assert torch.equal(load_rgb_bytes((root / "exif_rotated.jpg").read_bytes()), load_rgb(root / "exif_rotated.jpg"))
     for name, fragment in BAD.items():
         with pytest.raises(BadImageError) as err:
@@ -124,7 +124,7 @@ def test_bytes_in_memory_decode_like_files(corpus):
 
 @pytest.mark.parametrize("side", [9000, 10_000, 20_000])  # ours alone; past PIL's warning; past PIL's own refusal
 def test_bomb_refusal_quotes_the_configured_limit_not_pils(side):
-    from embedder.decode import load_rgb_bytes
+    from embedder.data.decode import load_rgb_bytes
     from tests.corpus import bomb_png
 
     with pytest.raises(BadImageError) as err:
@@ -136,7 +136,7 @@ def test_bomb_refusal_quotes_the_configured_limit_not_pils(side):
 
 
 def test_a_limit_above_pils_is_honoured_up_to_pils_own_refusal(tmp_path, monkeypatch):
-    from embedder.decode import load_rgb_bytes
+    from embedder.data.decode import load_rgb_bytes
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's levels made small: warns past 1000, refuses past 2000
     buf = io.BytesIO()
@@ -153,7 +153,7 @@ def _box_reduce(t: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def test_min_side_decodes_a_jpeg_small_and_upright(tmp_path):
-    from embedder.decode import load_rgb_bytes, shown_size
+    from embedder.data.decode import load_rgb_bytes, shown_size
 
     y, x = np.mgrid[0:600, 0:800]
     smooth = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], -1).astype(np.uint8)
@@ -190,7 +190,7 @@ def test_min_side_keeps_the_rules_for_alpha_palettes_and_sixteen_bits(tmp_path, 
 
 
 def test_alpha_is_reduced_strip_by_strip_exactly_as_whole():
-    from embedder.decode import _reduce
+    from embedder.data.decode import _reduce
 
     rgba = np.random.default_rng(0).integers(0, 256, (701, 3001, 4), dtype=np.uint8)
     img = Image.fromarray(rgba, "RGBA")  # ~8.4 MB: several 4 MB strips

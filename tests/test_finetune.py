@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from embedder.backbone import build_model
-from embedder.classifier import load_classifier
+from embedder.data.sources import list_source
 from embedder.errors import ConfigError
-from embedder.finetune import FinetuneConfig, FinetuneNetwork, build_network, finetune
-from embedder.registry import get_backbone_spec
-from embedder.sources import list_source
-from embedder.weights import resolve_weights
+from embedder.learn.checkpoint import load_classifier
+from embedder.learn.finetune import FinetuneConfig, FinetuneNetwork, build_network, finetune
+from embedder.models.backbone import build_model
+from embedder.models.registry import get_backbone_spec
+from embedder.models.weights import resolve_weights
 from tests.conftest import make_tree, write_image
 
 CLASSES = ["cat", "dog", "fox"]

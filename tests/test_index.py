@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from embedder.cache import CacheSpec, FeatureCache
-from embedder.cache_writer import CacheWriter
-from embedder.cli import main
+from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.writer import CacheWriter
+from embedder.cli.main import main
+from embedder.data.sources import Listing
 from embedder.errors import CacheMismatchError
-from embedder.explore import near_duplicates, plot_space
-from embedder.extract import embed
-from embedder.index import SearchIndex, build_index
-from embedder.sources import Listing
+from embedder.extract.core import embed
+from embedder.search.explore import near_duplicates, plot_space
+from embedder.search.index import SearchIndex, build_index
 from tests.conftest import fast_config, make_tree
 
 
@@ -108,7 +108,7 @@ def test_auto_chooses_by_size_and_budget(tmp_path):
 
 
 def test_auto_kind_ladder_follows_the_memory_per_vector():
-    from embedder.index import choose_kind
+    from embedder.search.index import choose_kind
 
     n, d = 100_000, 512  # raw 4D+8 = 2,056 B/vector, HNSW 2,304, 8-bit 520
     mib = 2**20
@@ -147,10 +147,10 @@ def test_names_stored_as_raw_bytes_read_back_as_the_str_that_opens_the_file(tmp_
 
 @pytest.fixture(scope="module")
 def photos_index(tmp_path_factory):
-    from embedder.samples import make_samples
+    from embedder.data.samples import make_samples
 
     root = tmp_path_factory.mktemp("photos")
-    photos = make_samples(root, only=["photos"], verbose=False)["photos"]
+    photos = make_samples(root, only=["photos"])["photos"]
     cache = root / "photos.h5"
     embed(fast_config(photos, cache, model="efficientnet_lite0", weights="DEFAULT", image_size=None,
                       memory_layout="auto"))
@@ -162,7 +162,7 @@ def photos_index(tmp_path_factory):
 def test_augmented_copies_of_real_photos_find_their_originals(photos_index):
     from torchvision.transforms import v2
 
-    from embedder.decode import load_rgb
+    from embedder.data.decode import load_rgb
 
     photos, _, idx_dir = photos_index
     index = SearchIndex.open(idx_dir)

@@ -10,14 +10,14 @@ import pytest
 import torch
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from embedder.cache import FeatureCache
-from embedder.classifier import load_classifier
-from embedder.cli import main
+from embedder.cache.reader import FeatureCache
+from embedder.cli.main import main
 from embedder.errors import CacheMismatchError, ConfigError
-from embedder.export import export_probe
-from embedder.extract import embed, embed_images
-from embedder.probe import LinearProbe
-from embedder.train_cache import ProbeConfig, evaluate_probe, run_probe
+from embedder.extract.core import embed, embed_images
+from embedder.learn.checkpoint import load_classifier
+from embedder.learn.export import export_probe
+from embedder.learn.probe import LinearProbe
+from embedder.learn.runner import ProbeConfig, evaluate_probe, run_probe
 from tests.conftest import fast_config, make_tree
 
 FAST_CS = (0.01, 1.0, 100.0)
@@ -194,7 +194,7 @@ def test_probe_applied_to_another_backbone_is_refused(labelled_cache, tmp_path):
 
 
 def test_val_cache_is_used_for_selection(labelled_cache, tmp_path):
-    tree, cache = labelled_cache
+    _tree, cache = labelled_cache
     report = run_probe(ProbeConfig(str(cache), val_cache=str(cache), out=str(tmp_path / "p"), Cs=FAST_CS,
                                    device="cpu"))
     assert report["splits"]["how"] == "separate caches" and report["splits"]["val"] == 30
@@ -204,9 +204,9 @@ def test_val_cache_is_used_for_selection(labelled_cache, tmp_path):
 @pytest.mark.slow
 def test_real_lite0_features_of_digits_pass_a_floor(tmp_path):
     """Every third digit image (599), real EfficientNet-Lite0 weights, the probe's own split."""
-    from embedder.samples import make_samples
+    from embedder.data.samples import make_samples
 
-    digits = make_samples(tmp_path, only=["digits"], verbose=False)["digits"]
+    digits = make_samples(tmp_path, only=["digits"])["digits"]
     files = sorted(p.relative_to(digits).as_posix() for p in digits.rglob("*.png"))[::3]
     lst = digits / "every_third.csv"
     lst.write_text("".join(f"{f},{f.split('/')[0]}\n" for f in files))
@@ -221,7 +221,7 @@ def test_real_lite0_features_of_digits_pass_a_floor(tmp_path):
 
 
 def test_zero_test_fraction_means_no_test_split():
-    from embedder.splits import assign_splits
+    from embedder.data.splits import assign_splits
 
     paths = [f"{c}/{i}.png" for c in "ab" for i in range(10)]
     labels = np.array([0] * 10 + [1] * 10)

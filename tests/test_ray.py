@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import ray  # in the `test` extra: missing, these tests must fail, not skip
 
-from embedder.cache import CacheSpec, FeatureCache
-from embedder.cache_writer import CacheWriter
-from embedder.cli import main
+from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.shards import merge_cache, shards_dir
+from embedder.cache.writer import CacheWriter
+from embedder.cli.main import main
+from embedder.data.sources import Listing, list_source
 from embedder.errors import ConfigError
-from embedder.extract import embed
-from embedder.ray_backend import RayOptions, embed_ray
-from embedder.shards import merge_cache, shards_dir
-from embedder.sources import Listing, list_source
+from embedder.extract.core import embed
+from embedder.extract.ray import RayOptions, embed_ray
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache
 

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 
 from embedder.atomic import WriteLock, lock_holder, publish_dir, remove_leftovers, temp_dir
-from embedder.cache import FeatureCache
-from embedder.cli import main
+from embedder.cache.reader import FeatureCache
+from embedder.cli.main import main
+from embedder.data.sources import HIDDEN, NOT_IMAGE, OUTSIDE_CLASSES, SAME_FILE, list_source
 from embedder.errors import CacheError, SourceError
-from embedder.extract import embed
-from embedder.index import build_index
+from embedder.extract.core import embed
 from embedder.names import display_path, encode_path
-from embedder.sources import HIDDEN, NOT_IMAGE, OUTSIDE_CLASSES, SAME_FILE, list_source
+from embedder.search.index import build_index
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
 from tests.test_corpus import as_user
 
@@ -98,15 +98,15 @@ def test_one_process_cannot_lock_twice_and_checking_does_not_release(tmp_path):
         with pytest.raises(CacheError, match="this very process"):
             WriteLock(out).acquire()
         lock_holder(out)  # must not open (and close) the file: that would drop a POSIX lock
-        proc = subprocess.run([sys.executable, "-c", f"from embedder.atomic import lock_holder; "
-                               f"print(lock_holder({str(out)!r}))"], env=env_with_repo(), capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, "-c", (f"from embedder.atomic import lock_holder; "
+                               f"print(lock_holder({str(out)!r}))")], env=env_with_repo(), capture_output=True,
+                              text=True, check=False)
         assert proc.stdout.strip() == str(os.getpid())
 
 
 def test_a_cache_being_written_is_reported_live_not_interrupted(tree, tmp_path):
-    from embedder.cache import CacheSpec
-    from embedder.cache_writer import CacheWriter
+    from embedder.cache.reader import CacheSpec
+    from embedder.cache.writer import CacheWriter
 
     config = fast_config(tree, tmp_path / "c.h5", commit_every=4)
     listing = list_source(tree)
@@ -114,7 +114,8 @@ def test_a_cache_being_written_is_reported_live_not_interrupted(tree, tmp_path):
     with CacheWriter(config.out, spec, listing, commit_every=4):  # a fresh run: the view is there, incomplete
         with pytest.raises(CacheError, match="still being written by a running embedder process"):
             FeatureCache(config.out)
-        info = subprocess.run(embedder_cmd("info", config.out), env=env_with_repo(), capture_output=True, text=True)
+        info = subprocess.run(embedder_cmd("info", config.out), env=env_with_repo(), capture_output=True, text=True,
+                              check=False)
         assert f"being written right now by embedder pid {os.getpid()}" in info.stdout
     with pytest.raises(CacheError, match="its run was interrupted"):  # its writer is gone now
         FeatureCache(config.out)
@@ -167,7 +168,7 @@ def _tmpfs(path: Path, size: str) -> None:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          text=True)
+                          text=True, check=False)
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
 
@@ -209,10 +210,10 @@ def test_a_write_that_fails_midway_is_reported_without_a_crash(tmp_path, small_d
     # One part of all 300 rows (600 KB) fits; the consolidated copy of it does not.
     subprocess.run(["mount", "-o", "remount,size=1000k", str(small_disk)], check=True)
     config = fast_config(src, small_disk / "c.h5", commit_every=512)  # parts buffered: the consolidation fills it
-    code = ("import sys; import embedder.cache_writer as w; w._free_bytes = lambda folder: 1 << 40\n"
-            "from embedder.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; import embedder.cache.writer as w; w._free_bytes = lambda folder: 1 << 40\n"
+            "from embedder.cli.main import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "embed", *cli_args(config)], env=env_with_repo(),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not 139: no crash at exit
     assert "Not enough space" in proc.stderr and "300 rows are committed" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -352,7 +353,7 @@ def test_search_json_on_an_on_disk_index_is_only_json(tmp_path):
     idx = tmp_path / "idx"
     build_index(cache, idx, kind="ivf", on_disk=True, progress=False)
     proc = subprocess.run(embedder_cmd("search", str(idx), "--id", "3", "-k", "3", "--json"), env=env_with_repo(),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(line)["hits"][0]["id"] for line in proc.stdout.splitlines()] == [3]
 

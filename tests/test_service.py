@@ -32,11 +32,11 @@ import pytest
 import uvicorn  # a dependency of the package: a missing one must fail, not skip
 from PIL import Image
 
-from embedder.cache import FeatureCache
-from embedder.cli import build_parser
-from embedder.extract import embed
-from embedder.index import build_index
-from embedder.service import create_app
+from embedder.cache.reader import FeatureCache
+from embedder.cli.main import build_parser
+from embedder.extract.core import embed
+from embedder.search.index import build_index
+from embedder.serve.app import create_app
 from tests.conftest import fast_config, make_tree
 
 K = 5
@@ -540,7 +540,7 @@ def test_large_images_are_decoded_small_and_still_find_themselves(service):
 
 @pytest.mark.parametrize("side", [9000, 20_000])  # under PIL's own limit; far over it
 def test_an_upload_declaring_too_many_pixels_is_refused_before_decoding(service, side):
-    from embedder.service import DEFAULT_MAX_UPLOAD_PIXELS
+    from embedder.serve.app import DEFAULT_MAX_UPLOAD_PIXELS
     from tests.corpus import bomb_png
 
     data = bomb_png(side, side)  # a header that declares the size, a few hundred bytes
@@ -670,7 +670,7 @@ def test_allowed_hosts_replace_the_defaults_and_star_allows_any(built):
 
 
 def test_serve_flags_give_the_allowed_hosts():
-    from embedder.service import allowed_hosts_for
+    from embedder.serve.app import allowed_hosts_for
 
     args = serve_parser().parse_args(["idx", "--allowed-host", "a.example", "--allowed-host", "b.example"])
     assert args.allowed_host == ["a.example", "b.example"]

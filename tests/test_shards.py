@@ -11,15 +11,15 @@ import h5py
 import numpy as np
 import pytest
 
-from embedder.cache import CacheSpec, FeatureCache
-from embedder.cache_writer import CacheWriter
-from embedder.cli import main
+from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.shards import ShardSet, merge_cache, plan_shards, write_view
+from embedder.cache.writer import CacheWriter
+from embedder.cli.main import main
+from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheError
-from embedder.extract import embed
-from embedder.index import SearchIndex, build_index
-from embedder.ray_backend import _spec_for
-from embedder.shards import ShardSet, embed_shard, merge_cache, plan_shards, write_view
-from embedder.sources import Listing, list_source
+from embedder.extract.core import embed
+from embedder.extract.ray import _spec_for, embed_shard
+from embedder.search.index import SearchIndex, build_index
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache
 from tests.test_index import clustered
@@ -159,15 +159,15 @@ def test_on_disk_is_chosen_when_the_index_exceeds_the_budget(tmp_path):
 def test_ray_backend_without_ray_says_how_to_install_it(tree, tmp_path):
     config = fast_config(tree, tmp_path / "c.h5")
     args = ["embed", *cli_args(config), "--backend", "ray"]
-    code = f"import sys; sys.modules['ray'] = None; from embedder.cli import main; sys.exit(main({args!r}))"
+    code = f"import sys; sys.modules['ray'] = None; from embedder.cli.main import main; sys.exit(main({args!r}))"
     proc = subprocess.run([embedder_cmd()[0], "-c", code], env=env_with_repo(), capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "pip install 'embedder[ray]'" in proc.stderr, proc.stderr
     assert not (tmp_path / "c.h5").exists()
 
 
 def test_pipeline_ray_settings_are_validated_before_anything_runs(tmp_path):
+    from embedder.cli.pipeline import load_pipeline
     from embedder.errors import ConfigError
-    from embedder.pipeline import load_pipeline
 
     step = '[[steps]]\nrun = "embed"\nsource = "s"\nmodel = "resnet18"\nout = "o.h5"\nbackend = "ray"\n'
     (tmp_path / "bad.toml").write_text(step + 'ray = { shard_size = 8, gpus = 1 }\n')

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from embedder.backbone import BackboneConfig, FrozenBackbone, build_model
-from embedder.cli import main
+from embedder.cli.main import main
 from embedder.errors import ConfigError
-from embedder.inspect import inspect_model
-from embedder.registry import get_backbone_spec
-from embedder.style import StyleDescriptor, gram, gram_triangle
-from embedder.weights import resolve_weights
+from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
+from embedder.models.inspection import inspect_model
+from embedder.models.registry import get_backbone_spec
+from embedder.models.style import StyleDescriptor, gram, gram_triangle
+from embedder.models.weights import resolve_weights
 
 SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32"}
 
@@ -191,7 +191,7 @@ def test_stylize_pretrained_lite0_lowers_the_loss_and_changes_the_image(style_pa
 
 
 def test_stylize_from_noise_drops_the_loss_by_a_large_factor(style_pair, tmp_path):
-    from embedder.stylize import StylizeConfig, stylize
+    from embedder.models.stylize import StylizeConfig, stylize
 
     content, style = style_pair
     config = StylizeConfig(str(content), str(style), str(tmp_path / "o.png"), model="vgg11", weights="none",
@@ -201,7 +201,7 @@ def test_stylize_from_noise_drops_the_loss_by_a_large_factor(style_pair, tmp_pat
 
 
 def test_stylize_is_deterministic_for_a_seed_and_keeps_the_backbone_frozen(style_pair, tmp_path):
-    from embedder.stylize import StylizeConfig, stylize
+    from embedder.models.stylize import StylizeConfig, stylize
 
     content, style = style_pair
     spec = get_backbone_spec("efficientnet_lite0")
@@ -224,7 +224,7 @@ def test_stylize_is_deterministic_for_a_seed_and_keeps_the_backbone_frozen(style
 
 
 def test_style_layer_weights_are_parsed_and_checked(style_pair, tmp_path):
-    from embedder.stylize import StylizeConfig, parse_style_layers, stylize
+    from embedder.models.stylize import StylizeConfig, parse_style_layers, stylize
 
     assert parse_style_layers(["relu1_1", "relu2_1:0.5"]) == [("relu1_1", 1.0), ("relu2_1", 0.5)]
     with pytest.raises(ConfigError, match="must be a number"):

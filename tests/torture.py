@@ -350,11 +350,12 @@ def append_scenario(name: str, base: Path, per_class: int, grow: int, image_size
 
 def make_sharded(root: Path, src: str, out: str, image_size: int, shard_size: int) -> None:
     """A sharded cache as `--backend ray` writes it, each shard embedded here in turn (no Ray)."""
-    from embedder.cache import CacheSpec
-    from embedder.config import EmbedConfig
-    from embedder.extract import backbone_for, fingerprint_components
-    from embedder.shards import ShardSet, embed_shard
-    from embedder.sources import list_source
+    from embedder.cache.reader import CacheSpec
+    from embedder.cache.shards import ShardSet
+    from embedder.data.sources import list_source
+    from embedder.extract.config import EmbedConfig
+    from embedder.extract.core import backbone_for, fingerprint_components
+    from embedder.extract.ray import embed_shard
 
     config = EmbedConfig(source=str(root / src), model="resnet18", out=str(root / out), weights="none",
                          image_size=image_size, batch_size=4, workers=0, device="cpu", precision="fp32",

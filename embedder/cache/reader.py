@@ -1,0 +1,345 @@
+"""The HDF5 feature cache: schema, fingerprint and block reads.
+
+Layout of a finished cache (`schema_version` 1)::
+
+    /features        float32|float16 [N, D]  chunked (~1 MiB), resizable along N
+    /paths           UTF-8 [N]                relative to SOURCE (absolute if outside it)
+    /labels          int64 [N]                index into /classes, -1 when unlabelled
+    /classes         UTF-8 [C]
+    /errors/path     UTF-8 [E]                files that could not be used ...
+    /errors/reason   UTF-8 [E]                ... and why
+    attrs: schema_version, fingerprint, one attribute per fingerprint component,
+           fingerprint_components (JSON), source, layout, feature_dim, feature_dtype,
+           committed_rows, complete, command, ignored (JSON {reason: files} of the
+           files under SOURCE that are not rows, e.g. not image names)
+
+Paths are the file names' own bytes (UTF-8 for nearly all; see embedder.names), read back
+with `errors="surrogateescape"` so that each one opens its file again.
+
+Multi-layer caches (`embed --layer A --layer B`, `--style`) add, in the same file::
+
+    /layers/<name>   float32|float16 [N, D_name]  one dataset per layer, rows aligned with /paths
+    attrs: layers (JSON {name: width}, the primary first)
+
+where <name> is the graph node (`layer3`, `features.29`) or `style` (the Gram style
+descriptor, embedder.models.style). `/features` stays the primary (first) layer, so every reader
+of single-layer caches works unchanged, and `/layers/<primary>` is an HDF5 hard link to it
+(stored once). The fingerprint components gain `layers` (the list) and, with a style
+descriptor, `style` (its layers, length and projection); single-layer caches have neither.
+
+`FeatureCache(path, layer=NAME)` reads one layer as if it were the whole cache: `features`,
+`dim`, `iter_blocks`, and `components`/`fingerprint` become those a single-layer cache of
+that layer has, so probes, indexes and query backbones built on it check out against a
+cache embedded with `--layer NAME` alone.
+
+Writing (and why a kill cannot corrupt a cache) lives in `embedder.cache.writer`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
+    from typing import Self
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedder.atomic import atomic_replace, fsync_path, lock_holder  # noqa: F401 - re-exported
+from embedder.errors import CacheError, EmbedderError
+from embedder.names import ERRORS as NAME_ERRORS
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+STR = h5py.string_dtype("utf-8")
+FEATURE_DTYPES = ("float32", "float16")
+
+
+def fingerprint_of(components: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
+
+
+def layer_view_components(components: dict[str, str], name: str) -> dict[str, str]:
+    """The components a cache embedded with `--layer name` alone would have."""
+    view = {k: v for k, v in components.items() if k != "layers"}
+    view["layer"] = name
+    if name != "style":
+        view.pop("style", None)
+    return view
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a run asks the cache to hold. `components` define the feature space."""
+
+    components: dict[str, str]
+    source: str
+    feature_dim: int
+    layout: str = "imagefolder"
+    command: str = ""
+    layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
+
+    @property
+    def extra_layers(self) -> dict[str, int]:
+        """The layers stored in /layers besides the primary one (which is /features)."""
+        return dict(list(self.layers.items())[1:])
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.components)
+
+    @property
+    def feature_dtype(self) -> str:
+        return self.components.get("feature_dtype", "float32")
+
+    def differences(self, components: dict[str, str], source: str) -> dict[str, tuple[object, object]]:
+        """Fields that differ, as {field: (cached value, requested value)}."""
+        diff = {
+            k: (components.get(k), self.components.get(k))
+            for k in sorted(set(components) | set(self.components))
+            if components.get(k) != self.components.get(k)
+        }
+        if source != self.source:
+            diff["source"] = (source, self.source)
+        return diff
+
+
+def chunk_rows(dim: int, itemsize: int) -> int:
+    return max(1, (1 << 20) // max(1, dim * itemsize))
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    start: int
+    features: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.features)
+
+
+class FeatureCache:
+    """Read-only view of a cache. Nothing is loaded whole unless asked for.
+
+    >>> with FeatureCache("feats.h5") as cache:
+    ...     for block in cache.iter_blocks(65536):
+    ...         use(block.features, block.labels)
+    """
+
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, layer: str | None = None):
+        """`layer` picks the layer of a multi-layer cache (None = the primary, /features)."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"No feature cache at {self.path}. Create it with `embedder embed SOURCE --out {path}`.")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise CacheError(f"{self.path} is not a readable HDF5 file: {exc}") from exc
+        attrs = self._f.attrs
+        if "schema_version" not in attrs or "fingerprint" not in attrs:
+            self._f.close()
+            raise CacheError(f"{self.path} is an HDF5 file but not an embedder feature cache.")
+        if int(attrs["schema_version"]) > SCHEMA_VERSION:
+            self._f.close()
+            raise CacheError(
+                f"{self.path} has schema version {int(attrs['schema_version'])}, newer than this embedder "
+                f"understands ({SCHEMA_VERSION}). Upgrade embedder."
+            )
+        if require_complete and not self.complete:
+            message = self.incomplete_reason()
+            self._f.close()
+            raise CacheError(message)
+        if not self.complete:
+            missing = [s.file_name for s in self._virtual_sources() if not (self.path.parent / s.file_name).exists()]
+            if missing:
+                self._f.close()
+                raise CacheError(f"{self.path} is incomplete and its part files are gone ({missing[0]} ...).")
+        try:
+            self.layer = self._resolve_layer(layer)
+        except CacheError:
+            self._f.close()
+            raise
+        self._ds_name = "features" if self.layer == self.primary_layer else f"layers/{self.layer}"
+
+    def incomplete_reason(self) -> str:
+        """Why an incomplete cache cannot be used yet: a run still writing it, or one that was interrupted."""
+        pid = self.writer_pid
+        if pid is not None:
+            return (
+                f"{self.path} is still being written by a running embedder process (pid {pid}; "
+                f"{self.committed_rows} rows committed so far). Wait for it to finish."
+            )
+        return (
+            f"{self.path} is incomplete ({self.committed_rows} rows committed): its run was interrupted. "
+            f"Rerun `{self._f.attrs.get('command', '') or 'the embed command'}` to finish it."
+        )
+
+    @property
+    def writer_pid(self) -> int | None:
+        """Pid of the live process writing this cache (its write lock is held), else None."""
+        return lock_holder(self.path)
+
+    # layers --------------------------------------------------------------------------------
+    @property
+    def layers(self) -> dict[str, int]:
+        """{name: width} of every stored layer, the primary first."""
+        if "layers" in self._f.attrs:
+            return json.loads(self._f.attrs["layers"])
+        return {self.file_components.get("layer", "features"): int(self._f["features"].shape[1])}
+
+    @property
+    def primary_layer(self) -> str:
+        return next(iter(self.layers))
+
+    def _resolve_layer(self, layer: str | None) -> str:
+        layers = self.layers
+        if layer is None or layer == "default" or layer in layers:
+            return self.primary_layer if layer in (None, "default") else layer
+        try:  # a friendly name (fc7, relu4_2, pool) of the cache's model
+            from embedder.models.registry import get_backbone_spec
+
+            node = get_backbone_spec(self.file_components["model"]).node_name(layer)
+        except EmbedderError:  # a model this version does not know: plain names only
+            node = layer
+        if node in layers:
+            return node
+        raise CacheError(
+            f"{self.path} has no layer {layer!r}; it holds {', '.join(layers)}. Embed it with `--layer {layer}` "
+            "(several --layer options store several layers in one pass)."
+        )
+
+    def layer_rows(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows of any stored layer, whichever layer this view reads."""
+        ds = self._f["features" if name == self.primary_layer else f"layers/{name}"]
+        return ds[:] if rows is None else ds[rows]
+
+    def _virtual_sources(self):
+        ds = self._f["features"]
+        return ds.virtual_sources() if ds.is_virtual else []
+
+    # metadata ------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> h5py.AttributeManager:
+        return self._f.attrs
+
+    @property
+    def file_fingerprint(self) -> str:
+        """Fingerprint of the whole file (all its layers): what a rerun must match to resume or append."""
+        return str(self._f.attrs["fingerprint"])
+
+    @property
+    def file_components(self) -> dict[str, str]:
+        return json.loads(self._f.attrs["fingerprint_components"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the feature space read (the chosen layer); the file's for single-layer caches."""
+        if "layers" not in self._f.attrs:
+            return self.file_fingerprint
+        return fingerprint_of(self.components)
+
+    @property
+    def components(self) -> dict[str, str]:
+        """Components of the feature space read: those of a cache holding only the chosen layer."""
+        components = self.file_components
+        if "layers" not in self._f.attrs:
+            return components
+        return layer_view_components(components, self.layer)
+
+    @property
+    def source(self) -> str:
+        return str(self._f.attrs["source"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._f.attrs["complete"])
+
+    @property
+    def committed_rows(self) -> int:
+        return int(self._f.attrs["committed_rows"])
+
+    @property
+    def dim(self) -> int:
+        return int(self._f[self._ds_name].shape[1])
+
+    def __len__(self) -> int:
+        return int(self._f["features"].shape[0])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._f["classes"].asstr()[:])
+
+    # rows ----------------------------------------------------------------------------------
+    @property
+    def labels(self) -> np.ndarray:
+        return self._f["labels"][:]
+
+    @property
+    def paths(self) -> list[str]:
+        return self._checked(read_paths(self._f["paths"])) if len(self) else []
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        g = self._f["errors"]
+        if not len(g["path"]):
+            return []
+        return list(zip(read_paths(g["path"]), g["reason"].asstr()[:]))
+
+    @property
+    def ignored_counts(self) -> dict[str, int]:
+        """{reason: files} for the files under SOURCE that are not rows (not image names, hidden, ...)."""
+        return json.loads(self._f.attrs.get("ignored", "{}"))
+
+    def features(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        ds = self._f[self._ds_name]
+        return self._checked(ds[:] if rows is None else ds[rows])
+
+    def iter_blocks(self, block_rows: int = 65536) -> Iterator[Block]:
+        """Stream (features, labels) in row order, `block_rows` at a time."""
+        ds, labels = self._f[self._ds_name], self._f["labels"]
+        for start in range(0, len(self), block_rows):
+            stop = min(start + block_rows, len(self))
+            yield Block(start, *self._checked((ds[start:stop], labels[start:stop])))
+
+    def _checked(self, data):
+        """Rows read from an incomplete cache -- a live view over a run's part files -- are only
+        good if the parts were still there: the writer moves their folder away before deleting
+        anything, so a read that raced the end of the run is refused instead of returning the
+        view's fill values (NaN rows, empty paths)."""
+        if not self.complete and not self.path.with_name(self.path.name + PARTIAL_SUFFIX).is_dir():
+            raise CacheError(
+                f"The run writing {self.path} finished (or moved its parts) while this reader had it open. "
+                "Open it again to read the finished cache."
+            )
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_paths(ds: h5py.Dataset) -> list[str]:
+    """A dataset of stored file names, as the `str`s that open the files (see embedder.names)."""
+    return list(ds.asstr(errors=NAME_ERRORS)[:])
+
+
+def open_cache(path: str | os.PathLike, require_complete: bool = True, layer: str | None = None) -> FeatureCache:
+    return FeatureCache(path, require_complete=require_complete, layer=layer)

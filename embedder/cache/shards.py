@@ -1,0 +1,376 @@
+"""Sharded caches: the on-disk side of `embedder embed --backend ray`, with no Ray in it.
+
+A sharded run of `--out OUT.h5` writes::
+
+    OUT.h5.shards/manifest.json      the plan: fingerprint, listing checksum, shard size, batch size
+    OUT.h5.shards/shard-00000.h5     rows [0, S) of the listing: a normal finished cache (schema v1,
+                                     same fingerprint as a local run), paths stored fixed-width
+    OUT.h5.shards/shard-00000.done   JSON marker, written last (temp + atomic rename): rows, errors,
+                                     size and SHA-256 of the shard file. No marker = not finished.
+    OUT.h5                           HDF5 virtual datasets over the finished shards, with the cache
+                                     attributes: `FeatureCache(OUT.h5)` and every command read it as is
+
+Shards are contiguous row ranges whose bounds are multiples of the batch size, and each shard
+is embedded with the local reader and writer (`embedder.extract.ray.embed_shard`), so the network sees
+exactly the batches a local run feeds it and the features are bit-identical. A shard is
+itself resumable (its `CacheWriter` parts), and a rerun skips every shard with a marker.
+`merge_cache` consolidates the view into one self-contained file (e.g. to copy it elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedder.atomic import WriteLock, atomic_replace, discard, remove_leftovers, temp_file
+from embedder.cache.reader import PARTIAL_SUFFIX, STR, CacheSpec, FeatureCache
+from embedder.cache.writer import CacheWriter, write_attrs, write_errors
+from embedder.data.sources import Listing
+from embedder.errors import CacheError, CacheMismatchError, ConfigError
+
+SHARDS_SUFFIX = ".shards"
+DEFAULT_SHARD_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Shard:
+    number: int
+    start: int  # first listing row
+    stop: int  # one past the last listing row
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.number:05d}"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs to embed any shard of a plan. The shard's rows travel with each
+    task, so no worker ever holds the whole listing (hundreds of millions of paths)."""
+
+    spec: CacheSpec
+    folder: Path  # OUT.shards
+    root: Path  # listing paths are relative to it
+    classes: list[str]
+    layout: str
+
+    def listing(self, paths, labels) -> Listing:
+        return Listing(self.root, [str(p) for p in paths], np.asarray(labels, dtype=np.int64), self.classes,
+                       self.layout)
+
+
+def plan_shards(n_rows: int, shard_size: int, batch_size: int) -> list[Shard]:
+    """Contiguous row ranges of about `shard_size` rows, bounds rounded up to whole batches."""
+    if shard_size < 1 or batch_size < 1:
+        raise ConfigError(f"--shard-size and --batch-size must be positive, got {shard_size} and {batch_size}.")
+    size = -(-shard_size // batch_size) * batch_size
+    return [Shard(k, start, min(start + size, n_rows)) for k, start in enumerate(range(0, n_rows, size))]
+
+
+def shards_dir(out) -> Path:
+    out = Path(out).absolute()
+    return out.with_name(out.name + SHARDS_SUFFIX)
+
+
+def listing_checksum(listing: Listing) -> str:
+    h = hashlib.sha256()
+    for path, label in zip(listing.paths, listing.labels.tolist()):
+        h.update(f"{path}\t{label}\n".encode())
+    h.update(json.dumps(listing.classes).encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    atomic_replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# The plan and its manifest
+# ----------------------------------------------------------------------------------------
+
+
+class ShardSet:
+    """The shards folder of one sharded cache: plan, markers, view."""
+
+    def __init__(self, out, spec: CacheSpec, listing: Listing, shard_size: int, batch_size: int):
+        self.out = Path(out).absolute()
+        self.dir = shards_dir(self.out)
+        self.spec, self.listing = spec, listing
+        self.shards = plan_shards(len(listing), shard_size, batch_size)
+        self.manifest = {
+            "format": "embedder-shards/1",
+            "fingerprint": spec.fingerprint,
+            "components": spec.components,
+            "source": spec.source,
+            "layout": spec.layout,
+            "feature_dim": spec.feature_dim,
+            "command": spec.command,
+            "classes": listing.classes,
+            "listed": len(listing),
+            "listing_sha256": listing_checksum(listing),
+            "shard_size": len(self.shards[0]) if self.shards else shard_size,
+            "batch_size": batch_size,
+            "shards": len(self.shards),
+        }
+
+    def prepare(self, overwrite: bool = False) -> None:
+        """Create the folder, or check that an existing one belongs to this very plan."""
+        if overwrite:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.out.with_name(self.out.name + PARTIAL_SUFFIX), ignore_errors=True)
+            self.out.unlink(missing_ok=True)
+        mpath = self.dir / "manifest.json"
+        if mpath.exists():
+            if self.out.exists() and not _is_view(self.out):
+                raise CacheError(
+                    f"{self.out} is no longer the view over {self.dir} (a local run rewrote it). "
+                    "Use --overwrite to start the sharded cache over, or choose another --out."
+                )
+            old = json.loads(mpath.read_text())
+            diff = self.spec.differences(old["components"], old["source"])
+            if diff:
+                raise CacheMismatchError(
+                    self.dir, diff, "Rerun with the original settings to resume it, or use --overwrite to start over."
+                )
+            for key, fix in (
+                ("listing_sha256", ("SOURCE changed since these shards were written (files added, removed or "
+                                    "relabelled). Use --overwrite to re-embed, or write the new files to another --out.")),
+                ("shard_size", "Rerun with the original --shard-size to resume, or use --overwrite."),
+                ("batch_size", "Rerun with the original --batch-size to resume, or use --overwrite."),
+            ):
+                if old.get(key) != self.manifest[key]:
+                    raise CacheError(f"{self.dir}: {key} was {old.get(key)!r}, this run has "
+                                     f"{self.manifest[key]!r}. {fix}")
+        else:
+            if self.out.exists():
+                raise CacheError(
+                    f"{self.out} exists and is not a sharded cache of this run. Use --overwrite to replace it, "
+                    "or choose another --out."
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(mpath, self.manifest)
+
+    def lock(self):
+        """The lock a local `CacheWriter` takes on OUT: one writer per cache, local or sharded."""
+        return lock_output(self.out)
+
+    def done(self) -> dict[int, dict]:
+        """Markers of finished shards that match the plan (a marker is written last)."""
+        found = {}
+        for shard in self.shards:
+            marker = self.dir / f"{shard.name}.done"
+            if not marker.exists():
+                continue
+            doc = json.loads(marker.read_text())
+            h5 = self.dir / f"{shard.name}.h5"
+            if (doc.get("start"), doc.get("stop"), doc.get("fingerprint")) != (shard.start, shard.stop,
+                                                                                self.spec.fingerprint):
+                raise CacheError(f"{marker} does not belong to this plan. Use --overwrite to start over.")
+            if not h5.exists() or h5.stat().st_size != doc["bytes"]:
+                raise CacheError(f"{h5} is missing or changed since {marker} was written. Delete the marker "
+                                 "to re-embed that shard.")
+            found[shard.number] = doc
+        return found
+
+    def pending(self) -> list[Shard]:
+        done = self.done()
+        return [s for s in self.shards if s.number not in done]
+
+    @property
+    def job(self) -> ShardJob:
+        return ShardJob(self.spec, self.dir, self.listing.root, self.listing.classes, self.listing.layout)
+
+    def task(self, shard: Shard) -> dict:
+        """One dataset row: the shard and its rows of the listing."""
+        return {"shard": shard.number, "start": shard.start, "stop": shard.stop,
+                "paths": self.listing.paths[shard.start : shard.stop],
+                "labels": self.listing.labels[shard.start : shard.stop].tolist()}
+
+    def write_view(self) -> tuple[int, bool]:
+        """OUT as virtual datasets over the finished shards. Returns (rows, complete)."""
+        done = self.done()
+        files = [self.dir / f"{s.name}.h5" for s in self.shards if s.number in done]
+        complete = len(done) == len(self.shards)
+        rows = write_view(self.out, self.spec, self.listing.classes, files, complete, self.listing.ignored_counts())
+        return rows, complete
+
+
+@contextmanager
+def lock_output(out, held: WriteLock | None = None):
+    """Hold OUT's write lock (the one a local `CacheWriter` takes; `held` if the caller has it)
+    and clear a dead writer's leftovers."""
+    with contextlib.nullcontext(held) if held is not None else WriteLock(Path(out)) as lock:
+        remove_leftovers(Path(out).absolute())
+        yield lock
+
+
+def _is_view(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "shards" in f.attrs
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------
+# One cache over many: the virtual view, and consolidation
+# ----------------------------------------------------------------------------------------
+
+
+def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], complete: bool,
+               ignored: dict | None = None) -> int:
+    """Write `out` (atomically) as a cache whose rows are those of `files`, in order, without copying them.
+
+    Every file must be a finished cache with `spec`'s fingerprint, the same class list, and
+    fixed-width paths. Errors tables are concatenated (they are small)."""
+    out = Path(out).absolute()
+    sources, errors = [], []
+    for path in files:
+        with FeatureCache(path) as c:
+            if c.fingerprint != spec.fingerprint or c.classes != list(classes):
+                raise CacheError(f"{path} does not belong to {out} (fingerprint or classes differ).")
+            ds = c._f["paths"]
+            if h5py.check_string_dtype(ds.dtype).length is None:
+                raise CacheError(f"{path} stores variable-length paths; a view needs shards written by embedder.")
+            sources.append((os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize))
+            errors += c.errors
+    tmp = temp_file(out)
+    try:
+        _write_view_file(tmp, spec, classes, sources, errors, complete, ignored)
+        atomic_replace(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return sum(n for _, n, _ in sources)
+
+
+def _write_view_file(tmp: Path, spec: CacheSpec, classes, sources, errors, complete: bool, ignored) -> None:
+    dim, dtype = spec.feature_dim, spec.feature_dtype
+    total = sum(n for _, n, _ in sources)
+    with h5py.File(tmp, "w") as f:
+        if total:
+            width = max(w for _, _, w in sources)
+            lay_f = h5py.VirtualLayout((total, dim), dtype=dtype)
+            lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
+            lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
+            start = 0
+            for name, n, _ in sources:
+                if n:
+                    lay_f[start : start + n] = h5py.VirtualSource(name, "features", shape=(n, dim))
+                    lay_l[start : start + n] = h5py.VirtualSource(name, "labels", shape=(n,))
+                    lay_p[start : start + n] = h5py.VirtualSource(name, "paths", shape=(n,))
+                start += n
+            f.create_virtual_dataset("features", lay_f, fillvalue=np.nan)
+            f.create_virtual_dataset("labels", lay_l, fillvalue=-1)
+            f.create_virtual_dataset("paths", lay_p)
+        else:
+            f.create_dataset("features", shape=(0, dim), dtype=dtype)
+            f.create_dataset("labels", shape=(0,), dtype=np.int64)
+            f.create_dataset("paths", shape=(0,), dtype=STR)
+        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
+        write_errors(f, errors)
+        write_attrs(f, spec, rows=total, complete=complete, ignored=ignored)
+        f.attrs["shards"] = len(sources)
+
+
+def row_ranges(cache: FeatureCache, block_rows: int = 65536) -> list[tuple[int, int]]:
+    """The row ranges of a cache's shards when it is a view over shards, else blocks of `block_rows`."""
+    ds = cache._f["features"]
+    n = len(cache)
+    if ds.is_virtual and cache.complete:
+        ranges = []
+        for vs in ds.virtual_sources():
+            (lo, _), (hi, _) = vs.vspace.get_select_bounds()
+            ranges.append((int(lo), int(hi) + 1))
+        ranges.sort()
+        if ranges and ranges[0][0] == 0 and ranges[-1][1] == n:
+            return ranges
+    return [(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
+
+
+def _view_of(src) -> tuple[Path, bool]:
+    """The cache file to read for `src` (a cache, or a `.shards` folder). True if it is temporary."""
+    src = Path(src).absolute()
+    if src.is_file():
+        return src, False
+    mpath = src / "manifest.json"
+    if not src.is_dir() or not mpath.exists():
+        raise CacheError(f"{src} is neither a feature cache nor a shards folder (no manifest.json).")
+    m = json.loads(mpath.read_text())
+    spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"])
+    files = [src / f"shard-{k:05d}.h5" for k in range(m["shards"]) if (src / f"shard-{k:05d}.done").exists()]
+    _remove_dead_views(src)
+    view = src / f".view-{os.getpid()}.h5"
+    write_view(view, spec, m["classes"], files, complete=len(files) == m["shards"])
+    return view, True
+
+
+def _remove_dead_views(folder: Path) -> None:
+    """Temporary views of merges whose process is gone (killed before it could remove its own)."""
+    for view in folder.glob(".view-*.h5"):
+        try:
+            os.kill(int(view.name[len(".view-"):-len(".h5")]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            view.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> int:
+    """Consolidate a sharded cache (its view file or its `.shards` folder) into one self-contained file.
+
+    Written by `CacheWriter`, so the merge is itself crash-safe and resumable, and the result is
+    the file a local run would have written. Returns the rows written."""
+    view, temporary = _view_of(src)
+    try:
+        with FeatureCache(view) as cache:
+            spec = CacheSpec(cache.components, cache.source, cache.dim, str(cache.attrs["layout"]),
+                             str(cache.attrs["command"]))
+            paths, errors = cache.paths, cache.errors
+            n = len(paths)
+            listing = Listing(Path(cache.source), paths + [p for p, _ in errors],
+                              np.concatenate([cache.labels, np.full(len(errors), -1, np.int64)]),
+                              cache.classes, str(cache.attrs["layout"]))
+            if Path(out).absolute() == view:
+                raise ConfigError("merge --out must differ from the cache it merges.")
+            with CacheWriter(out, spec, listing, overwrite=overwrite, commit_every=block_rows,
+                             ignored=cache.ignored_counts) as w:
+                if w.base is not None and len(w.pending):
+                    raise CacheError(f"{out} already exists. Use --overwrite to replace it.")
+                # A complete OUT holding every row already is this very merge, finished (a rerun
+                # after a kill that came once the file was in place): nothing to add.
+                todo = w.pending
+                for start, stop in row_ranges(cache, block_rows):
+                    sel = todo[(todo >= start) & (todo < stop)]
+                    if len(sel):
+                        w.add(sel, cache.features(slice(start, stop))[sel - start], [])
+                w.add(np.zeros(0, np.int64), np.zeros((0, spec.feature_dim), np.float32),
+                      [(int(i), errors[i - n][1]) for i in todo[todo >= n]])
+                return w.finish()
+    finally:
+        if temporary:
+            view.unlink(missing_ok=True)

@@ -1,0 +1,553 @@
+"""Writing the feature cache: crash-safe commits, resume, append, consolidation.
+
+Crash safety. HDF5 is not safe to modify in place across a `kill -9` (a half-flushed
+metadata cache can leave a file that no longer opens), so the cache file itself is only
+ever *replaced*, atomically (write a temporary file, fsync, `os.replace`). While a run is
+in progress its rows are committed as immutable part files in `CACHE.h5.partial/`, each
+written to a temporary name and renamed into place: the rename is the commit marker.
+During a fresh run `CACHE.h5` is a small file whose datasets are HDF5 *virtual datasets*
+over the committed parts (`complete = False`, `committed_rows` = rows readable), rewritten
+atomically after each commit. During an append run the previous complete cache stays in
+place untouched. At the end everything is consolidated into one self-contained file and
+the part folder is removed. Rerunning the command resumes after the last committed part;
+parts are made of whole batches, so a resumed run feeds the network exactly the batches
+an uninterrupted run would have, and the final file is bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
+    from typing import Self
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedder.atomic import WriteLock, atomic_replace, discard, is_disk_full, remove_leftovers, temp_dir, temp_file
+from embedder.cache.reader import (
+    FEATURE_DTYPES,
+    PARTIAL_SUFFIX,
+    SCHEMA_VERSION,
+    STR,
+    CacheSpec,
+    FeatureCache,
+    chunk_rows,
+    read_paths,
+)
+from embedder.errors import CacheError, CacheMismatchError, DiskFullError
+from embedder.names import decode_path, encode_path
+
+
+@dataclass
+class _Part:
+    """Rows of one commit, kept in memory until written."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    extra: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the other layers, by name
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    processed: int = 0  # files looked at, successes and errors
+
+
+@dataclass
+class _Committed:
+    """What the parts already on disk hold (paths only; features stay on disk)."""
+
+    files: list[Path] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    path_widths: list[int] = field(default_factory=list)  # bytes of each part's fixed-width paths
+    paths: set[str] = field(default_factory=set)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+class CacheWriter:
+    """Writes one run's rows into the cache at `path`, resuming any interrupted run.
+
+    Usage (this is what `embedder.extract.core` does)::
+
+        with CacheWriter(path, spec, listing, overwrite=False, commit_every=512) as w:
+            for batch in batches_of(w.pending):        # listing indices still to do
+                w.add(ok_indices, features, errors)    # commits by itself every `commit_every` files
+            w.finish()                                 # consolidate into one file
+    """
+
+    def __init__(
+        self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512,
+        fixed_width_paths: bool = False, lock: WriteLock | None = None, ignored: dict | None = None,
+    ):
+        """`lock`: the cache's write lock, when the caller took it already (`embed` does, before
+        it builds the model, so that a second run is refused at once). `ignored`: {reason: files}
+        not in the listing, recorded in the cache (default: the listing's own)."""
+        if spec.feature_dtype not in FEATURE_DTYPES:
+            raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
+        self.path = Path(path).absolute()
+        self.spec = spec
+        self.listing = listing
+        self.overwrite = overwrite
+        self.commit_every = max(1, int(commit_every))
+        # Fixed-width /paths in the finished file: lets a virtual dataset span several caches
+        # (the shards of a Ray run, embedder.cache.shards); variable-length strings cannot be mapped.
+        self.fixed_width_paths = fixed_width_paths
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self._lock = lock
+        self._own_lock = lock is None
+        self.ignored = listing.ignored_counts() if ignored is None else dict(ignored)
+        self._buffer = _Part()
+        self.base: dict | None = None  # summary of the previous complete cache, when appending
+        self.committed = _Committed()
+        self.classes: list[str] = []  # label space of the parts (append-only)
+        self.pending: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.removed_from_source = 0
+
+    # lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._own_lock:
+            self._lock = WriteLock(self.path)
+            self._lock.acquire()
+        try:
+            # We hold the lock: any temporary file of this cache is a dead run's.
+            remove_leftovers(self.path)
+            remove_leftovers(self.partial)
+            self._prepare()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._own_lock and self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # planning ------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        if self.overwrite:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            if self.path.exists():
+                self.path.unlink()
+        existing = self._read_existing()
+        manifest = self._read_manifest()
+        if existing is not None and existing["complete"]:
+            self.base = existing
+        if manifest is not None:
+            self._scan_parts()
+            base_rows = self.base["rows"] if self.base else 0
+            if manifest.get("base_rows", 0) != base_rows:
+                if not self._parts_are_in(existing, manifest):
+                    raise CacheError(
+                        f"{self.partial} belongs to an interrupted run on a different version of {self.path}. "
+                        "Rerun with --overwrite to start over."
+                    )
+                # A run killed after its consolidated file was in place, before the parts were
+                # removed: the cache is complete and holds them. Drop them and carry on.
+                self._drop_partial()
+                self.committed, manifest = _Committed(), None
+        if manifest is not None:
+            self.classes = list(manifest["classes"])
+        for name in self.listing.classes:
+            if name not in self.classes:
+                self.classes.append(name)
+        if manifest is None or manifest["classes"] != self.classes:
+            self._write_manifest()
+        # listing label -> label in the parts' class list; the extra last entry maps -1 to -1
+        self._relabel = np.array([self.classes.index(c) for c in self.listing.classes] + [-1], dtype=np.int64)
+
+        done = set(self.committed.paths)
+        done.update(p for p, _ in self.committed.errors)
+        if self.base:
+            done.update(self.base["paths"])
+            done.update(p for p, _ in self.base["errors"])
+            listed = set(self.listing.paths)
+            self.removed_from_source = sum(1 for p in self.base["paths"] if p not in listed)
+        self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
+        if self.base is None and manifest is None:
+            self._write_view()  # from the first second on, CACHE.h5 opens and says "0 rows"
+
+    def _parts_are_in(self, existing: dict | None, manifest: dict) -> bool:
+        """Whether the committed parts are already the last rows of the complete cache `existing`."""
+        if existing is None or not existing["complete"]:
+            return False
+        base_rows = manifest.get("base_rows", 0)
+        parts = [p for part in self._part_paths() for p in part]
+        return existing["rows"] == base_rows + len(parts) and existing["paths"][base_rows:] == parts
+
+    def _part_paths(self):
+        for part in self.committed.files:
+            with h5py.File(part, "r") as f:
+                yield [decode_path(p) for p in f["paths"][:]]
+
+    def _drop_partial(self) -> None:
+        """Remove the part folder: first renamed away in one step (so a reader of the live view sees
+        it gone at once, never half deleted: embedder.cache.reader), then deleted."""
+        if not self.partial.exists():
+            return
+        trash = temp_dir(self.partial)
+        os.replace(self.partial, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _read_existing(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            cache = FeatureCache(self.path, require_complete=False)
+        except CacheError as exc:
+            raise CacheError(f"{exc} Use --overwrite to replace it, or choose another --out.") from None
+        with cache:
+            diff = self.spec.differences(cache.file_components, cache.source)
+            if diff:
+                raise CacheMismatchError(self.path, diff, "Use --overwrite to replace it, or choose another --out.")
+            if not cache.complete:
+                return {"complete": False}
+            return {"complete": True, "rows": len(cache), "paths": cache.paths, "errors": cache.errors}
+
+    def _read_manifest(self) -> dict | None:
+        mpath = self.partial / "manifest.json"
+        if not mpath.exists():
+            return None
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CacheError(f"{mpath} is unreadable ({exc}). Rerun with --overwrite to start over.") from exc
+        diff = self.spec.differences(manifest["components"], manifest["source"])
+        if diff:
+            raise CacheMismatchError(
+                self.path,
+                diff,
+                f"(These settings come from an interrupted run whose parts are in {self.partial}.) "
+                "Rerun with the original settings to resume it, or use --overwrite to discard it.",
+            )
+        return manifest
+
+    def _write_manifest(self) -> None:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "components": self.spec.components,
+            "fingerprint": self.spec.fingerprint,
+            "source": self.spec.source,
+            "classes": self.classes,
+            "base_rows": self.base["rows"] if self.base else 0,
+        }
+        tmp = self.partial / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        atomic_replace(tmp, self.partial / "manifest.json")
+
+    def _scan_parts(self) -> None:
+        for stale in self.partial.glob("*.tmp"):
+            stale.unlink()  # a commit that was killed before its rename never happened
+        for part in sorted(self.partial.glob("part-*.h5")):
+            with h5py.File(part, "r") as f:
+                paths = [decode_path(p) for p in f["paths"][:]]
+                errors = list(zip(read_paths(f["errors/path"]), f["errors/reason"].asstr()[:]))
+                self.committed.path_widths.append(f["paths"].dtype.itemsize)
+            self.committed.files.append(part)
+            self.committed.rows.append(len(paths))
+            self.committed.paths.update(paths)
+            self.committed.errors += errors
+
+    @property
+    def resumed_rows(self) -> int:
+        return sum(self.committed.rows)
+
+    # appending -----------------------------------------------------------------------------
+    def add(self, indices: np.ndarray, features, errors: list[tuple[int, str]]) -> None:
+        """Record one batch: features of the listing rows `indices`, and (index, reason) failures.
+
+        `features` is one array, or {layer: array} with every layer of `spec.layers` (multi-layer caches).
+        Commits a part once `commit_every` files have accumulated; call only on batch boundaries.
+        """
+        extra = {}
+        if isinstance(features, dict):
+            if list(features) != list(self.spec.layers):
+                raise ValueError(f"features have layers {list(features)}, cache expects {list(self.spec.layers)}")
+            for name, dim in self.spec.layers.items():
+                if len(features[name]) != len(indices) or (len(indices) and features[name].shape[1] != dim):
+                    raise ValueError(f"layer {name!r} has shape {features[name].shape}, cache expects width {dim}")
+            primary, *others = self.spec.layers
+            extra = {name: features[name] for name in others}
+            features = features[primary]
+        elif self.spec.layers:
+            raise ValueError(f"this cache stores layers {list(self.spec.layers)}; pass features as a dict")
+        if len(indices) != len(features):
+            raise ValueError("indices and features differ in length")
+        if len(features) and features.shape[1] != self.spec.feature_dim:
+            raise ValueError(f"features have width {features.shape[1]}, cache expects {self.spec.feature_dim}")
+        buf = self._buffer
+        for i in indices:
+            buf.paths.append(self.listing.paths[i])
+            buf.labels.append(int(self._relabel[self.listing.labels[i]]))
+        if len(features):
+            buf.features.append(np.asarray(features, dtype=self.spec.feature_dtype))
+            for name, value in extra.items():
+                buf.extra.setdefault(name, []).append(np.asarray(value, dtype=self.spec.feature_dtype))
+        buf.errors += [(self.listing.paths[i], reason) for i, reason in errors]
+        buf.processed += len(indices) + len(errors)
+        if buf.processed >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        buf = self._buffer
+        if not buf.processed:
+            return
+        number = len(self.committed.files)
+        final = self.partial / f"part-{number:06d}.h5"
+        tmp = final.with_suffix(".h5.tmp")
+        with self._writing(tmp, needed=_part_bytes(buf)):
+            self._write_part(tmp, buf)
+            atomic_replace(tmp, final)
+        self.committed.files.append(final)
+        self.committed.rows.append(len(buf.paths))
+        self.committed.path_widths.append(max((len(encode_path(p)) for p in buf.paths), default=1))
+        self.committed.paths.update(buf.paths)
+        self.committed.errors += buf.errors
+        self._buffer = _Part()
+        if self.base is None:
+            self._write_view()
+
+    @contextmanager
+    def _writing(self, tmp: Path, needed: int):
+        """Write `tmp`, which takes about `needed` bytes: gone again if the write fails.
+
+        A full disk becomes a DiskFullError that says what is safe (the committed rows) and
+        that rerunning resumes. It is checked *before* writing: HDF5 does not recover from a
+        failed write (the file's handle stays broken, and the interpreter can crash at exit),
+        so a write that would not fit is never started. One that fails anyway (the disk
+        filled up meanwhile) is reported the same way, marked `unclean`."""
+        free = _free_bytes(tmp.parent)
+        if free is not None and free < needed + DISK_HEADROOM:
+            raise self._disk_full(free, needed)
+        try:
+            yield
+        except BaseException as exc:
+            discard(tmp)
+            if is_disk_full(exc):
+                raise self._disk_full(_free_bytes(tmp.parent), needed, unclean=True) from None
+            raise
+
+    def _disk_full(self, free: int | None, needed: int, unclean: bool = False) -> DiskFullError:
+        error = DiskFullError(
+            f"Not enough space on the device of {self.path} (the next write needs about "
+            f"{_size(needed + DISK_HEADROOM)}, {'?' if free is None else _size(free)} are free). "
+            f"{self.resumed_rows + (self.base or {}).get('rows', 0)} rows are committed and safe: free some "
+            "space and rerun the same command, it resumes from there."
+        )
+        error.unclean = unclean
+        return error
+
+    def _write_part(self, tmp: Path, buf: _Part) -> None:
+        dim = self.spec.feature_dim
+        feats = np.concatenate(buf.features) if buf.features else np.zeros((0, dim), self.spec.feature_dtype)
+        width = max((len(encode_path(p)) for p in buf.paths), default=1)
+        # The core driver builds the (small) part in memory and writes it in one go, so a failed
+        # write is a plain OSError, not a broken HDF5 handle.
+        with h5py.File(tmp, "w", track_order=False, driver="core", backing_store=True) as f:
+            f.create_dataset("features", data=feats, track_times=False)
+            for name, d in self.spec.extra_layers.items():
+                arrays = buf.extra.get(name)
+                data = np.concatenate(arrays) if arrays else np.zeros((0, d), self.spec.feature_dtype)
+                f.create_dataset(f"layers/{name}", data=data, track_times=False)
+            f.create_dataset("labels", data=np.asarray(buf.labels, dtype=np.int64), track_times=False)
+            fixed = h5py.string_dtype("utf-8", width)  # fixed width: virtual datasets cannot span vlen strings
+            paths = np.array([encode_path(p) for p in buf.paths], dtype=fixed)
+            f.create_dataset("paths", data=paths, track_times=False)
+            write_errors(f, buf.errors)
+
+    def _write_view(self) -> None:
+        """CACHE.h5 as virtual datasets over the committed parts (fresh runs only)."""
+        tmp = temp_file(self.path)
+        with self._writing(tmp, needed=(64 << 10) + 512 * len(self.committed.files) + _errors_bytes(self.committed)):
+            self._write_view_file(tmp)
+            atomic_replace(tmp, self.path)
+
+    def _write_view_file(self, tmp: Path) -> None:
+        rows = self.committed.rows
+        total, dim = sum(rows), self.spec.feature_dim
+        rel = [os.path.relpath(p, self.path.parent) for p in self.committed.files]
+        with h5py.File(tmp, "w", driver="core", backing_store=True) as f:
+            if total:
+                width = max(self.committed.path_widths)
+                lay_f = h5py.VirtualLayout((total, dim), dtype=self.spec.feature_dtype)
+                lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
+                lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
+                lay_x = {k: h5py.VirtualLayout((total, d), dtype=self.spec.feature_dtype)
+                         for k, d in self.spec.extra_layers.items()}
+                start = 0
+                for name, n in zip(rel, rows):
+                    if n:
+                        lay_f[start : start + n] = h5py.VirtualSource(name, "features", shape=(n, dim))
+                        for k, d in self.spec.extra_layers.items():
+                            lay_x[k][start : start + n] = h5py.VirtualSource(name, f"layers/{k}", shape=(n, d))
+                        lay_l[start : start + n] = h5py.VirtualSource(name, "labels", shape=(n,))
+                        lay_p[start : start + n] = h5py.VirtualSource(name, "paths", shape=(n,))
+                    start += n
+                f.create_virtual_dataset("features", lay_f, fillvalue=np.nan)
+                for k, lay in lay_x.items():
+                    f.create_virtual_dataset(f"layers/{k}", lay, fillvalue=np.nan)
+                f.create_virtual_dataset("labels", lay_l, fillvalue=-1)
+                f.create_virtual_dataset("paths", lay_p)
+            else:
+                f.create_dataset("features", shape=(0, dim), dtype=self.spec.feature_dtype)
+                for k, d in self.spec.extra_layers.items():
+                    f.create_dataset(f"layers/{k}", shape=(0, d), dtype=self.spec.feature_dtype)
+                f.create_dataset("labels", shape=(0,), dtype=np.int64)
+                f.create_dataset("paths", shape=(0,), dtype=STR)
+            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=STR)
+            write_errors(f, self.committed.errors)
+            self._link_primary(f)
+            self._write_attrs(f, rows=total, complete=False)
+
+    def _write_attrs(self, f: h5py.File, rows: int, complete: bool) -> None:
+        write_attrs(f, self.spec, rows, complete, ignored=self.ignored)
+
+    def _link_primary(self, f: h5py.File) -> None:
+        """/layers/<primary> is a hard link to /features: every layer is in /layers, stored once."""
+        if self.spec.layers:
+            f[f"layers/{next(iter(self.spec.layers))}"] = f["features"]
+
+    # finishing -----------------------------------------------------------------------------
+    def finish(self) -> int:
+        """Commit what is buffered and consolidate base + parts into one file. Returns its rows."""
+        self.commit()
+        if not self.committed.files and self.base is not None:
+            self._drop_partial()
+            return self.base["rows"]
+        old = FeatureCache(self.path, require_complete=True) if self.base is not None else None
+        tmp = temp_file(self.path)
+        needed = sum(p.stat().st_size for p in self.committed.files) + (self.path.stat().st_size if old else 0)
+        try:
+            with self._writing(tmp, needed=needed + (256 << 10)):
+                rows = self._consolidate(old, tmp)
+                atomic_replace(tmp, self.path)  # the commit point: from here on the cache is complete
+        finally:
+            if old is not None:
+                old.close()
+        self._drop_partial()  # a kill before this is recognised by the next run (_parts_are_in)
+        return rows
+
+    def _consolidate(self, old: FeatureCache | None, tmp: Path) -> int:
+        classes = sorted(set(self.classes) | set(old.classes if old else []))
+        index = {c: i for i, c in enumerate(classes)}
+        total = (len(old) if old else 0) + self.resumed_rows
+        dim, dtype = self.spec.feature_dim, self.spec.feature_dtype
+        with h5py.File(tmp, "w") as f:
+            chunk = (min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim)
+            feats = f.create_dataset(
+                "features", shape=(total, dim), maxshape=(None, dim), dtype=dtype, chunks=chunk, track_times=False
+            )
+            extra = {}
+            for k, d in self.spec.extra_layers.items():
+                extra[k] = f.create_dataset(
+                    f"layers/{k}", shape=(total, d), maxshape=(None, d), dtype=dtype,
+                    chunks=(min(chunk_rows(d, np.dtype(dtype).itemsize), max(total, 1)), d), track_times=False,
+                )
+            labels = f.create_dataset(
+                "labels", shape=(total,), maxshape=(None,), dtype=np.int64,
+                chunks=(min(65536, max(total, 1)),), track_times=False,
+            )
+            paths: list[str] = []
+            errors: list[tuple[str, str]] = []
+            start = 0
+            if old is not None:
+                remap = np.array([index[c] for c in old.classes] + [-1], dtype=np.int64)
+                for block in old.iter_blocks():
+                    feats[block.start : block.stop] = block.features
+                    labels[block.start : block.stop] = remap[block.labels]  # -1 maps to the last entry, -1
+                for k, ds in extra.items():
+                    for begin in range(0, len(old), 65536):
+                        stop = min(begin + 65536, len(old))
+                        ds[begin:stop] = old.layer_rows(k, slice(begin, stop))
+                start = len(old)
+                paths += old.paths
+                errors += old.errors
+            remap = np.array([index[c] for c in self.classes] + [-1], dtype=np.int64)
+            for part, n in zip(self.committed.files, self.committed.rows):
+                with h5py.File(part, "r") as pf:
+                    feats[start : start + n] = pf["features"][:]
+                    for k, ds in extra.items():
+                        ds[start : start + n] = pf[f"layers/{k}"][:]
+                    labels[start : start + n] = remap[pf["labels"][:]]
+                    paths += [decode_path(p) for p in pf["paths"][:]]
+                start += n
+            errors += self.committed.errors
+            encoded = [encode_path(p) for p in paths]
+            if self.fixed_width_paths:
+                path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
+                data = np.array(encoded, dtype=path_dtype)
+            else:
+                data, path_dtype = np.array(encoded, dtype=object), STR
+            f.create_dataset(
+                "paths", data=data, dtype=path_dtype, shape=(total,), maxshape=(None,),
+                chunks=(min(65536, max(total, 1)),), track_times=False,
+            )
+            f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR, track_times=False)
+            write_errors(f, errors)
+            self._link_primary(f)
+            self._write_attrs(f, rows=total, complete=True)
+        return total
+
+
+def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignored: dict | None = None) -> None:
+    """The cache attributes of schema v1 (see embedder.cache.reader)."""
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["fingerprint"] = spec.fingerprint
+    f.attrs["fingerprint_components"] = json.dumps(spec.components, sort_keys=True)
+    for key, value in spec.components.items():
+        f.attrs[key] = value
+    f.attrs["source"] = spec.source
+    f.attrs["layout"] = spec.layout
+    f.attrs["feature_dim"] = spec.feature_dim
+    f.attrs["feature_dtype"] = spec.feature_dtype
+    if spec.layers:
+        f.attrs["layers"] = json.dumps(spec.layers)  # {name: width}, the primary (/features) first
+    f.attrs["committed_rows"] = rows
+    f.attrs["complete"] = complete
+    f.attrs["command"] = spec.command
+    f.attrs["ignored"] = json.dumps(ignored or {})
+
+
+def write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
+    g = f.create_group("errors")
+    paths = np.array([encode_path(p) for p, _ in errors], dtype=object)
+    g.create_dataset("path", data=paths, dtype=STR, shape=(len(errors),))
+    g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR, shape=(len(errors),))
+
+
+
+DISK_HEADROOM = 256 << 10  # bytes kept free beyond an estimate: HDF5's own overhead varies
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**10:.0f} KiB" if n < 10 << 20 else f"{n / 2**20:.0f} MiB"
+
+
+def _part_bytes(buf: _Part) -> int:
+    """About what a part file of `buf` takes on disk."""
+    feats = sum(a.nbytes for a in buf.features) + sum(a.nbytes for arrays in buf.extra.values() for a in arrays)
+    paths = len(buf.paths) * max((len(encode_path(p)) for p in buf.paths), default=1)
+    errors = sum(len(encode_path(p)) + len(r) for p, r in buf.errors)
+    return feats + paths + 8 * len(buf.paths) + 2 * errors + (64 << 10)
+
+
+def _errors_bytes(committed: _Committed) -> int:
+    return sum(len(encode_path(p)) + len(r) for p, r in committed.errors) * 2

@@ -1,0 +1,1 @@
+"""Where images come from: SOURCE listings, robust decoding, input geometry, splits, sample data."""

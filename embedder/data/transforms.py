@@ -1,0 +1,87 @@
+"""The geometric half of preprocessing, applied where images are read.
+
+Resize and centre-crop run on uint8 tensors in the reader workers (4x less data to
+move than float32); conversion to float and normalisation happen inside the backbone,
+on its device. Every parameter comes from the backbone's `Preprocessing`, which the
+registry reads from the weights' own transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.errors import BadImageError, ConfigError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Eval-time geometry and normalisation: resize the shorter side, centre-crop, normalise."""
+
+    resize_size: int  # shorter side after resize, in pixels
+    crop_size: int  # side of the square centre crop fed to the network
+    interpolation: str  # "bilinear" or "bicubic" (torchvision InterpolationMode value)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    antialias: bool = True
+
+    def with_image_size(self, size: int) -> Preprocessing:
+        """Scale the crop to `size`, keeping the weights' resize/crop ratio (e.g. 256/224)."""
+        if size < 8:
+            raise ConfigError(f"--image-size must be at least 8 pixels, got {size}.")
+        resize = round(size * self.resize_size / self.crop_size)
+        return dataclasses.replace(self, resize_size=resize, crop_size=size)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def preprocessing_from_transforms(transforms) -> Preprocessing:
+    """Read the geometry and normalisation out of a torchvision `ImageClassification` transform."""
+    return Preprocessing(
+        resize_size=int(transforms.resize_size[0]),
+        crop_size=int(transforms.crop_size[0]),
+        interpolation=transforms.interpolation.value,
+        mean=tuple(float(v) for v in transforms.mean),
+        std=tuple(float(v) for v in transforms.std),
+        antialias=bool(transforms.antialias),
+    )
+
+
+def geometric_transform(pre: Preprocessing) -> v2.Compose:
+    """uint8 [3, H, W] -> uint8 [3, crop, crop]: shorter side to `resize_size`, then centre crop."""
+    return v2.Compose(
+        [
+            v2.Resize(pre.resize_size, interpolation=InterpolationMode(pre.interpolation), antialias=pre.antialias),
+            v2.CenterCrop(pre.crop_size),
+        ]
+    )
+
+
+def load_for_model(path: str | os.PathLike, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode one file and bring it to the network's input geometry (uint8). Raises BadImageError."""
+    return geometric_transform(pre)(load_rgb(path, max_pixels=max_pixels))
+
+
+def apply_guarded(transform, image: torch.Tensor, resize_size: int | None, max_pixels: int) -> torch.Tensor:
+    """Run a resizing transform, turning its failures into BadImageError.
+
+    Resizing the shorter side of a 1 x 100000 banner to 256 px would allocate gigabytes,
+    so such images are refused before the transform runs.
+    """
+    if resize_size is not None:
+        h, w = image.shape[-2:]
+        scale = resize_size / min(h, w)
+        if h * w * scale * scale > max_pixels:
+            raise BadImageError(
+                f"extreme aspect ratio: {w}x{h} would be resized to {round(w * scale)}x{round(h * scale)} pixels"
+            )
+    try:
+        return transform(image)
+    except Exception as exc:  # noqa: BLE001 - one unusable image, never a dead run
+        raise BadImageError(f"cannot resize: {exc.__class__.__name__}: {exc}") from None

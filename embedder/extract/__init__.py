@@ -1,0 +1,1 @@
+"""Extraction: the embed configuration, the one embed core, the local and the Ray drivers."""

@@ -1,0 +1,1 @@
+"""Training on cached features: the linear probe, scikit-learn classifiers, finetuning, export."""

@@ -1,0 +1,60 @@
+"""`embedder export`: a trained linear probe + its backbone -> one image classifier.
+
+The probe's folded weights go into a *new* `nn.Linear(in_features, n_classes)` installed
+where the pretrained head was (ResNet `fc`, VGG `classifier[6]` for fc7 features, ...),
+so the exported network computes exactly the cached features and then the probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from embedder.errors import ConfigError, WeightsUnavailableError
+from embedder.learn.checkpoint import ClassifierInfo, save_classifier
+from embedder.learn.runner import load_probe
+from embedder.models.backbone import build_model
+from embedder.models.heads import replace_head
+from embedder.models.registry import get_backbone_spec
+from embedder.models.weights import resolve_weights, weights_choice_for
+
+
+def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_path: str | None = None) -> Path:
+    probe = load_probe(probe_dir)
+    components = probe["components"]
+    if components.get("normalization", "none") != "none":
+        raise ConfigError(
+            "This probe was trained on L2-normalised features, which the replaced head cannot reproduce inside "
+            "the network. Embed without --normalize l2 and train the probe again to export it."
+        )
+    if components.get("pooling", "avg") != "avg":
+        raise ConfigError(
+            f"This probe was trained on {components['pooling']}-pooled features, but the network's classifier "
+            "sits after global *average* pooling. Embed with --pool avg and train the probe again to export it."
+        )
+    spec = get_backbone_spec(probe["model"])
+    weights = resolve_weights(spec.weights, weights_choice_for(components["weights"], weights_path))
+    if weights.identity != components["weights"]:
+        raise WeightsUnavailableError(
+            f"--weights gives {weights.identity}, but the probe's cache was embedded with {components['weights']}."
+        )
+    model = build_model(spec, weights)
+    head, _ = replace_head(model, spec, probe["layer"], len(probe["classes"]))
+    with torch.no_grad():
+        head.weight.copy_(probe["coef"])
+        head.bias.copy_(probe["intercept"])
+    crop = json.loads(components["preprocessing"])["crop_size"]
+    info = ClassifierInfo(
+        model=probe["model"],
+        layer=probe["layer"],
+        classes=list(probe["classes"]),
+        image_size=None if crop == spec.preprocessing.crop_size else int(crop),
+        precision=components["precision"],
+        memory_layout=components["memory_layout"],
+        weights=components["weights"],
+        origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe["fingerprint"], "C": probe["C"]},
+    )
+    return save_classifier(out, model, info)

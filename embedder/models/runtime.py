@@ -1,0 +1,86 @@
+"""Resolve `auto` device, precision and memory layout into concrete, fingerprinted choices.
+
+The CPU defaults come from measurement (`python -m benchmarks precision`, docs/BENCHMARKS.md):
+on a CPU without native bf16 (no AVX512-BF16 / AMX), bf16 autocast is emulated and ran
+3.5x *slower* than fp32 for ResNet-50, while channels_last fp32 ran 1.5x faster than
+contiguous fp32. With native bf16 the opposite holds (about 4x faster than fp32), so
+bf16 is chosen only where the CPU advertises it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from embedder.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str
+    precision: str
+    channels_last: bool
+
+    @property
+    def memory_layout(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout: str = "auto") -> Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device. Use --device cpu or auto.")
+    elif not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {device!r}.")
+    on_gpu = device.startswith("cuda")
+
+    if precision == "auto":
+        if on_gpu:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    elif precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}.")
+
+    if memory_layout == "auto":
+        channels_last = True  # faster on GPU tensor cores and on CPU oneDNN convolutions alike
+    elif memory_layout in ("channels_last", "contiguous"):
+        channels_last = memory_layout == "channels_last"
+    else:
+        raise ConfigError(f"--memory-layout must be auto, channels_last or contiguous, got {memory_layout!r}.")
+    return Runtime(device=device, precision=precision, channels_last=channels_last)
+
+
+# Images per forward pass when --batch-size is not given. On CPU, small batches keep the
+# activations in cache: model-only fp32 channels_last at 224 px on the 2-core dev machine,
+# batch 4 vs 32: EfficientNet-Lite0 56.5 vs 26.5 img/s, ResNet-50 11.0 vs 8.6, and batches
+# of 2-4 were best for ResNet-18 and VGG-16 too (`python -m benchmarks extraction` sweeps it).
+# On GPUs large batches are what fills the device; 32 is unmeasured there (no GPU lent yet).
+CPU_BATCH_SIZE = 4
+GPU_BATCH_SIZE = 32
+
+
+def auto_batch_size(device: str = "auto") -> int:
+    resolved = resolve_runtime(device, "fp32", "contiguous").device
+    return CPU_BATCH_SIZE if resolved == "cpu" else GPU_BATCH_SIZE
+
+
+def auto_workers(workers: int | None) -> int:
+    """Reader processes: as given, else one per spare core (the model stage keeps one), at most 8."""
+    if workers is not None:
+        return workers
+    return max(1, min(8, (os.cpu_count() or 2) - 1))

@@ -1,0 +1,1 @@
+"""Similarity search: FAISS indexes built from a cache and queried, near duplicates, plots."""

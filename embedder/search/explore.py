@@ -1,0 +1,117 @@
+"""Looking at a feature space: near-duplicate groups, a 2-D scatter, and result grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embedder.cache.reader import FeatureCache
+from embedder.errors import ConfigError
+from embedder.figures import pyplot, save_figure
+
+
+def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384,
+                    layer: str | None = None) -> list[list[int]]:
+    """Groups of rows closer than `threshold` (cosine similarity >= T, or squared L2 distance <= T),
+    found with FAISS range search over an exact index; groups are connected components."""
+    import faiss
+
+    from embedder.search.index import _prepare
+
+    if metric not in ("cosine", "l2"):
+        raise ConfigError("--metric must be cosine or l2.")
+    with FeatureCache(cache_path, layer=layer) as cache:
+        index = faiss.IndexFlat(cache.dim, faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
+        for block in cache.iter_blocks(block_rows):
+            index.add(_prepare(block.features, metric))
+        parent = np.arange(len(cache))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for block in cache.iter_blocks(block_rows):
+            lims, _, ids = index.range_search(_prepare(block.features, metric), threshold)
+            for q in range(len(block.features)):
+                row = block.start + q
+                for j in ids[lims[q] : lims[q + 1]]:
+                    if j != row:
+                        a, b = find(row), find(int(j))
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+        roots = np.array([find(i) for i in range(len(cache))])
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(roots):
+        groups.setdefault(int(r), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0,
+               layer: str | None = None) -> Path:
+    """A 2-D scatter of the features (PCA or t-SNE of a seeded sample), coloured by label."""
+    plt = pyplot()
+    if method not in ("pca", "tsne"):
+        raise ConfigError("--method must be pca or tsne.")
+    with FeatureCache(cache_path, layer=layer) as cache:
+        n = len(cache)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
+        X = cache.features()[rows] if n <= 4 * max_points else np.concatenate(
+            [b.features[np.isin(np.arange(b.start, b.stop), rows)] for b in cache.iter_blocks()]
+        )
+        labels, classes = cache.labels[rows], cache.classes
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(n_components=2, random_state=seed).fit_transform(X)
+    else:
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(2, len(X) // 4))).fit_transform(X)
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    if classes:
+        cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+        for i, c in enumerate(classes):
+            sel = labels == i
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=8, color=cmap(i % cmap.N), label=c)
+        if len(classes) <= 20:
+            ax.legend(markerscale=2, fontsize=8, loc="best")
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], s=8)
+    ax.set_title(f"{Path(cache_path).name}: {method.upper()} of {len(X)} rows")
+    return save_figure(fig, out)
+
+
+def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Path, thumb: int = 128) -> Path:
+    """One row per query: the query image (if any), then its hits with rank and score.
+
+    `queries` is [(query image path or None, hits)], `image_of(hit)` gives a hit's image file.
+    """
+    from PIL import Image
+
+    from embedder.data.decode import load_rgb
+    from embedder.errors import BadImageError
+
+    def picture(path):
+        try:
+            img = Image.fromarray(load_rgb(path).permute(1, 2, 0).numpy())
+        except BadImageError:
+            return None
+        img.thumbnail((thumb, thumb))
+        return img
+
+    cols = 1 + max(len(h) for _, h in queries)
+    fig, axes = pyplot().subplots(len(queries), cols, figsize=(1.6 * cols, 1.9 * len(queries)), dpi=100, squeeze=False)
+    for r, (qpath, hits) in enumerate(queries):
+        cells = [(qpath, "query")] + [(image_of(h), f"#{h.rank} {h.score:.3f}\n{h.label or ''}") for h in hits]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(cells) and cells[c][0] is not None:
+                img = picture(cells[c][0])
+                if img is not None:
+                    ax.imshow(img)
+                ax.set_title(cells[c][1], fontsize=7)
+    return save_figure(fig, out)

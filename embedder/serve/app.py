@@ -1,0 +1,548 @@
+"""HTTP similarity search over a built index: a JSON API, thumbnails and a drop-an-image web page.
+
+    create_app(index_dir)      the FastAPI application (the index is opened once, here)
+    serve(index_dir, ...)      create it and run it with uvicorn until interrupted
+    run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner)
+    allowed_hosts_for(host)    the Host names a server bound to `host` answers to by default
+
+Design choices, and why:
+  * Work (FAISS search, decoding, the forward pass) runs in FastAPI's threadpool, so it never
+    stalls the event loop that accepts the next request. /health runs on the loop itself and
+    needs no free thread, so it answers while every thread is busy.
+  * Decoding is bounded twice, since it runs before the one-at-a-time forward pass: at most
+    `decode_slots` images are decoded at once (requests waiting for a slot wait on the event
+    loop, holding no thread and only their spooled upload), and uploads declaring more than
+    `max_pixels` pixels (far fewer than the offline limit) are refused before decoding.
+    Images are decoded small (`min_side` of embedder.data.decode), as the model needs only its
+    resize size: a decode then costs at most about 4 bytes per declared pixel.
+  * One forward pass at a time: the backbone already uses every core.
+  * Bodies are limited per route before any parser sees them (service_guards.BodyLimit):
+    uploads to --max-upload-mb, JSON to what one `dim`-long vector can need. Validation
+    checks lengths before elements, and an answer lists the first errors and counts the rest.
+  * Thumbnails are addressed by row id only, so no user-supplied path reaches the file
+    system. No answer shows a server path: file names appear as the cache stored them
+    (relative to SOURCE), through `display_path`, as JSON cannot carry non-UTF-8 bytes.
+  * Uploads are decoded by embedder.data.decode with the rules used when indexing (EXIF
+    orientation, alpha over white, bomb refusal), so an indexed image uploaded again finds itself.
+"""
+
+# No `from __future__ import annotations`: the endpoints' parameter types are built per index
+# inside create_app, and FastAPI could not resolve them from strings there.
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path as FsPath
+from typing import Annotated
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
+from embedder.errors import BadImageError, ConfigError, EmbedderError
+from embedder.names import display_path
+from embedder.search.index import Hit, SearchIndex
+from embedder.serve.guards import (
+    SHOWN_ERRORS,
+    BodyLimit,
+    BodyTooLarge,
+    HostAllowList,
+    Limit,
+    SecurityHeaders,
+    clip,
+    validation_error,
+)
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
+# A 50-MP photo passes; a decode costs up to ~4 bytes per pixel, so 200 MB at this limit.
+DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
+DEFAULT_DECODE_SLOTS = 2  # images decoded at once (uploads and thumbnails)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("", "0.0.0.0", "::")  # a server bound here has no one name of its own
+THUMBNAIL_PX = 160  # longest side; small enough that a page of results loads instantly
+MAX_K = 1000  # more neighbours than anyone can look at; bounds the work one request can ask for
+# Multipart framing (boundaries, part headers, the file name) rides on top of the file's own
+# bytes. The whole body may exceed max_upload_bytes by this much, so a file of exactly
+# max_upload_bytes is accepted; the file itself is then held to max_upload_bytes exactly.
+MULTIPART_SLACK = 64 * 1024
+# A float written out takes at most 24 characters; 64 per value leaves room for indentation.
+JSON_BYTES_PER_VALUE = 64
+JSON_SLACK = 64 * 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+STATIC = {"search.js": "text/javascript; charset=utf-8", "search.css": "text/css; charset=utf-8"}
+
+# ---------------------------------------------------------------- response models (OpenAPI)
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what was wrong, and what to do about it (one line)")
+
+
+class ErrorItem(BaseModel):
+    loc: list[str] = Field(description="where: body, query or path, then the field")
+    msg: str
+
+
+class ValidationErrorOut(ErrorOut):
+    errors: list[ErrorItem] = Field(default=[], max_length=SHOWN_ERRORS, description="the first few errors")
+    error_count: int = Field(default=1, description="how many errors the request had in all")
+
+
+class HitOut(BaseModel):
+    model_config = ConfigDict(extra="allow")  # whatever else Hit.as_dict() carries passes through
+
+    rank: int = Field(description="1-based rank")
+    id: int = Field(description="row id in the cache and index")
+    path: str = Field(
+        description="image path as the cache stored it, relative to its SOURCE (absolute only for files "
+        "outside it); undecodable bytes of a non-UTF-8 name are shown as \\xNN"
+    )
+    label: str | None = Field(description="class name; null when the cache is unlabelled")
+    score: float | None = Field(
+        description="cosine similarity (metric 'cosine', higher is closer) or squared L2 distance; null if not finite"
+    )
+    thumbnail: str = Field(description="URL of the neighbour's thumbnail")
+
+
+class SearchOut(BaseModel):
+    query: dict
+    k: int
+    metric: str
+    hits: list[HitOut]
+
+
+class HealthOut(BaseModel):
+    status: str
+    ntotal: int
+    dim: int
+    kind: str | None
+    metric: str | None
+    fingerprint: str | None
+
+
+def _error(description: str, model: type[BaseModel] = ErrorOut) -> dict:
+    return {"description": description, "model": model}
+
+
+# Answers any route can give: the guards run before routing.
+COMMON_RESPONSES = {
+    400: _error("the Host header names no name this server answers to (see --allowed-host)"),
+    413: _error("request body larger than the server accepts"),
+}
+INVALID = {422: _error("the request does not match this schema (the first errors are listed)", ValidationErrorOut)}
+
+# ---------------------------------------------------------------- the application
+
+
+def create_app(
+    index_dir: str | os.PathLike,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    default_k: int = 10,
+    max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    weights_path: str | None = None,
+    allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
+    decode_slots: int = DEFAULT_DECODE_SLOTS,
+) -> FastAPI:
+    """The search service for the index in `index_dir`, opened once, here.
+
+    `max_pixels` bounds uploads (refused as decompression bombs above it); thumbnails of the
+    indexed files keep the offline limit. `allowed_hosts` are the Host names answered ("*":
+    any). `weights_path` is needed only for searches by image over a cache embedded with
+    weights from a local file (the index records their identity, not their location).
+    """
+    if max_upload_bytes < 1:
+        raise ConfigError(f"--max-upload-mb must be positive, got {max_upload_bytes} bytes.")
+    if not 1 <= default_k <= MAX_K:
+        raise ConfigError(f"-k must be between 1 and {MAX_K}, got {default_k}.")
+    if max_pixels < 1 or decode_slots < 1:
+        raise ConfigError(f"--max-upload-pixels and --decode-slots must be positive, got {max_pixels} and "
+                          f"{decode_slots}.")
+    index = SearchIndex.open(index_dir, weights_path=weights_path)
+    app = FastAPI(
+        title="embedder similarity search",
+        version=_version(),
+        description=(
+            f"Nearest neighbours among {index.ntotal} images ({index.dim}-d features, "
+            f"{index.meta.get('kind')} index, {index.metric} metric). Upload an image, name an indexed row id, "
+            "or send a feature vector."
+        ),
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: offline they are blank pages
+        redoc_url=None,
+        responses=COMMON_RESPONSES,
+    )
+    app.state.index = index
+    # Starlette runs the last middleware added first: headers on everything, then Host, then size.
+    app.add_middleware(BodyLimit, **_body_limits(max_upload_bytes, index.dim))
+    app.add_middleware(HostAllowList, allowed=allowed_hosts)
+    app.add_middleware(SecurityHeaders)
+    limits = _Limits(default_k, max_upload_bytes, max_pixels, anyio.Semaphore(decode_slots),
+                     _scrubber(index, weights_path))
+    _add_error_handlers(app, limits.scrub)
+    _add_page_routes(app, index)
+    _add_image_routes(app, index, limits)
+    _add_lookup_routes(app, index, limits)
+    return app
+
+
+def _body_limits(max_upload_bytes: int, dim: int) -> dict:
+    upload = Limit(max_upload_bytes + MULTIPART_SLACK, lambda what: UploadTooLarge(max_upload_bytes, what))
+    json_bytes = JSON_SLACK + JSON_BYTES_PER_VALUE * dim
+
+    def json_refusal(what: str) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"request body too large: {what}; this server accepts JSON bodies of at most {json_bytes} bytes, "
+            f"room for one {dim}-d vector (send one vector per request)"
+        )
+
+    return {"default": Limit(json_bytes, json_refusal), "by_path": {"/search/image": upload}}
+
+
+class UploadTooLarge(BodyTooLarge):
+    def __init__(self, max_upload_bytes: int, what: str):
+        super().__init__(
+            f"upload too large: {what}; this server accepts images of at most {max_upload_bytes} bytes "
+            f"({max_upload_bytes / 2**20:.3g} MB) (send a smaller image, or restart the service with a larger "
+            "--max-upload-mb)"
+        )
+
+
+def _add_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error(exc.errors()), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route's methods only; GET and HEAD are two routes
+            allowed = set().union(*(r.methods for r in app.routes if _matches(r, request.scope) and r.methods))
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(EmbedderError)
+    async def unavailable(request: Request, exc: EmbedderError) -> JSONResponse:
+        # The server's setup, not the request, is at fault (e.g. the backbone for searches by
+        # image cannot be rebuilt here): 503 with the fix, and the other endpoints keep working.
+        return JSONResponse({"detail": scrub(str(exc))}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client learns nothing about the server's insides.
+        return JSONResponse({"detail": "internal error; the server's log has the details"}, status_code=500)
+
+
+def _add_page_routes(app: FastAPI, index: SearchIndex) -> None:
+    page = _static("index.html")
+    assets = {name: _static(name) for name in STATIC}
+
+    @_get_and_head(app, "/", response_class=HTMLResponse, include_in_schema=False)
+    def home() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    for name, media_type in STATIC.items():
+        _get_and_head(app, f"/static/{name}", include_in_schema=False)(
+            lambda body=assets[name], media_type=media_type: Response(body, media_type=media_type)
+        )
+
+    @_get_and_head(app, "/health", response_model=HealthOut, summary="Liveness and what is being served")
+    async def health() -> dict:  # on the event loop: answers even while every worker thread is busy
+        return {
+            "status": "ok",
+            "ntotal": index.ntotal,
+            "dim": index.dim,
+            "kind": index.meta.get("kind"),
+            "metric": index.metric,
+            "fingerprint": index.meta.get("fingerprint"),
+        }
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """What bounds the work of one request (create_app's arguments, resolved once)."""
+
+    default_k: int
+    max_upload_bytes: int
+    max_pixels: int
+    decode_slots: anyio.Semaphore  # images decoded at once, uploads and thumbnails together
+    scrub: Callable[[str], str]
+
+
+def _params(index: SearchIndex) -> tuple:
+    """The k and row id parameters, with this index's bounds in their schema."""
+    k = Annotated[int, Query(ge=1, le=MAX_K, description="neighbours to return")]
+    row = Annotated[int, Path(
+        description=f"row id of an indexed image (0 to {index.ntotal - 1}; see `id` in any hit)",
+        json_schema_extra={"minimum": 0, "maximum": index.ntotal - 1},  # enforced by _check_row, with a 404
+    )]
+    return k, row
+
+
+def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None:
+    k_param, row_param = _params(index)
+    model_lock = anyio.Lock()  # one forward pass at a time: parallel ones only fight over the cores
+    uploads = _Uploads(index, limits)
+
+    @app.post("/search/image", response_model=SearchOut, summary="Neighbours of an uploaded image", responses={
+        400: _error("not a usable image (the reason is given), or a bad Host header"),
+        413: _error("upload larger than the server's limit (--max-upload-mb)"),
+        503: _error("the cache's backbone cannot be rebuilt on this server (the fix is given)"),
+        **INVALID,
+    })
+    async def search_image(
+        file: Annotated[UploadFile, File(
+            description="the query image (any format PIL reads), not empty",
+            json_schema_extra={"format": "binary", "minLength": 1},
+        )],
+        k: k_param = limits.default_k,
+    ) -> dict:
+        # Waiting for a slot or the model happens here, on the event loop: no thread is held.
+        async with limits.decode_slots:
+            image, query = await run_in_threadpool(uploads.decode, file)
+        k = min(k, index.ntotal)
+        async with model_lock:
+            hits = await run_in_threadpool(uploads.search, image, k, query["filename"])
+        return _results(query, k, hits, index.metric)
+
+    @_get_and_head(
+        app, "/thumbnail/{row_id}", summary="JPEG thumbnail of an indexed image", response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, 404: _error("no such row id, or its file is gone"), **INVALID},
+    )
+    async def thumbnail(row_id: row_param) -> Response:
+        _check_row(index, row_id)
+        async with limits.decode_slots:
+            jpeg = await run_in_threadpool(_thumbnail, index, row_id, limits.scrub)
+        # Row ids are fixed for the life of an index, so browsers may keep thumbnails a while.
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+class _Uploads:
+    """Uploaded images: read (within the size limit), decoded small, searched."""
+
+    RAISE_LIMIT = "send a smaller image, or restart the service with a larger --max-upload-pixels"
+
+    def __init__(self, index: SearchIndex, limits: _Limits):
+        self.index, self.limits = index, limits
+        self.min_side = _model_side(index.meta)
+
+    def decode(self, file: UploadFile) -> tuple:
+        cap = self.limits.max_upload_bytes
+        data = file.file.read(cap + 1)
+        if len(data) > cap:
+            raise UploadTooLarge(cap, f"the file is larger than {cap} bytes")
+        name = clip(display_path(file.filename or "upload"), 100)
+        try:
+            image = load_rgb_bytes(data, self.limits.max_pixels, min_side=self.min_side, raise_limit=self.RAISE_LIMIT)
+        except BadImageError as exc:
+            raise HTTPException(400, detail=f"{name}: {exc.reason}") from None
+        width, height = shown_size(data)  # of the upload, not of its smaller decoded copy
+        return image, {"filename": name, "bytes": len(data), "width": width, "height": height}
+
+    def search(self, image, k: int, name: str) -> list[Hit]:
+        try:
+            return self.index.search_pixels([image], k=k, max_pixels=self.limits.max_pixels)[0]
+        except BadImageError as exc:  # e.g. an extreme aspect ratio, found when resizing
+            raise HTTPException(400, detail=f"{name}: {exc.reason}") from None
+
+
+def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None:
+    k_param, row_param = _params(index)
+    query_model = _vector_query(index.dim, limits.default_k, index.metric)
+
+    @_get_and_head(app, "/search/id/{row_id}", response_model=SearchOut,
+                   summary="Neighbours of an indexed image, by row id",
+                   responses={404: _error("no indexed image has this id"), **INVALID})
+    def search_id(row_id: row_param, k: k_param = limits.default_k) -> dict:
+        _check_row(index, row_id)
+        k = min(k, index.ntotal)
+        return _results({"id": row_id}, k, index.search_ids([row_id], k=k)[0], index.metric)
+
+    @app.post("/search/vector", response_model=SearchOut, summary="Neighbours of a feature vector", responses={
+        422: _error(f"not one {index.dim}-d vector of finite numbers (or all zero under cosine)", ValidationErrorOut),
+    })
+    def search_vector(body: query_model) -> dict:
+        vector = _query_vector(body.vector, index.metric)
+        k = min(body.k, index.ntotal)
+        return _results({"vector_dim": index.dim}, k, index.search(vector[None, :], k=k)[0], index.metric)
+
+
+def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
+    """The body of /search/vector, with the index's width in its schema (checked before the elements)."""
+    element = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # finite in float32
+    nonzero = {"contains": {"not": {"const": 0}}} if metric == "cosine" else None
+
+    class VectorQuery(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # a misspelt "K" is an error, not silently the default
+
+        vector: list[element] = Field(
+            min_length=dim, max_length=dim, json_schema_extra=nonzero,
+            description=f"one {dim}-d feature vector from the cache's backbone and layer"
+            + (" (not all zero: cosine needs a direction)" if nonzero else ""),
+        )
+        k: int = Field(default=default_k, ge=1, le=MAX_K, description="neighbours to return")
+
+        @field_validator("vector", mode="before")
+        @classmethod
+        def one_vector(cls, value):
+            # Before the elements: a million-item list costs one error, not a million.
+            if isinstance(value, list) and len(value) != dim:
+                raise PydanticCustomError(
+                    "wrong_length",
+                    f"vector has {len(value)} values but this index holds {dim}-d features "
+                    "(send one feature vector from the same backbone and layer as the cache)",
+                )
+            return value
+
+    return VectorQuery
+
+
+def _query_vector(values: list[float], metric: str) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float64)
+    if metric != "cosine":
+        return vector.astype(np.float32)
+    scale = np.abs(vector).max()
+    if scale == 0:
+        raise HTTPException(422, detail="an all-zero vector has no direction to compare by cosine")
+    # Cosine ignores length; scaling in float64 first keeps 1e-45 and 1e38 alike representable.
+    return (vector / scale).astype(np.float32)
+
+
+def _results(query: dict, k: int, hits: list[Hit], metric: str) -> dict:
+    out = []
+    for hit in hits:
+        d = hit.as_dict()
+        d["path"] = display_path(hit.path)  # JSON cannot carry a non-UTF-8 name's raw bytes
+        d["label"] = None if hit.label is None else display_path(hit.label)
+        if not math.isfinite(d["score"]):
+            d["score"] = None  # JSON has no NaN or infinity (an L2 distance can overflow)
+        d["thumbnail"] = f"/thumbnail/{hit.id}"
+        out.append(d)
+    return {"query": query, "k": k, "metric": metric, "hits": out}
+
+
+def _thumbnail(index: SearchIndex, row_id: int, scrub: Callable[[str], str]) -> bytes:
+    path, shown = index.image_path(row_id), display_path(index.paths[row_id])
+    try:
+        # EXIF orientation and alpha as when indexed; decoded small, as only THUMBNAIL_PX are shown.
+        pixels = load_rgb(path, DEFAULT_MAX_PIXELS, min_side=THUMBNAIL_PX)
+    except BadImageError as exc:
+        reason = scrub(exc.reason.replace(str(path), shown))  # an OS error names the file it could not open
+        raise HTTPException(
+            404,
+            detail=f"row {row_id} ({shown}) cannot be shown: {reason} "
+            "(the file changed since it was indexed; restore it, or re-embed and rebuild the index)",
+        ) from None
+    img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def serve(
+    index_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    default_k: int = 10,
+    log_level: str = "warning",
+    weights_path: str | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    decode_slots: int = DEFAULT_DECODE_SLOTS,
+) -> None:
+    """Open the index and serve it with uvicorn until interrupted (Ctrl-C).
+
+    `allowed_hosts` default: allowed_hosts_for(host).
+    """
+    app = create_app(
+        index_dir, max_upload_bytes=max_upload_bytes, default_k=default_k, max_pixels=max_pixels,
+        weights_path=weights_path, allowed_hosts=allowed_hosts or allowed_hosts_for(host), decode_slots=decode_slots,
+    )
+    run(app, host, port, log_level)
+
+
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve an app from create_app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)  # no version advertised
+
+
+def allowed_hosts_for(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """Loopback names, the bound address when it is one address (not 0.0.0.0 or ::), and `extra`."""
+    names = [*LOOPBACK_HOSTS, *([] if host in WILDCARD_BINDS else [host]), *extra]
+    return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _get_and_head(app: FastAPI, path: str, **options) -> Callable:
+    """Register a GET endpoint and its HEAD twin (RFC 9110: HEAD wherever GET), each its own operation."""
+
+    def register(endpoint: Callable) -> Callable:
+        app.get(path, **options)(endpoint)
+        app.head(path, **options)(endpoint)
+        return endpoint
+
+    return register
+
+
+def _matches(route, scope) -> bool:
+    return getattr(route, "methods", None) is not None and route.matches(scope)[0] != Match.NONE
+
+
+def _check_row(index: SearchIndex, row_id: int) -> None:
+    if not 0 <= row_id < index.ntotal:
+        shown = row_id if abs(row_id) < 10**18 else f"of {len(str(abs(row_id)))} digits"
+        raise HTTPException(404, detail=f"no indexed image has id {shown}: ids run from 0 to {index.ntotal - 1}")
+
+
+def _model_side(meta: dict) -> int | None:
+    """Twice the shorter side the model resizes to: decoding smaller than that would change the query."""
+    try:
+        pre = json.loads(meta["components"]["preprocessing"])
+        return 2 * int(pre.get("resize_size") or pre["crop_size"])
+    except (KeyError, TypeError, ValueError):
+        return None  # an index without preprocessing recorded: decode at full size
+
+
+def _scrubber(index: SearchIndex, weights_path: str | None) -> Callable[[str], str]:
+    """Replace the server's own paths in a message by what they are (SOURCE, INDEX_DIR, ...)."""
+    places = {"SOURCE": index.source, "INDEX_DIR": index.dir, "CACHE": index.meta.get("cache"),
+              "WEIGHTS": weights_path}
+    forms = {}
+    for name, place in places.items():
+        if place:  # absolute forms only: a relative "images" or "." would also match ordinary words
+            forms.update({str(FsPath(place).absolute()): name, str(FsPath(place).resolve()): name})
+    forms.pop(os.sep, None)
+    ordered = sorted(forms.items(), key=lambda item: -len(item[0]))  # longest first: a folder after its files
+
+    def scrub(text: str) -> str:
+        for path, name in ordered:
+            text = text.replace(path, name)
+        return text
+
+    return scrub
+
+
+def _static(name: str) -> bytes:
+    return resources.files("embedder.serve").joinpath(f"static/{name}").read_bytes()
+
+
+def _version() -> str:
+    from embedder._version import __version__
+
+    return __version__
