@@ -60,6 +60,17 @@ def atomic_replace(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (weights files are hundreds of MB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_torch(payload, path: Path) -> None:
     """`torch.save` through memory: its zip writer turns a full disk into an opaque RuntimeError
     ("unexpected pos"), while a plain write raises the OSError (ENOSPC) that says what happened."""

@@ -181,7 +181,7 @@ def test_compiled_backbone_matches_eager_pads_the_last_batch_and_stays_locked(re
     """`--compile`: same features as eager (within float rounding), the same bits from two
     compiled backbones, a short last batch computed exactly like rows of a full one, and the
     eval lock intact. (Its speed is measured in benchmarks/compiled.py, not here.)"""
-    from embedder.extract.core import fingerprint_components
+    from embedder.cache.fingerprint import fingerprint_components
 
     config = BackboneConfig("resnet18", compile=True, **SMALL)
     compiled = FrozenBackbone.from_config(config)

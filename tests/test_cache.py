@@ -172,7 +172,7 @@ def test_interrupted_append_resumes(tree, tmp_path):
     embed(full)
     listing = list_source(tree)
     backbone = backbone_for(config)
-    from embedder.extract.core import fingerprint_components
+    from embedder.cache.fingerprint import fingerprint_components
 
     spec = CacheSpec(fingerprint_components(backbone), str(listing.root), 512, command="test")
     with CacheWriter(config.out, spec, listing, commit_every=4) as w:

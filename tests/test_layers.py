@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import list_source
 from embedder.errors import CacheError, CacheMismatchError
-from embedder.extract.core import BatchReader, backbone_for, embed, fingerprint_components
+from embedder.extract.core import BatchReader, backbone_for, embed
 from tests.conftest import cli_args, fast_config
 
 MULTI = {"layer": "layer3", "extra_layers": ("avgpool", "layer1"), "pool": "gem", "style": True, "style_dim": 64}

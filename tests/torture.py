@@ -350,11 +350,12 @@ def append_scenario(name: str, base: Path, per_class: int, grow: int, image_size
 
 def make_sharded(root: Path, src: str, out: str, image_size: int, shard_size: int) -> None:
     """A sharded cache as `--backend ray` writes it, each shard embedded here in turn (no Ray)."""
+    from embedder.cache.fingerprint import fingerprint_components
     from embedder.cache.reader import CacheSpec
     from embedder.cache.shards import ShardSet
     from embedder.data.sources import list_source
     from embedder.extract.config import EmbedConfig
-    from embedder.extract.core import backbone_for, fingerprint_components
+    from embedder.extract.core import backbone_for
     from embedder.extract.ray import embed_shard
 
     config = EmbedConfig(source=str(root / src), model="resnet18", out=str(root / out), weights="none",

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
     from typing import Self
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -52,7 +51,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from embedder.atomic import atomic_replace, fsync_path, lock_holder  # noqa: F401 - re-exported
+from embedder.atomic import lock_holder
+from embedder.cache.fingerprint import component_differences, fingerprint_of, layer_view_components
 from embedder.errors import CacheError, EmbedderError
 from embedder.names import ERRORS as NAME_ERRORS
 
@@ -60,19 +60,6 @@ SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 STR = h5py.string_dtype("utf-8")
 FEATURE_DTYPES = ("float32", "float16")
-
-
-def fingerprint_of(components: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
-
-
-def layer_view_components(components: dict[str, str], name: str) -> dict[str, str]:
-    """The components a cache embedded with `--layer name` alone would have."""
-    view = {k: v for k, v in components.items() if k != "layers"}
-    view["layer"] = name
-    if name != "style":
-        view.pop("style", None)
-    return view
 
 
 @dataclass(frozen=True)
@@ -101,11 +88,7 @@ class CacheSpec:
 
     def differences(self, components: dict[str, str], source: str) -> dict[str, tuple[object, object]]:
         """Fields that differ, as {field: (cached value, requested value)}."""
-        diff = {
-            k: (components.get(k), self.components.get(k))
-            for k in sorted(set(components) | set(self.components))
-            if components.get(k) != self.components.get(k)
-        }
+        diff = component_differences(components, self.components)
         if source != self.source:
             diff["source"] = (source, self.source)
         return diff

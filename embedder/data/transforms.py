@@ -68,6 +68,28 @@ def load_for_model(path: str | os.PathLike, pre: Preprocessing, max_pixels: int 
     return geometric_transform(pre)(load_rgb(path, max_pixels=max_pixels))
 
 
+def read_for_model(path: str | os.PathLike, transform, resize_size: int | None, max_pixels: int,
+                   seconds: dict[str, float] | None = None) -> torch.Tensor:
+    """Decode one file and run `transform` on it (the reader stage of extraction and training).
+
+    Raises BadImageError with the reason. `seconds`, if given, accumulates the time spent in
+    "decode" and in "resize" (the transform)."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        image = load_rgb(path, max_pixels)
+    finally:
+        t1 = time.perf_counter()
+        if seconds is not None:
+            seconds["decode"] = seconds.get("decode", 0.0) + t1 - t0
+    try:
+        return apply_guarded(transform, image, resize_size, max_pixels)
+    finally:
+        if seconds is not None:
+            seconds["resize"] = seconds.get("resize", 0.0) + time.perf_counter() - t1
+
+
 def apply_guarded(transform, image: torch.Tensor, resize_size: int | None, max_pixels: int) -> torch.Tensor:
     """Run a resizing transform, turning its failures into BadImageError.
 

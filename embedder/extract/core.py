@@ -26,23 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from embedder._version import __version__
 from embedder.atomic import WriteLock
+from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
-from embedder.data.decode import DECODER, DEFAULT_MAX_PIXELS, load_rgb
+from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import Listing, describe_ignored, list_source
-from embedder.data.transforms import apply_guarded, geometric_transform
+from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.errors import AllImagesFailedError, BadImageError, EmbedderNotice
 from embedder.extract.config import EmbedConfig
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
 from embedder.models.registry import Preprocessing
 from embedder.models.runtime import resolve_runtime
-from embedder.models.style import SKETCH_SEED
 from embedder.names import display_path
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
@@ -73,32 +71,22 @@ class BatchReader(Dataset):
     def __getitem__(self, b: int) -> dict:
         rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
         images, ok, errors = [], [], []
-        decode_s = resize_s = 0.0
+        seconds = {"decode": 0.0, "resize": 0.0}
         for row in rows:
-            t0 = time.perf_counter()
             try:
-                image = load_rgb(self.root / self.paths[row], self.max_pixels)
+                images.append(read_for_model(self.root / self.paths[row], self.transform, self.resize_size,
+                                             self.max_pixels, seconds))
             except BadImageError as exc:
                 errors.append((int(row), exc.reason))
                 continue
-            finally:
-                decode_s += time.perf_counter() - t0
-            t1 = time.perf_counter()
-            try:
-                images.append(apply_guarded(self.transform, image, self.resize_size, self.max_pixels))
-            except BadImageError as exc:
-                errors.append((int(row), exc.reason))
-                continue
-            finally:
-                resize_s += time.perf_counter() - t1
             ok.append(int(row))
         stacked = torch.stack(images) if images else torch.empty((0, 3, self.crop, self.crop), dtype=torch.uint8)
         return {
             "indices": np.asarray(ok, dtype=np.int64),
             "images": stacked,
             "errors": errors,
-            "decode_s": decode_s,
-            "resize_s": resize_s,
+            "decode_s": seconds["decode"],
+            "resize_s": seconds["resize"],
         }
 
 
@@ -235,43 +223,6 @@ def backbone_for(config: EmbedConfig) -> FrozenBackbone:
         style_dim=config.style_dim,
         compile=config.compile,
     )
-
-
-def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float32") -> dict[str, str]:
-    """Everything that can change a feature's bits, as readable strings."""
-    cfg = backbone.config
-    components = {
-        "model": backbone.spec.name,
-        "weights": backbone.weights.identity,
-        "preprocessing": json.dumps(backbone.preprocessing.as_dict(), sort_keys=True),
-        "decoder": DECODER,
-        "layer": backbone.node,
-        "pooling": cfg.pool,
-        "normalization": cfg.normalize,
-        "precision": cfg.precision,
-        "memory_layout": "channels_last" if cfg.channels_last else "contiguous",
-        "device_type": torch.device(cfg.device).type,
-        "feature_dtype": feature_dtype,
-        "embedder_version": __version__,
-        "torch_version": str(torch.__version__),
-        "torchvision_version": str(torchvision.__version__),
-    }
-    if backbone.spec.uses_timm:
-        import timm
-
-        components["timm_version"] = str(timm.__version__)
-    # Only present when used, so single-layer caches keep the fingerprints they always had.
-    if cfg.compile:
-        components["compile"] = "torch.compile inductor, freezing, fixed batch"
-    if len(backbone.outputs) > 1:
-        components["layers"] = json.dumps(list(backbone.outputs))
-    if backbone.style_descriptor is not None:
-        components["style"] = json.dumps(
-            {"layers": list(backbone.style_nodes), "dim": cfg.style_dim, "gram": "FF^T/(HW), triu*sqrt2, l2 per layer",
-             "projection": f"count-sketch seed {SKETCH_SEED}" if cfg.style_dim else "none"},
-            sort_keys=True,
-        )
-    return components
 
 
 def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None,

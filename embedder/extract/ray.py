@@ -22,8 +22,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from embedder.atomic import file_sha256
 from embedder.cache.reader import CacheSpec, FeatureCache
-from embedder.cache.shards import Shard, ShardJob, ShardSet, file_sha256, lock_output, write_json
+from embedder.cache.shards import Shard, ShardJob, ShardSet, lock_output, write_json
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.errors import AllImagesFailedError, ConfigError
@@ -64,7 +65,8 @@ def _spec_for(config: EmbedConfig, listing, command: str):
 
 
 def _spec_at(config: EmbedConfig, root: Path, layout: str, command: str):
-    from embedder.extract.core import backbone_for, fingerprint_components
+    from embedder.cache.fingerprint import fingerprint_components
+    from embedder.extract.core import backbone_for
 
     backbone = backbone_for(config)
     spec = CacheSpec(
@@ -81,8 +83,9 @@ class ShardEmbedder:
     """A Ray Data actor: holds one eval-locked backbone, embeds one shard per call."""
 
     def __init__(self, config: EmbedConfig, job):
+        from embedder.cache.fingerprint import fingerprint_components
         from embedder.errors import CacheMismatchError
-        from embedder.extract.core import backbone_for, fingerprint_components
+        from embedder.extract.core import backbone_for
 
         self.config, self.job = config, job
         spec = job.spec

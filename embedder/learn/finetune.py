@@ -47,10 +47,10 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
 from embedder.atomic import staged_dir
-from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS, Listing, list_source
 from embedder.data.splits import Splits, assign_splits, check_labels
-from embedder.data.transforms import apply_guarded, geometric_transform
+from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.errors import AllImagesFailedError, BadImageError, ConfigError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
 from embedder.models.backbone import build_model
@@ -191,8 +191,7 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         try:
-            image = apply_guarded(self.transform, load_rgb(self.root / self.paths[row], self.max_pixels),
-                                  self.resize_size, self.max_pixels)
+            image = read_for_model(self.root / self.paths[row], self.transform, self.resize_size, self.max_pixels)
         except BadImageError as exc:
             return {"row": row, "error": exc.reason}
         return {"row": row, "image": image, "label": int(self.labels[row])}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from embedder.atomic import save_torch, staged_dir
+from embedder.cache.fingerprint import component_differences
 from embedder.cache.reader import FeatureCache
 from embedder.data.splits import Splits, assign_splits, check_labels
 from embedder.errors import CacheMismatchError, ConfigError
@@ -75,8 +76,7 @@ class ProbeConfig:
 
 def same_feature_space(a: FeatureCache, b: FeatureCache, what: str) -> None:
     """Caches of one training run must come from one backbone configuration."""
-    ca, cb = a.components, b.components
-    diff = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+    diff = component_differences(a.components, b.components)
     if diff:
         raise CacheMismatchError(
             b.path, diff, f"The {what} must be embedded with the same configuration as {a.path} (same fingerprint)."
@@ -279,8 +279,7 @@ def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
         classes, components, predict = saved["classes"], saved["components"], saved["model"].predict
     else:
         raise ConfigError(f"No probe or classifier in {probe_dir}.")
-    diff = {k: (components.get(k), cache.components.get(k)) for k in sorted(set(components) | set(cache.components))
-            if components.get(k) != cache.components.get(k)}
+    diff = component_differences(components, cache.components)
     if diff:
         raise CacheMismatchError(cache.path, diff, f"The classifier in {probe_dir} was trained on features of "
                                  "another configuration; embed the images with the same settings first.")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from embedder.atomic import file_sha256
 from embedder.errors import ConfigError, WeightsUnavailableError
 
 RANDOM_INIT_SEED = 0
@@ -135,14 +135,6 @@ def resolve_weights(source: WeightsSource, choice: str | os.PathLike | None) -> 
         )
     digest = file_sha256(path)
     return ResolvedWeights("file", f"file:sha256:{digest}", lambda m: load_into(m, _read_state_dict(path)))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

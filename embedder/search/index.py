@@ -517,7 +517,8 @@ def query_backbone(components: dict, weights_path: str | None = None):
     """Rebuild the backbone a cache was embedded with, refusing any difference in the fingerprint."""
     import torch
 
-    from embedder.extract.core import fingerprint_components, load_backbone
+    from embedder.cache.fingerprint import component_differences, fingerprint_components
+    from embedder.extract.core import load_backbone
     from embedder.models.registry import get_backbone_spec
     from embedder.models.weights import weights_choice_for
 
@@ -544,9 +545,7 @@ def query_backbone(components: dict, weights_path: str | None = None):
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
     # (benchmarks/compiled.py), far below what a ranking can notice, and compiling a query
     # backbone would cost every search process 18-26 s (benchmarks/compiled.py).
-    ignored = {"compile"}
-    diff = {k: (components.get(k), mine.get(k)) for k in sorted(set(mine) | set(components))
-            if k not in ignored and mine.get(k) != components.get(k)}
+    diff = component_differences(components, mine, ignore={"compile"})
     if diff:
         raise CacheMismatchError(
             "the index's cache",
