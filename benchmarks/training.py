@@ -20,7 +20,7 @@ from embedder.data.samples import make_samples
 from embedder.extract.config import EmbedConfig
 from embedder.extract.core import embed
 from embedder.learn.finetune import FinetuneConfig, finetune
-from embedder.learn.runner import ProbeConfig, run_probe
+from embedder.learn.train import ProbeConfig, run_probe
 
 
 def run(quick: bool = False) -> None:

@@ -40,7 +40,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.extract.config import EmbedConfig
 from embedder.extract.core import embed, load_backbone
-from embedder.learn.runner import ProbeConfig, run_probe
+from embedder.learn.train import ProbeConfig, run_probe
 from embedder.models.backbone import build_model
 from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import auto_batch_size, auto_workers

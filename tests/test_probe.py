@@ -17,7 +17,7 @@ from embedder.extract.core import embed, embed_images
 from embedder.learn.checkpoint import load_classifier
 from embedder.learn.export import export_probe
 from embedder.learn.probe import LinearProbe
-from embedder.learn.runner import ProbeConfig, evaluate_probe, run_probe
+from embedder.learn.train import ProbeConfig, evaluate_probe, run_probe
 from tests.conftest import fast_config, make_tree
 
 FAST_CS = (0.01, 1.0, 100.0)

@@ -158,7 +158,7 @@ def info(path: str, list_errors: bool = False, as_json: bool = False) -> int:
 
 def probe_command(config, as_json: bool = False) -> int:
     from embedder.learn.metrics import format_table
-    from embedder.learn.runner import run_probe
+    from embedder.learn.train import run_probe
 
     report = run_probe(config)
     if as_json:
@@ -169,7 +169,7 @@ def probe_command(config, as_json: bool = False) -> int:
 
 
 def evaluate_command(probe_dir: str, cache: str, as_json: bool = False) -> int:
-    from embedder.learn.runner import evaluate_probe
+    from embedder.learn.train import evaluate_probe
 
     result = evaluate_probe(probe_dir, cache)
     if as_json:

@@ -348,7 +348,7 @@ def _dispatch(args) -> int:
         return merge_command(args.cache, args.out, args.overwrite)
     if args.command == "probe":
         from embedder.cli.commands import probe_command
-        from embedder.learn.runner import ProbeConfig
+        from embedder.learn.train import ProbeConfig
         from embedder.options import parse_size
 
         config = ProbeConfig(

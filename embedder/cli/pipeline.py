@@ -118,7 +118,7 @@ def _info_step(values: dict, base: Path, progress: bool) -> Step:
 
 
 def _probe_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.learn.runner import ProbeConfig
+    from embedder.learn.train import ProbeConfig
 
     values = dict(values)
     label = values.pop("label", "")
@@ -126,7 +126,7 @@ def _probe_step(values: dict, base: Path, progress: bool) -> Step:
 
     def execute():
         from embedder.learn.metrics import format_table
-        from embedder.learn.runner import run_probe
+        from embedder.learn.train import run_probe
 
         report = run_probe(config)
         print(format_table(report))

@@ -15,7 +15,7 @@ import torch
 
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
-from embedder.learn.runner import load_probe
+from embedder.learn.train import load_probe
 from embedder.models.backbone import build_model
 from embedder.models.heads import replace_head
 from embedder.models.registry import get_backbone_spec
