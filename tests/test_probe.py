@@ -17,6 +17,7 @@ from embedder.extract.core import embed, embed_images
 from embedder.learn.checkpoint import load_classifier
 from embedder.learn.export import export_probe
 from embedder.learn.probe import LinearProbe
+from embedder.learn.probefile import ProbeFile, read_probe, write_probe
 from embedder.learn.train import ProbeConfig, evaluate_probe, run_probe
 from tests.conftest import fast_config, make_tree
 
@@ -136,6 +137,50 @@ def test_predict_cli(labelled_cache, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 11 and rows[-1]["error"]
     assert all(r["label"] in ("ant", "bee", "cat") and 0 < r["probability"] <= 1 for r in rows[:-1])
+
+
+def test_probe_file_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    written = ProbeFile(coef=torch.randn(3, 8, generator=g), intercept=torch.randn(3, generator=g),
+                        classes=["a", "b", "c"], model="resnet18", layer="avgpool", fingerprint="f" * 64,
+                        components={"model": "resnet18", "pooling": "avg"}, C=0.5)
+    write_probe(tmp_path / "probe.pt", written)
+    raw = torch.load(tmp_path / "probe.pt", weights_only=True)
+    assert raw["format"] == "embedder-probe/1" and json.loads(raw["components"]) == written.components
+    for where in (tmp_path, tmp_path / "probe.pt"):  # the folder or the file itself
+        read = read_probe(where)
+        assert torch.equal(read.coef, written.coef) and torch.equal(read.intercept, written.intercept)
+        assert (read.classes, read.model, read.layer, read.fingerprint, read.components, read.C) == (
+            written.classes, written.model, written.layer, written.fingerprint, written.components, written.C)
+        assert read.path == tmp_path / "probe.pt"
+
+
+def test_probe_file_refusals_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="No linear probe in .* Train one with `embedder probe"):
+        read_probe(tmp_path)
+    with pytest.raises(ConfigError, match="^--init-head: no probe.pt in .* Pass the output directory"):
+        read_probe(tmp_path, option="--init-head")
+    (tmp_path / "classifier.joblib").write_bytes(b"")
+    with pytest.raises(ConfigError, match="holds a scikit-learn classifier; this needs a linear probe"):
+        read_probe(tmp_path)
+    (tmp_path / "probe.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="probe.pt is not a readable probe file"):
+        read_probe(tmp_path)
+    torch.save({"coef": torch.zeros(2, 2), "classes": ["a", "b"]}, tmp_path / "probe.pt")
+    with pytest.raises(ConfigError, match="is not a linear probe \\(it needs the keys coef, intercept"):
+        read_probe(tmp_path)
+    torch.save({"format": "embedder-probe/2", "coef": torch.zeros(2, 2), "intercept": torch.zeros(2),
+                "classes": ["a", "b"], "model": "resnet18", "layer": "avgpool"}, tmp_path / "probe.pt")
+    with pytest.raises(ConfigError, match="'embedder-probe/2' file; this version of embedder reads embedder-probe/1"):
+        read_probe(tmp_path)
+
+
+def test_export_refuses_a_probe_without_its_cache_components(tmp_path):
+    torch.save({"coef": torch.zeros(2, 512), "intercept": torch.zeros(2), "classes": ["a", "b"],
+                "model": "resnet18", "layer": "avgpool"}, tmp_path / "probe.pt")  # enough for --init-head only
+    with pytest.raises(ConfigError, match="does not record the cache it was trained on"):
+        export_probe(tmp_path, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_vgg_fc7_head_goes_into_classifier_6(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
-from embedder.learn.train import load_probe
+from embedder.learn.probefile import read_probe
 from embedder.models.backbone import build_model
 from embedder.models.heads import replace_head
 from embedder.models.registry import get_backbone_spec
@@ -23,8 +23,13 @@ from embedder.models.weights import resolve_weights, weights_choice_for
 
 
 def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_path: str | None = None) -> Path:
-    probe = load_probe(probe_dir)
-    components = probe["components"]
+    probe = read_probe(probe_dir)
+    components = probe.components
+    if "weights" not in components:  # a probe.pt written by hand (enough for --init-head, not here)
+        raise ConfigError(
+            f"The probe in {probe_dir} does not record the cache it was trained on, which export needs to rebuild "
+            "the backbone. Train it with `embedder probe CACHE.h5`."
+        )
     if components.get("normalization", "none") != "none":
         raise ConfigError(
             "This probe was trained on L2-normalised features, which the replaced head cannot reproduce inside "
@@ -35,26 +40,26 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
             f"This probe was trained on {components['pooling']}-pooled features, but the network's classifier "
             "sits after global *average* pooling. Embed with --pool avg and train the probe again to export it."
         )
-    spec = get_backbone_spec(probe["model"])
+    spec = get_backbone_spec(probe.model)
     weights = resolve_weights(spec.weights, weights_choice_for(components["weights"], weights_path))
     if weights.identity != components["weights"]:
         raise WeightsUnavailableError(
             f"--weights gives {weights.identity}, but the probe's cache was embedded with {components['weights']}."
         )
     model = build_model(spec, weights)
-    head, _ = replace_head(model, spec, probe["layer"], len(probe["classes"]))
+    head, _ = replace_head(model, spec, probe.layer, len(probe.classes))
     with torch.no_grad():
-        head.weight.copy_(probe["coef"])
-        head.bias.copy_(probe["intercept"])
+        head.weight.copy_(probe.coef)
+        head.bias.copy_(probe.intercept)
     crop = json.loads(components["preprocessing"])["crop_size"]
     info = ClassifierInfo(
-        model=probe["model"],
-        layer=probe["layer"],
-        classes=list(probe["classes"]),
+        model=probe.model,
+        layer=probe.layer,
+        classes=list(probe.classes),
         image_size=None if crop == spec.preprocessing.crop_size else int(crop),
         precision=components["precision"],
         memory_layout=components["memory_layout"],
         weights=components["weights"],
-        origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe["fingerprint"], "C": probe["C"]},
+        origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe.fingerprint, "C": probe.C},
     )
     return save_classifier(out, model, info)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedder.atomic import save_torch, staged_dir
+from embedder.atomic import staged_dir
 from embedder.cache.fingerprint import component_differences
 from embedder.cache.reader import FeatureCache
 from embedder.data.splits import Splits, assign_splits, check_labels
@@ -27,10 +27,9 @@ from embedder.errors import CacheMismatchError, ConfigError
 from embedder.learn.classifiers import CLASSIFIERS, fit_classifier
 from embedder.learn.metrics import accuracy, per_class, save_confusion_png
 from embedder.learn.probe import DEFAULT_CS, LinearProbe
+from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
 from embedder.options import config_from_table, parse_size
 
-PROBE_FILE = "probe.pt"
-SKLEARN_FILE = "classifier.joblib"
 REPORT_FILE = "report.json"
 
 
@@ -176,7 +175,11 @@ def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
         test_pred = np.array([to_codes[c] for c in probe.predict(X_test)], dtype=np.int64) if len(X_test) else None
         chosen = {"C": probe.C_, "weight_decay": 1.0 / (probe.C_ * len(train.rows)), "streamed": streamed}
         extra = {"cv_results": probe.cv_results_}
-        _save_probe(tmp / PROBE_FILE, probe, classes, cache)
+        write_probe(tmp / PROBE_FILE, ProbeFile(
+            coef=torch.from_numpy(probe.coef_), intercept=torch.from_numpy(probe.intercept_), classes=list(classes),
+            model=cache.components["model"], layer=cache.components["layer"], fingerprint=cache.fingerprint,
+            components=cache.components, C=float(probe.C_),
+        ))
     else:
         import joblib
 
@@ -217,32 +220,6 @@ def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
     return report
 
 
-def _save_probe(path: Path, probe: LinearProbe, classes: list[str], cache: FeatureCache) -> None:
-    payload = {
-        "format": "embedder-probe/1",
-        "coef": torch.from_numpy(probe.coef_),
-        "intercept": torch.from_numpy(probe.intercept_),
-        "classes": list(classes),
-        "model": cache.components["model"],
-        "layer": cache.components["layer"],
-        "fingerprint": cache.fingerprint,
-        "components": json.dumps(cache.components),
-        "C": float(probe.C_),
-    }
-    save_torch(payload, path)
-
-
-def load_probe(probe_dir: str | os.PathLike) -> dict:
-    path = Path(probe_dir) / PROBE_FILE
-    if not path.is_file():
-        if (Path(probe_dir) / SKLEARN_FILE).is_file():
-            raise ConfigError(f"{probe_dir} holds a scikit-learn classifier; this needs a linear probe (--classifier probe).")
-        raise ConfigError(f"No linear probe in {probe_dir}. Train one with `embedder probe CACHE.h5 --out {probe_dir}`.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["components"] = json.loads(payload["components"])
-    return payload
-
-
 def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) -> dict:
     """Apply a saved probe (or sklearn classifier) to another cache of the same feature space."""
     probe_dir = Path(probe_dir)
@@ -266,9 +243,9 @@ def _trained_layer(probe_dir: Path) -> str | None:
 
 def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
     if (probe_dir / PROBE_FILE).is_file():
-        payload = load_probe(probe_dir)
-        classes, components = payload["classes"], payload["components"]
-        W, b = payload["coef"].numpy(), payload["intercept"].numpy()
+        probe = read_probe(probe_dir)
+        classes, components = probe.classes, probe.components
+        W, b = probe.coef.numpy(), probe.intercept.numpy()
 
         def predict(X):
             return np.argmax(X @ W.T + b, axis=1)

@@ -22,21 +22,17 @@ same model and layer (linear-probe-then-fine-tune).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from embedder.errors import ConfigError
 from embedder.learn.finetune.config import HEADS
+from embedder.learn.probefile import ProbeFile, read_probe
 from embedder.models.backbone import build_model
 from embedder.models.heads import head_slot, mlp_head, replace_head
 from embedder.models.registry import BackboneSpec, Preprocessing
 from embedder.models.weights import ResolvedWeights
-
-PROBE_FILE = "probe.pt"
 
 
 def build_network(
@@ -121,57 +117,48 @@ class FinetuneNetwork(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def read_init_head(probe_dir: str, spec: BackboneSpec, node: str, classes: list[str], in_features: int) -> dict:
-    """probe.pt of a linear probe, checked against this run: same model, head slot and classes."""
-    path = Path(probe_dir).expanduser()
-    if path.is_dir():
-        path = path / PROBE_FILE
-    try:
-        probe = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"--init-head: no {PROBE_FILE} in {probe_dir}. Pass the output directory of a trained linear probe."
-        ) from None
-    except Exception as exc:
-        raise ConfigError(f"--init-head: {path} is not a readable probe file: {exc}") from exc
-    need = ("coef", "intercept", "classes", "model", "layer")
-    if not isinstance(probe, dict) or any(k not in probe for k in need):
-        raise ConfigError(f"--init-head: {path} is not a linear probe (it needs the keys {', '.join(need)}).")
-    differences = []
-    if probe["model"] != spec.name:
-        differences.append(f"model: probe has {probe['model']!r}, this run uses {spec.name!r}")
-    else:
-        # A probe on any output point that feeds the same head slot (e.g. ResNet `layer4`,
-        # globally pooled, and `avgpool`) computed exactly the features this head consumes.
-        try:
-            same_slot = head_slot(spec, probe["layer"]) == head_slot(spec, node)
-        except ConfigError:
-            same_slot = False
-        if not same_slot:
-            differences.append(f"layer: probe has {probe['layer']!r}, this run uses {node!r} (pass --layer)")
-        pooling = json.loads(probe.get("components", "{}")).get("pooling", "avg")
-        if pooling != "avg":
-            differences.append(f"pooling: probe has {pooling!r}, the network's head sees average pooling (--pool avg)")
-    if list(probe["classes"]) != list(classes):
-        differences.append(f"classes: probe has {list(probe['classes'])}, SOURCE has {list(classes)}")
+def read_init_head(probe_dir: str, spec: BackboneSpec, node: str, classes: list[str], in_features: int) -> ProbeFile:
+    """The probe of `--init-head`, checked against this run: same model, head slot and classes."""
+    probe = read_probe(probe_dir, option="--init-head")
+    differences = _misfits(probe, spec, node, classes)
     if differences:
         raise ConfigError(
             f"--init-head: the probe in {probe_dir} does not fit this run:\n  "
             + "\n  ".join(differences)
             + "\nTrain the probe on features of the same model and layer, from the same labelled images."
         )
-    coef = torch.as_tensor(probe["coef"], dtype=torch.float32)
-    intercept = torch.as_tensor(probe["intercept"], dtype=torch.float32)
-    if tuple(coef.shape) != (len(classes), in_features) or tuple(intercept.shape) != (len(classes),):
+    if tuple(probe.coef.shape) != (len(classes), in_features) or tuple(probe.intercept.shape) != (len(classes),):
         raise ConfigError(
-            f"--init-head: {path} has coef {tuple(coef.shape)} and intercept {tuple(intercept.shape)}; this head "
-            f"needs [{len(classes)}, {in_features}] and [{len(classes)}]. Re-train the probe on this model's features."
+            f"--init-head: {probe.path} has coef {tuple(probe.coef.shape)} and intercept "
+            f"{tuple(probe.intercept.shape)}; this head needs [{len(classes)}, {in_features}] and [{len(classes)}]. "
+            "Re-train the probe on this model's features."
         )
-    return {"coef": coef, "intercept": intercept}
+    return probe
 
 
-def load_head(head: nn.Module, probe: dict) -> None:
+def _misfits(probe: ProbeFile, spec: BackboneSpec, node: str, classes: list[str]) -> list[str]:
+    differences = []
+    if probe.model != spec.name:
+        differences.append(f"model: probe has {probe.model!r}, this run uses {spec.name!r}")
+    else:
+        # A probe on any output point that feeds the same head slot (e.g. ResNet `layer4`,
+        # globally pooled, and `avgpool`) computed exactly the features this head consumes.
+        try:
+            same_slot = head_slot(spec, probe.layer) == head_slot(spec, node)
+        except ConfigError:
+            same_slot = False
+        if not same_slot:
+            differences.append(f"layer: probe has {probe.layer!r}, this run uses {node!r} (pass --layer)")
+        pooling = probe.components.get("pooling", "avg")
+        if pooling != "avg":
+            differences.append(f"pooling: probe has {pooling!r}, the network's head sees average pooling (--pool avg)")
+    if probe.classes != list(classes):
+        differences.append(f"classes: probe has {probe.classes}, SOURCE has {list(classes)}")
+    return differences
+
+
+def load_head(head: nn.Module, probe: ProbeFile) -> None:
     """Copy the probe's weights into the new linear head (folded: they apply to raw features)."""
     with torch.no_grad():
-        head.weight.copy_(probe["coef"])
-        head.bias.copy_(probe["intercept"])
+        head.weight.copy_(probe.coef)
+        head.bias.copy_(probe.intercept)

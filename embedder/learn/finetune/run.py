@@ -24,6 +24,7 @@ from embedder.learn.checkpoint import ClassifierInfo, save_classifier
 from embedder.learn.finetune.config import FinetuneConfig
 from embedder.learn.finetune.loop import Trainer, seeded_rng
 from embedder.learn.finetune.network import FinetuneNetwork, build_network, load_head, read_init_head
+from embedder.learn.probefile import ProbeFile
 from embedder.models.heads import head_slot
 from embedder.models.registry import BackboneSpec, Preprocessing, get_backbone_spec
 from embedder.models.runtime import Runtime, resolve_runtime
@@ -117,7 +118,7 @@ class _Run:
     runtime: Runtime
     listing: Listing
     splits: Splits
-    probe: dict | None  # --init-head: its coef and intercept
+    probe: ProbeFile | None  # --init-head
     weights: ResolvedWeights
     preprocessing: Preprocessing
 
