@@ -147,56 +147,100 @@ def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
     if unlabelled:
         warnings.warn(f"{unlabelled} unlabelled rows of {cache.path} are left out of training.", stacklevel=2)
     for name, part in (("training", train), ("validation", val)):
-        present = np.unique(part.codes)
-        if len(present) < 2:
+        if len(np.unique(part.codes)) < 2:
             raise ConfigError(f"The {name} rows hold a single class; a classifier needs at least two.")
-    out = config.out_dir
     X_val, X_test = val.load(), test.load()
-    t_fit = time.perf_counter()
-    if config.classifier == "probe":
-        probe = LinearProbe(Cs=config.Cs, random_state=config.seed, device=config.device)
-        train_bytes = len(train.rows) * cache.dim * 4
-        if train_bytes <= config.memory_budget:
-            X_train = train.load()
-            probe.fit(X_train, np.asarray(classes, dtype=object)[train.codes], X_val,
-                      np.asarray(classes, dtype=object)[val.codes])
-            train_pred = probe.predict(X_train)
-            streamed = False
-        else:
-            block_rows = max(1, config.memory_budget // (4 * cache.dim * 4))
-            probe.fit_blocks(lambda: train.blocks(block_rows), np.asarray(classes, dtype=object), cache.dim,
-                             val=(X_val, val.codes))
-            train_pred = np.concatenate([probe.predict(X) for X, _ in train.blocks(block_rows)])
-            streamed = True
-        fit_s = time.perf_counter() - t_fit
-        to_codes = {c: i for i, c in enumerate(classes)}
-        train_pred = np.array([to_codes[c] for c in train_pred], dtype=np.int64)
-        val_pred = np.array([to_codes[c] for c in probe.predict(X_val)], dtype=np.int64)
-        test_pred = np.array([to_codes[c] for c in probe.predict(X_test)], dtype=np.int64) if len(X_test) else None
-        chosen = {"C": probe.C_, "weight_decay": 1.0 / (probe.C_ * len(train.rows)), "streamed": streamed}
-        extra = {"cv_results": probe.cv_results_}
-        write_probe(tmp / PROBE_FILE, ProbeFile(
-            coef=torch.from_numpy(probe.coef_), intercept=torch.from_numpy(probe.intercept_), classes=list(classes),
-            model=cache.components["model"], layer=cache.components["layer"], fingerprint=cache.fingerprint,
-            components=cache.components, C=float(probe.C_),
-        ))
-    else:
-        import joblib
+    fit = _fit_probe if config.classifier == "probe" else _fit_sklearn
+    fitted = fit(config, cache, classes, train, X_val, val.codes, X_test, tmp)
+    report = _report(config, cache, classes, splits, (train, val, test), fitted, tmp)
+    report["wall_s"] = time.perf_counter() - t_start
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
 
+
+@dataclass
+class _Fitted:
+    """What either trainer hands to the report; predictions are codes into the run's class list."""
+
+    train_pred: np.ndarray
+    val_pred: np.ndarray
+    test_pred: np.ndarray | None  # None without test rows
+    chosen: dict  # the hyper-parameters the validation picked
+    extra: dict  # trainer-specific report fields
+    fit_s: float
+
+
+def _fit_probe(config: ProbeConfig, cache: FeatureCache, classes: list[str], train: _Rows, X_val: np.ndarray,
+               val_codes: np.ndarray, X_test: np.ndarray, tmp: Path) -> _Fitted:
+    """The PyTorch linear probe, in memory or streamed from the cache (--memory-budget); saves probe.pt."""
+    t_fit = time.perf_counter()
+    names = np.asarray(classes, dtype=object)
+    probe = LinearProbe(Cs=config.Cs, random_state=config.seed, device=config.device)
+    streamed = len(train.rows) * cache.dim * 4 > config.memory_budget
+    if not streamed:
         X_train = train.load()
-        search = fit_classifier(config.classifier, X_train, train.codes, config.seed)
-        fit_s = time.perf_counter() - t_fit
-        train_pred, val_pred = search.predict(X_train), search.predict(X_val)
-        test_pred = search.predict(X_test) if len(X_test) else None
-        chosen = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
-        extra = {"cv_best_accuracy": float(search.best_score_)}
-        joblib.dump({"model": search.best_estimator_, "classes": classes, "fingerprint": cache.fingerprint,
-                     "components": cache.components}, tmp / SKLEARN_FILE)
-    eval_codes, eval_pred, evaluated_on = (test.codes, test_pred, "test") if test_pred is not None else (
-        val.codes, val_pred, "val")
+        probe.fit(X_train, names[train.codes], X_val, names[val_codes])
+        train_pred = probe.predict(X_train)
+    else:
+        # A block is a quarter of the budget: it exists in a few copies at once (the read, its
+        # selection, the standardised tensor).
+        block_rows = max(1, config.memory_budget // (4 * cache.dim * 4))
+        probe.fit_blocks(lambda: train.blocks(block_rows), names, cache.dim, val=(X_val, val_codes))
+        train_pred = np.concatenate([probe.predict(X) for X, _ in train.blocks(block_rows)])
+    fit_s = time.perf_counter() - t_fit
+    to_codes = {c: i for i, c in enumerate(classes)}
+
+    def codes(pred) -> np.ndarray:
+        return np.array([to_codes[c] for c in pred], dtype=np.int64)
+
+    write_probe(tmp / PROBE_FILE, ProbeFile(
+        coef=torch.from_numpy(probe.coef_), intercept=torch.from_numpy(probe.intercept_), classes=list(classes),
+        model=cache.components["model"], layer=cache.components["layer"], fingerprint=cache.fingerprint,
+        components=cache.components, C=float(probe.C_),
+    ))
+    return _Fitted(
+        train_pred=codes(train_pred),
+        val_pred=codes(probe.predict(X_val)),
+        test_pred=codes(probe.predict(X_test)) if len(X_test) else None,
+        chosen={"C": probe.C_, "weight_decay": 1.0 / (probe.C_ * len(train.rows)), "streamed": streamed},
+        extra={"cv_results": probe.cv_results_},
+        fit_s=fit_s,
+    )
+
+
+def _fit_sklearn(config: ProbeConfig, cache: FeatureCache, classes: list[str], train: _Rows, X_val: np.ndarray,
+                 val_codes: np.ndarray, X_test: np.ndarray, tmp: Path) -> _Fitted:
+    """A scikit-learn classifier tuned by cross-validation on the training rows; saves classifier.joblib."""
+    import joblib
+
+    t_fit = time.perf_counter()
+    X_train = train.load()
+    search = fit_classifier(config.classifier, X_train, train.codes, config.seed)
+    fit_s = time.perf_counter() - t_fit
+    joblib.dump({"model": search.best_estimator_, "classes": classes, "fingerprint": cache.fingerprint,
+                 "components": cache.components}, tmp / SKLEARN_FILE)
+    return _Fitted(
+        train_pred=search.predict(X_train),
+        val_pred=search.predict(X_val),
+        test_pred=search.predict(X_test) if len(X_test) else None,
+        chosen={k.removeprefix("clf__"): v for k, v in search.best_params_.items()},
+        extra={"cv_best_accuracy": float(search.best_score_)},
+        fit_s=fit_s,
+    )
+
+
+def _report(config: ProbeConfig, cache: FeatureCache, classes: list[str], splits: Splits,
+            parts: tuple[_Rows, _Rows, _Rows], fitted: _Fitted, tmp: Path) -> dict:
+    """report.json (without wall_s) and the confusion matrix, on the test rows or else the validation rows."""
+    train, val, test = parts
+    if fitted.test_pred is not None:
+        eval_codes, eval_pred, evaluated_on = test.codes, fitted.test_pred, "test"
+    else:
+        eval_codes, eval_pred, evaluated_on = val.codes, fitted.val_pred, "val"
     png = save_confusion_png(eval_codes, eval_pred, classes, tmp / "confusion_matrix.png",
                              f"{config.classifier} on {Path(config.cache).name} ({evaluated_on})")
-    report = {
+    out = config.out_dir  # where tmp ends up: the report names the final paths
+    return {
         "classifier": config.classifier,
         "cache": str(config.cache),
         "fingerprint": cache.fingerprint,
@@ -204,20 +248,18 @@ def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
         "layer": cache.components.get("layer"),
         "classes": classes,
         "splits": splits.as_dict(),
-        "train_accuracy": accuracy(train.codes, train_pred),
-        "val_accuracy": accuracy(val.codes, val_pred),
-        "test_accuracy": accuracy(test.codes, test_pred) if test_pred is not None else None,
+        "train_accuracy": accuracy(train.codes, fitted.train_pred),
+        "val_accuracy": accuracy(val.codes, fitted.val_pred),
+        "test_accuracy": accuracy(test.codes, fitted.test_pred) if fitted.test_pred is not None else None,
         "evaluated_on": evaluated_on,
         "per_class": per_class(eval_codes, eval_pred, classes),
-        "chosen": chosen,
-        "fit_s": fit_s,
-        "wall_s": time.perf_counter() - t_start,
+        "chosen": fitted.chosen,
+        "fit_s": fitted.fit_s,
+        "wall_s": None,  # set by the caller once everything but the report is done
         "confusion_png": str(out / Path(png).name),
         "out": str(out),
-        **extra,
+        **fitted.extra,
     }
-    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    return report
 
 
 def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) -> dict:
@@ -241,21 +283,26 @@ def _trained_layer(probe_dir: Path) -> str | None:
     return None
 
 
-def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
+def _saved_classifier(probe_dir: Path):
+    """(classes, components, predict: features -> class codes) of the classifier saved in `probe_dir`."""
     if (probe_dir / PROBE_FILE).is_file():
         probe = read_probe(probe_dir)
-        classes, components = probe.classes, probe.components
         W, b = probe.coef.numpy(), probe.intercept.numpy()
 
         def predict(X):
             return np.argmax(X @ W.T + b, axis=1)
-    elif (probe_dir / SKLEARN_FILE).is_file():
+
+        return probe.classes, probe.components, predict
+    if (probe_dir / SKLEARN_FILE).is_file():
         import joblib
 
         saved = joblib.load(probe_dir / SKLEARN_FILE)
-        classes, components, predict = saved["classes"], saved["components"], saved["model"].predict
-    else:
-        raise ConfigError(f"No probe or classifier in {probe_dir}.")
+        return saved["classes"], saved["components"], saved["model"].predict
+    raise ConfigError(f"No probe or classifier in {probe_dir}.")
+
+
+def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
+    classes, components, predict = _saved_classifier(probe_dir)
     diff = component_differences(components, cache.components)
     if diff:
         raise CacheMismatchError(cache.path, diff, f"The classifier in {probe_dir} was trained on features of "
