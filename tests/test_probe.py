@@ -16,6 +16,7 @@ from embedder.errors import CacheMismatchError, ConfigError
 from embedder.extract.core import embed, embed_images
 from embedder.learn.checkpoint import load_classifier
 from embedder.learn.export import export_probe
+from embedder.learn.predict import predict
 from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import ProbeFile, read_probe, write_probe
 from embedder.learn.train import ProbeConfig, evaluate_probe, run_probe
@@ -137,6 +138,25 @@ def test_predict_cli(labelled_cache, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 11 and rows[-1]["error"]
     assert all(r["label"] in ("ant", "bee", "cat") and 0 < r["probability"] <= 1 for r in rows[:-1])
+
+
+def test_predict_returns_what_the_cli_prints(labelled_cache, tmp_path, capsys):
+    tree, cache = labelled_cache
+    run_probe(ProbeConfig(str(cache), out=str(tmp_path / "p"), Cs=FAST_CS, device="cpu"))
+    model = export_probe(tmp_path / "p", tmp_path / "m.pt")
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    with FeatureCache(cache) as c:
+        paths = [str(tree / p) for p in c.paths]
+    results = predict(model, [str(tmp_path / "broken.jpg"), *paths], top_k=2, device="cpu")
+    assert [r["path"] for r in results] == [*paths, str(tmp_path / "broken.jpg")]  # decoded first, failures last
+    assert "error" in results[-1] and not any("error" in r for r in results[:-1])
+    assert [r["label"] for r in results[:-1]] == evaluate_probe(tmp_path / "p", cache)["predictions"]
+    for r in results[:-1]:
+        assert len(r["top"]) == 2 and r["top"][0] == {"label": r["label"], "probability": r["probability"]}
+        assert r["top"][0]["probability"] >= r["top"][1]["probability"]
+    capsys.readouterr()
+    assert main(["predict", str(model), *paths[:3], "--top-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == results[:3]
 
 
 def test_probe_file_round_trip(tmp_path):

@@ -208,26 +208,10 @@ def _expand_images(items: list[str]) -> list[str]:
 
 def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_size: int = 32,
                     device: str = "auto", as_json: bool = False) -> int:
-    import numpy as np
-    import torch
-
     from embedder.errors import AllImagesFailedError
-    from embedder.extract.core import embed_images
-    from embedder.learn.checkpoint import load_classifier
+    from embedder.learn.predict import predict
 
-    classifier = load_classifier(model_path, device=device)
-    paths = _expand_images(images)
-    logits, errors = embed_images(classifier.network, paths, batch_size=batch_size)
-    failed = {p for p, _ in errors}
-    ok_paths = [p for p in paths if p not in failed]
-    proba = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    k = max(1, min(top_k, len(classifier.classes)))
-    results = []
-    for path, p in zip(ok_paths, proba):
-        order = np.argsort(-p)[:k]
-        results.append({"path": path, "label": classifier.classes[order[0]], "probability": float(p[order[0]]),
-                        "top": [{"label": classifier.classes[i], "probability": float(p[i])} for i in order]})
-    results += [{"path": p, "error": reason} for p, reason in errors]
+    results = predict(model_path, _expand_images(images), top_k=top_k, batch_size=batch_size, device=device)
     if as_json:
         print_json(results)
     else:
@@ -237,7 +221,7 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
             else:
                 extra = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
                 print(f"{display_path(r['path'])}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({extra})" if extra else ""))
-    if not ok_paths:
+    if all("error" in r for r in results):
         raise AllImagesFailedError("None of the images could be read.")
     return 0
 
