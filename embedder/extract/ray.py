@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -28,7 +27,7 @@ from embedder.cache.shards import Shard, ShardJob, ShardSet, lock_output, write_
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.errors import AllImagesFailedError, ConfigError
-from embedder.extract.config import EmbedConfig
+from embedder.extract.config import EmbedConfig, RayOptions
 from embedder.extract.core import StageTimer, _run_batches
 from embedder.names import display_path
 
@@ -40,23 +39,6 @@ def _ray():
     except ImportError as exc:
         raise ConfigError("--backend ray needs Ray Data: pip install 'embedder[ray]'") from exc
     return ray
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    address: str | None = None  # None: join a running cluster if RAY_ADDRESS says so, else start a local one
-    shard_size: int = 65536  # rows per shard (rounded up to whole batches)
-    actors: int | None = None  # actor pool size; None = one per GPU (GPU runs) or per `cpus_per_actor` share
-    gpus_per_actor: float | None = None  # None = 1 when the cluster has GPUs and --device is not cpu, else 0
-    cpus_per_actor: float = 1.0  # fractional values let the read task run next to the actors on small machines
-
-    def __post_init__(self):
-        if self.shard_size < 1:
-            raise ConfigError(f"--shard-size must be a positive integer, got {self.shard_size}.")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--actors must be at least 1, got {self.actors}.")
-        if self.cpus_per_actor <= 0 or (self.gpus_per_actor or 0) < 0:
-            raise ConfigError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0.")
 
 
 def _spec_for(config: EmbedConfig, listing, command: str):
