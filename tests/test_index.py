@@ -16,8 +16,9 @@ from embedder.cli.main import main
 from embedder.data.sources import Listing
 from embedder.errors import CacheMismatchError
 from embedder.extract.core import embed
+from embedder.search.build import build_index
 from embedder.search.explore import near_duplicates, plot_space
-from embedder.search.index import SearchIndex, build_index
+from embedder.search.query import SearchIndex
 from tests.conftest import fast_config, make_tree
 
 
@@ -108,7 +109,7 @@ def test_auto_chooses_by_size_and_budget(tmp_path):
 
 
 def test_auto_kind_ladder_follows_the_memory_per_vector():
-    from embedder.search.index import choose_kind
+    from embedder.search.kinds import choose_kind
 
     n, d = 100_000, 512  # raw 4D+8 = 2,056 B/vector, HNSW 2,304, 8-bit 520
     mib = 2**20

@@ -245,7 +245,7 @@ def predict_command(model_path: str, images: list[str], top_k: int = 1, batch_si
 def index_command(cache: str, out: str, kind: str, metric: str, memory_budget: str | None, target_recall: float,
                   seed: int, progress: bool, as_json: bool, on_disk: bool = False, layer: str | None = None) -> int:
     from embedder.options import parse_size
-    from embedder.search.index import build_index
+    from embedder.search.build import build_index
 
     meta = build_index(cache, out, kind=kind, metric=metric,
                        memory_budget=parse_size(memory_budget) if memory_budget else None,
@@ -271,7 +271,7 @@ def search_command(index_dir: str, images: list[str] | None, path: str | None, r
 
     from embedder.errors import ConfigError
     from embedder.models.registry import get_backbone_spec
-    from embedder.search.index import SearchIndex
+    from embedder.search.query import SearchIndex
 
     index = SearchIndex.open(index_dir, weights_path=weights)
     built_on = index.meta.get("layer") or index.meta["components"]["layer"]

@@ -17,14 +17,14 @@ def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
     found with FAISS range search over an exact index; groups are connected components."""
     import faiss
 
-    from embedder.search.index import _prepare
+    from embedder.search.kinds import prepare
 
     if metric not in ("cosine", "l2"):
         raise ConfigError("--metric must be cosine or l2.")
     with FeatureCache(cache_path, layer=layer) as cache:
         index = faiss.IndexFlat(cache.dim, faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
         for block in cache.iter_blocks(block_rows):
-            index.add(_prepare(block.features, metric))
+            index.add(prepare(block.features, metric))
         parent = np.arange(len(cache))
 
         def find(i: int) -> int:
@@ -34,7 +34,7 @@ def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
             return i
 
         for block in cache.iter_blocks(block_rows):
-            lims, _, ids = index.range_search(_prepare(block.features, metric), threshold)
+            lims, _, ids = index.range_search(prepare(block.features, metric), threshold)
             for q in range(len(block.features)):
                 row = block.start + q
                 for j in ids[lims[q] : lims[q + 1]]:
