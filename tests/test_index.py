@@ -17,7 +17,8 @@ from embedder.data.sources import Listing
 from embedder.errors import CacheMismatchError
 from embedder.extract.core import embed
 from embedder.search.build import build_index
-from embedder.search.explore import near_duplicates, plot_space
+from embedder.search.dedup import near_duplicates
+from embedder.search.plots import plot_space
 from embedder.search.query import SearchIndex
 from tests.conftest import fast_config, make_tree
 

@@ -305,7 +305,7 @@ def search_command(index_dir: str, images: list[str] | None, path: str | None, r
         for q, reason in errors:
             print(f"query: {display_path(q)}\n  ERROR {reason}")
     if grid:
-        from embedder.search.explore import result_grid
+        from embedder.search.plots import result_grid
 
         result_grid(queries[:10], lambda h: index.image_path(h.id), grid)
         if not as_json:
@@ -314,7 +314,7 @@ def search_command(index_dir: str, images: list[str] | None, path: str | None, r
 
 
 def dedup_command(cache: str, threshold: float, metric: str, as_json: bool, layer: str | None = None) -> int:
-    from embedder.search.explore import near_duplicates
+    from embedder.search.dedup import near_duplicates
 
     groups = near_duplicates(cache, threshold, metric, layer=layer)
     with FeatureCache(cache) as c:
@@ -335,7 +335,7 @@ def dedup_command(cache: str, threshold: float, metric: str, as_json: bool, laye
 def plot_command(cache: str, method: str, out: str | None, max_points: int, layer: str | None = None) -> int:
     from pathlib import Path
 
-    from embedder.search.explore import plot_space
+    from embedder.search.plots import plot_space
 
     out = out or str(Path(cache).with_suffix(f".{method}.png"))
     print(f"wrote {plot_space(cache, out, method=method, max_points=max_points, layer=layer)}")
