@@ -19,7 +19,8 @@ from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheError
 from embedder.extract.core import embed
 from embedder.extract.ray import _spec_for, embed_shard
-from embedder.search.index import SearchIndex, build_index
+from embedder.search.build import build_index
+from embedder.search.query import SearchIndex
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache
 from tests.test_index import clustered

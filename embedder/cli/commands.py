@@ -242,7 +242,7 @@ def predict(config, args) -> list[dict]:
 
 
 def index(config, args) -> dict:
-    from embedder.search.index import build_index
+    from embedder.search.build import build_index
 
     meta = build_index(config.cache, config.out, kind=config.kind, metric=config.metric,
                        memory_budget=config.memory_budget, target_recall=config.target_recall, seed=config.seed,
@@ -262,7 +262,7 @@ def index(config, args) -> dict:
 
 
 def search(config, args):
-    from embedder.search.index import SearchIndex
+    from embedder.search.query import SearchIndex
 
     index = SearchIndex.open(config.index, weights_path=config.weights)
     _check_layer(index, config)
@@ -280,7 +280,7 @@ def search(config, args):
         for q, reason in errors:
             print(f"query: {display_path(q)}\n  ERROR {reason}")
     if config.grid:
-        from embedder.search.explore import result_grid
+        from embedder.search.plots import result_grid
 
         result_grid(queries[:10], lambda h: index.image_path(h.id), config.grid)
         if not _as_json(args):
@@ -317,7 +317,7 @@ def _run_queries(index, config):
 
 def dedup(config, args) -> list[list[str]]:
     from embedder.cache.reader import FeatureCache
-    from embedder.search.explore import near_duplicates
+    from embedder.search.dedup import near_duplicates
 
     groups = near_duplicates(config.cache, config.threshold, config.metric, layer=config.layer)
     with FeatureCache(config.cache) as c:
@@ -336,7 +336,7 @@ def dedup(config, args) -> list[list[str]]:
 
 
 def plot(config, args) -> Path:
-    from embedder.search.explore import plot_space
+    from embedder.search.plots import plot_space
 
     out = config.out or str(Path(config.cache).with_suffix(f".{config.method}.png"))
     path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, layer=config.layer)

@@ -53,7 +53,7 @@ from starlette.routing import Match
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
 from embedder.errors import BadImageError, ConfigError, EmbedderError
 from embedder.names import display_path
-from embedder.search.index import Hit, SearchIndex
+from embedder.search.query import Hit, SearchIndex
 from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_K
 from embedder.serve.guards import (
     SHOWN_ERRORS,
