@@ -34,12 +34,11 @@ from embedder.atomic import staged_dir
 from embedder.cache.reader import STR, FeatureCache
 from embedder.errors import ConfigError
 from embedder.names import encode_path
+from embedder.search.config import KINDS, METRICS
 from embedder.search.kinds import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
     INVERTED_LIST_KINDS,
-    KINDS,
-    METRICS,
     choose_kind,
     factory_string,
     index_bytes,

@@ -6,7 +6,8 @@ import numpy as np
 
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
-from embedder.search.kinds import METRICS, faiss_metric, load_faiss, prepare
+from embedder.search.config import METRICS
+from embedder.search.kinds import faiss_metric, load_faiss, prepare
 
 
 def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384,

@@ -1,6 +1,6 @@
 """Index kinds: the `--kind auto` ladder, memory per vector, faiss factory strings and search knobs.
 
-Choice of `--kind auto` (memory as estimated for the index alone, against 3/4 of the budget):
+Choice of `--kind auto` (kinds and metrics are declared in search.config) (memory as estimated for the index alone, against 3/4 of the budget):
     flat     N <= 50,000 and N*D*4 bytes fit the budget: exact search, nothing to tune
     hnsw     the graph (N * (4D + 2*32*4) bytes) fits the budget: fastest single queries
     ivf      IVF with raw vectors (N * (4D + 8) bytes) fits
@@ -30,7 +30,6 @@ import math
 import numpy as np
 
 from embedder.errors import ConfigError
-from embedder.search.config import KINDS, METRICS
 
 INVERTED_LIST_KINDS = ("ivf", "ivfsq", "ivfpq")  # the kinds whose lists can live on disk
 HNSW_M = 32  # links per node
