@@ -1,6 +1,7 @@
 """Index kinds: the `--kind auto` ladder, memory per vector, faiss factory strings and search knobs.
 
-Choice of `--kind auto` (kinds and metrics are declared in search.config) (memory as estimated for the index alone, against 3/4 of the budget):
+Choice of `--kind auto` (memory as estimated for the index alone, against 3/4 of the budget;
+the kinds and metrics themselves are declared in search.config):
     flat     N <= 50,000 and N*D*4 bytes fit the budget: exact search, nothing to tune
     hnsw     the graph (N * (4D + 2*32*4) bytes) fits the budget: fastest single queries
     ivf      IVF with raw vectors (N * (4D + 8) bytes) fits
