@@ -17,7 +17,8 @@ from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.errors import AllImagesFailedError, CacheError, CacheMismatchError, SourceError
-from embedder.extract.core import backbone_for, embed, embed_images
+from embedder.extract.core import backbone_for, embed_images
+from embedder.extract.local import embed
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
 
 

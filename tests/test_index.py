@@ -15,7 +15,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing
 from embedder.errors import CacheMismatchError
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from embedder.search.explore import near_duplicates, plot_space
 from embedder.search.index import SearchIndex, build_index
 from tests.conftest import fast_config, make_tree

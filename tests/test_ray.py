@@ -21,7 +21,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing, list_source
 from embedder.errors import ConfigError
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from embedder.extract.ray import RayOptions, embed_ray
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache

@@ -17,8 +17,9 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheError
-from embedder.extract.core import embed
-from embedder.extract.ray import _spec_for, embed_shard
+from embedder.extract.core import backbone_for, cache_spec
+from embedder.extract.local import embed
+from embedder.extract.ray import embed_shard
 from embedder.search.index import SearchIndex, build_index
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache
@@ -35,7 +36,8 @@ def test_plan_rounds_shards_to_whole_batches_and_covers_every_row():
 def embed_sharded(config, shard_size):
     """What each Ray actor does, done here in turn: every shard through `embed_shard`, then the view."""
     listing = list_source(config.source)
-    spec, backbone = _spec_for(config, listing, "test")
+    backbone = backbone_for(config)
+    spec = cache_spec(config, listing, backbone, "test")
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     for shard in shard_set.pending():
