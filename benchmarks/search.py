@@ -113,7 +113,7 @@ def digit_features(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray
     from embedder.cache.reader import FeatureCache
     from embedder.data.samples import make_samples
     from embedder.extract.config import EmbedConfig
-    from embedder.extract.core import embed
+    from embedder.extract.local import embed
 
     digits = make_samples(work, only=["digits"], verbose=False)["digits"]
     cache = work / "digits.h5"

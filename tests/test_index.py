@@ -15,7 +15,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing
 from embedder.errors import CacheMismatchError
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from embedder.search.build import build_index
 from embedder.search.dedup import near_duplicates
 from embedder.search.plots import plot_space

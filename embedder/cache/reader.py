@@ -245,6 +245,14 @@ class FeatureCache:
         return str(self._f.attrs["source"])
 
     @property
+    def spec(self) -> CacheSpec:
+        """What the file was written with, every layer included: the spec a copy of it is written with."""
+        attrs = self._f.attrs
+        layers = json.loads(attrs["layers"]) if "layers" in attrs else {}
+        return CacheSpec(self.file_components, self.source, int(attrs["feature_dim"]), str(attrs["layout"]),
+                         str(attrs["command"]), layers)
+
+    @property
     def complete(self) -> bool:
         return bool(self._f.attrs["complete"])
 

@@ -76,7 +76,7 @@ def embed(config, args, ray_options=None):
         ray_options = ray_options or from_arguments(RayOptions, args)
         report = embed_ray(config, ray_options, command=command, lock=lock)
     else:
-        from embedder.extract.core import embed as run
+        from embedder.extract.local import embed as run
 
         report = run(config, command=command, lock=lock)
     print_json(report.as_dict()) if _as_json(args) else print(report.summary())
