@@ -4,7 +4,7 @@
 
 The measurement behind `--kind auto`'s ladder below raw IVF: ivfsq (8-bit scalar
 quantiser, D + 8 bytes per vector) before ivfpq (m + 8 bytes). Each kind is built by
-`embedder.search.index.build_index` from a real cache, with the search knob tuned to recall@10
+`embedder.search.build.build_index` from a real cache, with the search knob tuned to recall@10
 0.95 (or the best it reaches), then scored on fresh queries against exact search.
 
 Synthetic clustered vectors are a hard case for coding: a vector's true neighbours are
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.search import clustered, digit_features, exact_top10, recall_at_10, write_cache
-from embedder.search.index import SearchIndex, build_index
+from embedder.search.build import build_index
+from embedder.search.query import SearchIndex
 
 KINDS = ("ivf", "ivfsq", "ivfpq")
 

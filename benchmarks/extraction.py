@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import embed, load_backbone
+from embedder.extract.core import load_backbone
+from embedder.extract.local import embed
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0, scale: float = 1.5) -> list[Path]:

@@ -27,7 +27,7 @@ from benchmarks.extraction import make_jpegs
 EMBED = """
 import json, resource, sys
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 embed(EmbedConfig(source=sys.argv[1], model="resnet18", weights="none", out=sys.argv[2], progress=False))
 print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -36,7 +36,7 @@ print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
 INDEX = """
 import json, sys
 import faiss, faiss.contrib.exhaustive_search, tqdm.auto  # noqa: F401 - libraries, loaded before the baseline
-from embedder.search.index import build_index
+from embedder.search.build import build_index
 def kib(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
 base = kib("VmRSS")  # resident after imports, right before the build

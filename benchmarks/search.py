@@ -2,7 +2,7 @@
 
     python -m benchmarks search [--quick]      # full: 1,000,000 x 512; quick: 100,000 x 512
 
-Each kind is built by `embedder.search.index.build_index` from a real cache file (streamed, tuned
+Each kind is built by `embedder.search.build.build_index` from a real cache file (streamed, tuned
 to recall@10 >= 0.95 on held-out rows), then queried through `SearchIndex`: single-query
 latency p50/p99 over 500 queries and batch throughput over 2,000 queries, with recall@10
 of fresh queries (drawn from the same clusters, not indexed) against exact numpy search.
@@ -33,7 +33,8 @@ import numpy as np
 from embedder.cache.reader import CacheSpec
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing
-from embedder.search.index import SearchIndex, build_index
+from embedder.search.build import build_index
+from embedder.search.query import SearchIndex
 
 
 def clustered(n: int, d: int, centers: int, seed: int) -> np.ndarray:
@@ -112,7 +113,7 @@ def digit_features(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray
     from embedder.cache.reader import FeatureCache
     from embedder.data.samples import make_samples
     from embedder.extract.config import EmbedConfig
-    from embedder.extract.core import embed
+    from embedder.extract.local import embed
 
     digits = make_samples(work, only=["digits"], verbose=False)["digits"]
     cache = work / "digits.h5"

@@ -328,8 +328,8 @@ def build(work: Path, quick: bool) -> tuple[Path, list, list]:
     from benchmarks.extraction import make_jpegs
     from embedder.cache.reader import FeatureCache
     from embedder.extract.config import EmbedConfig
-    from embedder.extract.core import embed
-    from embedder.search.index import build_index
+    from embedder.extract.local import embed
+    from embedder.search.build import build_index
 
     n, size = (24, 64) if quick else (96, None)
     make_jpegs(work / "images" / "photos", n, scale=1.0)

@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.extraction import make_jpegs
 from embedder.cache.reader import FeatureCache
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 
 
 def _mean_pixels(work: Path) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from embedder.data.samples import make_samples
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from embedder.learn.finetune import FinetuneConfig, finetune
 from embedder.learn.train import ProbeConfig, run_probe
 

@@ -39,8 +39,10 @@ from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import embed, load_backbone
-from embedder.learn.train import ProbeConfig, run_probe
+from embedder.extract.core import load_backbone
+from embedder.extract.local import embed
+from embedder.learn.config import ProbeConfig
+from embedder.learn.train import run_probe
 from embedder.models.backbone import build_model
 from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import auto_batch_size, auto_workers

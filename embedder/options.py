@@ -1,17 +1,281 @@
-"""Typed options at the boundary: pipeline TOML tables and CLI values become config dataclasses here.
+"""Every option declared once: a config dataclass field is the single source of a setting.
 
-Every command's settings are one frozen dataclass (EmbedConfig, ProbeConfig, ...). This
-module holds what they share: building one from a TOML table (unknown and missing keys
-refused by name, relative paths taken from the pipeline's folder), and the value parsers.
+A command's settings are one frozen dataclass (`EmbedConfig`, `ProbeConfig`, ...). Each field
+says, through `option(...)`, its default, its help and how it is spelled on the command line;
+its type comes from the annotation. From that one declaration:
+
+  * `add_arguments(parser, Config)` adds the argparse flags (help text shows the default),
+  * `from_arguments(Config, namespace)` builds the config from parsed flags,
+  * `from_table(Config, table, base_dir, what)` builds it from a pipeline TOML table (unknown
+    and missing keys refused by name; path fields taken relative to the pipeline's folder),
+  * `to_arguments(config)` gives back the command-line tokens (what a cache records so that
+    an interrupted run can say how to resume).
+
+Defaults live only in the dataclass: argparse leaves a setting the user did not give at None,
+and None means "not given", so the CLI, a TOML step and a Python caller who leave a setting
+out all get the same default.
+Validation lives in the dataclass's `__post_init__`, so all three are checked by the same code.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from embedder.errors import ConfigError
+
+METADATA_KEY = "embedder.option"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field appears on the command line and in a pipeline table."""
+
+    help: str = ""
+    flag: str | None = None  # e.g. "--dtype" or "-k"; default: --field-name
+    positional: bool = False  # a positional argument (a tuple field takes one or more)
+    choices: tuple | None = None
+    parse: Callable[[str], Any] | None = None  # command-line (and TOML string) text -> value
+    metavar: str | None = None
+    cli: bool = True  # False: not on the command line
+    toml: bool = True  # False: not a pipeline key
+    path: bool | tuple[str, ...] = False  # a path (True), or a path unless one of these keywords
+    inverse: str | None = None  # a boolean spelled as the flag that turns it off (progress: --quiet)
+    repeat: bool = False  # a repeatable flag even though the field holds one value (see _from_cli)
+    group: str | None = None  # argparse group title
+    exclusive: str | None = None  # name of a mutually exclusive group (see REQUIRED_GROUPS)
+    nargs: str | None = None  # a tuple flag that takes its values at once (`--only a b`), not repeated
+
+
+def option(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field with its command-line and pipeline spelling (see `Option`)."""
+    return dataclasses.field(default=default, metadata={METADATA_KEY: Option(**kwargs)})
+
+
+@dataclass(frozen=True)
+class _Spec:
+    field: dataclasses.Field
+    option: Option
+    kind: type  # bool, int, float, str (the element type for tuples)
+    many: bool  # a tuple field
+    optional: bool  # None is allowed
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def required(self) -> bool:
+        return self.field.default is dataclasses.MISSING and self.field.default_factory is dataclasses.MISSING
+
+    @property
+    def flag(self) -> str:
+        return self.option.inverse or self.option.flag or "--" + self.name.replace("_", "-")
+
+
+def specs(cls) -> list[_Spec]:
+    """The declared options of a config class, in field order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        opt = f.metadata.get(METADATA_KEY)
+        if opt is None:
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with option(...)")
+        kind, many, optional = _kind(hints[f.name])
+        out.append(_Spec(f, opt, kind, many, optional))
+    return out
+
+
+def _kind(hint) -> tuple[type, bool, bool]:
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        return args[0], True, optional
+    return hint, False, optional
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Add one argparse argument per declared option of `cls` (defaults stay in the dataclass)."""
+    groups: dict[str, Any] = {}
+    required_groups = getattr(cls, "REQUIRED_GROUPS", ())
+    for spec in specs(cls):
+        opt = spec.option
+        if not opt.cli or spec.name in skip:
+            continue
+        target = parser
+        if opt.exclusive:
+            key = "exclusive:" + opt.exclusive
+            if key not in groups:
+                groups[key] = parser.add_mutually_exclusive_group(required=opt.exclusive in required_groups)
+            target = groups[key]
+        elif opt.group:
+            groups.setdefault(opt.group, parser.add_argument_group(opt.group))
+            target = groups[opt.group]
+        target.add_argument(*_names(spec), **_argparse_kwargs(spec))
+
+
+def _names(spec: _Spec) -> list[str]:
+    return [spec.name] if spec.option.positional else [spec.flag]
+
+
+def _argparse_kwargs(spec: _Spec) -> dict:
+    opt = spec.option
+    kw: dict[str, Any] = {"help": _help(spec)}
+    if not opt.positional:
+        kw["dest"] = spec.name
+    if spec.kind is bool and not spec.many:
+        kw["action"] = "store_false" if opt.inverse else "store_true"
+        kw["default"] = None
+        return kw
+    kw["type"] = _argparse_type(opt.parse) if opt.parse else spec.kind
+    if opt.choices:
+        kw["choices"] = opt.choices
+    if opt.metavar:
+        kw["metavar"] = opt.metavar
+    if opt.positional:
+        if spec.many:
+            kw["nargs"] = "+" if spec.required else "*"
+        elif not spec.required:
+            kw["nargs"] = "?"
+        kw["default"] = None
+        return kw
+    if opt.nargs:
+        kw["nargs"] = opt.nargs
+    elif spec.many or opt.repeat:
+        kw["action"] = "append"
+    kw["default"] = None
+    if spec.required:
+        kw["required"] = True
+    return kw
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as argparse wants it: a refusal becomes argparse's one-line usage error."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__  # argparse names the type in its message
+    return convert
+
+
+def _help(spec: _Spec) -> str:
+    text = spec.option.help
+    default = spec.field.default
+    if spec.required or default in (None, (), False) or spec.option.inverse or "default" in text.lower():
+        return text
+    return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def from_arguments(cls, namespace: argparse.Namespace, **fixed):
+    """The config of `cls` from parsed arguments: what was given, the dataclass's defaults otherwise."""
+    values = dict(fixed)
+    for spec in specs(cls):
+        value = getattr(namespace, spec.name, None) if spec.option.cli else None
+        if value is not None:  # None: not given, the dataclass's default applies
+            values[spec.name] = tuple(value) if spec.many else value
+    return _build(cls, values, "command line")
+
+
+def to_arguments(config) -> list[str]:
+    """Command-line tokens that reproduce `config` (options left at their defaults are left out)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    values = config._to_cli(values) if hasattr(config, "_to_cli") else values
+    positional, flags = [], []
+    for spec in specs(type(config)):
+        if not spec.option.cli or spec.name not in values:
+            continue
+        value = values[spec.name]
+        if spec.option.positional:
+            positional += [str(v) for v in value] if spec.many else [str(value)]
+        elif value != spec.field.default and value is not None:
+            flags += _tokens(spec, value)
+    return positional + flags
+
+
+def _tokens(spec: _Spec, value) -> list[str]:
+    if spec.kind is bool and not spec.many:
+        return [spec.flag] if bool(value) != bool(spec.option.inverse) else []
+    if isinstance(value, (tuple, list)) and spec.option.nargs:
+        return [spec.flag, *map(str, value)]
+    if isinstance(value, (tuple, list)):
+        return [tok for v in value for tok in (spec.flag, str(v))]
+    return [spec.flag, str(value)]
+
+
+# ------------------------------------------------------------------------- pipeline tables
+
+
+def from_table(cls, table: dict, base_dir: Path | None, what: str):
+    """A config from a pipeline TOML table: unknown keys and missing required keys are refused by
+    name; path options are resolved against `base_dir`; strings are parsed like the CLI's."""
+    known = {s.name: s for s in specs(cls) if s.option.toml}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"Unknown {what} setting(s) {unknown}. Known: {sorted(known)}.")
+    missing = [name for name, s in known.items() if s.required and name not in table]
+    if missing:
+        raise ConfigError(f"The {what} step needs {', '.join(missing)}.")
+    values = {}
+    for name, value in table.items():
+        spec = known[name]
+        if spec.many:
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if spec.option.parse and isinstance(value, str) and spec.kind is not str:
+            value = spec.option.parse(value)
+        if spec.option.path and base_dir is not None:
+            value = _resolved(value, spec.option.path, base_dir)
+        values[name] = value
+    return _build(cls, values, what)
+
+
+def _resolved(value, path, base_dir: Path):
+    if isinstance(value, tuple):
+        return tuple(_resolved(v, path, base_dir) for v in value)
+    if value is None or (isinstance(path, tuple) and str(value).lower() in {k.lower() for k in path}):
+        return value
+    p = Path(os.path.expanduser(str(value)))
+    return str(p if p.is_absolute() else base_dir / p)
+
+
+def _build(cls, values: dict, what: str):
+    if hasattr(cls, "_from_cli"):
+        values = cls._from_cli(values)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"Bad {what} settings: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------ parsers
+
+
+def int_or_auto(value: str) -> int | None:
+    """`auto` -> None (the config resolves it), else an integer."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
 
 
 def parse_size(text: str) -> int:
@@ -24,9 +288,21 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"Cannot read size {text!r}; write e.g. 512M or 4G.") from None
 
 
-def config_from_table(cls, values: dict, base_dir: Path | None, what: str, path_keys: tuple[str, ...]):
-    """A config dataclass from a pipeline TOML table: unknown keys and missing required keys are
-    refused by name; `path_keys` (and a weights file) are resolved against `base_dir`."""
+def positive(cfg, *names: str, optional: bool = False) -> None:
+    """Refuse anything but a positive integer in the named fields (None allowed when `optional`)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+
+
+def config_from_table(cls, values: dict, base_dir: Path | None, what: str, path_keys: tuple[str, ...] = ()):
+    """Old name of `from_table` for configs whose fields are not declared with `option` yet:
+    `path_keys` (and a weights file) are resolved against `base_dir`."""
+    if all(METADATA_KEY in f.metadata for f in dataclasses.fields(cls)):
+        return from_table(cls, values, base_dir, what)
     fields = dataclasses.fields(cls)
     known = {f.name for f in fields}
     unknown = sorted(set(values) - known)
@@ -34,31 +310,12 @@ def config_from_table(cls, values: dict, base_dir: Path | None, what: str, path_
         raise ConfigError(f"Unknown {what} setting(s) {unknown}. Known: {sorted(known)}.")
     values = dict(values)
     if base_dir is not None:
-        for key in path_keys:
+        for key in (*path_keys, "weights"):
             if values.get(key) is not None:
-                values[key] = str(_resolve(values[key], base_dir))
-        weights = str(values.get("weights", "DEFAULT"))
-        if "weights" in values and weights.upper() != "DEFAULT" and weights.lower() not in ("none", "random"):
-            values["weights"] = str(_resolve(weights, base_dir))
+                values[key] = _resolved(values[key], ("DEFAULT", "none", "random") if key == "weights" else True,
+                                        base_dir)
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in values]
     if missing:
         raise ConfigError(f"The {what} step needs {', '.join(missing)}.")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"Bad {what} settings: {exc}") from exc
-
-
-def _resolve(value: str, base_dir: Path) -> Path:
-    p = Path(os.path.expanduser(str(value)))
-    return p if p.is_absolute() else base_dir / p
-
-
-def positive(cfg, *names: str, optional: bool = False) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is None and optional:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+    return _build(cls, values, what)

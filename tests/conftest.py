@@ -12,7 +12,6 @@ import os
 # without it the check is skipped, and every estimator check should run.
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from PIL import Image
 
 from embedder.extract.config import EmbedConfig
+from embedder.options import to_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,20 +68,7 @@ def fast_config(source, out, **overrides) -> EmbedConfig:
 
 def cli_args(config: EmbedConfig) -> list[str]:
     """The `embedder embed` command line equivalent to `config`."""
-    args = [config.source, "--model", config.model, "--out", config.out, "--weights", config.weights]
-    flags = {
-        "image_size": "--image-size", "batch_size": "--batch-size", "workers": "--workers", "device": "--device",
-        "precision": "--precision", "memory_layout": "--memory-layout", "commit_every": "--commit-every",
-        "limit": "--limit", "layer": "--layer", "feature_dtype": "--dtype",
-    }
-    defaults = {f.name: f.default for f in dataclasses.fields(EmbedConfig)}
-    for field, flag in flags.items():
-        value = getattr(config, field)
-        if value is not None and value != defaults[field]:
-            args += [flag, str(value)]
-    if not config.progress:
-        args.append("--quiet")
-    return args
+    return to_arguments(config)
 
 
 def embedder_cmd(*args: str) -> list[str]:

@@ -53,7 +53,7 @@ from typing import Self
 PHASES = {
     "finish": ("embedder.cache.writer", "CacheWriter.finish"),
     "probe": ("embedder.learn.train", "run_probe"),
-    "index": ("embedder.search.index", "build_index"),
+    "index": ("embedder.search.build", "build_index"),
 }
 WHEN = ("before", "after")
 
@@ -241,7 +241,7 @@ def run_cli(argv: list[str]) -> int:
 def _preload() -> None:
     """Import everything the commands use, so that children start at once. Runs no torch op:
     a process that has started OpenMP threads must not fork children that use torch."""
-    for name in ("embedder.cli.main", "embedder.cli.commands", "embedder.extract.core", "embedder.learn.train", "embedder.search.index",
+    for name in ("embedder.cli.main", "embedder.cli.commands", "embedder.extract.core", "embedder.learn.train", "embedder.search.build",
                  "embedder.cache.shards", "embedder.cli.pipeline", "embedder.learn.metrics", "embedder.data.samples", "h5py", "torch",
                  "faiss", "faiss.contrib.exhaustive_search", "matplotlib.pyplot", "sklearn.model_selection"):
         try:

@@ -17,7 +17,8 @@ from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.errors import AllImagesFailedError, CacheError, CacheMismatchError, SourceError
-from embedder.extract.core import backbone_for, embed, embed_images
+from embedder.extract.core import backbone_for, embed_images
+from embedder.extract.local import embed
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
 
 
@@ -32,6 +33,18 @@ def assert_same_cache(a, b):
     assert pa == pb and ca == cb and ea == eb
     assert np.array_equal(la, lb)
     assert fa.dtype == fb.dtype and np.array_equal(fa, fb), "features differ"
+
+
+def assert_same_layers(a, b):
+    """`assert_same_cache`, and every layer of a multi-layer cache equal bit for bit, under the same
+    file fingerprint and layer list; the primary stored once (/layers/<primary> is /features)."""
+    assert_same_cache(a, b)
+    with FeatureCache(a) as x, FeatureCache(b) as y:
+        assert x.layers == y.layers and len(x.layers) > 1 and x.file_fingerprint == y.file_fingerprint
+        for name in x.layers:
+            assert np.array_equal(x.layer_rows(name), y.layer_rows(name)), name
+    with h5py.File(b, "r") as f:
+        assert f[f"layers/{next(iter(json.loads(f.attrs['layers'])))}"].id == f["features"].id
 
 
 def test_layout_attributes_and_labels(tree, tmp_path):

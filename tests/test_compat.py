@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from embedder.cache.reader import FeatureCache
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from tests.conftest import REPO, fast_config
 
 FIXTURES = REPO / "tests" / "fixtures" / "legacy"

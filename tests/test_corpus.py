@@ -30,8 +30,9 @@ from embedder.cache.reader import FeatureCache
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
 from embedder.data.sources import Listing, list_source
 from embedder.errors import BadImageError, SourceError
-from embedder.extract import core as extract
-from embedder.extract.core import EmbedReport, backbone_for, embed, embed_images
+from embedder.extract import local as extract
+from embedder.extract.core import backbone_for, embed_images
+from embedder.extract.local import EmbedReport, embed
 from embedder.names import display_path
 from tests.conftest import REPO, fast_config
 from tests.corpus import (

@@ -12,7 +12,7 @@ from PIL import Image
 from embedder.cache.reader import FeatureCache
 from embedder.data.decode import load_rgb
 from embedder.errors import BadImageError
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from tests.conftest import fast_config
 from tests.corpus import BAD, make_corpus
 

@@ -15,9 +15,11 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing
 from embedder.errors import CacheMismatchError
-from embedder.extract.core import embed
-from embedder.search.explore import near_duplicates, plot_space
-from embedder.search.index import SearchIndex, build_index
+from embedder.extract.local import embed
+from embedder.search.build import build_index
+from embedder.search.dedup import near_duplicates
+from embedder.search.plots import plot_space
+from embedder.search.query import SearchIndex
 from tests.conftest import fast_config, make_tree
 
 
@@ -108,7 +110,7 @@ def test_auto_chooses_by_size_and_budget(tmp_path):
 
 
 def test_auto_kind_ladder_follows_the_memory_per_vector():
-    from embedder.search.index import choose_kind
+    from embedder.search.kinds import choose_kind
 
     n, d = 100_000, 512  # raw 4D+8 = 2,056 B/vector, HNSW 2,304, 8-bit 520
     mib = 2**20
@@ -116,6 +118,70 @@ def test_auto_kind_ladder_follows_the_memory_per_vector():
     assert choose_kind(n, d, 200 * mib)[0] == "ivf"  # 196 MiB
     assert choose_kind(n, d, 100 * mib)[0] == "ivfsq"  # 50 MiB
     assert choose_kind(n, d, 40 * mib)[0] == "ivfpq"
+
+
+def constructor_index(kind: str, dim: int, metric: str, nlist: int = 0, pq_m: int = 0, pq_nbits: int = 0):
+    """An empty index the way `build_index` made each kind before kinds were factory strings:
+    the reference that the factory-built indexes must reproduce exactly."""
+    import faiss
+
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    if kind == "flat":
+        return faiss.IndexFlat(dim, faiss_metric)
+    if kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss_metric)
+        hnsw.hnsw.efConstruction = 80
+        return faiss.IndexIDMap2(hnsw)
+    quantizer = faiss.IndexFlat(dim, faiss_metric)
+    if kind == "ivf":
+        return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
+    if kind == "ivfsq":
+        return faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss_metric)
+    return faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, pq_nbits, faiss_metric)
+
+
+def seeded_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """The seeded row samples of a build: training (seed) and tuning queries (seed + 1)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfsq", "ivfpq", "hnsw"])
+def test_factory_built_index_equals_the_constructor_built_one(tmp_path, kind, metric):
+    import faiss
+
+    data = clustered(n=10_200, d=8, centers=40, seed=5)  # 10,000 rows: enough for 8-bit PQ codes
+    X, Q = data[:10_000], data[10_000:]
+    meta = build_index(synthetic_cache(tmp_path / "c.h5", X), tmp_path / "idx", kind=kind, metric=metric, seed=2,
+                       progress=False)
+    p = meta["params"]
+    expected = {"flat": "Flat", "hnsw": "IDMap2,HNSW32,Flat", "ivf": f"IVF{p.get('nlist')},Flat",
+                "ivfsq": f"IVF{p.get('nlist')},SQ8", "ivfpq": f"IVF{p.get('nlist')},PQ{p.get('pq_m')}x8np"}
+    assert meta["factory"] == expected[kind]
+    # The reference gets what the build gave its index: the same training sample, the same insertion
+    # order (the held-out tuning queries last, under their own rows) and the same search setting.
+    ref = constructor_index(kind, 8, metric, p.get("nlist", 0), p.get("pq_m", 0), p.get("pq_nbits", 0))
+    Xp = np.ascontiguousarray(X / np.linalg.norm(X, axis=1, keepdims=True) if metric == "cosine" else X)
+    if "trained_on" in p:
+        ref.train(Xp[seeded_rows(len(X), p["trained_on"], 2)])
+    if kind == "flat":
+        ref.add(Xp)
+    else:
+        held = seeded_rows(len(X), meta["eval_queries"], 3) if meta["eval_queries_held_out"] else np.arange(0)
+        for rows in (np.setdiff1d(np.arange(len(X)), held), held):
+            ref.add_with_ids(Xp[rows], rows.astype(np.int64))
+    if "nprobe" in p:
+        faiss.extract_index_ivf(ref).nprobe = p["nprobe"]
+    if "efSearch" in p:
+        faiss.downcast_index(ref.index).hnsw.efSearch = p["efSearch"]
+    Qp = np.ascontiguousarray(Q / np.linalg.norm(Q, axis=1, keepdims=True) if metric == "cosine" else Q)
+    ref_scores, ref_ids = ref.search(Qp, 10)
+    hits = SearchIndex.open(tmp_path / "idx").search(Q, 10)
+    np.testing.assert_array_equal([[h.id for h in hs] for hs in hits], ref_ids)
+    np.testing.assert_array_equal(np.array([[h.score for h in hs] for hs in hits], np.float32), ref_scores)
+    # Byte for byte, too: polysemous training (what plain `PQ` in a factory string turns on) reorders
+    # the PQ codebooks, which changes no neighbour or score but is a different index all the same.
+    assert (tmp_path / "idx" / "index.faiss").read_bytes() == faiss.serialize_index(ref).tobytes()
 
 
 def test_rebuild_replaces_atomically_and_leaves_no_temp(tmp_path):

@@ -16,7 +16,8 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import list_source
 from embedder.errors import CacheError, CacheMismatchError
-from embedder.extract.core import BatchReader, backbone_for, embed
+from embedder.extract.core import BatchReader, backbone_for
+from embedder.extract.local import embed
 from tests.conftest import cli_args, fast_config
 
 MULTI = {"layer": "layer3", "extra_layers": ("avgpool", "layer1"), "pool": "gem", "style": True, "style_dim": 64}

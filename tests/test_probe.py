@@ -13,7 +13,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from embedder.cache.reader import FeatureCache
 from embedder.cli.main import main
 from embedder.errors import CacheMismatchError, ConfigError
-from embedder.extract.core import embed, embed_images
+from embedder.extract.core import embed_images
+from embedder.extract.local import embed
 from embedder.learn.checkpoint import load_classifier
 from embedder.learn.export import export_probe
 from embedder.learn.predict import predict

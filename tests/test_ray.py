@@ -6,6 +6,7 @@ task is never starved on a 2-core machine.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,10 +22,10 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing, list_source
 from embedder.errors import ConfigError
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from embedder.extract.ray import RayOptions, embed_ray
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
-from tests.test_cache import assert_same_cache
+from tests.test_cache import assert_same_cache, assert_same_layers
 
 OPTIONS = {"actors": 2, "cpus_per_actor": 0.5}
 
@@ -91,6 +92,30 @@ cache = "{on_ray.out}"
     printed = capsys.readouterr().out
     assert "is up to date: all 23 files of SOURCE are cached (21 rows)" in printed
     assert "view over 3 finished shards" in printed
+
+
+def test_ray_backend_stores_several_layers_and_style_like_the_local_backend(local_ray, tmp_path, capsys):
+    src = make_tree(tmp_path / "src", per_class=5)
+    (src / "dog" / "empty.jpg").write_bytes(b"")
+    multi = {"layer": "avgpool", "extra_layers": ("layer1",), "style": True, "style_dim": 32}
+    local = fast_config(src, tmp_path / "local.h5", **multi)
+    embed(local)
+
+    # Through the CLI, as a user types it (Ray is running here already: the run joins it).
+    on_ray = fast_config(src, tmp_path / "ray.h5", **multi)
+    argv = ["embed", *cli_args(on_ray), "--layer", "layer1", "--style", "--style-dim", "32", "--backend", "ray",
+            "--shard-size", "5", "--actors", "2", "--cpus-per-actor", "0.5", "--json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["embedded"], report["total_rows"]) == (15, 15)
+    assert [e["path"] for e in report["errors"]] == ["dog/empty.jpg"]
+    assert_same_layers(local.out, on_ray.out)  # every layer in fp32, paths, labels, classes, errors
+    with FeatureCache(on_ray.out) as c:
+        assert c.attrs["shards"] == 2 and c.layers == {"avgpool": 512, "layer1": 64, "style": 32}
+
+    merge_cache(on_ray.out, tmp_path / "merged.h5")  # `embedder merge`: the local run's file
+    assert_same_layers(local.out, tmp_path / "merged.h5")
 
 
 def _wait_for_markers(folder, n, proc, timeout=180):

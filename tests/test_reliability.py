@@ -29,9 +29,9 @@ from embedder.cache.reader import FeatureCache
 from embedder.cli.main import main
 from embedder.data.sources import HIDDEN, NOT_IMAGE, OUTSIDE_CLASSES, SAME_FILE, list_source
 from embedder.errors import CacheError, SourceError
-from embedder.extract.core import embed
+from embedder.extract.local import embed
 from embedder.names import display_path, encode_path
-from embedder.search.index import build_index
+from embedder.search.build import build_index
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
 from tests.test_corpus import as_user
 

@@ -34,8 +34,8 @@ from PIL import Image
 
 from embedder.cache.reader import FeatureCache
 from embedder.cli.main import build_parser
-from embedder.extract.core import embed
-from embedder.search.index import build_index
+from embedder.extract.local import embed
+from embedder.search.build import build_index
 from embedder.serve.app import create_app
 from tests.conftest import fast_config, make_tree
 

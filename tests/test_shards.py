@@ -16,12 +16,14 @@ from embedder.cache.shards import ShardSet, merge_cache, plan_shards, write_view
 from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing, list_source
-from embedder.errors import CacheError
-from embedder.extract.core import embed
-from embedder.extract.ray import _spec_for, embed_shard
-from embedder.search.index import SearchIndex, build_index
+from embedder.errors import CacheError, CacheMismatchError
+from embedder.extract.core import BatchReader, backbone_for, cache_spec
+from embedder.extract.local import embed
+from embedder.extract.ray import embed_shard
+from embedder.search.build import build_index
+from embedder.search.query import SearchIndex
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
-from tests.test_cache import assert_same_cache
+from tests.test_cache import assert_same_cache, assert_same_layers
 from tests.test_index import clustered
 
 
@@ -35,7 +37,8 @@ def test_plan_rounds_shards_to_whole_batches_and_covers_every_row():
 def embed_sharded(config, shard_size):
     """What each Ray actor does, done here in turn: every shard through `embed_shard`, then the view."""
     listing = list_source(config.source)
-    spec, backbone = _spec_for(config, listing, "test")
+    backbone = backbone_for(config)
+    spec = cache_spec(config, listing, backbone, "test")
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     for shard in shard_set.pending():
@@ -82,6 +85,57 @@ def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path, capsys):
     assert main(["search", str(tmp_path / "idx"), "--id", "0", "-k", "3"]) == 0
     assert main(["info", str(sharded.out)]) == 0
     assert "view over 3 finished shards" in capsys.readouterr().out
+
+
+MULTI = {"layer": "avgpool", "extra_layers": ("layer1",), "style": True, "style_dim": 32}
+
+
+def test_a_multi_layer_sharded_cache_equals_the_local_one_and_merges_to_it(tmp_path):
+    src = make_tree(tmp_path / "src", per_class=5)
+    (src / "cat" / "broken.png").write_bytes(b"not a png")
+    local = fast_config(src, tmp_path / "local.h5", **MULTI)
+    embed(local)
+    sharded = fast_config(src, tmp_path / "sharded.h5", **MULTI)
+    shard_set, (rows, complete) = embed_sharded(sharded, shard_size=4)
+    assert rows == 15 and complete and len(shard_set.shards) == 4
+    assert json.loads((shard_set.dir / "manifest.json").read_text())["layers"] == {
+        "avgpool": 512, "layer1": 64, "style": 32}
+    assert_same_layers(local.out, sharded.out)  # every layer bit for bit, errors table included
+    with h5py.File(sharded.out, "r") as f:
+        assert all(f[name].is_virtual for name in ("features", "layers/layer1", "layers/style"))
+        assert f.attrs["shards"] == 4
+    with FeatureCache(sharded.out, layer="style") as a, FeatureCache(local.out, layer="style") as b:
+        assert a.fingerprint == b.fingerprint and a.components == b.components
+
+    # merge, from the view and from the folder: the multi-layer file a local run writes
+    merge_cache(sharded.out, tmp_path / "merged.h5")
+    merge_cache(shard_set.dir, tmp_path / "merged2.h5")
+    for merged in ("merged.h5", "merged2.h5"):
+        assert_same_layers(local.out, tmp_path / merged)
+        with h5py.File(tmp_path / merged, "r") as f:
+            assert not f["layers/style"].is_virtual and "shards" not in f.attrs
+    # A rerun is up to date; a layer list other than the plan's is refused, not mixed in.
+    assert embed_sharded(sharded, shard_size=4)[1] == (15, True)
+    with pytest.raises(CacheMismatchError, match="layers"):
+        embed_sharded(fast_config(src, sharded.out, **{**MULTI, "extra_layers": ()}), shard_size=4)
+
+
+def test_the_live_view_of_a_fresh_multi_layer_run_maps_every_layer(tree, tmp_path):
+    config = fast_config(tree, tmp_path / "c.h5", commit_every=4, **MULTI)
+    listing = list_source(tree)
+    backbone = backbone_for(config)
+    spec = cache_spec(config, listing, backbone, "test")
+    with CacheWriter(config.out, spec, listing, commit_every=4) as w:
+        rows = w.pending[:8]
+        images = BatchReader(listing.root, listing.paths, rows, 8, backbone.preprocessing)[0]["images"]
+        expected = {k: v.numpy() for k, v in backbone.forward_all(images).items()}
+        w.add(rows, expected, [])  # 8 files: a committed part, and the view over it
+        with FeatureCache(config.out, require_complete=False) as live:
+            assert not live.complete and len(live) == 8 and live.layers == spec.layers
+            for name, values in expected.items():
+                np.testing.assert_array_equal(live.layer_rows(name), values, err_msg=name)
+        with h5py.File(config.out, "r") as f:
+            assert f["layers/avgpool"].id == f["features"].id and f["layers/style"].is_virtual
 
 
 def test_rerun_skips_finished_shards_and_resumes_the_rest(tmp_path):

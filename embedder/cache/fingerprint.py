@@ -77,3 +77,34 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
             sort_keys=True,
         )
     return components
+
+
+def backbone_settings(components: dict, weights_path: str | None = None) -> dict:
+    """The inverse of `fingerprint_components`: the `load_backbone` settings that rebuild the backbone a
+    cache records (queries by image, export). Compare the rebuilt backbone's components with
+    `component_differences` to be sure nothing else differs (library versions, decoder)."""
+    from embedder.models.registry import get_backbone_spec
+    from embedder.models.weights import weights_choice_for
+
+    spec = get_backbone_spec(components["model"])
+    crop = json.loads(components["preprocessing"])["crop_size"]
+    style = json.loads(components["style"]) if "style" in components else {}
+    device = components.get("device_type", "cpu")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            device = "cpu"  # the caller's difference check reports it
+    return {
+        "model": components["model"],
+        "weights": weights_choice_for(components["weights"], weights_path),
+        "layer": components["layer"],
+        "normalize": components["normalization"],
+        "image_size": None if crop == spec.preprocessing.crop_size else int(crop),
+        "device": device,
+        "precision": components["precision"],
+        "memory_layout": components["memory_layout"],
+        "pool": components["pooling"],
+        "style_layers": tuple(style.get("layers", ())),
+        "style_dim": int(style.get("dim", 0)),
+    }

@@ -53,13 +53,11 @@ import numpy as np
 
 from embedder.atomic import lock_holder
 from embedder.cache.fingerprint import component_differences, fingerprint_of, layer_view_components
+from embedder.cache.schema import FEATURE_DTYPES, PARTIAL_SUFFIX, SCHEMA_VERSION  # noqa: F401 - re-exported
 from embedder.errors import CacheError, EmbedderError
 from embedder.names import ERRORS as NAME_ERRORS
 
-SCHEMA_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
 STR = h5py.string_dtype("utf-8")
-FEATURE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -247,6 +245,14 @@ class FeatureCache:
         return str(self._f.attrs["source"])
 
     @property
+    def spec(self) -> CacheSpec:
+        """What the file was written with, every layer included: the spec a copy of it is written with."""
+        attrs = self._f.attrs
+        layers = json.loads(attrs["layers"]) if "layers" in attrs else {}
+        return CacheSpec(self.file_components, self.source, int(attrs["feature_dim"]), str(attrs["layout"]),
+                         str(attrs["command"]), layers)
+
+    @property
     def complete(self) -> bool:
         return bool(self._f.attrs["complete"])
 
@@ -317,6 +323,38 @@ class FeatureCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
+    """What `embedder info` shows: rows, width, fingerprint and components, classes with counts, errors,
+    ignored files, and whether the run is finished, still going (its writer's pid) or was interrupted."""
+    with FeatureCache(path, require_complete=False) as cache:
+        errors = cache.errors
+        labels = cache.labels
+        doc = {
+            "path": str(path),
+            "rows": len(cache),
+            "dim": cache.dim,
+            "dtype": str(cache.attrs["feature_dtype"]),
+            "complete": cache.complete,
+            "fingerprint": cache.file_fingerprint,
+            "components": cache.file_components,
+            "layers": cache.layers,
+            "source": cache.source,
+            "layout": str(cache.attrs["layout"]),
+            "classes": cache.classes,
+            "rows_per_class": {c: int((labels == i).sum()) for i, c in enumerate(cache.classes)},
+            "unlabelled_rows": int((labels < 0).sum()),
+            "errors": len(errors),
+            "ignored": cache.ignored_counts,
+            "command": str(cache.attrs["command"]),
+            "writer_pid": None if cache.complete else cache.writer_pid,
+        }
+        if "shards" in cache.attrs:  # a view over the shards of a --backend ray run
+            doc["shards"] = int(cache.attrs["shards"])
+        if list_errors:
+            doc["error_list"] = [{"path": p, "reason": r} for p, r in errors]
+    return doc
 
 
 def read_paths(ds: h5py.Dataset) -> list[str]:

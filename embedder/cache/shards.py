@@ -3,18 +3,22 @@
 A sharded run of `--out OUT.h5` writes::
 
     OUT.h5.shards/manifest.json      the plan: fingerprint, listing checksum, shard size, batch size
+                                     (and `layers`, {name: width}, for a multi-layer cache)
     OUT.h5.shards/shard-00000.h5     rows [0, S) of the listing: a normal finished cache (schema v1,
-                                     same fingerprint as a local run), paths stored fixed-width
+                                     same fingerprint as a local run, every layer), paths stored fixed-width
     OUT.h5.shards/shard-00000.done   JSON marker, written last (temp + atomic rename): rows, errors,
                                      size and SHA-256 of the shard file. No marker = not finished.
-    OUT.h5                           HDF5 virtual datasets over the finished shards, with the cache
-                                     attributes: `FeatureCache(OUT.h5)` and every command read it as is
+    OUT.h5                           HDF5 virtual datasets over the finished shards (/features, every
+                                     /layers/<name>, /labels, /paths), with the cache attributes and
+                                     `shards`: `FeatureCache(OUT.h5)` and every command read it as is
 
 Shards are contiguous row ranges whose bounds are multiples of the batch size, and each shard
-is embedded with the local reader and writer (`embedder.extract.ray.embed_shard`), so the network sees
-exactly the batches a local run feeds it and the features are bit-identical. A shard is
-itself resumable (its `CacheWriter` parts), and a rerun skips every shard with a marker.
-`merge_cache` consolidates the view into one self-contained file (e.g. to copy it elsewhere).
+is embedded by the one embed core (`embedder.extract.core.embed_into`, called by
+`embedder.extract.ray.embed_shard`), so the network sees exactly the batches a local run feeds
+it and the features are bit-identical. A shard is itself resumable (its `CacheWriter` parts),
+and a rerun skips every shard with a marker. The view is written by `embedder.cache.view`, the
+same writer as a fresh run's live view over its parts. `merge_cache` consolidates the view
+into one self-contained file (e.g. to copy it elsewhere): the file a local run writes.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from embedder.atomic import WriteLock, atomic_replace, discard, remove_leftovers, temp_file
-from embedder.cache.reader import PARTIAL_SUFFIX, STR, CacheSpec, FeatureCache
-from embedder.cache.writer import CacheWriter, write_attrs, write_errors
+from embedder.atomic import WriteLock, atomic_replace, remove_leftovers
+from embedder.cache import view as views
+from embedder.cache.reader import PARTIAL_SUFFIX, CacheSpec, FeatureCache
+from embedder.cache.view import Member
+from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
 
@@ -126,6 +132,8 @@ class ShardSet:
             "batch_size": batch_size,
             "shards": len(self.shards),
         }
+        if spec.layers:  # multi-layer caches only: a single-layer plan's manifest is as it always was
+            self.manifest["layers"] = spec.layers
 
     def prepare(self, overwrite: bool = False) -> None:
         """Create the folder, or check that an existing one belongs to this very plan."""
@@ -235,56 +243,21 @@ def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], comp
                ignored: dict | None = None) -> int:
     """Write `out` (atomically) as a cache whose rows are those of `files`, in order, without copying them.
 
-    Every file must be a finished cache with `spec`'s fingerprint, the same class list, and
-    fixed-width paths. Errors tables are concatenated (they are small)."""
+    Every file must be a finished cache with `spec`'s fingerprint and layers, the same class
+    list, and fixed-width paths. Errors tables are concatenated (they are small)."""
     out = Path(out).absolute()
-    sources, errors = [], []
+    members, errors = [], []
     for path in files:
         with FeatureCache(path) as c:
-            if c.fingerprint != spec.fingerprint or c.classes != list(classes):
-                raise CacheError(f"{path} does not belong to {out} (fingerprint or classes differ).")
+            if c.file_fingerprint != spec.fingerprint or c.spec.layers != spec.layers or c.classes != list(classes):
+                raise CacheError(f"{path} does not belong to {out} (fingerprint, layers or classes differ).")
             ds = c._f["paths"]
             if h5py.check_string_dtype(ds.dtype).length is None:
                 raise CacheError(f"{path} stores variable-length paths; a view needs shards written by embedder.")
-            sources.append((os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize))
+            members.append(Member(os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize))
             errors += c.errors
-    tmp = temp_file(out)
-    try:
-        _write_view_file(tmp, spec, classes, sources, errors, complete, ignored)
-        atomic_replace(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
-    return sum(n for _, n, _ in sources)
-
-
-def _write_view_file(tmp: Path, spec: CacheSpec, classes, sources, errors, complete: bool, ignored) -> None:
-    dim, dtype = spec.feature_dim, spec.feature_dtype
-    total = sum(n for _, n, _ in sources)
-    with h5py.File(tmp, "w") as f:
-        if total:
-            width = max(w for _, _, w in sources)
-            lay_f = h5py.VirtualLayout((total, dim), dtype=dtype)
-            lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
-            lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
-            start = 0
-            for name, n, _ in sources:
-                if n:
-                    lay_f[start : start + n] = h5py.VirtualSource(name, "features", shape=(n, dim))
-                    lay_l[start : start + n] = h5py.VirtualSource(name, "labels", shape=(n,))
-                    lay_p[start : start + n] = h5py.VirtualSource(name, "paths", shape=(n,))
-                start += n
-            f.create_virtual_dataset("features", lay_f, fillvalue=np.nan)
-            f.create_virtual_dataset("labels", lay_l, fillvalue=-1)
-            f.create_virtual_dataset("paths", lay_p)
-        else:
-            f.create_dataset("features", shape=(0, dim), dtype=dtype)
-            f.create_dataset("labels", shape=(0,), dtype=np.int64)
-            f.create_dataset("paths", shape=(0,), dtype=STR)
-        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
-        write_errors(f, errors)
-        write_attrs(f, spec, rows=total, complete=complete, ignored=ignored)
-        f.attrs["shards"] = len(sources)
+    return views.write_view(out, spec, classes, members, errors, complete=complete, ignored=ignored,
+                           shards=len(members))
 
 
 def row_ranges(cache: FeatureCache, block_rows: int = 65536) -> list[tuple[int, int]]:
@@ -311,7 +284,7 @@ def _view_of(src) -> tuple[Path, bool]:
     if not src.is_dir() or not mpath.exists():
         raise CacheError(f"{src} is neither a feature cache nor a shards folder (no manifest.json).")
     m = json.loads(mpath.read_text())
-    spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"])
+    spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"], m.get("layers", {}))
     files = [src / f"shard-{k:05d}.h5" for k in range(m["shards"]) if (src / f"shard-{k:05d}.done").exists()]
     _remove_dead_views(src)
     view = src / f".view-{os.getpid()}.h5"
@@ -336,33 +309,47 @@ def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> i
     """Consolidate a sharded cache (its view file or its `.shards` folder) into one self-contained file.
 
     Written by `CacheWriter`, so the merge is itself crash-safe and resumable, and the result is
-    the file a local run would have written. Returns the rows written."""
+    the file a local run would have written, every layer included. Returns the rows written."""
     view, temporary = _view_of(src)
     try:
         with FeatureCache(view) as cache:
-            spec = CacheSpec(cache.components, cache.source, cache.dim, str(cache.attrs["layout"]),
-                             str(cache.attrs["command"]))
-            paths, errors = cache.paths, cache.errors
-            n = len(paths)
-            listing = Listing(Path(cache.source), paths + [p for p, _ in errors],
-                              np.concatenate([cache.labels, np.full(len(errors), -1, np.int64)]),
-                              cache.classes, str(cache.attrs["layout"]))
             if Path(out).absolute() == view:
                 raise ConfigError("merge --out must differ from the cache it merges.")
-            with CacheWriter(out, spec, listing, overwrite=overwrite, commit_every=block_rows,
+            with CacheWriter(out, cache.spec, _listing_of(cache), overwrite=overwrite, commit_every=block_rows,
                              ignored=cache.ignored_counts) as w:
                 if w.base is not None and len(w.pending):
                     raise CacheError(f"{out} already exists. Use --overwrite to replace it.")
                 # A complete OUT holding every row already is this very merge, finished (a rerun
                 # after a kill that came once the file was in place): nothing to add.
-                todo = w.pending
-                for start, stop in row_ranges(cache, block_rows):
-                    sel = todo[(todo >= start) & (todo < stop)]
-                    if len(sel):
-                        w.add(sel, cache.features(slice(start, stop))[sel - start], [])
-                w.add(np.zeros(0, np.int64), np.zeros((0, spec.feature_dim), np.float32),
-                      [(int(i), errors[i - n][1]) for i in todo[todo >= n]])
+                _copy_pending(cache, w, block_rows)
                 return w.finish()
     finally:
         if temporary:
             view.unlink(missing_ok=True)
+
+
+def _listing_of(cache: FeatureCache) -> Listing:
+    """The listing a merge writes: the cache's rows, then its errors (labelled -1)."""
+    errors = cache.errors
+    return Listing(Path(cache.source), cache.paths + [p for p, _ in errors],
+                   np.concatenate([cache.labels, np.full(len(errors), -1, np.int64)]),
+                   cache.classes, str(cache.attrs["layout"]))
+
+
+def _copy_pending(cache: FeatureCache, w: CacheWriter, block_rows: int) -> None:
+    """Add to `w` the rows of `cache` it still lacks, one row range at a time (each range is
+    one shard, read from one file), then the errors (the listing rows past the cache's rows)."""
+    n, layers, todo = len(cache), w.spec.layers, w.pending
+    for start, stop in row_ranges(cache, block_rows):
+        sel = todo[(todo >= start) & (todo < stop)]
+        if not len(sel):
+            continue
+        rows = slice(start, stop)
+        if layers:
+            w.add(sel, {name: cache.layer_rows(name, rows)[sel - start] for name in layers}, [])
+        else:
+            w.add(sel, cache.features(rows)[sel - start], [])
+    errors = cache.errors
+    none = ({name: np.zeros((0, dim), np.float32) for name, dim in layers.items()} if layers
+            else np.zeros((0, w.spec.feature_dim), np.float32))
+    w.add(np.zeros(0, np.int64), none, [(int(i), errors[i - n][1]) for i in todo[todo >= n]])

@@ -7,7 +7,7 @@ in progress its rows are committed as immutable part files in `CACHE.h5.partial/
 written to a temporary name and renamed into place: the rename is the commit marker.
 During a fresh run `CACHE.h5` is a small file whose datasets are HDF5 *virtual datasets*
 over the committed parts (`complete = False`, `committed_rows` = rows readable), rewritten
-atomically after each commit. During an append run the previous complete cache stays in
+atomically after each commit by `embedder.cache.view`, the writer of a sharded cache's view too. During an append run the previous complete cache stays in
 place untouched. At the end everything is consolidated into one self-contained file and
 the part folder is removed. Rerunning the command resumes after the last committed part;
 parts are made of whole batches, so a resumed run feeds the network exactly the batches
@@ -42,6 +42,7 @@ from embedder.cache.reader import (
     chunk_rows,
     read_paths,
 )
+from embedder.cache.view import Member, link_primary, write_attrs, write_errors, write_view
 from embedder.errors import CacheError, CacheMismatchError, DiskFullError
 from embedder.names import decode_path, encode_path
 
@@ -72,7 +73,7 @@ class _Committed:
 class CacheWriter:
     """Writes one run's rows into the cache at `path`, resuming any interrupted run.
 
-    Usage (this is what `embedder.extract.core` does)::
+    Usage (this is what `embedder.extract.core.embed_into` does)::
 
         with CacheWriter(path, spec, listing, overwrite=False, commit_every=512) as w:
             for batch in batches_of(w.pending):        # listing indices still to do
@@ -366,56 +367,12 @@ class CacheWriter:
             write_errors(f, buf.errors)
 
     def _write_view(self) -> None:
-        """CACHE.h5 as virtual datasets over the committed parts (fresh runs only)."""
-        tmp = temp_file(self.path)
-        with self._writing(tmp, needed=(64 << 10) + 512 * len(self.committed.files) + _errors_bytes(self.committed)):
-            self._write_view_file(tmp)
-            atomic_replace(tmp, self.path)
-
-    def _write_view_file(self, tmp: Path) -> None:
-        rows = self.committed.rows
-        total, dim = sum(rows), self.spec.feature_dim
-        rel = [os.path.relpath(p, self.path.parent) for p in self.committed.files]
-        with h5py.File(tmp, "w", driver="core", backing_store=True) as f:
-            if total:
-                width = max(self.committed.path_widths)
-                lay_f = h5py.VirtualLayout((total, dim), dtype=self.spec.feature_dtype)
-                lay_l = h5py.VirtualLayout((total,), dtype=np.int64)
-                lay_p = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
-                lay_x = {k: h5py.VirtualLayout((total, d), dtype=self.spec.feature_dtype)
-                         for k, d in self.spec.extra_layers.items()}
-                start = 0
-                for name, n in zip(rel, rows):
-                    if n:
-                        lay_f[start : start + n] = h5py.VirtualSource(name, "features", shape=(n, dim))
-                        for k, d in self.spec.extra_layers.items():
-                            lay_x[k][start : start + n] = h5py.VirtualSource(name, f"layers/{k}", shape=(n, d))
-                        lay_l[start : start + n] = h5py.VirtualSource(name, "labels", shape=(n,))
-                        lay_p[start : start + n] = h5py.VirtualSource(name, "paths", shape=(n,))
-                    start += n
-                f.create_virtual_dataset("features", lay_f, fillvalue=np.nan)
-                for k, lay in lay_x.items():
-                    f.create_virtual_dataset(f"layers/{k}", lay, fillvalue=np.nan)
-                f.create_virtual_dataset("labels", lay_l, fillvalue=-1)
-                f.create_virtual_dataset("paths", lay_p)
-            else:
-                f.create_dataset("features", shape=(0, dim), dtype=self.spec.feature_dtype)
-                for k, d in self.spec.extra_layers.items():
-                    f.create_dataset(f"layers/{k}", shape=(0, d), dtype=self.spec.feature_dtype)
-                f.create_dataset("labels", shape=(0,), dtype=np.int64)
-                f.create_dataset("paths", shape=(0,), dtype=STR)
-            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=STR)
-            write_errors(f, self.committed.errors)
-            self._link_primary(f)
-            self._write_attrs(f, rows=total, complete=False)
-
-    def _write_attrs(self, f: h5py.File, rows: int, complete: bool) -> None:
-        write_attrs(f, self.spec, rows, complete, ignored=self.ignored)
-
-    def _link_primary(self, f: h5py.File) -> None:
-        """/layers/<primary> is a hard link to /features: every layer is in /layers, stored once."""
-        if self.spec.layers:
-            f[f"layers/{next(iter(self.spec.layers))}"] = f["features"]
+        """CACHE.h5 as a view over the committed parts (fresh runs only; embedder.cache.view)."""
+        members = [Member(os.path.relpath(part, self.path.parent), n, width)
+                   for part, n, width in zip(self.committed.files, self.committed.rows, self.committed.path_widths)]
+        needed = (64 << 10) + 512 * len(members) + _errors_bytes(self.committed)
+        write_view(self.path, self.spec, self.classes, members, self.committed.errors, complete=False,
+                   ignored=self.ignored, guard=lambda tmp: self._writing(tmp, needed=needed))
 
     # finishing -----------------------------------------------------------------------------
     def finish(self) -> int:
@@ -438,92 +395,77 @@ class CacheWriter:
         return rows
 
     def _consolidate(self, old: FeatureCache | None, tmp: Path) -> int:
+        """Base (when appending) + parts, as one self-contained file at `tmp`. Returns its rows."""
         classes = sorted(set(self.classes) | set(old.classes if old else []))
-        index = {c: i for i, c in enumerate(classes)}
         total = (len(old) if old else 0) + self.resumed_rows
-        dim, dtype = self.spec.feature_dim, self.spec.feature_dtype
         with h5py.File(tmp, "w") as f:
-            chunk = (min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim)
-            feats = f.create_dataset(
-                "features", shape=(total, dim), maxshape=(None, dim), dtype=dtype, chunks=chunk, track_times=False
-            )
-            extra = {}
-            for k, d in self.spec.extra_layers.items():
-                extra[k] = f.create_dataset(
-                    f"layers/{k}", shape=(total, d), maxshape=(None, d), dtype=dtype,
-                    chunks=(min(chunk_rows(d, np.dtype(dtype).itemsize), max(total, 1)), d), track_times=False,
-                )
-            labels = f.create_dataset(
-                "labels", shape=(total,), maxshape=(None,), dtype=np.int64,
-                chunks=(min(65536, max(total, 1)),), track_times=False,
-            )
+            rows = self._create_rows(f, total)
             paths: list[str] = []
             errors: list[tuple[str, str]] = []
-            start = 0
             if old is not None:
-                remap = np.array([index[c] for c in old.classes] + [-1], dtype=np.int64)
-                for block in old.iter_blocks():
-                    feats[block.start : block.stop] = block.features
-                    labels[block.start : block.stop] = remap[block.labels]  # -1 maps to the last entry, -1
-                for k, ds in extra.items():
-                    for begin in range(0, len(old), 65536):
-                        stop = min(begin + 65536, len(old))
-                        ds[begin:stop] = old.layer_rows(k, slice(begin, stop))
-                start = len(old)
-                paths += old.paths
-                errors += old.errors
-            remap = np.array([index[c] for c in self.classes] + [-1], dtype=np.int64)
-            for part, n in zip(self.committed.files, self.committed.rows):
-                with h5py.File(part, "r") as pf:
-                    feats[start : start + n] = pf["features"][:]
-                    for k, ds in extra.items():
-                        ds[start : start + n] = pf[f"layers/{k}"][:]
-                    labels[start : start + n] = remap[pf["labels"][:]]
-                    paths += [decode_path(p) for p in pf["paths"][:]]
-                start += n
-            errors += self.committed.errors
-            encoded = [encode_path(p) for p in paths]
-            if self.fixed_width_paths:
-                path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
-                data = np.array(encoded, dtype=path_dtype)
-            else:
-                data, path_dtype = np.array(encoded, dtype=object), STR
-            f.create_dataset(
-                "paths", data=data, dtype=path_dtype, shape=(total,), maxshape=(None,),
-                chunks=(min(65536, max(total, 1)),), track_times=False,
-            )
+                _copy_base(old, rows, _relabelling(old.classes, classes))
+                paths, errors = old.paths, old.errors
+            paths += self._copy_parts(rows, len(paths), _relabelling(self.classes, classes))
+            self._create_paths(f, paths)
             f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR, track_times=False)
-            write_errors(f, errors)
-            self._link_primary(f)
-            self._write_attrs(f, rows=total, complete=True)
+            write_errors(f, errors + self.committed.errors)
+            link_primary(f, self.spec)
+            write_attrs(f, self.spec, rows=total, complete=True, ignored=self.ignored)
         return total
 
+    def _create_rows(self, f: h5py.File, total: int) -> dict[str, h5py.Dataset]:
+        """The row datasets of a finished cache but /paths, by name: chunked (~1 MiB) and resizable
+        along N, so that a later append run can grow them."""
+        dtype = self.spec.feature_dtype
+        widths = {"features": self.spec.feature_dim, **{f"layers/{k}": d for k, d in self.spec.extra_layers.items()}}
+        rows = {
+            name: f.create_dataset(name, shape=(total, dim), maxshape=(None, dim), dtype=dtype, track_times=False,
+                                   chunks=(min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim))
+            for name, dim in widths.items()
+        }
+        rows["labels"] = f.create_dataset("labels", shape=(total,), maxshape=(None,), dtype=np.int64,
+                                          chunks=(min(65536, max(total, 1)),), track_times=False)
+        return rows
 
-def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignored: dict | None = None) -> None:
-    """The cache attributes of schema v1 (see embedder.cache.reader)."""
-    f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["fingerprint"] = spec.fingerprint
-    f.attrs["fingerprint_components"] = json.dumps(spec.components, sort_keys=True)
-    for key, value in spec.components.items():
-        f.attrs[key] = value
-    f.attrs["source"] = spec.source
-    f.attrs["layout"] = spec.layout
-    f.attrs["feature_dim"] = spec.feature_dim
-    f.attrs["feature_dtype"] = spec.feature_dtype
-    if spec.layers:
-        f.attrs["layers"] = json.dumps(spec.layers)  # {name: width}, the primary (/features) first
-    f.attrs["committed_rows"] = rows
-    f.attrs["complete"] = complete
-    f.attrs["command"] = spec.command
-    f.attrs["ignored"] = json.dumps(ignored or {})
+    def _copy_parts(self, rows: dict[str, h5py.Dataset], start: int, relabel: np.ndarray) -> list[str]:
+        """The committed parts' rows, from row `start` on. Returns their paths."""
+        paths: list[str] = []
+        for part, n in zip(self.committed.files, self.committed.rows):
+            with h5py.File(part, "r") as pf:
+                for name, ds in rows.items():
+                    ds[start : start + n] = relabel[pf["labels"][:]] if name == "labels" else pf[name][:]
+                paths += [decode_path(p) for p in pf["paths"][:]]
+            start += n
+        return paths
+
+    def _create_paths(self, f: h5py.File, paths: list[str]) -> None:
+        encoded = [encode_path(p) for p in paths]
+        if self.fixed_width_paths:
+            path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
+            data = np.array(encoded, dtype=path_dtype)
+        else:
+            data, path_dtype = np.array(encoded, dtype=object), STR
+        f.create_dataset("paths", data=data, dtype=path_dtype, shape=(len(paths),), maxshape=(None,),
+                         chunks=(min(65536, max(len(paths), 1)),), track_times=False)
 
 
-def write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
-    g = f.create_group("errors")
-    paths = np.array([encode_path(p) for p, _ in errors], dtype=object)
-    g.create_dataset("path", data=paths, dtype=STR, shape=(len(errors),))
-    g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR, shape=(len(errors),))
+def _relabelling(classes: list[str], merged: list[str]) -> np.ndarray:
+    """Labels over `classes` -> labels over `merged`; the extra last entry maps -1 (unlabelled) to -1."""
+    index = {c: i for i, c in enumerate(merged)}
+    return np.array([index[c] for c in classes] + [-1], dtype=np.int64)
 
+
+def _copy_base(old: FeatureCache, rows: dict[str, h5py.Dataset], relabel: np.ndarray, block_rows: int = 65536) -> None:
+    """The previous complete cache's rows, block by block (it need not fit in memory)."""
+    labels = old.labels
+    for begin in range(0, len(old), block_rows):
+        block = slice(begin, min(begin + block_rows, len(old)))
+        for name, ds in rows.items():
+            if name == "labels":
+                ds[block] = relabel[labels[block]]
+            else:
+                layer = old.primary_layer if name == "features" else name.removeprefix("layers/")
+                ds[block] = old.layer_rows(layer, block)
 
 
 DISK_HEADROOM = 256 << 10  # bytes kept free beyond an estimate: HDF5's own overhead varies

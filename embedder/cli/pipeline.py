@@ -22,14 +22,18 @@ not after an hour of extraction.
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tomllib
 
+from embedder.cli import commands
 from embedder.errors import ConfigError
+from embedder.options import from_table
 
 
 @dataclass
@@ -38,147 +42,76 @@ class Step:
     describe: str
     execute: Callable[[], object]
     label: str = ""  # row name in the closing results table (steps that report an accuracy)
+    config: object = None  # the step's validated config
 
 
-def _make_samples_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.data.samples import SAMPLES, make_samples
+@dataclass(frozen=True)
+class StepKind:
+    """A step is a command: the same config (its TOML keys are the config's fields) and the same handler."""
 
-    _only_keys(values, {"out", "only"}, "make-samples")
-    out = base / values.get("out", "data")
-    only = values.get("only")
-    if only is not None and (not isinstance(only, list) or set(only) - set(SAMPLES)):
-        raise ConfigError(f"make-samples: `only` must be a list drawn from {list(SAMPLES)}, got {only!r}.")
-    return Step("make-samples", f"make sample data in {out}", lambda: print(make_samples(out, only=only).summary()))
+    config: str  # "module:Class"
+    handler: Callable
+    describe: Callable[[object], str]
+    labelled: bool = False  # takes `label` (a row of the results table)
+    # Where a step's default differs from the command's. Kept so that pipelines written before
+    # the options were declared once still do what they did (the search step showed 5 hits).
+    defaults: tuple[tuple[str, object], ...] = ()
 
-
-def _embed_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.extract.config import EmbedConfig
-
-    values = dict(values)
-    label = values.pop("label", "")
-    backend = values.pop("backend", "local")
-    ray_table = values.pop("ray", {})  # e.g. ray = { address = "auto", shard_size = 65536 }
-    config = EmbedConfig.from_mapping({"progress": progress, **values}, base_dir=base)
-    options = None
-    if backend == "ray":
-        import dataclasses
-
-        from embedder.extract.ray import RayOptions
-
-        known = {f.name for f in dataclasses.fields(RayOptions)}
-        unknown = sorted(set(ray_table) - known)
-        if unknown or not isinstance(ray_table, dict):
-            raise ConfigError(f"Unknown ray setting(s) {unknown} in the embed step. Known: {sorted(known)}.")
-        options = RayOptions(**ray_table)
-    elif backend != "local" or ray_table:
-        raise ConfigError(f"embed step: backend must be 'local' or 'ray' (with a `ray` table), got {backend!r}.")
-
-    def execute():
-        command = f"embedder run (embed step: {config.source} -> {config.out})"
-        if options is not None:
-            from embedder.extract.ray import embed_ray
-
-            report = embed_ray(config, options, command=command)
-        else:
-            from embedder.extract.core import embed
-
-            report = embed(config, command=command)
-        print(report.summary())
-        return report
-
-    return Step("embed", f"embed {config.source} with {config.model} -> {config.out}", execute, label)
+    def config_class(self) -> type:
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
-def _finetune_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.learn.finetune import FinetuneConfig
-
-    values = dict(values)
-    label = values.pop("label", "")
-    config = FinetuneConfig.from_mapping({"progress": progress, **values}, base_dir=base)
-
-    def execute():
-        from embedder.learn.finetune import finetune
-
-        report = finetune(config)
-        print(report.summary())
-        return report
-
-    mode = "fixed feature extractor" if config.freeze_backbone else "fine-tune"
-    return Step("finetune", f"{mode} {config.model} on {config.source} -> {config.out}", execute, label or mode)
-
-
-def _info_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.cli.commands import info
-
-    _only_keys(values, {"cache", "errors"}, "info")
-    if "cache" not in values:
-        raise ConfigError("The info step needs `cache`.")
-    cache = base / values["cache"]
-    return Step("info", f"describe {cache}", lambda: info(str(cache), list_errors=bool(values.get("errors"))))
-
-
-def _probe_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.learn.train import ProbeConfig
-
-    values = dict(values)
-    label = values.pop("label", "")
-    config = ProbeConfig.from_mapping(values, base_dir=base)
-
-    def execute():
-        from embedder.learn.metrics import format_table
-        from embedder.learn.train import run_probe
-
-        report = run_probe(config)
-        print(format_table(report))
-        return report
-
-    return Step("probe", f"{config.classifier} on {config.cache}", execute, label or config.classifier)
-
-
-def _index_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.cli.commands import index_command
-
-    _only_keys(values, {"cache", "out", "kind", "metric", "memory_budget", "target_recall", "seed", "on_disk",
-                        "layer"}, "index")
-    missing = [k for k in ("cache", "out") if k not in values]
-    if missing:
-        raise ConfigError(f"The index step needs {', '.join(missing)}.")
-    cache, out = base / values["cache"], base / values["out"]
-    return Step("index", f"index {cache} -> {out}", lambda: index_command(
-        str(cache), str(out), values.get("kind", "auto"), values.get("metric", "cosine"),
-        values.get("memory_budget"), float(values.get("target_recall", 0.95)), int(values.get("seed", 0)),
-        progress, False, on_disk=bool(values.get("on_disk", False)), layer=values.get("layer")))
-
-
-def _search_step(values: dict, base: Path, progress: bool) -> Step:
-    from embedder.cli.commands import search_command
-
-    _only_keys(values, {"index", "image", "k", "grid"}, "search")
-    if "index" not in values or "image" not in values:
-        raise ConfigError("The search step needs `index` and `image` (a file, folder, or list of them).")
-    images = values["image"] if isinstance(values["image"], list) else [values["image"]]
-    images = [str(base / i) for i in images]
-    grid = str(base / values["grid"]) if values.get("grid") else None
-    index = str(base / values["index"])
-    return Step("search", f"search {index} with {', '.join(images)}", lambda: search_command(
-        index, images, None, None, None, int(values.get("k", 5)), False, grid, None))
-
-
-STEP_KINDS: dict[str, Callable[[dict, Path, bool], Step]] = {
-    "make-samples": _make_samples_step,
-    "embed": _embed_step,
-    "info": _info_step,
-    "probe": _probe_step,
-    "finetune": _finetune_step,
-    "index": _index_step,
-    "search": _search_step,
+STEP_KINDS: dict[str, StepKind] = {
+    "make-samples": StepKind("embedder.data.config:MakeSamplesConfig", commands.make_samples,
+                             lambda c: f"make sample data in {c.out}"),
+    "embed": StepKind("embedder.extract.config:EmbedConfig", commands.embed,
+                      lambda c: f"embed {c.source} with {c.model} -> {c.out}", labelled=True),
+    "info": StepKind("embedder.cache.config:InfoConfig", commands.info, lambda c: f"describe {c.cache}"),
+    "probe": StepKind("embedder.learn.config:ProbeConfig", commands.probe,
+                      lambda c: f"{c.classifier} on {c.cache}", labelled=True),
+    "finetune": StepKind("embedder.learn.config:FinetuneConfig", commands.finetune,
+                         lambda c: f"{'fixed feature extractor' if c.freeze_backbone else 'fine-tune'} {c.model} on "
+                                   f"{c.source} -> {c.out}", labelled=True),
+    "index": StepKind("embedder.search.config:IndexConfig", commands.index, lambda c: f"index {c.cache} -> {c.out}"),
+    "search": StepKind("embedder.search.config:SearchConfig", commands.search,
+                       lambda c: f"search {c.index} with {', '.join(c.image) or c.path or c.row_id or c.vector}",
+                       defaults=(("k", 5),)),
 }
 
 
-def _only_keys(values: dict, allowed: set[str], kind: str) -> None:
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ConfigError(f"{kind} step: unknown setting(s) {unknown}; allowed: {sorted(allowed)}.")
+def _step(kind: str, values: dict, base: Path, progress: bool, pipeline: Path) -> Step:
+    step_kind = STEP_KINDS[kind]
+    values = dict(step_kind.defaults) | dict(values)
+    label = values.pop("label", "") if step_kind.labelled else ""
+    ray = _ray_options(values) if kind == "embed" else None
+    cls = step_kind.config_class()
+    config = from_table(cls, values, base_dir=base, what=kind)
+    if hasattr(config, "progress"):  # `embedder run --quiet` sets it for every step
+        config = replace(config, progress=progress)
+    args = argparse.Namespace(json=False, command_line=f"embedder run {pipeline}")
+    execute = (lambda: step_kind.handler(config, args, ray)) if kind == "embed" else (
+        lambda: step_kind.handler(config, args))
+    if kind == "finetune" and not label:
+        label = "fixed feature extractor" if config.freeze_backbone else "fine-tune"
+    if kind == "probe" and not label:
+        label = config.classifier
+    return Step(kind, step_kind.describe(config), execute, label, config)
+
+
+def _ray_options(values: dict):
+    """The embed step's `backend = "ray"` and `ray = {...}` (RayOptions) keys; popped from `values`."""
+    from embedder.extract.config import RayOptions
+
+    backend = values.pop("backend", "local")
+    table = values.pop("ray", {})
+    if backend == "ray":
+        if not isinstance(table, dict):
+            raise ConfigError("embed step: `ray` must be a table, e.g. ray = { shard_size = 65536 }.")
+        return from_table(RayOptions, table, base_dir=None, what="ray")
+    if backend != "local" or table:
+        raise ConfigError(f"embed step: backend must be 'local' or 'ray' (with a `ray` table), got {backend!r}.")
+    return None
 
 
 def load_pipeline(path: str | Path, progress: bool = True) -> tuple[str, list[Step]]:
@@ -198,7 +131,7 @@ def load_pipeline(path: str | Path, progress: bool = True) -> tuple[str, list[St
         if kind not in STEP_KINDS:
             raise ConfigError(f"{path}: step {n} has run = {kind!r}; known steps: {', '.join(STEP_KINDS)}.")
         try:
-            steps.append(STEP_KINDS[kind](values, base, progress))
+            steps.append(_step(kind, values, base, progress, path))
         except ConfigError as exc:
             raise ConfigError(f"{path}: step {n} ({kind}): {exc}") from None
     if not steps:

@@ -26,13 +26,16 @@ import os
 import re
 import stat
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from embedder.errors import BadImageError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (~ 9459 x 9459)
 DECODER = f"PIL-{PIL.__version__}"
@@ -137,6 +140,8 @@ def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limi
         raise BadImageError(f"corrupt image data: {msg}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is one bad file, never a dead run
         raise BadImageError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None
+    import torch  # here, not at the top: configs read DEFAULT_MAX_PIXELS, and must not load torch
+
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

@@ -1,1 +1,1 @@
-"""Extraction: the embed configuration, the one embed core, the local and the Ray drivers."""
+"""Extraction: `config` (EmbedConfig), `core` (the one embed core), `local` and `ray` (the drivers that call it)."""

@@ -11,40 +11,67 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedder.cache.schema import FEATURE_DTYPES
 from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
-from embedder.models.runtime import auto_workers
-from embedder.options import config_from_table, positive
+from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
+from embedder.options import from_table, int_or_auto, option, positive, to_arguments
+
+ROW_OPTIONS = "what is embedded"
+RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    source: str  # image folder, or .txt/.csv file list
-    model: str  # registry name, see `embedder models`
-    out: str  # the HDF5 cache to create, resume or append to
-    weights: str = "DEFAULT"  # DEFAULT | none | path to a state-dict file
-    layer: str | None = None  # None = the registry's default pooling point; the cache's /features
-    extra_layers: tuple[str, ...] = ()  # more layers, same pass, each its own dataset in /layers
-    pool: str = "avg"  # avg | max | gem | none (flatten)
-    style: bool = False  # also store the Gram style descriptor as the layer "style"
-    style_layers: tuple[str, ...] = ()  # () = the model's style layers (see `embedder inspect`)
-    style_dim: int = 2048  # length of the projected style descriptor; 0 = full Gram triangles
-    normalize: str = "none"  # "l2" stores unit-length features
-    batch_size: int | None = None  # None = auto: measured best for the device (see auto_batch_size)
-    workers: int | None = None  # None = auto (one per spare core, at most 8)
-    device: str = "auto"
-    precision: str = "auto"
-    memory_layout: str = "auto"
-    compile: bool = False  # torch.compile the backbone: faster for large jobs, ~20 s to start (CPU)
-    image_size: int | None = None  # override the weights' crop size; resize keeps its ratio
-    limit: int | None = None  # only the first N files of the (sorted) listing
-    layout: str = "auto"  # how SOURCE is organised, see embedder.data.sources
-    feature_dtype: str = "float32"
-    commit_every: int = 512  # files per committed part: the most a kill can lose
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    overwrite: bool = False
-    progress: bool = True
+    source: str = option(positional=True, path=True,
+                         help="image folder (ImageFolder tree, train/val split tree or flat) or .txt/.csv file list")
+    model: str = option(help="backbone name (see `embedder models`)")
+    out: str = option(path=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
+    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"),
+                          help="DEFAULT (pretrained), none (random init) or PATH to a state dict")
+    # The CLI's repeated --layer fills `layer` (the first: /features) and `extra_layers` (see _from_cli).
+    layer: str | None = option(None, repeat=True, metavar="NAME", group=ROW_OPTIONS,
+                               help="output point (default: the pooled last conv stage); any name from `embedder "
+                                    "inspect MODEL`. Repeat for several layers in one pass: each is stored as its own "
+                                    "dataset, the first as /features; `style` names the Gram style descriptor")
+    extra_layers: tuple[str, ...] = option((), cli=False, help="more layers of the same pass, each its own dataset")
+    pool: str = option("avg", choices=POOLINGS, group=ROW_OPTIONS,
+                       help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), "
+                            "none = flatten")
+    style: bool = option(False, group=ROW_OPTIONS,
+                         help="also store the Gram-matrix style descriptor as the layer `style` (indexable)")
+    style_layers: tuple[str, ...] = option((), flag="--style-layer", metavar="NAME", group=ROW_OPTIONS,
+                                           help="a layer of the style descriptor; repeat (default: the model's, "
+                                                "see `embedder inspect`)")
+    style_dim: int = option(DEFAULT_STYLE_DIM, group=ROW_OPTIONS,
+                            help="length of the style descriptor (seeded count-sketch projection); 0 = full Gram "
+                                 "triangles")
+    normalize: str = option("none", choices=("none", "l2"), group=ROW_OPTIONS, help="store L2-normalised features")
+    batch_size: int | None = option(None, parse=int_or_auto, group=RUN_OPTIONS,
+                                    help="images per forward pass (default auto: 4 on CPU, 32 on GPU; measured, see "
+                                         "docs/BENCHMARKS.md)")
+    workers: int | None = option(None, parse=int_or_auto, group=RUN_OPTIONS,
+                                 help="reader processes (default auto: one per spare core, at most 8)")
+    device: str = option("auto", group=RUN_OPTIONS, help="auto, cpu or cuda[:N]")
+    precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"), group=RUN_OPTIONS,
+                            help="auto = fastest measured for the device (see docs/BENCHMARKS.md)")
+    memory_layout: str = option("auto", choices=("auto", "channels_last", "contiguous"), group=RUN_OPTIONS,
+                                help="tensor layout of the model's input and weights")
+    compile: bool = option(False, group=RUN_OPTIONS,
+                           help="torch.compile the backbone: 1.25-1.5x faster on CPU once compiled, 18-26 s to "
+                                "compile; worth it from about 1,300 images (docs/BENCHMARKS.md)")
+    image_size: int | None = option(None, group=ROW_OPTIONS,
+                                    help="override the weights' crop size (resize keeps its ratio)")
+    limit: int | None = option(None, group=ROW_OPTIONS, help="only the first N files of the sorted listing")
+    layout: str = option("auto", choices=LAYOUTS, group=ROW_OPTIONS, help="how SOURCE is organised (default: detect)")
+    feature_dtype: str = option("float32", flag="--dtype", choices=FEATURE_DTYPES, group=ROW_OPTIONS,
+                                help="storage type of the features")
+    commit_every: int = option(512, group=RUN_OPTIONS, help="files per committed part (the most a kill can lose)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, group=ROW_OPTIONS,
+                             help="refuse larger images as decompression bombs")
+    overwrite: bool = option(False, help="replace an existing cache with another configuration")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         for name in ("extra_layers", "style_layers"):  # TOML gives lists
@@ -53,8 +80,6 @@ class EmbedConfig:
             from embedder.models.runtime import auto_batch_size
 
             object.__setattr__(self, "batch_size", auto_batch_size(self.device))
-        from embedder.models.backbone import POOLINGS
-
         if self.pool not in POOLINGS:
             raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {self.pool!r}.")
         if self.style_dim < 0:
@@ -75,7 +100,20 @@ class EmbedConfig:
     @classmethod
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> EmbedConfig:
         """Build from a TOML table; relative paths are taken relative to `base_dir`."""
-        return config_from_table(cls, values, base_dir, "embed", path_keys=("source", "out"))
+        return from_table(cls, values, base_dir, "embed")
+
+    @classmethod
+    def _from_cli(cls, values: dict) -> dict:
+        """The command line's repeated --layer: the first is `layer`, the others `extra_layers`."""
+        layers = values.get("layer")
+        if isinstance(layers, (list, tuple)):
+            values = {**values, "layer": layers[0] if layers else None}
+            values["extra_layers"] = tuple(layers[1:]) + tuple(values.get("extra_layers", ()))
+        return values
+
+    def _to_cli(self, values: dict) -> dict:
+        layers = tuple(n or "default" for n in (self.layer, *self.extra_layers)) if self.extra_layers else self.layer
+        return {**values, "layer": layers}
 
     @property
     def outputs(self) -> tuple[str | None, ...]:
@@ -84,27 +122,41 @@ class EmbedConfig:
         return (self.layer, *extra)
 
     def resolved_workers(self) -> int:
+        from embedder.models.runtime import auto_workers
+
         return auto_workers(self.workers)
 
     def command_line(self, backend: str = "local") -> str:
         """The `embedder embed` command equivalent to this config (what the cache records, so that an
         interrupted run can be told how to resume)."""
-        import dataclasses
         import shlex
 
-        flags = {"feature_dtype": "--dtype", "progress": None, "overwrite": None, "extra_layers": None}
-        args = ["embedder", "embed", self.source, "--model", self.model, "--out", self.out]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("source", "model", "out") or value == f.default or f.name in flags and not flags[f.name]:
-                continue
-            flag = flags.get(f.name) or "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                args.append(flag)
-            elif isinstance(value, tuple):  # repeated flags are singular: --style-layer A --style-layer B
-                args += [tok for v in value for tok in (flag.removesuffix("s"), str(v))]
-            else:
-                args += [flag, str(value)]
-                if f.name == "layer":
-                    args += [tok for v in self.extra_layers for tok in ("--layer", v)]
-        return shlex.join(args + (["--backend", "ray"] if backend == "ray" else []))
+        extra = ["--backend", "ray"] if backend == "ray" else []
+        return shlex.join(["embedder", "embed", *to_arguments(self), *extra])
+
+
+RAY_OPTIONS = "scale-out on Ray (docs/SCALING.md)"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How `--backend ray` runs (a pipeline's embed step: `ray = {...}`). None of it changes the features."""
+
+    address: str | None = option(None, group=RAY_OPTIONS,
+                                 help="Ray cluster to join: auto (the one `ray start` made) or HOST:PORT; default: "
+                                      "start a local one")
+    shard_size: int = option(65536, group=RAY_OPTIONS,
+                             help="rows per shard file (rounded up to whole batches): the unit of work and of resume")
+    actors: int | None = option(None, group=RAY_OPTIONS, help="actor pool size (default: fill the cluster)")
+    gpus_per_actor: float | None = option(None, group=RAY_OPTIONS,
+                                          help="default: 1 when the cluster has GPUs, else 0")
+    cpus_per_actor: float = option(1.0, group=RAY_OPTIONS,
+                                   help="CPUs reserved per actor (its reader processes are --workers)")
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be a positive integer, got {self.shard_size}.")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be at least 1, got {self.actors}.")
+        if self.cpus_per_actor <= 0 or (self.gpus_per_actor or 0) < 0:
+            raise ConfigError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0.")

@@ -1,4 +1,11 @@
-"""Reader -> backbone -> cache writer, timed per stage.
+"""The one embed core: a slice of a listing -> backbone -> cache writer, timed per stage.
+
+`embed_into(writer, backbone, config)` embeds the rows a `CacheWriter` still lacks (the rows
+of its listing not yet in its cache) and finishes the cache. Both drivers are built on it
+and on `cache_spec` (listing + backbone + config -> the `CacheSpec` a cache records) and
+`require_rows` (a finished run that kept no row is an error): the local driver
+(`embedder.extract.local.embed`) runs it once over the whole listing, the Ray driver
+(`embedder.extract.ray`) once per shard, each shard being the listing of its own writer.
 
 Batch contract between the stages (one dict per batch, produced by `BatchReader`):
 
@@ -15,13 +22,11 @@ the network the same batches.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +34,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from embedder.atomic import WriteLock
 from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
-from embedder.data.sources import Listing, describe_ignored, list_source
+from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
-from embedder.errors import AllImagesFailedError, BadImageError, EmbedderNotice
+from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
 from embedder.models.registry import Preprocessing
@@ -87,73 +91,6 @@ class BatchReader(Dataset):
             "errors": errors,
             "decode_s": seconds["decode"],
             "resize_s": seconds["resize"],
-        }
-
-
-@dataclass
-class EmbedReport:
-    out: str
-    fingerprint: str
-    listed: int  # files found in SOURCE (after --limit)
-    already_cached: int  # listed files that an earlier run had done (rows or errors)
-    embedded: int  # new feature rows written by this run
-    errors: list[tuple[str, str]]  # (path, reason) recorded by this run
-    total_rows: int  # feature rows in the finished cache
-    ignored: int  # files under SOURCE that are not rows (not image names, hidden, outside classes, links)
-    wall_s: float
-    stage_s: dict[str, float] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    ignored_by_reason: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def up_to_date(self) -> bool:
-        return self.embedded == 0 and not self.errors
-
-    @property
-    def images_per_s(self) -> float:
-        done = self.embedded + len(self.errors)
-        return done / self.wall_s if self.wall_s > 0 else 0.0
-
-    def summary(self) -> str:
-        if self.up_to_date:
-            return (
-                f"{self.out} is up to date: all {self.listed} files of SOURCE are cached "
-                f"({self.total_rows} rows). Nothing to do."
-            )
-        lines = [
-            f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
-            f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
-            f"  already cached  : {self.already_cached}",
-            *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
-              if "layers" in self.config else []),
-            f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
-        ]
-        if self.ignored:
-            lines.append(f"  ignored files   : {describe_ignored(self.ignored_by_reason)}")
-        for path, reason in self.errors[:5]:
-            lines.append(f"    {display_path(path)}: {reason}")
-        if len(self.errors) > 5:
-            lines.append(f"    ... and {len(self.errors) - 5} more")
-        lines.append("  time per stage  : " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_s.items()))
-        lines.append("                    (decode and resize run in the reader workers, in parallel with the model;")
-        lines.append("                     'wait' is the time the model stage waited for them)")
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict:
-        return {
-            "out": self.out,
-            "fingerprint": self.fingerprint,
-            "listed": self.listed,
-            "already_cached": self.already_cached,
-            "embedded": self.embedded,
-            "errors": [{"path": p, "reason": r} for p, r in self.errors],
-            "total_rows": self.total_rows,
-            "ignored": self.ignored,
-            "ignored_by_reason": self.ignored_by_reason,
-            "wall_s": self.wall_s,
-            "images_per_s": self.images_per_s,
-            "stage_s": self.stage_s,
-            "config": self.config,
         }
 
 
@@ -225,81 +162,74 @@ def backbone_for(config: EmbedConfig) -> FrozenBackbone:
     )
 
 
-def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None,
-          lock: WriteLock | None = None) -> EmbedReport:
-    """Embed every image of `config.source` into the cache `config.out` (create, resume or append).
-
-    `lock`: the cache's write lock, when the caller holds it already (the CLI takes it first thing)."""
-    if lock is not None:
-        return _embed_locked(config, backbone, command, lock)
-    # The lock first: a second run into the same cache is refused at once, before it spends
-    # tens of seconds building a model.
-    with WriteLock(Path(config.out)) as taken:
-        return _embed_locked(config, backbone, command, taken)
-
-
-def _embed_locked(config: EmbedConfig, backbone, command: str | None, lock: WriteLock) -> EmbedReport:
-    t_start = time.perf_counter()
-    listing = list_source(config.source, config.layout, config.limit)
-    backbone = backbone or backbone_for(config)
-    spec = CacheSpec(
+def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str) -> CacheSpec:
+    """What a cache of `listing` embedded by `backbone` records: fingerprint components, source,
+    widths (every layer, the primary first, for a multi-layer cache) and the command that resumes it."""
+    return CacheSpec(
         components=fingerprint_components(backbone, config.feature_dtype),
+        # A file list's rows are relative to its own folder, but SOURCE is the list itself.
         source=str(listing.root if listing.layout != "filelist" else Path(config.source).resolve()),
         feature_dim=backbone.feature_dim,
         layers=dict(backbone.outputs) if len(backbone.outputs) > 1 else {},
         layout=listing.layout,
-        command=command if command is not None else config.command_line(),
+        command=command,
     )
-    timer = StageTimer()
-    new_errors: list[tuple[str, str]] = []
-    if config.pool == "none":
-        mib = sum(backbone.outputs.values()) * (2 if config.feature_dtype == "float16" else 4) * 1000 / 2**20
-        warnings.warn(f"--pool none stores whole maps: {dict(backbone.outputs)} values per image, "
-                      f"{mib:.0f} MiB per 1000 images.", EmbedderNotice, stacklevel=2)
-    if config.compile and config.progress:
-        warnings.warn(f"--compile: the first batch compiles {config.model} (tens of seconds on a CPU).",
-                      EmbedderNotice, stacklevel=2)
+
+
+@dataclass
+class Embedded:
+    """What `embed_into` did to one writer's cache."""
+
+    already_cached: int  # rows of the writer's listing done before (an earlier run, a killed attempt's parts)
+    embedded: int  # feature rows written by this call
+    errors: list[tuple[str, str]]  # (path, reason) recorded by this call
+    total_rows: int  # feature rows in the finished cache
+    stage_s: dict[str, float]  # seconds per stage, STAGES order
+
+
+def embed_into(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedConfig,
+               progress: bool | None = None) -> Embedded:
+    """Embed the rows `writer` still lacks (`writer.pending`, rows of `writer.listing`), then finish its cache.
+
+    Reads with `config.batch_size`, `max_pixels` and `workers`; `progress` (default
+    `config.progress`) shows a bar on stderr."""
+    timer, errors = StageTimer(), []
+    already = len(writer.listing) - len(writer.pending)
     embedded = 0
-    with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
-                     lock=lock) as writer:
-        pending = writer.pending
-        already = len(listing) - len(pending)
-        if len(pending):
-            embedded = _run_batches(config, backbone, listing, writer, timer, new_errors)
-        total_rows = writer.finish()
-    wall = time.perf_counter() - t_start
-    report = EmbedReport(
-        out=str(config.out),
-        fingerprint=spec.fingerprint,
-        listed=len(listing),
-        already_cached=already,
-        embedded=embedded,
-        errors=new_errors,
-        total_rows=total_rows,
-        ignored=len(listing.ignored),
-        wall_s=wall,
-        stage_s={k: round(v, 3) for k, v in timer.seconds.items()},
-        config={k: str(v) for k, v in spec.components.items()},
-        ignored_by_reason=listing.ignored_counts(),
-    )
-    if total_rows == 0:
-        with FeatureCache(config.out) as cache:
-            errors = cache.errors
-        sample = "; ".join(f"{display_path(p)}: {r}" for p, r in errors[:3])
-        raise AllImagesFailedError(
-            f"No image of {config.source} could be used ({len(errors)} failed, e.g. {sample}). "
-            f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."
-        )
-    return report
+    if len(writer.pending):
+        embedded = _embed_pending(writer, backbone, config, timer, errors,
+                                  config.progress if progress is None else progress)
+    total_rows = writer.finish()
+    return Embedded(already, embedded, errors, total_rows, {k: round(v, 3) for k, v in timer.seconds.items()})
 
 
-def _run_batches(config, backbone, listing: Listing, writer: CacheWriter, timer: StageTimer, new_errors) -> int:
-    on_gpu = backbone.device.type == "cuda"
+def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedConfig, timer: StageTimer,
+                   errors: list[tuple[str, str]], progress: bool) -> int:
+    """The reader -> model -> writer loop over `writer.pending`. Returns the rows embedded; appends to `errors`."""
+    listing = writer.listing
     reader = BatchReader(
         listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing, config.max_pixels
     )
-    workers = config.resolved_workers()
-    loader = DataLoader(
+    bar = tqdm(
+        total=len(writer.pending), unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
+        file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s
+    )
+    embedded = 0
+    with bar:
+        for batch in _timed(_loader(reader, config.resolved_workers(), backbone.device.type == "cuda"), timer):
+            features = _forward(backbone, batch, timer)
+            with timer("write"):
+                writer.add(batch["indices"], features, batch["errors"])
+            embedded += len(batch["indices"])
+            errors += [(listing.paths[i], reason) for i, reason in batch["errors"]]
+            bar.update(len(batch["indices"]) + len(batch["errors"]))
+            if batch["errors"]:
+                bar.set_postfix(errors=len(errors))
+    return embedded
+
+
+def _loader(reader: BatchReader, workers: int, on_gpu: bool) -> DataLoader:
+    return DataLoader(
         reader,
         batch_size=None,  # the reader already yields whole batches
         shuffle=False,
@@ -307,40 +237,50 @@ def _run_batches(config, backbone, listing: Listing, writer: CacheWriter, timer:
         pin_memory=on_gpu,
         prefetch_factor=4 if workers else None,
     )
-    embedded = 0
-    bar = tqdm(
-        total=len(writer.pending), unit="img", desc="embed", disable=not config.progress, dynamic_ncols=True,
-        file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s
+
+
+def _timed(loader: DataLoader, timer: StageTimer):
+    """The loader's batches; the time spent waiting for each is the stage `wait`, and the
+    reader workers' own decode and resize seconds are added to theirs."""
+    batches = iter(loader)
+    while True:
+        with timer("wait"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        timer.seconds["decode"] += batch["decode_s"]
+        timer.seconds["resize"] += batch["resize_s"]
+        yield batch
+
+
+def _forward(backbone: FrozenBackbone, batch: dict, timer: StageTimer):
+    """The batch's features: {layer: array} for a multi-layer cache, one array for a single-layer one."""
+    features = {n: np.zeros((0, d), dtype=np.float32) for n, d in backbone.outputs.items()}
+    if len(batch["indices"]):
+        with timer("transfer"):
+            images = batch["images"].to(backbone.device, non_blocking=True)
+        with timer("model"):
+            out = backbone.forward_all(images)
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize()  # CUDA runs asynchronously: without it, the copy below gets the model's time
+        with timer("transfer"):
+            features = {n: v.cpu().numpy() for n, v in out.items()}
+    if len(features) == 1:
+        return features[backbone.node]  # single-layer caches: exactly the old write path
+    return features
+
+
+def require_rows(config: EmbedConfig, total_rows: int) -> None:
+    """A finished run whose cache has no row is an error, not an empty cache: say why the images failed."""
+    if total_rows:
+        return
+    with FeatureCache(config.out) as cache:
+        errors = cache.errors
+    sample = "; ".join(f"{display_path(p)}: {r}" for p, r in errors[:3])
+    raise AllImagesFailedError(
+        f"No image of {config.source} could be used ({len(errors)} failed, e.g. {sample}). "
+        f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."
     )
-    with bar:
-        batches = iter(loader)
-        while True:
-            with timer("wait"):
-                batch = next(batches, None)
-            if batch is None:
-                break
-            timer.seconds["decode"] += batch["decode_s"]
-            timer.seconds["resize"] += batch["resize_s"]
-            features = {n: np.zeros((0, d), dtype=np.float32) for n, d in backbone.outputs.items()}
-            if len(batch["indices"]):
-                with timer("transfer"):
-                    images = batch["images"].to(backbone.device, non_blocking=True)
-                with timer("model"):
-                    out = backbone.forward_all(images)
-                    if on_gpu:
-                        torch.cuda.synchronize()
-                with timer("transfer"):
-                    features = {n: v.cpu().numpy() for n, v in out.items()}
-            if len(features) == 1:
-                features = features[backbone.node]  # single-layer caches: exactly the old write path
-            with timer("write"):
-                writer.add(batch["indices"], features, batch["errors"])
-            embedded += len(batch["indices"])
-            new_errors += [(listing.paths[i], reason) for i, reason in batch["errors"]]
-            bar.update(len(batch["indices"]) + len(batch["errors"]))
-            if batch["errors"]:
-                bar.set_postfix(errors=len(new_errors))
-    return embedded
 
 
 def embed_images(
@@ -360,3 +300,4 @@ def embed_images(
         errors += [(str(paths[i]), reason) for i, reason in batch["errors"]]
     out = np.concatenate(feats) if feats else np.zeros((0, backbone.feature_dim), np.float32)
     return out, errors
+

@@ -1,36 +1,38 @@
 """`embedder embed --backend ray`: the same extraction, sharded over a Ray cluster with Ray Data.
 
-The plan (which rows form which shard) and the files are `embedder.cache.shards`; this module only
-schedules. The listing becomes a Ray dataset with one row per pending shard, and
+This driver only plans and schedules. The plan (which rows form which shard) and the files
+are `embedder.cache.shards`; the embedding is the one embed core,
+`embedder.extract.core.embed_into`, run by `embed_shard` once per shard into the shard's own
+`CacheWriter`. The listing becomes a Ray dataset with one row per pending shard, and
 `map_batches` runs an actor pool over it: each actor builds the eval-locked backbone once
 (with `num_gpus` per actor on GPU nodes) and embeds one shard per call, writing the shard's
-cache file and then its marker straight to the shared filesystem. Only small summaries
-travel back to the driver, which refreshes the virtual view `OUT` as shards finish.
-A killed run loses at most the shards in flight (and those resume from their own parts).
+cache file -- every layer, `--style` included -- and then its marker straight to the shared
+filesystem. Only small summaries travel back to the driver, which refreshes the virtual view
+`OUT` as shards finish. A killed run loses at most the shards in flight (and those resume
+from their own parts).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
 
-from embedder.atomic import file_sha256
+from embedder.atomic import WriteLock, file_sha256
+from embedder.cache.fingerprint import component_differences, fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.shards import Shard, ShardJob, ShardSet, lock_output, write_json
 from embedder.cache.writer import CacheWriter
-from embedder.data.sources import list_source
-from embedder.errors import AllImagesFailedError, ConfigError
-from embedder.extract.config import EmbedConfig
-from embedder.extract.core import StageTimer, _run_batches
-from embedder.names import display_path
+from embedder.data.sources import Listing, list_source
+from embedder.errors import CacheMismatchError, ConfigError
+from embedder.extract.config import EmbedConfig, RayOptions
+from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows
+from embedder.extract.local import EmbedReport
+from embedder.models.backbone import FrozenBackbone
 
 
 def _ray():
@@ -42,56 +44,19 @@ def _ray():
     return ray
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    address: str | None = None  # None: join a running cluster if RAY_ADDRESS says so, else start a local one
-    shard_size: int = 65536  # rows per shard (rounded up to whole batches)
-    actors: int | None = None  # actor pool size; None = one per GPU (GPU runs) or per `cpus_per_actor` share
-    gpus_per_actor: float | None = None  # None = 1 when the cluster has GPUs and --device is not cpu, else 0
-    cpus_per_actor: float = 1.0  # fractional values let the read task run next to the actors on small machines
-
-    def __post_init__(self):
-        if self.shard_size < 1:
-            raise ConfigError(f"--shard-size must be a positive integer, got {self.shard_size}.")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--actors must be at least 1, got {self.actors}.")
-        if self.cpus_per_actor <= 0 or (self.gpus_per_actor or 0) < 0:
-            raise ConfigError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0.")
-
-
-def _spec_for(config: EmbedConfig, listing, command: str):
-    """Build the backbone here and return (spec, backbone): what a local run would fingerprint."""
-    return _spec_at(config, listing.root, listing.layout, command)
-
-
-def _spec_at(config: EmbedConfig, root: Path, layout: str, command: str):
-    from embedder.cache.fingerprint import fingerprint_components
-    from embedder.extract.core import backbone_for
-
-    backbone = backbone_for(config)
-    spec = CacheSpec(
-        components=fingerprint_components(backbone, config.feature_dtype),
-        source=str(root if layout != "filelist" else Path(config.source).resolve()),
-        feature_dim=backbone.feature_dim,
-        layout=layout,
-        command=command,
-    )
-    return spec, backbone
+def _spec_here(config: EmbedConfig, listing: Listing, command: str) -> CacheSpec:
+    """The spec a local run would record, with the backbone built in this process (a Ray task
+    runs it on a worker when the work runs on GPUs). Only the listing's root and layout count."""
+    return cache_spec(config, listing, backbone_for(config), command)
 
 
 class ShardEmbedder:
     """A Ray Data actor: holds one eval-locked backbone, embeds one shard per call."""
 
-    def __init__(self, config: EmbedConfig, job):
-        from embedder.cache.fingerprint import fingerprint_components
-        from embedder.errors import CacheMismatchError
-        from embedder.extract.core import backbone_for
-
+    def __init__(self, config: EmbedConfig, job: ShardJob):
         self.config, self.job = config, job
-        spec = job.spec
         self.backbone = backbone_for(config)
-        mine = CacheSpec(fingerprint_components(self.backbone, config.feature_dtype), spec.source, spec.feature_dim)
-        diff = mine.differences(spec.components, spec.source)
+        diff = component_differences(job.spec.components, fingerprint_components(self.backbone, config.feature_dtype))
         if diff:  # e.g. a CPU-only driver planned for GPU workers: say which settings to pin
             raise CacheMismatchError(
                 "this worker", diff, "Pin --device, --precision and --memory-layout so every node resolves them alike."
@@ -114,18 +79,15 @@ class ShardEmbedder:
         }
 
 
-def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: str | None = None, lock=None):
+def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: str | None = None,
+              lock: WriteLock | None = None) -> EmbedReport:
     """Embed `config.source` into the sharded cache `config.out` on Ray. Returns an `EmbedReport`.
 
+    Several `--layer`s and `--style` work as on the local backend: every shard stores every layer.
     `lock`: the cache's write lock, when the caller holds it already (the CLI takes it first thing)."""
     options = options or RayOptions()
-    if config.extra_layers or config.style:
-        raise ConfigError(
-            "--backend ray stores one layer per cache for now (the shards' view maps /features only). "
-            "Run one Ray embed per --layer, or use the local backend for several layers and --style."
-        )
     ray = _ray()
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     # The lock first: a second run into the same cache is refused before Ray starts or a model is built.
     with lock_output(config.out, held=lock):
         listing = list_source(config.source, config.layout, config.limit)
@@ -134,7 +96,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
         if started_here:
             _init(ray, options.address, config.progress)
         try:
-            return _embed_on_ray(ray, config, options, listing, command, t_start)
+            return _embed_on_ray(ray, config, options, listing, command, started)
         finally:
             if started_here:
                 ray.shutdown()
@@ -150,18 +112,10 @@ def _init(ray, address: str | None, progress: bool) -> None:
         ) from None
 
 
-def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing, command: str, t_start: float):
-    from embedder.extract.core import EmbedReport
-
-    gpus = options.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    if gpus > 0:
-        # Fingerprint where the work runs: a GPU node resolves `auto` device/precision differently.
-        remote = ray.remote(num_gpus=gpus, num_cpus=options.cpus_per_actor)(_spec_only)
-        spec = ray.get(remote.remote(config, listing.root, listing.layout, command))
-    else:
-        spec, _ = _spec_for(config, listing, command)
+def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing: Listing, command: str,
+                  started: float) -> EmbedReport:
+    gpus = _gpus_per_actor(ray, config, options)
+    spec = _plan_spec(ray, config, options, listing, command, gpus)
     shard_set = ShardSet(config.out, spec, listing, options.shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     pending = shard_set.pending()
@@ -169,36 +123,46 @@ def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing, comman
     shard_set.write_view()  # from the first second on, OUT opens (incomplete until every shard is done)
     summaries = _run_pool(ray, config, options, shard_set, pending, gpus) if pending else []
     total_rows, complete = shard_set.write_view()
-    done = {s["shard"] for s in summaries}
-    new_errors: list[tuple[str, str]] = []
-    for shard in shard_set.shards:
-        if shard.number in done:
-            with FeatureCache(shard_set.dir / f"{shard.name}.h5") as c:
-                new_errors += c.errors
-    report = EmbedReport(
-        out=str(config.out),
-        fingerprint=spec.fingerprint,
-        listed=len(listing),
+    report = EmbedReport.of_run(
+        config, spec, listing, started,
         # Rows a shard had committed before an earlier run was killed were cached, not embedded, now.
         already_cached=already + sum(s["resumed"] for s in summaries),
         embedded=sum(s["embedded"] for s in summaries),
-        errors=new_errors,
+        errors=_errors_of(shard_set, {s["shard"] for s in summaries}),
         total_rows=total_rows,
-        ignored=len(listing.ignored),
-        wall_s=time.perf_counter() - t_start,
         stage_s=_stage_sums(summaries),
-        config={k: str(v) for k, v in spec.components.items()},
-        ignored_by_reason=listing.ignored_counts(),
     )
-    if total_rows == 0 and complete:
-        with FeatureCache(config.out) as cache:
-            errors = cache.errors
-        sample = "; ".join(f"{display_path(p)}: {r}" for p, r in errors[:3])
-        raise AllImagesFailedError(
-            f"No image of {config.source} could be used ({len(errors)} failed, e.g. {sample}). "
-            f"Check that SOURCE holds images; the reasons are in {config.out} (embedder info --errors)."
-        )
+    if complete:
+        require_rows(config, total_rows)
     return report
+
+
+def _gpus_per_actor(ray, config: EmbedConfig, options: RayOptions) -> float:
+    if options.gpus_per_actor is not None:
+        return options.gpus_per_actor
+    return 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _plan_spec(ray, config: EmbedConfig, options: RayOptions, listing: Listing, command: str,
+               gpus: float) -> CacheSpec:
+    """The cache spec, resolved where the work runs: a GPU node resolves `auto` device and
+    precision differently from a CPU-only driver, and the fingerprint must be the workers'."""
+    if gpus == 0:
+        return _spec_here(config, listing, command)
+    # The task needs the listing's root and layout, not its (possibly hundreds of millions of) rows.
+    stub = Listing(listing.root, [], np.zeros(0, np.int64), listing.classes, listing.layout)
+    remote = ray.remote(num_gpus=gpus, num_cpus=options.cpus_per_actor)(_spec_here)
+    return ray.get(remote.remote(config, stub, command))
+
+
+def _errors_of(shard_set: ShardSet, shards: set[int]) -> list[tuple[str, str]]:
+    """The errors tables of the shards this run embedded, in row order."""
+    errors: list[tuple[str, str]] = []
+    for shard in shard_set.shards:
+        if shard.number in shards:
+            with FeatureCache(shard_set.dir / f"{shard.name}.h5") as c:
+                errors += c.errors
+    return errors
 
 
 def _run_pool(ray, config: EmbedConfig, options: RayOptions, shard_set: ShardSet, pending, gpus: float) -> list[dict]:
@@ -248,11 +212,7 @@ def _stage_sums(summaries: list[dict]) -> dict[str, float]:
     return total
 
 
-def _spec_only(config, root, layout, command):
-    return _spec_at(config, root, layout, command)[0]
-
-
-def embed_shard(config, backbone, job: ShardJob, task: dict) -> dict:
+def embed_shard(config: EmbedConfig, backbone: FrozenBackbone, job: ShardJob, task: dict) -> dict:
     """Embed one shard (a `ShardSet.task` row) into its own cache file, then write its marker.
 
     Returns the marker. The shard's cache resumes from its own committed parts if an earlier
@@ -263,19 +223,16 @@ def embed_shard(config, backbone, job: ShardJob, task: dict) -> dict:
     if len(listing) != len(shard):
         raise ValueError(f"{shard.name}: {len(listing)} rows given for [{shard.start}, {shard.stop})")
     h5 = job.folder / f"{shard.name}.h5"
-    timer, errors = StageTimer(), []
-    config = dataclasses.replace(config, progress=False)
+    # Fixed-width paths: the view over the shards maps each shard's /paths (embedder.cache.view).
     with CacheWriter(h5, job.spec, listing, commit_every=config.commit_every, fixed_width_paths=True) as w:
-        resumed = len(listing) - len(w.pending)
-        embedded = _run_batches(config, backbone, listing, w, timer, errors) if len(w.pending) else 0
-        rows = w.finish()
+        done = embed_into(w, backbone, config, progress=False)  # many actors: no bars, the driver shows shards
     with h5py.File(h5, "r") as f:
-        n_errors = len(f["errors/path"])
+        n_errors = len(f["errors/path"])  # this attempt's and those of parts a killed one committed
     marker = {
-        "shard": shard.number, "start": shard.start, "stop": shard.stop, "rows": rows, "errors": n_errors,
-        "fingerprint": job.spec.fingerprint, "bytes": h5.stat().st_size, "sha256": file_sha256(h5),
-        "embedded": embedded, "resumed": resumed, "wall_s": time.perf_counter() - t0,
-        "stage_s": {k: round(v, 3) for k, v in timer.seconds.items()}, "host": os.uname().nodename,
+        "shard": shard.number, "start": shard.start, "stop": shard.stop, "rows": done.total_rows,
+        "errors": n_errors, "fingerprint": job.spec.fingerprint, "bytes": h5.stat().st_size,
+        "sha256": file_sha256(h5), "embedded": done.embedded, "resumed": done.already_cached,
+        "wall_s": time.perf_counter() - t0, "stage_s": done.stage_s, "host": os.uname().nodename,
     }
     write_json(job.folder / f"{shard.name}.done", marker)
     return marker

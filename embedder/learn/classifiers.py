@@ -8,8 +8,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from embedder.errors import ConfigError
-
-CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")
+from embedder.learn.config import CLASSIFIERS
 
 
 def make_search(name: str, seed: int, n_splits: int, n_samples: int = 10**9) -> GridSearchCV:

@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))
+from embedder.learn.config import DEFAULT_CS
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]  # () -> iterator of (X block, y codes)
 

@@ -24,53 +24,13 @@ from embedder.cache.fingerprint import component_differences
 from embedder.cache.reader import FeatureCache
 from embedder.data.splits import Splits, assign_splits, check_labels
 from embedder.errors import CacheMismatchError, ConfigError
-from embedder.learn.classifiers import CLASSIFIERS, fit_classifier
+from embedder.learn.classifiers import fit_classifier
+from embedder.learn.config import ProbeConfig
 from embedder.learn.metrics import accuracy, per_class, save_confusion_png
-from embedder.learn.probe import DEFAULT_CS, LinearProbe
+from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
-from embedder.options import config_from_table, parse_size
 
 REPORT_FILE = "report.json"
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    cache: str
-    out: str | None = None  # PROBE_DIR; default: <cache>.probe/ (or <cache>.<classifier>/) beside the cache
-    val_cache: str | None = None
-    test_cache: str | None = None
-    classifier: str = "probe"  # "probe" (PyTorch linear head) or a scikit-learn classifier name
-    Cs: tuple[float, ...] = DEFAULT_CS
-    seed: int = 0
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    memory_budget: int = 2 << 30  # bytes of training features held in memory before streaming
-    device: str = "auto"
-    layer: str | None = None  # which layer of a multi-layer cache (None = the primary, /features)
-
-    def __post_init__(self):
-        if self.classifier != "probe" and self.classifier not in CLASSIFIERS:
-            raise ConfigError(f"--classifier must be probe or one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}.")
-        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ConfigError("val and test fractions must be in (0, 1) and sum to less than 1.")
-        if self.memory_budget < 1 << 10:
-            raise ConfigError("--memory-budget must be at least 1K.")
-
-    @property
-    def out_dir(self) -> Path:
-        if self.out:
-            return Path(self.out)
-        suffix = "probe" if self.classifier == "probe" else self.classifier
-        return Path(self.cache).with_suffix(f".{suffix}")
-
-    @classmethod
-    def from_mapping(cls, values: dict, base_dir: Path | None = None) -> ProbeConfig:
-        values = dict(values)
-        if "Cs" in values:
-            values["Cs"] = tuple(float(c) for c in values["Cs"])
-        if isinstance(values.get("memory_budget"), str):
-            values["memory_budget"] = parse_size(values["memory_budget"])
-        return config_from_table(cls, values, base_dir, "probe", path_keys=("cache", "out", "val_cache", "test_cache"))
 
 
 def same_feature_space(a: FeatureCache, b: FeatureCache, what: str) -> None:

@@ -24,16 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedder.errors import ConfigError
+from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
 from embedder.models.registry import BackboneSpec, Preprocessing, get_backbone_spec
 from embedder.models.style import StyleDescriptor
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights, resolve_weights
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-POOLINGS = ("avg", "max", "gem", "none")
 NORMALIZATIONS = ("none", "l2")
 GEM_P = 3.0  # generalised-mean exponent (Radenović et al.): between average (1) and max (inf)
 STYLE_OUTPUT = "style"  # output name of the Gram style descriptor, next to the layers' node names
-DEFAULT_STYLE_DIM = 2048
 
 
 @dataclass(frozen=True)

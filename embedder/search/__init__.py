@@ -1,1 +1,1 @@
-"""Similarity search: FAISS indexes built from a cache and queried, near duplicates, plots."""
+"""Similarity search: index kinds (kinds), building and tuning (build, tune), queries (query), near duplicates (dedup), plots (plots)."""

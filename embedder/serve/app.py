@@ -53,7 +53,8 @@ from starlette.routing import Match
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
 from embedder.errors import BadImageError, ConfigError, EmbedderError
 from embedder.names import display_path
-from embedder.search.index import Hit, SearchIndex
+from embedder.search.query import Hit, SearchIndex
+from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_K
 from embedder.serve.guards import (
     SHOWN_ERRORS,
     BodyLimit,
@@ -66,13 +67,8 @@ from embedder.serve.guards import (
 )
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
-# A 50-MP photo passes; a decode costs up to ~4 bytes per pixel, so 200 MB at this limit.
-DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
-DEFAULT_DECODE_SLOTS = 2  # images decoded at once (uploads and thumbnails)
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("", "0.0.0.0", "::")  # a server bound here has no one name of its own
 THUMBNAIL_PX = 160  # longest side; small enough that a page of results loads instantly
-MAX_K = 1000  # more neighbours than anyone can look at; bounds the work one request can ask for
 # Multipart framing (boundaries, part headers, the file name) rides on top of the file's own
 # bytes. The whole body may exceed max_upload_bytes by this much, so a file of exactly
 # max_upload_bytes is accepted; the file itself is then held to max_upload_bytes exactly.

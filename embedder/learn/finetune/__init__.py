@@ -6,7 +6,9 @@
 
 One module per job, in the order a run uses them:
 
-  config.py   `FinetuneConfig`: the settings, checked when made
+The settings, `FinetuneConfig`, are declared with the other learn settings in
+embedder.learn.config, so the CLI builds its parser without importing torch.
+
   data.py     datasets over the listing, augmentation, the seeded loaders
   network.py  the backbone with a new head, what may train (--freeze-backbone, --freeze-bn),
               the probe of --init-head
@@ -14,7 +16,7 @@ One module per job, in the order a run uses them:
   run.py      `finetune(config)`: resolve, train, save OUT as a whole; `FinetuneReport`
 """
 
-from embedder.learn.finetune.config import HEADS, SCHEDULES, FinetuneConfig
+from embedder.learn.config import HEADS, SCHEDULES, FinetuneConfig
 from embedder.learn.finetune.data import ImageRows, collate_rows, train_transform
 from embedder.learn.finetune.network import FinetuneNetwork, build_network
 from embedder.learn.finetune.run import FinetuneReport, finetune

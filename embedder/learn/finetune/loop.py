@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from embedder.data.sources import Listing
 from embedder.data.splits import Splits
 from embedder.errors import AllImagesFailedError
-from embedder.learn.finetune.config import FinetuneConfig
+from embedder.learn.config import FinetuneConfig
 from embedder.learn.finetune.data import ImageRows, SplitSets, make_loader
 from embedder.learn.finetune.network import FinetuneNetwork
 from embedder.models.registry import Preprocessing

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from embedder.errors import ConfigError
-from embedder.learn.finetune.config import HEADS
+from embedder.learn.config import HEADS
 from embedder.learn.probefile import ProbeFile, read_probe
 from embedder.models.backbone import build_model
 from embedder.models.heads import head_slot, mlp_head, replace_head

@@ -21,7 +21,7 @@ from embedder.data.sources import Listing, list_source
 from embedder.data.splits import Splits, assign_splits, check_labels
 from embedder.errors import ConfigError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
-from embedder.learn.finetune.config import FinetuneConfig
+from embedder.learn.config import FinetuneConfig
 from embedder.learn.finetune.loop import Trainer, seeded_rng
 from embedder.learn.finetune.network import FinetuneNetwork, build_network, load_head, read_init_head
 from embedder.learn.probefile import ProbeFile

@@ -1,4 +1,4 @@
-"""Looking at a feature space: near-duplicate groups, a 2-D scatter, and result grids."""
+"""Pictures of a feature space: a 2-D scatter of the cache, and grids of search results."""
 
 from __future__ import annotations
 
@@ -9,44 +9,6 @@ import numpy as np
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.figures import pyplot, save_figure
-
-
-def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384,
-                    layer: str | None = None) -> list[list[int]]:
-    """Groups of rows closer than `threshold` (cosine similarity >= T, or squared L2 distance <= T),
-    found with FAISS range search over an exact index; groups are connected components."""
-    import faiss
-
-    from embedder.search.index import _prepare
-
-    if metric not in ("cosine", "l2"):
-        raise ConfigError("--metric must be cosine or l2.")
-    with FeatureCache(cache_path, layer=layer) as cache:
-        index = faiss.IndexFlat(cache.dim, faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
-        for block in cache.iter_blocks(block_rows):
-            index.add(_prepare(block.features, metric))
-        parent = np.arange(len(cache))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        for block in cache.iter_blocks(block_rows):
-            lims, _, ids = index.range_search(_prepare(block.features, metric), threshold)
-            for q in range(len(block.features)):
-                row = block.start + q
-                for j in ids[lims[q] : lims[q + 1]]:
-                    if j != row:
-                        a, b = find(row), find(int(j))
-                        if a != b:
-                            parent[max(a, b)] = min(a, b)
-        roots = np.array([find(i) for i in range(len(cache))])
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(roots):
-        groups.setdefault(int(r), []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
 def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0,

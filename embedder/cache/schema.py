@@ -1,0 +1,5 @@
+"""Constants of the cache's on-disk schema, importable without h5py (the CLI's option parsing reads them)."""
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"  # CACHE.h5.partial/: the committed parts of a run in progress
+FEATURE_DTYPES = ("float32", "float16")

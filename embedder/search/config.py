@@ -1,0 +1,78 @@
+"""Settings of `index`, `search`, `dedup` and `plot`, each declared once (embedder.options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from embedder.errors import ConfigError
+from embedder.options import option, parse_size
+
+KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
+METRICS = ("cosine", "l2")
+LAYER_HELP = "which layer of a multi-layer cache (default: the first, /features)"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    cache: str = option(positional=True, path=True, help="feature cache to index")
+    out: str = option(path=True, help="INDEX_DIR to write (replaced atomically)")
+    kind: str = option("auto", choices=KINDS,
+                       help="auto: exact when small, HNSW or IVF when large, IVF-SQ8 then IVF-PQ as memory gets short")
+    metric: str = option("cosine", choices=METRICS, help="similarity of the neighbours")
+    memory_budget: int | None = option(None, parse=parse_size, metavar="SIZE",
+                                       help="e.g. 4G (default 4G): bounds the whole build, the index itself 3/4 of it")
+    target_recall: float = option(0.95, help="recall@10 the search parameters are tuned to")
+    on_disk: bool = option(False, help="ivf/ivfsq/ivfpq: build one index per shard and merge their lists on disk "
+                                       "(faiss contrib.ondisk); automatic when the index would exceed --memory-budget")
+    layer: str | None = option(None, help="which layer of a multi-layer cache to index, e.g. `style` "
+                                          "(default: the first, /features)")
+    seed: int = option(0, help="seed of the training sample and the tuning queries")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
+
+    def __post_init__(self):
+        if not 0 < self.target_recall <= 1:
+            raise ConfigError("--target-recall must be in (0, 1].")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    REQUIRED_GROUPS = ("query",)  # exactly one of --image, --path, --id, --vector
+
+    index: str = option(positional=True, path=True, metavar="INDEX_DIR", help="index folder from `embedder index`")
+    image: tuple[str, ...] = option((), exclusive="query", path=True, nargs="+",
+                                    help="query image files or folders (several = batch mode)")
+    path: str | None = option(None, exclusive="query", help="a path as stored in the cache")
+    row_id: int | None = option(None, flag="--id", exclusive="query", help="a cache row id")
+    vector: str | None = option(None, exclusive="query", path=True,
+                                help="a .npy file with one vector (D,) or several (n, D)")
+    k: int = option(10, flag="-k", help="neighbours per query")
+    grid: str | None = option(None, path=True, help="write a PNG of each query and its neighbours")
+    layer: str | None = option(None, help="the layer the index must have been built on (checked; an index holds "
+                                          "one layer)")
+    weights: str | None = option(None, path=True,
+                                 help="the weights file, when the cache was embedded with --weights PATH")
+
+    def __post_init__(self):
+        given = [name for name in ("image", "path", "row_id", "vector") if getattr(self, name) not in (None, ())]
+        if len(given) != 1:
+            raise ConfigError("search needs exactly one query: image, path, id or vector"
+                              + (f" (got {', '.join(given)})" if given else "") + ".")
+        if self.k < 1:
+            raise ConfigError(f"-k must be at least 1, got {self.k}.")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    cache: str = option(positional=True, path=True, help="feature cache")
+    threshold: float = option(0.95, help="cosine similarity >= T (or squared L2 <= T)")
+    metric: str = option("cosine", choices=METRICS, help="similarity measure")
+    layer: str | None = option(None, help=LAYER_HELP)
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    cache: str = option(positional=True, path=True, help="feature cache")
+    method: str = option("pca", choices=("pca", "tsne"), help="2-D projection")
+    out: str | None = option(None, path=True, help="PNG to write (default: CACHE.METHOD.png beside the cache)")
+    max_points: int = option(5000, help="seeded sample of at most this many rows")
+    layer: str | None = option(None, help=LAYER_HELP)

@@ -1,0 +1,42 @@
+"""Settings of `embedder serve`, declared once (embedder.options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from embedder.errors import ConfigError
+from embedder.options import option
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000  # a 50-MP photo passes; a decode costs ~4 bytes per pixel: 200 MB
+DEFAULT_DECODE_SLOTS = 2  # images decoded at once (uploads and thumbnails)
+MAX_K = 1000  # more neighbours than anyone can look at; bounds the work one request can ask for
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    index: str = option(positional=True, path=True, metavar="INDEX_DIR", help="index folder from `embedder index`")
+    host: str = option("127.0.0.1", help="default loopback only; 0.0.0.0 exposes it to the network")
+    port: int = option(8000, help="TCP port")
+    allowed_host: tuple[str, ...] = option((), metavar="NAME",
+                                            help="also answer requests whose Host header is NAME (repeatable; '*' = "
+                                                 "any, for a proxy that checks Host itself); always allowed: "
+                                                 "localhost, 127.0.0.1, ::1 and --host unless 0.0.0.0/::")
+    max_upload_mb: float = option(10.0, help="larger uploads get 413")
+    max_upload_pixels: int = option(DEFAULT_MAX_UPLOAD_PIXELS,
+                                    help="uploads declaring more pixels are refused (400) before decoding; each "
+                                         "image decoded at once may take ~4 bytes per pixel")
+    decode_slots: int = option(DEFAULT_DECODE_SLOTS, help="images decoded at once, uploads and thumbnails together")
+    k: int = option(10, flag="-k", help="neighbours returned when a request does not say")
+    weights: str | None = option(None, path=True,
+                                 help="the weights file, when the cache was embedded with --weights PATH")
+
+    def __post_init__(self):
+        if self.max_upload_mb <= 0:
+            raise ConfigError(f"--max-upload-mb must be positive, got {self.max_upload_mb}.")
+        if not 1 <= self.k <= MAX_K:
+            raise ConfigError(f"-k must be between 1 and {MAX_K}, got {self.k}.")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)

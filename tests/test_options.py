@@ -1,0 +1,92 @@
+"""Every option declared once: the CLI flags and the pipeline keys come from the config fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from embedder.cli.main import COMMANDS, build_parser
+from embedder.cli.pipeline import STEP_KINDS
+from embedder.errors import ConfigError
+from embedder.extract.config import EmbedConfig
+from embedder.learn.config import ProbeConfig
+from embedder.options import from_arguments, from_table, specs, to_arguments
+from embedder.search.config import IndexConfig, SearchConfig
+
+CONFIGS = {name: command.config() for name, command in COMMANDS.items() if command.config is not None}
+
+
+def parse(command: str, argv: list[str]):
+    return from_arguments(CONFIGS[command], build_parser().parse_args([command, *argv]))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_field_is_declared_and_becomes_a_flag(name):
+    cls = CONFIGS[name]
+    parser = build_parser(only=name)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+    dests = {a.dest for a in sub._actions}
+    for spec in specs(cls):  # raises for a field declared without option(...)
+        assert (spec.name in dests) == spec.option.cli, spec.name
+
+
+@pytest.mark.parametrize("config", [
+    EmbedConfig("src", "resnet18", "o.h5", weights="none", layer="avgpool", extra_layers=("layer3", "style"),
+                style_layers=("layer1", "layer2"), batch_size=4, workers=0, image_size=32, feature_dtype="float16",
+                progress=False),
+    ProbeConfig("c.h5", out="p", classifier="knn", memory_budget=3 << 20, seed=2),
+    IndexConfig("c.h5", out="idx", kind="ivfsq", memory_budget=1 << 30, on_disk=True, progress=False),
+    SearchConfig("idx", image=("a.jpg", "b.jpg"), k=3, grid="g.png"),
+    SearchConfig("idx", row_id=7),
+], ids=lambda c: type(c).__name__)
+def test_the_command_line_of_a_config_gives_the_config_back(config):
+    name = {EmbedConfig: "embed", ProbeConfig: "probe", IndexConfig: "index", SearchConfig: "search"}[type(config)]
+    assert parse(name, to_arguments(config)) == config
+
+
+def test_left_out_flags_and_left_out_keys_get_the_same_defaults(tmp_path):
+    from_cli = parse("embed", ["src", "--model", "resnet18", "--out", "o.h5"])
+    from_toml = from_table(EmbedConfig, {"source": "src", "model": "resnet18", "out": "o.h5"}, None, "embed")
+    assert from_cli == from_toml == EmbedConfig("src", "resnet18", "o.h5")
+    index_cli = parse("index", ["c.h5", "--out", "i"])
+    assert index_cli == from_table(IndexConfig, {"cache": "c.h5", "out": "i"}, None, "index")
+
+
+def test_pipeline_tables_parse_like_flags_and_resolve_paths(tmp_path):
+    table = {"cache": "c.h5", "out": "idx", "memory_budget": "512M", "kind": "ivf"}
+    config = from_table(IndexConfig, table, tmp_path, "index")
+    assert config.memory_budget == 512 << 20 and config == parse("index", [
+        str(tmp_path / "c.h5"), "--out", str(tmp_path / "idx"), "--memory-budget", "512M", "--kind", "ivf"])
+    search = from_table(SearchConfig, {"index": "idx", "image": "q.jpg", "k": 5}, tmp_path, "search")
+    assert search.image == (str(tmp_path / "q.jpg"),) and Path(search.index).is_absolute()
+    weights = from_table(EmbedConfig, {"source": "s", "model": "m", "out": "o.h5", "weights": "none"}, tmp_path, "e")
+    assert weights.weights == "none"  # a keyword, not a path
+
+
+def test_unknown_and_missing_keys_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"Unknown index setting\(s\) \['budget'\]"):
+        from_table(IndexConfig, {"cache": "c.h5", "out": "i", "budget": "1G"}, None, "index")
+    with pytest.raises(ConfigError, match="The index step needs out"):
+        from_table(IndexConfig, {"cache": "c.h5"}, None, "index")
+    with pytest.raises(ConfigError, match="exactly one query"):
+        from_table(SearchConfig, {"index": "i", "image": "a.jpg", "row_id": 3}, None, "search")
+
+
+def test_every_pipeline_step_is_a_command_config():
+    for kind, step in STEP_KINDS.items():
+        cls = step.config_class()
+        assert cls in CONFIGS.values(), kind
+        assert all(dataclasses.is_dataclass(cls) for cls in CONFIGS.values())
+
+
+
+def test_pipeline_search_step_keeps_its_own_default_k(tmp_path):
+    # The command shows 10 hits; pipelines written before options were declared once showed 5.
+    from embedder.cli.pipeline import load_pipeline
+
+    (tmp_path / "p.toml").write_text('[[steps]]\nrun = "search"\nindex = "idx"\nimage = "q.jpg"\n'
+                                     '[[steps]]\nrun = "search"\nindex = "idx"\nimage = "q.jpg"\nk = 7\n')
+    assert parse("search", ["idx", "--image", "q.jpg"]).k == 10
+    assert [step.config.k for step in load_pipeline(tmp_path / "p.toml")[1]] == [5, 7]
