@@ -43,3 +43,19 @@ def test_a_cache_from_before_is_up_to_date_and_reproduced_bit_for_bit(tmp_path, 
         assert old.errors == [("bee/broken.jpg", new.errors[0][1])]
         for layer in old.layers:
             assert np.array_equal(old.layer_rows(layer), new.layer_rows(layer)), layer
+
+
+@pytest.mark.parametrize("settings", [
+    {"model": "resnet18", "weights": "none", "image_size": 32, "pool": "gem", "normalize": "l2"},
+    {"model": "resnet18", "weights": "none", "image_size": 48, "layer": "layer3", "style_layers": ("layer1",),
+     "style_dim": 16, "memory_layout": "channels_last"},
+])
+def test_backbone_settings_invert_the_fingerprint(settings):
+    # One pair of functions maps options -> fingerprint and back (search by image and export use the
+    # inverse); the backbone rebuilt from a fingerprint must fingerprint the same.
+    from embedder.cache.fingerprint import backbone_settings, fingerprint_components
+    from embedder.extract.core import load_backbone
+
+    original = fingerprint_components(load_backbone(device="cpu", precision="fp32", **settings), "float32")
+    rebuilt = fingerprint_components(load_backbone(**backbone_settings(original)), "float32")
+    assert rebuilt == original

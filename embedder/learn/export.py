@@ -7,19 +7,19 @@ so the exported network computes exactly the cached features and then the probe.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from embedder.cache.fingerprint import backbone_settings
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
 from embedder.learn.probefile import read_probe
 from embedder.models.backbone import build_model
 from embedder.models.heads import replace_head
 from embedder.models.registry import get_backbone_spec
-from embedder.models.weights import resolve_weights, weights_choice_for
+from embedder.models.weights import resolve_weights
 
 
 def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_path: str | None = None) -> Path:
@@ -41,7 +41,8 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
             "sits after global *average* pooling. Embed with --pool avg and train the probe again to export it."
         )
     spec = get_backbone_spec(probe.model)
-    weights = resolve_weights(spec.weights, weights_choice_for(components["weights"], weights_path))
+    settings = backbone_settings(components, weights_path)
+    weights = resolve_weights(spec.weights, settings["weights"])
     if weights.identity != components["weights"]:
         raise WeightsUnavailableError(
             f"--weights gives {weights.identity}, but the probe's cache was embedded with {components['weights']}."
@@ -51,14 +52,13 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
     with torch.no_grad():
         head.weight.copy_(probe.coef)
         head.bias.copy_(probe.intercept)
-    crop = json.loads(components["preprocessing"])["crop_size"]
     info = ClassifierInfo(
         model=probe.model,
         layer=probe.layer,
         classes=list(probe.classes),
-        image_size=None if crop == spec.preprocessing.crop_size else int(crop),
-        precision=components["precision"],
-        memory_layout=components["memory_layout"],
+        image_size=settings["image_size"],
+        precision=settings["precision"],
+        memory_layout=settings["memory_layout"],
         weights=components["weights"],
         origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe.fingerprint, "C": probe.C},
     )

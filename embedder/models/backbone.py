@@ -74,6 +74,17 @@ def _seeded(seed: int):
         yield
 
 
+def _validate(config: BackboneConfig) -> None:
+    if config.pool not in POOLINGS:
+        raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {config.pool!r}.")
+    if config.normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {NORMALIZATIONS}, got {config.normalize!r}.")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}.")
+    if config.style_dim < 0:
+        raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {config.style_dim}.")
+
+
 class FrozenBackbone(nn.Module):
     """uint8 images [N, 3, H, W] -> float32 features [N, D]. Cannot be put in train mode.
 
@@ -94,14 +105,7 @@ class FrozenBackbone(nn.Module):
     ):
         """`output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
         super().__init__()
-        if config.pool not in POOLINGS:
-            raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {config.pool!r}.")
-        if config.normalize not in NORMALIZATIONS:
-            raise ConfigError(f"normalize must be one of {NORMALIZATIONS}, got {config.normalize!r}.")
-        if config.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}.")
-        if config.style_dim < 0:
-            raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {config.style_dim}.")
+        _validate(config)
         self.spec = spec
         self.config = config
         self.weights = weights
@@ -109,7 +113,19 @@ class FrozenBackbone(nn.Module):
         if config.image_size is not None:
             preprocessing = preprocessing.with_image_size(config.image_size)
         self.preprocessing: Preprocessing = preprocessing
+        nodes = self._name_outputs(model, output)
+        self._lock(model, nodes)
+        # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.
+        self.__dict__.update(_compiled=None, _compiled_batch=None)
+        self._size_outputs(output)
+        # Set last, so that the shape probe above runs eagerly. Kept out of the module tree (no
+        # double entries in modules() or state_dict); it wraps self.body.
+        if config.compile:
+            self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
 
+    def _name_outputs(self, model: nn.Module, output: tuple[str, int] | None) -> tuple[str, ...]:
+        """Set the primary node, the outputs and the style nodes; return every graph node to extract."""
+        spec, config = self.spec, self.config
         if output is None:
             self.node = spec.node_name(config.layer)
             names = list(dict.fromkeys([self.node] + [spec.node_name(n) for n in config.extra_layers]))
@@ -125,24 +141,28 @@ class FrozenBackbone(nn.Module):
             raise ConfigError(f"Model {spec.name!r} has no default style layers; name them with --style-layer.")
         nodes = tuple(dict.fromkeys(self.layers + self.style_nodes))
         _check_nodes(model, spec, [n for n in nodes if n not in spec.layer_dims])
+        return nodes
 
+    def _lock(self, model: nn.Module, nodes: tuple[str, ...]) -> None:
+        """The eval lock: the feature extractor over `nodes`, no gradients, on the device, in eval mode."""
         # Modules that overwrite their input would also overwrite the maps of nodes returned
         # before them (VGG's conv output under its in-place ReLU); the values are otherwise identical.
         for m in model.modules():
             if getattr(m, "inplace", False) is True:
                 m.inplace = False
-        self.body = _feature_extractor(model, nodes, spec.uses_timm)
-        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+        self.body = _feature_extractor(model, nodes, self.spec.uses_timm)
+        self.register_buffer("mean", torch.tensor(self.preprocessing.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.preprocessing.std).view(1, 3, 1, 1), persistent=False)
         for p in self.parameters():
             p.requires_grad_(False)
-        self.to(config.device)
-        if config.channels_last:
+        self.to(self.config.device)
+        if self.config.channels_last:
             self.to(memory_format=torch.channels_last)
         super().train(False)
-        # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.
-        self.__dict__.update(_compiled=None, _compiled_batch=None)
 
+    def _size_outputs(self, output: tuple[str, int] | None) -> None:
+        """Each output's width (from the registry, else measured by one eager pass) and the style descriptor."""
+        spec, config = self.spec, self.config
         self.style_descriptor = None
         if output is not None:
             self.outputs: dict[str, int] = {self.node: output[1]}
@@ -152,7 +172,7 @@ class FrozenBackbone(nn.Module):
             self.outputs = {
                 n: spec.layer_dims[n] if known else _pooled_width(shapes[n], config.pool) for n in self.layers
             }
-            if style:
+            if STYLE_OUTPUT in self.output_names:
                 for n in self.style_nodes:
                     if len(shapes[n]) != 4:
                         raise ConfigError(
@@ -163,10 +183,6 @@ class FrozenBackbone(nn.Module):
                 self.outputs[STYLE_OUTPUT] = self.style_descriptor.dim
             self.outputs = {n: self.outputs[n] for n in self.output_names}
         self.feature_dim = self.outputs[self.node]
-        # Set last, so that the shape probe above runs eagerly. Kept out of the module tree (no
-        # double entries in modules() or state_dict); it wraps self.body.
-        if config.compile:
-            self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
 
     @classmethod
     def from_config(cls, config: BackboneConfig) -> FrozenBackbone:

@@ -122,91 +122,116 @@ def stylize(config: StylizeConfig, backbone: FrozenBackbone | None = None) -> St
     """Write `config.out`: the content image repainted with the style image's texture."""
     t0 = time.perf_counter()
     spec = get_backbone_spec(config.model)
-    content_layer = config.content_layer or spec.content_layer
-    weighted = parse_style_layers(config.style_layers) if config.style_layers else [(n, 1.0) for n in spec.style_layers]
-    if not content_layer or not weighted:
-        raise ConfigError(f"Model {config.model!r} has no default style/content layers; name them with "
-                          "--style-layer and --content-layer (see `embedder inspect`).")
-    total_w = sum(w for _, w in weighted)
-    if total_w <= 0:
-        raise ConfigError("At least one --style-layer needs a positive weight.")
+    content_layer, weighted = _layers(config, spec)
     if backbone is None:
-        backbone = FrozenBackbone.from_config(
-            BackboneConfig(
-                model=config.model, weights=config.weights, layer=content_layer,
-                extra_layers=tuple(n for n, _ in weighted), image_size=config.image_size,
-                device=resolve_runtime(config.device, "fp32", "contiguous").device, precision="fp32",
-            )
-        )
+        backbone = _stylize_backbone(config, content_layer, weighted)
     content_node = spec.node_name(content_layer)
+    total_w = sum(w for _, w in weighted)
     style_nodes = [(spec.node_name(n), w / total_w) for n, w in weighted]
     missing = {content_node, *(n for n, _ in style_nodes)} - set(backbone.layers)
     if missing:
         raise ConfigError(f"The backbone passed to stylize does not return {sorted(missing)}; build it with "
                           "layer=<content layer> and extra_layers=<style layers>.")
-
-    content = _load(config.content)
-    scale = config.image_size / max(content.shape[1:])
-    h, w = max(1, round(content.shape[1] * scale)), max(1, round(content.shape[2] * scale))
-    content = _resize(content, h, w)[None].to(backbone.device)
-    style = _load(config.style)
-    s_scale = (h * w / (style.shape[1] * style.shape[2])) ** 0.5  # same area as the output, own aspect
-    style = _resize(style, max(1, round(style.shape[1] * s_scale)), max(1, round(style.shape[2] * s_scale)))
-    style = style[None].to(backbone.device)
-
+    content, style = _images(config, backbone.device)
     with _deterministic(config.seed):
-        with torch.no_grad():
-            content_target = backbone.feature_maps(content)[content_node].detach()
-            style_maps = backbone.feature_maps(style)
-            style_targets = {n: gram(style_maps[n]).detach() for n, _ in style_nodes}
-        for n, _ in style_nodes:
-            if style_maps[n].ndim != 4:
-                raise ConfigError(f"Style layer {n!r} is not a [C, H, W] feature map; pick convolutional layers.")
-        c_norm = content_target.pow(2).mean().clamp_min(1e-12)
-        s_norms = {n: g.pow(2).mean().clamp_min(1e-12) for n, g in style_targets.items()}
-
-        def losses(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            maps = backbone.feature_maps(x)
-            c = (maps[content_node] - content_target).pow(2).mean() / c_norm
-            s = sum(wt * (gram(maps[n]) - style_targets[n]).pow(2).mean() / s_norms[n] for n, wt in style_nodes)
-            return c, s
+        losses = _objective(backbone, content, style, content_node, style_nodes)
 
         def total(c, s):
             return config.content_weight * c + config.style_weight * s
 
-        if config.init == "content":
-            start = content.clone()
-        else:
-            start = torch.rand(content.shape, device="cpu").to(backbone.device)
+        start = content.clone() if config.init == "content" else torch.rand(content.shape, device="cpu").to(backbone.device)
         image = start.requires_grad_(True)
         with torch.no_grad():
             initial = float(total(*losses(image)))
-        optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = total(*losses(image))
-            loss.backward()
-            return loss
-
-        bar = tqdm(range(config.steps), desc="stylize", unit="step", disable=not config.progress,
-                   dynamic_ncols=True, file=sys.stderr)
-        for _ in bar:
-            loss = optimizer.step(closure)
-            with torch.no_grad():
-                image.clamp_(0.0, 1.0)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+        _optimise(image, lambda x: total(*losses(x)), config.steps, config.progress)
         with torch.no_grad():
             c, s = losses(image)
             final = float(total(c, s))
-
-    pixels = image.detach()[0].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(pixels)).save(out)
+    out = _save(image, config.out)
     return StylizeReport(
-        out=str(out), model=config.model, size=(h, w), steps=config.steps, initial_loss=initial,
+        out=str(out), model=config.model, size=tuple(content.shape[2:]), steps=config.steps, initial_loss=initial,
         final_loss=final, final_content_loss=float(c), final_style_loss=float(s),
         seconds=time.perf_counter() - t0, content_layer=content_node,
         style_layers={n: wt for n, wt in style_nodes},
     )
+
+
+def _layers(config: StylizeConfig, spec) -> tuple[str, list[tuple[str, float]]]:
+    """The content layer and the weighted style layers: the options', else the registry's."""
+    content_layer = config.content_layer or spec.content_layer
+    weighted = parse_style_layers(config.style_layers) if config.style_layers else [(n, 1.0) for n in spec.style_layers]
+    if not content_layer or not weighted:
+        raise ConfigError(f"Model {config.model!r} has no default style/content layers; name them with "
+                          "--style-layer and --content-layer (see `embedder inspect`).")
+    if sum(w for _, w in weighted) <= 0:
+        raise ConfigError("At least one --style-layer needs a positive weight.")
+    return content_layer, weighted
+
+
+def _stylize_backbone(config: StylizeConfig, content_layer: str, weighted) -> FrozenBackbone:
+    return FrozenBackbone.from_config(
+        BackboneConfig(
+            model=config.model, weights=config.weights, layer=content_layer,
+            extra_layers=tuple(n for n, _ in weighted), image_size=config.image_size,
+            device=resolve_runtime(config.device, "fp32", "contiguous").device, precision="fp32",
+        )
+    )
+
+
+def _images(config: StylizeConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The content image at --image-size (longest side), and the style image at the same area, own aspect."""
+    content = _load(config.content)
+    scale = config.image_size / max(content.shape[1:])
+    h, w = max(1, round(content.shape[1] * scale)), max(1, round(content.shape[2] * scale))
+    content = _resize(content, h, w)[None].to(device)
+    style = _load(config.style)
+    s_scale = (h * w / (style.shape[1] * style.shape[2])) ** 0.5
+    style = _resize(style, max(1, round(style.shape[1] * s_scale)), max(1, round(style.shape[2] * s_scale)))
+    return content, style[None].to(device)
+
+
+def _objective(backbone: FrozenBackbone, content, style, content_node: str, style_nodes):
+    """`losses(x) -> (content loss, style loss)`, each relative to its target's size."""
+    with torch.no_grad():
+        content_target = backbone.feature_maps(content)[content_node].detach()
+        style_maps = backbone.feature_maps(style)
+        style_targets = {n: gram(style_maps[n]).detach() for n, _ in style_nodes}
+    for n, _ in style_nodes:
+        if style_maps[n].ndim != 4:
+            raise ConfigError(f"Style layer {n!r} is not a [C, H, W] feature map; pick convolutional layers.")
+    c_norm = content_target.pow(2).mean().clamp_min(1e-12)
+    s_norms = {n: g.pow(2).mean().clamp_min(1e-12) for n, g in style_targets.items()}
+
+    def losses(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = backbone.feature_maps(x)
+        c = (maps[content_node] - content_target).pow(2).mean() / c_norm
+        s = sum(wt * (gram(maps[n]) - style_targets[n]).pow(2).mean() / s_norms[n] for n, wt in style_nodes)
+        return c, s
+
+    return losses
+
+
+def _optimise(image: torch.Tensor, loss_of, steps: int, progress: bool) -> None:
+    """L-BFGS on the pixels, clamped to [0, 1] after every step."""
+    optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(image)
+        loss.backward()
+        return loss
+
+    bar = tqdm(range(steps), desc="stylize", unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for _ in bar:
+        loss = optimizer.step(closure)
+        with torch.no_grad():
+            image.clamp_(0.0, 1.0)
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+
+
+def _save(image: torch.Tensor, out: str) -> Path:
+    pixels = image.detach()[0].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(out)
+    return out

@@ -170,32 +170,10 @@ class SearchIndex:
 
 def query_backbone(components: dict, weights_path: str | None = None):
     """Rebuild the backbone a cache was embedded with, refusing any difference in the fingerprint."""
-    import torch
-
-    from embedder.cache.fingerprint import component_differences, fingerprint_components
+    from embedder.cache.fingerprint import backbone_settings, component_differences, fingerprint_components
     from embedder.extract.core import load_backbone
-    from embedder.models.registry import get_backbone_spec
-    from embedder.models.weights import weights_choice_for
 
-    spec = get_backbone_spec(components["model"])
-    crop = json.loads(components["preprocessing"])["crop_size"]
-    style = json.loads(components["style"]) if "style" in components else {}
-    device = components.get("device_type", "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        device = "cpu"  # the fingerprint check below reports the difference
-    backbone = load_backbone(
-        components["model"],
-        weights_choice_for(components["weights"], weights_path),
-        layer=components["layer"],
-        normalize=components["normalization"],
-        image_size=None if crop == spec.preprocessing.crop_size else int(crop),
-        device=device,
-        precision=components["precision"],
-        memory_layout=components["memory_layout"],
-        pool=components["pooling"],
-        style_layers=tuple(style.get("layers", ())),
-        style_dim=int(style.get("dim", 0)),
-    )
+    backbone = load_backbone(**backbone_settings(components, weights_path))
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
     # (benchmarks/compiled.py), far below what a ranking can notice, and compiling a query
