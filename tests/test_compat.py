@@ -59,3 +59,39 @@ def test_backbone_settings_invert_the_fingerprint(settings):
     original = fingerprint_components(load_backbone(device="cpu", precision="fp32", **settings), "float32")
     rebuilt = fingerprint_components(load_backbone(**backbone_settings(original)), "float32")
     assert rebuilt == original
+
+
+def test_the_cli_keeps_every_flag_its_choices_and_default():
+    # tests/fixtures/legacy/cli.json: every flag of the CLI before options were declared once
+    # (commit 05b1800), with its choices and argparse default. Each must still exist with the same
+    # choices, and the config field behind it must default to the same value. (An old default of
+    # None meant "the library's default"; there only the flag's presence is checked.)
+    import argparse
+    import json
+
+    from embedder.cli.main import COMMANDS, build_parser
+    from embedder.extract.config import RayOptions
+    from embedder.options import parse_size, specs
+
+    legacy = json.loads((REPO / "tests" / "fixtures" / "legacy" / "cli.json").read_text())
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, flags in legacy.items():
+        actions = {s: a for a in sub.choices[command]._actions for s in a.option_strings}
+        cmd = COMMANDS[command]
+        classes = ([cmd.config()] if cmd.config else []) + ([RayOptions] if command == "embed" else [])
+        fields = {s.flag: s for cls in classes for s in specs(cls)}
+        for flag, old in flags.items():
+            assert flag in actions, f"{command} {flag} is gone"
+            new_choices = list(actions[flag].choices) if actions[flag].choices else None
+            assert new_choices == old["choices"], (command, flag)
+            if old["default"] is None:
+                continue
+            spec = fields.get(flag)
+            if spec is None:  # not a config field (--backend): argparse holds the default
+                assert actions[flag].default == old["default"], (command, flag)
+                continue
+            expected = old["default"]
+            if spec.option.parse is parse_size and isinstance(expected, str):
+                expected = parse_size(expected)
+            default = (not spec.field.default) if spec.option.inverse else spec.field.default
+            assert default == (tuple(expected) if isinstance(expected, list) else expected), (command, flag)
