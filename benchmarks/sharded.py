@@ -37,7 +37,8 @@ def run(quick: bool = False) -> None:
     import ray
 
     from embedder.cache.shards import shards_dir
-    from embedder.extract.ray import RayOptions, embed_ray
+    from embedder.extract.config import RayOptions
+    from embedder.extract.ray import embed_ray
 
     model, n, batch, shard, rounds = ("resnet18", 64, 16, 32, 1) if quick else ("resnet50", 128, 16, 32, 2)
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-"))

@@ -288,6 +288,21 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"Cannot read size {text!r}; write e.g. 512M or 4G.") from None
 
 
+def check_choices(cfg) -> None:
+    """Refuse a value outside a field's declared `choices`, naming the flag: the one check the CLI,
+    the pipeline TOML and the Python API all go through (each config's __post_init__ calls it)."""
+    for spec in specs(type(cfg)):
+        choices = spec.option.choices
+        if choices is None:
+            continue
+        value = getattr(cfg, spec.name)
+        for item in value if spec.many and isinstance(value, tuple | list) else (value,):
+            if item is None and spec.optional:
+                continue
+            if item not in choices:
+                raise ConfigError(f"{spec.flag} must be one of {', '.join(map(str, choices))}, got {item!r}.")
+
+
 def positive(cfg, *names: str, optional: bool = False) -> None:
     """Refuse anything but a positive integer in the named fields (None allowed when `optional`)."""
     for name in names:

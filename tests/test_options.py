@@ -90,3 +90,31 @@ def test_pipeline_search_step_keeps_its_own_default_k(tmp_path):
                                      '[[steps]]\nrun = "search"\nindex = "idx"\nimage = "q.jpg"\nk = 7\n')
     assert parse("search", ["idx", "--image", "q.jpg"]).k == 10
     assert [step.config.k for step in load_pipeline(tmp_path / "p.toml")[1]] == [5, 7]
+
+
+VALID = {  # one valid config per command whose settings have choices; each choice is then broken
+    "embed": lambda: EmbedConfig("src", "resnet18", "o.h5", batch_size=4),
+    "probe": lambda: ProbeConfig("c.h5"),
+    "finetune": lambda: CONFIGS["finetune"]("src", "resnet18", "out"),
+    "stylize": lambda: CONFIGS["stylize"](content="c.jpg", style="s.jpg", out="o.png"),
+    "index": lambda: IndexConfig("c.h5", out="i"),
+    "dedup": lambda: CONFIGS["dedup"]("c.h5"),
+    "plot": lambda: CONFIGS["plot"]("c.h5"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_value_outside_the_declared_choices_is_refused_naming_the_flag(name):
+    # The Python API, the CLI and the TOML go through one check (options.check_choices).
+    chosen = [s for s in specs(CONFIGS[name]) if s.option.choices]
+    assert bool(chosen) == (name in VALID), "add a valid config for this command to VALID"
+    for spec in chosen:
+        bad = ("bogus",) if spec.many else "bogus"
+        with pytest.raises(ConfigError, match=rf"{spec.flag} must be one of .*got 'bogus'"):
+            dataclasses.replace(VALID[name](), **{spec.name: bad})
+        with pytest.raises(ConfigError, match=rf"{spec.flag} must be one of"):
+            from_table(CONFIGS[name], {**_table(VALID[name]()), spec.name: bad}, None, name)
+
+
+def _table(config) -> dict:
+    return {s.name: getattr(config, s.name) for s in specs(type(config)) if s.option.toml}

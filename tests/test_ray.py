@@ -7,8 +7,6 @@ task is never starved on a 2-core machine.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 
@@ -22,10 +20,12 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing, list_source
 from embedder.errors import ConfigError
+from embedder.extract.config import RayOptions
 from embedder.extract.local import embed
-from embedder.extract.ray import RayOptions, embed_ray
+from embedder.extract.ray import embed_ray
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache, assert_same_layers
+from tests.torture import kill_session
 
 OPTIONS = {"actors": 2, "cpus_per_actor": 0.5}
 
@@ -129,31 +129,6 @@ def _wait_for_markers(folder, n, proc, timeout=180):
     raise AssertionError("no shard finished in time")
 
 
-def _kill_session(sid: int, timeout: float = 30) -> None:
-    """SIGKILL every process of the run's session: the driver and the Ray processes it started
-    (Ray's workers have process groups of their own, so killpg alone would leave them running)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = []
-        for entry in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
-                alive.append(int(entry))
-        if not alive:
-            return
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    raise AssertionError(f"processes of session {sid} survived SIGKILL")
-
-
 @pytest.mark.slow
 def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=48, seed=5)
@@ -169,7 +144,7 @@ def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
     try:
         _wait_for_markers(shards_dir(killed.out), 2, proc)
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         proc.wait()
     done = len(list(shards_dir(killed.out).glob("shard-*.done")))
     assert 2 <= done < 24, "the kill must land mid-run"

@@ -528,20 +528,26 @@ def inject_scenarios(base: Path, quick: bool) -> list[Scenario]:
 # ------------------------------------------------------------------------------------------
 
 
+def session_pids(sid: int) -> list[int]:
+    """The live processes of the session `sid` (fields of /proc/PID/stat: state, ppid, pgrp, session)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
 def kill_session(sid: int, timeout: float = 30) -> None:
     """SIGKILL every process of the session `sid` (one this harness started: a run and what it
     forked or spawned). Ray's processes have process groups of their own, so killpg is not enough."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = []
-        for entry in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
-                alive.append(int(entry))
+        alive = session_pids(sid)
         if not alive:
             return
         for pid in alive:
@@ -555,15 +561,7 @@ def kill_session(sid: int, timeout: float = 30) -> None:
 
 def session_alive(sid: int) -> int:
     """How many live processes the session `sid` still has."""
-    count = 0
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        count += int(fields[3]) == sid and fields[0] != "Z"
-    return count
+    return len(session_pids(sid))
 
 
 class ProcessRunner:

@@ -16,7 +16,7 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
-from embedder.options import from_table, int_or_auto, option, positive, to_arguments
+from embedder.options import check_choices, from_table, int_or_auto, option, positive, to_arguments
 
 ROW_OPTIONS = "what is embedded"
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
@@ -80,20 +80,13 @@ class EmbedConfig:
             from embedder.models.runtime import auto_batch_size
 
             object.__setattr__(self, "batch_size", auto_batch_size(self.device))
-        if self.pool not in POOLINGS:
-            raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {self.pool!r}.")
+        check_choices(self)
         if self.style_dim < 0:
             raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {self.style_dim}.")
         positive(self, "batch_size", "commit_every", "max_pixels")
         positive(self, "limit", "image_size", optional=True)
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}.")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}.")
-        if self.feature_dtype not in ("float32", "float16"):
-            raise ConfigError(f"--dtype must be float32 or float16, got {self.feature_dtype!r}.")
-        if self.normalize not in ("none", "l2"):
-            raise ConfigError(f"normalize must be 'none' or 'l2', got {self.normalize!r}.")
         if not str(self.out).endswith((".h5", ".hdf5")):
             raise ConfigError(f"--out should name an HDF5 file ending in .h5, got {self.out!r}.")
 

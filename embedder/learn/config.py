@@ -11,7 +11,7 @@ import numpy as np
 from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
-from embedder.options import from_table, int_or_auto, option, parse_size, positive
+from embedder.options import check_choices, from_table, int_or_auto, option, parse_size, positive
 
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))  # the probe's C sweep (embedder.learn.probe)
@@ -68,9 +68,7 @@ class ProbeConfig:
     layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features)")
 
     def __post_init__(self):
-        if self.classifier != "probe" and self.classifier not in CLASSIFIERS:
-            raise ConfigError(f"--classifier must be probe or one of {', '.join(CLASSIFIERS)}, "
-                              f"got {self.classifier!r}.")
+        check_choices(self)
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("val and test fractions must be in (0, 1) and sum to less than 1.")
@@ -130,12 +128,7 @@ class FinetuneConfig:
         positive(self, "limit", "image_size", optional=True)
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ConfigError(f"--workers must be 0 or more, got {self.workers!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
-        if self.head not in HEADS:
-            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}.")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}.")
+        check_choices(self)
         _number(self, "lr", low=0.0)
         _number(self, "weight_decay", low=0.0)
         _number(self, "momentum", low=0.0, below=1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.options import option
+from embedder.options import check_choices, option
 
 INITS = ("content", "noise")
 
@@ -46,7 +46,6 @@ class StylizeConfig:
             raise ConfigError(f"--image-size must be at least 16 pixels, got {self.image_size}.")
         if self.style_weight < 0 or self.content_weight < 0 or self.style_weight + self.content_weight == 0:
             raise ConfigError("--style-weight and --content-weight must be >= 0, and not both 0.")
-        if self.init not in INITS:
-            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        check_choices(self)
         if not str(self.out).lower().endswith(".png"):
             raise ConfigError(f"--out should name a .png file, got {self.out!r}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.options import option, parse_size
+from embedder.options import check_choices, option, parse_size
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 METRICS = ("cosine", "l2")
@@ -30,6 +30,7 @@ class IndexConfig:
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
+        check_choices(self)
         if not 0 < self.target_recall <= 1:
             raise ConfigError("--target-recall must be in (0, 1].")
 
@@ -68,6 +69,9 @@ class DedupConfig:
     metric: str = option("cosine", choices=METRICS, help="similarity measure")
     layer: str | None = option(None, help=LAYER_HELP)
 
+    def __post_init__(self):
+        check_choices(self)
+
 
 @dataclass(frozen=True)
 class PlotConfig:
@@ -76,3 +80,6 @@ class PlotConfig:
     out: str | None = option(None, path=True, help="PNG to write (default: CACHE.METHOD.png beside the cache)")
     max_points: int = option(5000, help="seeded sample of at most this many rows")
     layer: str | None = option(None, help=LAYER_HELP)
+
+    def __post_init__(self):
+        check_choices(self)
