@@ -19,6 +19,9 @@ from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
 from embedder.options import check_choices, from_table, int_or_auto, option, positive, to_arguments
 
 ROW_OPTIONS = "what is embedded"
+# The EmbedConfig fields that are `load_backbone` keywords of the same name.
+BACKBONE_FIELDS = ("model", "weights", "layer", "normalize", "image_size", "device", "precision", "memory_layout",
+                   "pool", "style_layers", "style_dim", "compile")
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
@@ -113,6 +116,13 @@ class EmbedConfig:
         """Requested outputs, primary first: `layer`, `extra_layers`, then "style" with --style."""
         extra = self.extra_layers + (("style",) if self.style and "style" not in (self.layer, *self.extra_layers) else ())
         return (self.layer, *extra)
+
+    def backbone_settings(self) -> dict:
+        """The `load_backbone` keywords of this run: the fields that decide the features, by the same
+        names (the inverse, from a cache's fingerprint, is embedder.cache.fingerprint.backbone_settings)."""
+        settings = {name: getattr(self, name) for name in BACKBONE_FIELDS}
+        settings["extra_layers"] = tuple(n for n in self.outputs[1:] if n is not None)
+        return settings
 
     def resolved_workers(self) -> int:
         from embedder.models.runtime import auto_workers

@@ -145,21 +145,7 @@ def load_backbone(
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:
-    return load_backbone(
-        config.model,
-        config.weights,
-        layer=config.layer,
-        normalize=config.normalize,
-        image_size=config.image_size,
-        device=config.device,
-        precision=config.precision,
-        memory_layout=config.memory_layout,
-        pool=config.pool,
-        extra_layers=tuple(n for n in config.outputs[1:] if n is not None),
-        style_layers=config.style_layers,
-        style_dim=config.style_dim,
-        compile=config.compile,
-    )
+    return load_backbone(**config.backbone_settings())
 
 
 def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str) -> CacheSpec:
