@@ -32,6 +32,7 @@ import shutil
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -227,9 +228,12 @@ def lock_path_for(out: Path) -> Path:
 class WriteLock:
     """Exclusive write lock on the output `what`, held by this process while the context runs."""
 
-    def __init__(self, what: str | os.PathLike, lock_path: Path | None = None):
+    def __init__(self, what: str | os.PathLike, lock_path: Path | None = None, wait_s: float = 0.0):
+        """`wait_s`: how long to wait for another holder to finish before refusing (0: refuse at once;
+        outputs a user names are refused at once, shared ones such as a cached graph are waited for)."""
         self.what = Path(what).absolute()
         self.path = Path(lock_path) if lock_path else lock_path_for(self.what)
+        self.wait_s = wait_s
         self.fd: int | None = None
 
     def __enter__(self) -> Self:
@@ -240,6 +244,16 @@ class WriteLock:
         self.release()
 
     def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return self._acquire_now()
+            except CacheError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _acquire_now(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Under the guard throughout: a record lock dies with *any* close of its file in this
         # process, so no descriptor of a lock file we hold may be opened (and closed) meanwhile.

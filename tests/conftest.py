@@ -60,6 +60,7 @@ def fast_config(source, out, **overrides) -> EmbedConfig:
         "device": "cpu",
         "precision": "fp32",
         "memory_layout": "contiguous",
+        "runtime": "torch",  # the reference pass; tests/test_onnx.py runs the ONNX Runtime path
         "progress": False,
     }
     values.update(overrides)
@@ -79,6 +80,8 @@ def embedder_cmd(*args: str) -> list[str]:
 def _offline_torch_home(tmp_path_factory, monkeypatch):
     # Tests must never find (or download into) a user's weight cache by accident.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    # Exported ONNX graphs: shared by the session's tests (an export costs seconds), never the user's.
+    monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path_factory.getbasetemp() / "embedder_cache"))
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     yield
 

@@ -68,6 +68,10 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
     # Only present when used, so single-layer caches keep the fingerprints they always had.
     if cfg.compile:
         components["compile"] = "torch.compile inductor, freezing, fixed batch"
+    if cfg.runtime != "torch":
+        from embedder.models.onnx import runtime_component
+
+        components["runtime"] = runtime_component()
     if len(backbone.outputs) > 1:
         components["layers"] = json.dumps(list(backbone.outputs))
     if backbone.style_descriptor is not None:
@@ -107,4 +111,5 @@ def backbone_settings(components: dict, weights_path: str | None = None) -> dict
         "pool": components["pooling"],
         "style_layers": tuple(style.get("layers", ())),
         "style_dim": int(style.get("dim", 0)),
+        "runtime": "onnxruntime" if "runtime" in components else "torch",
     }

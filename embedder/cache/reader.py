@@ -53,7 +53,12 @@ import numpy as np
 
 from embedder.atomic import lock_holder
 from embedder.cache.fingerprint import component_differences, fingerprint_of, layer_view_components
-from embedder.cache.schema import FEATURE_DTYPES, PARTIAL_SUFFIX, SCHEMA_VERSION  # noqa: F401 - re-exported
+from embedder.cache.schema import (  # noqa: F401 - re-exported
+    FEATURE_DTYPES,
+    PARTIAL_SUFFIX,
+    SCHEMA_VERSION,
+    SHARDS_SUFFIX,
+)
 from embedder.errors import CacheError, EmbedderError
 from embedder.names import ERRORS as NAME_ERRORS
 
@@ -364,3 +369,23 @@ def read_paths(ds: h5py.Dataset) -> list[str]:
 
 def open_cache(path: str | os.PathLike, require_complete: bool = True, layer: str | None = None) -> FeatureCache:
     return FeatureCache(path, require_complete=require_complete, layer=layer)
+
+
+def recorded_components(out: str | os.PathLike) -> dict[str, str] | None:
+    """The fingerprint components of what already stands at `out` (an interrupted run's parts, the
+    cache itself, or a sharded run's plan), or None when there is nothing readable: what a resume or
+    an append must match, so `auto` settings can follow it."""
+    out = Path(out)
+    for manifest in (out.with_name(out.name + PARTIAL_SUFFIX) / "manifest.json",
+                     out.with_name(out.name + SHARDS_SUFFIX) / "manifest.json"):
+        try:
+            return dict(json.loads(manifest.read_text())["components"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if out.exists():
+        try:
+            with FeatureCache(out, require_complete=False) as cache:
+                return dict(cache.file_components)
+        except Exception:  # noqa: BLE001 - unreadable here; the writer says why when it opens it
+            return None
+    return None

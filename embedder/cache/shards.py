@@ -38,12 +38,12 @@ import numpy as np
 from embedder.atomic import WriteLock, atomic_replace, remove_leftovers
 from embedder.cache import view as views
 from embedder.cache.reader import PARTIAL_SUFFIX, CacheSpec, FeatureCache
+from embedder.cache.schema import SHARDS_SUFFIX
 from embedder.cache.view import Member
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
 
-SHARDS_SUFFIX = ".shards"
 DEFAULT_SHARD_SIZE = 65536
 
 

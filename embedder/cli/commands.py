@@ -207,7 +207,7 @@ def predict(config, args) -> list[dict]:
     from embedder.learn.predict import predict as run
 
     results = run(config.model, expand_images(config.images), top_k=config.top_k, batch_size=config.batch_size,
-                  device=config.device)
+                  device=config.device, runtime=config.runtime)
     if _as_json(args):
         print_json(results)
     else:
@@ -249,7 +249,7 @@ def index(config, args) -> dict:
 def search(config, args):
     from embedder.search.query import SearchIndex
 
-    index = SearchIndex.open(config.index, weights_path=config.weights)
+    index = SearchIndex.open(config.index, weights_path=config.weights, runtime=config.runtime)
     _check_layer(index, config)
     queries, errors = _run_queries(index, config)
     if _as_json(args):
@@ -338,7 +338,7 @@ def serve(config, args) -> None:
     hosts = allowed_hosts_for(config.host, list(config.allowed_host))
     app = create_app(config.index, max_upload_bytes=config.max_upload_bytes, default_k=config.k,
                      weights_path=config.weights, allowed_hosts=hosts, max_pixels=config.max_upload_pixels,
-                     decode_slots=config.decode_slots)
+                     decode_slots=config.decode_slots, runtime=config.runtime)
     where = f"[{config.host}]" if ":" in config.host else config.host
     print(f"serving {config.index} on http://{where}:{config.port}/  (answering Host: {', '.join(hosts)}; "
           "API spec: /openapi.json)", flush=True)

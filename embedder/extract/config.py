@@ -15,13 +15,13 @@ from embedder.cache.schema import FEATURE_DTYPES
 from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
-from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
+from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
 from embedder.options import check_choices, from_table, int_or_auto, option, positive, to_arguments
 
 ROW_OPTIONS = "what is embedded"
 # The EmbedConfig fields that are `load_backbone` keywords of the same name.
 BACKBONE_FIELDS = ("model", "weights", "layer", "normalize", "image_size", "device", "precision", "memory_layout",
-                   "pool", "style_layers", "style_dim", "compile")
+                   "pool", "style_layers", "style_dim", "compile", "runtime")
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
@@ -64,6 +64,10 @@ class EmbedConfig:
     compile: bool = option(False, group=RUN_OPTIONS,
                            help="torch.compile the backbone: 1.25-1.5x faster on CPU once compiled, 18-26 s to "
                                 "compile; worth it from about 1,300 images (docs/BENCHMARKS.md)")
+    runtime: str = option("auto", choices=RUNTIMES, group=RUN_OPTIONS,
+                          help="what runs the frozen pass. auto: ONNX Runtime on the CPU for the model families "
+                               "where it is faster (docs/BENCHMARKS.md), else torch; a cache being resumed or "
+                               "appended to keeps the runtime it was made with")
     image_size: int | None = option(None, group=ROW_OPTIONS,
                                     help="override the weights' crop size (resize keeps its ratio)")
     limit: int | None = option(None, group=ROW_OPTIONS, help="only the first N files of the sorted listing")

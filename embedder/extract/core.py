@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from embedder.cache.fingerprint import fingerprint_components
-from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import Listing
@@ -43,8 +43,8 @@ from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
-from embedder.models.registry import Preprocessing
-from embedder.models.runtime import resolve_runtime
+from embedder.models.registry import Preprocessing, get_backbone_spec
+from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.names import display_path
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
@@ -122,8 +122,11 @@ def load_backbone(
     style_layers: tuple[str, ...] = (),
     style_dim: int = DEFAULT_STYLE_DIM,
     compile: bool = False,
+    runtime: str = "auto",
 ) -> FrozenBackbone:
-    """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them."""
+    """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them
+    (`runtime`: auto, torch or onnxruntime; see embedder.models.runtime.choose_runtime)."""
+    engine = choose_runtime(runtime, get_backbone_spec(model).family, device, precision, compile)
     runtime = resolve_runtime(device, precision, memory_layout)
     return FrozenBackbone.from_config(
         BackboneConfig(
@@ -140,12 +143,25 @@ def load_backbone(
             style_layers=tuple(style_layers),
             style_dim=style_dim,
             compile=compile,
+            runtime=engine,
         )
     )
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:
     return load_backbone(**config.backbone_settings())
+
+
+def with_runtime(config: EmbedConfig) -> EmbedConfig:
+    """`config` with `--runtime auto` made concrete, once per run (so every Ray actor runs the same):
+    what a cache being resumed or appended to was made with, else the fastest for the device."""
+    if config.runtime != "auto":
+        return config
+    recorded = None if config.overwrite else recorded_components(config.out)
+    if recorded is not None:
+        return replace(config, runtime="onnxruntime" if "runtime" in recorded else "torch")
+    family = get_backbone_spec(config.model).family
+    return replace(config, runtime=choose_runtime("auto", family, config.device, config.precision, config.compile))
 
 
 def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str) -> CacheSpec:

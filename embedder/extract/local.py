@@ -20,7 +20,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, describe_ignored, list_source
 from embedder.errors import EmbedderNotice
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows
+from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows, with_runtime
 from embedder.models.backbone import FrozenBackbone
 from embedder.names import display_path
 
@@ -130,7 +130,9 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
                   lock: WriteLock) -> EmbedReport:
     started = time.perf_counter()
     listing = list_source(config.source, config.layout, config.limit)
-    backbone = backbone or backbone_for(config)
+    if backbone is None:
+        config = with_runtime(config)
+        backbone = backbone_for(config)
     spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line())
     _notices(config, backbone)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,

@@ -30,7 +30,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.extract.config import EmbedConfig, RayOptions
-from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows
+from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows, with_runtime
 from embedder.extract.local import EmbedReport
 from embedder.models.backbone import FrozenBackbone
 
@@ -90,6 +90,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     started = time.perf_counter()
     # The lock first: a second run into the same cache is refused before Ray starts or a model is built.
     with lock_output(config.out, held=lock):
+        config = with_runtime(config)
         listing = list_source(config.source, config.layout, config.limit)
         command = command if command is not None else config.command_line(backend="ray")
         started_here = not ray.is_initialized()

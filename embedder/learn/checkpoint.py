@@ -20,7 +20,7 @@ from embedder.errors import ConfigError
 from embedder.models.backbone import BackboneConfig, FrozenBackbone, _seeded
 from embedder.models.heads import head_slot, mlp_head, replace_head
 from embedder.models.registry import get_backbone_spec
-from embedder.models.runtime import resolve_runtime
+from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights
 
 FORMAT = "embedder-classifier/1"
@@ -85,7 +85,8 @@ class ImageClassifier(nn.Module):
         return torch.softmax(self(images), dim=1).cpu().numpy()
 
 
-def load_classifier(path: str | os.PathLike, device: str = "auto") -> ImageClassifier:
+def load_classifier(path: str | os.PathLike, device: str = "auto", runtime: str = "auto") -> ImageClassifier:
+    """An exported probe or a fine-tuned network, ready for inference (`runtime`: auto, torch or onnxruntime)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -100,14 +101,15 @@ def load_classifier(path: str | os.PathLike, device: str = "auto") -> ImageClass
         model = spec.build()
     head, head_path = replace_head(model, spec, info.layer, build_head(info, head_slot(spec, info.layer)[1]))
     model.load_state_dict(payload["state_dict"], strict=True)
-    runtime = resolve_runtime(device, info.precision, info.memory_layout)
+    resolved = resolve_runtime(device, info.precision, info.memory_layout)
     config = BackboneConfig(
         model=info.model,
         weights=info.weights,
         image_size=info.image_size,
-        device=runtime.device,
-        precision=runtime.precision,
-        channels_last=runtime.channels_last,
+        device=resolved.device,
+        precision=resolved.precision,
+        channels_last=resolved.channels_last,
+        runtime=choose_runtime(runtime, spec.family, resolved.device, resolved.precision),
     )
     weights = ResolvedWeights("file", f"classifier:{Path(path).name}", lambda m: None)
     network = FrozenBackbone(model, spec, config, weights, output=(logits_node(head_path, head), len(info.classes)))

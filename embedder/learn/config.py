@@ -11,6 +11,7 @@ import numpy as np
 from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
+from embedder.models.constants import RUNTIMES
 from embedder.options import check_choices, from_table, int_or_auto, option, parse_size, positive
 
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
@@ -40,8 +41,11 @@ class PredictConfig:
     top_k: int = option(1, help="labels per image")
     batch_size: int = option(32, help="images per forward pass")
     device: str = option("auto", help="auto, cpu or cuda[:N]")
+    runtime: str = option("auto", choices=RUNTIMES,
+                          help="what runs the network (auto: ONNX Runtime on the CPU where it is faster)")
 
     def __post_init__(self):
+        check_choices(self)
         if self.top_k < 1 or self.batch_size < 1:
             raise ConfigError("--top-k and --batch-size must be at least 1.")
 

@@ -18,6 +18,7 @@ def predict(
     top_k: int = 1,
     batch_size: int = 32,
     device: str = "auto",
+    runtime: str = "auto",
 ) -> list[dict]:
     """One result per image: {"path", "label", "probability", "top": [{"label", "probability"}, ...]}
     for those that decoded, in the order of `paths`, then {"path", "error"} for those that did not.
@@ -25,7 +26,7 @@ def predict(
     `top` holds the `top_k` most probable classes (at least 1, at most all), most probable first.
     A file that cannot be read is a result, not an exception, so one bad file does not end a batch.
     """
-    classifier = load_classifier(model_path, device=device)
+    classifier = load_classifier(model_path, device=device, runtime=runtime)
     logits, errors = embed_images(classifier.network, list(paths), batch_size=batch_size)
     failed = {p for p, _ in errors}
     ok_paths = [p for p in paths if p not in failed]

@@ -57,6 +57,9 @@ class BackboneConfig:
     # ResNet-50 after 18-26 s of compiling (benchmarks/compiled.py). It changes the last bits
     # (about 1e-4 absolute), so it is part of the fingerprint.
     compile: bool = False
+    # "torch" or "onnxruntime" (embedder.models.onnx): the same pass, exported once and run by
+    # ONNX Runtime on the CPU (1.3-1.9x faster there, docs/BENCHMARKS.md), cosine >= 0.99999.
+    runtime: str = "torch"
 
 
 def build_model(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
@@ -83,6 +86,8 @@ def _validate(config: BackboneConfig) -> None:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}.")
     if config.style_dim < 0:
         raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {config.style_dim}.")
+    if config.runtime not in ("torch", "onnxruntime"):
+        raise ConfigError(f"runtime must be torch or onnxruntime (resolved), got {config.runtime!r}.")
 
 
 class FrozenBackbone(nn.Module):
@@ -116,12 +121,16 @@ class FrozenBackbone(nn.Module):
         nodes = self._name_outputs(model, output)
         self._lock(model, nodes)
         # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.
-        self.__dict__.update(_compiled=None, _compiled_batch=None)
+        self.__dict__.update(_compiled=None, _compiled_batch=None, _session=None)
         self._size_outputs(output)
         # Set last, so that the shape probe above runs eagerly. Kept out of the module tree (no
         # double entries in modules() or state_dict); it wraps self.body.
         if config.compile:
             self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
+        if config.runtime == "onnxruntime":
+            from embedder.models.onnx import session_for
+
+            self.__dict__["_session"] = session_for(self)
 
     def _name_outputs(self, model: nn.Module, output: tuple[str, int] | None) -> tuple[str, ...]:
         """Set the primary node, the outputs and the style nodes; return every graph node to extract."""
@@ -264,15 +273,29 @@ class FrozenBackbone(nn.Module):
         x = images.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
+        if self._session is not None:
+            return self._run_session(x)
         maps = self._maps(x)
         out = {}
         for node in self.output_names:
             if node == STYLE_OUTPUT:
                 out[node] = self.style_descriptor([maps[n].float() for n in self.style_nodes])
                 continue
-            feats = pool_map(maps[node].float(), self.config.pool)
-            out[node] = F.normalize(feats, dim=1) if self.config.normalize == "l2" else feats
+            out[node] = self._pooled(maps[node])
         return out
+
+    def _pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
+        feats = pool_map(feature_map.float(), self.config.pool)
+        return F.normalize(feats, dim=1) if self.config.normalize == "l2" else feats
+
+    def _run_session(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ONNX Runtime pass: the graph gives the pooled layers, then the style layers' raw maps,
+        from which the style descriptor is computed here as in the torch pass."""
+        results = self._session.run(pixels)
+        out = dict(zip(self.layers, results[: len(self.layers)]))
+        if STYLE_OUTPUT in self.output_names:
+            out[STYLE_OUTPUT] = self.style_descriptor(results[len(self.layers):])
+        return {n: out[n] for n in self.output_names}
 
     def _probe_shapes(self) -> dict[str, tuple[int, ...]]:
         """Output shape of every node for one image at the crop size (one forward of zeros)."""

@@ -10,12 +10,14 @@ bf16 is chosen only where the CPU advertises it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, EmbedderNotice
+from embedder.models.onnx import INSTALL, versions
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,33 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
     else:
         raise ConfigError(f"--memory-layout must be auto, channels_last or contiguous, got {memory_layout!r}.")
     return Runtime(device=device, precision=precision, channels_last=channels_last)
+
+
+# Model-only speed of ONNX Runtime over torch eager (fp32, batch 4, 224 px, 2 threads; channels_last,
+# the CPU default), measured side by side by `python -m benchmarks runtime` on the 2-core AVX2 dev
+# machine (docs/BENCHMARKS.md). `--runtime auto` takes ONNX Runtime on the CPU for a family only
+# where it was faster.
+ONNX_CPU_SPEEDUP = {"resnet": 1.29, "efficientnet_lite": 1.90, "vgg": 1.0}
+
+
+def choose_runtime(runtime: str, family: str, device: str = "auto", precision: str = "auto",
+                   compile: bool = False) -> str:
+    """`auto` -> "onnxruntime" on the CPU in fp32 for a family where it is faster and installed, else
+    "torch"; an explicit choice is returned as it is (the backbone refuses what it cannot run)."""
+    if runtime != "auto":
+        if runtime not in ("torch", "onnxruntime"):
+            raise ConfigError(f"--runtime must be auto, torch or onnxruntime, got {runtime!r}.")
+        return runtime
+    resolved = resolve_runtime(device, precision, "auto")
+    if resolved.device != "cpu" or resolved.precision != "fp32" or compile:
+        return "torch"  # ONNX Runtime's CPU provider runs fp32; on CUDA and with --compile torch is the fast path
+    if ONNX_CPU_SPEEDUP.get(family, 1.0) <= 1.0:
+        return "torch"
+    if versions() is None:
+        warnings.warn(f"ONNX Runtime is not installed, so --runtime auto runs torch ({INSTALL} for "
+                      f"{ONNX_CPU_SPEEDUP[family]:.2f}x on this model family).", EmbedderNotice, stacklevel=2)
+        return "torch"
+    return "onnxruntime"
 
 
 # Images per forward pass when --batch-size is not given. On CPU, small batches keep the

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
+from embedder.models.constants import RUNTIMES
 from embedder.options import check_choices, option, parse_size
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
@@ -52,8 +53,11 @@ class SearchConfig:
                                           "one layer)")
     weights: str | None = option(None, path=True,
                                  help="the weights file, when the cache was embedded with --weights PATH")
+    runtime: str = option("auto", choices=RUNTIMES,
+                          help="what runs the backbone of queries by image (auto: the one the cache was made with)")
 
     def __post_init__(self):
+        check_choices(self)
         given = [name for name in ("image", "path", "row_id", "vector") if getattr(self, name) not in (None, ())]
         if len(given) != 1:
             raise ConfigError("search needs exactly one query: image, path, id or vector"

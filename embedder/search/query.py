@@ -50,7 +50,7 @@ def _c_stdout_to_stderr():
 class SearchIndex:
     """A saved index, ready to answer queries by vector, by cached row id, or by image."""
 
-    def __init__(self, index_dir, weights_path: str | None = None):
+    def __init__(self, index_dir, weights_path: str | None = None, runtime: str = "auto"):
         self.dir = Path(index_dir)
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
@@ -71,6 +71,7 @@ class SearchIndex:
         self._row = {p: i for i, p in enumerate(self.paths)}
         self.metric = self.meta["metric"]
         self.weights_path = weights_path
+        self.runtime = runtime
         self._backbone = None
         self._backbone_lock = threading.Lock()
         # Exact indexes can give back their vectors, so search by id needs no cache file.
@@ -79,8 +80,8 @@ class SearchIndex:
             faiss.extract_index_ivf(self.index).make_direct_map()
 
     @classmethod
-    def open(cls, index_dir, weights_path: str | None = None) -> SearchIndex:
-        return cls(index_dir, weights_path)
+    def open(cls, index_dir, weights_path: str | None = None, runtime: str = "auto") -> SearchIndex:
+        return cls(index_dir, weights_path, runtime)
 
     @property
     def ntotal(self) -> int:
@@ -141,7 +142,7 @@ class SearchIndex:
         """The cache's backbone, rebuilt and checked against the fingerprint (once)."""
         with self._backbone_lock:  # a service's threads may ask at once; build it only once
             if self._backbone is None:
-                self._backbone = query_backbone(self.meta["components"], self.weights_path)
+                self._backbone = query_backbone(self.meta["components"], self.weights_path, self.runtime)
         return self._backbone
 
     def search_pixels(self, images, k: int = 10, max_pixels: int | None = None) -> list[list[Hit]]:
@@ -168,17 +169,25 @@ class SearchIndex:
         return list(zip(ok, self.search(feats, k) if len(feats) else [])), errors
 
 
-def query_backbone(components: dict, weights_path: str | None = None):
-    """Rebuild the backbone a cache was embedded with, refusing any difference in the fingerprint."""
+def query_backbone(components: dict, weights_path: str | None = None, runtime: str = "auto"):
+    """Rebuild the backbone a cache was embedded with, refusing any difference in the fingerprint.
+
+    `runtime` auto: the one the cache was made with, or torch where ONNX Runtime is not installed."""
     from embedder.cache.fingerprint import backbone_settings, component_differences, fingerprint_components
     from embedder.extract.core import load_backbone
+    from embedder.models.onnx import versions
 
-    backbone = load_backbone(**backbone_settings(components, weights_path))
+    settings = backbone_settings(components, weights_path)
+    if runtime == "auto":
+        runtime = settings["runtime"] if settings["runtime"] == "torch" or versions() is not None else "torch"
+    backbone = load_backbone(**{**settings, "runtime": runtime})
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
     # (benchmarks/compiled.py), far below what a ranking can notice, and compiling a query
     # backbone would cost every search process 18-26 s (benchmarks/compiled.py).
-    diff = component_differences(components, mine, ignore={"compile"})
+    # Nor does the runtime matter to a query: ONNX Runtime and torch agree to a cosine of 0.99999 or
+    # better (checked whenever a session opens, embedder.models.onnx), like a compiled graph.
+    diff = component_differences(components, mine, ignore={"compile", "runtime"})
     if diff:
         raise CacheMismatchError(
             "the index's cache",

@@ -150,13 +150,15 @@ def create_app(
     weights_path: str | None = None,
     allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
     decode_slots: int = DEFAULT_DECODE_SLOTS,
+    runtime: str = "auto",
 ) -> FastAPI:
     """The search service for the index in `index_dir`, opened once, here.
 
     `max_pixels` bounds uploads (refused as decompression bombs above it); thumbnails of the
     indexed files keep the offline limit. `allowed_hosts` are the Host names answered ("*":
     any). `weights_path` is needed only for searches by image over a cache embedded with
-    weights from a local file (the index records their identity, not their location).
+    weights from a local file (the index records their identity, not their location). `runtime`
+    runs the queries' backbone (auto: the cache's own).
     """
     if max_upload_bytes < 1:
         raise ConfigError(f"--max-upload-mb must be positive, got {max_upload_bytes} bytes.")
@@ -165,7 +167,7 @@ def create_app(
     if max_pixels < 1 or decode_slots < 1:
         raise ConfigError(f"--max-upload-pixels and --decode-slots must be positive, got {max_pixels} and "
                           f"{decode_slots}.")
-    index = SearchIndex.open(index_dir, weights_path=weights_path)
+    index = SearchIndex.open(index_dir, weights_path=weights_path, runtime=runtime)
     app = FastAPI(
         title="embedder similarity search",
         version=_version(),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.options import option
+from embedder.models.constants import RUNTIMES
+from embedder.options import check_choices, option
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000  # a 50-MP photo passes; a decode costs ~4 bytes per pixel: 200 MB
@@ -30,8 +31,11 @@ class ServeConfig:
     k: int = option(10, flag="-k", help="neighbours returned when a request does not say")
     weights: str | None = option(None, path=True,
                                  help="the weights file, when the cache was embedded with --weights PATH")
+    runtime: str = option("auto", choices=RUNTIMES,
+                          help="what runs the backbone of queries by image (auto: the one the cache was made with)")
 
     def __post_init__(self):
+        check_choices(self)
         if self.max_upload_mb <= 0:
             raise ConfigError(f"--max-upload-mb must be positive, got {self.max_upload_mb}.")
         if not 1 <= self.k <= MAX_K:

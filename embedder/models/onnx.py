@@ -1,0 +1,223 @@
+"""ONNX Runtime for the frozen backbone: exported once, cached on disk, checked against torch.
+
+What the graph computes is `FrozenBackbone`'s own inference pass, traced by
+`torch.onnx.export` (the dynamo exporter) from the eval-locked module: the [0, 1] float
+pixels in, the normalisation, every requested layer pooled (and L2-normalised when asked),
+and the raw maps of the style layers out; the batch axis is dynamic. BatchNorm is exported
+in eval mode, with its running statistics (ONNX Runtime then folds it into the convolutions).
+The Gram style descriptor is computed around the graph, in torch, from those maps, so
+`--style` gives the same descriptor under either runtime.
+
+The graph is cached under `$EMBEDDER_CACHE/onnx/<key>/` (default `~/.cache/embedder`), keyed by a
+hash of everything that decides it: the backbone's configuration and outputs, a hash of its
+parameters and buffers, and the torch / onnx / onnxscript versions. `graph.onnx` sits beside
+`meta.json`, which records that identity and the file's sha256: a file that does not match
+(a disk error, an interrupted copy) is rebuilt, never used. Every session is checked against
+the torch pass on two probe images when it is opened; features that disagree (cosine below
+`MIN_COSINE`) are refused, so the runtime is never silently different.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedder.atomic import WriteLock, discard, file_sha256, publish_dir, remove_leftovers, temp_dir
+from embedder.errors import ConfigError, EmbedderNotice
+
+if TYPE_CHECKING:
+    from embedder.models.backbone import FrozenBackbone
+
+GRAPH_FORMAT = "embedder-onnx-1"  # bump when what the graph computes changes
+OPSET = 18
+MIN_COSINE = 0.99999  # torch vs ONNX Runtime on the probe images; measured: 1.000000 (docs/BENCHMARKS.md)
+INSTALL = "pip install onnxruntime onnx onnxscript"
+EXPORT_WAIT_S = 900.0  # another process exporting the same graph: wait for it rather than export twice
+
+
+def versions() -> dict[str, str] | None:
+    """The versions of the ONNX packages, or None when one is missing."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript
+    except ImportError:
+        return None
+    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+
+
+def require() -> dict[str, str]:
+    found = versions()
+    if found is None:
+        raise ConfigError(f"--runtime onnxruntime needs ONNX Runtime: {INSTALL} (or use --runtime torch).")
+    return found
+
+
+def runtime_component() -> str:
+    """The fingerprint's `runtime` entry: what can change the last bits of the features."""
+    v = require()
+    return (f"onnxruntime {v['onnxruntime']} CPUExecutionProvider, onnx {v['onnx']}, onnxscript {v['onnxscript']}, "
+            f"opset {OPSET}, {GRAPH_FORMAT}")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("EMBEDDER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedder"
+    return Path(base) / "onnx"
+
+
+class _Graph(nn.Module):
+    """The backbone's inference pass as one traceable module: pooled outputs, then raw style maps."""
+
+    def __init__(self, backbone: FrozenBackbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.backbone._maps(pixels)
+        pooled = [self.backbone._pooled(maps[n]) for n in self.backbone.layers]
+        return (*pooled, *(maps[n].float() for n in self.backbone.style_nodes))
+
+
+class OnnxSession:
+    """An ONNX Runtime session over a cached graph, run with torch's thread count."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.use_deterministic_compute = True
+        options.log_severity_level = 3  # errors only: its warnings would land in front of --json output
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.path = path
+
+    def run(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        arrays = self.session.run(None, {self.input: np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.float32)})
+        return [torch.from_numpy(a) for a in arrays]
+
+
+def session_for(backbone: FrozenBackbone) -> OnnxSession:
+    """The checked session of `backbone`'s graph, exporting it first when the cache lacks it."""
+    require()
+    if backbone.config.compile:
+        raise ConfigError("--compile is a torch.compile option; drop it, or use --runtime torch.")
+    if backbone.config.precision != "fp32" or backbone.device.type != "cpu":
+        raise ConfigError(
+            f"--runtime onnxruntime runs fp32 on the CPU (got {backbone.config.precision} on {backbone.device.type}); "
+            "use --device cpu --precision fp32, or --runtime torch."
+        )
+    key, identity = graph_key(backbone)
+    folder = cache_root() / key
+    with WriteLock(folder, wait_s=EXPORT_WAIT_S):
+        session = _open_cached(folder, identity)
+        if session is None:
+            remove_leftovers(folder)
+            tmp = temp_dir(folder)
+            tmp.mkdir(parents=True)
+            try:
+                _export(backbone, tmp / "graph.onnx")
+                meta = {"identity": identity, "sha256": file_sha256(tmp / "graph.onnx")}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+                publish_dir(tmp, folder)
+            except BaseException:
+                discard(tmp)
+                raise
+            session = OnnxSession(folder / "graph.onnx")
+    check_against_torch(backbone, session)
+    return session
+
+
+def graph_key(backbone: FrozenBackbone) -> tuple[str, dict]:
+    """(folder name, identity): a hash of the configuration, the outputs, the exporter's versions and
+    the network's own tensors (so two checkpoints that share a file name never share a graph)."""
+    cfg = backbone.config
+    tensors = hashlib.sha256()
+    for name, value in backbone.body.state_dict().items():
+        tensors.update(name.encode())
+        tensors.update(value.detach().cpu().contiguous().numpy().tobytes())
+    identity = {
+        "format": GRAPH_FORMAT, "opset": OPSET, "model": backbone.spec.name, "weights": backbone.weights.identity,
+        "preprocessing": backbone.preprocessing.as_dict(), "layers": list(backbone.layers),
+        "style_nodes": list(backbone.style_nodes), "pool": cfg.pool, "normalize": cfg.normalize,
+        "channels_last": cfg.channels_last, "tensors": tensors.hexdigest(), "torch": str(torch.__version__),
+        **{k: v for k, v in require().items() if k != "onnxruntime"},
+    }
+    text = json.dumps(identity, sort_keys=True)
+    # As meta.json reads it back (tuples become lists), so the cached copy compares equal.
+    return f"{backbone.spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:24]}", json.loads(text)
+
+
+def _open_cached(folder: Path, identity: dict) -> OnnxSession | None:
+    """The cached graph's session, or None when it is missing, stale or damaged (it is then rebuilt)."""
+    graph, meta_file = folder / "graph.onnx", folder / "meta.json"
+    if not folder.exists():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        intact = meta.get("identity") == identity and meta.get("sha256") == file_sha256(graph)
+        session = OnnxSession(graph) if intact else None
+    except Exception:  # noqa: BLE001 - anything unreadable is rebuilt, whatever the error
+        session = None
+    if session is None:
+        warnings.warn(f"The cached ONNX graph in {folder} is damaged or stale; exporting it again.",
+                      EmbedderNotice, stacklevel=4)
+    return session
+
+
+def _export(backbone: FrozenBackbone, path: Path) -> None:
+    size = backbone.preprocessing.crop_size
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(backbone.device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    graph = _Graph(backbone).eval()
+    names = [f"out{i}" for i in range(len(backbone.layers) + len(backbone.style_nodes))]
+    # The exporter reports its progress on stdout and warns about its own internals; a library
+    # must not print, and stdout may be carrying --json.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(graph, (example,), input_names=["pixels"], output_names=names,
+                                        dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
+                                        external_data=False, verbose=False)
+        except Exception as exc:
+            raise ConfigError(
+                f"{backbone.spec.name} could not be exported to ONNX ({type(exc).__name__}: {str(exc)[:300]}); "
+                "use --runtime torch."
+            ) from exc
+        program.save(str(path))
+
+
+def check_against_torch(backbone: FrozenBackbone, session: OnnxSession) -> float:
+    """The smallest cosine between torch's and the session's outputs on two probe images (refused below
+    MIN_COSINE): the guarantee that the runtime changes the last bits, never the features."""
+    size = backbone.preprocessing.crop_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = _Graph(backbone)(pixels.to(backbone.device))
+    got = session.run(pixels)
+    worst = 1.0
+    for e, g in zip(expected, got):
+        e, g = e.float().cpu().flatten(1).double(), g.flatten(1).double()
+        if e.shape != g.shape:
+            worst = -1.0
+            break
+        scale = e.norm(dim=1) * g.norm(dim=1)
+        cos = torch.where(scale > 0, (e * g).sum(1) / scale.clamp_min(1e-300), (e == g).all(1).double())
+        worst = min(worst, float(cos.min()))
+    if worst < MIN_COSINE:
+        raise ConfigError(
+            f"ONNX Runtime's features for {backbone.spec.name} differ from torch's (cosine {worst:.6f} < {MIN_COSINE}); "
+            f"use --runtime torch. The graph is {session.path}."
+        )
+    return worst

@@ -1,0 +1,163 @@
+"""--runtime onnxruntime: the same frozen pass exported once and run by ONNX Runtime, with the
+guarantees of the torch path (features within cosine 0.99999, bit-identical run to run, resume
+after kill -9, recorded in the fingerprint) and BatchNorm exported in eval mode."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from embedder.cache.reader import FeatureCache
+from embedder.errors import CacheMismatchError, ConfigError, EmbedderNotice
+from embedder.extract.core import load_backbone
+from embedder.extract.local import embed
+from embedder.models.onnx import MIN_COSINE, cache_root, graph_key
+from embedder.models.runtime import choose_runtime
+from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
+from tests.test_cache import _wait_for_parts, assert_same_cache, read_all
+
+SMALL = dict(image_size=32, device="cpu", precision="fp32", memory_layout="contiguous")
+
+
+def min_cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def test_every_output_matches_torch_and_repeats_bit_for_bit():
+    kw = dict(SMALL, extra_layers=("layer3", "style"), style_layers=("layer1", "layer2"), style_dim=64, pool="gem")
+    onnx = load_backbone("resnet18", "none", runtime="onnxruntime", **kw)
+    torch_pass = load_backbone("resnet18", "none", runtime="torch", **kw)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got, expected = onnx.forward_all(images), torch_pass.forward_all(images)
+    assert list(got) == list(expected) == ["avgpool", "layer3", "style"]
+    for name in got:
+        assert got[name].shape == expected[name].shape
+        assert min_cosine(got[name], expected[name]) >= MIN_COSINE, name
+        assert torch.equal(onnx.forward_all(images)[name], got[name]), name  # run to run, bit for bit
+    # The batch axis is dynamic: one image and an odd batch run without another export.
+    assert min_cosine(onnx(images[:1]), expected["avgpool"][:1]) >= MIN_COSINE
+    assert min_cosine(onnx(images[:5]), expected["avgpool"][:5]) >= MIN_COSINE
+
+
+def test_batchnorm_is_exported_with_its_running_statistics(tmp_path):
+    # Random init has trivial statistics (mean 0, variance 1); give every BatchNorm real ones, so that
+    # a graph exported in train mode (batch statistics) would give clearly different features.
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    torch.save(model.state_dict(), tmp_path / "stats.pt")
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    onnx = load_backbone("resnet18", str(tmp_path / "stats.pt"), runtime="onnxruntime", **SMALL)
+    eval_features = load_backbone("resnet18", str(tmp_path / "stats.pt"), runtime="torch", **SMALL)(images)
+    assert min_cosine(onnx(images), eval_features) >= MIN_COSINE
+    batch_stats = model.train()
+    with torch.no_grad():
+        pixels = (images.float() / 255 - onnx.mean) / onnx.std
+        trunk = torch.nn.Sequential(*list(batch_stats.children())[:-1])
+        train_features = trunk(pixels).flatten(1)
+    assert min_cosine(onnx(images), train_features) < 0.99  # what the eval lock prevents
+
+
+def test_the_export_is_cached_and_a_damaged_graph_is_rebuilt():
+    load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
+    reference = load_backbone("resnet18", "none", runtime="torch", **SMALL)
+    key, _ = graph_key(reference)
+    graph = cache_root() / key / "graph.onnx"
+    assert graph.is_file() and (graph.parent / "meta.json").is_file()
+    stamp = graph.stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbedderNotice)  # a sound cached graph is used as it is
+        load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
+    assert graph.stat().st_mtime_ns == stamp
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # a torn copy
+    with pytest.warns(EmbedderNotice, match="damaged or stale; exporting it again"):
+        rebuilt = load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert min_cosine(rebuilt(images), reference(images)) >= MIN_COSINE
+    assert not list(cache_root().glob(f".{key}*"))  # no temporary folders left
+
+
+def test_the_runtime_is_in_the_fingerprint_and_an_append_must_match(tmp_path):
+    src = make_tree(tmp_path / "src", per_class=4)
+    onnx = fast_config(src, tmp_path / "onnx.h5", runtime="onnxruntime")
+    embed(onnx)
+    embed(fast_config(src, tmp_path / "torch.h5"))
+    with FeatureCache(onnx.out) as a, FeatureCache(tmp_path / "torch.h5") as b:
+        assert a.components["runtime"].startswith("onnxruntime ")
+        assert "runtime" not in b.components  # torch caches keep the fingerprints they always had
+        assert a.paths == b.paths and min_cosine(a.features(), b.features()) >= MIN_COSINE
+    make_tree(src / "more", classes=("cat",), per_class=2, seed=9)
+    with pytest.raises(CacheMismatchError, match="runtime"):
+        embed(fast_config(src, onnx.out, runtime="torch"))
+    report = embed(fast_config(src, onnx.out, runtime="auto"))  # auto keeps the cache's own runtime
+    assert report.embedded == 2 and report.config["runtime"].startswith("onnxruntime ")
+
+
+@pytest.mark.slow
+def test_a_killed_onnx_run_resumes_to_the_same_cache(tmp_path):
+    src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=24, seed=3)
+    reference = fast_config(src, tmp_path / "reference.h5", commit_every=4, runtime="onnxruntime")
+    embed(reference)
+    killed = fast_config(src, tmp_path / "killed.h5", commit_every=4, runtime="onnxruntime")
+    proc = subprocess.Popen(embedder_cmd("embed", *cli_args(killed)), env=env_with_repo(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_parts(tmp_path / "killed.h5.partial", 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    report = embed(fast_config(src, killed.out, commit_every=4, runtime="auto"))
+    assert 0 < report.already_cached < 48
+    assert_same_cache(killed.out, reference.out)
+    features, *_ = read_all(reference.out)
+    embed(fast_config(src, tmp_path / "again.h5", commit_every=4, runtime="onnxruntime"))
+    assert np.array_equal(read_all(tmp_path / "again.h5")[0], features)  # run to run
+
+
+def test_auto_takes_onnxruntime_only_where_it_runs_and_wins():
+    assert choose_runtime("auto", "resnet", "cpu", "fp32") == "onnxruntime"
+    assert choose_runtime("auto", "efficientnet_lite", "cpu", "fp32") == "onnxruntime"
+    assert choose_runtime("auto", "resnet", "cpu", "fp32", compile=True) == "torch"
+    assert choose_runtime("auto", "resnet", "cpu", "bf16") == "torch"
+    assert choose_runtime("torch", "resnet", "cpu", "fp32") == "torch"
+    assert choose_runtime("onnxruntime", "vgg", "cpu", "fp32") == "onnxruntime"
+    with pytest.raises(ConfigError, match="--runtime must be"):
+        choose_runtime("tensorrt", "resnet")
+
+
+def test_what_onnxruntime_cannot_run_is_refused_naming_the_option():
+    with pytest.raises(ConfigError, match="--compile is a torch.compile option.*--runtime torch"):
+        load_backbone("resnet18", "none", runtime="onnxruntime", compile=True, **SMALL)
+    with pytest.raises(ConfigError, match="runs fp32 on the CPU.*--runtime torch"):
+        load_backbone("resnet18", "none", runtime="onnxruntime", **{**SMALL, "precision": "bf16"})
+
+
+def test_without_onnxruntime_auto_falls_back_to_torch_with_one_notice(tmp_path):
+    script = (
+        "import sys, warnings; sys.modules['onnxruntime'] = None\n"  # as if it were not installed
+        "from embedder.models.runtime import choose_runtime\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    print(choose_runtime('auto', 'resnet', 'cpu', 'fp32'))\n"
+        "print(len(seen), seen[0].message)\n"
+        "try:\n"
+        "    choose_runtime('onnxruntime', 'resnet'); from embedder.models.onnx import require; require()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env_with_repo(), capture_output=True, text=True,
+                         timeout=120).stdout.splitlines()
+    assert out[0] == "torch"
+    assert out[1].startswith("1 ONNX Runtime is not installed") and "pip install onnxruntime" in out[1]
+    assert out[2].startswith("ConfigError") and "--runtime torch" in out[2]
