@@ -16,6 +16,7 @@ import torch
 BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
+    "runtime": "torch eager, bf16, --compile and ONNX Runtime against the GEMM peak; model only and end to end",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
     "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",

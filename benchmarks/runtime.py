@@ -1,0 +1,130 @@
+"""Runtimes side by side, against the machine's own GEMM peak: the evidence behind `--runtime auto`.
+
+    python -m benchmarks runtime            # resnet50, efficientnet_lite0 and vgg16; model only and end to end
+    python -m benchmarks runtime --quick    # resnet18 only, fewer images, no --compile
+
+One process. The roofline line first: the fp32 peak of a large `torch.mm` on this machine's threads
+(and the bf16 one where the CPU has native bf16). Then per model, interleaved round by round so
+that drift on a shared machine hits every variant alike, on random uint8 input at 224 px, batch 4
+(the CPU default): torch eager fp32 channels_last, torch eager bf16 (native bf16 only), torch.compile
+fp32 (full mode), and ONNX Runtime fp32. Each variant prints images/s, the ratio to torch fp32,
+GFLOP/s achieved from the FLOPs counted on the graph (torch.utils.flop_counter, not a constant), that
+as a share of the fp32 peak, and the smallest cosine of its features to torch fp32's.
+
+End to end: JPEG photos on disk -> committed HDF5 cache with `embed()` for each runtime and the
+default (`--runtime auto --precision auto`), whole process, against the fastest model-only rate.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.extraction import make_jpegs
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import load_backbone, with_runtime
+from embedder.extract.local import embed
+from embedder.models.runtime import cpu_has_native_bf16
+
+BATCH = 4
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of a large square matmul on this process's threads: the ceiling a conv net can approach."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(3):
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 3:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def flops_per_image(model: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = load_backbone(model, "none", device="cpu", precision="fp32", memory_layout="contiguous", runtime="torch")
+    with FlopCounterMode(display=False) as counter:
+        net.feature_maps(torch.rand(1, 3, 224, 224))
+    return counter.get_total_flops()
+
+
+def variants(model: str, compile: bool) -> dict:
+    common = {"device": "cpu", "memory_layout": "channels_last"}
+    out = {"torch fp32": load_backbone(model, "none", precision="fp32", runtime="torch", **common)}
+    if cpu_has_native_bf16():
+        out["torch bf16"] = load_backbone(model, "none", precision="bf16", runtime="torch", **common)
+    if compile:
+        out["torch.compile fp32"] = load_backbone(model, "none", precision="fp32", runtime="torch", compile=True,
+                                                  **common)
+    out["onnxruntime fp32"] = load_backbone(model, "none", precision="fp32", runtime="onnxruntime", **common)
+    return out
+
+
+def model_only(model: str, compile: bool, rounds: int, seconds: float, peak: float) -> dict[str, float]:
+    x = torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    nets = variants(model, compile)
+    reference = nets["torch fp32"](x)
+    for net in nets.values():
+        net(x)  # warm-up (and the compile)
+    images, spent = dict.fromkeys(nets, 0), dict.fromkeys(nets, 0.0)
+    for _ in range(rounds):
+        for name, net in nets.items():
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                net(x)
+                images[name] += BATCH
+            spent[name] += time.perf_counter() - t0
+    flops = flops_per_image(model)
+    rates = {name: images[name] / spent[name] for name in nets}
+    print(f"\n{model}: {flops / 1e9:.2f} GFLOP per image (counted), batch {BATCH}, 224 px, model only")
+    print(f"{'variant':<22}{'img/s':>8}{'vs torch fp32':>15}{'GFLOP/s':>9}{'of fp32 peak':>14}{'min cosine':>12}")
+    for name, net in nets.items():
+        cos = torch.nn.functional.cosine_similarity(net(x).float(), reference).min().item()
+        gflops = rates[name] * flops / 1e9
+        print(f"{name:<22}{rates[name]:>8.1f}{rates[name] / rates['torch fp32']:>14.2f}x{gflops:>9.0f}"
+              f"{gflops / peak:>13.0%}{cos:>12.6f}")
+    return rates
+
+
+def end_to_end(model: str, n: int, work: Path, fastest: float) -> None:
+    photos = work / "photos"
+    if not photos.exists():
+        make_jpegs(photos / "all", n)
+    print(f"\n{model}: {n} JPEG photos -> committed cache, whole embed() call (decode workers: auto)")
+    print(f"{'runtime':<34}{'img/s':>8}{'of fastest model-only':>24}")
+    for runtime, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("auto", "auto")):
+        config = EmbedConfig(str(photos), model, str(work / f"{model}-{runtime}.h5"), weights="none",
+                             runtime=runtime, precision=precision, device="cpu", progress=False, overwrite=True)
+        resolved = with_runtime(config)
+        t0 = time.perf_counter()
+        embed(config)
+        rate = n / (time.perf_counter() - t0)
+        label = f"{runtime} {precision}" + (f" (= {resolved.runtime})" if runtime == "auto" else "")
+        print(f"{label:<34}{rate:>8.1f}{rate / fastest:>23.0%}")
+
+
+def run(quick: bool = False) -> None:
+    threads = torch.get_num_threads()
+    peak = gemm_peak(torch.float32)
+    line = f"# roofline: fp32 GEMM peak {peak:.0f} GFLOP/s on {threads} threads"
+    if cpu_has_native_bf16():
+        line += f", bf16 {gemm_peak(torch.bfloat16):.0f} GFLOP/s (native bf16)"
+    print(line + f"; CPU {platform.processor() or platform.machine()}")
+    models = ["resnet18"] if quick else ["resnet50", "efficientnet_lite0", "vgg16"]
+    work = Path(tempfile.mkdtemp(prefix="embedder-runtime-"))
+    try:
+        for model in models:
+            rates = model_only(model, compile=not quick, rounds=2 if quick else 3, seconds=1.0 if quick else 3.0,
+                               peak=peak)
+            end_to_end(model, 32 if quick else 96, work, max(rates.values()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
