@@ -155,7 +155,7 @@ def test_best_checkpoint_loads_and_history_is_written(images, tmp_path, head):
     config = ft_config(images, out, epochs=2, head=head, mlp_hidden=16, schedule="step", step_size=1, gamma=0.5)
     report = finetune(config)
 
-    classifier = load_classifier(out / "best.pt", device="cpu")
+    classifier = load_classifier(out / "best.pt", device="cpu", runtime="torch")
     assert classifier.classes == CLASSES
     assert classifier.info.origin["kind"] == "finetune" and classifier.info.origin["best_epoch"] == report.best_epoch
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
@@ -167,6 +167,9 @@ def test_best_checkpoint_loads_and_history_is_written(images, tmp_path, head):
     model.load_state_dict(saved_state(out))
     net = FinetuneNetwork(model, head_module, spec.preprocessing.with_image_size(32)).eval()
     torch.testing.assert_close(logits, net(x))
+    # `predict`'s default on the CPU: the same network under ONNX Runtime (head included).
+    onnx = load_classifier(out / "best.pt", device="cpu", runtime="onnxruntime")
+    assert torch.nn.functional.cosine_similarity(onnx(x), logits).min() >= 0.99999
 
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]

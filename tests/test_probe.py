@@ -112,7 +112,7 @@ def test_exported_model_predicts_like_the_probe(labelled_cache, tmp_path):
     tree, cache = labelled_cache
     run_probe(ProbeConfig(str(cache), out=str(tmp_path / "p"), Cs=FAST_CS, device="cpu"))
     model_path = export_probe(tmp_path / "p", tmp_path / "model.pt")
-    classifier = load_classifier(model_path, device="cpu")
+    classifier = load_classifier(model_path, device="cpu", runtime="torch")
     with FeatureCache(cache) as c:
         paths, features = c.paths, c.features()
     head = classifier.network.body.get_submodule("fc")
