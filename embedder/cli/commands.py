@@ -114,7 +114,7 @@ def _info_text(doc: dict, config) -> str:
         lines.append("  layers       " + ", ".join(f"{n} ({d})" for n, d in doc["layers"].items())
                      + "  (the first is /features; pick one with --layer in probe, index, search)")
     order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
-             "memory_layout", "device_type", "feature_dtype"]
+             "memory_layout", "runtime", "device_type", "feature_dtype"]
     for key, value in sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if key == "preprocessing":
             value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
