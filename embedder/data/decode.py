@@ -16,11 +16,19 @@ JPEG uses libjpeg's scaled decoding (`Image.draft`, 1/2 to 1/8 of the size, a fr
 the memory and time); other formats are box-reduced by a whole factor right after decoding,
 before orientation and the colour conversions copy the pixels (alpha is premultiplied
 for it, so the rules above still hold).
+
+Exact JPEG decoding takes the cheapest path: files that are JPEGs by their magic bytes are
+decoded by `torchvision.io.decode_jpeg` (the same libjpeg-turbo work, without PIL's unpacking
+into 4-byte pixels and the copy out of them), whose pixels are bit-identical to PIL's on every
+kind of JPEG tested (tests/test_decode.py); PIL still reads the header first, for the size
+check and the orientation. Every other format, and any JPEG torchvision refuses, goes to PIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import io
 import os
 import re
@@ -38,6 +46,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (~ 9459 x 9459)
+# The fingerprint's "decoder". JPEGs decoded by torchvision keep it: their pixels are PIL's, bit for
+# bit (tests/test_decode.py), and torchvision's version is a fingerprint component of its own.
 DECODER = f"PIL-{PIL.__version__}"
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -58,12 +68,25 @@ _SWAPS_SIDES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Tra
 _RAISE_LIMIT = "raise it with --max-pixels if the image is genuine"
 _PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_JPEG_MODES = {"RGB", "L", "CMYK"}  # every mode PIL gives a JPEG (YCbCr, RGB, gray, CMYK and YCCK files)
+# A JPEG whose file is far larger than its pixels can take (data after the image's end) is left
+# to PIL, which reads only up to the end of the image instead of the whole file.
+_JPEG_MAX_BYTES_PER_PIXEL, _JPEG_MAX_METADATA_BYTES = 8, 16 << 20
 
 
 def load_rgb(
-    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side: int | None = None
+    path: str | os.PathLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_side: int | None = None,
+    contiguous: bool = True,
 ) -> torch.Tensor:
-    """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied."""
+    """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied.
+
+    `min_side`: decode small (JPEGs DCT-scaled, other formats box-reduced), the shorter side still
+    >= `min_side`.
+    `contiguous=False`: the same pixels as a view of the decoder's [H, W, 3] memory, which
+    torchvision resizes 3-6x faster than a contiguous copy, to the same bits (tests/test_decode.py)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -77,7 +100,8 @@ def load_rgb(
         raise BadImageError("is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise BadImageError("not a regular file (a device, pipe or socket)")  # reading could block forever
-    return _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT)
+    pixels = _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT)
+    return pixels.contiguous() if contiguous else pixels
 
 
 def load_rgb_bytes(
@@ -91,7 +115,7 @@ def load_rgb_bytes(
 
     `raise_limit` ends a decompression-bomb refusal: how the limit is raised where the caller runs.
     """
-    return _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit)
+    return _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit).contiguous()
 
 
 def shown_size(data: bytes) -> tuple[int, int]:
@@ -105,19 +129,27 @@ def shown_size(data: bytes) -> tuple[int, int]:
 
 
 def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str) -> torch.Tensor:
+    """[3, H, W] pixels in [H, W, 3] memory (either decoder's own layout)."""
     if size == 0:
         raise BadImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # The size check below, against `max_pixels`, replaces PIL's warning at its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                    DeprecationWarning)
+            # One open file for the header and the pixels: a file replaced in between cannot slip
+            # past the size check.
+            with _opened(source) as fp, Image.open(fp) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImageError(
                         f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                         f"({raise_limit})"
                     )
+                exact = None if min_side else _exact_jpeg(img, fp, size)
+                if exact is not None:
+                    return exact
                 if min_side and img.format == "JPEG":
                     img.draft(None, (min_side, min_side))  # scaled IDCT: both sides stay >= min_side
                 img.load()
@@ -142,7 +174,48 @@ def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limi
         raise BadImageError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None
     import torch  # here, not at the top: configs read DEFAULT_MAX_PIXELS, and must not load torch
 
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _opened(source):
+    """A path opened for reading, or the in-memory stream itself."""
+    return open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source)
+
+
+def _exact_jpeg(img: Image.Image, fp, size: int) -> torch.Tensor | None:
+    """`img`'s upright RGB pixels decoded by torchvision, or None where PIL decodes it.
+
+    PIL told the format from the file's magic bytes (a .jpg that is a PNG is not a JPEG here, a
+    JPEG named .png is). The pixels are bit-identical to PIL's (tests/test_decode.py proves it
+    on every kind of JPEG), which is why caches keep the "decoder" component they had. A JPEG
+    torchvision refuses (truncated, corrupt) goes back to PIL, whose reason is the one recorded."""
+    decode = _jpeg_decoder()
+    w, h = img.size
+    if (decode is None or img.format != "JPEG" or img.mode not in _JPEG_MODES
+            or size > _JPEG_MAX_BYTES_PER_PIXEL * w * h + _JPEG_MAX_METADATA_BYTES):
+        return None
+    turn = _orientation(img)  # PIL's reading of the EXIF tag, exactly as the PIL path reads it
+    fp.seek(0)
+    import torch
+
+    data = torch.frombuffer(bytearray(fp.read()), dtype=torch.uint8)
+    try:
+        pixels = decode(data)
+    except Exception:  # noqa: BLE001 - PIL decodes it again: its pixels, or its reason
+        return None
+    # In [H, W, 3] memory as PIL's pixels are (a no-op unless turned), so that what is done
+    # with them next runs the same way on either path.
+    return _turn_tensor(pixels, turn).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+@functools.cache
+def _jpeg_decoder():
+    """torchvision's JPEG decoder to RGB, or None where this torchvision has none (deprecated in 0.29)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 
 def _pil_bomb(message: str, max_pixels: int, raise_limit: str) -> str:
@@ -188,6 +261,22 @@ def _orientation(img: Image.Image) -> Image.Transpose | None:
 
 def _turn(img: Image.Image, method: Image.Transpose | None) -> Image.Image:
     return img if method is None else img.transpose(method)
+
+
+def _turn_tensor(pixels: torch.Tensor, method: Image.Transpose | None) -> torch.Tensor:
+    """`Image.transpose(method)` on a [C, H, W] tensor (PIL's ROTATE_90 turns counter-clockwise)."""
+    import torch
+
+    T = Image.Transpose
+    if method is None:
+        return pixels
+    if method in (T.TRANSPOSE, T.TRANSVERSE):
+        pixels = pixels.transpose(-2, -1)
+        return pixels if method is T.TRANSPOSE else pixels.flip(-2, -1)
+    if method in (T.ROTATE_90, T.ROTATE_270):
+        return torch.rot90(pixels, 1 if method is T.ROTATE_90 else -1, (-2, -1))
+    dims = {T.FLIP_LEFT_RIGHT: (-1,), T.FLIP_TOP_BOTTOM: (-2,), T.ROTATE_180: (-2, -1)}[method]
+    return pixels.flip(dims)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
