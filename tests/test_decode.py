@@ -370,3 +370,59 @@ def test_the_reader_resizes_the_decoders_layout_to_the_same_batches(tmp_path, mo
     before = torch.stack([transform(load_rgb(p)) for p in paths])
     assert torch.equal(batch, before) and batch.stride() == before.stride()
 
+
+# ---------------------------------------------------------------- --jpeg-draft (opt-in)
+
+
+def test_jpeg_min_side_dct_scales_jpegs_alone(tmp_path):
+    _photo(600, 800).save(tmp_path / "photo.jpg", quality=90)
+    _photo(600, 800).save(tmp_path / "photo.png")
+    assert tuple(load_rgb(tmp_path / "photo.jpg", jpeg_min_side=100).shape) == (3, 150, 200)  # 1/4: 150 >= 100
+    assert tuple(load_rgb(tmp_path / "photo.jpg", jpeg_min_side=40).shape) == (3, 75, 100)  # libjpeg's least: 1/8
+    assert tuple(load_rgb(tmp_path / "photo.png", jpeg_min_side=100).shape) == (3, 600, 800)  # not a JPEG
+
+
+def _photos(folder, n=4):
+    folder.mkdir()
+    for i in range(n):
+        _photo(480 + 40 * i, 640, seed=i).save(folder / f"{i}.jpg", quality=90)
+    return folder
+
+
+def test_jpeg_draft_is_recorded_and_close_to_exact(tmp_path):
+    from embedder.cache.fingerprint import fingerprint_of
+
+    src = _photos(tmp_path / "photos")
+    exact = embed(fast_config(src, tmp_path / "exact.h5", layout="flat"))
+    draft = embed(fast_config(src, tmp_path / "draft.h5", layout="flat", jpeg_draft=True))
+    with FeatureCache(exact.out) as e, FeatureCache(draft.out) as d:
+        assert "jpeg_draft" not in e.components and "DCT scaling" in d.components["jpeg_draft"]
+        assert {k: v for k, v in d.components.items() if k != "jpeg_draft"} == e.components
+        assert draft.fingerprint == fingerprint_of(d.components) != exact.fingerprint
+        a, b = e.features(), d.features()
+    assert not np.array_equal(a, b)  # the pixels did change
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_appending_with_the_other_jpeg_draft_setting_is_refused(tmp_path, first):
+    from embedder.errors import CacheMismatchError
+
+    src = _photos(tmp_path / "photos", n=2)
+    out = tmp_path / "c.h5"
+    embed(fast_config(src, out, layout="flat", jpeg_draft=first))
+    _photo(300, 400).save(src / "new.jpg")
+    with pytest.raises(CacheMismatchError) as err:
+        embed(fast_config(src, out, layout="flat", jpeg_draft=not first))
+    assert list(err.value.differences) == ["jpeg_draft"]
+    assert embed(fast_config(src, out, layout="flat", jpeg_draft=first)).embedded == 1  # the same setting appends
+
+
+def test_search_by_image_accepts_a_jpeg_draft_cache(tmp_path):
+    # Queries are decoded exactly: the draft changed the cache's decoding, not its backbone.
+    from embedder.search.query import query_backbone
+
+    report = embed(fast_config(_photos(tmp_path / "photos", n=1), tmp_path / "c.h5", layout="flat", jpeg_draft=True))
+    with FeatureCache(report.out) as cache:
+        assert query_backbone(cache.components).spec.name == "resnet18"

@@ -15,7 +15,8 @@ A caller that will shrink the image anyway (a search query, a thumbnail) may pas
 JPEG uses libjpeg's scaled decoding (`Image.draft`, 1/2 to 1/8 of the size, a fraction of
 the memory and time); other formats are box-reduced by a whole factor right after decoding,
 before orientation and the colour conversions copy the pixels (alpha is premultiplied
-for it, so the rules above still hold).
+for it, so the rules above still hold). `jpeg_min_side` does the first half alone: JPEGs are
+DCT-scaled, every other format is decoded at full size (`embed --jpeg-draft`).
 
 Exact JPEG decoding takes the cheapest path: files that are JPEGs by their magic bytes are
 decoded by `torchvision.io.decode_jpeg` (the same libjpeg-turbo work, without PIL's unpacking
@@ -79,12 +80,13 @@ def load_rgb(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     min_side: int | None = None,
+    jpeg_min_side: int | None = None,
     contiguous: bool = True,
 ) -> torch.Tensor:
     """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied.
 
     `min_side`: decode small (JPEGs DCT-scaled, other formats box-reduced), the shorter side still
-    >= `min_side`.
+    >= `min_side`. `jpeg_min_side`: DCT-scale JPEGs alone, as far as their shorter side stays >= it.
     `contiguous=False`: the same pixels as a view of the decoder's [H, W, 3] memory, which
     torchvision resizes 3-6x faster than a contiguous copy, to the same bits (tests/test_decode.py)."""
     try:
@@ -100,7 +102,7 @@ def load_rgb(
         raise BadImageError("is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise BadImageError("not a regular file (a device, pipe or socket)")  # reading could block forever
-    pixels = _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT)
+    pixels = _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT, jpeg_min_side)
     return pixels.contiguous() if contiguous else pixels
 
 
@@ -128,7 +130,8 @@ def shown_size(data: bytes) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str) -> torch.Tensor:
+def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str,
+            jpeg_min_side: int | None = None) -> torch.Tensor:
     """[3, H, W] pixels in [H, W, 3] memory (either decoder's own layout)."""
     if size == 0:
         raise BadImageError("empty file (0 bytes)")
@@ -147,11 +150,12 @@ def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limi
                         f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                         f"({raise_limit})"
                     )
-                exact = None if min_side else _exact_jpeg(img, fp, size)
+                draft = min_side or jpeg_min_side
+                exact = None if draft else _exact_jpeg(img, fp, size)
                 if exact is not None:
                     return exact
-                if min_side and img.format == "JPEG":
-                    img.draft(None, (min_side, min_side))  # scaled IDCT: both sides stay >= min_side
+                if draft and img.format == "JPEG":
+                    img.draft(None, (draft, draft))  # scaled IDCT: both sides stay >= draft
                 img.load()
                 turn = _orientation(img)  # read first: a reduced copy may not carry the file's tags
                 rgb = _to_rgb(_turn(_reduce(img, min_side), turn))
