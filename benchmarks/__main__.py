@@ -17,6 +17,7 @@ BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
+    "decode": "JPEG photos -> model input: PIL, torchvision.io.decode_jpeg, --jpeg-draft; decode share per model",
     "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
     "memory": "peak RSS of extraction at N and 10 N images; index build RSS against --memory-budget",
