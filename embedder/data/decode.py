@@ -89,7 +89,7 @@ def load_rgb(
     `min_side`: decode small (JPEGs DCT-scaled, other formats box-reduced), the shorter side still
     >= `min_side`. `jpeg_min_side`: DCT-scale JPEGs alone, as far as their shorter side stays >= it.
     `contiguous=False`: the same pixels as a view of the decoder's [H, W, 3] memory, which
-    torchvision resizes 3-6x faster than a contiguous copy, to the same bits (tests/test_decode.py)."""
+    torchvision resizes 2-6x faster than a contiguous copy, to the same bits (tests/test_decode.py)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:

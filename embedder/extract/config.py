@@ -75,8 +75,9 @@ class EmbedConfig:
                              help="refuse larger images as decompression bombs")
     jpeg_draft: bool = option(False, group=ROW_OPTIONS,
                               help="decode JPEGs reduced by libjpeg's DCT scaling (PIL draft), their shorter side "
-                                   "still >= the model's resize size: faster, but not the exact pixels (see "
-                                   "docs/BENCHMARKS.md); recorded in the fingerprint")
+                                   "still >= the model's resize size: 2 MP photos read 1.8x faster, but not the exact "
+                                   "pixels (Lite0 features at a cosine of 0.995 on average, docs/BENCHMARKS.md); "
+                                   "recorded in the fingerprint")
     overwrite: bool = option(False, help="replace an existing cache with another configuration")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
