@@ -18,6 +18,7 @@ BENCHMARKS = {
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "runtime": "torch eager, bf16, --compile and ONNX Runtime against the GEMM peak; model only and end to end",
     "extraction": "JPEG files -> committed cache, against the bare model forward",
+    "decode": "JPEG photos -> model input: PIL, torchvision.io.decode_jpeg, --jpeg-draft; decode share per model",
     "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
     "memory": "peak RSS of extraction at N and 10 N images; index build RSS against --memory-budget",

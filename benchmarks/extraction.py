@@ -9,8 +9,10 @@ model, write, commit, consolidate), once per reader-worker setting. Prints image
 ratio end-to-end / model-only, and the per-stage seconds of the end-to-end runs.
 
 Two sweeps check the other extraction defaults: model-only images/s at batch 2..32 (the
-CPU default is 4), and the JPEG decoder: PIL (embedder's, with its EXIF/alpha/bomb rules)
-against `torchvision.io.decode_jpeg`, per image, with the largest pixel difference.
+CPU default is 4), and the JPEG decoder: embedder's `load_rgb` (with its EXIF/alpha/bomb
+rules; torchvision's decoder for JPEGs since benchmarks/decode.py, which compares the
+reading paths in full) against the bare `torchvision.io.decode_jpeg` call, per image, with
+the largest pixel difference.
 """
 
 from __future__ import annotations
@@ -118,5 +120,5 @@ def decoders(paths: list[Path]) -> None:
     tv = [decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB) for p in paths]
     tv_s = time.perf_counter() - t
     diff = max(int((a.int() - b.int()).abs().max()) for a, b in zip(pil, tv))
-    print(f"  JPEG decode: PIL {len(paths) / pil_s:.0f} img/s, torchvision.io.decode_jpeg {len(paths) / tv_s:.0f} img/s "
+    print(f"  JPEG decode: load_rgb {len(paths) / pil_s:.0f} img/s, bare decode_jpeg {len(paths) / tv_s:.0f} img/s "
           f"({pil_s / tv_s:.2f}x); largest pixel difference {diff}")

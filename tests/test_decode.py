@@ -196,3 +196,234 @@ def test_alpha_is_reduced_strip_by_strip_exactly_as_whole():
     img = Image.fromarray(rgba, "RGBA")  # ~8.4 MB: several 4 MB strips
     for factor in (2, 3, 7):
         assert np.array_equal(np.asarray(_reduce(img, 701 // factor)), np.asarray(img.reduce(factor)))
+
+
+# ---------------------------------------------------------------- exact JPEGs through torchvision
+
+
+def _photo(h: int, w: int, seed: int = 0) -> Image.Image:
+    """A photograph (scikit-image's astronaut) resized to w x h, with sensor-like noise."""
+    import skimage.data
+
+    img = Image.fromarray(skimage.data.astronaut()).resize((w, h), Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(seed).normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **{"quality": 90, **save})
+    return buf.getvalue()
+
+
+def _adobe_transform(data: bytes, transform: int) -> bytes:
+    """`data` with its Adobe APP14 colour transform set: 2 = YCCK (what Photoshop writes for CMYK)."""
+    at = data.index(b"\xff\xeeAdobe"[:2])
+    length = int.from_bytes(data[at + 2 : at + 4], "big")
+    assert data[at + 4 : at + 9] == b"Adobe"
+    return data[: at + 1 + length] + bytes([transform]) + data[at + 2 + length :]
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _scan_damaged(data: bytes, seed: int = 0) -> bytes:
+    """A few bytes of the entropy-coded data overwritten: libjpeg warns, recovers and decodes."""
+    damaged, rng = bytearray(data), np.random.default_rng(seed)
+    start = data.rindex(b"\xff\xda") + 20
+    for at in rng.integers(start, len(data) - 4, 3):
+        damaged[at] = int(rng.integers(0, 256))
+    return bytes(damaged)
+
+
+def _jpeg_kinds() -> dict[str, bytes]:
+    """The kinds of JPEG real collections hold, each made by PIL (libjpeg-turbo) itself."""
+    photo = _photo(480, 640)
+    cmyk = Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 128, 4), dtype=np.uint8), "CMYK")
+    kinds = {
+        "baseline 4:2:0": _jpeg(photo),
+        "baseline 4:2:2": _jpeg(photo, subsampling=1),
+        "baseline 4:4:4": _jpeg(photo, subsampling=0),
+        "quality 50": _jpeg(photo, quality=50),
+        "quality 100": _jpeg(photo, quality=100),
+        "progressive": _jpeg(photo, progressive=True),
+        "optimised Huffman tables": _jpeg(photo, optimize=True),
+        "restart markers": _jpeg(photo, restart_marker_blocks=4),
+        "grayscale": _jpeg(photo.convert("L")),
+        "RGB, not YCbCr (Adobe transform 0)": _jpeg(photo, keep_rgb=True),
+        "CMYK, every K (Adobe)": _jpeg(cmyk),
+        "YCCK (Adobe transform 2)": _adobe_transform(_jpeg(cmyk), 2),
+        "ICC profile": _jpeg(photo, icc_profile=b"\0" * 512),
+        "odd size 333x517": _jpeg(_photo(517, 333)),
+        "small 7x5": _jpeg(_photo(5, 7)),
+        "1x1": _jpeg(_photo(1, 1)),
+        "big 3000x2000": _jpeg(_photo(2000, 3000)),
+        "data after the end": _jpeg(photo) + b"trailing bytes",
+        "extraneous bytes before a marker": _jpeg(photo)[:-2] + b"\0\1\2\xff\xd9",
+        "damaged scan data": _scan_damaged(_jpeg(photo)),
+    }
+    kinds.update({f"EXIF orientation {o}": _jpeg(_photo(48, 64), exif=_exif(o)) for o in range(1, 9)})
+    return kinds
+
+
+JPEG_KINDS = _jpeg_kinds()
+
+
+@pytest.fixture
+def through_torchvision(monkeypatch):
+    """Counts the files torchvision decodes."""
+    from embedder.data import decode
+
+    real, calls = decode._jpeg_decoder(), []
+    assert real is not None, "this torchvision has no decode_jpeg: every JPEG goes through PIL"
+    monkeypatch.setattr(decode, "_jpeg_decoder", lambda: lambda data: calls.append(len(data)) or real(data))
+    return calls
+
+
+def _pil_only(monkeypatch):
+    from embedder.data import decode
+
+    monkeypatch.setattr(decode, "_jpeg_decoder", lambda: None)
+
+
+@pytest.mark.parametrize("kind", sorted(JPEG_KINDS))
+def test_torchvision_decodes_every_kind_of_jpeg_to_pils_very_pixels(tmp_path, monkeypatch, kind, through_torchvision):
+    # Why caches keep their "decoder" component: the fast path changes no pixel, nor the layout.
+    path = tmp_path / "image.jpg"
+    path.write_bytes(JPEG_KINDS[kind])
+    fast, fast_view = load_rgb(path), load_rgb(path, contiguous=False)
+    turned = kind.startswith("EXIF orientation") and not kind.endswith(" 1")
+    assert len(through_torchvision) == (0 if turned else 2)  # it did run (photos to turn upright are PIL's)
+    _pil_only(monkeypatch)
+    pil, pil_view = load_rgb(path), load_rgb(path, contiguous=False)
+    assert torch.equal(fast, pil) and fast.is_contiguous()
+    assert torch.equal(fast_view, pil_view) and fast_view.stride() == pil_view.stride()
+
+
+def test_the_format_is_told_by_the_bytes_not_the_name(tmp_path, through_torchvision):
+    (tmp_path / "a_jpeg.png").write_bytes(JPEG_KINDS["baseline 4:2:0"])
+    Image.new("RGB", (8, 8), (9, 8, 7)).save(tmp_path / "a_png.jpg", format="PNG")
+    load_rgb(tmp_path / "a_png.jpg")
+    assert through_torchvision == []
+    load_rgb(tmp_path / "a_jpeg.png")
+    assert len(through_torchvision) == 1
+
+
+def _broken_jpegs() -> dict[str, bytes]:
+    data = JPEG_KINDS["baseline 4:2:0"]
+    sof = data.index(b"\xff\xc0")
+    huge = data[: sof + 5] + (30_000).to_bytes(2, "big") * 2 + data[sof + 9 :]  # claims 30000 x 30000
+    return {
+        "half": data[: len(data) // 2],
+        "no end marker": data[:-2],
+        "headers only": data[:600],
+        "start of image only": data[:3],
+        "damaged headers": data[:400] + bytes(200) + data[600:],
+        "progressive, half": JPEG_KINDS["progressive"][: len(JPEG_KINDS["progressive"]) // 2],
+        "bomb": huge,
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_broken_jpegs()))
+def test_a_broken_jpeg_gets_pils_own_reason(tmp_path, monkeypatch, kind, through_torchvision):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(_broken_jpegs()[kind])
+    with pytest.raises(BadImageError) as fast:
+        load_rgb(path, max_pixels=100_000_000 if kind != "bomb" else 10_000_000)
+    if kind == "bomb":
+        assert "decompression bomb" in fast.value.reason and through_torchvision == []  # refused before decoding
+    _pil_only(monkeypatch)
+    with pytest.raises(BadImageError) as pil:
+        load_rgb(path, max_pixels=100_000_000 if kind != "bomb" else 10_000_000)
+    assert fast.value.reason == pil.value.reason
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_the_bad_corpus_keeps_its_reasons_through_torchvision(corpus, monkeypatch, name, through_torchvision):
+    root, _ = corpus
+    with pytest.raises(BadImageError) as fast:
+        load_rgb(root / name)
+    _pil_only(monkeypatch)
+    with pytest.raises(BadImageError) as pil:
+        load_rgb(root / name)
+    assert fast.value.reason == pil.value.reason and BAD[name] in fast.value.reason
+
+
+@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0"])  # bilinear and bicubic resizing
+def test_the_reader_resizes_the_decoders_layout_to_the_same_batches(tmp_path, model):
+    # The reader resizes the decoder's [H, W, 3] layout (3-6x faster): the batch must be the one
+    # resizing a contiguous copy gave, value for value and stride for stride.
+    from embedder.data.transforms import geometric_transform
+    from embedder.extract.core import BatchReader
+    from embedder.models.registry import get_backbone_spec
+
+    pre = get_backbone_spec(model).preprocessing
+    sizes = [(pre.resize_size, 300), (300, pre.resize_size), (517, 333), (100, 80), (640, 480)]
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        paths.append(tmp_path / f"{i}.{'jpg' if i % 2 else 'png'}")
+        _photo(h, w).save(paths[-1], exif=_exif(6 if i == 3 else 1))
+    batch = BatchReader(tmp_path, [p.name for p in paths], np.arange(len(paths)), len(paths), pre)[0]["images"]
+    transform = geometric_transform(pre)
+    before = torch.stack([transform(load_rgb(p)) for p in paths])
+    assert torch.equal(batch, before) and batch.stride() == before.stride()
+
+
+# ---------------------------------------------------------------- --jpeg-draft (opt-in)
+
+
+def test_jpeg_min_side_dct_scales_jpegs_alone(tmp_path):
+    _photo(600, 800).save(tmp_path / "photo.jpg", quality=90)
+    _photo(600, 800).save(tmp_path / "photo.png")
+    assert tuple(load_rgb(tmp_path / "photo.jpg", jpeg_min_side=100).shape) == (3, 150, 200)  # 1/4: 150 >= 100
+    assert tuple(load_rgb(tmp_path / "photo.jpg", jpeg_min_side=40).shape) == (3, 75, 100)  # libjpeg's least: 1/8
+    assert tuple(load_rgb(tmp_path / "photo.png", jpeg_min_side=100).shape) == (3, 600, 800)  # not a JPEG
+
+
+def _photos(folder, n=4):
+    folder.mkdir()
+    for i in range(n):
+        _photo(480 + 40 * i, 640, seed=i).save(folder / f"{i}.jpg", quality=90)
+    return folder
+
+
+def test_jpeg_draft_is_recorded_and_close_to_exact(tmp_path):
+    from embedder.cache.fingerprint import fingerprint_of
+
+    src = _photos(tmp_path / "photos")
+    exact = embed(fast_config(src, tmp_path / "exact.h5", layout="flat"))
+    draft = embed(fast_config(src, tmp_path / "draft.h5", layout="flat", jpeg_draft=True))
+    with FeatureCache(exact.out) as e, FeatureCache(draft.out) as d:
+        assert "jpeg_draft" not in e.components and "DCT scaling" in d.components["jpeg_draft"]
+        assert {k: v for k, v in d.components.items() if k != "jpeg_draft"} == e.components
+        assert draft.fingerprint == fingerprint_of(d.components) != exact.fingerprint
+        a, b = e.features(), d.features()
+    assert not np.array_equal(a, b)  # the pixels did change
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_appending_with_the_other_jpeg_draft_setting_is_refused(tmp_path, first):
+    from embedder.errors import CacheMismatchError
+
+    src = _photos(tmp_path / "photos", n=2)
+    out = tmp_path / "c.h5"
+    embed(fast_config(src, out, layout="flat", jpeg_draft=first))
+    _photo(300, 400).save(src / "new.jpg")
+    with pytest.raises(CacheMismatchError) as err:
+        embed(fast_config(src, out, layout="flat", jpeg_draft=not first))
+    assert list(err.value.differences) == ["jpeg_draft"]
+    assert embed(fast_config(src, out, layout="flat", jpeg_draft=first)).embedded == 1  # the same setting appends
+
+
+def test_search_by_image_accepts_a_jpeg_draft_cache(tmp_path):
+    # Queries are decoded exactly: the draft changed the cache's decoding, not its backbone.
+    from embedder.search.query import query_backbone
+
+    report = embed(fast_config(_photos(tmp_path / "photos", n=1), tmp_path / "c.h5", layout="flat", jpeg_draft=True))
+    with FeatureCache(report.out) as cache:
+        assert query_backbone(cache.components).spec.name == "resnet18"

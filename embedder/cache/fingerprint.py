@@ -35,8 +35,9 @@ def component_differences(a: dict, b: dict, ignore: frozenset[str] | set[str] = 
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
 
 
-def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float32") -> dict[str, str]:
-    """Everything that can change a feature's bits, as readable strings."""
+def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float32", *,
+                           jpeg_draft: bool = False) -> dict[str, str]:
+    """Everything that can change a feature's bits, as readable strings (`jpeg_draft`: embed --jpeg-draft)."""
     # Imported here: reading a cache (this module's other half) must not pay for torch.
     import torch
     import torchvision
@@ -72,6 +73,8 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
         from embedder.models.onnx import runtime_component
 
         components["runtime"] = runtime_component()
+    if jpeg_draft:
+        components["jpeg_draft"] = "PIL draft: libjpeg DCT scaling, shorter side >= resize_size"
     if len(backbone.outputs) > 1:
         components["layers"] = json.dumps(list(backbone.outputs))
     if backbone.style_descriptor is not None:

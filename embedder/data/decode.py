@@ -15,12 +15,22 @@ A caller that will shrink the image anyway (a search query, a thumbnail) may pas
 JPEG uses libjpeg's scaled decoding (`Image.draft`, 1/2 to 1/8 of the size, a fraction of
 the memory and time); other formats are box-reduced by a whole factor right after decoding,
 before orientation and the colour conversions copy the pixels (alpha is premultiplied
-for it, so the rules above still hold).
+for it, so the rules above still hold). `jpeg_min_side` does the first half alone: JPEGs are
+DCT-scaled, every other format is decoded at full size (`embed --jpeg-draft`).
+
+Exact JPEG decoding takes the cheapest path: files that are JPEGs by their magic bytes are
+decoded by `torchvision.io.decode_jpeg` (the same libjpeg-turbo work, without PIL's unpacking
+into 4-byte pixels and the copy out of them), whose pixels are bit-identical to PIL's on every
+kind of JPEG tested (tests/test_decode.py); PIL still reads the header first, for the size
+check and the orientation. Every other format, any JPEG torchvision refuses and any JPEG to be
+turned upright goes to PIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import io
 import os
 import re
@@ -38,6 +48,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (~ 9459 x 9459)
+# The fingerprint's "decoder". JPEGs decoded by torchvision keep it: their pixels are PIL's, bit for
+# bit (tests/test_decode.py), and torchvision's version is a fingerprint component of its own.
 DECODER = f"PIL-{PIL.__version__}"
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -58,12 +70,26 @@ _SWAPS_SIDES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Tra
 _RAISE_LIMIT = "raise it with --max-pixels if the image is genuine"
 _PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_JPEG_MODES = {"RGB", "L", "CMYK"}  # every mode PIL gives a JPEG (YCbCr, RGB, gray, CMYK and YCCK files)
+# A JPEG whose file is far larger than its pixels can take (data after the image's end) is left
+# to PIL, which reads only up to the end of the image instead of the whole file.
+_JPEG_MAX_BYTES_PER_PIXEL, _JPEG_MAX_METADATA_BYTES = 8, 16 << 20
 
 
 def load_rgb(
-    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side: int | None = None
+    path: str | os.PathLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_side: int | None = None,
+    jpeg_min_side: int | None = None,
+    contiguous: bool = True,
 ) -> torch.Tensor:
-    """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied."""
+    """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied.
+
+    `min_side`: decode small (JPEGs DCT-scaled, other formats box-reduced), the shorter side still
+    >= `min_side`. `jpeg_min_side`: DCT-scale JPEGs alone, as far as their shorter side stays >= it.
+    `contiguous=False`: the same pixels as a view of the decoder's [H, W, 3] memory, which
+    torchvision resizes 2-6x faster than a contiguous copy, to the same bits (tests/test_decode.py)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -77,7 +103,8 @@ def load_rgb(
         raise BadImageError("is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise BadImageError("not a regular file (a device, pipe or socket)")  # reading could block forever
-    return _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT)
+    pixels = _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT, jpeg_min_side)
+    return pixels.contiguous() if contiguous else pixels
 
 
 def load_rgb_bytes(
@@ -91,7 +118,7 @@ def load_rgb_bytes(
 
     `raise_limit` ends a decompression-bomb refusal: how the limit is raised where the caller runs.
     """
-    return _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit)
+    return _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit).contiguous()
 
 
 def shown_size(data: bytes) -> tuple[int, int]:
@@ -104,22 +131,32 @@ def shown_size(data: bytes) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str) -> torch.Tensor:
+def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str,
+            jpeg_min_side: int | None = None) -> torch.Tensor:
+    """[3, H, W] pixels in [H, W, 3] memory (either decoder's own layout)."""
     if size == 0:
         raise BadImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # The size check below, against `max_pixels`, replaces PIL's warning at its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                    DeprecationWarning)
+            # One open file for the header and the pixels: a file replaced in between cannot slip
+            # past the size check.
+            with _opened(source) as fp, Image.open(fp) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImageError(
                         f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                         f"({raise_limit})"
                     )
-                if min_side and img.format == "JPEG":
-                    img.draft(None, (min_side, min_side))  # scaled IDCT: both sides stay >= min_side
+                draft = min_side or jpeg_min_side
+                exact = None if draft else _exact_jpeg(img, fp, size)
+                if exact is not None:
+                    return exact
+                if draft and img.format == "JPEG":
+                    img.draft(None, (draft, draft))  # scaled IDCT: both sides stay >= draft
                 img.load()
                 turn = _orientation(img)  # read first: a reduced copy may not carry the file's tags
                 rgb = _to_rgb(_turn(_reduce(img, min_side), turn))
@@ -142,7 +179,48 @@ def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limi
         raise BadImageError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None
     import torch  # here, not at the top: configs read DEFAULT_MAX_PIXELS, and must not load torch
 
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _opened(source):
+    """A path opened for reading, or the in-memory stream itself."""
+    return open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source)
+
+
+def _exact_jpeg(img: Image.Image, fp, size: int) -> torch.Tensor | None:
+    """`img`'s RGB pixels decoded by torchvision, or None where PIL decodes it.
+
+    PIL told the format from the file's magic bytes (a .jpg that is a PNG is not a JPEG here, a
+    JPEG named .png is). The pixels are bit-identical to PIL's (tests/test_decode.py proves it
+    on every kind of JPEG), which is why caches keep the "decoder" component they had. A JPEG
+    torchvision refuses (truncated, corrupt) goes back to PIL, whose reason is the one recorded."""
+    decode = _jpeg_decoder()
+    w, h = img.size
+    if (decode is None or img.format != "JPEG" or img.mode not in _JPEG_MODES
+            or size > _JPEG_MAX_BYTES_PER_PIXEL * w * h + _JPEG_MAX_METADATA_BYTES):
+        return None
+    # A photo to be turned upright is PIL's: its transpose costs 4 ms at 2 MP, any turn of the
+    # decoded tensor (torch's strided copy, numpy's) 7-24 ms, more than torchvision saves.
+    if _orientation(img) is not None:
+        return None
+    fp.seek(0)
+    import torch
+
+    data = torch.frombuffer(bytearray(fp.read()), dtype=torch.uint8)
+    try:
+        return decode(data)  # [3, H, W] in [H, W, 3] memory, as PIL's pixels: what comes next runs alike
+    except Exception:  # noqa: BLE001 - PIL decodes it again: its pixels, or its reason
+        return None
+
+
+@functools.cache
+def _jpeg_decoder():
+    """torchvision's JPEG decoder to RGB, or None where this torchvision has none (deprecated in 0.29)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 
 def _pil_bomb(message: str, max_pixels: int, raise_limit: str) -> str:

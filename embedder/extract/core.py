@@ -61,6 +61,7 @@ class BatchReader(Dataset):
         batch_size: int,
         preprocessing: Preprocessing,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = False,
     ):
         self.root, self.paths, self.rows = root, paths, rows
         self.batch_size = batch_size
@@ -68,6 +69,7 @@ class BatchReader(Dataset):
         self.resize_size = preprocessing.resize_size
         self.transform = geometric_transform(preprocessing)
         self.max_pixels = max_pixels
+        self.jpeg_draft = jpeg_draft
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -79,7 +81,7 @@ class BatchReader(Dataset):
         for row in rows:
             try:
                 images.append(read_for_model(self.root / self.paths[row], self.transform, self.resize_size,
-                                             self.max_pixels, seconds))
+                                             self.max_pixels, seconds, jpeg_draft=self.jpeg_draft))
             except BadImageError as exc:
                 errors.append((int(row), exc.reason))
                 continue
@@ -168,7 +170,7 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
     """What a cache of `listing` embedded by `backbone` records: fingerprint components, source,
     widths (every layer, the primary first, for a multi-layer cache) and the command that resumes it."""
     return CacheSpec(
-        components=fingerprint_components(backbone, config.feature_dtype),
+        components=fingerprint_components(backbone, config.feature_dtype, jpeg_draft=config.jpeg_draft),
         # A file list's rows are relative to its own folder, but SOURCE is the list itself.
         source=str(listing.root if listing.layout != "filelist" else Path(config.source).resolve()),
         feature_dim=backbone.feature_dim,
@@ -209,9 +211,8 @@ def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedC
                    errors: list[tuple[str, str]], progress: bool) -> int:
     """The reader -> model -> writer loop over `writer.pending`. Returns the rows embedded; appends to `errors`."""
     listing = writer.listing
-    reader = BatchReader(
-        listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing, config.max_pixels
-    )
+    reader = BatchReader(listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing,
+                         config.max_pixels, config.jpeg_draft)
     bar = tqdm(
         total=len(writer.pending), unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
         file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s

@@ -56,7 +56,8 @@ class ShardEmbedder:
     def __init__(self, config: EmbedConfig, job: ShardJob):
         self.config, self.job = config, job
         self.backbone = backbone_for(config)
-        diff = component_differences(job.spec.components, fingerprint_components(self.backbone, config.feature_dtype))
+        mine = fingerprint_components(self.backbone, config.feature_dtype, jpeg_draft=config.jpeg_draft)
+        diff = component_differences(job.spec.components, mine)
         if diff:  # e.g. a CPU-only driver planned for GPU workers: say which settings to pin
             raise CacheMismatchError(
                 "this worker", diff, "Pin --device, --precision and --memory-layout so every node resolves them alike."

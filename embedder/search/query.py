@@ -184,10 +184,11 @@ def query_backbone(components: dict, weights_path: str | None = None, runtime: s
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
     # (benchmarks/compiled.py), far below what a ranking can notice, and compiling a query
-    # backbone would cost every search process 18-26 s (benchmarks/compiled.py).
-    # Nor does the runtime matter to a query: ONNX Runtime and torch agree to a cosine of 0.99999 or
-    # better (checked whenever a session opens, embedder.models.onnx), like a compiled graph.
-    diff = component_differences(components, mine, ignore={"compile", "runtime"})
+    # backbone would cost every search process 18-26 s (benchmarks/compiled.py). Nor does the
+    # runtime matter to a query: ONNX Runtime and torch agree to a cosine of 0.99999 or better
+    # (checked whenever a session opens, embedder.models.onnx). --jpeg-draft changes how the
+    # cache's files were decoded, not the backbone a query image goes through.
+    diff = component_differences(components, mine, ignore={"compile", "runtime", "jpeg_draft"})
     if diff:
         raise CacheMismatchError(
             "the index's cache",
