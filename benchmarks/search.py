@@ -115,7 +115,7 @@ def digit_features(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray
     from embedder.extract.config import EmbedConfig
     from embedder.extract.local import embed
 
-    digits = make_samples(work, only=["digits"], verbose=False)["digits"]
+    digits = make_samples(work, only=["digits"])["digits"]
     cache = work / "digits.h5"
     embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))
     with FeatureCache(cache) as c:

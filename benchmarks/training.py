@@ -27,7 +27,7 @@ def run(quick: bool = False) -> None:
     epochs = 3 if quick else 25
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-"))
     try:
-        data = make_samples(work, only=["lfw_subset"], verbose=False)["lfw_subset"]
+        data = make_samples(work, only=["lfw_subset"])["lfw_subset"]
         t0 = time.perf_counter()
         embed(EmbedConfig(source=str(data), model="efficientnet_lite0", out=str(work / "c.h5"), progress=False))
         extract_s = time.perf_counter() - t0

@@ -147,7 +147,7 @@ def accuracy(quick: bool, work: Path) -> None:
     from embedder.data.samples import make_samples
 
     name = "efficientnet_lite0"
-    digits = make_samples(work, only=["digits"], verbose=False)["digits"]
+    digits = make_samples(work, only=["digits"])["digits"]
     if quick:  # every third image, keeping the class folders
         sub = work / "digits_third"
         for i, p in enumerate(sorted(digits.rglob("*.png"))):

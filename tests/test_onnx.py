@@ -46,6 +46,15 @@ def test_every_output_matches_torch_and_repeats_bit_for_bit():
     assert min_cosine(onnx(images[:5]), expected["avgpool"][:5]) >= MIN_COSINE
 
 
+def test_unpooled_maps_and_unit_length_features_come_out_of_the_graph():
+    kw = {**SMALL, "pool": "none", "normalize": "l2", "layer": "layer3"}
+    onnx = load_backbone("resnet18", "none", runtime="onnxruntime", **kw)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    got = onnx(images)
+    assert got.shape == (3, 256 * 2 * 2) and torch.allclose(got.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert min_cosine(got, load_backbone("resnet18", "none", runtime="torch", **kw)(images)) >= MIN_COSINE
+
+
 def test_batchnorm_is_exported_with_its_running_statistics(tmp_path):
     # Random init has trivial statistics (mean 0, variance 1); give every BatchNorm real ones, so that
     # a graph exported in train mode (batch statistics) would give clearly different features.
@@ -131,7 +140,8 @@ def test_auto_takes_onnxruntime_only_where_it_runs_and_wins():
     assert choose_runtime("auto", "resnet", "cpu", "fp32", compile=True) == "torch"
     assert choose_runtime("auto", "resnet", "cpu", "bf16") == "torch"
     assert choose_runtime("torch", "resnet", "cpu", "fp32") == "torch"
-    assert choose_runtime("onnxruntime", "vgg", "cpu", "fp32") == "onnxruntime"
+    assert choose_runtime("auto", "vgg", "cpu", "fp32") == "onnxruntime"
+    assert choose_runtime("auto", "a-family-never-measured", "cpu", "fp32") == "torch"
     with pytest.raises(ConfigError, match="--runtime must be"):
         choose_runtime("tensorrt", "resnet")
 

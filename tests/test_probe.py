@@ -209,7 +209,7 @@ def test_vgg_fc7_head_goes_into_classifier_6(tmp_path):
     cache = tmp_path / "vgg.h5"
     embed(fast_config(tree, cache, model="vgg11", layer="fc7"))
     run_probe(ProbeConfig(str(cache), out=str(tmp_path / "p"), Cs=(1.0,), device="cpu"))
-    clf = load_classifier(export_probe(tmp_path / "p", tmp_path / "m.pt"), device="cpu")
+    clf = load_classifier(export_probe(tmp_path / "p", tmp_path / "m.pt"), device="cpu", runtime="torch")
     head = clf.network.body.get_submodule("classifier.6")
     assert tuple(head.weight.shape) == (2, 4096)
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)

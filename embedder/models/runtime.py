@@ -67,11 +67,14 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
     return Runtime(device=device, precision=precision, channels_last=channels_last)
 
 
-# Model-only speed of ONNX Runtime over torch eager (fp32, batch 4, 224 px, 2 threads; channels_last,
-# the CPU default), measured side by side by `python -m benchmarks runtime` on the 2-core AVX2 dev
-# machine (docs/BENCHMARKS.md). `--runtime auto` takes ONNX Runtime on the CPU for a family only
-# where it was faster.
-ONNX_CPU_SPEEDUP = {"resnet": 1.29, "efficientnet_lite": 1.90, "vgg": 1.0}
+# Model-only speed of ONNX Runtime over torch eager, both fp32 (batch 4, 224 px, 2 threads;
+# torch in channels_last, the CPU default), measured side by side by `python -m benchmarks runtime`
+# (docs/BENCHMARKS.md): on the 2-core AMD EPYC dev VM (AVX-512, native bf16) ResNet-50 1.47x,
+# EfficientNet-Lite0 1.29x, VGG-16 1.30x; on the earlier 2-core AVX2 VM ResNet-50 1.29x and Lite0
+# 1.90x (issue 15). `--runtime auto` takes ONNX Runtime for fp32 on the CPU for a family listed
+# here. Where the CPU has native bf16, `--precision auto` is bf16, faster still (ResNet-50 2.18x
+# fp32), and bf16 runs on torch.
+ONNX_CPU_SPEEDUP = {"resnet": 1.47, "efficientnet_lite": 1.29, "vgg": 1.30}
 
 
 def choose_runtime(runtime: str, family: str, device: str = "auto", precision: str = "auto",
