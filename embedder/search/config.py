@@ -13,6 +13,17 @@ METRICS = ("cosine", "l2")
 LAYER_HELP = "which layer of a multi-layer cache (default: the first, /features)"
 
 
+def query_weights_option():
+    """`--weights` of the commands that embed query images (search, serve)."""
+    return option(None, path=True, help="the weights file, when the cache was embedded with --weights PATH")
+
+
+def query_runtime_option():
+    """`--runtime` of the commands that embed query images (search, serve)."""
+    return option("auto", choices=RUNTIMES,
+                  help="what runs the backbone of queries by image (auto: the one the cache was made with)")
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     cache: str = option(positional=True, path=True, help="feature cache to index")
@@ -51,10 +62,8 @@ class SearchConfig:
     grid: str | None = option(None, path=True, help="write a PNG of each query and its neighbours")
     layer: str | None = option(None, help="the layer the index must have been built on (checked; an index holds "
                                           "one layer)")
-    weights: str | None = option(None, path=True,
-                                 help="the weights file, when the cache was embedded with --weights PATH")
-    runtime: str = option("auto", choices=RUNTIMES,
-                          help="what runs the backbone of queries by image (auto: the one the cache was made with)")
+    weights: str | None = query_weights_option()
+    runtime: str = query_runtime_option()
 
     def __post_init__(self):
         check_choices(self)

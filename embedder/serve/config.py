@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.models.constants import RUNTIMES
 from embedder.options import check_choices, option
+from embedder.search.config import query_runtime_option, query_weights_option
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000  # a 50-MP photo passes; a decode costs ~4 bytes per pixel: 200 MB
@@ -29,10 +29,8 @@ class ServeConfig:
                                          "image decoded at once may take ~4 bytes per pixel")
     decode_slots: int = option(DEFAULT_DECODE_SLOTS, help="images decoded at once, uploads and thumbnails together")
     k: int = option(10, flag="-k", help="neighbours returned when a request does not say")
-    weights: str | None = option(None, path=True,
-                                 help="the weights file, when the cache was embedded with --weights PATH")
-    runtime: str = option("auto", choices=RUNTIMES,
-                          help="what runs the backbone of queries by image (auto: the one the cache was made with)")
+    weights: str | None = query_weights_option()
+    runtime: str = query_runtime_option()
 
     def __post_init__(self):
         check_choices(self)
