@@ -86,31 +86,48 @@ def _sweep(make, tmp_path, forker, when: str, at_least: int) -> Tally:
     return tally
 
 
-def _sweep_both(make, tmp_path, forkers, at_least: int) -> None:
+def _sweep_both(make, tmp_path, forkers, at_least: int) -> tuple[Tally, Tally]:
+    """The before- and after-sweeps of one phase, side by side (one zygote each)."""
     with ThreadPoolExecutor(2) as pool:
-        tallies = list(pool.map(lambda w: _sweep(make, tmp_path, forkers[WHEN.index(w)], w, at_least), WHEN))
-    report = "\n".join(f"kills {w} each step: {sum(t.failures.values())} failed checks\n{t.report()}"
-                       for w, t in zip(WHEN, tallies) if t.failures)
-    assert not report, report
+        before, after = pool.map(lambda w: _sweep(make, tmp_path, forkers[WHEN.index(w)], w, at_least), WHEN)
+    return before, after
+
+
+def _failed(before: Tally, after: Tally) -> str:
+    return "\n".join(f"kills {w} each step: {sum(t.failures.values())} failed checks\n{t.report()}"
+                     for w, t in zip(WHEN, (before, after)) if t.failures)
 
 
 def test_kill_at_every_step_of_finish_of_a_fresh_run(forkers, tmp_path):
-    _sweep_both(lambda base: fresh_scenario("fresh", base, per_class=4), tmp_path, forkers, at_least=8)
+    before, after = _sweep_both(lambda base: fresh_scenario("fresh", base, per_class=4), tmp_path, forkers,
+                                at_least=8)
+    assert not _failed(before, after), _failed(before, after)
+    assert before.kills == after.kills >= 8  # one kill per counted step, before it and after it
+    assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
 
 
 def test_kill_at_every_step_of_finish_of_an_append_run(forkers, tmp_path):
-    _sweep_both(lambda base: append_scenario("append", base, per_class=2, grow=2, commit_every=4), tmp_path,
-                forkers, at_least=6)
+    before, after = _sweep_both(lambda base: append_scenario("append", base, per_class=2, grow=2, commit_every=4),
+                                tmp_path, forkers, at_least=6)
+    assert not _failed(before, after), _failed(before, after)
+    assert before.kills == after.kills >= 6
+    assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
 
 
 def test_kill_at_every_step_of_a_probe_saved_over_another_runs_probe(forkers, tmp_path):
-    _sweep_both(lambda base: probe_scenario("probe", base, per_class=6, over_seed=1), tmp_path, forkers,
-                at_least=3)
+    before, after = _sweep_both(lambda base: probe_scenario("probe", base, per_class=6, over_seed=1), tmp_path,
+                                forkers, at_least=3)
+    assert not _failed(before, after), _failed(before, after)
+    assert before.kills == after.kills >= 3
+    assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
 
 
 def test_kill_at_every_step_of_an_index_rebuilt_over_another_index(forkers, tmp_path):
-    _sweep_both(lambda base: index_scenario("index", base, per_class=6, kind="ivf", over="flat"), tmp_path,
-                forkers, at_least=4)
+    before, after = _sweep_both(lambda base: index_scenario("index", base, per_class=6, kind="ivf", over="flat"),
+                                tmp_path, forkers, at_least=4)
+    assert not _failed(before, after), _failed(before, after)
+    assert before.kills == after.kills >= 4
+    assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
 
 
 def _alive(pid: int) -> bool:
