@@ -179,16 +179,22 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     when the block ends without error. `out`'s write lock is held throughout, so a second
     writer is refused at once, and what a killed writer left is removed first."""
     out = Path(out).absolute()
-    with WriteLock(out):
-        remove_leftovers(out)
-        tmp = temp_dir(out)
-        tmp.mkdir(parents=True)
-        try:
-            yield tmp
-            publish_dir(tmp, out)
-        except BaseException:
-            discard(tmp)
-            raise
+    with WriteLock(out), staging(out) as tmp:
+        yield tmp
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """`staged_dir` for a caller that holds `out`'s write lock already (e.g. one that waited for it)."""
+    remove_leftovers(out)
+    tmp = temp_dir(out)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 @contextmanager

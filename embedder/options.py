@@ -311,26 +311,3 @@ def positive(cfg, *names: str, optional: bool = False) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
-
-
-def config_from_table(cls, values: dict, base_dir: Path | None, what: str, path_keys: tuple[str, ...] = ()):
-    """Old name of `from_table` for configs whose fields are not declared with `option` yet:
-    `path_keys` (and a weights file) are resolved against `base_dir`."""
-    if all(METADATA_KEY in f.metadata for f in dataclasses.fields(cls)):
-        return from_table(cls, values, base_dir, what)
-    fields = dataclasses.fields(cls)
-    known = {f.name for f in fields}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"Unknown {what} setting(s) {unknown}. Known: {sorted(known)}.")
-    values = dict(values)
-    if base_dir is not None:
-        for key in (*path_keys, "weights"):
-            if values.get(key) is not None:
-                values[key] = _resolved(values[key], ("DEFAULT", "none", "random") if key == "weights" else True,
-                                        base_dir)
-    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [k for k in required if k not in values]
-    if missing:
-        raise ConfigError(f"The {what} step needs {', '.join(missing)}.")
-    return _build(cls, values, what)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
+from embedder.data.decode import load_rgb
 from embedder.errors import BadImageError, ConfigError
 
 
@@ -61,11 +61,6 @@ def geometric_transform(pre: Preprocessing) -> v2.Compose:
             v2.CenterCrop(pre.crop_size),
         ]
     )
-
-
-def load_for_model(path: str | os.PathLike, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Decode one file and bring it to the network's input geometry (uint8). Raises BadImageError."""
-    return geometric_transform(pre)(load_rgb(path, max_pixels=max_pixels))
 
 
 def read_for_model(path: str | os.PathLike, transform, resize_size: int | None, max_pixels: int,

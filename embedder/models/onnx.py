@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedder.atomic import WriteLock, discard, file_sha256, publish_dir, remove_leftovers, temp_dir
+from embedder.atomic import WriteLock, file_sha256, staging
 from embedder.errors import ConfigError, EmbedderNotice
 
 if TYPE_CHECKING:
@@ -121,19 +121,16 @@ def session_for(backbone: FrozenBackbone) -> OnnxSession:
     key, identity = graph_key(backbone)
     folder = cache_root() / key
     with WriteLock(folder, wait_s=EXPORT_WAIT_S):
+        first = not folder.exists()
         session = _open_cached(folder, identity)
         if session is None:
-            remove_leftovers(folder)
-            tmp = temp_dir(folder)
-            tmp.mkdir(parents=True)
-            try:
+            if first:  # seconds to a minute with no other sign of life (docs/BENCHMARKS.md)
+                warnings.warn(f"Exporting {backbone.spec.name} to ONNX, once: later runs load it from {folder}.",
+                              EmbedderNotice, stacklevel=4)
+            with staging(folder) as tmp:
                 _export(backbone, tmp / "graph.onnx")
                 meta = {"identity": identity, "sha256": file_sha256(tmp / "graph.onnx")}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-                publish_dir(tmp, folder)
-            except BaseException:
-                discard(tmp)
-                raise
             session = OnnxSession(folder / "graph.onnx")
     check_against_torch(backbone, session)
     return session

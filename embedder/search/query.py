@@ -179,7 +179,7 @@ def query_backbone(components: dict, weights_path: str | None = None, runtime: s
 
     settings = backbone_settings(components, weights_path)
     if runtime == "auto":
-        runtime = settings["runtime"] if settings["runtime"] == "torch" or versions() is not None else "torch"
+        runtime = settings["runtime"] if versions() is not None else "torch"
     backbone = load_backbone(**{**settings, "runtime": runtime})
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
