@@ -17,8 +17,9 @@ from embedder.cache.reader import FeatureCache
 from embedder.errors import CacheMismatchError, ConfigError, EmbedderNotice
 from embedder.extract.core import load_backbone
 from embedder.extract.local import embed
+from embedder.models import runtime as runtimes
 from embedder.models.onnx import MIN_COSINE, cache_root, graph_key
-from embedder.models.runtime import choose_runtime
+from embedder.models.runtime import choose_runtime, resolve_runtime
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import _wait_for_parts, assert_same_cache, read_all
 
@@ -144,6 +145,24 @@ def test_auto_takes_onnxruntime_only_where_it_runs_and_wins():
     assert choose_runtime("auto", "a-family-never-measured", "cpu", "fp32") == "torch"
     with pytest.raises(ConfigError, match="--runtime must be"):
         choose_runtime("tensorrt", "resnet")
+
+
+def test_auto_precision_on_a_native_bf16_cpu_keeps_fp32_where_fp32_is_faster(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
+    assert resolve_runtime("cpu", "auto", family="resnet").precision == "bf16"
+    assert resolve_runtime("cpu", "auto", family="efficientnet_lite").precision == "fp32"
+    assert resolve_runtime("cpu", "auto").precision == "bf16"  # family unknown: torch's fast path
+    assert choose_runtime("auto", "efficientnet_lite", "cpu", "auto") == "onnxruntime"
+    assert choose_runtime("auto", "resnet", "cpu", "auto") == "torch"
+    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: False)
+    assert resolve_runtime("cpu", "auto", family="resnet").precision == "fp32"
+    # A cache made in fp32 is resumed and appended to in fp32 under `auto`, though today's default is bf16.
+    src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=2)
+    embed(fast_config(src, tmp_path / "c.h5", precision="fp32"))
+    make_tree(src, classes=("c",), per_class=2, seed=1)
+    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
+    report = embed(fast_config(src, tmp_path / "c.h5", precision="auto", runtime="auto"))
+    assert report.config["precision"] == "fp32" and report.already_cached == 4 and report.total_rows == 6
 
 
 def test_what_onnxruntime_cannot_run_is_refused_naming_the_option():

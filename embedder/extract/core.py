@@ -129,7 +129,7 @@ def load_backbone(
     """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them
     (`runtime`: auto, torch or onnxruntime; see embedder.models.runtime.choose_runtime)."""
     engine = choose_runtime(runtime, get_backbone_spec(model).family, device, precision, compile)
-    runtime = resolve_runtime(device, precision, memory_layout)
+    runtime = resolve_runtime(device, precision, memory_layout, get_backbone_spec(model).family)
     return FrozenBackbone.from_config(
         BackboneConfig(
             model=model,
@@ -155,13 +155,19 @@ def backbone_for(config: EmbedConfig) -> FrozenBackbone:
 
 
 def with_runtime(config: EmbedConfig) -> EmbedConfig:
-    """`config` with `--runtime auto` made concrete, once per run (so every Ray actor runs the same):
-    what a cache being resumed or appended to was made with, else the fastest for the device."""
-    if config.runtime != "auto":
-        return config
+    """`config` with `--runtime auto` (and `--precision auto`) made concrete, once per run (so every
+    Ray actor runs the same): what a cache being resumed or appended to was made with, else the
+    fastest for the device and model family."""
     recorded = None if config.overwrite else recorded_components(config.out)
     if recorded is not None:
-        return replace(config, runtime="onnxruntime" if "runtime" in recorded else "torch")
+        if config.precision == "auto" and recorded.get("precision") in ("fp32", "bf16", "fp16"):
+            # An existing cache keeps its precision, also where today's default would differ.
+            config = replace(config, precision=recorded["precision"])
+        if config.runtime == "auto":
+            config = replace(config, runtime="onnxruntime" if "runtime" in recorded else "torch")
+        return config
+    if config.runtime != "auto":
+        return config
     family = get_backbone_spec(config.model).family
     return replace(config, runtime=choose_runtime("auto", family, config.device, config.precision, config.compile))
 

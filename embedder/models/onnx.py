@@ -98,6 +98,10 @@ class OnnxSession:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.use_deterministic_compute = True
+        # No spinning: ORT's idle threads otherwise busy-wait after each run, on the cores that the
+        # uint8 -> float step and the reader process need next. Measured: Lite0 model-only 245
+        # against 160-198 img/s with spinning, ResNet-50 equal (docs/BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: its warnings would land in front of --json output
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name

@@ -41,7 +41,18 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout: str = "auto") -> Runtime:
+# Model-only speed of torch eager bf16 over the fastest fp32 path (ONNX Runtime) on a CPU with
+# native bf16, batch 4, 224 px, 2 threads, interleaved rounds (docs/BENCHMARKS.md, 2026-12-01):
+# ResNet-50 1.45x, VGG-16 1.55x, EfficientNet-Lite0 0.62x. Where it is below 1, `--precision auto`
+# stays fp32 there: faster, and the features stay exact (bf16 moved Lite0's real features to a
+# cosine of 0.9866). A family not listed gets bf16, torch's fast path on such a CPU.
+BF16_CPU_SPEEDUP = {"resnet": 1.45, "vgg": 1.55, "efficientnet_lite": 0.62}
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout: str = "auto",
+                    family: str | None = None) -> Runtime:
+    """Concrete device, precision and layout. `family` (the model family, when known) lets
+    `--precision auto` keep fp32 on a native-bf16 CPU for a family whose fp32 path is faster."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
@@ -54,7 +65,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
         if on_gpu:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+            precision = "bf16" if cpu_has_native_bf16() and BF16_CPU_SPEEDUP.get(family, 2.0) > 1.0 else "fp32"
     elif precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}.")
 
@@ -85,7 +96,7 @@ def choose_runtime(runtime: str, family: str, device: str = "auto", precision: s
         if runtime not in ("torch", "onnxruntime"):
             raise ConfigError(f"--runtime must be auto, torch or onnxruntime, got {runtime!r}.")
         return runtime
-    resolved = resolve_runtime(device, precision, "auto")
+    resolved = resolve_runtime(device, precision, "auto", family)
     if resolved.device != "cpu" or resolved.precision != "fp32" or compile:
         return "torch"  # ONNX Runtime's CPU provider runs fp32; on CUDA and with --compile torch is the fast path
     if ONNX_CPU_SPEEDUP.get(family, 1.0) <= 1.0:
