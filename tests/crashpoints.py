@@ -54,6 +54,7 @@ PHASES = {
     "finish": ("embedder.cache.writer", "CacheWriter.finish"),
     "probe": ("embedder.learn.train", "run_probe"),
     "index": ("embedder.search.build", "build_index"),
+    "update": ("embedder.search.update", "update_index"),
 }
 WHEN = ("before", "after")
 

@@ -18,6 +18,8 @@ from embedder.search.build import build_index
 from embedder.search.kinds import load_faiss, prepare, set_knob
 from embedder.search.query import SearchIndex
 from embedder.search.update import update_index
+from tests.conftest import env_with_repo
+from tests.crashpoints import Forker
 from tests.test_index import clustered
 
 
@@ -209,3 +211,106 @@ def test_removed_rows_are_carried_forward_and_never_added(tmp_path):
         np.testing.assert_array_equal(f["removed"][:], removed)
         assert len(f["paths"]) == 500
     assert report["meta"]["updates"][0]["faiss_ntotal"] == 500  # the 300 old (removed ones still in the graph) + 200
+
+
+def test_cli_update_prints_a_summary_and_json(tmp_path, capsys):
+    X = clustered(n=5000, d=16, seed=8)
+    old, new = grown(tmp_path, X, 1000)
+    idx = str(tmp_path / "idx")
+    assert main(["index", str(old), "--out", idx, "--kind", "ivf", "--metric", "l2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", str(new), "--out", idx, "--update", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "added 4000 rows to the ivf index, now 5000 x 16 (l2)" in printed and "recall@10" in printed
+    assert "a rebuild would be better" in printed and "over 4x" in printed
+    assert main(["index", str(new), "--out", idx, "--update", "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "up_to_date" and report["ntotal"] == 5000 and report["advice"]
+    assert main(["index", str(old), "--out", idx, "--update", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "Rebuild without --update" in err and "Traceback" not in err
+
+
+def test_pipeline_index_step_with_update_builds_then_adds(tmp_path, capsys):
+    X = np.random.default_rng(9).normal(size=(700, 8)).astype(np.float32)
+    grown(tmp_path, X, 400)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text("""
+[pipeline]
+name = "grow"
+
+[[steps]]
+run = "index"
+cache = "old/c.h5"
+out = "idx"
+update = true
+
+[[steps]]
+run = "index"
+cache = "new/c.h5"
+out = "idx"
+update = true
+""")
+    assert main(["run", str(pipeline), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "no index at" in printed and "added 300 rows to the flat index" in printed
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["ntotal"] == 700 and [u["rows_added"] for u in meta["updates"]] == [300]
+
+
+def test_a_failure_mid_update_leaves_the_old_index_byte_identical(tmp_path, monkeypatch):
+    from embedder.search import update
+
+    X = clustered(n=3000, d=16, seed=10)
+    old, new = grown(tmp_path, X, 2000)
+    build_index(old, tmp_path / "idx", kind="ivf", metric="l2", progress=False, n_eval=100)
+    before = folder_bytes(tmp_path / "idx")
+
+    def full_disk(tmp, *args):  # the index and rows are written, meta.json is not
+        update.load_faiss().write_index(args[0], str(tmp / "index.faiss"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(update, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        update_index(new, tmp_path / "idx", progress=False, n_eval=100)
+    assert folder_bytes(tmp_path / "idx") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "new", "old"]  # no staged folder, no lock left
+
+
+@pytest.mark.slow
+def test_kills_at_every_step_of_an_update_leave_the_old_index_or_the_new(tmp_path):
+    """SIGKILL right before each file-system step of an update (tests.crashpoints): the index folder
+    is always the old one, byte for byte, or the complete new one; a rerun then finishes the update."""
+    X = clustered(n=1500, d=16, seed=11)
+    old, new = grown(tmp_path, X, 1000)
+    idx = tmp_path / "idx"
+    build_index(old, idx, kind="ivf", metric="l2", progress=False, n_eval=100)
+    before = folder_bytes(idx)
+    argv = ["index", str(new), "--out", str(idx), "--update", "--quiet"]
+    env = env_with_repo()
+    env["OMP_NUM_THREADS"] = "1"
+    with Forker(env, logs=tmp_path) as forker:
+        counted = forker.run(argv, tmp_path, phase="update", at=0, log=tmp_path / "calls.txt")
+        assert counted.rc == 0, counted.output
+        steps = len((tmp_path / "calls.txt").read_text().splitlines())
+        assert steps >= 5
+        build_index(old, idx, kind="ivf", metric="l2", progress=False, n_eval=100)  # back to the old index
+        before = folder_bytes(idx)
+        outcomes = {"old": 0, "new": 0}
+        for at in range(1, steps + 1):
+            outcome = forker.run(argv, tmp_path, phase="update", at=at)
+            assert outcome.killed, (at, outcome.output)
+            index = SearchIndex.open(idx)  # whole, whichever it is
+            if index.ntotal == 1000:
+                assert folder_bytes(idx) == before, at
+                outcomes["old"] += 1
+            else:
+                assert index.ntotal == 1500 and len(index.paths) == 1500, at
+                outcomes["new"] += 1
+                build_index(old, idx, kind="ivf", metric="l2", progress=False, n_eval=100)
+                before = folder_bytes(idx)
+        assert outcomes["old"] >= steps - 3, outcomes
+        rerun = forker.run(argv, tmp_path, phase=None)
+        assert rerun.rc == 0, rerun.output
+    assert SearchIndex.open(idx).ntotal == 1500
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")]  # no staged folder, no lock

@@ -229,6 +229,10 @@ def predict(config, args) -> list[dict]:
 def index(config, args) -> dict:
     from embedder.search.build import build_index
 
+    if config.update and (Path(config.out) / "meta.json").is_file():
+        return index_update(config, args)
+    if config.update and not _as_json(args):
+        print(f"no index at {config.out} yet: building one (later runs with --update add the new rows to it)")
     meta = build_index(config.cache, config.out, kind=config.kind, metric=config.metric,
                        memory_budget=config.memory_budget, target_recall=config.target_recall, seed=config.seed,
                        progress=config.progress, on_disk=config.on_disk, layer=config.layer)
@@ -244,6 +248,32 @@ def index(config, args) -> dict:
     print(f"  recall@10      {meta['recall_at_10']:.4f} against exact search on {meta['eval_queries']} held-out "
           f"queries; target {meta['target_recall']} {reached}" + (f" with {knob}" if knob else ""))
     return meta
+
+
+def index_update(config, args) -> dict:
+    from embedder.search.update import update_index
+
+    report = update_index(config.cache, config.out, layer=config.layer, kind=config.kind, seed=config.seed,
+                          progress=config.progress)
+    if _as_json(args):
+        print_json(report)
+        return report
+    meta, knob = report["meta"], report["knob"]
+    if report["status"] == "up_to_date":
+        print(f"{config.out} is up to date: {config.cache} has no rows beyond its {report['ntotal']}; nothing written.")
+    else:
+        setting = (f"{knob} {report['knob_before']} -> {report['knob_after']}" if report["retuned"]
+                   else f"{knob} {report['knob_after']} kept") if knob else "exact search"
+        reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
+        print(f"updated {config.out}: added {report['rows_added']} rows to the {meta['kind']} index, now "
+              f"{report['ntotal']} x {meta['dim']} ({meta['metric']}), in {meta['updates'][-1]['update_s']:.1f} s; "
+              f"{setting}; recall@10 {report['recall_at_10']:.4f} against exact search on {meta['eval_queries']} "
+              f"{'held-out new' if meta['eval_queries_held_out'] else 'indexed'} queries, target "
+              f"{meta['target_recall']} {reached}.")
+    for advice in report["advice"]:
+        print(f"  a rebuild would be better: {advice}. Rebuild without --update: "
+              f"`embedder index {config.cache} --out {config.out}`.")
+    return report
 
 
 def search(config, args):

@@ -39,10 +39,15 @@ class IndexConfig:
     layer: str | None = option(None, help="which layer of a multi-layer cache to index, e.g. `style` "
                                           "(default: the first, /features)")
     seed: int = option(0, help="seed of the training sample and the tuning queries")
+    update: bool = option(False, help="add the rows CACHE gained since INDEX_DIR was built (an append run, more "
+                                      "shards) to the index, keeping its kind, metric, target recall and trained "
+                                      "quantizer; the search knob is re-checked and raised if recall fell")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)
+        if self.update and self.on_disk:
+            raise ConfigError("--update keeps the index's own layout (in memory or on disk): drop --on-disk.")
         if not 0 < self.target_recall <= 1:
             raise ConfigError("--target-recall must be in (0, 1].")
 
