@@ -258,12 +258,13 @@ update = true
     assert meta["ntotal"] == 700 and [u["rows_added"] for u in meta["updates"]] == [300]
 
 
-def test_a_failure_mid_update_leaves_the_old_index_byte_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_failure_mid_update_leaves_the_old_index_byte_identical(tmp_path, monkeypatch, on_disk):
     from embedder.search import update
 
     X = clustered(n=3000, d=16, seed=10)
     old, new = grown(tmp_path, X, 2000)
-    build_index(old, tmp_path / "idx", kind="ivf", metric="l2", progress=False, n_eval=100)
+    build_index(old, tmp_path / "idx", kind="ivf", metric="l2", progress=False, n_eval=100, on_disk=on_disk)
     before = folder_bytes(tmp_path / "idx")
 
     def full_disk(tmp, *args):  # the index and rows are written, meta.json is not

@@ -253,8 +253,8 @@ def index(config, args) -> dict:
 def index_update(config, args) -> dict:
     from embedder.search.update import update_index
 
-    report = update_index(config.cache, config.out, layer=config.layer, kind=config.kind, seed=config.seed,
-                          progress=config.progress)
+    report = update_index(config.cache, config.out, layer=config.layer, kind=config.kind,
+                          memory_budget=config.memory_budget, seed=config.seed, progress=config.progress)
     if _as_json(args):
         print_json(report)
         return report

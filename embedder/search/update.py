@@ -44,16 +44,20 @@ MIN_FRESH = 50  # fewest new rows held out as fresh tuning queries; fewer: index
 WRITTEN = ("index.faiss", "rows.h5", "meta.json", "lists.ivfdata")  # what an update writes anew
 
 
-def update_index(cache_path, index_dir, layer: str | None = None, kind: str = "auto", seed: int = 0,
-                 n_eval: int = 500, block_rows: int = 65536, progress: bool = True) -> dict:
+def update_index(cache_path, index_dir, layer: str | None = None, kind: str = "auto", memory_budget: int | None = None,
+                 seed: int = 0, n_eval: int = 500, block_rows: int = 65536, progress: bool = True) -> dict:
     """Add the rows `cache_path` has gained since INDEX_DIR was built (or last updated). Returns a report:
     status (`updated` or `up_to_date`), rows_added, ntotal, knob, knob_before, knob_after, recall_at_10,
     retuned, advice (why a rebuild would be better; empty when none) and the new meta.
 
     The index keeps its kind, metric, target recall and trained quantizer; `kind` other than auto
-    must name the index's kind. `layer` (default: the index's) must be the index's layer."""
+    must name the index's kind. `layer` (default: the index's) must be the index's layer.
+    `memory_budget` (default: the build's) sizes the blocks read, as for a build; the advice's
+    `--kind auto` ladder is judged against it too."""
     out = Path(index_dir).absolute()
     meta = _read_meta(out)
+    if memory_budget is not None:
+        meta = {**meta, "memory_budget": memory_budget}
     if kind not in ("auto", meta["kind"]):
         raise ConfigError(f"{index_dir} is a {meta['kind']} index; --update keeps its kind. To make a {kind} index, "
                           f"rebuild without --update: `embedder index {cache_path} --out {index_dir} --kind {kind}`.")
@@ -63,6 +67,9 @@ def update_index(cache_path, index_dir, layer: str | None = None, kind: str = "a
         old_paths, removed = _read_rows(out)
         n_old = _check_prefix(cache, old_paths, cache_path, index_dir)
         advice = rebuild_advice(meta, len(cache))
+        # Blocks as a build of the grown cache would read them: the budget's last quarter bounds them.
+        block_rows = plan_build(len(cache), cache.dim, meta["kind"], meta["metric"], meta["memory_budget"],
+                                block_rows).block_rows
         if len(cache) == n_old:
             return {"status": "up_to_date", "rows_added": 0, "ntotal": n_old, "knob": knob_of(meta["kind"]),
                     "knob_before": _knob_value(meta), "knob_after": _knob_value(meta),
@@ -162,6 +169,11 @@ def _grow(cache: FeatureCache, out: Path, tmp: Path, meta: dict, n_old: int, rem
     if held_out:
         keep[q_rows] = False  # ... but the fresh tuning queries only after tuning
     index = _read_index(out, on_disk)
+    if meta["kind"] == "flat" and index.ntotal != n_old:
+        # A plain flat index numbers its vectors by position: after an in-place removal, new rows
+        # would land under the wrong ids.
+        raise ConfigError(f"{out} holds {index.ntotal} vectors for {n_old} rows, so new rows cannot be numbered "
+                          f"by their cache row. Rebuild without --update: `embedder index CACHE.h5 --out {out}`.")
     with tqdm(total=n - n_old, unit="vec", desc=f"update ({meta['kind']})", disable=not progress) as bar:
         if on_disk:
             index = _add_on_disk(index, cache, metric, n_old, block_rows, out, tmp, bar)
