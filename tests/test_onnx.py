@@ -47,6 +47,17 @@ def test_every_output_matches_torch_and_repeats_bit_for_bit():
     assert min_cosine(onnx(images[:5]), expected["avgpool"][:5]) >= MIN_COSINE
 
 
+def test_uint8_crops_are_scaled_to_the_bits_torch_gives():
+    # The session scales uint8 in numpy (off torch's thread pool); the graph must see torch's values.
+    values = torch.arange(256, dtype=torch.uint8)
+    assert np.array_equal(np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255.0),
+                          values.float().div_(255.0).numpy())
+    onnx = load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # the reader's layout
+    assert torch.equal(onnx(channels_last), onnx(images.float().div_(255.0)))
+
+
 def test_unpooled_maps_and_unit_length_features_come_out_of_the_graph():
     kw = {**SMALL, "pool": "none", "normalize": "l2", "layer": "layer3"}
     onnx = load_backbone("resnet18", "none", runtime="onnxruntime", **kw)

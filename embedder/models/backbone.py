@@ -271,10 +271,10 @@ class FrozenBackbone(nn.Module):
 
     def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = images.to(self.device, non_blocking=True)
+        if self._session is not None:
+            return self._run_session(x)  # it scales uint8 itself, off torch's thread pool
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        if self._session is not None:
-            return self._run_session(x)
         maps = self._maps(x)
         out = {}
         for node in self.output_names:
