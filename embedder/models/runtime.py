@@ -3,8 +3,9 @@
 The CPU defaults come from measurement (`python -m benchmarks precision`, docs/BENCHMARKS.md):
 on a CPU without native bf16 (no AVX512-BF16 / AMX), bf16 autocast is emulated and ran
 3.5x *slower* than fp32 for ResNet-50, while channels_last fp32 ran 1.5x faster than
-contiguous fp32. With native bf16 the opposite holds (about 4x faster than fp32), so
-bf16 is chosen only where the CPU advertises it.
+contiguous fp32. With native bf16 the opposite holds (2-2.6x faster than torch fp32 for
+ResNet-50 and VGG-16), so bf16 is chosen only where the CPU advertises it, and only for a
+family where it also beats the fastest fp32 path (ONNX Runtime): not EfficientNet-Lite.
 """
 
 from __future__ import annotations
@@ -80,12 +81,11 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
 
 # Model-only speed of ONNX Runtime over torch eager, both fp32 (batch 4, 224 px, 2 threads;
 # torch in channels_last, the CPU default), measured side by side by `python -m benchmarks runtime`
-# (docs/BENCHMARKS.md): on the 2-core AMD EPYC dev VM (AVX-512, native bf16) ResNet-50 1.47x,
-# EfficientNet-Lite0 1.29x, VGG-16 1.30x; on the earlier 2-core AVX2 VM ResNet-50 1.29x and Lite0
-# 1.90x (issue 15). `--runtime auto` takes ONNX Runtime for fp32 on the CPU for a family listed
-# here. Where the CPU has native bf16, `--precision auto` is bf16, faster still (ResNet-50 2.18x
-# fp32), and bf16 runs on torch.
-ONNX_CPU_SPEEDUP = {"resnet": 1.47, "efficientnet_lite": 1.29, "vgg": 1.30}
+# (docs/BENCHMARKS.md): on the 2-core AMD EPYC dev VM (AVX-512, native bf16), with ORT's threads
+# not spinning, ResNet-50 1.43x, EfficientNet-Lite0 1.65x, VGG-16 1.21x; on the earlier 2-core AVX2
+# VM ResNet-50 1.29x and Lite0 1.90x (issue 15). `--runtime auto` takes ONNX Runtime for fp32 on the
+# CPU for a family listed here; where `--precision auto` picks bf16 (BF16_CPU_SPEEDUP) bf16 runs on torch.
+ONNX_CPU_SPEEDUP = {"resnet": 1.43, "efficientnet_lite": 1.65, "vgg": 1.21}
 
 
 def choose_runtime(runtime: str, family: str, device: str = "auto", precision: str = "auto",
