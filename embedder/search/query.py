@@ -14,8 +14,12 @@ import h5py
 import numpy as np
 
 from embedder.cache.reader import FeatureCache, read_paths
-from embedder.errors import CacheMismatchError, ConfigError
-from embedder.search.kinds import load_faiss, prepare, set_knob
+from embedder.errors import CacheMismatchError, ConfigError, RemovedRowError
+from embedder.search.filters import as_column, compile_mask
+from embedder.search.kinds import INVERTED_LIST_KINDS, inner, load_faiss, prepare, set_knob
+
+EXACT_BLOCK = 65536  # rows reconstructed at a time by the exact fallback of a filtered search
+MASKS_KEPT = 32  # filters whose masks are remembered (a service sees the same few again and again)
 
 
 @dataclass
@@ -68,7 +72,13 @@ class SearchIndex:
             self.paths = read_paths(f["paths"]) if len(f["paths"]) else []
             self.labels = f["labels"][:]
             self.classes = read_paths(f["classes"])
+            # Sorted unique row ids hidden from every search (`embedder index INDEX_DIR --remove`).
+            self.removed = f["removed"][:].astype(np.int64) if "removed" in f else np.zeros(0, np.int64)
+            self.columns = {name: as_column(ds[:]) for name, ds in f["columns"].items()} if "columns" in f else {}
         self._row = {p: i for i, p in enumerate(self.paths)}
+        self._removed_set = set(self.removed.tolist())
+        self._masks: dict[str | None, np.ndarray | None] = {}
+        self._table: dict[str, np.ndarray] | None = None
         self.metric = self.meta["metric"]
         self.weights_path = weights_path
         self.runtime = runtime
@@ -77,7 +87,9 @@ class SearchIndex:
         # Exact indexes can give back their vectors, so search by id needs no cache file.
         self._reconstructs = self.meta["kind"] in ("flat", "hnsw", "ivf")
         if self.meta["kind"] == "ivf":
-            faiss.extract_index_ivf(self.index).make_direct_map()
+            ivf = faiss.extract_index_ivf(self.index)
+            # Removed rows leave gaps in the ids, which an array direct map cannot hold.
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable if len(self.removed) else faiss.DirectMap.Array)
 
     @classmethod
     def open(cls, index_dir, weights_path: str | None = None, runtime: str = "auto") -> SearchIndex:
@@ -85,7 +97,8 @@ class SearchIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Rows of the index, removed ones included: row ids run from 0 to ntotal - 1."""
+        return len(self.paths)
 
     @property
     def dim(self) -> int:
@@ -105,7 +118,46 @@ class SearchIndex:
     def row_of_path(self, path: str) -> int:
         if path not in self._row:
             raise KeyError(f"{path!r} is not in the index (paths are relative to {self.source}).")
+        self._check_not_removed([self._row[path]])
         return self._row[path]
+
+    def is_removed(self, row_id: int) -> bool:
+        return row_id in self._removed_set
+
+    def _check_not_removed(self, ids) -> None:
+        gone = [int(i) for i in ids if int(i) in self._removed_set]
+        if gone:
+            raise RemovedRowError(f"row {gone[0]} ({self.paths[gone[0]]}) was removed from the index "
+                                  f"(`embedder index {self.dir} --remove`); it is never searched nor returned.")
+
+    # -- filters -------------------------------------------------------------------------------
+    def filter_columns(self) -> dict[str, np.ndarray]:
+        """What a filter can name: id, path, label ("" when unlabelled), then rows.h5's /columns."""
+        if self._table is None:
+            names = np.array([*self.classes, ""], dtype=str)  # label -1 takes the last: ""
+            self._table = {"id": np.arange(self.ntotal, dtype=np.int64), "path": as_column(self.paths),
+                           "label": names[self.labels] if self.ntotal else names[:0]}
+            self._table.update({k: v for k, v in self.columns.items() if k not in self._table})
+        return self._table
+
+    def allowed(self, where: str | None = None) -> np.ndarray | None:
+        """Mask of the rows a search may return (kept by `where`, not removed); None when every row
+        the faiss index holds may be returned, so no selector is needed. FilterError for a bad filter."""
+        if where not in self._masks:
+            mask = None if where is None else compile_mask(where, self.filter_columns())
+            hidden = len(self.removed) and (where is not None or self.removed_in_faiss)
+            if hidden:
+                mask = np.ones(self.ntotal, bool) if mask is None else mask.copy()
+                mask[self.removed] = False
+            if len(self._masks) >= MASKS_KEPT:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[where] = mask
+        return self._masks[where]
+
+    @property
+    def removed_in_faiss(self) -> bool:
+        """Whether removed rows are still in the faiss index (hidden by the selector) or removed in place."""
+        return bool(len(self.removed)) and int(self.index.ntotal) == self.ntotal
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out = []
@@ -117,25 +169,83 @@ class SearchIndex:
             out.append(hits)
         return out
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int = 10, where: str | None = None) -> list[list[Hit]]:
+        """The k nearest rows of each query among those `where` keeps (every row when None), never a
+        removed one; fewer than k only when fewer rows are allowed."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ConfigError(f"Query vectors have {queries.shape[1]} dimensions; the index has {self.dim}.")
         if k < 1:
             raise ConfigError("k must be at least 1.")
-        scores, ids = self.index.search(prepare(queries, self.metric), min(k, self.ntotal))
+        allowed = self.allowed(where)
+        x = prepare(queries, self.metric)
+        if allowed is None:
+            scores, ids = self.index.search(x, min(k, int(self.index.ntotal)))
+        else:
+            k = min(k, int(allowed.sum()))
+            if k == 0:
+                return [[] for _ in range(len(x))]
+            scores, ids = self._search_allowed(x, k, allowed)
         return self._hits(scores, ids)
 
-    def search_ids(self, ids: list[int], k: int = 10) -> list[list[Hit]]:
+    def _search_allowed(self, x: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search inside faiss with a bitmap selector of the allowed rows, keeping the tuned knob.
+
+        An approximate index can return fewer than k under a selective selector (HNSW's walk and
+        IVF's few probed lists meet too few allowed rows). Those queries are searched again
+        completely: IVF kinds with every list probed (still inside faiss, same codes and scores),
+        HNSW and flat exactly over the allowed rows' own vectors."""
+        faiss = load_faiss()
+        bitmap = np.packbits(allowed, bitorder="little")  # kept alive here for as long as faiss reads it
+        selector = faiss.IDSelectorBitmap(bitmap)
+        scores, ids = self.index.search(x, k, params=self._params(selector))
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
+        if len(short):
+            if self.meta["kind"] in INVERTED_LIST_KINDS:
+                nlist = faiss.extract_index_ivf(self.index).nlist
+                again = self.index.search(x[short], k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nlist))
+            else:
+                again = self._exact_among(x[short], k, np.flatnonzero(allowed))
+            scores[short], ids[short] = again
+        return scores, ids
+
+    def _params(self, selector):
+        faiss = load_faiss()
+        kind = self.meta["kind"]
+        if kind in INVERTED_LIST_KINDS:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
+        if kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=inner(self.index).hnsw.efSearch)
+        return faiss.SearchParameters(sel=selector)
+
+    def _exact_among(self, x: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of `x` among `rows` (reconstructed in blocks), as faiss scores them."""
+        from faiss.contrib.exhaustive_search import knn_ground_truth
+
+        from embedder.search.kinds import faiss_metric
+
+        blocks = (self._vectors(rows[s:s + EXACT_BLOCK]) for s in range(0, len(rows), EXACT_BLOCK))
+        scores, found = knn_ground_truth(x, blocks, k, metric_type=faiss_metric(self.metric))
+        return scores, np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+
+    def _vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Prepared vectors of `rows`: from the index where it keeps them exactly, else from the cache."""
+        if self._reconstructs:
+            return np.ascontiguousarray(self.index.reconstruct_batch(rows.astype(np.int64)), dtype=np.float32)
+        with FeatureCache(self.meta["cache"], layer=self.meta.get("layer")) as cache:
+            return prepare(np.stack([cache.features(slice(i, i + 1))[0] for i in rows]), self.metric)
+
+    def search_ids(self, ids: list[int], k: int = 10, where: str | None = None) -> list[list[Hit]]:
         bad = [i for i in ids if not 0 <= i < self.ntotal]
         if bad:
             raise IndexError(f"Row id {bad[0]} is not in the index (0 .. {self.ntotal - 1}).")
+        self._check_not_removed(ids)
         if self._reconstructs:
             vectors = np.stack([self.index.reconstruct(int(i)) for i in ids])
         else:  # PQ codes are lossy: take the exact vectors from the cache
             with FeatureCache(self.meta["cache"], layer=self.meta.get("layer")) as cache:
                 vectors = np.stack([cache.features(slice(i, i + 1))[0] for i in ids])
-        return self.search(vectors, k)
+        return self.search(vectors, k, where)
 
     # -- queries by image ----------------------------------------------------------------------
     def backbone(self):
@@ -145,7 +255,8 @@ class SearchIndex:
                 self._backbone = query_backbone(self.meta["components"], self.weights_path, self.runtime)
         return self._backbone
 
-    def search_pixels(self, images, k: int = 10, max_pixels: int | None = None) -> list[list[Hit]]:
+    def search_pixels(self, images, k: int = 10, max_pixels: int | None = None,
+                      where: str | None = None) -> list[list[Hit]]:
         """Queries given as decoded uint8 RGB tensors [3, H, W]; BadImageError for unusable ones."""
         import torch
 
@@ -157,16 +268,17 @@ class SearchIndex:
         transform = geometric_transform(pre)
         limit = max_pixels or DEFAULT_MAX_PIXELS
         batch = torch.stack([apply_guarded(transform, img, pre.resize_size, limit) for img in images])
-        return self.search(backbone(batch).cpu().numpy(), k)
+        return self.search(backbone(batch).cpu().numpy(), k, where)
 
-    def search_files(self, files: list[str], k: int = 10, batch_size: int = 32):
+    def search_files(self, files: list[str], k: int = 10, batch_size: int = 32, where: str | None = None):
         """(hits per readable file, [(file, reason)] for the others)."""
         from embedder.extract.core import embed_images
 
+        self.allowed(where)  # a bad filter is refused before any image is embedded
         feats, errors = embed_images(self.backbone(), files, batch_size=batch_size)
         failed = {p for p, _ in errors}
         ok = [f for f in files if str(f) not in failed]
-        return list(zip(ok, self.search(feats, k) if len(feats) else [])), errors
+        return list(zip(ok, self.search(feats, k, where) if len(feats) else [])), errors
 
 
 def query_backbone(components: dict, weights_path: str | None = None, runtime: str = "auto"):
