@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -18,6 +19,10 @@ from embedder.errors import CacheMismatchError, ConfigError, RemovedRowError
 from embedder.search.filters import as_column, compile_mask
 from embedder.search.kinds import INVERTED_LIST_KINDS, inner, load_faiss, prepare, set_knob
 
+# HNSW with at most this many allowed rows searches them exactly: cheaper than a graph walk
+# that mostly meets excluded nodes, and exact (benchmarks/filters.py).
+EXACT_ROWS = 4096
+HNSW_FILTERED_EF = 1024  # the widest efSearch a filtered HNSW search widens its tuned one to
 EXACT_BLOCK = 65536  # rows reconstructed at a time by the exact fallback of a filtered search
 MASKS_KEPT = 32  # filters whose masks are remembered (a service sees the same few again and again)
 
@@ -53,6 +58,8 @@ def _c_stdout_to_stderr():
 
 class SearchIndex:
     """A saved index, ready to answer queries by vector, by cached row id, or by image."""
+
+    exact_rows = EXACT_ROWS  # HNSW: filters keeping at most this many rows are searched exactly
 
     def __init__(self, index_dir, weights_path: str | None = None, runtime: str = "auto"):
         self.dir = Path(index_dir)
@@ -191,14 +198,18 @@ class SearchIndex:
     def _search_allowed(self, x: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Search inside faiss with a bitmap selector of the allowed rows, keeping the tuned knob.
 
-        An approximate index can return fewer than k under a selective selector (HNSW's walk and
-        IVF's few probed lists meet too few allowed rows). Those queries are searched again
+        HNSW with few allowed rows (EXACT_ROWS) searches them exactly instead. An approximate
+        index can still return fewer than k under a selective selector (HNSW's walk and IVF's
+        few probed lists meet too few allowed rows). Those queries are searched again
         completely: IVF kinds with every list probed (still inside faiss, same codes and scores),
-        HNSW and flat exactly over the allowed rows' own vectors."""
+        HNSW exactly over the allowed rows' own vectors."""
         faiss = load_faiss()
+        rows = int(allowed.sum())
+        if self.meta["kind"] == "hnsw" and rows <= self.exact_rows:
+            return self._exact_among(x, k, np.flatnonzero(allowed))
         bitmap = np.packbits(allowed, bitorder="little")  # kept alive here for as long as faiss reads it
         selector = faiss.IDSelectorBitmap(bitmap)
-        scores, ids = self.index.search(x, k, params=self._params(selector))
+        scores, ids = self.index.search(x, k, params=self._params(selector, rows / self.ntotal))
         short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
         if len(short):
             if self.meta["kind"] in INVERTED_LIST_KINDS:
@@ -209,13 +220,18 @@ class SearchIndex:
             scores[short], ids[short] = again
         return scores, ids
 
-    def _params(self, selector):
+    def _params(self, selector, fraction: float):
+        """Search parameters carrying the selector and the index's tuned knob. HNSW's efSearch is
+        divided by the allowed `fraction` (up to HNSW_FILTERED_EF): a walk that meets mostly
+        excluded nodes needs a wider beam to keep its recall among the allowed ones."""
         faiss = load_faiss()
         kind = self.meta["kind"]
         if kind in INVERTED_LIST_KINDS:
             return faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
         if kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=inner(self.index).hnsw.efSearch)
+            ef = inner(self.index).hnsw.efSearch
+            ef = max(ef, min(HNSW_FILTERED_EF, math.ceil(ef / max(fraction, 1e-9))))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
         return faiss.SearchParameters(sel=selector)
 
     def _exact_among(self, x: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
