@@ -141,7 +141,7 @@ def write_columns(index_dir, columns: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module", params=KINDS)
 def index(request, data):
-    tmp, cache, X, labels, bucket = data
+    tmp, cache, _, _, bucket = data
     kind = request.param.removesuffix("-walk")
     out = tmp / kind
     if not out.exists():
@@ -186,14 +186,13 @@ def test_filtered_search_returns_only_allowed_rows_and_as_many_as_asked(index, d
 
 
 def test_a_filter_keeping_fewer_rows_than_k_returns_them_all(index, data):
-    _, _, X, _, bucket = data
+    X = data[2]
     hits = index.search(X[:3], 50, where="id in (5, 17, 2999) or (bucket == 7 and id < 0)")
     assert [sorted(h.id for h in q) for q in hits] == [[5, 17, 2999]] * 3
     assert index.search(X[:2], 5, where="id < 0") == [[], []]
 
 
-def test_search_by_id_and_label_with_a_filter(index, data):
-    _, _, X, labels, _ = data
+def test_search_by_id_and_label_with_a_filter(index):
     hits = index.search_ids([0, 1], K, where="label == 'c1'")
     assert all(len(q) == K and all(h.label == "c1" for h in q) for q in hits)
     assert index.columns["bucket"].dtype.kind == "i" and index.columns["group"][0].startswith("g")

@@ -74,7 +74,7 @@ def tokenize(text: str) -> list[Token]:
         elif kind == "number":
             tokens.append(Token(kind, word, pos, float(word) if any(c in word for c in ".eE") else int(word)))
         elif kind == "string":
-            tokens.append(Token(kind, word, pos, re.sub(r"\\(.)", r"\1", word[1:-1], flags=re.S)))
+            tokens.append(Token(kind, word, pos, re.sub(r"\\(.)", r"\1", word[1:-1], flags=re.DOTALL)))
         elif kind == "op":
             tokens.append(Token(kind, "==" if word == "=" else word, pos))
         elif kind == "name":
@@ -292,7 +292,7 @@ def evaluate(tree, columns: dict[str, np.ndarray]) -> np.ndarray:
         mask = np.isin(values, np.asarray(tree.values, dtype=values.dtype if values.dtype.kind == "U" else None))
         return ~mask if tree.negated else mask
     # Glob: each distinct value is matched once (paths are distinct, but labels and splits repeat).
-    pattern = re.compile(fnmatch.translate(tree.pattern), re.S)
+    pattern = re.compile(fnmatch.translate(tree.pattern), re.DOTALL)
     uniq, inverse = np.unique(values, return_inverse=True)
     hit = np.fromiter((pattern.match(v) is not None for v in uniq), bool, len(uniq))[inverse.ravel()]
     return ~hit if tree.negated else hit
