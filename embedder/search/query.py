@@ -209,7 +209,7 @@ class SearchIndex:
             return self._exact_among(x, k, np.flatnonzero(allowed))
         bitmap = np.packbits(allowed, bitorder="little")  # kept alive here for as long as faiss reads it
         selector = faiss.IDSelectorBitmap(bitmap)
-        scores, ids = self.index.search(x, k, params=self._params(selector, rows / self.ntotal))
+        scores, ids = self.index.search(x, k, params=self._params(selector, rows / self.ntotal, k))
         short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
         if len(short):
             if self.meta["kind"] in INVERTED_LIST_KINDS:
@@ -220,29 +220,38 @@ class SearchIndex:
             scores[short], ids[short] = again
         return scores, ids
 
-    def _params(self, selector, fraction: float):
+    def _params(self, selector, fraction: float, k: int):
         """Search parameters carrying the selector and the index's tuned knob. HNSW's efSearch is
-        divided by the allowed `fraction` (up to HNSW_FILTERED_EF): a walk that meets mostly
-        excluded nodes needs a wider beam to keep its recall among the allowed ones."""
+        divided by the square root of the allowed `fraction` (up to HNSW_FILTERED_EF): a walk that
+        meets mostly excluded nodes needs a wider beam to keep its recall among the allowed ones
+        (100k x 128, 10% allowed: recall@10 0.84 at the tuned efSearch 32, 0.98 at 101, 0.999 at
+        320 for 1.6x the time)."""
         faiss = load_faiss()
         kind = self.meta["kind"]
         if kind in INVERTED_LIST_KINDS:
             return faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
         if kind == "hnsw":
             ef = inner(self.index).hnsw.efSearch
-            ef = max(ef, min(HNSW_FILTERED_EF, math.ceil(ef / max(fraction, 1e-9))))
+            fraction = max(fraction, 1e-9)
+            ef = max(ef, min(HNSW_FILTERED_EF, math.ceil(max(ef / math.sqrt(fraction), 2 * k / fraction))))
             return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
         return faiss.SearchParameters(sel=selector)
 
     def _exact_among(self, x: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of `x` among `rows` (reconstructed in blocks), as faiss scores them."""
-        from faiss.contrib.exhaustive_search import knn_ground_truth
-
         from embedder.search.kinds import faiss_metric
 
-        blocks = (self._vectors(rows[s:s + EXACT_BLOCK]) for s in range(0, len(rows), EXACT_BLOCK))
-        scores, found = knn_ground_truth(x, blocks, k, metric_type=faiss_metric(self.metric))
-        return scores, np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        faiss = load_faiss()
+        metric, ip = faiss_metric(self.metric), self.metric == "cosine"
+        scores, found = [], []
+        for s in range(0, len(rows), EXACT_BLOCK):  # faiss.knn per block; the blocks' top-k merged below
+            block = rows[s:s + EXACT_BLOCK]
+            d, i = faiss.knn(x, self._vectors(block), min(k, len(block)), metric=metric)
+            scores.append(d)
+            found.append(block[i])
+        scores, found = np.hstack(scores), np.hstack(found)
+        order = np.argsort(-scores if ip else scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
         """Prepared vectors of `rows`: from the index where it keeps them exactly, else from the cache."""

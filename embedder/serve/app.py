@@ -278,6 +278,9 @@ class _Limits:
     scrub: Callable[[str], str]
 
 
+# The filter fields' OpenAPI format: a grammar no JSON schema states, named so that a client (and
+# the schemathesis hooks in benchmarks/) can tell a filter from any other string.
+FILTER_FORMAT = "embedder-row-filter"
 FILTER_HELP = ("only rows this filter keeps, e.g. `label == 'cat' and width >= 256` (the README's filter language; "
                "columns: {columns}); empty: every row")
 
@@ -289,7 +292,8 @@ def _params(index: SearchIndex) -> tuple:
         description=f"row id of an indexed image (0 to {index.ntotal - 1}; see `id` in any hit)",
         json_schema_extra={"minimum": 0, "maximum": index.ntotal - 1},  # enforced by _check_row, with a 404
     )]
-    where = Annotated[str | None, Query(max_length=MAX_FILTER_LENGTH, description=_filter_help(index))]
+    where = Annotated[str, Query(max_length=MAX_FILTER_LENGTH, description=_filter_help(index),
+                                 json_schema_extra={"format": FILTER_FORMAT})]
     return k, row, where
 
 
@@ -325,7 +329,7 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
             json_schema_extra={"format": "binary", "minLength": 1},
         )],
         k: k_param = limits.default_k,
-        where: where_param = None,
+        where: where_param = "",
     ) -> dict:
         where = await run_in_threadpool(_filter, index, where)  # a bad filter costs no decode
         # Waiting for a slot or the model happens here, on the event loop: no thread is held.
@@ -386,7 +390,7 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
                    responses={404: _error("no indexed image has this id"),
                               410: _error("this row was removed from the index"),
                               **INVALID})
-    def search_id(row_id: row_param, k: k_param = limits.default_k, where: where_param = None) -> dict:
+    def search_id(row_id: row_param, k: k_param = limits.default_k, where: where_param = "") -> dict:
         _check_row(index, row_id)
         if index.is_removed(row_id):
             raise HTTPException(410, detail=f"row {row_id} ({display_path(index.paths[row_id])}) was removed from "
@@ -426,7 +430,8 @@ def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") 
             + (" (not all zero: cosine needs a direction)" if nonzero else ""),
         )
         k: int = Field(default=default_k, ge=1, le=MAX_K, description="neighbours to return")
-        where: str | None = Field(default=None, max_length=MAX_FILTER_LENGTH, description=filter_help)
+        where: str = Field(default="", max_length=MAX_FILTER_LENGTH, description=filter_help,
+                           json_schema_extra={"format": FILTER_FORMAT})
 
         @field_validator("vector", mode="before")
         @classmethod
