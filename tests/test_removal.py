@@ -144,3 +144,37 @@ def test_cli_remove_prune_info_and_where(tmp_path, capsys):
     assert "--kind build an index" in capsys.readouterr().err
     assert main(["index", str(cache)]) == 2
     assert "index needs --out INDEX_DIR" in capsys.readouterr().err
+
+
+def test_pipeline_search_step_takes_a_filter_and_info_an_index(tmp_path, capsys):
+    X = clustered(300, 8, centers=5, seed=1)
+    labels = np.arange(300) % 3
+    synthetic_cache(tmp_path / "c.h5", X, labels)
+    np.save(tmp_path / "q.npy", X[0])
+    (tmp_path / "p.toml").write_text("""
+[pipeline]
+name = "filtered"
+
+[[steps]]
+run = "index"
+cache = "c.h5"
+out = "idx"
+
+[[steps]]
+run = "search"
+index = "idx"
+vector = "q.npy"
+k = 7
+where = "label == 'c2' and id >= 100"
+
+[[steps]]
+run = "info"
+cache = "idx"
+""")
+    assert main(["run", str(tmp_path / "p.toml"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "where label == 'c2' and id >= 100" in printed and "flat index of 300 x 8" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip().split(" ")[0].isdigit()]
+    shown = [r for r in rows if r[-1].startswith("v")]
+    assert len(shown) == 7 and {r[2] for r in shown} == {"c2"}
+    assert all(int(r[-1][1:7]) >= 100 and int(r[-1][1:7]) % 3 == 2 for r in shown)

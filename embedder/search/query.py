@@ -85,6 +85,7 @@ class SearchIndex:
         self._row = {p: i for i, p in enumerate(self.paths)}
         self._removed_set = set(self.removed.tolist())
         self._masks: dict[str | None, np.ndarray | None] = {}
+        self._masks_lock = threading.Lock()
         self._table: dict[str, np.ndarray] | None = None
         self.metric = self.meta["metric"]
         self.weights_path = weights_path
@@ -150,16 +151,17 @@ class SearchIndex:
     def allowed(self, where: str | None = None) -> np.ndarray | None:
         """Mask of the rows a search may return (kept by `where`, not removed); None when every row
         the faiss index holds may be returned, so no selector is needed. FilterError for a bad filter."""
-        if where not in self._masks:
+        with self._masks_lock:  # a service's threads share the remembered masks
+            if where in self._masks:
+                return self._masks[where]
             mask = None if where is None else compile_mask(where, self.filter_columns())
-            hidden = len(self.removed) and (where is not None or self.removed_in_faiss)
-            if hidden:
+            if len(self.removed) and (where is not None or self.removed_in_faiss):
                 mask = np.ones(self.ntotal, bool) if mask is None else mask.copy()
                 mask[self.removed] = False
             if len(self._masks) >= MASKS_KEPT:
                 self._masks.pop(next(iter(self._masks)))
             self._masks[where] = mask
-        return self._masks[where]
+            return mask
 
     @property
     def removed_in_faiss(self) -> bool:
