@@ -54,6 +54,7 @@ PHASES = {
     "finish": ("embedder.cache.writer", "CacheWriter.finish"),
     "probe": ("embedder.learn.train", "run_probe"),
     "index": ("embedder.search.build", "build_index"),
+    "remove": ("embedder.search.removal", "remove_rows"),
 }
 WHEN = ("before", "after")
 
