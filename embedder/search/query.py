@@ -240,7 +240,7 @@ class SearchIndex:
         return faiss.SearchParameters(sel=selector)
 
     def _exact_among(self, x: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of `x` among `rows` (reconstructed in blocks), as faiss scores them."""
+        """Exact top-k of `x` among `rows` (reconstructed in blocks; flat and HNSW), as faiss scores them."""
         from embedder.search.kinds import faiss_metric
 
         faiss = load_faiss()
@@ -256,11 +256,8 @@ class SearchIndex:
         return np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Prepared vectors of `rows`: from the index where it keeps them exactly, else from the cache."""
-        if self._reconstructs:
-            return np.ascontiguousarray(self.index.reconstruct_batch(rows.astype(np.int64)), dtype=np.float32)
-        with FeatureCache(self.meta["cache"], layer=self.meta.get("layer")) as cache:
-            return prepare(np.stack([cache.features(slice(i, i + 1))[0] for i in rows]), self.metric)
+        """The indexed (prepared) vectors of `rows`, which flat and HNSW keep exactly."""
+        return np.ascontiguousarray(self.index.reconstruct_batch(rows.astype(np.int64)), dtype=np.float32)
 
     def search_ids(self, ids: list[int], k: int = 10, where: str | None = None) -> list[list[Hit]]:
         bad = [i for i in ids if not 0 <= i < self.ntotal]
