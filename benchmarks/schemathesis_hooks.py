@@ -7,6 +7,7 @@ random bytes, which the server rightly refuses (400) and `positive_data_acceptan
 as a failure. With it, positive cases are small real images of every mode and format the
 service reads, and reach 200; negative cases (wrong types, missing parts) are unchanged.
 Non-images, truncated files and bombs are tested by hand in tests/test_service.py.
+Likewise the row filters (`format: embedder-row-filter`): positive cases are well-formed filters.
 """
 
 from __future__ import annotations
@@ -37,4 +38,29 @@ def image_bytes(draw) -> bytes:
     return buf.getvalue()
 
 
+@st.composite
+def row_filter(draw) -> str:
+    """A well-formed filter over the columns every index has (id, path, label): schema-valid
+    filters must be answered 200, and a schema cannot state the grammar. Malformed filters are
+    tested by hand (tests/test_filters.py, tests/test_service.py)."""
+    def text(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    ops = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
+    condition = st.one_of(
+        st.builds(lambda op, n: f"id {op} {n}", ops, st.integers(-10, 10**6)),
+        st.builds(lambda op, v: f"label {op} {text(v)}", ops, st.text(max_size=8)),
+        st.builds(lambda v: f"path glob {text(v)}", st.text(max_size=8)),
+        st.builds(lambda ns: f"id in ({', '.join(map(str, ns))})", st.lists(st.integers(0, 100), min_size=1, max_size=4)),
+    )
+    parts = draw(st.lists(condition, min_size=1, max_size=3))
+    joins = draw(st.lists(st.sampled_from([" and ", " or ", " and not "]), min_size=len(parts) - 1,
+                          max_size=len(parts) - 1))
+    out = parts[0]
+    for join, part in zip(joins, parts[1:]):
+        out += join + part
+    return draw(st.sampled_from(["", out, f"({out})", f"not ({out})"]))
+
+
 schemathesis.openapi.format("binary", image_bytes())
+schemathesis.openapi.format("embedder-row-filter", row_filter())

@@ -65,3 +65,17 @@ class DiskFullError(CacheError):
 
     exit_code = 1  # the system's state, not the user's input: like the other OS errors
     unclean = False  # True when an HDF5 write failed midway: the library's state is not to be trusted after
+
+
+class FilterError(ConfigError):
+    """A row filter (`--where`) that cannot be parsed or does not fit the columns; the message
+    shows the filter with a caret under the bad token."""
+
+    def __init__(self, text: str, pos: int, message: str):
+        self.text, self.pos, self.reason = text, pos, message
+        line = text.replace("\n", " ")
+        super().__init__(f"bad filter: {message} (at column {pos + 1})\n  {line}\n  {' ' * pos}^")
+
+
+class RemovedRowError(ConfigError):
+    """A query names a row that was removed from the index (`embedder index INDEX_DIR --remove`)."""

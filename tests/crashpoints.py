@@ -55,6 +55,7 @@ PHASES = {
     "probe": ("embedder.learn.train", "run_probe"),
     "index": ("embedder.search.build", "build_index"),
     "update": ("embedder.search.update", "update_index"),
+    "remove": ("embedder.search.removal", "remove_rows"),
 }
 WHEN = ("before", "after")
 

@@ -315,3 +315,24 @@ def test_kills_at_every_step_of_an_update_leave_the_old_index_or_the_new(tmp_pat
         assert rerun.rc == 0, rerun.output
     assert SearchIndex.open(idx).ntotal == 1500
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")]  # no staged folder, no lock
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_rows_removed_then_an_update_never_bring_them_back(tmp_path, kind):
+    from embedder.search.removal import remove_rows
+
+    X = clustered(n=1200, d=16, seed=11)
+    old, new = grown(tmp_path, X, 800)
+    build_index(old, tmp_path / "idx", kind=kind, metric="cosine", progress=False, n_eval=100)
+    gone = [f"v{i:06d}.png" for i in (5, 6, 400)]
+    remove_rows(tmp_path / "idx", gone, progress=False)
+    report = update_index(new, tmp_path / "idx", progress=False, n_eval=100)
+    assert report["rows_added"] == 400
+    index = SearchIndex.open(tmp_path / "idx")
+    assert index.ntotal == 1200 and sorted(index.removed.tolist()) == [5, 6, 400]
+    hits = index.search(X[[5, 6, 400, 1000]], 10)
+    assert all(h.id not in (5, 6, 400) for q in hits for h in q)
+    assert hits[3][0].id == 1000 and all(len(q) == 10 for q in hits)  # a new row finds itself
+    # Its own vector, first among every row but the removed ones: the filter and the update agree.
+    where = index.search(X[[1000]], 5, where="id >= 800")
+    assert [h.id >= 800 for h in where[0]] == [True] * 5 and where[0][0].id == 1000

@@ -68,7 +68,10 @@ def test_pipeline_tables_parse_like_flags_and_resolve_paths(tmp_path):
 def test_unknown_and_missing_keys_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"Unknown index setting\(s\) \['budget'\]"):
         from_table(IndexConfig, {"cache": "c.h5", "out": "i", "budget": "1G"}, None, "index")
-    with pytest.raises(ConfigError, match="The index step needs out"):
+    with pytest.raises(ConfigError, match="The merge step needs out"):
+        from_table(CONFIGS["merge"], {"cache": "c.h5"}, None, "merge")
+    # index's --out is optional on the command line (INDEX_DIR --remove ... needs none), required to build
+    with pytest.raises(ConfigError, match="index needs --out INDEX_DIR"):
         from_table(IndexConfig, {"cache": "c.h5"}, None, "index")
     with pytest.raises(ConfigError, match="exactly one query"):
         from_table(SearchConfig, {"index": "i", "image": "a.jpg", "row_id": 3}, None, "search")

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -426,6 +427,72 @@ def test_a_backbone_that_cannot_be_rebuilt_is_503_and_the_rest_still_works(built
     assert "'WEIGHTS' is neither DEFAULT" in r.json()["detail"] and str(tmp_path) not in r.json()["detail"]
 
 
+# ---------------------------------------------------------------- filters and removed rows
+
+
+def quoted(where: str) -> str:
+    return urllib.parse.quote(where)
+
+
+def test_every_search_endpoint_takes_a_filter(service):
+    labels = np.array([p.split("/")[0] for p in service.index.paths])
+    fox = np.flatnonzero(labels == "fox")
+    where = "label == 'fox' and not path glob '*screen*'"
+    keep = [i for i in fox if "screen" not in service.index.paths[i]]
+    r = http("GET", f"{service.url}/search/id/0?k=100&where={quoted(where)}")
+    assert r.status == 200 and r.json()["query"]["where"] == where
+    assert sorted(h["id"] for h in r.json()["hits"]) == sorted(int(i) for i in keep)  # all of them, none else
+    with FeatureCache(service.cache) as c:
+        vector = c.features(slice(0, 1))[0].tolist()
+    r = post_json(service, "/search/vector", {"vector": vector, "k": 3, "where": "label == 'dog'"})
+    assert r.status == 200 and [h["label"] for h in r.json()["hits"]] == ["dog"] * 3
+    body, headers = multipart("q.jpg", (service.tree / "cat/cat_000.jpg").read_bytes())
+    dogs = quoted("label in ('dog')")
+    r = http("POST", f"{service.url}/search/image?k=2&where={dogs}", body, headers)
+    assert r.status == 200 and [h["label"] for h in r.json()["hits"]] == ["dog", "dog"]
+    r = http("GET", f"{service.url}/search/id/0?where=")  # an empty filter keeps every row
+    assert r.status == 200 and r.json()["hits"][0]["id"] == 0 and "where" not in r.json()["query"]
+
+
+@pytest.mark.parametrize("where, words", [
+    ("label == fox", "expected a value"), ("colour == 'red'", "known columns: id, path, label"),
+    ("id >= 'x'", "type mismatch"), ("(label == 'fox'", "expected `)`"),
+])
+def test_a_bad_filter_is_422_with_the_message_on_every_endpoint(service, where, words):
+    body, headers = multipart("q.jpg", (service.tree / "cat/cat_000.jpg").read_bytes())
+    with FeatureCache(service.cache) as c:
+        vector = c.features(slice(0, 1))[0].tolist()
+    replies = [http("GET", f"{service.url}/search/id/0?where={quoted(where)}"),
+               http("POST", f"{service.url}/search/image?where={quoted(where)}", body, headers),
+               post_json(service, "/search/vector", {"vector": vector, "where": where})]
+    for r in replies:
+        assert r.status == 422, r.body
+        detail = r.json()["detail"]
+        assert words in detail and "bad filter" in detail and detail.splitlines()[-1].strip() == "^"
+    assert http("GET", f"{service.url}/search/id/0?where={'x' * 5000}").status == 422  # too long to parse
+
+
+def test_removed_rows_are_gone_from_the_service(built, tmp_path):
+    from embedder.search.removal import remove_rows
+
+    _, _, index_dir = built
+    moved = tmp_path / "index"
+    shutil.copytree(index_dir, moved)
+    app = create_app(moved)
+    paths = app.state.index.paths
+    gone = [i for i, p in enumerate(paths) if p.startswith("cat/")]
+    remove_rows(moved, [paths[i] for i in gone], progress=False)
+    with running(create_app(moved)) as (host, port):
+        url = f"http://{host}:{port}"
+        r = http("GET", f"{url}/search/id/{gone[0]}")
+        assert r.status == 410 and f"row {gone[0]} ({paths[gone[0]]}) was removed" in r.json()["detail"]
+        live = next(i for i in range(len(paths)) if i not in gone)
+        hits = http("GET", f"{url}/search/id/{live}?k=100").json()["hits"]
+        assert len(hits) == len(paths) - len(gone) and not {h["id"] for h in hits} & set(gone)
+        cats = quoted("label == 'cat'")
+        assert http("GET", f"{url}/search/id/{live}?where={cats}").json()["hits"] == []
+
+
 def test_openapi_lists_every_endpoint(service):
     r = http("GET", service.url + "/openapi.json")
     assert r.status == 200
@@ -513,6 +580,20 @@ def test_browser_drop_page_shows_neighbours_and_errors(service, tmp_path):
             assert page.locator("#error").inner_text() == ""
             # The style sheet applied: the drop zone has its dashed border.
             assert page.locator("#drop").evaluate("e => getComputedStyle(e).borderStyle") == "dashed"
+
+            # The filter box: Enter searches the same image again among the rows it keeps...
+            page.fill("#where", "label == 'cat'")
+            page.press("#where", "Enter")
+            expect(hits.first.locator(".label")).to_have_text("cat", timeout=15_000)
+            assert {hits.nth(i).locator(".label").inner_text() for i in range(hits.count())} == {"cat"}
+            # ...and a bad filter shows the server's message, caret under the bad token, no results.
+            page.fill("#where", "label == cat")
+            page.press("#where", "Enter")
+            expect(page.locator("#error")).to_contain_text("expected a value", timeout=15_000)
+            assert page.locator("#error").inner_text().splitlines()[-1] == " " * 11 + "^"
+            assert page.locator("#error").evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
+            assert page.locator("#results .hit").count() == 0
+            page.fill("#where", "")
 
             page.set_input_files("input[type=file]", str(text_file))
             expect(page.locator("#error")).to_contain_text("not an image", timeout=15_000)

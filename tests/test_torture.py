@@ -35,6 +35,7 @@ from tests.torture import (
     prepare_injection,
     probe_scenario,
     random_kills,
+    remove_scenario,
     session_alive,
 )
 
@@ -124,6 +125,15 @@ def test_kill_at_every_step_of_a_probe_saved_over_another_runs_probe(forkers, tm
 
 def test_kill_at_every_step_of_an_index_rebuilt_over_another_index(forkers, tmp_path):
     before, after = _sweep_both(lambda base: index_scenario("index", base, per_class=6, kind="ivf", over="flat"),
+                                tmp_path, forkers, at_least=4)
+    assert not _failed(before, after), _failed(before, after)
+    assert before.kills == after.kills >= 4
+    assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
+
+
+def test_kill_at_every_step_of_a_removal_from_an_index(forkers, tmp_path):
+    """`--prune-missing` edits the folder in place of a build: staged, swapped in whole, files hard-linked."""
+    before, after = _sweep_both(lambda base: remove_scenario("remove", base, per_class=6, kind="ivf"),
                                 tmp_path, forkers, at_least=4)
     assert not _failed(before, after), _failed(before, after)
     assert before.kills == after.kills >= 4

@@ -403,6 +403,23 @@ def index_scenario(name: str, base: Path, per_class: int, kind: str, over: str |
     return Scenario(name, base / name, argv, [index], setup, phase="index", weight=weight)
 
 
+def remove_scenario(name: str, base: Path, per_class: int, kind: str, weight: int = 1) -> Scenario:
+    """`embedder index INDEX_DIR --prune-missing` over an index of `kind` after a source file vanished."""
+    index = Artefact("index", "out/index")
+
+    def setup(sc: Scenario, forker: Forker) -> None:
+        make_source(sc.root / "src", per_class)
+        (sc.root / "inputs").mkdir()
+        _embed_input(sc, forker, "inputs/c.h5", fast_flags())
+        sc.queries = query_rows(sc.root / "inputs/c.h5")
+        _keep_old(sc, forker, ["index", "inputs/c.h5", "--out", index.path, "--kind", kind, "--quiet"],
+                  index.path, "inputs/old_index", index)
+        (sc.root / "src" / "a" / "a_000.jpg").unlink()
+
+    return Scenario(name, base / name, ["index", index.path, "--prune-missing", "--quiet"], [index], setup,
+                    phase="remove", weight=weight)
+
+
 def probe_scenario(name: str, base: Path, per_class: int, over_seed: int | None = None, weight: int = 1) -> Scenario:
     """`embedder probe`; with `over_seed`, saved over the PROBE_DIR of a run with that --seed."""
     probe = Artefact("probe", "out/probe")

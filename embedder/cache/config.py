@@ -9,7 +9,8 @@ from embedder.options import option
 
 @dataclass(frozen=True)
 class InfoConfig:
-    cache: str = option(positional=True, path=True, help="feature cache to describe")
+    cache: str = option(positional=True, path=True, metavar="CACHE.h5|INDEX_DIR",
+                        help="feature cache, or index folder, to describe")
     errors: bool = option(False, help="list every file in the errors table")
 
 

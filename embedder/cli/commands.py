@@ -94,8 +94,34 @@ def merge(config, args) -> int:
 def info(config, args) -> dict:
     from embedder.cache.reader import describe
 
+    if (Path(config.cache) / "meta.json").is_file():
+        return index_info(config, args)
     doc = describe(config.cache, list_errors=config.errors)
     print_json(doc) if _as_json(args) else print(_info_text(doc, config))
+    return doc
+
+
+def index_info(config, args) -> dict:
+    from embedder.search.removal import describe_index
+
+    doc = describe_index(config.cache)
+    if _as_json(args):
+        print_json(doc)
+        return doc
+    knob = {k: v for k, v in doc["params"].items() if k in ("nprobe", "efSearch")}
+    recall = "-" if doc["recall_at_10"] is None else f"{doc['recall_at_10']:.4f}"
+    lines = [f"{config.cache}: {doc['kind']} index of {doc['rows']} x {doc['dim']} ({doc['metric']})"
+             + (", lists on disk" if doc["on_disk"] else ""),
+             f"  searchable   {doc['searchable']} rows",
+             f"  removed      {doc['removed']}" + (" (removed in place)" if doc["removed_in_place"] else
+                                                   f" ({doc['hidden']} hidden from every search)" if doc["hidden"]
+                                                   else ""),
+             f"  columns      {', '.join(doc['columns'])}  (for search --where)",
+             f"  recall@10    {recall}" + (f" with {knob}" if knob else ""),
+             f"  cache        {doc['cache']}" + (f" (layer {doc['layer']})" if doc["layer"] else "")]
+    if doc["rebuild"]:
+        lines.append(f"  rebuild      pays: {doc['rebuild']}")
+    print("\n".join(lines))
     return doc
 
 
@@ -227,6 +253,8 @@ def predict(config, args) -> list[dict]:
 
 
 def index(config, args) -> dict:
+    if config.removing:
+        return remove(config, args)
     from embedder.search.build import build_index
 
     if config.update and (Path(config.out) / "meta.json").is_file():
@@ -273,6 +301,23 @@ def index_update(config, args) -> dict:
     for advice in report["advice"]:
         print(f"  a rebuild would be better: {advice}. Rebuild without --update: "
               f"`embedder index {config.cache} --out {config.out}`.")
+
+
+def remove(config, args) -> dict:
+    from embedder.search.removal import remove_rows
+
+    report = remove_rows(config.cache, config.remove, config.remove_from, config.prune_missing, config.progress)
+    if _as_json(args):
+        print_json(report)
+        return report
+    how = "removed in place" if report["removed_in_place"] else "hidden from every search"
+    print(f"{config.cache}: {report['newly_removed']} row(s) removed ({how}), "
+          f"{report['already_removed']} already removed; {report['removed_rows']} of {report['rows']} rows "
+          "removed in all")
+    for p in report["paths"]:
+        print(f"  {display_path(p)}")
+    if report["newly_removed"] > len(report["paths"]):
+        print(f"  ... {report['newly_removed'] - len(report['paths'])} more")
     return report
 
 
@@ -318,16 +363,16 @@ def _run_queries(index, config):
     """[(query, hits)] and [(query, reason)] for the one kind of query the config names."""
     import numpy as np
 
-    k = config.k
+    k, where = config.k, config.where
     if config.image:
-        results, errors = index.search_files(expand_images(config.image), k=k)
+        results, errors = index.search_files(expand_images(config.image), k=k, where=where)
         return [(str(f), hits) for f, hits in results], errors
     if config.path is not None:
         row = index.row_of_path(config.path)
-        return [(str(index.image_path(row)), index.search_ids([row], k)[0])], []
+        return [(str(index.image_path(row)), index.search_ids([row], k, where)[0])], []
     if config.row_id is not None:
-        return [(str(index.image_path(config.row_id)), index.search_ids([config.row_id], k)[0])], []
-    return [(None, hits) for hits in index.search(np.atleast_2d(np.load(config.vector)), k)], []
+        return [(str(index.image_path(config.row_id)), index.search_ids([config.row_id], k, where)[0])], []
+    return [(None, hits) for hits in index.search(np.atleast_2d(np.load(config.vector)), k, where)], []
 
 
 def dedup(config, args) -> list[list[str]]:

@@ -75,7 +75,8 @@ STEP_KINDS: dict[str, StepKind] = {
                                    f"{c.source} -> {c.out}", labelled=True),
     "index": StepKind("embedder.search.config:IndexConfig", commands.index, lambda c: f"index {c.cache} -> {c.out}"),
     "search": StepKind("embedder.search.config:SearchConfig", commands.search,
-                       lambda c: f"search {c.index} with {', '.join(c.image) or c.path or c.row_id or c.vector}",
+                       lambda c: f"search {c.index} with {', '.join(c.image) or c.path or c.row_id or c.vector}"
+                                 + (f" where {c.where}" if c.where else ""),
                        defaults=(("k", 5),)),
 }
 

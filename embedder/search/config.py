@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from embedder.errors import ConfigError
 from embedder.models.constants import RUNTIMES
-from embedder.options import check_choices, option, parse_size
+from embedder.options import check_choices, option, parse_size, specs
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 METRICS = ("cosine", "l2")
@@ -26,8 +26,12 @@ def query_runtime_option():
 
 @dataclass(frozen=True)
 class IndexConfig:
-    cache: str = option(positional=True, path=True, help="feature cache to index")
-    out: str = option(path=True, help="INDEX_DIR to write (replaced atomically)")
+    BUILD_OPTIONS = ("out", "kind", "metric", "memory_budget", "target_recall", "on_disk", "layer", "seed", "update")
+
+    cache: str = option(positional=True, path=True, metavar="CACHE.h5|INDEX_DIR",
+                        help="feature cache to index; with --remove, --remove-from or --prune-missing: the INDEX_DIR "
+                             "to remove rows from")
+    out: str | None = option(None, path=True, help="INDEX_DIR to write (replaced atomically)")
     kind: str = option("auto", choices=KINDS,
                        help="auto: exact when small, HNSW or IVF when large, IVF-SQ8 then IVF-PQ as memory gets short")
     metric: str = option("cosine", choices=METRICS, help="similarity of the neighbours")
@@ -42,7 +46,19 @@ class IndexConfig:
     update: bool = option(False, help="add the rows CACHE gained since INDEX_DIR was built (an append run, more "
                                       "shards) to the index, keeping its kind, metric, target recall and trained "
                                       "quantizer; the search knob is re-checked and raised if recall fell")
+    remove: tuple[str, ...] = option((), nargs="+", metavar="PATH", group="removing rows from INDEX_DIR",
+                                     help="remove these rows (paths as the cache stored them, or files under "
+                                          "SOURCE) from every search")
+    remove_from: str | None = option(None, path=True, metavar="FILE", group="removing rows from INDEX_DIR",
+                                     help="remove the paths listed in FILE, one per line")
+    prune_missing: bool = option(False, group="removing rows from INDEX_DIR",
+                                 help="remove every row whose source file no longer exists")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
+
+    @property
+    def removing(self) -> bool:
+        """Whether this run removes rows from the INDEX_DIR given (rather than building one)."""
+        return bool(self.remove or self.remove_from or self.prune_missing)
 
     def __post_init__(self):
         check_choices(self)
@@ -50,6 +66,15 @@ class IndexConfig:
             raise ConfigError("--update keeps the index's own layout (in memory or on disk): drop --on-disk.")
         if not 0 < self.target_recall <= 1:
             raise ConfigError("--target-recall must be in (0, 1].")
+        if self.removing:
+            given = [s.flag for s in specs(type(self))
+                     if s.name in self.BUILD_OPTIONS and getattr(self, s.name) != s.field.default]
+            if given:
+                raise ConfigError(f"{', '.join(given)} build an index, while --remove, --remove-from and "
+                                  f"--prune-missing edit the INDEX_DIR given ({self.cache}): run them separately.")
+        elif self.out is None:
+            raise ConfigError("index needs --out INDEX_DIR to build into (or --remove PATH..., --remove-from FILE or "
+                              "--prune-missing to remove rows from the INDEX_DIR given).")
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,9 @@ class SearchConfig:
     vector: str | None = option(None, exclusive="query", path=True,
                                 help="a .npy file with one vector (D,) or several (n, D)")
     k: int = option(10, flag="-k", help="neighbours per query")
+    where: str | None = option(None, metavar="FILTER",
+                               help="only rows this filter keeps, e.g. \"label == 'cat' and width >= 256\" "
+                                    "(columns id, path, label and the index's metadata columns; README: Filters)")
     grid: str | None = option(None, path=True, help="write a PNG of each query and its neighbours")
     layer: str | None = option(None, help="the layer the index must have been built on (checked; an index holds "
                                           "one layer)")

@@ -51,8 +51,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
-from embedder.errors import BadImageError, ConfigError, EmbedderError
+from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterError
 from embedder.names import display_path
+from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
 from embedder.search.query import Hit, SearchIndex
 from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_K
 from embedder.serve.guards import (
@@ -277,18 +278,42 @@ class _Limits:
     scrub: Callable[[str], str]
 
 
+# The filter fields' OpenAPI format: a grammar no JSON schema states, named so that a client (and
+# the schemathesis hooks in benchmarks/) can tell a filter from any other string.
+FILTER_FORMAT = "embedder-row-filter"
+FILTER_HELP = ("only rows this filter keeps, e.g. `label == 'cat' and width >= 256` (the README's filter language; "
+               "columns: {columns}); empty: every row")
+
+
 def _params(index: SearchIndex) -> tuple:
-    """The k and row id parameters, with this index's bounds in their schema."""
+    """The k, row id and filter parameters, with this index's bounds in their schema."""
     k = Annotated[int, Query(ge=1, le=MAX_K, description="neighbours to return")]
     row = Annotated[int, Path(
         description=f"row id of an indexed image (0 to {index.ntotal - 1}; see `id` in any hit)",
         json_schema_extra={"minimum": 0, "maximum": index.ntotal - 1},  # enforced by _check_row, with a 404
     )]
-    return k, row
+    where = Annotated[str, Query(max_length=MAX_FILTER_LENGTH, description=_filter_help(index),
+                                 json_schema_extra={"format": FILTER_FORMAT})]
+    return k, row, where
+
+
+def _filter_help(index: SearchIndex) -> str:
+    return FILTER_HELP.format(columns=", ".join(index.filter_columns()))
+
+
+def _filter(index: SearchIndex, where: str | None) -> str | None:
+    """The request's filter, checked (and its mask computed) before any other work: 422 with the
+    parser's message, which points at the bad token."""
+    where = where if where and where.strip() else None
+    try:
+        index.allowed(where)
+    except FilterError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
+    return where
 
 
 def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None:
-    k_param, row_param = _params(index)
+    k_param, row_param, where_param = _params(index)
     model_lock = anyio.Lock()  # one forward pass at a time: parallel ones only fight over the cores
     uploads = _Uploads(index, limits)
 
@@ -304,14 +329,16 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
             json_schema_extra={"format": "binary", "minLength": 1},
         )],
         k: k_param = limits.default_k,
+        where: where_param = "",
     ) -> dict:
+        where = await run_in_threadpool(_filter, index, where)  # a bad filter costs no decode
         # Waiting for a slot or the model happens here, on the event loop: no thread is held.
         async with limits.decode_slots:
             image, query = await run_in_threadpool(uploads.decode, file)
         k = min(k, index.ntotal)
         async with model_lock:
-            hits = await run_in_threadpool(uploads.search, image, k, query["filename"])
-        return _results(query, k, hits, index.metric)
+            hits = await run_in_threadpool(uploads.search, image, k, query["filename"], where)
+        return _results(_with_filter(query, where), k, hits, index.metric)
 
     @_get_and_head(
         app, "/thumbnail/{row_id}", summary="JPEG thumbnail of an indexed image", response_class=Response,
@@ -347,35 +374,49 @@ class _Uploads:
         width, height = shown_size(data)  # of the upload, not of its smaller decoded copy
         return image, {"filename": name, "bytes": len(data), "width": width, "height": height}
 
-    def search(self, image, k: int, name: str) -> list[Hit]:
+    def search(self, image, k: int, name: str, where: str | None = None) -> list[Hit]:
         try:
-            return self.index.search_pixels([image], k=k, max_pixels=self.limits.max_pixels)[0]
+            return self.index.search_pixels([image], k=k, max_pixels=self.limits.max_pixels, where=where)[0]
         except BadImageError as exc:  # e.g. an extreme aspect ratio, found when resizing
             raise HTTPException(400, detail=f"{name}: {exc.reason}") from None
 
 
 def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None:
-    k_param, row_param = _params(index)
-    query_model = _vector_query(index.dim, limits.default_k, index.metric)
+    k_param, row_param, where_param = _params(index)
+    query_model = _vector_query(index.dim, limits.default_k, index.metric, _filter_help(index))
 
     @_get_and_head(app, "/search/id/{row_id}", response_model=SearchOut,
                    summary="Neighbours of an indexed image, by row id",
-                   responses={404: _error("no indexed image has this id"), **INVALID})
-    def search_id(row_id: row_param, k: k_param = limits.default_k) -> dict:
+                   responses={404: _error("no indexed image has this id"),
+                              410: _error("this row was removed from the index"),
+                              **INVALID})
+    def search_id(row_id: row_param, k: k_param = limits.default_k, where: where_param = "") -> dict:
         _check_row(index, row_id)
+        if index.is_removed(row_id):
+            raise HTTPException(410, detail=f"row {row_id} ({display_path(index.paths[row_id])}) was removed from "
+                                            "the index; it is never searched nor returned")
+        where = _filter(index, where)
         k = min(k, index.ntotal)
-        return _results({"id": row_id}, k, index.search_ids([row_id], k=k)[0], index.metric)
+        hits = index.search_ids([row_id], k=k, where=where)[0]
+        return _results(_with_filter({"id": row_id}, where), k, hits, index.metric)
 
     @app.post("/search/vector", response_model=SearchOut, summary="Neighbours of a feature vector", responses={
-        422: _error(f"not one {index.dim}-d vector of finite numbers (or all zero under cosine)", ValidationErrorOut),
+        422: _error(f"not one {index.dim}-d vector of finite numbers (or all zero under cosine), or a bad "
+                    "filter", ValidationErrorOut),
     })
     def search_vector(body: query_model) -> dict:
         vector = _query_vector(body.vector, index.metric)
+        where = _filter(index, body.where)
         k = min(body.k, index.ntotal)
-        return _results({"vector_dim": index.dim}, k, index.search(vector[None, :], k=k)[0], index.metric)
+        hits = index.search(vector[None, :], k=k, where=where)[0]
+        return _results(_with_filter({"vector_dim": index.dim}, where), k, hits, index.metric)
 
 
-def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
+def _with_filter(query: dict, where: str | None) -> dict:
+    return query if where is None else {**query, "where": where}
+
+
+def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") -> type[BaseModel]:
     """The body of /search/vector, with the index's width in its schema (checked before the elements)."""
     element = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # finite in float32
     nonzero = {"contains": {"not": {"const": 0}}} if metric == "cosine" else None
@@ -389,6 +430,8 @@ def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
             + (" (not all zero: cosine needs a direction)" if nonzero else ""),
         )
         k: int = Field(default=default_k, ge=1, le=MAX_K, description="neighbours to return")
+        where: str = Field(default="", max_length=MAX_FILTER_LENGTH, description=filter_help,
+                           json_schema_extra={"format": FILTER_FORMAT})
 
         @field_validator("vector", mode="before")
         @classmethod

@@ -15,7 +15,11 @@ async function apiError(response) {
   return text;
 }
 
-function showError(message) { errorBox.textContent = message; }
+function showError(message) {
+  errorBox.textContent = message;
+  errorBox.classList.toggle("code", message.includes("\n"));  // a filter error's caret line
+}
+let lastSearch = null;  // the last query, searched again when the filter changes
 
 function render(data) {
   results.replaceChildren();
@@ -76,8 +80,16 @@ async function run(request, what) {
   }
 }
 
-// An empty box sends no k, so the server's own default applies (shown as the placeholder once known).
-function kQuery() { const v = $("k").value.trim(); return v ? `?k=${encodeURIComponent(v)}` : ""; }
+// An empty box sends no k, so the server's own default applies (shown as the placeholder once known);
+// an empty filter box sends no filter.
+function kQuery() {
+  const params = new URLSearchParams();
+  const k = $("k").value.trim(), where = $("where").value.trim();
+  if (k) params.set("k", k);
+  if (where) params.set("where", where);
+  const text = params.toString();
+  return text ? `?${text}` : "";
+}
 
 function searchFile(file) {
   if (!file) return;
@@ -85,17 +97,20 @@ function searchFile(file) {
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
   preview.style.display = "block";
+  lastSearch = () => searchFile(file);
   const form = new FormData();
   form.append("file", file, file.name);
   run(() => fetch(`/search/image${kQuery()}`, { method: "POST", body: form }), file.name);
 }
 
 function searchById(id) {
+  lastSearch = () => searchById(id);
   $("preview").src = `/thumbnail/${id}`;
   $("preview").style.display = "block";
   run(() => fetch(`/search/id/${id}${kQuery()}`), `image #${id}`);
 }
 
+$("where").addEventListener("keydown", (e) => { if (e.key === "Enter" && lastSearch) { e.preventDefault(); lastSearch(); } });
 // Cleared after each pick so that choosing the same file again searches again.
 fileInput.addEventListener("change", () => { searchFile(fileInput.files[0]); fileInput.value = ""; });
 drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); fileInput.click(); } });

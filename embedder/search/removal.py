@@ -1,0 +1,177 @@
+"""Removing rows from a saved index, and describing an index folder (`embedder info INDEX_DIR`).
+
+Row ids stay cache row ids, whatever is removed: rows.h5 `/removed` (int64, sorted, unique)
+lists the removed rows, and every search excludes them through its IDSelector
+(embedder.search.query). Where faiss can remove in place without renumbering, it does:
+
+    ivf, ivfsq, ivfpq   `remove_ids` takes the rows out of their inverted lists (ids are stored
+                        in the lists, so the others keep theirs); lists on disk (--on-disk) are
+                        read-only memory maps, so there the rows are hidden instead
+    flat                `remove_ids` would shift every later row's id, so the rows stay and are hidden
+    hnsw                a graph cannot drop nodes: the rows stay and are hidden
+
+Hidden rows still cost search time (HNSW walks through them, flat compares them), so
+`describe_index` says when a rebuild pays.
+
+The edit is atomic like a build: the new folder is staged under INDEX_DIR's write lock and
+swapped in whole (embedder.atomic.staged_dir); files it does not change are hard-linked.
+Removing a path twice is harmless; a path the index does not hold is an error that lists it,
+and nothing is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedder.atomic import staged_dir
+from embedder.cache.reader import read_paths
+from embedder.errors import ConfigError
+from embedder.search.kinds import INVERTED_LIST_KINDS, load_faiss
+
+REBUILD_HIDDEN = 0.2  # hidden rows above this share of the rows: a rebuild pays
+REBUILD_REMOVED_IVF = 0.5  # removed rows above this share: the trained lists no longer fit the data
+SHOWN_UNKNOWN = 10
+
+
+def read_removal_list(path) -> list[str]:
+    """The paths of a --remove-from file: one per line, blank lines skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise ConfigError(f"Cannot read --remove-from {path}: {exc.strerror or exc}.") from None
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
+def _rows_of(given: list[str], row: dict[str, int], source: Path) -> tuple[list[int], list[str]]:
+    """(rows, unknown): a path matches as the cache stored it (relative to SOURCE) or as a file's
+    own path (absolute, or relative to the working folder) under SOURCE."""
+    rows, unknown = [], []
+    for path in given:
+        if path in row:
+            rows.append(row[path])
+            continue
+        try:
+            rel = Path(path).absolute().relative_to(source.absolute()).as_posix()
+        except ValueError:
+            rel = None
+        if rel in row:
+            rows.append(row[rel])
+        else:
+            unknown.append(path)
+    return rows, unknown
+
+
+def _missing_rows(paths: list[str], source: Path, removed: set[int], progress: bool) -> list[int]:
+    from tqdm.auto import tqdm
+
+    missing = []
+    for i, p in enumerate(tqdm(paths, unit="file", desc="prune: checking files", disable=not progress)):
+        full = Path(p) if Path(p).is_absolute() else source / p
+        if i not in removed and not full.exists():
+            missing.append(i)
+    return missing
+
+
+def remove_rows(index_dir, paths=(), remove_from=None, prune_missing: bool = False, progress: bool = True) -> dict:
+    """Remove rows from the index in `index_dir` by path (`paths`, the lines of `remove_from`) and,
+    with `prune_missing`, every row whose source file no longer exists. Returns a report."""
+    index_dir = Path(index_dir)
+    if not (index_dir / "meta.json").is_file():
+        raise ConfigError(f"No index at {index_dir}. Build one with `embedder index CACHE.h5 --out {index_dir}`.")
+    given = list(paths) + (read_removal_list(remove_from) if remove_from else [])
+    with staged_dir(index_dir) as tmp:  # the lock is held from here: no other writer edits the folder
+        meta = json.loads((index_dir / "meta.json").read_text())
+        with h5py.File(index_dir / "rows.h5", "r") as f:
+            stored = read_paths(f["paths"]) if len(f["paths"]) else []
+            before = f["removed"][:].astype(np.int64) if "removed" in f else np.zeros(0, np.int64)
+        source = Path(meta["source"])
+        rows, unknown = _rows_of(given, {p: i for i, p in enumerate(stored)}, source)
+        if unknown:
+            shown = ", ".join(unknown[:SHOWN_UNKNOWN]) + (f" and {len(unknown) - SHOWN_UNKNOWN} more"
+                                                           if len(unknown) > SHOWN_UNKNOWN else "")
+            raise ConfigError(f"{len(unknown)} path(s) are not in the index, nothing was removed: {shown}. Paths are "
+                              f"as the cache stored them (relative to {source}), or files under it.")
+        if prune_missing:
+            rows += _missing_rows(stored, source, set(before.tolist()), progress)
+        new = np.setdiff1d(np.array(rows, dtype=np.int64), before)
+        removed = np.union1d(before, new).astype(np.int64)
+        in_place = meta["kind"] in INVERTED_LIST_KINDS and not meta.get("on_disk")
+        _write(index_dir, tmp, new if in_place else None, removed)
+        meta.update(removed_rows=len(removed), removed_in_place=in_place)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return {"index": str(index_dir), "kind": meta["kind"], "asked": len(given), "newly_removed": len(new),
+            "already_removed": len(set(rows) & set(before.tolist())), "pruned": prune_missing,
+            "removed_rows": len(removed), "rows": len(stored), "removed_in_place": in_place,
+            "paths": [stored[i] for i in new[:SHOWN_UNKNOWN]]}
+
+
+def _write(index_dir: Path, tmp: Path, remove_ids: np.ndarray | None, removed: np.ndarray) -> None:
+    """The staged folder: every file of `index_dir`, index.faiss edited when `remove_ids` is given,
+    rows.h5 with the new /removed."""
+    faiss = load_faiss()
+    for entry in index_dir.iterdir():
+        if entry.name == "meta.json" or (entry.name == "index.faiss" and remove_ids is not None):
+            continue
+        if entry.name == "rows.h5":
+            shutil.copy2(entry, tmp / entry.name)
+        else:
+            _link_or_copy(entry, tmp / entry.name)
+    if remove_ids is not None:
+        index = faiss.read_index(str(index_dir / "index.faiss"))
+        if len(remove_ids):
+            index.remove_ids(faiss.IDSelectorBatch(remove_ids))
+        faiss.write_index(index, str(tmp / "index.faiss"))
+    with h5py.File(tmp / "rows.h5", "a") as f:
+        if "removed" in f:
+            del f["removed"]
+        f.create_dataset("removed", data=removed, dtype=np.int64)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Unchanged files (the index, on-disk lists of many GB) are hard-linked where the file system can."""
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def describe_index(index_dir) -> dict:
+    """What `embedder info INDEX_DIR` shows: kind, rows, removed and hidden rows, and whether a rebuild pays."""
+    index_dir = Path(index_dir)
+    meta = json.loads((index_dir / "meta.json").read_text())
+    with h5py.File(index_dir / "rows.h5", "r") as f:
+        rows = len(f["paths"])
+        removed = len(f["removed"]) if "removed" in f else 0
+        columns = list(f["columns"]) if "columns" in f else []
+    in_place = bool(meta.get("removed_in_place")) and removed > 0
+    hidden = 0 if in_place else removed
+    doc = {"index": str(index_dir), "kind": meta["kind"], "metric": meta["metric"], "dim": meta["dim"],
+           "rows": rows, "ntotal": rows, "searchable": rows - removed, "removed": removed, "hidden": hidden,
+           "removed_in_place": in_place, "columns": ["id", "path", "label", *columns],
+           "params": meta.get("params", {}), "recall_at_10": meta.get("recall_at_10"), "cache": meta.get("cache"),
+           "layer": meta.get("layer"), "on_disk": bool(meta.get("on_disk"))}
+    doc["rebuild"] = rebuild_advice(meta["kind"], rows, removed, hidden)
+    return doc
+
+
+def rebuild_advice(kind: str, rows: int, removed: int, hidden: int) -> str | None:
+    """Why a rebuild would pay now, or None."""
+    cost = {"hnsw": "every search still walks through their graph nodes",
+            "flat": "every search still compares them"}.get(kind, "every search still scans them in their lists")
+    if rows and hidden / rows > REBUILD_HIDDEN:
+        return (f"{hidden / rows:.0%} of the rows are hidden, not removed ({kind} cannot drop them): {cost}, and "
+                "selective filters meet fewer allowed rows. Rebuild from a cache without them (or rebuild, then "
+                "remove them again with --remove-from) to search only live rows.")
+    if rows and kind in INVERTED_LIST_KINDS and removed / rows > REBUILD_REMOVED_IVF:
+        return (f"{removed / rows:.0%} of the rows are removed: the inverted lists were trained on data that is "
+                "mostly gone, so they are unbalanced and nprobe was tuned for other lists. A rebuild retrains them.")
+    return None
