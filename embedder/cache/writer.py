@@ -46,7 +46,7 @@ from embedder.cache.reader import (
     read_paths,
 )
 from embedder.cache.view import Member, link_primary, write_attrs, write_errors, write_view
-from embedder.data.metadata import as_kind
+from embedder.data.metadata import as_kind, nulls
 from embedder.errors import CacheError, CacheMismatchError, DiskFullError
 from embedder.names import decode_path, encode_path
 
@@ -299,7 +299,8 @@ class CacheWriter:
 
         `features` is one array, or {layer: array} with every layer of `spec.layers` (multi-layer caches).
         `columns`: values of the columns of `spec.columns` measured while reading (size, mtime,
-        width, height), aligned with `indices`; the others must have been given to the writer.
+        width, height), aligned with `indices`; the others come from the writer's `columns`, and a
+        column given by neither holds nulls (embedder.data.metadata).
         Commits a part once `commit_every` files have accumulated; call only on batch boundaries.
         """
         extra = {}
@@ -338,10 +339,8 @@ class CacheWriter:
                 values = given[name]
             elif name in self.static_columns:
                 values = self.static_columns[name][indices]
-            elif not len(indices):  # a batch of errors alone
-                values = []
-            else:
-                raise ValueError(f"no values for column {name!r}: pass them to the writer or with the batch")
+            else:  # nobody knows them (e.g. vectors imported without it): nulls
+                values = nulls(name, kind, len(indices))
             if len(values) != len(indices):
                 raise ValueError(f"column {name!r} has {len(values)} values for {len(indices)} rows")
             buf.columns.setdefault(name, []).append(as_kind(values, kind))

@@ -129,6 +129,10 @@ def _info_text(doc: dict, config) -> str:
         lines.append(f"  classes      {len(doc['classes'])}: {shown}{more}")
     if doc["unlabelled_rows"]:
         lines.append(f"  unlabelled   {doc['unlabelled_rows']} rows")
+    if doc["columns"]:
+        lines.append("  columns      " + ", ".join(f"{n} ({k})" for n, k in doc["columns"].items()))
+    else:
+        lines.append("  columns      none (written before metadata columns existed)")
     hint = "" if config.errors or not doc["errors"] else " (list them with --errors)"
     lines.append(f"  errors       {doc['errors']}{hint}")
     lines += [f"    {display_path(e['path'])}: {e['reason']}" for e in doc.get("error_list", [])]

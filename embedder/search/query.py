@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from embedder.cache.columns import read_columns
 from embedder.cache.reader import FeatureCache, read_paths
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.search.kinds import load_faiss, prepare, set_knob
@@ -25,9 +26,13 @@ class Hit:
     path: str
     label: str | None
     score: float  # cosine similarity (metric cosine) or squared L2 distance (metric l2)
+    metadata: dict | None = None  # the row's metadata columns, when the index has them (JSON values)
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "label": self.label, "score": self.score}
+        doc = {"rank": self.rank, "id": self.id, "path": self.path, "label": self.label, "score": self.score}
+        if self.metadata is not None:
+            doc["metadata"] = self.metadata
+        return doc
 
 
 @contextmanager
@@ -68,6 +73,8 @@ class SearchIndex:
             self.paths = read_paths(f["paths"]) if len(f["paths"]) else []
             self.labels = f["labels"][:]
             self.classes = read_paths(f["classes"])
+            # The cache's metadata columns (rows.h5 /columns, embedder.cache.columns); {} for older indexes.
+            self.columns: dict[str, np.ndarray] = read_columns(f) if "columns" in f else {}
         self._row = {p: i for i, p in enumerate(self.paths)}
         self.metric = self.meta["metric"]
         self.weights_path = weights_path
@@ -107,13 +114,22 @@ class SearchIndex:
             raise KeyError(f"{path!r} is not in the index (paths are relative to {self.source}).")
         return self._row[path]
 
+    def row_metadata(self, row_id: int) -> dict:
+        """{column: value} of one row, as JSON values (a float NaN, a missing value, is None)."""
+        out = {}
+        for name, values in self.columns.items():
+            value = values[row_id].item() if isinstance(values[row_id], np.generic) else values[row_id]
+            out[name] = None if isinstance(value, float) and value != value else value
+        return out
+
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
             for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0), start=1):
                 label = self.labels[i]
-                hits.append(Hit(rank, int(i), self.paths[i], self.classes[label] if label >= 0 else None, float(s)))
+                hits.append(Hit(rank, int(i), self.paths[i], self.classes[label] if label >= 0 else None, float(s),
+                                self.row_metadata(int(i)) if self.columns else None))
             out.append(hits)
         return out
 
@@ -174,9 +190,13 @@ def query_backbone(components: dict, weights_path: str | None = None, runtime: s
 
     `runtime` auto: the one the cache was made with, or torch where ONNX Runtime is not installed."""
     from embedder.cache.fingerprint import backbone_settings, component_differences, fingerprint_components
+    from embedder.cache.vectors import imported_refusal
     from embedder.extract.core import load_backbone
     from embedder.models.onnx import versions
 
+    refusal = imported_refusal(components)
+    if refusal:
+        raise ConfigError(refusal)
     settings = backbone_settings(components, weights_path)
     if runtime == "auto":
         runtime = settings["runtime"] if versions() is not None else "torch"
