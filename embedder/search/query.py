@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -119,7 +120,7 @@ class SearchIndex:
         out = {}
         for name, values in self.columns.items():
             value = values[row_id].item() if isinstance(values[row_id], np.generic) else values[row_id]
-            out[name] = None if isinstance(value, float) and value != value else value
+            out[name] = None if isinstance(value, float) and math.isnan(value) else value
         return out
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
