@@ -212,7 +212,7 @@ def test_merge_of_a_sharded_cache_carries_the_columns(tmp_path):
     local = fast_config(src, tmp_path / "local.h5", metadata=str(table))
     embed(local)
     sharded = fast_config(src, tmp_path / "sharded.h5", metadata=str(table))
-    shard_set, (rows, complete) = embed_sharded(sharded, shard_size=4)
+    shard_set, (_, complete) = embed_sharded(sharded, shard_size=4)
     assert complete and len(shard_set.shards) == 4
     assert_same_cache(local.out, sharded.out)  # the view maps every shard's /columns
     assert main(["merge", str(sharded.out), "--out", str(tmp_path / "merged.h5")]) == 0
