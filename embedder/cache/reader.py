@@ -307,6 +307,13 @@ class FeatureCache:
     def paths(self) -> list[str]:
         return self._checked(read_paths(self._f["paths"])) if len(self) else []
 
+    def path_rows(self, rows: slice) -> list[str]:
+        """The paths of a range of rows (streaming readers: `paths` reads them all)."""
+        return self._checked(list(self._f["paths"].asstr(errors=NAME_ERRORS)[rows]))
+
+    def label_rows(self, rows: slice) -> np.ndarray:
+        return self._checked(self._f["labels"][rows])
+
     @property
     def errors(self) -> list[tuple[str, str]]:
         g = self._f["errors"]

@@ -141,6 +141,30 @@ def _info_text(doc: dict, config) -> str:
     return "\n".join(lines)
 
 
+def export_vectors(config, args):
+    from embedder.cache.vectors import export_vectors as run
+
+    report = run(config.cache, config.out, config.format, layer=config.layer, rows_per_file=config.rows_per_file,
+                 block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress)
+    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
+    return report
+
+
+def import_vectors(config, args):
+    from embedder.cache.vectors import import_vectors as run
+
+    report = run(list(config.inputs), config.out, source=config.source, overwrite=config.overwrite,
+                 block_rows=config.block_rows, progress=config.progress,
+                 command=getattr(args, "command_line", "") or "")
+    if _as_json(args):
+        print_json(report.as_dict())
+    else:
+        for note in report.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(report.summary())
+    return report
+
+
 def make_samples(config, args):
     from embedder.data.samples import make_samples as run
 

@@ -155,28 +155,41 @@ def _typed(file: Path, table) -> MetadataTable:
     if len(set(table.column_names)) != len(table.column_names):
         raise ConfigError(f"--metadata {file} has a column name twice.")
     check_column_names(others, f"--metadata {file}")
-    paths = _paths(file, table.column("path"))
-    columns, kinds, notes = {}, {}, []
-    for name in others:
-        columns[name], kinds[name], note = _column(table.column(name))
-        if note:
-            notes.append(f"--metadata {file.name}: column {name!r} {note}")
+    paths = table_paths(table.column("path"), f"--metadata {file}")
+    columns, kinds, notes = table_columns(table, others, f"--metadata {file.name}")
     return MetadataTable(file, paths, columns, kinds, notes)
 
 
-def _paths(file: Path, column) -> list[str]:
+def table_columns(table, names, what: str, builtin: bool = False) -> tuple[dict, dict, list[str]]:
+    """({name: values}, {name: kind}, notes) of the pyarrow `table`'s columns `names`, nulls filled.
+    `builtin`: the table may hold built-in columns (vectors exported by embedder), which must keep
+    their kinds."""
+    columns, kinds, notes = {}, {}, []
+    for name in names:
+        columns[name], kinds[name], note = _column(table.column(name), name)
+        expected = {**BUILTIN, MATCHED: "bool"}.get(name) if builtin else None
+        if expected is not None and kinds[name] != expected:
+            raise ConfigError(f"{what}: column {name!r} holds {kinds[name]} values, but the built-in column "
+                              f"{name!r} is {expected}. Rename it.")
+        if note:
+            notes.append(f"{what}: column {name!r} {note}")
+    return columns, kinds, notes
+
+
+def table_paths(column, what: str) -> list[str]:
+    """A table's `path` column as POSIX paths, each once."""
     if column.null_count:
-        raise ConfigError(f"--metadata {file}: {column.null_count} rows have no path. Every row needs one.")
+        raise ConfigError(f"{what}: {column.null_count} rows have no path. Every row needs one.")
     paths = [PurePosixPath(str(p)).as_posix() for p in column.to_pylist()]
     seen: set[str] = set()
     for p in paths:
         if p in seen:
-            raise ConfigError(f"--metadata {file}: path {p!r} is listed twice. Keep one row per file.")
+            raise ConfigError(f"{what}: path {p!r} is listed twice. Keep one row per file.")
         seen.add(p)
     return paths
 
 
-def _column(column) -> tuple[np.ndarray, str, str]:
+def _column(column, name: str) -> tuple[np.ndarray, str, str]:
     """(values, kind, note about a cast or "") of one table column; nulls filled per kind."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -189,7 +202,7 @@ def _column(column) -> tuple[np.ndarray, str, str]:
             cast = pc.cast(column, pa.int64())
         except pa.ArrowInvalid:
             return _as_str(column), "str", f"has {t} values beyond int64: stored as str"
-        values = cast.fill_null(INT_NULL).to_numpy(zero_copy_only=False)
+        values = cast.fill_null(null_of(name, "int64")).to_numpy(zero_copy_only=False)
         return values, "int64", "" if t == pa.int64() else f"is {t}: stored as int64"
     if pa.types.is_floating(t):
         values = pc.cast(column, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
@@ -210,7 +223,7 @@ def _as_str(column) -> np.ndarray:
     try:
         text = pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise ConfigError(f"--metadata: a column of type {column.type} cannot be stored (no text form). "
+        raise ConfigError(f"A table column of type {column.type} cannot be stored (no text form). "
                           "Drop it or convert it to numbers or text.") from None
     values = text.to_pylist()
     if pa.types.is_boolean(column.type):
