@@ -13,7 +13,8 @@ source, the cache's fingerprint and components, classes, columns):
               the metadata columns. autofaiss (`--embeddings DIR/img_emb`) and clip-retrieval's
               back end take it as is. `i` is zero-padded to the digits of the part count.
 
-Both stream: a block of `block_rows` rows is read from the cache and written, so memory stays
+File names that are not UTF-8 (raw bytes, embedder.names) are written with `\\xNN` escapes,
+since Parquet strings are UTF-8. Both stream: a block of `block_rows` rows is read from the cache and written, so memory stays
 flat whatever the cache's size (benchmarks/export.py). Nulls become Parquet nulls: NaN floats
 and user int columns' INT_NULL (embedder.data.metadata); the built-in ints keep their -1.
 
@@ -41,6 +42,7 @@ from embedder.atomic import staged_dir
 from embedder.cache.reader import FeatureCache
 from embedder.data.metadata import INT_NULL, MATCHED
 from embedder.errors import ConfigError
+from embedder.names import ERRORS as NAME_ERRORS
 
 FORMATS = ("parquet", "npy")
 PARQUET_FILE = "embeddings.parquet"
@@ -131,7 +133,9 @@ def _table(cache: FeatureCache, schema, start: int, stop: int, features: np.ndar
     import pyarrow as pa
 
     rows = slice(start, stop)
-    paths, labels, classes = cache.path_rows(rows), cache.label_rows(rows), cache.classes
+    # Parquet strings are UTF-8: a name that is not (raw bytes, embedder.names) is written with \xNN escapes.
+    paths = [p.encode("utf-8", NAME_ERRORS).decode("utf-8", "backslashreplace") for p in cache.path_rows(rows)]
+    labels, classes = cache.label_rows(rows), cache.classes
     data = {"path": paths, "label": [classes[i] if i >= 0 else None for i in labels.tolist()]}
     if "id" in schema.names:
         data["id"] = np.arange(start, stop, dtype=np.int64)
