@@ -31,7 +31,7 @@ class ExportVectorsConfig:
                               "metadata/ parts (autofaiss reads them)")
     layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features)")
     rows_per_file: int = option(1_000_000, help="npy: rows per img_emb_{i}.npy part")
-    block_rows: int = option(16384, help="rows read and written at a time (a Parquet row group): what memory holds")
+    block_rows: int = option(8192, help="rows read and written at a time (a Parquet row group): what memory holds")
     overwrite: bool = option(False, help="replace --out if it exists")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
@@ -49,7 +49,7 @@ class ImportVectorsConfig:
     source: str | None = option(None, path=True,
                                 help="the folder the rows' paths are relative to (default: the one the export "
                                      "recorded, else the input)")
-    block_rows: int = option(16384, help="rows read and committed at a time")
+    block_rows: int = option(8192, help="rows read and committed at a time")
     overwrite: bool = option(False, help="replace --out if it exists")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 

@@ -48,7 +48,7 @@ FORMATS = ("parquet", "npy")
 PARQUET_FILE = "embeddings.parquet"
 SIDECAR = "embedder.json"
 IMPORTED = "imported"  # the `model` component of an imported cache
-DEFAULT_BLOCK_ROWS = 16384
+DEFAULT_BLOCK_ROWS = 8192  # 16 MiB of 512-d float32 vectors per block
 DEFAULT_ROWS_PER_FILE = 1_000_000
 
 
@@ -190,7 +190,7 @@ def _write_npy(cache: FeatureCache, tmp: Path, rows_per_file: int, block_rows: i
             np.lib.format.write_array_header_1_0(f, header)
             for start in range(lo, hi, block_rows):
                 stop = min(start + block_rows, hi)
-                f.write(np.ascontiguousarray(cache.features(slice(start, stop)), dtype=dtype).tobytes())
+                f.write(memoryview(np.ascontiguousarray(cache.features(slice(start, stop)), dtype=dtype)))  # no copy
                 writer.write_table(_table(cache, schema, start, stop, None), row_group_size=block_rows)
                 bar.update(stop - start)
         files += [emb, meta]
