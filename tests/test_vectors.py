@@ -151,10 +151,16 @@ def test_an_imported_cache_indexes_searches_and_probes_but_refuses_image_queries
     assert json.loads(capsys.readouterr().out)["hits"][0]["id"] == 4
     assert main(["probe", str(tmp_path / "imp.h5"), "--out", str(tmp_path / "probe"), "--json"]) == 0
     assert "val_accuracy" in json.loads(capsys.readouterr().out)
+    assert main(["dedup", str(tmp_path / "imp.h5"), "--threshold", "0.999", "--json"]) == 0
+    capsys.readouterr()
     image = next((tmp_path / "src").rglob("*.png"))
     assert main(["search", str(tmp_path / "idx"), "--image", str(image)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "import-vectors" in err[0] and "--id" in err[0]
+    # Nor can a probe of imported vectors become an image classifier: no backbone to put it on.
+    assert main(["export", str(tmp_path / "probe"), "--out", str(tmp_path / "m.pt")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "import-vectors" in err[0] and "evaluate" in err[0]
 
 
 def test_clip_retrievals_own_output_imports_with_its_image_paths(tmp_path):

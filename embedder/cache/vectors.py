@@ -52,13 +52,15 @@ DEFAULT_BLOCK_ROWS = 8192  # 16 MiB of 512-d float32 vectors per block
 DEFAULT_ROWS_PER_FILE = 1_000_000
 
 
-def imported_refusal(components: dict) -> str:
+QUERY_INSTEAD = "Search by --id, --path or --vector (a .npy made by the tool that made the vectors) instead."
+
+
+def imported_refusal(components: dict, needs: str = "embed query images with", instead: str = QUERY_INSTEAD) -> str:
     """Why a cache's backbone cannot be rebuilt ('' when it can): its vectors were imported."""
     if components.get("model") != IMPORTED:
         return ""
     return (f"This cache's vectors were imported by `embedder import-vectors` (from "
-            f"{components.get('imported_from', '?')}): there is no backbone to embed query images with. "
-            "Search by --id, --path or --vector (a .npy made by the tool that made the vectors) instead.")
+            f"{components.get('imported_from', '?')}): there is no backbone to {needs}. {instead}")
 
 
 @dataclass
