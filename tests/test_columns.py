@@ -16,9 +16,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from embedder.cache.reader import FeatureCache
+from embedder.cache.vectors import export_vectors
 from embedder.cli.main import main
 from embedder.data.metadata import INT_NULL, read_table
-from embedder.errors import CacheError, ConfigError
+from embedder.errors import CacheError, ConfigError, EmbedderNotice
 from embedder.extract.core import load_metadata
 from embedder.extract.local import embed
 from embedder.search.build import build_index
@@ -85,7 +86,8 @@ def test_a_csv_table_is_joined_by_path_with_kinds_and_nulls(tmp_path):
             for i, p in enumerate(names) if i % 2 == 0}
     table = _csv_table(tmp_path / "m.csv", [(p, *v) for p, v in rows.items()] +
                        [("gone/a.jpg", 1, 1, "x", "true", "true"), ("gone/b.jpg", 1, 1, "x", "true", "true")])
-    report = embed(fast_config(src, tmp_path / "c.h5", metadata=str(table)))
+    with pytest.warns(EmbedderNotice, match="'maybe' is bool with empty cells: stored as str"):
+        report = embed(fast_config(src, tmp_path / "c.h5", metadata=str(table)))
     assert report.metadata_unlisted == 2 and report.metadata_unlisted_examples == ["gone/a.jpg", "gone/b.jpg"]
     assert "2 paths of the table are not in SOURCE" in report.summary()
     assert any("maybe" in n and "str" in n for n in report.notes)  # bool with an empty cell: stored as str
@@ -121,7 +123,8 @@ def test_a_parquet_table_keeps_its_types_and_casts_the_others_with_a_note(tmp_pa
     meta = read_table(tmp_path / "m.parquet")
     assert meta.kinds == {"small": "int64", "ratio": "float64", "when": "str", "ok": "bool", "note": "str"}
     assert len(meta.notes) == 3 and all(any(c in n for n in meta.notes) for c in ("small", "ratio", "when"))
-    report = embed(fast_config(src, tmp_path / "c.h5", metadata=str(tmp_path / "m.parquet")))
+    with pytest.warns(EmbedderNotice, match="is timestamp"):  # each cast is one notice before the run
+        report = embed(fast_config(src, tmp_path / "c.h5", metadata=str(tmp_path / "m.parquet")))
     assert report.metadata_unlisted == 0
     with FeatureCache(tmp_path / "c.h5") as cache:
         order = [names.index(p) for p in cache.paths]
@@ -187,6 +190,8 @@ def test_a_cache_from_before_columns_reads_as_none_and_an_append_gives_its_rows_
         assert old.column_names == [] and old.columns() == {} and old.spec.columns == {}
         with pytest.raises(CacheError, match="no column 'size'.*re-embed"):
             old.columns(["size"])
+    export_vectors(cache, tmp_path / "pq", progress=False)  # no columns to export: path, label, embedding
+    assert pq.read_table(tmp_path / "pq" / "embeddings.parquet").column_names == ["id", "path", "label", "embedding"]
     build_index(cache, tmp_path / "idx", kind="flat", progress=False)
     index = SearchIndex.open(tmp_path / "idx")
     assert index.columns == {} and "metadata" not in index.search_ids([0], k=2)[0][0].as_dict()
@@ -239,14 +244,16 @@ def test_the_index_copies_the_columns_and_hits_carry_them(tmp_path, capsys):
         assert np.array_equal(index.columns[name], values) if kinds[name] != "float64" else np.array_equal(
             index.columns[name], values, equal_nan=True), name
     capsys.readouterr()
-    assert main(["search", str(tmp_path / "idx"), "--id", "2", "-k", "4", "--json"]) == 0
+    assert main(["search", str(tmp_path / "idx"), "--id", "2", "-k", "12", "--json"]) == 0  # every row
     hits = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
+    assert len(hits) == 12
     for hit in hits:
         i = hit["id"]
         meta = hit["metadata"]
         assert meta["tag"] == expected["tag"][i] and meta["width"] == int(expected["width"][i])
-        score = expected["score"][i]
+        score, count = expected["score"][i], expected["count"][i]
         assert meta["score"] is None if np.isnan(score) else meta["score"] == score
+        assert meta["count"] is None if count == INT_NULL else meta["count"] == count
 
 
 def test_info_lists_the_columns_with_their_kinds(tmp_path, capsys):

@@ -46,7 +46,9 @@ def h5_dtype(kind: str, width: int | None = None):
 
 def write_columns(f: h5py.File | h5py.Group, kinds: dict[str, str], values: dict[str, np.ndarray], *,
                   fixed_width: bool = False, resizable: bool = False) -> None:
-    """/columns/<name> for every column of `kinds` (`values` aligned with the file's rows)."""
+    """/columns/<name> for every column of `kinds` (`values` aligned with the file's rows); no group without columns."""
+    if not kinds:
+        return
     group = f.require_group(GROUP)
     for name, kind in kinds.items():
         data = as_kind(values[name], kind)

@@ -16,6 +16,7 @@ import numpy as np
 
 from embedder.cache.columns import read_columns
 from embedder.cache.reader import FeatureCache, read_paths
+from embedder.data.metadata import INT_NULL
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.search.kinds import load_faiss, prepare, set_knob
 
@@ -116,11 +117,12 @@ class SearchIndex:
         return self._row[path]
 
     def row_metadata(self, row_id: int) -> dict:
-        """{column: value} of one row, as JSON values (a float NaN, a missing value, is None)."""
+        """{column: value} of one row, as JSON values: a null (NaN, INT_NULL; embedder.data.metadata) is None."""
         out = {}
         for name, values in self.columns.items():
             value = values[row_id].item() if isinstance(values[row_id], np.generic) else values[row_id]
-            out[name] = None if isinstance(value, float) and math.isnan(value) else value
+            missing = (isinstance(value, float) and math.isnan(value)) or (type(value) is int and value == INT_NULL)
+            out[name] = None if missing else value
         return out
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
