@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray  # in the `test` extra: missing, these tests must fail, not skip
 
-from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.reader import FeatureCache
 from embedder.cache.shards import merge_cache, shards_dir
 from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
@@ -175,14 +175,14 @@ def test_a_shard_resumed_from_its_parts_reports_them_as_already_cached(local_ray
     # Rewind shard 0 to what a kill after its first commit leaves: one part of 4 rows, no marker.
     shard = shards_dir(config.out) / "shard-00000.h5"
     with FeatureCache(shard) as c:
-        spec = CacheSpec(c.file_components, c.source, c.dim, str(c.attrs["layout"]), str(c.attrs["command"]))
-        first = c.features()[:4]
+        spec = c.spec  # what the shard was written with, its metadata columns included
+        first, first_columns = c.features()[:4], c.columns(rows=slice(0, 4))
     listing = list_source(src)
     rows = Listing(listing.root, listing.paths[:8], listing.labels[:8], listing.classes, listing.layout)
     (shards_dir(config.out) / "shard-00000.done").unlink()
     shard.unlink()
     with CacheWriter(shard, spec, rows, commit_every=4, fixed_width_paths=True) as w:
-        w.add(np.arange(4), first, [])  # commits a part; then "the process dies"
+        w.add(np.arange(4), first, [], first_columns)  # commits a part; then "the process dies"
     report = embed_ray(config, options)
     assert (report.already_cached, report.embedded) == (8, 4)  # shard 1 whole, shard 0's part; 4 new rows
     assert_same_cache(reference, config.out)
