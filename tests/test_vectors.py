@@ -217,3 +217,29 @@ def test_a_name_that_is_not_utf8_is_exported_with_escapes(tmp_path):
     assert pq.read_table(tmp_path / "parquet" / "embeddings.parquet")["path"].to_pylist() == ["caf\\xe9.png",
                                                                                                "plain.png"]
     assert pq.read_table(tmp_path / "npy" / "metadata" / "metadata_0.parquet")["path"].to_pylist()[0] == "caf\\xe9.png"
+
+
+@pytest.mark.slow
+def test_an_import_killed_mid_run_resumes_to_the_same_cache(tmp_path):
+    import signal
+    import subprocess
+
+    from tests.conftest import embedder_cmd, env_with_repo
+    from tests.test_cache import _wait_for_parts, assert_same_cache
+
+    X = np.random.default_rng(3).normal(size=(60_000, 64)).astype(np.float32)
+    export_vectors(synthetic_cache(tmp_path / "c.h5", X), tmp_path / "pq", progress=False)
+    import_vectors([str(tmp_path / "pq")], tmp_path / "reference.h5", block_rows=500, progress=False)
+    args = ["import-vectors", str(tmp_path / "pq"), "--out", str(tmp_path / "killed.h5"), "--block-rows", "500",
+            "--quiet"]
+    proc = subprocess.Popen(embedder_cmd(*args), env=env_with_repo(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_parts(tmp_path / "killed.h5.partial", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with FeatureCache(tmp_path / "killed.h5", require_complete=False) as partial:
+        assert not partial.complete and 0 < len(partial) < 60_000
+    assert main(args) == 0  # the rerun resumes after the committed parts
+    assert_same_cache(tmp_path / "reference.h5", tmp_path / "killed.h5")
+    with FeatureCache(tmp_path / "reference.h5") as a, FeatureCache(tmp_path / "killed.h5") as b:
+        assert a.fingerprint == b.fingerprint
