@@ -17,7 +17,7 @@ from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
 from embedder.errors import AllImagesFailedError, CacheError, CacheMismatchError, SourceError
-from embedder.extract.core import backbone_for, embed_images
+from embedder.extract.core import BatchReader, backbone_for, cache_spec, embed_images, known_columns
 from embedder.extract.local import embed
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
 
@@ -33,6 +33,20 @@ def assert_same_cache(a, b):
     assert pa == pb and ca == cb and ea == eb
     assert np.array_equal(la, lb)
     assert fa.dtype == fb.dtype and np.array_equal(fa, fb), "features differ"
+    assert_same_columns(a, b)
+
+
+def assert_same_columns(a, b):
+    """The /columns of two caches: same names, kinds and values (NaN equal to NaN)."""
+    with FeatureCache(a) as x, FeatureCache(b) as y:
+        assert x.column_kinds == y.column_kinds
+        ca, cb = x.columns(), y.columns()
+    for name, kind in x.column_kinds.items():
+        if kind == "str":
+            assert ca[name].tolist() == cb[name].tolist(), name
+        else:
+            assert ca[name].dtype == cb[name].dtype, name
+            assert np.array_equal(ca[name], cb[name], equal_nan=kind == "float64"), name
 
 
 def assert_same_layers(a, b):
@@ -139,10 +153,14 @@ def _wait_for_parts(partial, n, proc, timeout=120):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=40, seed=3)
-    reference = fast_config(src, tmp_path / "reference.h5", commit_every=8, image_size=64)
+    # With --metadata, so that the user's columns go through parts, live view and resume too.
+    table = tmp_path / "meta.csv"
+    names = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))
+    table.write_text("path,score,tag\n" + "".join(f"{p},{i * 0.5},t{i % 7}\n" for i, p in enumerate(names[::2])))
+    reference = fast_config(src, tmp_path / "reference.h5", commit_every=8, image_size=64, metadata=str(table))
     embed(reference)
 
-    killed = fast_config(src, tmp_path / "killed.h5", commit_every=8, image_size=64)
+    killed = fast_config(src, tmp_path / "killed.h5", commit_every=8, image_size=64, metadata=str(table))
     proc = subprocess.Popen(
         embedder_cmd("embed", *cli_args(killed)), env=env_with_repo(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -162,6 +180,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         ref_features, ref_paths, *_ = read_all(reference.out)
         assert partial.paths == ref_paths[:n]
         assert np.array_equal(partial.features(), ref_features[:n])
+        with FeatureCache(reference.out) as ref:  # the live view maps the parts' columns too
+            assert partial.column_kinds == ref.column_kinds and "score" in partial.column_names
+            for name, values in partial.columns().items():
+                assert list(values) == list(ref.columns([name], slice(0, n))[name]) or name == "score", name
+            assert np.array_equal(partial.columns(["score"])["score"], ref.columns(["score"], slice(0, n))["score"],
+                                  equal_nan=True)
 
     # The parts on disk are the commit record; the view may lag them by the one commit whose
     # rename happened just before the kill.
@@ -185,13 +209,12 @@ def test_interrupted_append_resumes(tree, tmp_path):
     embed(full)
     listing = list_source(tree)
     backbone = backbone_for(config)
-    from embedder.cache.fingerprint import fingerprint_components
-
-    spec = CacheSpec(fingerprint_components(backbone), str(listing.root), 512, command="test")
-    with CacheWriter(config.out, spec, listing, commit_every=4) as w:
-        rows = w.pending[:4]
-        feats, _ = embed_images(backbone, [tree / listing.paths[i] for i in rows], batch_size=4)
-        w.add(rows, feats, [])  # commits a part; then the "process dies" without finish()
+    spec = cache_spec(config, listing, backbone, "test")
+    with CacheWriter(config.out, spec, listing, commit_every=4, columns=known_columns(listing, None)[0]) as w:
+        batch = BatchReader(listing.root, listing.paths, w.pending[:4], 4, backbone.preprocessing)[0]
+        feats = backbone(batch["images"]).numpy()
+        # commits a part; then the "process dies" without finish()
+        w.add(batch["indices"], feats, batch["errors"], batch["columns"])
     with FeatureCache(config.out) as c:
         assert len(c) == 6 and c.complete  # the old cache is untouched and usable
     report = embed(config)

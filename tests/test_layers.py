@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from embedder.cache.fingerprint import fingerprint_components
-from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.reader import FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import list_source
 from embedder.errors import CacheError, CacheMismatchError
-from embedder.extract.core import BatchReader, backbone_for
+from embedder.extract.core import BatchReader, backbone_for, cache_spec, known_columns
 from embedder.extract.local import embed
 from tests.conftest import cli_args, fast_config
 
@@ -78,12 +77,12 @@ def test_interrupted_and_appended_multi_layer_runs_equal_an_uninterrupted_one(tr
     embed(fast_config(tree, config.out, limit=6, **MULTI))
     listing = list_source(tree)
     backbone = backbone_for(config)
-    spec = CacheSpec(fingerprint_components(backbone), str(listing.root), backbone.feature_dim,
-                     layers=dict(backbone.outputs), command="test")
-    with CacheWriter(config.out, spec, listing, commit_every=4) as w:
-        rows = w.pending[:4]
-        images = BatchReader(listing.root, listing.paths, rows, 4, backbone.preprocessing)[0]["images"]
-        w.add(rows, {k: v.numpy() for k, v in backbone.forward_all(images).items()}, [])  # a part; then "dies"
+    spec = cache_spec(config, listing, backbone, "test")  # the built-in columns too, as `embed` writes them
+    assert spec.layers == dict(backbone.outputs)
+    with CacheWriter(config.out, spec, listing, commit_every=4, columns=known_columns(listing, None)[0]) as w:
+        batch = BatchReader(listing.root, listing.paths, w.pending[:4], 4, backbone.preprocessing)[0]
+        features = {k: v.numpy() for k, v in backbone.forward_all(batch["images"]).items()}
+        w.add(batch["indices"], features, batch["errors"], batch["columns"])  # a part; then "dies"
     with FeatureCache(config.out, layer="style") as c:
         assert len(c) == 6 and c.complete  # the old cache is untouched and usable
     report = embed(config)

@@ -106,6 +106,7 @@ VALID = {  # one valid config per command whose settings have choices; each choi
     "search": lambda: SearchConfig("idx", row_id=1),
     "serve": lambda: CONFIGS["serve"]("idx"),
     "predict": lambda: CONFIGS["predict"]("m.pt", ("a.jpg",)),
+    "export-vectors": lambda: CONFIGS["export-vectors"]("c.h5", out="d"),
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray  # in the `test` extra: missing, these tests must fail, not skip
 
-from embedder.cache.reader import CacheSpec, FeatureCache
+from embedder.cache.reader import FeatureCache
 from embedder.cache.shards import merge_cache, shards_dir
 from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
@@ -54,14 +54,20 @@ def test_ray_backend_equals_local_backend_bit_for_bit(local_ray, tmp_path, capsy
     src = make_tree(tmp_path / "src", per_class=7)
     (src / "fox" / "empty.jpg").write_bytes(b"")
     (src / "cat" / "garbage.png").write_bytes(b"this is not a png")
-    local = fast_config(src, tmp_path / "local.h5")
+    # A --metadata table too: each actor joins its shard's rows (and the report names the unlisted path).
+    table = tmp_path / "meta.csv"
+    table.write_text("path,score,tag\ncat/cat_001.png,0.5,a\ndog/dog_002.jpg,1.5,b\nnowhere.jpg,1,c\n")
+    local = fast_config(src, tmp_path / "local.h5", metadata=str(table))
     embed(local)
 
-    on_ray = fast_config(src, tmp_path / "ray.h5")
+    on_ray = fast_config(src, tmp_path / "ray.h5", metadata=str(table))
     report = embed_ray(on_ray, RayOptions(shard_size=5, **OPTIONS))  # 5 rounds up to 8 = two batches of 4
     assert report.embedded == 21 and report.total_rows == 21 and len(report.errors) == 2
     assert sorted(p for p, _ in report.errors) == ["cat/garbage.png", "fox/empty.jpg"]
-    assert_same_cache(local.out, on_ray.out)  # features in fp32, paths, labels, classes, errors
+    assert report.metadata_unlisted_examples == ["nowhere.jpg"]
+    assert_same_cache(local.out, on_ray.out)  # features in fp32, paths, labels, classes, errors, /columns
+    with FeatureCache(on_ray.out) as b:
+        assert "score" in b.column_names and int(b.columns(["has_metadata"])["has_metadata"].sum()) == 2
     with FeatureCache(local.out) as a, FeatureCache(on_ray.out) as b:
         assert a.fingerprint == b.fingerprint and b.attrs["shards"] == 3
     assert len(list(shards_dir(on_ray.out).glob("shard-*.done"))) == 3
@@ -80,6 +86,7 @@ memory_layout = "contiguous"
 workers = 0
 batch_size = 4
 out = "{on_ray.out}"
+metadata = "{table}"
 backend = "ray"
 ray = {{ shard_size = 5, actors = 2, cpus_per_actor = 0.5 }}
 
@@ -168,14 +175,14 @@ def test_a_shard_resumed_from_its_parts_reports_them_as_already_cached(local_ray
     # Rewind shard 0 to what a kill after its first commit leaves: one part of 4 rows, no marker.
     shard = shards_dir(config.out) / "shard-00000.h5"
     with FeatureCache(shard) as c:
-        spec = CacheSpec(c.file_components, c.source, c.dim, str(c.attrs["layout"]), str(c.attrs["command"]))
-        first = c.features()[:4]
+        spec = c.spec  # what the shard was written with, its metadata columns included
+        first, first_columns = c.features()[:4], c.columns(rows=slice(0, 4))
     listing = list_source(src)
     rows = Listing(listing.root, listing.paths[:8], listing.labels[:8], listing.classes, listing.layout)
     (shards_dir(config.out) / "shard-00000.done").unlink()
     shard.unlink()
     with CacheWriter(shard, spec, rows, commit_every=4, fixed_width_paths=True) as w:
-        w.add(np.arange(4), first, [])  # commits a part; then "the process dies"
+        w.add(np.arange(4), first, [], first_columns)  # commits a part; then "the process dies"
     report = embed_ray(config, options)
     assert (report.already_cached, report.embedded) == (8, 4)  # shard 1 whole, shard 0's part; 4 new rows
     assert_same_cache(reference, config.out)

@@ -17,7 +17,7 @@ from embedder.cache.writer import CacheWriter
 from embedder.cli.main import main
 from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheError, CacheMismatchError
-from embedder.extract.core import BatchReader, backbone_for, cache_spec
+from embedder.extract.core import BatchReader, backbone_for, cache_spec, load_metadata
 from embedder.extract.local import embed
 from embedder.extract.ray import embed_shard
 from embedder.search.build import build_index
@@ -38,7 +38,7 @@ def embed_sharded(config, shard_size):
     """What each Ray actor does, done here in turn: every shard through `embed_shard`, then the view."""
     listing = list_source(config.source)
     backbone = backbone_for(config)
-    spec = cache_spec(config, listing, backbone, "test")
+    spec = cache_spec(config, listing, backbone, "test", load_metadata(config))
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     for shard in shard_set.pending():

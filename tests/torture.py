@@ -350,12 +350,10 @@ def append_scenario(name: str, base: Path, per_class: int, grow: int, image_size
 
 def make_sharded(root: Path, src: str, out: str, image_size: int, shard_size: int) -> None:
     """A sharded cache as `--backend ray` writes it, each shard embedded here in turn (no Ray)."""
-    from embedder.cache.fingerprint import fingerprint_components
-    from embedder.cache.reader import CacheSpec
     from embedder.cache.shards import ShardSet
     from embedder.data.sources import list_source
     from embedder.extract.config import EmbedConfig
-    from embedder.extract.core import backbone_for
+    from embedder.extract.core import backbone_for, cache_spec
     from embedder.extract.ray import embed_shard
 
     config = EmbedConfig(source=str(root / src), model="resnet18", out=str(root / out), weights="none",
@@ -363,8 +361,7 @@ def make_sharded(root: Path, src: str, out: str, image_size: int, shard_size: in
                          memory_layout="contiguous", progress=False, commit_every=8)
     listing = list_source(config.source)
     backbone = backbone_for(config)
-    spec = CacheSpec(fingerprint_components(backbone, config.feature_dtype), str(listing.root),
-                     backbone.feature_dim, listing.layout, "tests.torture setup")
+    spec = cache_spec(config, listing, backbone, "tests.torture setup")  # what the Ray driver plans
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare()
     for shard in shard_set.pending():

@@ -8,6 +8,8 @@ Layout of a finished cache (`schema_version` 1)::
     /classes         UTF-8 [C]
     /errors/path     UTF-8 [E]                files that could not be used ...
     /errors/reason   UTF-8 [E]                ... and why
+    /columns/<name>  int64|float64|bool|UTF-8 [N]  metadata columns, rows aligned with /paths
+                                              (embedder.cache.columns; absent in older caches)
     attrs: schema_version, fingerprint, one attribute per fingerprint component,
            fingerprint_components (JSON), source, layout, feature_dim, feature_dtype,
            committed_rows, complete, command, ignored (JSON {reason: files} of the
@@ -52,6 +54,7 @@ import h5py
 import numpy as np
 
 from embedder.atomic import lock_holder
+from embedder.cache.columns import kinds_in, read_columns
 from embedder.cache.fingerprint import component_differences, fingerprint_of, layer_view_components
 from embedder.cache.schema import (  # noqa: F401 - re-exported
     FEATURE_DTYPES,
@@ -75,6 +78,7 @@ class CacheSpec:
     layout: str = "imagefolder"
     command: str = ""
     layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
+    columns: dict[str, str] = field(default_factory=dict)  # metadata columns: {name: kind} (embedder.data.metadata)
 
     @property
     def extra_layers(self) -> dict[str, int]:
@@ -255,7 +259,7 @@ class FeatureCache:
         attrs = self._f.attrs
         layers = json.loads(attrs["layers"]) if "layers" in attrs else {}
         return CacheSpec(self.file_components, self.source, int(attrs["feature_dim"]), str(attrs["layout"]),
-                         str(attrs["command"]), layers)
+                         str(attrs["command"]), layers, self.column_kinds)
 
     @property
     def complete(self) -> bool:
@@ -276,6 +280,24 @@ class FeatureCache:
     def classes(self) -> list[str]:
         return list(self._f["classes"].asstr()[:])
 
+    # metadata columns (embedder.cache.columns) --------------------------------------------
+    @property
+    def column_names(self) -> list[str]:
+        """Names of the stored metadata columns; empty for a cache written before columns existed."""
+        return list(self.column_kinds)
+
+    @property
+    def column_kinds(self) -> dict[str, str]:
+        """{name: kind} of the stored columns (int64, float64, bool or str)."""
+        return kinds_in(self._f) or {}
+
+    def columns(self, names=None, rows: slice | np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """{name: values} of the columns `names` (default: all) at `rows` (default: all rows); str
+        columns as object arrays of str. An unknown name is a CacheError listing the columns."""
+        if not self.column_kinds and names is None:
+            return {}
+        return self._checked(read_columns(self._f, names, rows, what=str(self.path)))
+
     # rows ----------------------------------------------------------------------------------
     @property
     def labels(self) -> np.ndarray:
@@ -284,6 +306,13 @@ class FeatureCache:
     @property
     def paths(self) -> list[str]:
         return self._checked(read_paths(self._f["paths"])) if len(self) else []
+
+    def path_rows(self, rows: slice) -> list[str]:
+        """The paths of a range of rows (streaming readers: `paths` reads them all)."""
+        return self._checked(list(self._f["paths"].asstr(errors=NAME_ERRORS)[rows]))
+
+    def label_rows(self, rows: slice) -> np.ndarray:
+        return self._checked(self._f["labels"][rows])
 
     @property
     def errors(self) -> list[tuple[str, str]]:
@@ -345,6 +374,7 @@ def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
             "fingerprint": cache.file_fingerprint,
             "components": cache.file_components,
             "layers": cache.layers,
+            "columns": cache.column_kinds,
             "source": cache.source,
             "layout": str(cache.attrs["layout"]),
             "classes": cache.classes,

@@ -3,14 +3,15 @@
 A sharded run of `--out OUT.h5` writes::
 
     OUT.h5.shards/manifest.json      the plan: fingerprint, listing checksum, shard size, batch size
-                                     (and `layers`, {name: width}, for a multi-layer cache)
+                                     (and `layers`, {name: width}, for a multi-layer cache; `columns`,
+                                     {name: kind}, the metadata columns)
     OUT.h5.shards/shard-00000.h5     rows [0, S) of the listing: a normal finished cache (schema v1,
                                      same fingerprint as a local run, every layer), paths stored fixed-width
     OUT.h5.shards/shard-00000.done   JSON marker, written last (temp + atomic rename): rows, errors,
                                      size and SHA-256 of the shard file. No marker = not finished.
     OUT.h5                           HDF5 virtual datasets over the finished shards (/features, every
-                                     /layers/<name>, /labels, /paths), with the cache attributes and
-                                     `shards`: `FeatureCache(OUT.h5)` and every command read it as is
+                                     /layers/<name>, /labels, /paths, every /columns/<name>), with the
+                                     cache attributes and `shards`: `FeatureCache(OUT.h5)` and every command read it as is
 
 Shards are contiguous row ranges whose bounds are multiples of the batch size, and each shard
 is embedded by the one embed core (`embedder.extract.core.embed_into`, called by
@@ -134,6 +135,8 @@ class ShardSet:
         }
         if spec.layers:  # multi-layer caches only: a single-layer plan's manifest is as it always was
             self.manifest["layers"] = spec.layers
+        if spec.columns:
+            self.manifest["columns"] = spec.columns
 
     def prepare(self, overwrite: bool = False) -> None:
         """Create the folder, or check that an existing one belongs to this very plan."""
@@ -159,8 +162,9 @@ class ShardSet:
                                     "relabelled). Use --overwrite to re-embed, or write the new files to another --out.")),
                 ("shard_size", "Rerun with the original --shard-size to resume, or use --overwrite."),
                 ("batch_size", "Rerun with the original --batch-size to resume, or use --overwrite."),
+                ("columns", "Rerun with the original --metadata to resume, or use --overwrite."),
             ):
-                if old.get(key) != self.manifest[key]:
+                if old.get(key) != self.manifest.get(key):
                     raise CacheError(f"{self.dir}: {key} was {old.get(key)!r}, this run has "
                                      f"{self.manifest[key]!r}. {fix}")
         else:
@@ -249,12 +253,14 @@ def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], comp
     members, errors = [], []
     for path in files:
         with FeatureCache(path) as c:
-            if c.file_fingerprint != spec.fingerprint or c.spec.layers != spec.layers or c.classes != list(classes):
-                raise CacheError(f"{path} does not belong to {out} (fingerprint, layers or classes differ).")
+            if (c.file_fingerprint != spec.fingerprint or c.spec.layers != spec.layers or c.classes != list(classes)
+                    or c.column_kinds != spec.columns):
+                raise CacheError(f"{path} does not belong to {out} (fingerprint, layers, classes or columns differ).")
             ds = c._f["paths"]
             if h5py.check_string_dtype(ds.dtype).length is None:
                 raise CacheError(f"{path} stores variable-length paths; a view needs shards written by embedder.")
-            members.append(Member(os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize))
+            widths = {n: c._f[f"columns/{n}"].dtype.itemsize for n, k in spec.columns.items() if k == "str"}
+            members.append(Member(os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize, widths))
             errors += c.errors
     return views.write_view(out, spec, classes, members, errors, complete=complete, ignored=ignored,
                            shards=len(members))
@@ -284,7 +290,8 @@ def _view_of(src) -> tuple[Path, bool]:
     if not src.is_dir() or not mpath.exists():
         raise CacheError(f"{src} is neither a feature cache nor a shards folder (no manifest.json).")
     m = json.loads(mpath.read_text())
-    spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"], m.get("layers", {}))
+    spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"], m.get("layers", {}),
+                     m.get("columns", {}))
     files = [src / f"shard-{k:05d}.h5" for k in range(m["shards"]) if (src / f"shard-{k:05d}.done").exists()]
     _remove_dead_views(src)
     view = src / f".view-{os.getpid()}.h5"
@@ -345,10 +352,11 @@ def _copy_pending(cache: FeatureCache, w: CacheWriter, block_rows: int) -> None:
         if not len(sel):
             continue
         rows = slice(start, stop)
+        columns = {name: v[sel - start] for name, v in cache.columns(list(w.spec.columns), rows).items()}
         if layers:
-            w.add(sel, {name: cache.layer_rows(name, rows)[sel - start] for name in layers}, [])
+            w.add(sel, {name: cache.layer_rows(name, rows)[sel - start] for name in layers}, [], columns)
         else:
-            w.add(sel, cache.features(rows)[sel - start], [])
+            w.add(sel, cache.features(rows)[sel - start], [], columns)
     errors = cache.errors
     none = ({name: np.zeros((0, dim), np.float32) for name, dim in layers.items()} if layers
             else np.zeros((0, w.spec.feature_dim), np.float32))

@@ -1,7 +1,7 @@
 """One cache over many files: the HDF5 virtual view, and the schema-v1 pieces every cache file shares.
 
 A view is a small cache file whose row datasets -- `/features`, every `/layers/<name>`,
-`/labels`, `/paths` -- are HDF5 virtual datasets over the same datasets of other finished
+`/labels`, `/paths`, every `/columns/<name>` -- are HDF5 virtual datasets over the same datasets of other finished
 files (its *members*), in member order, so the rows are read where they lie and nothing is
 copied. Two kinds of cache are views (layout and attributes: `embedder.cache.reader`):
 
@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from embedder.atomic import atomic_replace, discard, temp_file
+from embedder.cache import columns
 from embedder.cache.reader import SCHEMA_VERSION, STR, CacheSpec
 from embedder.names import encode_path
 
@@ -38,6 +39,7 @@ class Member:
     file: str  # relative to the view's folder
     rows: int
     path_width: int  # bytes per path of its fixed-width /paths: a virtual dataset cannot map vlen strings
+    column_widths: dict[str, int] = field(default_factory=dict)  # the same, for each str column
 
 
 def write_view(
@@ -72,10 +74,11 @@ def write_view_file(
     with h5py.File(tmp, "w", driver="core", backing_store=True) as f:
         if total:
             width = max(m.path_width for m in members)
-            for name, (shape, dtype, fill) in _row_datasets(spec, h5py.string_dtype("utf-8", width)).items():
+            widths = {c: max(m.column_widths.get(c, 1) for m in members) for c, k in spec.columns.items() if k == "str"}
+            for name, (shape, dtype, fill) in _row_datasets(spec, h5py.string_dtype("utf-8", width), widths).items():
                 f.create_virtual_dataset(name, _layout(name, shape, dtype, members, total), fillvalue=fill)
         else:  # nothing to map: empty datasets of the right widths (a view with no member yet)
-            for name, (shape, dtype, _) in _row_datasets(spec, STR).items():
+            for name, (shape, dtype, _) in _row_datasets(spec, STR, {}).items():
                 f.create_dataset(name, shape=(0, *shape), dtype=dtype)
         f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
         write_errors(f, errors)
@@ -86,15 +89,19 @@ def write_view_file(
     return total
 
 
-def _row_datasets(spec: CacheSpec, path_dtype) -> dict[str, tuple[tuple[int, ...], object, object]]:
+def _row_datasets(spec: CacheSpec, path_dtype, str_widths: dict[str, int]
+                  ) -> dict[str, tuple[tuple[int, ...], object, object]]:
     """{dataset: (row shape, dtype, fill value)} of the datasets with one row per cache row.
-    Unmapped rows (none in a view of finished members) would read as NaN features, label -1."""
+    Unmapped rows (none in a view of finished members) would read as NaN features, label -1.
+    `str_widths`: bytes of each str column (fixed-width, as in the members; variable-length when absent)."""
     dtype = spec.feature_dtype
     return {
         "features": ((spec.feature_dim,), dtype, np.nan),
         **{f"layers/{name}": ((dim,), dtype, np.nan) for name, dim in spec.extra_layers.items()},
         "labels": ((), np.int64, -1),
         "paths": ((), path_dtype, None),
+        **{f"{columns.GROUP}/{name}": ((), columns.h5_dtype(kind, str_widths.get(name)), columns.fill_value(name, kind))
+           for name, kind in spec.columns.items()},
     }
 
 

@@ -32,6 +32,9 @@ import h5py
 import numpy as np
 
 from embedder.atomic import WriteLock, atomic_replace, discard, is_disk_full, remove_leftovers, temp_dir, temp_file
+from embedder.cache.columns import GROUP, kinds_in, null_columns, read_columns, str_width, write_columns
+from embedder.cache.columns import concat as column_concat
+from embedder.cache.columns import differences as column_differences
 from embedder.cache.reader import (
     FEATURE_DTYPES,
     PARTIAL_SUFFIX,
@@ -43,6 +46,7 @@ from embedder.cache.reader import (
     read_paths,
 )
 from embedder.cache.view import Member, link_primary, write_attrs, write_errors, write_view
+from embedder.data.metadata import as_kind, nulls
 from embedder.errors import CacheError, CacheMismatchError, DiskFullError
 from embedder.names import decode_path, encode_path
 
@@ -55,6 +59,7 @@ class _Part:
     labels: list[int] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)
     extra: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the other layers, by name
+    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)  # metadata columns, by name
     errors: list[tuple[str, str]] = field(default_factory=list)
     processed: int = 0  # files looked at, successes and errors
 
@@ -66,6 +71,7 @@ class _Committed:
     files: list[Path] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     path_widths: list[int] = field(default_factory=list)  # bytes of each part's fixed-width paths
+    column_widths: list[dict[str, int]] = field(default_factory=list)  # the same, per str column
     paths: set[str] = field(default_factory=set)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -84,10 +90,13 @@ class CacheWriter:
     def __init__(
         self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512,
         fixed_width_paths: bool = False, lock: WriteLock | None = None, ignored: dict | None = None,
+        columns: dict[str, np.ndarray] | None = None,
     ):
         """`lock`: the cache's write lock, when the caller took it already (`embed` does, before
         it builds the model, so that a second run is refused at once). `ignored`: {reason: files}
-        not in the listing, recorded in the cache (default: the listing's own)."""
+        not in the listing, recorded in the cache (default: the listing's own). `columns`: values
+        of the columns of `spec.columns` known before reading (split, --metadata), aligned with
+        the listing's rows; the others come with each batch (`add(..., columns=)`)."""
         if spec.feature_dtype not in FEATURE_DTYPES:
             raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
         self.path = Path(path).absolute()
@@ -102,6 +111,10 @@ class CacheWriter:
         self._lock = lock
         self._own_lock = lock is None
         self.ignored = listing.ignored_counts() if ignored is None else dict(ignored)
+        self.static_columns = dict(columns or {})
+        for name, values in self.static_columns.items():
+            if name not in spec.columns or len(values) != len(listing):
+                raise ValueError(f"column {name!r}: not in the spec, or not one value per listing row")
         self._buffer = _Part()
         self.base: dict | None = None  # summary of the previous complete cache, when appending
         self.committed = _Committed()
@@ -143,6 +156,7 @@ class CacheWriter:
         manifest = self._read_manifest()
         if existing is not None and existing["complete"]:
             self.base = existing
+            self._check_columns(existing["columns"], f"{self.path}")
         if manifest is not None:
             self._scan_parts()
             base_rows = self.base["rows"] if self.base else 0
@@ -158,6 +172,7 @@ class CacheWriter:
                 self.committed, manifest = _Committed(), None
         if manifest is not None:
             self.classes = list(manifest["classes"])
+            self._check_columns(manifest.get("columns", {}), f"the interrupted run whose parts are in {self.partial}")
         for name in self.listing.classes:
             if name not in self.classes:
                 self.classes.append(name)
@@ -176,6 +191,16 @@ class CacheWriter:
         self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
         if self.base is None and manifest is None:
             self._write_view()  # from the first second on, CACHE.h5 opens and says "0 rows"
+
+    def _check_columns(self, kinds: dict[str, str] | None, what: str) -> None:
+        """An append or a resume keeps the cache's columns: refuse a run whose columns differ, naming
+        them. A cache written before columns existed (None) takes them, its rows holding nulls."""
+        diff = "" if kinds is None else column_differences(kinds, self.spec.columns)
+        if diff:
+            raise CacheError(
+                f"The metadata columns of {what} differ from this run's ({diff}). Rerun with the same "
+                "--metadata columns to append or resume, or use --overwrite to start over with these."
+            )
 
     def _parts_are_in(self, existing: dict | None, manifest: dict) -> bool:
         """Whether the committed parts are already the last rows of the complete cache `existing`."""
@@ -212,7 +237,8 @@ class CacheWriter:
                 raise CacheMismatchError(self.path, diff, "Use --overwrite to replace it, or choose another --out.")
             if not cache.complete:
                 return {"complete": False}
-            return {"complete": True, "rows": len(cache), "paths": cache.paths, "errors": cache.errors}
+            return {"complete": True, "rows": len(cache), "paths": cache.paths, "errors": cache.errors,
+                    "columns": kinds_in(cache._f)}
 
     def _read_manifest(self) -> dict | None:
         mpath = self.partial / "manifest.json"
@@ -241,6 +267,7 @@ class CacheWriter:
             "source": self.spec.source,
             "classes": self.classes,
             "base_rows": self.base["rows"] if self.base else 0,
+            "columns": self.spec.columns,
         }
         tmp = self.partial / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -254,6 +281,8 @@ class CacheWriter:
                 paths = [decode_path(p) for p in f["paths"][:]]
                 errors = list(zip(read_paths(f["errors/path"]), f["errors/reason"].asstr()[:]))
                 self.committed.path_widths.append(f["paths"].dtype.itemsize)
+                self.committed.column_widths.append(
+                    {n: f[f"{GROUP}/{n}"].dtype.itemsize for n, k in self.spec.columns.items() if k == "str"})
             self.committed.files.append(part)
             self.committed.rows.append(len(paths))
             self.committed.paths.update(paths)
@@ -264,10 +293,14 @@ class CacheWriter:
         return sum(self.committed.rows)
 
     # appending -----------------------------------------------------------------------------
-    def add(self, indices: np.ndarray, features, errors: list[tuple[int, str]]) -> None:
+    def add(self, indices: np.ndarray, features, errors: list[tuple[int, str]],
+            columns: dict[str, np.ndarray] | None = None) -> None:
         """Record one batch: features of the listing rows `indices`, and (index, reason) failures.
 
         `features` is one array, or {layer: array} with every layer of `spec.layers` (multi-layer caches).
+        `columns`: values of the columns of `spec.columns` measured while reading (size, mtime,
+        width, height), aligned with `indices`; the others come from the writer's `columns`, and a
+        column given by neither holds nulls (embedder.data.metadata).
         Commits a part once `commit_every` files have accumulated; call only on batch boundaries.
         """
         extra = {}
@@ -294,10 +327,23 @@ class CacheWriter:
             buf.features.append(np.asarray(features, dtype=self.spec.feature_dtype))
             for name, value in extra.items():
                 buf.extra.setdefault(name, []).append(np.asarray(value, dtype=self.spec.feature_dtype))
+        self._add_columns(buf, np.asarray(indices, dtype=np.int64), columns or {})
         buf.errors += [(self.listing.paths[i], reason) for i, reason in errors]
         buf.processed += len(indices) + len(errors)
         if buf.processed >= self.commit_every:
             self.commit()
+
+    def _add_columns(self, buf: _Part, indices: np.ndarray, given: dict[str, np.ndarray]) -> None:
+        for name, kind in self.spec.columns.items():
+            if name in given:
+                values = given[name]
+            elif name in self.static_columns:
+                values = self.static_columns[name][indices]
+            else:  # nobody knows them (e.g. vectors imported without it): nulls
+                values = nulls(name, kind, len(indices))
+            if len(values) != len(indices):
+                raise ValueError(f"column {name!r} has {len(values)} values for {len(indices)} rows")
+            buf.columns.setdefault(name, []).append(as_kind(values, kind))
 
     def commit(self) -> None:
         buf = self._buffer
@@ -312,6 +358,8 @@ class CacheWriter:
         self.committed.files.append(final)
         self.committed.rows.append(len(buf.paths))
         self.committed.path_widths.append(max((len(encode_path(p)) for p in buf.paths), default=1))
+        self.committed.column_widths.append({n: str_width(v) for n, v in self._part_columns(buf).items()
+                                             if self.spec.columns[n] == "str"})
         self.committed.paths.update(buf.paths)
         self.committed.errors += buf.errors
         self._buffer = _Part()
@@ -365,11 +413,17 @@ class CacheWriter:
             paths = np.array([encode_path(p) for p in buf.paths], dtype=fixed)
             f.create_dataset("paths", data=paths, track_times=False)
             write_errors(f, buf.errors)
+            write_columns(f, self.spec.columns, self._part_columns(buf), fixed_width=True)
+
+    def _part_columns(self, buf: _Part) -> dict[str, np.ndarray]:
+        return column_concat([{n: np.concatenate(v) for n, v in buf.columns.items()}] if buf.columns else [],
+                             self.spec.columns)
 
     def _write_view(self) -> None:
         """CACHE.h5 as a view over the committed parts (fresh runs only; embedder.cache.view)."""
-        members = [Member(os.path.relpath(part, self.path.parent), n, width)
-                   for part, n, width in zip(self.committed.files, self.committed.rows, self.committed.path_widths)]
+        members = [Member(os.path.relpath(part, self.path.parent), n, width, cw)
+                   for part, n, width, cw in zip(self.committed.files, self.committed.rows, self.committed.path_widths,
+                                                 self.committed.column_widths)]
         needed = (64 << 10) + 512 * len(members) + _errors_bytes(self.committed)
         write_view(self.path, self.spec, self.classes, members, self.committed.errors, complete=False,
                    ignored=self.ignored, guard=lambda tmp: self._writing(tmp, needed=needed))
@@ -402,11 +456,17 @@ class CacheWriter:
             rows = self._create_rows(f, total)
             paths: list[str] = []
             errors: list[tuple[str, str]] = []
+            values: list[dict[str, np.ndarray]] = []  # columns, like paths, are held in memory
             if old is not None:
                 _copy_base(old, rows, _relabelling(old.classes, classes))
                 paths, errors = old.paths, old.errors
-            paths += self._copy_parts(rows, len(paths), _relabelling(self.classes, classes))
+                values.append(old.columns(self.spec.columns) if old.column_kinds
+                              else null_columns(self.spec.columns, len(old)))
+            paths += self._copy_parts(rows, len(paths), _relabelling(self.classes, classes), values)
             self._create_paths(f, paths)
+            if self.spec.columns:
+                write_columns(f, self.spec.columns, column_concat(values, self.spec.columns),
+                              fixed_width=self.fixed_width_paths, resizable=True)
             f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR, track_times=False)
             write_errors(f, errors + self.committed.errors)
             link_primary(f, self.spec)
@@ -427,14 +487,16 @@ class CacheWriter:
                                           chunks=(min(65536, max(total, 1)),), track_times=False)
         return rows
 
-    def _copy_parts(self, rows: dict[str, h5py.Dataset], start: int, relabel: np.ndarray) -> list[str]:
-        """The committed parts' rows, from row `start` on. Returns their paths."""
+    def _copy_parts(self, rows: dict[str, h5py.Dataset], start: int, relabel: np.ndarray,
+                    values: list[dict[str, np.ndarray]]) -> list[str]:
+        """The committed parts' rows, from row `start` on. Returns their paths; appends their columns to `values`."""
         paths: list[str] = []
         for part, n in zip(self.committed.files, self.committed.rows):
             with h5py.File(part, "r") as pf:
                 for name, ds in rows.items():
                     ds[start : start + n] = relabel[pf["labels"][:]] if name == "labels" else pf[name][:]
                 paths += [decode_path(p) for p in pf["paths"][:]]
+                values.append(read_columns(pf, self.spec.columns))
             start += n
         return paths
 

@@ -155,12 +155,40 @@ def _info_text(doc: dict, config) -> str:
         lines.append(f"  classes      {len(doc['classes'])}: {shown}{more}")
     if doc["unlabelled_rows"]:
         lines.append(f"  unlabelled   {doc['unlabelled_rows']} rows")
+    if doc["columns"]:
+        lines.append("  columns      " + ", ".join(f"{n} ({k})" for n, k in doc["columns"].items()))
+    else:
+        lines.append("  columns      none (written before metadata columns existed)")
     hint = "" if config.errors or not doc["errors"] else " (list them with --errors)"
     lines.append(f"  errors       {doc['errors']}{hint}")
     lines += [f"    {display_path(e['path'])}: {e['reason']}" for e in doc.get("error_list", [])]
     if doc["ignored"]:
         lines.append(f"  ignored      {describe_ignored(doc['ignored'])}: files under SOURCE that are not rows")
     return "\n".join(lines)
+
+
+def export_vectors(config, args):
+    from embedder.cache.vectors import export_vectors as run
+
+    report = run(config.cache, config.out, config.format, layer=config.layer, rows_per_file=config.rows_per_file,
+                 block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress)
+    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
+    return report
+
+
+def import_vectors(config, args):
+    from embedder.cache.vectors import import_vectors as run
+
+    report = run(list(config.inputs), config.out, source=config.source, overwrite=config.overwrite,
+                 block_rows=config.block_rows, progress=config.progress,
+                 command=getattr(args, "command_line", "") or "")
+    if _as_json(args):
+        print_json(report.as_dict())
+    else:
+        for note in report.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(report.summary())
+    return report
 
 
 def make_samples(config, args):

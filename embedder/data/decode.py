@@ -83,13 +83,16 @@ def load_rgb(
     min_side: int | None = None,
     jpeg_min_side: int | None = None,
     contiguous: bool = True,
+    info: dict | None = None,
 ) -> torch.Tensor:
     """Decode `path` to a [3, H, W] uint8 tensor with EXIF orientation applied.
 
     `min_side`: decode small (JPEGs DCT-scaled, other formats box-reduced), the shorter side still
     >= `min_side`. `jpeg_min_side`: DCT-scale JPEGs alone, as far as their shorter side stays >= it.
     `contiguous=False`: the same pixels as a view of the decoder's [H, W, 3] memory, which
-    torchvision resizes 2-6x faster than a contiguous copy, to the same bits (tests/test_decode.py)."""
+    torchvision resizes 2-6x faster than a contiguous copy, to the same bits (tests/test_decode.py).
+    `info`, if given, receives the file's `size` (bytes) and `mtime` from the stat the checks make,
+    and the image's own `width` and `height` as shown (orientation applied, before any reduction)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -103,7 +106,9 @@ def load_rgb(
         raise BadImageError("is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise BadImageError("not a regular file (a device, pipe or socket)")  # reading could block forever
-    pixels = _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT, jpeg_min_side)
+    if info is not None:
+        info.update(size=st.st_size, mtime=st.st_mtime)
+    pixels = _decode(path, st.st_size, max_pixels, min_side, _RAISE_LIMIT, jpeg_min_side, info)
     return pixels.contiguous() if contiguous else pixels
 
 
@@ -132,8 +137,8 @@ def shown_size(data: bytes) -> tuple[int, int]:
 
 
 def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limit: str,
-            jpeg_min_side: int | None = None) -> torch.Tensor:
-    """[3, H, W] pixels in [H, W, 3] memory (either decoder's own layout)."""
+            jpeg_min_side: int | None = None, info: dict | None = None) -> torch.Tensor:
+    """[3, H, W] pixels in [H, W, 3] memory (either decoder's own layout); `info` as in `load_rgb`."""
     if size == 0:
         raise BadImageError("empty file (0 bytes)")
     try:
@@ -153,12 +158,16 @@ def _decode(source, size: int, max_pixels: int, min_side: int | None, raise_limi
                     )
                 draft = min_side or jpeg_min_side
                 exact = None if draft else _exact_jpeg(img, fp, size)
-                if exact is not None:
+                if exact is not None:  # never one to turn upright
+                    if info is not None:
+                        info.update(width=w, height=h)
                     return exact
                 if draft and img.format == "JPEG":
                     img.draft(None, (draft, draft))  # scaled IDCT: both sides stay >= draft
                 img.load()
                 turn = _orientation(img)  # read first: a reduced copy may not carry the file's tags
+                if info is not None:
+                    info.update(width=h, height=w) if turn in _SWAPS_SIDES else info.update(width=w, height=h)
                 rgb = _to_rgb(_turn(_reduce(img, min_side), turn))
                 # Copied out while the file is open: closing it releases a plain RGB file's pixels.
                 array = np.array(rgb, dtype=np.uint8)

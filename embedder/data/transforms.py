@@ -64,18 +64,21 @@ def geometric_transform(pre: Preprocessing) -> v2.Compose:
 
 
 def read_for_model(path: str | os.PathLike, transform, resize_size: int | None, max_pixels: int,
-                   seconds: dict[str, float] | None = None, *, jpeg_draft: bool = False) -> torch.Tensor:
+                   seconds: dict[str, float] | None = None, *, jpeg_draft: bool = False,
+                   info: dict | None = None) -> torch.Tensor:
     """Decode one file and run `transform` on it (the reader stage of extraction and training).
 
     Raises BadImageError with the reason. `seconds`, if given, accumulates the time spent in
     "decode" and in "resize" (the transform). `jpeg_draft`: decode JPEGs reduced by libjpeg's
-    DCT scaling, their shorter side still >= `resize_size` (not the exact pixels: an opt-in)."""
+    DCT scaling, their shorter side still >= `resize_size` (not the exact pixels: an opt-in).
+    `info`: receives the file's size and mtime and the image's own width and height (`load_rgb`)."""
     import time
 
     t0 = time.perf_counter()
     try:
         # The decoder's own [H, W, 3] layout: resizing it gives the same bits 2-6x faster.
-        image = load_rgb(path, max_pixels, jpeg_min_side=resize_size if jpeg_draft else None, contiguous=False)
+        image = load_rgb(path, max_pixels, jpeg_min_side=resize_size if jpeg_draft else None, contiguous=False,
+                         info=info)
     finally:
         t1 = time.perf_counter()
         if seconds is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from embedder.cache.schema import FEATURE_DTYPES
 from embedder.data.decode import DEFAULT_MAX_PIXELS
+from embedder.data.metadata import TABLE_SUFFIXES
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
@@ -82,6 +83,10 @@ class EmbedConfig:
                                    "still >= the model's resize size: 2 MP photos read 1.8x faster, but not the exact "
                                    "pixels (Lite0 features at a cosine of 0.995 on average, docs/BENCHMARKS.md); "
                                    "recorded in the fingerprint")
+    metadata: str | None = option(None, path=True, metavar="FILE", group=ROW_OPTIONS,
+                                  help="a .csv or .parquet table with a `path` column (relative to SOURCE) and any "
+                                       "other columns, joined to the rows by path and stored as /columns (README: "
+                                       "metadata columns)")
     overwrite: bool = option(False, help="replace an existing cache with another configuration")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
@@ -99,6 +104,8 @@ class EmbedConfig:
         positive(self, "limit", "image_size", optional=True)
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}.")
+        if self.metadata is not None and not str(self.metadata).lower().endswith(TABLE_SUFFIXES):
+            raise ConfigError(f"--metadata should name a .csv or .parquet table, got {self.metadata!r}.")
         if not str(self.out).endswith((".h5", ".hdf5")):
             raise ConfigError(f"--out should name an HDF5 file ending in .h5, got {self.out!r}.")
 

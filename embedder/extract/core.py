@@ -14,6 +14,9 @@ Batch contract between the stages (one dict per batch, produced by `BatchReader`
     errors    list[(row, reason)]  listing rows that could not be used, and why
     decode_s  float                seconds spent reading and decoding files
     resize_s  float                seconds spent resizing and cropping
+    columns   {name: array [n]}    what reading learnt of those rows: the built-in columns size
+                                   (int64 bytes), mtime (float64), width, height (int64, the
+                                   image's own size) of `embedder.data.metadata`
 
 Batches are fixed slices of the pending rows, so which images share a batch never
 depends on worker timing, resume points or commit sizes: the same command always feeds
@@ -38,6 +41,7 @@ from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
+from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.errors import AllImagesFailedError, BadImageError
@@ -78,14 +82,18 @@ class BatchReader(Dataset):
         rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
         images, ok, errors = [], [], []
         seconds = {"decode": 0.0, "resize": 0.0}
+        read = {name: [] for name in READ_COLUMNS}
         for row in rows:
+            info: dict = {}
             try:
                 images.append(read_for_model(self.root / self.paths[row], self.transform, self.resize_size,
-                                             self.max_pixels, seconds, jpeg_draft=self.jpeg_draft))
+                                             self.max_pixels, seconds, jpeg_draft=self.jpeg_draft, info=info))
             except BadImageError as exc:
                 errors.append((int(row), exc.reason))
                 continue
             ok.append(int(row))
+            for name in READ_COLUMNS:
+                read[name].append(info.get(name, null_of(name, BUILTIN[name])))
         stacked = torch.stack(images) if images else torch.empty((0, 3, self.crop, self.crop), dtype=torch.uint8)
         return {
             "indices": np.asarray(ok, dtype=np.int64),
@@ -93,6 +101,7 @@ class BatchReader(Dataset):
             "errors": errors,
             "decode_s": seconds["decode"],
             "resize_s": seconds["resize"],
+            "columns": {name: np.asarray(values, dtype=BUILTIN[name]) for name, values in read.items()},
         }
 
 
@@ -172,9 +181,11 @@ def with_runtime(config: EmbedConfig) -> EmbedConfig:
     return replace(config, runtime=choose_runtime("auto", family, config.device, config.precision, config.compile))
 
 
-def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str) -> CacheSpec:
+def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str,
+               metadata: MetadataTable | None = None) -> CacheSpec:
     """What a cache of `listing` embedded by `backbone` records: fingerprint components, source,
-    widths (every layer, the primary first, for a multi-layer cache) and the command that resumes it."""
+    widths (every layer, the primary first, for a multi-layer cache), the command that resumes it,
+    and its metadata columns (the built-in ones, and those of the --metadata table)."""
     return CacheSpec(
         components=fingerprint_components(backbone, config.feature_dtype, jpeg_draft=config.jpeg_draft),
         # A file list's rows are relative to its own folder, but SOURCE is the list itself.
@@ -183,7 +194,29 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
         layers=dict(backbone.outputs) if len(backbone.outputs) > 1 else {},
         layout=listing.layout,
         command=command,
+        columns=column_kinds(metadata),
     )
+
+
+def column_kinds(metadata: MetadataTable | None) -> dict[str, str]:
+    """{name: kind} of the columns an embed run writes."""
+    return {**BUILTIN, **(metadata.schema if metadata is not None else {})}
+
+
+def load_metadata(config: EmbedConfig) -> MetadataTable | None:
+    """The run's --metadata table, or None."""
+    return read_table(config.metadata) if config.metadata else None
+
+
+def known_columns(listing: Listing, metadata: MetadataTable | None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The columns known before reading, aligned with `listing` (split, --metadata), and the table's
+    paths that are not in the listing (the run reports them)."""
+    columns = {"split": split_column(listing.paths, listing.layout)}
+    unlisted: list[str] = []
+    if metadata is not None:
+        joined, unlisted = metadata.join(listing.paths)
+        columns.update(joined)
+    return columns, unlisted
 
 
 @dataclass
@@ -228,7 +261,7 @@ def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedC
         for batch in _timed(_loader(reader, config.resolved_workers(), backbone.device.type == "cuda"), timer):
             features = _forward(backbone, batch, timer)
             with timer("write"):
-                writer.add(batch["indices"], features, batch["errors"])
+                writer.add(batch["indices"], features, batch["errors"], batch["columns"])
             embedded += len(batch["indices"])
             errors += [(listing.paths[i], reason) for i, reason in batch["errors"]]
             bar.update(len(batch["indices"]) + len(batch["errors"]))

@@ -20,9 +20,19 @@ from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, describe_ignored, list_source
 from embedder.errors import EmbedderNotice
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows, with_runtime
+from embedder.extract.core import (
+    backbone_for,
+    cache_spec,
+    embed_into,
+    known_columns,
+    load_metadata,
+    require_rows,
+    with_runtime,
+)
 from embedder.models.backbone import FrozenBackbone
 from embedder.names import display_path
+
+UNLISTED_SHOWN = 5  # --metadata paths not in the listing: how many a report names
 
 
 @dataclass
@@ -39,11 +49,18 @@ class EmbedReport:
     stage_s: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     ignored_by_reason: dict[str, int] = field(default_factory=dict)
+    # --metadata: the table's paths that are not rows of the listing (joined to nothing), first few shown
+    metadata_unlisted: int = 0
+    metadata_unlisted_examples: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # --metadata: casts made to the table's columns
 
     @classmethod
     def of_run(cls, config: EmbedConfig, spec: CacheSpec, listing: Listing, started: float, *, already_cached: int,
-               embedded: int, errors: list[tuple[str, str]], total_rows: int, stage_s: dict[str, float]) -> EmbedReport:
-        """The report of a run into `config.out` that began at `started` (`time.perf_counter()`)."""
+               embedded: int, errors: list[tuple[str, str]], total_rows: int, stage_s: dict[str, float],
+               unlisted: list[str] | None = None, notes: list[str] | None = None) -> EmbedReport:
+        """The report of a run into `config.out` that began at `started` (`time.perf_counter()`);
+        `unlisted`: the --metadata table's paths that are not in the listing."""
+        unlisted = unlisted or []
         return cls(
             out=str(config.out),
             fingerprint=spec.fingerprint,
@@ -57,6 +74,9 @@ class EmbedReport:
             stage_s=stage_s,
             config={k: str(v) for k, v in spec.components.items()},
             ignored_by_reason=listing.ignored_counts(),
+            metadata_unlisted=len(unlisted),
+            metadata_unlisted_examples=unlisted[:UNLISTED_SHOWN],
+            notes=list(notes or []),
         )
 
     @property
@@ -84,6 +104,11 @@ class EmbedReport:
         ]
         if self.ignored:
             lines.append(f"  ignored files   : {describe_ignored(self.ignored_by_reason)}")
+        if self.metadata_unlisted:
+            shown = ", ".join(display_path(p) for p in self.metadata_unlisted_examples)
+            more = " ..." if self.metadata_unlisted > len(self.metadata_unlisted_examples) else ""
+            lines.append(f"  metadata        : {self.metadata_unlisted} paths of the table are not in SOURCE's "
+                         f"listing ({shown}{more})")
         for path, reason in self.errors[:5]:
             lines.append(f"    {display_path(path)}: {reason}")
         if len(self.errors) > 5:
@@ -108,6 +133,9 @@ class EmbedReport:
             "images_per_s": self.images_per_s,
             "stage_s": self.stage_s,
             "config": self.config,
+            "metadata_unlisted": self.metadata_unlisted,
+            "metadata_unlisted_examples": self.metadata_unlisted_examples,
+            "notes": self.notes,
         }
 
 
@@ -133,20 +161,24 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     if backbone is None:
         config = with_runtime(config)
         backbone = backbone_for(config)
-    spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line())
-    _notices(config, backbone)
+    metadata = load_metadata(config)
+    columns, unlisted = known_columns(listing, metadata)
+    spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata)
+    _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
-                     lock=lock) as writer:
+                     lock=lock, columns=columns) as writer:
         done = embed_into(writer, backbone, config)
     report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
                                 embedded=done.embedded, errors=done.errors, total_rows=done.total_rows,
-                                stage_s=done.stage_s)
+                                stage_s=done.stage_s, unlisted=unlisted, notes=metadata.notes if metadata else [])
     require_rows(config, done.total_rows)
     return report
 
 
-def _notices(config: EmbedConfig, backbone: FrozenBackbone) -> None:
+def _notices(config: EmbedConfig, backbone: FrozenBackbone, metadata=None) -> None:
     """What the user should know before a long run starts (the CLI shows each as one line)."""
+    for note in metadata.notes if metadata is not None else []:
+        warnings.warn(note, EmbedderNotice, stacklevel=3)
     if config.pool == "none":
         mib = sum(backbone.outputs.values()) * (2 if config.feature_dtype == "float16" else 4) * 1000 / 2**20
         warnings.warn(f"--pool none stores whole maps: {dict(backbone.outputs)} values per image, "

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -30,7 +31,16 @@ from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.extract.config import EmbedConfig, RayOptions
-from embedder.extract.core import backbone_for, cache_spec, embed_into, require_rows, with_runtime
+from embedder.extract.core import (
+    backbone_for,
+    cache_spec,
+    column_kinds,
+    embed_into,
+    known_columns,
+    load_metadata,
+    require_rows,
+    with_runtime,
+)
 from embedder.extract.local import EmbedReport
 from embedder.models.backbone import FrozenBackbone
 
@@ -117,7 +127,9 @@ def _init(ray, address: str | None, progress: bool) -> None:
 def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing: Listing, command: str,
                   started: float) -> EmbedReport:
     gpus = _gpus_per_actor(ray, config, options)
-    spec = _plan_spec(ray, config, options, listing, command, gpus)
+    metadata = load_metadata(config)
+    spec = replace(_plan_spec(ray, config, options, listing, command, gpus), columns=column_kinds(metadata))
+    _, unlisted = known_columns(listing, metadata)
     shard_set = ShardSet(config.out, spec, listing, options.shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     pending = shard_set.pending()
@@ -133,6 +145,8 @@ def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing: Listin
         errors=_errors_of(shard_set, {s["shard"] for s in summaries}),
         total_rows=total_rows,
         stage_s=_stage_sums(summaries),
+        unlisted=unlisted,
+        notes=metadata.notes if metadata else [],
     )
     if complete:
         require_rows(config, total_rows)
@@ -226,7 +240,9 @@ def embed_shard(config: EmbedConfig, backbone: FrozenBackbone, job: ShardJob, ta
         raise ValueError(f"{shard.name}: {len(listing)} rows given for [{shard.start}, {shard.stop})")
     h5 = job.folder / f"{shard.name}.h5"
     # Fixed-width paths: the view over the shards maps each shard's /paths (embedder.cache.view).
-    with CacheWriter(h5, job.spec, listing, commit_every=config.commit_every, fixed_width_paths=True) as w:
+    columns, _ = known_columns(listing, load_metadata(config))  # each worker joins its own rows
+    with CacheWriter(h5, job.spec, listing, commit_every=config.commit_every, fixed_width_paths=True,
+                     columns=columns) as w:
         done = embed_into(w, backbone, config, progress=False)  # many actors: no bars, the driver shows shards
     with h5py.File(h5, "r") as f:
         n_errors = len(f["errors/path"])  # this attempt's and those of parts a killed one committed

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from embedder.cache.fingerprint import backbone_settings
+from embedder.cache.vectors import imported_refusal
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
 from embedder.learn.probefile import read_probe
@@ -30,6 +31,10 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
             f"The probe in {probe_dir} does not record the cache it was trained on, which export needs to rebuild "
             "the backbone. Train it with `embedder probe CACHE.h5`."
         )
+    refusal = imported_refusal(components, "put the probe on",
+                               "Apply the probe to caches of the same vectors with `embedder evaluate` instead.")
+    if refusal:
+        raise ConfigError(refusal)
     if components.get("normalization", "none") != "none":
         raise ConfigError(
             "This probe was trained on L2-normalised features, which the replaced head cannot reproduce inside "

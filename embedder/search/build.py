@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from embedder.atomic import staged_dir
+from embedder.cache.columns import write_columns
 from embedder.cache.reader import STR, FeatureCache
 from embedder.errors import ConfigError
 from embedder.names import encode_path
@@ -304,6 +305,9 @@ def save(tmp: Path, index, cache: FeatureCache, meta: dict) -> None:
         f.create_dataset("paths", data=_names(cache.paths), dtype=STR)
         f.create_dataset("labels", data=cache.labels)
         f.create_dataset("classes", data=_names(cache.classes), dtype=STR)
+        # The cache's metadata columns, so that queries can filter and show them (the same layout).
+        if cache.column_kinds:
+            write_columns(f, cache.column_kinds, cache.columns())
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from embedder.cache.columns import read_columns
 from embedder.cache.reader import FeatureCache, read_paths
+from embedder.data.metadata import INT_NULL
 from embedder.errors import CacheMismatchError, ConfigError, RemovedRowError
 from embedder.search.filters import as_column, compile_mask
 from embedder.search.kinds import INVERTED_LIST_KINDS, inner, load_faiss, prepare, set_knob
@@ -34,9 +36,13 @@ class Hit:
     path: str
     label: str | None
     score: float  # cosine similarity (metric cosine) or squared L2 distance (metric l2)
+    metadata: dict | None = None  # the row's metadata columns, when the index has them (JSON values)
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "label": self.label, "score": self.score}
+        doc = {"rank": self.rank, "id": self.id, "path": self.path, "label": self.label, "score": self.score}
+        if self.metadata is not None:
+            doc["metadata"] = self.metadata
+        return doc
 
 
 @contextmanager
@@ -81,7 +87,8 @@ class SearchIndex:
             self.classes = read_paths(f["classes"])
             # Sorted unique row ids hidden from every search (`embedder index INDEX_DIR --remove`).
             self.removed = f["removed"][:].astype(np.int64) if "removed" in f else np.zeros(0, np.int64)
-            self.columns = {name: as_column(ds[:]) for name, ds in f["columns"].items()} if "columns" in f else {}
+            # The cache's metadata columns (rows.h5 /columns, embedder.cache.columns); {} for older indexes.
+            self.columns: dict[str, np.ndarray] = read_columns(f) if "columns" in f else {}
         self._row = {p: i for i, p in enumerate(self.paths)}
         self._removed_set = set(self.removed.tolist())
         self._masks: dict[str | None, np.ndarray | None] = {}
@@ -145,7 +152,7 @@ class SearchIndex:
             names = np.array([*self.classes, ""], dtype=str)  # label -1 takes the last: ""
             self._table = {"id": np.arange(self.ntotal, dtype=np.int64), "path": as_column(self.paths),
                            "label": names[self.labels] if self.ntotal else names[:0]}
-            self._table.update({k: v for k, v in self.columns.items() if k not in self._table})
+            self._table.update({k: as_column(v) for k, v in self.columns.items() if k not in self._table})
         return self._table
 
     def allowed(self, where: str | None = None) -> np.ndarray | None:
@@ -168,13 +175,23 @@ class SearchIndex:
         """Whether removed rows are still in the faiss index (hidden by the selector) or removed in place."""
         return bool(len(self.removed)) and int(self.index.ntotal) == self.ntotal
 
+    def row_metadata(self, row_id: int) -> dict:
+        """{column: value} of one row, as JSON values: a null (NaN, INT_NULL; embedder.data.metadata) is None."""
+        out = {}
+        for name, values in self.columns.items():
+            value = values[row_id].item() if isinstance(values[row_id], np.generic) else values[row_id]
+            missing = (isinstance(value, float) and math.isnan(value)) or (type(value) is int and value == INT_NULL)
+            out[name] = None if missing else value
+        return out
+
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
             for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0), start=1):
                 label = self.labels[i]
-                hits.append(Hit(rank, int(i), self.paths[i], self.classes[label] if label >= 0 else None, float(s)))
+                hits.append(Hit(rank, int(i), self.paths[i], self.classes[label] if label >= 0 else None, float(s),
+                                self.row_metadata(int(i)) if self.columns else None))
             out.append(hits)
         return out
 
@@ -310,9 +327,13 @@ def query_backbone(components: dict, weights_path: str | None = None, runtime: s
 
     `runtime` auto: the one the cache was made with, or torch where ONNX Runtime is not installed."""
     from embedder.cache.fingerprint import backbone_settings, component_differences, fingerprint_components
+    from embedder.cache.vectors import imported_refusal
     from embedder.extract.core import load_backbone
     from embedder.models.onnx import versions
 
+    refusal = imported_refusal(components)
+    if refusal:
+        raise ConfigError(refusal)
     settings = backbone_settings(components, weights_path)
     if runtime == "auto":
         runtime = settings["runtime"] if versions() is not None else "torch"
