@@ -374,8 +374,8 @@ def _examples(index, images=(), paths=(), ids=(), vector=None):
         names, parts, rows = [str(f) for f in ok], [feats], [rows_of_files(index, [f]) for f in ok]
     ids = rows_of_paths(index, paths) + [int(i) for i in ids]
     if ids:
+        parts.append(row_vectors(index, ids))  # first: it refuses an id out of range
         names += [str(index.image_path(i)) for i in ids]
-        parts.append(row_vectors(index, ids))
         rows += [[i] for i in ids]
     if vector is not None:
         loaded = np.atleast_2d(np.load(vector))
