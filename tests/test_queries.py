@@ -112,7 +112,7 @@ def test_approximate_range_search_returns_only_true_matches_with_high_recall(dat
 
 
 def test_range_search_refuses_the_other_metric_and_bad_bounds(data, capsys):
-    root, cache, X, Q = data
+    root, cache, _, Q = data
     build_index(cache, root / "cos", kind="flat", progress=False)
     np.save(root / "q.npy", Q[0])
     assert main(["search", str(root / "cos"), "--vector", str(root / "q.npy"), "--max-distance", "1"]) == 2
@@ -173,7 +173,7 @@ def test_several_images_combine_into_one_rocchio_query(images, capsys):
 
 
 def test_cli_range_search_by_id_and_negative_id(images, capsys):
-    root, tree, paths, F = images
+    root, _, _, F = images
     S = unit(F) @ unit(F[3])
     T = float(np.sort(S)[-8]) - 1e-4  # eight rows, with room for float32
     (line,) = search_json(capsys, root / "idx", "--id", 3, "--min-score", T)

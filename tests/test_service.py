@@ -37,6 +37,7 @@ from embedder.cli.main import build_parser
 from embedder.extract.local import embed
 from embedder.search.build import build_index
 from embedder.serve.app import create_app
+from embedder.serve.config import MAX_EXAMPLES
 from tests.conftest import fast_config, make_tree
 
 K = 5
@@ -447,7 +448,8 @@ def test_openapi_states_the_constraints_the_server_enforces(service):
     assert schemas["VectorQuery"]["properties"]["k"]["minimum"] == 1
     assert schemas["VectorQuery"]["properties"]["k"]["maximum"] == 1000
     upload = schemas["Body_search_image_search_image_post"]["properties"]["file"]
-    assert upload["minLength"] == 1 and upload["format"] == "binary"
+    assert upload["items"]["minLength"] == 1 and upload["items"]["format"] == "binary"
+    assert upload["minItems"] == 1 and upload["maxItems"] == MAX_EXAMPLES
     row = next(p for p in paths["/thumbnail/{row_id}"]["get"]["parameters"] if p["name"] == "row_id")["schema"]
     assert (row["minimum"], row["maximum"]) == (0, service.index.ntotal - 1)
     error = {"$ref": "#/components/schemas/ErrorOut"}
@@ -615,6 +617,103 @@ def test_every_bad_request_gets_a_short_json_reason(service):
         assert r.headers["content-type"] == "application/json", what
         assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], what
     assert long_name not in upload(service, long_name, b"not an image").json()["detail"]  # echoed clipped
+
+
+# ---------------------------------------------------------------- several examples, range search
+
+
+def multipart_files(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, dict]:
+    """A multipart body of (field, filename, data) parts: `file` for positives, `negative` for negatives."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                    for field, name, data in parts)
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def rocchio_scores(service: Service, pos: list[int], neg: list[int]) -> np.ndarray:
+    """Cosine of every cached row with alpha mean(unit positives) - beta mean(unit negatives), by numpy."""
+    with FeatureCache(service.cache) as cache:
+        F = cache.features().astype(np.float64)
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    q = F[pos].mean(0) - (0.75 * F[neg].mean(0) if neg else 0)  # SearchConfig's alpha 1, beta 0.75
+    return F @ (q / np.linalg.norm(q))
+
+
+def assert_best(hits: list[dict], scores: np.ndarray, k: int) -> None:
+    best = np.sort(scores)[::-1][:k]  # scores, not ids: random-init features leave near ties
+    np.testing.assert_allclose([h["score"] for h in hits], best, atol=1e-4)
+    np.testing.assert_allclose([h["score"] for h in hits], scores[[h["id"] for h in hits]], atol=1e-4)
+
+
+def test_several_uploads_and_negatives_make_one_rocchio_query(service):
+    rels = ["cat/cat_000.jpg", "dog/dog_001.png", "fox/fox_002.jpg"]
+    (a, da), (b, db), (c, dc) = (indexed_file(service, rel) for rel in rels)
+    body, headers = multipart_files([("file", "a.jpg", da), ("file", "b.png", db), ("negative", "c.jpg", dc)])
+    r = http("POST", f"{service.url}/search/image?k=6", body, headers)
+    assert r.status == 200, r.body
+    result = r.json()
+    assert [q["filename"] for q in result["query"]["positives"]] == ["a.jpg", "b.png"]
+    assert [q["filename"] for q in result["query"]["negatives"]] == ["c.jpg"]
+    assert_best(result["hits"], rocchio_scores(service, [a, b], [c]), 6)
+    # the negative as an indexed row instead of an upload: the same query
+    body, headers = multipart_files([("file", "a.jpg", da), ("file", "b.png", db)])
+    r = http("POST", f"{service.url}/search/image?k=6&negative_id={c}", body, headers)
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], rocchio_scores(service, [a, b], [c]), 6)
+    assert r.json()["query"]["negative_ids"] == [c]
+
+
+def test_min_score_returns_every_row_in_range_at_most_k(service):
+    row, data = indexed_file(service, "dog/dog_002.jpg")
+    scores = rocchio_scores(service, [row], [])
+    T = float(np.sort(scores)[-7]) - 1e-4  # seven rows, with room for float32
+    body, headers = multipart("q.jpg", data)
+    r = http("POST", f"{service.url}/search/image?k=1000&min_score={T}", body, headers)
+    assert r.status == 200, r.body
+    assert r.json()["query"]["min_score"] == T
+    assert_best(r.json()["hits"], scores, 7)
+    r = http("POST", f"{service.url}/search/image?k=3&min_score={T}", body, headers)
+    assert_best(r.json()["hits"], scores, 3)  # k caps a range
+    r = http("GET", f"{service.url}/search/id/{row}?k=1000&min_score={T}")
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], scores, 7)
+    with FeatureCache(service.cache) as cache:
+        vector = cache.features(slice(row, row + 1))[0]
+    r = post_json(service, "/search/vector", {"vector": vector.tolist(), "k": 1000, "min_score": T})
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], scores, 7)
+    r = http("GET", f"{service.url}/search/id/{row}?k=5&negative_id=0&negative_id=1")
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], rocchio_scores(service, [row], [0, 1]), 5)
+
+
+def test_bad_example_and_range_values_are_422_with_a_reason(service):
+    _, data = indexed_file(service, "cat/cat_000.jpg")
+    body, headers = multipart("q.jpg", data)
+    many, many_headers = multipart_files([("file", f"{i}.jpg", data) for i in range(MAX_EXAMPLES + 1)])
+    cases = {
+        "max_distance on a cosine index": lambda: http("GET", f"{service.url}/search/id/0?max_distance=1"),
+        "both bounds": lambda: http("GET", f"{service.url}/search/id/0?min_score=0.5&max_distance=1"),
+        "min_score nan": lambda: http("GET", f"{service.url}/search/id/0?min_score=nan"),
+        "min_score inf": lambda: http("POST", f"{service.url}/search/image?min_score=inf", body, headers),
+        "min_score not a number": lambda: http("GET", f"{service.url}/search/id/0?min_score=high"),
+        "negative_id out of range": lambda: http("GET", f"{service.url}/search/id/0?negative_id=99999"),
+        "negative_id negative": lambda: http("POST", f"{service.url}/search/image?negative_id=-1", body, headers),
+        "too many images": lambda: http("POST", f"{service.url}/search/image", many, many_headers),
+        "min_score in a vector body": lambda: post_json(service, "/search/vector",
+                                                        {"vector": [1.0] * service.index.dim, "min_score": "x"}),
+    }
+    for what, send in cases.items():
+        r = send()
+        assert r.status == 422, (what, r.status, r.body[:300])
+        assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], what
+    detail = http("GET", f"{service.url}/search/id/0?max_distance=1").json()["detail"]
+    assert "min_score" in detail
+    # an unreadable negative is the same 400 as an unreadable query
+    bad, bad_headers = multipart_files([("file", "a.jpg", data), ("negative", "n.jpg", b"not an image")])
+    r = http("POST", f"{service.url}/search/image", bad, bad_headers)
+    assert r.status == 400 and "n.jpg" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------- headers, Host, methods

@@ -40,7 +40,7 @@ from typing import Annotated
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -53,8 +53,10 @@ from starlette.routing import Match
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
 from embedder.errors import BadImageError, ConfigError, EmbedderError
 from embedder.names import display_path
+from embedder.search.config import SearchConfig
+from embedder.search.queries import embed_pixels, range_search, rocchio, row_vectors
 from embedder.search.query import Hit, SearchIndex
-from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_K
+from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_EXAMPLES, MAX_K
 from embedder.serve.guards import (
     SHOWN_ERRORS,
     BodyLimit,
@@ -77,6 +79,10 @@ MULTIPART_SLACK = 64 * 1024
 JSON_BYTES_PER_VALUE = 64
 JSON_SLACK = 64 * 1024
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The CLI's defaults (`embedder search --alpha/--beta`), declared once there.
+ROCCHIO_ALPHA = SearchConfig.__dataclass_fields__["alpha"].default
+ROCCHIO_BETA = SearchConfig.__dataclass_fields__["beta"].default
+UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}  # one image part, not empty
 STATIC = {"search.js": "text/javascript; charset=utf-8", "search.css": "text/css; charset=utf-8"}
 
 # ---------------------------------------------------------------- response models (OpenAPI)
@@ -299,19 +305,36 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
         **INVALID,
     })
     async def search_image(
-        file: Annotated[UploadFile, File(
-            description="the query image (any format PIL reads), not empty",
-            json_schema_extra={"format": "binary", "minLength": 1},
+        file: Annotated[list[UploadFile], File(
+            description="the query image (any format PIL reads), not empty; several `file` parts are positive "
+            f"examples combined into one query (Rocchio: their mean; at most {MAX_EXAMPLES} images in all)",
+            json_schema_extra={"items": UPLOAD_SCHEMA, "minItems": 1, "maxItems": MAX_EXAMPLES},
         )],
+        examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
         k: k_param = limits.default_k,
+        negative: Annotated[list[UploadFile], File(
+            description="negative example images: the query moves away from them (Rocchio, beta "
+            f"{ROCCHIO_BETA})", json_schema_extra={"items": UPLOAD_SCHEMA, "maxItems": MAX_EXAMPLES - 1},
+        )] = [],  # noqa: B006 - FastAPI's way of declaring an optional list of files; never mutated
     ) -> dict:
-        # Waiting for a slot or the model happens here, on the event loop: no thread is held.
-        async with limits.decode_slots:
-            image, query = await run_in_threadpool(uploads.decode, file)
+        if len(file) == 1 and not negative and examples.plain:
+            # Waiting for a slot or the model happens here, on the event loop: no thread is held.
+            async with limits.decode_slots:
+                image, query = await run_in_threadpool(uploads.decode, file[0])
+            k = min(k, index.ntotal)
+            async with model_lock:
+                hits = await run_in_threadpool(uploads.search, image, k, query["filename"])
+            return _results(query, k, hits, index.metric)
+        examples.check_count(len(file) + len(negative) + len(examples.negative_id))
+        decoded = []
+        for part in [*file, *negative]:
+            async with limits.decode_slots:
+                decoded.append(await run_in_threadpool(uploads.decode, part))
         k = min(k, index.ntotal)
         async with model_lock:
-            hits = await run_in_threadpool(uploads.search, image, k, query["filename"])
-        return _results(query, k, hits, index.metric)
+            feats = await run_in_threadpool(uploads.embed, [image for image, _ in decoded])
+        query = {"positives": [q for _, q in decoded[:len(file)]], "negatives": [q for _, q in decoded[len(file):]]}
+        return await run_in_threadpool(examples.answer, query, feats[:len(file)], feats[len(file):], k)
 
     @_get_and_head(
         app, "/thumbnail/{row_id}", summary="JPEG thumbnail of an indexed image", response_class=Response,
@@ -347,6 +370,12 @@ class _Uploads:
         width, height = shown_size(data)  # of the upload, not of its smaller decoded copy
         return image, {"filename": name, "bytes": len(data), "width": width, "height": height}
 
+    def embed(self, images) -> np.ndarray:
+        try:
+            return embed_pixels(self.index, images, max_pixels=self.limits.max_pixels)
+        except BadImageError as exc:  # e.g. an extreme aspect ratio, found when resizing
+            raise HTTPException(400, detail=f"an upload: {exc.reason}") from None
+
     def search(self, image, k: int, name: str) -> list[Hit]:
         try:
             return self.index.search_pixels([image], k=k, max_pixels=self.limits.max_pixels)[0]
@@ -361,10 +390,13 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
     @_get_and_head(app, "/search/id/{row_id}", response_model=SearchOut,
                    summary="Neighbours of an indexed image, by row id",
                    responses={404: _error("no indexed image has this id"), **INVALID})
-    def search_id(row_id: row_param, k: k_param = limits.default_k) -> dict:
+    def search_id(row_id: row_param, examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
+                  k: k_param = limits.default_k) -> dict:
         _check_row(index, row_id)
         k = min(k, index.ntotal)
-        return _results({"id": row_id}, k, index.search_ids([row_id], k=k)[0], index.metric)
+        if examples.plain:
+            return _results({"id": row_id}, k, index.search_ids([row_id], k=k)[0], index.metric)
+        return examples.answer({"id": row_id}, row_vectors(index, [row_id]), np.zeros((0, index.dim)), k)
 
     @app.post("/search/vector", response_model=SearchOut, summary="Neighbours of a feature vector", responses={
         422: _error(f"not one {index.dim}-d vector of finite numbers (or all zero under cosine)", ValidationErrorOut),
@@ -372,7 +404,67 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
     def search_vector(body: query_model) -> dict:
         vector = _query_vector(body.vector, index.metric)
         k = min(body.k, index.ntotal)
-        return _results({"vector_dim": index.dim}, k, index.search(vector[None, :], k=k)[0], index.metric)
+        if body.min_score is None and body.max_distance is None:
+            return _results({"vector_dim": index.dim}, k, index.search(vector[None, :], k=k)[0], index.metric)
+        examples = _Examples(index, body.min_score, body.max_distance, [])
+        return examples.answer({"vector_dim": index.dim}, vector[None, :], np.zeros((0, index.dim)), k)
+
+
+MIN_SCORE_HELP = ("range search (metric cosine): every row with cosine similarity >= min_score, best first, "
+                  "at most k")
+MAX_DISTANCE_HELP = "range search (metric l2): every row with squared L2 distance <= max_distance, at most k"
+
+
+class _Examples:
+    """The query parameters shared by /search/image and /search/id: negative rows and a range."""
+
+    def __init__(self, index: SearchIndex, min_score: float | None, max_distance: float | None,
+                 negative_id: list[int]):
+        self.index, self.negative_id = index, negative_id
+        self.threshold = min_score if min_score is not None else max_distance
+        self.plain = self.threshold is None and not negative_id  # a plain k-nearest query, as before
+        wanted = "min_score" if index.metric == "cosine" else "max_distance"
+        given = [name for name, v in (("min_score", min_score), ("max_distance", max_distance)) if v is not None]
+        if given and given != [wanted]:
+            raise HTTPException(422, detail=f"this index ranks by {index.metric}: give the range as {wanted} only")
+        bad = [i for i in negative_id if not 0 <= i < index.ntotal]
+        if bad:
+            raise HTTPException(422, detail=f"negative_id {clip(bad[0], 30)} is not an indexed row: ids run from 0 "
+                                f"to {index.ntotal - 1}")
+        self.check_count(len(negative_id))
+
+    @classmethod
+    def of_index(cls, index: SearchIndex) -> Callable:
+        def examples(
+            min_score: Annotated[float | None, Query(allow_inf_nan=False, description=MIN_SCORE_HELP)] = None,
+            max_distance: Annotated[float | None, Query(ge=0, allow_inf_nan=False,
+                                                        description=MAX_DISTANCE_HELP)] = None,
+            negative_id: Annotated[list[int], Query(
+                description="indexed rows as negative examples: the query moves away from them (Rocchio)",
+                max_length=MAX_EXAMPLES)] = [],  # noqa: B006 - FastAPI's optional list parameter; never mutated
+        ) -> _Examples:
+            return cls(index, min_score, max_distance, negative_id)
+
+        return examples
+
+    def check_count(self, n: int) -> None:
+        if n > MAX_EXAMPLES:
+            raise HTTPException(422, detail=f"{n} examples in one query; this server combines at most {MAX_EXAMPLES}")
+
+    def answer(self, query: dict, positives: np.ndarray, negatives: np.ndarray, k: int) -> dict:
+        """Combine the examples (Rocchio) and search: the k nearest, or the range, at most k."""
+        if self.negative_id:
+            negatives = np.concatenate([negatives, row_vectors(self.index, self.negative_id)])
+            query = {**query, "negative_ids": self.negative_id}
+        try:
+            vector = rocchio(positives, negatives, ROCCHIO_ALPHA, ROCCHIO_BETA, self.index.metric)[None]
+        except ConfigError as exc:  # the negatives cancel the positives: the request's fault
+            raise HTTPException(422, detail=str(exc)) from None
+        if self.threshold is None:
+            return _results(query, k, self.index.search(vector, k=k)[0], self.index.metric)
+        key = "min_score" if self.index.metric == "cosine" else "max_distance"
+        hits = range_search(self.index, vector, self.threshold, max_results=k)[0]
+        return _results({**query, key: self.threshold}, k, hits, self.index.metric)
 
 
 def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
@@ -389,6 +481,8 @@ def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
             + (" (not all zero: cosine needs a direction)" if nonzero else ""),
         )
         k: int = Field(default=default_k, ge=1, le=MAX_K, description="neighbours to return")
+        min_score: float | None = Field(default=None, allow_inf_nan=False, description=MIN_SCORE_HELP)
+        max_distance: float | None = Field(default=None, ge=0, allow_inf_nan=False, description=MAX_DISTANCE_HELP)
 
         @field_validator("vector", mode="before")
         @classmethod
