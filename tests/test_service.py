@@ -694,7 +694,8 @@ def test_bad_example_and_range_values_are_422_with_a_reason(service):
     many, many_headers = multipart_files([("file", f"{i}.jpg", data) for i in range(MAX_EXAMPLES + 1)])
     cases = {
         "max_distance on a cosine index": lambda: http("GET", f"{service.url}/search/id/0?max_distance=1"),
-        "both bounds": lambda: http("GET", f"{service.url}/search/id/0?min_score=0.5&max_distance=1"),
+        "max_distance in a vector body": lambda: post_json(service, "/search/vector",
+                                                           {"vector": [1.0] * service.index.dim, "max_distance": 1}),
         "min_score nan": lambda: http("GET", f"{service.url}/search/id/0?min_score=nan"),
         "min_score inf": lambda: http("POST", f"{service.url}/search/image?min_score=inf", body, headers),
         "min_score not a number": lambda: http("GET", f"{service.url}/search/id/0?min_score=high"),

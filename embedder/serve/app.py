@@ -307,14 +307,14 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
     async def search_image(
         file: Annotated[list[UploadFile], File(
             description="the query image (any format PIL reads), not empty; several `file` parts are positive "
-            f"examples combined into one query (Rocchio: their mean; at most {MAX_EXAMPLES} images in all)",
+            f"examples combined into one query (Rocchio: their mean; at most {MAX_EXAMPLES})",
             json_schema_extra={"items": UPLOAD_SCHEMA, "minItems": 1, "maxItems": MAX_EXAMPLES},
         )],
         examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
         k: k_param = limits.default_k,
         negative: Annotated[list[UploadFile], File(
             description="negative example images: the query moves away from them (Rocchio, beta "
-            f"{ROCCHIO_BETA})", json_schema_extra={"items": UPLOAD_SCHEMA, "maxItems": MAX_EXAMPLES - 1},
+            f"{ROCCHIO_BETA})", json_schema_extra={"items": UPLOAD_SCHEMA, "maxItems": MAX_EXAMPLES},
         )] = [],  # noqa: B006 - FastAPI's way of declaring an optional list of files; never mutated
     ) -> dict:
         if len(file) == 1 and not negative and examples.plain:
@@ -325,7 +325,8 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
             async with model_lock:
                 hits = await run_in_threadpool(uploads.search, image, k, query["filename"])
             return _results(query, k, hits, index.metric)
-        examples.check_count(len(file) + len(negative) + len(examples.negative_id))
+        examples.check_count(len(file), "images")
+        examples.check_count(len(negative), "negative images")
         decoded = []
         for part in [*file, *negative]:
             async with limits.decode_slots:
@@ -404,52 +405,55 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
     def search_vector(body: query_model) -> dict:
         vector = _query_vector(body.vector, index.metric)
         k = min(body.k, index.ntotal)
-        if body.min_score is None and body.max_distance is None:
+        if body.threshold is None:
             return _results({"vector_dim": index.dim}, k, index.search(vector[None, :], k=k)[0], index.metric)
-        examples = _Examples(index, body.min_score, body.max_distance, [])
+        examples = _Examples(index, body.threshold, [])
         return examples.answer({"vector_dim": index.dim}, vector[None, :], np.zeros((0, index.dim)), k)
 
 
-MIN_SCORE_HELP = ("range search (metric cosine): every row with cosine similarity >= min_score, best first, "
-                  "at most k")
-MAX_DISTANCE_HELP = "range search (metric l2): every row with squared L2 distance <= max_distance, at most k"
+def range_field(metric: str) -> tuple[str, dict]:
+    """The range parameter of an index's metric, (name, Field/Query keywords): one name per metric,
+    so that every schema-valid request is one the server accepts."""
+    if metric == "cosine":
+        return "min_score", {"allow_inf_nan": False, "description": (
+            "range search: every row with cosine similarity >= min_score, best first, at most k")}
+    return "max_distance", {"ge": 0, "allow_inf_nan": False, "description": (
+        "range search: every row with squared L2 distance <= max_distance, nearest first, at most k")}
 
 
 class _Examples:
-    """The query parameters shared by /search/image and /search/id: negative rows and a range."""
+    """What /search/image and /search/id take besides the query: negative rows and a range."""
 
-    def __init__(self, index: SearchIndex, min_score: float | None, max_distance: float | None,
-                 negative_id: list[int]):
-        self.index, self.negative_id = index, negative_id
-        self.threshold = min_score if min_score is not None else max_distance
-        self.plain = self.threshold is None and not negative_id  # a plain k-nearest query, as before
-        wanted = "min_score" if index.metric == "cosine" else "max_distance"
-        given = [name for name, v in (("min_score", min_score), ("max_distance", max_distance)) if v is not None]
-        if given and given != [wanted]:
-            raise HTTPException(422, detail=f"this index ranks by {index.metric}: give the range as {wanted} only")
-        bad = [i for i in negative_id if not 0 <= i < index.ntotal]
-        if bad:
-            raise HTTPException(422, detail=f"negative_id {clip(bad[0], 30)} is not an indexed row: ids run from 0 "
-                                f"to {index.ntotal - 1}")
-        self.check_count(len(negative_id))
+    def __init__(self, index: SearchIndex, threshold: float | None, negative_id: list[int]):
+        self.index, self.threshold, self.negative_id = index, threshold, negative_id
+        self.plain = threshold is None and not negative_id  # a plain k-nearest query, as before
 
     @classmethod
     def of_index(cls, index: SearchIndex) -> Callable:
+        """The FastAPI dependency that reads them, with this index's bounds in its schema."""
+        name, keywords = range_field(index.metric)
+        row = Annotated[int, Field(ge=0, le=index.ntotal - 1)]
+
+        other = range_field("l2" if index.metric == "cosine" else "cosine")[0]
+
         def examples(
-            min_score: Annotated[float | None, Query(allow_inf_nan=False, description=MIN_SCORE_HELP)] = None,
-            max_distance: Annotated[float | None, Query(ge=0, allow_inf_nan=False,
-                                                        description=MAX_DISTANCE_HELP)] = None,
-            negative_id: Annotated[list[int], Query(
-                description="indexed rows as negative examples: the query moves away from them (Rocchio)",
-                max_length=MAX_EXAMPLES)] = [],  # noqa: B006 - FastAPI's optional list parameter; never mutated
+            request: Request,
+            threshold: Annotated[float | None, Query(alias=name, **keywords)] = None,
+            negative_id: Annotated[list[row], Query(
+                description="indexed rows as negative examples: the query moves away from them (Rocchio, beta "
+                f"{ROCCHIO_BETA})", max_length=MAX_EXAMPLES)] = [],  # noqa: B006 - FastAPI's optional list; never mutated
         ) -> _Examples:
-            return cls(index, min_score, max_distance, negative_id)
+            if other in request.query_params:  # not in the schema, but a likely mistake: say so
+                raise HTTPException(422, detail=f"this index ranks by {index.metric}: give the range as {name}, "
+                                                f"not {other}")
+            return cls(index, threshold, negative_id)
 
         return examples
 
-    def check_count(self, n: int) -> None:
+    @staticmethod
+    def check_count(n: int, what: str) -> None:
         if n > MAX_EXAMPLES:
-            raise HTTPException(422, detail=f"{n} examples in one query; this server combines at most {MAX_EXAMPLES}")
+            raise HTTPException(422, detail=f"{n} {what} in one query; this server takes at most {MAX_EXAMPLES}")
 
     def answer(self, query: dict, positives: np.ndarray, negatives: np.ndarray, k: int) -> dict:
         """Combine the examples (Rocchio) and search: the k nearest, or the range, at most k."""
@@ -462,15 +466,15 @@ class _Examples:
             raise HTTPException(422, detail=str(exc)) from None
         if self.threshold is None:
             return _results(query, k, self.index.search(vector, k=k)[0], self.index.metric)
-        key = "min_score" if self.index.metric == "cosine" else "max_distance"
         hits = range_search(self.index, vector, self.threshold, max_results=k)[0]
-        return _results({**query, key: self.threshold}, k, hits, self.index.metric)
+        return _results({**query, range_field(self.index.metric)[0]: self.threshold}, k, hits, self.index.metric)
 
 
 def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
     """The body of /search/vector, with the index's width in its schema (checked before the elements)."""
     element = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # finite in float32
     nonzero = {"contains": {"not": {"const": 0}}} if metric == "cosine" else None
+    range_name, range_keywords = range_field(metric)
 
     class VectorQuery(BaseModel):
         model_config = ConfigDict(extra="forbid")  # a misspelt "K" is an error, not silently the default
@@ -481,8 +485,8 @@ def _vector_query(dim: int, default_k: int, metric: str) -> type[BaseModel]:
             + (" (not all zero: cosine needs a direction)" if nonzero else ""),
         )
         k: int = Field(default=default_k, ge=1, le=MAX_K, description="neighbours to return")
-        min_score: float | None = Field(default=None, allow_inf_nan=False, description=MIN_SCORE_HELP)
-        max_distance: float | None = Field(default=None, ge=0, allow_inf_nan=False, description=MAX_DISTANCE_HELP)
+        # strict: `false` is not a score (lax mode would read it as 0.0); integers still pass
+        threshold: float | None = Field(default=None, alias=range_name, strict=True, **range_keywords)
 
         @field_validator("vector", mode="before")
         @classmethod
