@@ -516,6 +516,17 @@ def test_browser_drop_page_shows_neighbours_and_errors(service, tmp_path):
             # The style sheet applied: the drop zone has its dashed border.
             assert page.locator("#drop").evaluate("e => getComputedStyle(e).borderStyle") == "dashed"
 
+            # A min score turns it into a range search: the image itself (cosine 1) and whatever is as close.
+            scores = rocchio_scores(service, [service.index.row_of_path(rel)], [])
+            expected = int((scores >= 0.99).sum())
+            assert 1 <= expected < K
+            page.fill("#range", "0.99")
+            page.set_input_files("input[type=file]", str(service.tree / rel))
+            expect(hits).to_have_count(expected, timeout=15_000)
+            assert first.get_attribute("data-path") == rel
+            assert all(float(t.split()[-1]) >= 0.99 for t in page.locator("#results .hit .score").all_inner_texts())
+            page.fill("#range", "")
+
             page.set_input_files("input[type=file]", str(text_file))
             expect(page.locator("#error")).to_contain_text("not an image", timeout=15_000)
             assert page.locator("#results .hit").count() == 0

@@ -77,7 +77,15 @@ async function run(request, what) {
 }
 
 // An empty box sends no k, so the server's own default applies (shown as the placeholder once known).
-function kQuery() { const v = $("k").value.trim(); return v ? `?k=${encodeURIComponent(v)}` : ""; }
+// A range (min_score under cosine, max_distance under l2) turns the search into a range search.
+function kQuery() {
+  const params = new URLSearchParams();
+  const k = $("k").value.trim(), range = $("range").value.trim();
+  if (k) params.set("k", k);
+  if (range) params.set(metric === "cosine" ? "min_score" : "max_distance", range);
+  const text = params.toString();
+  return text ? `?${text}` : "";
+}
 
 function searchFile(file) {
   if (!file) return;
@@ -114,5 +122,6 @@ fetch("/health").then(async (r) => {
   if (!r.ok) throw new Error(await apiError(r));
   const h = await r.json();
   metric = h.metric;
+  if (metric !== "cosine") { $("range-name").textContent = "max distance"; $("range").title = "range search: every image at most this squared L2 distance away"; }
   $("about").textContent = `${h.ntotal} images · ${h.dim}-d features · ${h.kind} index · ${h.metric} · API: /openapi.json`;
 }).catch((err) => showError(`Index status unavailable: ${err.message}`));
