@@ -74,7 +74,7 @@ class SearchConfig:
                                             help="a negative example by its path in the cache (repeatable)")
     negative_id: tuple[int, ...] = option((), metavar="N", help="a negative example by its row id (repeatable)")
     alpha: float = option(1.0, help="weight of the positives' mean in a combined query")
-    beta: float = option(0.75, help="weight of the negatives' mean subtracted from it (Rocchio's usual 0.75)")
+    beta: float = option(0.75, help="weight of the negatives' mean subtracted from it")
     exclude_examples: bool = option(False, help="leave the examples themselves (indexed rows given by --id, "
                                                 "--path, --negative-*, or indexed files given as images) out of "
                                                 "the results; without it an indexed example usually ranks first")
