@@ -198,3 +198,120 @@ def test_pipeline_search_step_takes_the_new_options(images, tmp_path, capsys):
     out = capsys.readouterr().out
     assert [out.index(Path(paths[i]).name) for i in expected] == sorted(out.index(Path(paths[i]).name)
                                                                         for i in expected)
+
+
+# ------------------------------------------------------------ filters and removed rows
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("filtered")
+    X = clustered(n=3000, d=32, centers=30, seed=3)
+    labels = np.random.default_rng(4).integers(0, 3, len(X))
+    cache = synthetic_cache(root / "c.h5", X, labels)
+    for kind in ("flat", "ivf", "hnsw", "ivfpq"):
+        build_index(cache, root / kind, kind=kind, progress=False, n_eval=200)
+    build_index(cache, root / "flat-l2", kind="flat", metric="l2", progress=False)
+    return root, X, labels
+
+
+def allowed_best(S: np.ndarray, allowed: np.ndarray, k: int, cosine: bool) -> np.ndarray:
+    rows = np.flatnonzero(allowed)
+    return rows[np.argsort(-S[rows] if cosine else S[rows], kind="stable")[:k]]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_filter_applies_to_a_combined_query_and_to_a_range_search(labelled, metric):
+    """flat, exact: a Rocchio query's k nearest and a range search under `where` are the numpy
+    answer among the rows the filter keeps, and the filter changes the answer."""
+    root, X, labels = labelled
+    index = SearchIndex.open(root / ("flat" if metric == "cosine" else "flat-l2"))
+    cosine = metric == "cosine"
+    where = "label == 'c1' and id >= 500"
+    allowed = (labels == 1) & (np.arange(len(X)) >= 500)
+    q = rocchio(X[[0, 1, 2]], X[[3]], 1.0, 0.75, metric)
+    S = brute_force(X, q[None], metric)[0]
+    hits = index.search(q, 10, where)[0]
+    best = allowed_best(S, allowed, 10, cosine)
+    np.testing.assert_allclose([h.score for h in hits], S[best], rtol=1e-4, atol=1e-3)
+    assert all(allowed[h.id] for h in hits) and len(hits) == 10
+    # a range reaching far beyond the allowed rows' best: the filter, not the bound, limits it
+    T = float(np.sort(S[allowed])[::-1][40] if cosine else np.sort(S[allowed])[40])
+    assert ((S >= T) if cosine else (S <= T))[~allowed].sum() > 40
+    (found,) = range_search(index, q, T, where=where)
+    tol = 1e-5 if cosine else 1e-3
+    inside = allowed & ((S >= T - tol) if cosine else (S <= T + tol))
+    sure = allowed & ((S >= T + tol) if cosine else (S <= T - tol))
+    got = [h.id for h in found]
+    assert set(np.flatnonzero(sure)) <= set(got) <= set(np.flatnonzero(inside))
+    np.testing.assert_allclose([h.score for h in found], S[got], rtol=1e-4, atol=1e-3)
+    assert [h.id for h in range_search(index, q, T, max_results=5, where=where)[0]] == got[:5]
+    assert len(range_search(index, q, T)[0]) > len(got)  # without the filter, more rows pass
+    assert range_search(index, q, T, where="id < 0") == [[]]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_removed_rows_never_come_back_from_combined_or_range_queries(labelled, tmp_path, kind):
+    import shutil
+
+    from embedder.errors import RemovedRowError
+    from embedder.search.queries import rows_of_paths
+    from embedder.search.removal import remove_rows
+
+    root, X, labels = labelled
+    shutil.copytree(root / kind, tmp_path / kind)
+    gone = np.sort(np.random.default_rng(5).choice(len(X), 80, replace=False))
+    remove_rows(tmp_path / kind, [f"v{i:06d}.png" for i in gone], progress=False)
+    index = SearchIndex.open(tmp_path / kind)
+    S = brute_force(X, X[gone[:4]], "cosine")
+    T = float(np.sort(S[0])[-300])  # hundreds of rows in range, the removed query rows among them
+    for exact_rows in (index.exact_rows, 0):  # hnsw: over the allowed rows' vectors, and the graph walk
+        index.exact_rows = exact_rows
+        for where in (None, "label != 'c2'"):
+            found = range_search(index, X[gone[:4]], T, where=where)
+            ids = {h.id for hits in found for h in hits}
+            assert len(ids) > 100 and not ids & set(gone.tolist())
+            assert all(S[n, h.id] >= T - 1e-4 for n, hits in enumerate(found) for h in hits)
+            if where:
+                assert all(labels[i] != 2 for i in ids)
+            combined = index.search(rocchio(X[gone[:3]], X[gone[3:4]]), 50, where)[0]
+            assert len(combined) == 50 and not {h.id for h in combined} & set(gone.tolist())
+    with pytest.raises(RemovedRowError, match=f"row {gone[1]} "):
+        index.row_vectors([int(gone[1])])
+    with pytest.raises(RemovedRowError):
+        rows_of_paths(index, [f"v{gone[2]:06d}.png"])
+
+
+def test_cli_combined_and_range_queries_take_the_filter_and_skip_removed_rows(images, tmp_path, capsys):
+    import shutil
+
+    root, tree, paths, F = images
+    idx = tmp_path / "idx"
+    shutil.copytree(root / "idx", idx)
+    dogs = np.array([p.startswith("dog/") for p in paths])
+    q = rocchio(F[[3]], F[[4, 5]])
+    scores = np.where(dogs, unit(F) @ q, -np.inf)
+    (line,) = search_json(capsys, idx, "--id", 3, "--negative-id", 4, "--negative-id", 5, "-k", 3,
+                          "--where", "label == 'dog'")
+    assert_ranked(line["hits"], scores, 3)
+    assert {h["label"] for h in line["hits"]} == {"dog"}
+    S = np.where(dogs, unit(F) @ unit(F[3]), -np.inf)
+    T = float(np.sort(S)[-3]) - 1e-4
+    (line,) = search_json(capsys, idx, "--id", 3, "--min-score", T, "--where", "label == 'dog'")
+    assert_ranked(line["hits"], S, 3)
+    # removed rows: never in a range or combined answer, refused as examples by id or path
+    gone = [i for i, p in enumerate(paths) if p.startswith("cat/")]
+    assert main(["index", str(idx), "--remove", *[paths[i] for i in gone], "--quiet"]) == 0
+    live, other = [i for i in range(len(paths)) if i not in gone][:2]
+    for extra in (["--min-score", "-1"], ["--negative-id", str(other), "-k", "100"],
+                  ["--image", str(tree / paths[gone[0]]), "--combine", "--exclude-examples", "-k", "100"]):
+        args = ["--id", live] if "--image" not in extra else []
+        (line,) = search_json(capsys, idx, *args, *extra)
+        assert len(line["hits"]) == len(paths) - len(gone)  # a removed example file has nothing to leave out
+        assert not {h["id"] for h in line["hits"]} & set(gone)
+    for example in (["--id", str(live), "--negative-id", str(gone[0])], ["--path", paths[gone[1]], "--min-score", "0"],
+                    ["--id", str(live), "--negative-path", paths[gone[2]]]):
+        capsys.readouterr()
+        assert main(["search", str(idx), *example]) == 2
+        err = capsys.readouterr().err
+        assert "was removed" in err and "Traceback" not in err

@@ -476,7 +476,7 @@ def test_a_bad_filter_is_422_with_the_message_on_every_endpoint(service, where, 
 def test_removed_rows_are_gone_from_the_service(built, tmp_path):
     from embedder.search.removal import remove_rows
 
-    _, _, index_dir = built
+    tree, _, index_dir = built
     moved = tmp_path / "index"
     shutil.copytree(index_dir, moved)
     app = create_app(moved)
@@ -492,6 +492,20 @@ def test_removed_rows_are_gone_from_the_service(built, tmp_path):
         assert len(hits) == len(paths) - len(gone) and not {h["id"] for h in hits} & set(gone)
         cats = quoted("label == 'cat'")
         assert http("GET", f"{url}/search/id/{live}?where={cats}").json()["hits"] == []
+        # nor from a range or combined search, with or without a filter; as a negative example, 410
+        other = next(i for i in range(live + 1, len(paths)) if i not in gone)
+        for query in ("min_score=-1&k=1000", f"negative_id={other}&k=1000", f"min_score=-1&k=1000&where={cats}"):
+            r = http("GET", f"{url}/search/id/{live}?{query}")
+            assert r.status == 200, r.body
+            ids = {h["id"] for h in r.json()["hits"]}
+            assert len(ids) == (0 if "where" in query else len(paths) - len(gone)) and not ids & set(gone)
+        cat = tree / paths[gone[1]]
+        body, headers = multipart_files([("file", "a.jpg", cat.read_bytes()), ("file", "b.jpg", cat.read_bytes())])
+        r = http("POST", f"{url}/search/image?k=1000&min_score=-1", body, headers)
+        assert r.status == 200 and not {h["id"] for h in r.json()["hits"]} & set(gone), r.body
+        for where in (f"{url}/search/id/{live}?negative_id={gone[2]}", f"{url}/search/image?negative_id={gone[2]}"):
+            r = http("POST", where, body, headers) if "image" in where else http("GET", where)
+            assert r.status == 410 and f"row {gone[2]} ({paths[gone[2]]}) was removed" in r.json()["detail"]
 
 
 def test_openapi_lists_every_endpoint(service):
@@ -793,6 +807,42 @@ def test_min_score_returns_every_row_in_range_at_most_k(service):
     r = http("GET", f"{service.url}/search/id/{row}?k=5&negative_id=0&negative_id=1")
     assert r.status == 200, r.body
     assert_best(r.json()["hits"], rocchio_scores(service, [row], [0, 1]), 5)
+
+
+def test_combined_and_range_searches_take_the_filter(service):
+    """Every endpoint's combined (Rocchio) and range search answers among the rows `where` keeps:
+    numpy's answer over those rows, flat exact."""
+    labels = np.array([p.split("/")[0] for p in service.index.paths])
+    where, dogs = quoted("label == 'dog'"), labels == "dog"
+    (a, da), (b, db), (c, dc) = (indexed_file(service, rel) for rel in ["cat/cat_000.jpg", "fox/fox_001.png",
+                                                                         "dog/dog_002.jpg"])
+    body, headers = multipart_files([("file", "a.jpg", da), ("file", "b.png", db), ("negative", "c.jpg", dc)])
+    r = http("POST", f"{service.url}/search/image?k=4&where={where}", body, headers)
+    assert r.status == 200, r.body
+    assert r.json()["query"]["where"] == "label == 'dog'"
+    assert_best(r.json()["hits"], np.where(dogs, rocchio_scores(service, [a, b], [c]), -np.inf), 4)
+    r = http("GET", f"{service.url}/search/id/{a}?k=4&negative_id={c}&where={where}")
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], np.where(dogs, rocchio_scores(service, [a], [c]), -np.inf), 4)
+    scores = rocchio_scores(service, [a], [])
+    T = float(np.sort(scores[dogs])[-3]) - 1e-4  # three dogs in range, and cats above them
+    assert (scores[~dogs] >= T).sum() >= 1
+    in_range = np.where(dogs, scores, -np.inf)
+    r = http("GET", f"{service.url}/search/id/{a}?k=1000&min_score={T}&where={where}")
+    assert r.status == 200 and r.json()["query"]["min_score"] == T, r.body
+    assert_best(r.json()["hits"], in_range, 3)
+    body, headers = multipart("q.jpg", da)
+    r = http("POST", f"{service.url}/search/image?k=1000&min_score={T}&where={where}", body, headers)
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], in_range, 3)
+    with FeatureCache(service.cache) as cache:
+        vector = cache.features(slice(a, a + 1))[0].tolist()
+    r = post_json(service, "/search/vector", {"vector": vector, "k": 1000, "min_score": T, "where": "label == 'dog'"})
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], in_range, 3)
+    assert r.json()["query"] == {"vector_dim": service.index.dim, "where": "label == 'dog'", "min_score": T}
+    bad = http("GET", f"{service.url}/search/id/{a}?negative_id={c}&where={quoted('label = dog')}")
+    assert bad.status == 422 and "bad filter" in bad.json()["detail"]
 
 
 def test_bad_example_and_range_values_are_422_with_a_reason(service):

@@ -53,8 +53,8 @@ from starlette.routing import Match
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
 from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterError
 from embedder.names import display_path
-from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
 from embedder.search.config import SearchConfig
+from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
 from embedder.search.queries import range_search, rocchio
 from embedder.search.query import Hit, SearchIndex
 from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_EXAMPLES, MAX_K
