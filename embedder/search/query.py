@@ -235,6 +235,7 @@ class SearchIndex:
         return self._params(selector, int(allowed.sum()) / max(self.ntotal, 1), k)
 
     def _params(self, selector, fraction: float, k: int):
+        """selector_params' parameters for a selector that allows `fraction` of the rows."""
         faiss = load_faiss()
         kind = self.meta["kind"]
         if kind in INVERTED_LIST_KINDS:
