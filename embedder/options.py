@@ -156,7 +156,8 @@ def _argparse_kwargs(spec: _Spec) -> dict:
         kw["default"] = None
         return kw
     if opt.nargs:
-        kw["nargs"] = opt.nargs
+        # extend: `--image a.jpg --image b.jpg` keeps both, as `--image a.jpg b.jpg` does
+        kw["nargs"], kw["action"] = opt.nargs, "extend"
     elif spec.many or opt.repeat:
         kw["action"] = "append"
     kw["default"] = None

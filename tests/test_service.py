@@ -38,6 +38,7 @@ from embedder.cli.main import build_parser
 from embedder.extract.local import embed
 from embedder.search.build import build_index
 from embedder.serve.app import create_app
+from embedder.serve.config import MAX_EXAMPLES
 from tests.conftest import fast_config, make_tree
 
 K = 5
@@ -475,7 +476,7 @@ def test_a_bad_filter_is_422_with_the_message_on_every_endpoint(service, where, 
 def test_removed_rows_are_gone_from_the_service(built, tmp_path):
     from embedder.search.removal import remove_rows
 
-    _, _, index_dir = built
+    tree, _, index_dir = built
     moved = tmp_path / "index"
     shutil.copytree(index_dir, moved)
     app = create_app(moved)
@@ -491,6 +492,20 @@ def test_removed_rows_are_gone_from_the_service(built, tmp_path):
         assert len(hits) == len(paths) - len(gone) and not {h["id"] for h in hits} & set(gone)
         cats = quoted("label == 'cat'")
         assert http("GET", f"{url}/search/id/{live}?where={cats}").json()["hits"] == []
+        # nor from a range or combined search, with or without a filter; as a negative example, 410
+        other = next(i for i in range(live + 1, len(paths)) if i not in gone)
+        for query in ("min_score=-1&k=1000", f"negative_id={other}&k=1000", f"min_score=-1&k=1000&where={cats}"):
+            r = http("GET", f"{url}/search/id/{live}?{query}")
+            assert r.status == 200, r.body
+            ids = {h["id"] for h in r.json()["hits"]}
+            assert len(ids) == (0 if "where" in query else len(paths) - len(gone)) and not ids & set(gone)
+        cat = tree / paths[gone[1]]
+        body, headers = multipart_files([("file", "a.jpg", cat.read_bytes()), ("file", "b.jpg", cat.read_bytes())])
+        r = http("POST", f"{url}/search/image?k=1000&min_score=-1", body, headers)
+        assert r.status == 200 and not {h["id"] for h in r.json()["hits"]} & set(gone), r.body
+        for where in (f"{url}/search/id/{live}?negative_id={gone[2]}", f"{url}/search/image?negative_id={gone[2]}"):
+            r = http("POST", where, body, headers) if "image" in where else http("GET", where)
+            assert r.status == 410 and f"row {gone[2]} ({paths[gone[2]]}) was removed" in r.json()["detail"]
 
 
 def test_openapi_lists_every_endpoint(service):
@@ -514,7 +529,8 @@ def test_openapi_states_the_constraints_the_server_enforces(service):
     assert schemas["VectorQuery"]["properties"]["k"]["minimum"] == 1
     assert schemas["VectorQuery"]["properties"]["k"]["maximum"] == 1000
     upload = schemas["Body_search_image_search_image_post"]["properties"]["file"]
-    assert upload["minLength"] == 1 and upload["format"] == "binary"
+    assert upload["items"]["minLength"] == 1 and upload["items"]["format"] == "binary"
+    assert upload["minItems"] == 1 and upload["maxItems"] == MAX_EXAMPLES
     row = next(p for p in paths["/thumbnail/{row_id}"]["get"]["parameters"] if p["name"] == "row_id")["schema"]
     assert (row["minimum"], row["maximum"]) == (0, service.index.ntotal - 1)
     error = {"$ref": "#/components/schemas/ErrorOut"}
@@ -593,6 +609,32 @@ def test_browser_drop_page_shows_neighbours_and_errors(service, tmp_path):
             assert page.locator("#error").inner_text().splitlines()[-1] == " " * 11 + "^"
             assert page.locator("#error").evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
             assert page.locator("#results .hit").count() == 0
+            page.fill("#where", "")
+            # A min score turns it into a range search: the image itself (cosine 1) and whatever is as close.
+            scores = rocchio_scores(service, [service.index.row_of_path(rel)], [])
+            expected = int((scores >= 0.99).sum())
+            assert 1 <= expected < K
+            page.fill("#range", "0.99")
+            page.set_input_files("input[type=file]", str(service.tree / rel))
+            expect(hits).to_have_count(expected, timeout=15_000)
+            assert first.get_attribute("data-path") == rel
+            assert all(float(t.split()[-1]) >= 0.99 for t in page.locator("#results .hit .score").all_inner_texts())
+            page.fill("#range", "")
+            # Both boxes at once: a range search among the rows the filter keeps. The query's own
+            # class is filtered out, so the image itself (cosine 1) and its near copies are not shown.
+            labels = np.array([service.index.classes[i] for i in service.index.labels])
+            others = np.sort(scores[labels != "fox"])[::-1]
+            assert others[1] - others[2] > 1e-3  # the range's bound falls in a clear gap
+            bound = float(others[1] + others[2]) / 2
+            assert (scores[labels == "fox"] >= bound).any()  # rows in range that only the filter removes
+            page.fill("#range", f"{bound:.6f}")
+            page.fill("#where", "label != 'fox'")
+            page.press("#range", "Enter")
+            expect(hits).to_have_count(2, timeout=15_000)
+            shown = [hits.nth(i).get_attribute("data-path") for i in range(2)]
+            best = np.flatnonzero(labels != "fox")[np.argsort(-scores[labels != "fox"], kind="stable")[:2]]
+            assert shown == [service.index.paths[i] for i in best]
+            page.fill("#range", "")
             page.fill("#where", "")
 
             page.set_input_files("input[type=file]", str(text_file))
@@ -696,6 +738,140 @@ def test_every_bad_request_gets_a_short_json_reason(service):
         assert r.headers["content-type"] == "application/json", what
         assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], what
     assert long_name not in upload(service, long_name, b"not an image").json()["detail"]  # echoed clipped
+
+
+# ---------------------------------------------------------------- several examples, range search
+
+
+def multipart_files(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, dict]:
+    """A multipart body of (field, filename, data) parts: `file` for positives, `negative` for negatives."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                    for field, name, data in parts)
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def rocchio_scores(service: Service, pos: list[int], neg: list[int]) -> np.ndarray:
+    """Cosine of every cached row with alpha mean(unit positives) - beta mean(unit negatives), by numpy."""
+    with FeatureCache(service.cache) as cache:
+        F = cache.features().astype(np.float64)
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    q = F[pos].mean(0) - (0.75 * F[neg].mean(0) if neg else 0)  # SearchConfig's alpha 1, beta 0.75
+    return F @ (q / np.linalg.norm(q))
+
+
+def assert_best(hits: list[dict], scores: np.ndarray, k: int) -> None:
+    best = np.sort(scores)[::-1][:k]  # scores, not ids: random-init features leave near ties
+    np.testing.assert_allclose([h["score"] for h in hits], best, atol=1e-4)
+    np.testing.assert_allclose([h["score"] for h in hits], scores[[h["id"] for h in hits]], atol=1e-4)
+
+
+def test_several_uploads_and_negatives_make_one_rocchio_query(service):
+    rels = ["cat/cat_000.jpg", "dog/dog_001.png", "fox/fox_002.jpg"]
+    (a, da), (b, db), (c, dc) = (indexed_file(service, rel) for rel in rels)
+    body, headers = multipart_files([("file", "a.jpg", da), ("file", "b.png", db), ("negative", "c.jpg", dc)])
+    r = http("POST", f"{service.url}/search/image?k=6", body, headers)
+    assert r.status == 200, r.body
+    result = r.json()
+    assert [q["filename"] for q in result["query"]["positives"]] == ["a.jpg", "b.png"]
+    assert [q["filename"] for q in result["query"]["negatives"]] == ["c.jpg"]
+    assert_best(result["hits"], rocchio_scores(service, [a, b], [c]), 6)
+    # the negative as an indexed row instead of an upload: the same query
+    body, headers = multipart_files([("file", "a.jpg", da), ("file", "b.png", db)])
+    r = http("POST", f"{service.url}/search/image?k=6&negative_id={c}", body, headers)
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], rocchio_scores(service, [a, b], [c]), 6)
+    assert r.json()["query"]["negative_ids"] == [c]
+
+
+def test_min_score_returns_every_row_in_range_at_most_k(service):
+    row, data = indexed_file(service, "dog/dog_002.jpg")
+    scores = rocchio_scores(service, [row], [])
+    T = float(np.sort(scores)[-7]) - 1e-4  # seven rows, with room for float32
+    body, headers = multipart("q.jpg", data)
+    r = http("POST", f"{service.url}/search/image?k=1000&min_score={T}", body, headers)
+    assert r.status == 200, r.body
+    assert r.json()["query"]["min_score"] == T
+    assert_best(r.json()["hits"], scores, 7)
+    r = http("POST", f"{service.url}/search/image?k=3&min_score={T}", body, headers)
+    assert_best(r.json()["hits"], scores, 3)  # k caps a range
+    r = http("GET", f"{service.url}/search/id/{row}?k=1000&min_score={T}")
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], scores, 7)
+    with FeatureCache(service.cache) as cache:
+        vector = cache.features(slice(row, row + 1))[0]
+    r = post_json(service, "/search/vector", {"vector": vector.tolist(), "k": 1000, "min_score": T})
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], scores, 7)
+    r = http("GET", f"{service.url}/search/id/{row}?k=5&negative_id=0&negative_id=1")
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], rocchio_scores(service, [row], [0, 1]), 5)
+
+
+def test_combined_and_range_searches_take_the_filter(service):
+    """Every endpoint's combined (Rocchio) and range search answers among the rows `where` keeps:
+    numpy's answer over those rows, flat exact."""
+    labels = np.array([p.split("/")[0] for p in service.index.paths])
+    where, dogs = quoted("label == 'dog'"), labels == "dog"
+    (a, da), (b, db), (c, dc) = (indexed_file(service, rel) for rel in ["cat/cat_000.jpg", "fox/fox_001.png",
+                                                                         "dog/dog_002.jpg"])
+    body, headers = multipart_files([("file", "a.jpg", da), ("file", "b.png", db), ("negative", "c.jpg", dc)])
+    r = http("POST", f"{service.url}/search/image?k=4&where={where}", body, headers)
+    assert r.status == 200, r.body
+    assert r.json()["query"]["where"] == "label == 'dog'"
+    assert_best(r.json()["hits"], np.where(dogs, rocchio_scores(service, [a, b], [c]), -np.inf), 4)
+    r = http("GET", f"{service.url}/search/id/{a}?k=4&negative_id={c}&where={where}")
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], np.where(dogs, rocchio_scores(service, [a], [c]), -np.inf), 4)
+    scores = rocchio_scores(service, [a], [])
+    T = float(np.sort(scores[dogs])[-3]) - 1e-4  # three dogs in range, and cats above them
+    assert (scores[~dogs] >= T).sum() >= 1
+    in_range = np.where(dogs, scores, -np.inf)
+    r = http("GET", f"{service.url}/search/id/{a}?k=1000&min_score={T}&where={where}")
+    assert r.status == 200 and r.json()["query"]["min_score"] == T, r.body
+    assert_best(r.json()["hits"], in_range, 3)
+    body, headers = multipart("q.jpg", da)
+    r = http("POST", f"{service.url}/search/image?k=1000&min_score={T}&where={where}", body, headers)
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], in_range, 3)
+    with FeatureCache(service.cache) as cache:
+        vector = cache.features(slice(a, a + 1))[0].tolist()
+    r = post_json(service, "/search/vector", {"vector": vector, "k": 1000, "min_score": T, "where": "label == 'dog'"})
+    assert r.status == 200, r.body
+    assert_best(r.json()["hits"], in_range, 3)
+    assert r.json()["query"] == {"vector_dim": service.index.dim, "where": "label == 'dog'", "min_score": T}
+    bad = http("GET", f"{service.url}/search/id/{a}?negative_id={c}&where={quoted('label = dog')}")
+    assert bad.status == 422 and "bad filter" in bad.json()["detail"]
+
+
+def test_bad_example_and_range_values_are_422_with_a_reason(service):
+    _, data = indexed_file(service, "cat/cat_000.jpg")
+    body, headers = multipart("q.jpg", data)
+    many, many_headers = multipart_files([("file", f"{i}.jpg", data) for i in range(MAX_EXAMPLES + 1)])
+    cases = {
+        "max_distance on a cosine index": lambda: http("GET", f"{service.url}/search/id/0?max_distance=1"),
+        "max_distance in a vector body": lambda: post_json(service, "/search/vector",
+                                                           {"vector": [1.0] * service.index.dim, "max_distance": 1}),
+        "min_score nan": lambda: http("GET", f"{service.url}/search/id/0?min_score=nan"),
+        "min_score inf": lambda: http("POST", f"{service.url}/search/image?min_score=inf", body, headers),
+        "min_score not a number": lambda: http("GET", f"{service.url}/search/id/0?min_score=high"),
+        "negative_id out of range": lambda: http("GET", f"{service.url}/search/id/0?negative_id=99999"),
+        "negative_id negative": lambda: http("POST", f"{service.url}/search/image?negative_id=-1", body, headers),
+        "too many images": lambda: http("POST", f"{service.url}/search/image", many, many_headers),
+        "min_score in a vector body": lambda: post_json(service, "/search/vector",
+                                                        {"vector": [1.0] * service.index.dim, "min_score": "x"}),
+    }
+    for what, send in cases.items():
+        r = send()
+        assert r.status == 422, (what, r.status, r.body[:300])
+        assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], what
+    detail = http("GET", f"{service.url}/search/id/0?max_distance=1").json()["detail"]
+    assert "min_score" in detail
+    # an unreadable negative is the same 400 as an unreadable query
+    bad, bad_headers = multipart_files([("file", "a.jpg", data), ("negative", "n.jpg", b"not an image")])
+    r = http("POST", f"{service.url}/search/image", bad, bad_headers)
+    assert r.status == 400 and "n.jpg" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------- headers, Host, methods

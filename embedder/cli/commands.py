@@ -392,6 +392,8 @@ def _run_queries(index, config):
     import numpy as np
 
     k, where = config.k, config.where
+    if config.combined or config.threshold is not None or config.exclude_examples:
+        return _run_example_queries(index, config)
     if config.image:
         results, errors = index.search_files(expand_images(config.image), k=k, where=where)
         return [(str(f), hits) for f, hits in results], errors
@@ -401,6 +403,71 @@ def _run_queries(index, config):
     if config.row_id is not None:
         return [(str(index.image_path(config.row_id)), index.search_ids([config.row_id], k, where)[0])], []
     return [(None, hits) for hits in index.search(np.atleast_2d(np.load(config.vector)), k, where)], []
+
+
+def _run_example_queries(index, config):
+    """_run_queries for combined examples (Rocchio), range search, and results without the examples."""
+    from embedder.errors import AllImagesFailedError
+    from embedder.search.queries import drop_rows, range_search, rocchio
+
+    index.allowed(config.where)  # a bad filter, or range, is refused before any image is embedded
+    if config.threshold is not None:
+        _check_range_metric(index, config)
+    one = (lambda value: () if value is None else (value,))
+    names, vectors, errors, rows = _examples(index, config.image, one(config.path), one(config.row_id), config.vector)
+    if config.combined:
+        neg_names, negatives, neg_errors, neg_rows = _examples(index, config.negative, config.negative_path,
+                                                               config.negative_id)
+        errors += neg_errors
+        if not len(vectors):
+            raise AllImagesFailedError("None of the positive examples could be read.")
+        vectors = rocchio(vectors, negatives, config.alpha, config.beta, index.metric)[None]
+        shown = " + ".join(n for n in names if n) or f"{len(names)} vectors"
+        names = [shown + "".join(f" - {n}" for n in neg_names)]
+        rows = [[r for group in rows + neg_rows for r in group]]
+    skip = rows if config.exclude_examples else [[] for _ in names]
+    extra = max(map(len, skip), default=0)  # asked for beyond the limit, as the examples may take places
+    if config.threshold is not None:
+        limit = config.max_results
+        found = range_search(index, vectors, config.threshold, None if limit is None else limit + extra,
+                             where=config.where)
+    else:
+        limit = config.k
+        found = index.search(vectors, limit + extra, config.where) if len(vectors) else []
+    return [(q, drop_rows(hits, s, limit)) for q, hits, s in zip(names, found, skip)], errors
+
+
+def _examples(index, images=(), paths=(), ids=(), vector=None):
+    """(names, vectors, errors, [indexed rows of each]) of examples given as images, cached paths,
+    row ids or a .npy file, in that order."""
+    import numpy as np
+
+    from embedder.search.queries import rows_of_files, rows_of_paths
+
+    names, parts, errors, rows = [], [], [], []
+    if images:
+        feats, ok, errors = index.embed_files(expand_images(images))
+        names, parts, rows = [str(f) for f in ok], [feats], [rows_of_files(index, [f]) for f in ok]
+    ids = rows_of_paths(index, paths) + [int(i) for i in ids]
+    if ids:
+        parts.append(index.row_vectors(ids))  # first: it refuses an id out of range, or removed
+        names += [str(index.image_path(i)) for i in ids]
+        rows += [[i] for i in ids]
+    if vector is not None:
+        loaded = np.atleast_2d(np.load(vector))
+        names, parts, rows = [*names, *[None] * len(loaded)], [*parts, loaded], [*rows, *[[] for _ in loaded]]
+    vectors = np.concatenate(parts) if parts else np.zeros((0, index.dim), dtype=np.float32)
+    return names, vectors, errors, rows
+
+
+def _check_range_metric(index, config) -> None:
+    from embedder.errors import ConfigError
+
+    wanted = "cosine" if config.min_score is not None else "l2"
+    if index.metric != wanted:
+        flag = "--min-score" if index.metric == "cosine" else "--max-distance"
+        raise ConfigError(f"{config.index} ranks by {index.metric}: give the range as {flag} "
+                          f"({'a cosine similarity' if index.metric == 'cosine' else 'a squared L2 distance'}).")
 
 
 def dedup(config, args) -> list[list[str]]:

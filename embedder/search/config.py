@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
@@ -92,6 +93,26 @@ class SearchConfig:
     where: str | None = option(None, metavar="FILTER",
                                help="only rows this filter keeps, e.g. \"label == 'cat' and width >= 256\" "
                                     "(columns id, path, label and the index's metadata columns; README: Filters)")
+    combine: bool = option(False, help="one query from all the positive examples (--image files, or the rows of "
+                                       "--vector) instead of one per example: Rocchio's alpha * mean(positives) "
+                                       "- beta * mean(negatives); implied by any negative")
+    negative: tuple[str, ...] = option((), path=True, nargs="+", metavar="IMAGE",
+                                       help="negative example images or folders: results move away from them")
+    negative_path: tuple[str, ...] = option((), metavar="CACHED_PATH",
+                                            help="a negative example by its path in the cache (repeatable)")
+    negative_id: tuple[int, ...] = option((), metavar="N", help="a negative example by its row id (repeatable)")
+    alpha: float = option(1.0, help="weight of the positives' mean in a combined query")
+    beta: float = option(0.75, help="weight of the negatives' mean subtracted from it")
+    exclude_examples: bool = option(False, help="leave the examples themselves (indexed rows given by --id, "
+                                                "--path, --negative-*, or indexed files given as images) out of "
+                                                "the results; without it an indexed example usually ranks first")
+    min_score: float | None = option(None, metavar="T",
+                                     help="range search (metric cosine): every row with cosine similarity >= T, "
+                                          "best first, instead of the k nearest")
+    max_distance: float | None = option(None, metavar="D",
+                                        help="range search (metric l2): every row with squared L2 distance <= D")
+    max_results: int | None = option(None, metavar="N",
+                                     help="at most N rows per range search (default: all; -k does not apply)")
     grid: str | None = option(None, path=True, help="write a PNG of each query and its neighbours")
     layer: str | None = option(None, help="the layer the index must have been built on (checked; an index holds "
                                           "one layer)")
@@ -106,6 +127,26 @@ class SearchConfig:
                               + (f" (got {', '.join(given)})" if given else "") + ".")
         if self.k < 1:
             raise ConfigError(f"-k must be at least 1, got {self.k}.")
+        if self.min_score is not None and self.max_distance is not None:
+            raise ConfigError("Give --min-score (metric cosine) or --max-distance (metric l2), not both.")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--min-score / --max-distance must be a finite number, got {self.threshold}.")
+        if self.max_results is not None and self.max_results < 1:
+            raise ConfigError(f"--max-results must be at least 1, got {self.max_results}.")
+        if self.max_results is not None and self.threshold is None:
+            raise ConfigError("--max-results caps a range search: give --min-score or --max-distance (or use -k).")
+        if not (self.alpha > 0 and self.beta >= 0):
+            raise ConfigError(f"--alpha must be > 0 and --beta >= 0, got {self.alpha} and {self.beta}.")
+
+    @property
+    def combined(self) -> bool:
+        """One query from all the examples: asked for, or implied by a negative."""
+        return self.combine or bool(self.negative or self.negative_path or self.negative_id)
+
+    @property
+    def threshold(self) -> float | None:
+        """The range search's bound (--min-score or --max-distance), None for k-nearest search."""
+        return self.min_score if self.min_score is not None else self.max_distance
 
 
 @dataclass(frozen=True)

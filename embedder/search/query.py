@@ -130,10 +130,12 @@ class SearchIndex:
     def has_path(self, path: str) -> bool:
         return path in self._row
 
-    def row_of_path(self, path: str) -> int:
+    def row_of_path(self, path: str, removed: bool = False) -> int:
+        """The row id of a path as the cache stored it; RemovedRowError for a removed row unless `removed`."""
         if path not in self._row:
             raise KeyError(f"{path!r} is not in the index (paths are relative to {self.source}).")
-        self._check_not_removed([self._row[path]])
+        if not removed:
+            self._check_not_removed([self._row[path]])
         return self._row[path]
 
     def is_removed(self, row_id: int) -> bool:
@@ -226,25 +228,31 @@ class SearchIndex:
         rows = int(allowed.sum())
         if self.meta["kind"] == "hnsw" and rows <= self.exact_rows:
             return self._exact_among(x, k, np.flatnonzero(allowed))
-        bitmap = np.packbits(allowed, bitorder="little")  # kept alive here for as long as faiss reads it
-        selector = faiss.IDSelectorBitmap(bitmap)
-        scores, ids = self.index.search(x, k, params=self._params(selector, rows / self.ntotal, k))
+        params = self.selector_params(allowed, k)
+        scores, ids = self.index.search(x, k, params=params)
         short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
         if len(short):
             if self.meta["kind"] in INVERTED_LIST_KINDS:
                 nlist = faiss.extract_index_ivf(self.index).nlist
-                again = self.index.search(x[short], k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nlist))
+                again = self.index.search(x[short], k, params=faiss.SearchParametersIVF(sel=params.sel, nprobe=nlist))
             else:
                 again = self._exact_among(x[short], k, np.flatnonzero(allowed))
             scores[short], ids[short] = again
         return scores, ids
 
+    def selector_params(self, allowed: np.ndarray, k: int):
+        """Search parameters that let faiss return only the `allowed` rows (a bitmap selector, in
+        `sel`), with the index's tuned knob. HNSW's efSearch is divided by the square root of the
+        allowed fraction (up to HNSW_FILTERED_EF): a walk that meets mostly excluded nodes needs a
+        wider beam to keep its recall among the allowed ones (100k x 128, 10% allowed: recall@10
+        0.84 at the tuned efSearch 32, 0.98 at 101, 0.999 at 320 for 1.6x the time)."""
+        faiss = load_faiss()
+        selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
+        # faiss's wrappers keep the bitmap alive with the selector, and the selector with the parameters.
+        return self._params(selector, int(allowed.sum()) / max(self.ntotal, 1), k)
+
     def _params(self, selector, fraction: float, k: int):
-        """Search parameters carrying the selector and the index's tuned knob. HNSW's efSearch is
-        divided by the square root of the allowed `fraction` (up to HNSW_FILTERED_EF): a walk that
-        meets mostly excluded nodes needs a wider beam to keep its recall among the allowed ones
-        (100k x 128, 10% allowed: recall@10 0.84 at the tuned efSearch 32, 0.98 at 101, 0.999 at
-        320 for 1.6x the time)."""
+        """selector_params' parameters for a selector that allows `fraction` of the rows."""
         faiss = load_faiss()
         kind = self.meta["kind"]
         if kind in INVERTED_LIST_KINDS:
@@ -276,17 +284,36 @@ class SearchIndex:
         """The indexed (prepared) vectors of `rows`, which flat and HNSW keep exactly."""
         return np.ascontiguousarray(self.index.reconstruct_batch(rows.astype(np.int64)), dtype=np.float32)
 
-    def search_ids(self, ids: list[int], k: int = 10, where: str | None = None) -> list[list[Hit]]:
+    def row_vectors(self, ids) -> np.ndarray:
+        """The indexed vectors of row ids, shape (n, D) (exact ones from the cache where the index
+        keeps lossy codes). ConfigError for an id out of range, RemovedRowError for a removed row."""
+        ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.ntotal]
         if bad:
-            raise IndexError(f"Row id {bad[0]} is not in the index (0 .. {self.ntotal - 1}).")
+            raise ConfigError(f"Row id {bad[0]} is not in the index (ids run from 0 to {self.ntotal - 1}).")
         self._check_not_removed(ids)
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
         if self._reconstructs:
-            vectors = np.stack([self.index.reconstruct(int(i)) for i in ids])
-        else:  # PQ codes are lossy: take the exact vectors from the cache
-            with FeatureCache(self.meta["cache"], layer=self.meta.get("layer")) as cache:
-                vectors = np.stack([cache.features(slice(i, i + 1))[0] for i in ids])
-        return self.search(vectors, k, where)
+            return np.stack([self.index.reconstruct(i) for i in ids])
+        return self.cache_vectors(ids)
+
+    def cache_vectors(self, ids) -> np.ndarray:
+        """The cache's exact vectors of rows `ids` (any order, repeats allowed)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.unique(ids)  # h5py reads increasing rows
+        path = self.meta.get("cache")
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"This {self.meta['kind']} index keeps compressed codes, so this query reads exact "
+                              f"vectors from its cache, which is not at {path}. Put the cache back there, or rebuild "
+                              "the index with --kind flat, ivf or hnsw.")
+        with FeatureCache(path, layer=self.meta.get("layer")) as cache:
+            found = cache.features(order)
+        return np.asarray(found[np.searchsorted(order, ids)], dtype=np.float32)
+
+    def search_ids(self, ids: list[int], k: int = 10, where: str | None = None) -> list[list[Hit]]:
+        """The neighbours of indexed rows, by row id (`row_vectors`' errors for a bad one)."""
+        return self.search(self.row_vectors(ids), k, where)
 
     # -- queries by image ----------------------------------------------------------------------
     def backbone(self):
@@ -296,9 +323,8 @@ class SearchIndex:
                 self._backbone = query_backbone(self.meta["components"], self.weights_path, self.runtime)
         return self._backbone
 
-    def search_pixels(self, images, k: int = 10, max_pixels: int | None = None,
-                      where: str | None = None) -> list[list[Hit]]:
-        """Queries given as decoded uint8 RGB tensors [3, H, W]; BadImageError for unusable ones."""
+    def embed_pixels(self, images, max_pixels: int | None = None) -> np.ndarray:
+        """Features of decoded uint8 RGB tensors [3, H, W]; BadImageError for unusable ones."""
         import torch
 
         from embedder.data.decode import DEFAULT_MAX_PIXELS
@@ -309,16 +335,26 @@ class SearchIndex:
         transform = geometric_transform(pre)
         limit = max_pixels or DEFAULT_MAX_PIXELS
         batch = torch.stack([apply_guarded(transform, img, pre.resize_size, limit) for img in images])
-        return self.search(backbone(batch).cpu().numpy(), k, where)
+        return backbone(batch).cpu().numpy()
+
+    def embed_files(self, files: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[str], list]:
+        """(features of the readable files, those files, [(file, reason)] for the others)."""
+        from embedder.extract.core import embed_images
+
+        feats, errors = embed_images(self.backbone(), files, batch_size=batch_size)
+        failed = {p for p, _ in errors}
+        return feats, [f for f in files if str(f) not in failed], errors
+
+    def search_pixels(self, images, k: int = 10, max_pixels: int | None = None,
+                      where: str | None = None) -> list[list[Hit]]:
+        """Queries given as decoded uint8 RGB tensors [3, H, W]; BadImageError for unusable ones."""
+        self.allowed(where)  # a bad filter is refused before any image is embedded
+        return self.search(self.embed_pixels(images, max_pixels), k, where)
 
     def search_files(self, files: list[str], k: int = 10, batch_size: int = 32, where: str | None = None):
         """(hits per readable file, [(file, reason)] for the others)."""
-        from embedder.extract.core import embed_images
-
         self.allowed(where)  # a bad filter is refused before any image is embedded
-        feats, errors = embed_images(self.backbone(), files, batch_size=batch_size)
-        failed = {p for p, _ in errors}
-        ok = [f for f in files if str(f) not in failed]
+        feats, ok, errors = self.embed_files(files, batch_size)
         return list(zip(ok, self.search(feats, k, where) if len(feats) else [])), errors
 
 

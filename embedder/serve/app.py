@@ -40,7 +40,7 @@ from typing import Annotated
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -53,9 +53,11 @@ from starlette.routing import Match
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, shown_size
 from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterError
 from embedder.names import display_path
+from embedder.search.config import SearchConfig
 from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
+from embedder.search.queries import range_search, rocchio
 from embedder.search.query import Hit, SearchIndex
-from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_K
+from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_EXAMPLES, MAX_K
 from embedder.serve.guards import (
     SHOWN_ERRORS,
     BodyLimit,
@@ -78,6 +80,10 @@ MULTIPART_SLACK = 64 * 1024
 JSON_BYTES_PER_VALUE = 64
 JSON_SLACK = 64 * 1024
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The CLI's defaults (`embedder search --alpha/--beta`), declared once there.
+ROCCHIO_ALPHA = SearchConfig.__dataclass_fields__["alpha"].default
+ROCCHIO_BETA = SearchConfig.__dataclass_fields__["beta"].default
+UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}  # one image part, not empty
 STATIC = {"search.js": "text/javascript; charset=utf-8", "search.css": "text/css; charset=utf-8"}
 
 # ---------------------------------------------------------------- response models (OpenAPI)
@@ -324,21 +330,39 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
         **INVALID,
     })
     async def search_image(
-        file: Annotated[UploadFile, File(
-            description="the query image (any format PIL reads), not empty",
-            json_schema_extra={"format": "binary", "minLength": 1},
+        file: Annotated[list[UploadFile], File(
+            description="the query image (any format PIL reads), not empty; several `file` parts are positive "
+            f"examples combined into one query (Rocchio: their mean; at most {MAX_EXAMPLES})",
+            json_schema_extra={"items": UPLOAD_SCHEMA, "minItems": 1, "maxItems": MAX_EXAMPLES},
         )],
+        examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
         k: k_param = limits.default_k,
         where: where_param = "",
+        negative: Annotated[list[UploadFile], File(
+            description="negative example images: the query moves away from them (Rocchio, beta "
+            f"{ROCCHIO_BETA})", json_schema_extra={"items": UPLOAD_SCHEMA, "maxItems": MAX_EXAMPLES},
+        )] = [],  # noqa: B006 - FastAPI's way of declaring an optional list of files; never mutated
     ) -> dict:
         where = await run_in_threadpool(_filter, index, where)  # a bad filter costs no decode
-        # Waiting for a slot or the model happens here, on the event loop: no thread is held.
-        async with limits.decode_slots:
-            image, query = await run_in_threadpool(uploads.decode, file)
+        if len(file) == 1 and not negative and examples.plain:
+            # Waiting for a slot or the model happens here, on the event loop: no thread is held.
+            async with limits.decode_slots:
+                image, query = await run_in_threadpool(uploads.decode, file[0])
+            k = min(k, index.ntotal)
+            async with model_lock:
+                hits = await run_in_threadpool(uploads.search, image, k, query["filename"], where)
+            return _results(_with_filter(query, where), k, hits, index.metric)
+        examples.check_count(len(file), "images")
+        examples.check_count(len(negative), "negative images")
+        decoded = []
+        for part in [*file, *negative]:
+            async with limits.decode_slots:
+                decoded.append(await run_in_threadpool(uploads.decode, part))
         k = min(k, index.ntotal)
         async with model_lock:
-            hits = await run_in_threadpool(uploads.search, image, k, query["filename"], where)
-        return _results(_with_filter(query, where), k, hits, index.metric)
+            feats = await run_in_threadpool(uploads.embed, [image for image, _ in decoded])
+        query = {"positives": [q for _, q in decoded[:len(file)]], "negatives": [q for _, q in decoded[len(file):]]}
+        return await run_in_threadpool(examples.answer, query, feats[:len(file)], feats[len(file):], k, where)
 
     @_get_and_head(
         app, "/thumbnail/{row_id}", summary="JPEG thumbnail of an indexed image", response_class=Response,
@@ -374,6 +398,12 @@ class _Uploads:
         width, height = shown_size(data)  # of the upload, not of its smaller decoded copy
         return image, {"filename": name, "bytes": len(data), "width": width, "height": height}
 
+    def embed(self, images) -> np.ndarray:
+        try:
+            return self.index.embed_pixels(images, max_pixels=self.limits.max_pixels)
+        except BadImageError as exc:  # e.g. an extreme aspect ratio, found when resizing
+            raise HTTPException(400, detail=f"an upload: {exc.reason}") from None
+
     def search(self, image, k: int, name: str, where: str | None = None) -> list[Hit]:
         try:
             return self.index.search_pixels([image], k=k, max_pixels=self.limits.max_pixels, where=where)[0]
@@ -388,17 +418,18 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
     @_get_and_head(app, "/search/id/{row_id}", response_model=SearchOut,
                    summary="Neighbours of an indexed image, by row id",
                    responses={404: _error("no indexed image has this id"),
-                              410: _error("this row was removed from the index"),
+                              410: _error("this row, or a negative_id, was removed from the index"),
                               **INVALID})
-    def search_id(row_id: row_param, k: k_param = limits.default_k, where: where_param = "") -> dict:
+    def search_id(row_id: row_param, examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
+                  k: k_param = limits.default_k, where: where_param = "") -> dict:
         _check_row(index, row_id)
-        if index.is_removed(row_id):
-            raise HTTPException(410, detail=f"row {row_id} ({display_path(index.paths[row_id])}) was removed from "
-                                            "the index; it is never searched nor returned")
+        _refuse_removed(index, [row_id])
         where = _filter(index, where)
         k = min(k, index.ntotal)
-        hits = index.search_ids([row_id], k=k, where=where)[0]
-        return _results(_with_filter({"id": row_id}, where), k, hits, index.metric)
+        if examples.plain:
+            hits = index.search_ids([row_id], k=k, where=where)[0]
+            return _results(_with_filter({"id": row_id}, where), k, hits, index.metric)
+        return examples.answer({"id": row_id}, index.row_vectors([row_id]), np.zeros((0, index.dim)), k, where)
 
     @app.post("/search/vector", response_model=SearchOut, summary="Neighbours of a feature vector", responses={
         422: _error(f"not one {index.dim}-d vector of finite numbers (or all zero under cosine), or a bad "
@@ -408,8 +439,74 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
         vector = _query_vector(body.vector, index.metric)
         where = _filter(index, body.where)
         k = min(body.k, index.ntotal)
-        hits = index.search(vector[None, :], k=k, where=where)[0]
-        return _results(_with_filter({"vector_dim": index.dim}, where), k, hits, index.metric)
+        if body.threshold is None:
+            hits = index.search(vector[None, :], k=k, where=where)[0]
+            return _results(_with_filter({"vector_dim": index.dim}, where), k, hits, index.metric)
+        examples = _Examples(index, body.threshold, [])
+        return examples.answer({"vector_dim": index.dim}, vector[None, :], np.zeros((0, index.dim)), k, where)
+
+
+def range_field(metric: str) -> tuple[str, dict]:
+    """The range parameter of an index's metric, (name, Field/Query keywords): one name per metric,
+    so that every schema-valid request is one the server accepts."""
+    if metric == "cosine":
+        return "min_score", {"allow_inf_nan": False, "description": (
+            "range search: every row with cosine similarity >= min_score, best first, at most k")}
+    return "max_distance", {"ge": 0, "allow_inf_nan": False, "description": (
+        "range search: every row with squared L2 distance <= max_distance, nearest first, at most k")}
+
+
+class _Examples:
+    """What /search/image and /search/id take besides the query: negative rows and a range."""
+
+    def __init__(self, index: SearchIndex, threshold: float | None, negative_id: list[int]):
+        self.index, self.threshold, self.negative_id = index, threshold, negative_id
+        self.plain = threshold is None and not negative_id  # a plain k-nearest query, as before
+
+    @classmethod
+    def of_index(cls, index: SearchIndex) -> Callable:
+        """The FastAPI dependency that reads them, with this index's bounds in its schema."""
+        name, keywords = range_field(index.metric)
+        row = Annotated[int, Field(ge=0, le=index.ntotal - 1)]
+
+        other = range_field("l2" if index.metric == "cosine" else "cosine")[0]
+
+        def examples(
+            request: Request,
+            threshold: Annotated[float | None, Query(alias=name, **keywords)] = None,
+            negative_id: Annotated[list[row], Query(
+                description="indexed rows as negative examples: the query moves away from them (Rocchio, beta "
+                f"{ROCCHIO_BETA})", max_length=MAX_EXAMPLES)] = [],  # noqa: B006 - FastAPI's optional list; never mutated
+        ) -> _Examples:
+            if other in request.query_params:  # not in the schema, but a likely mistake: say so
+                raise HTTPException(422, detail=f"this index ranks by {index.metric}: give the range as {name}, "
+                                                f"not {other}")
+            _refuse_removed(index, negative_id)  # before any upload is decoded
+            return cls(index, threshold, negative_id)
+
+        return examples
+
+    @staticmethod
+    def check_count(n: int, what: str) -> None:
+        if n > MAX_EXAMPLES:
+            raise HTTPException(422, detail=f"{n} {what} in one query; this server takes at most {MAX_EXAMPLES}")
+
+    def answer(self, query: dict, positives: np.ndarray, negatives: np.ndarray, k: int,
+               where: str | None = None) -> dict:
+        """Combine the examples (Rocchio) and search among the rows `where` keeps: the k nearest, or
+        the range, at most k."""
+        query = _with_filter(query, where)
+        if self.negative_id:
+            negatives = np.concatenate([negatives, self.index.row_vectors(self.negative_id)])
+            query = {**query, "negative_ids": self.negative_id}
+        try:
+            vector = rocchio(positives, negatives, ROCCHIO_ALPHA, ROCCHIO_BETA, self.index.metric)[None]
+        except ConfigError as exc:  # the negatives cancel the positives: the request's fault
+            raise HTTPException(422, detail=str(exc)) from None
+        if self.threshold is None:
+            return _results(query, k, self.index.search(vector, k=k, where=where)[0], self.index.metric)
+        hits = range_search(self.index, vector, self.threshold, max_results=k, where=where)[0]
+        return _results({**query, range_field(self.index.metric)[0]: self.threshold}, k, hits, self.index.metric)
 
 
 def _with_filter(query: dict, where: str | None) -> dict:
@@ -420,6 +517,7 @@ def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") 
     """The body of /search/vector, with the index's width in its schema (checked before the elements)."""
     element = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # finite in float32
     nonzero = {"contains": {"not": {"const": 0}}} if metric == "cosine" else None
+    range_name, range_keywords = range_field(metric)
 
     class VectorQuery(BaseModel):
         model_config = ConfigDict(extra="forbid")  # a misspelt "K" is an error, not silently the default
@@ -432,6 +530,8 @@ def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") 
         k: int = Field(default=default_k, ge=1, le=MAX_K, description="neighbours to return")
         where: str = Field(default="", max_length=MAX_FILTER_LENGTH, description=filter_help,
                            json_schema_extra={"format": FILTER_FORMAT})
+        # strict: `false` is not a score (lax mode would read it as 0.0); integers still pass
+        threshold: float | None = Field(default=None, alias=range_name, strict=True, **range_keywords)
 
         @field_validator("vector", mode="before")
         @classmethod
@@ -543,6 +643,14 @@ def _get_and_head(app: FastAPI, path: str, **options) -> Callable:
 
 def _matches(route, scope) -> bool:
     return getattr(route, "methods", None) is not None and route.matches(scope)[0] != Match.NONE
+
+
+def _refuse_removed(index: SearchIndex, row_ids) -> None:
+    """410 for the first removed row among `row_ids` (the query's row, or a negative example)."""
+    gone = [int(i) for i in row_ids if index.is_removed(int(i))]
+    if gone:
+        raise HTTPException(410, detail=f"row {gone[0]} ({display_path(index.paths[gone[0]])}) was removed from "
+                                        "the index; it is never searched nor returned")
 
 
 def _check_row(index: SearchIndex, row_id: int) -> None:

@@ -12,6 +12,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000  # a 50-MP photo passes; a decode costs ~4 bytes per pixel: 200 MB
 DEFAULT_DECODE_SLOTS = 2  # images decoded at once (uploads and thumbnails)
 MAX_K = 1000  # more neighbours than anyone can look at; bounds the work one request can ask for
+MAX_EXAMPLES = 8  # positive images, negative images, negative rows: at most this many of each in one query
 
 
 @dataclass(frozen=True)

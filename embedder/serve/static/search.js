@@ -81,12 +81,14 @@ async function run(request, what) {
 }
 
 // An empty box sends no k, so the server's own default applies (shown as the placeholder once known);
-// an empty filter box sends no filter.
+// an empty filter box sends no filter. A range (min_score under cosine, max_distance under l2) turns
+// the search into a range search, among the rows the filter keeps.
 function kQuery() {
   const params = new URLSearchParams();
-  const k = $("k").value.trim(), where = $("where").value.trim();
+  const k = $("k").value.trim(), where = $("where").value.trim(), range = $("range").value.trim();
   if (k) params.set("k", k);
   if (where) params.set("where", where);
+  if (range) params.set(metric === "cosine" ? "min_score" : "max_distance", range);
   const text = params.toString();
   return text ? `?${text}` : "";
 }
@@ -110,7 +112,9 @@ function searchById(id) {
   run(() => fetch(`/search/id/${id}${kQuery()}`), `image #${id}`);
 }
 
-$("where").addEventListener("keydown", (e) => { if (e.key === "Enter" && lastSearch) { e.preventDefault(); lastSearch(); } });
+for (const box of ["where", "range"]) {
+  $(box).addEventListener("keydown", (e) => { if (e.key === "Enter" && lastSearch) { e.preventDefault(); lastSearch(); } });
+}
 // Cleared after each pick so that choosing the same file again searches again.
 fileInput.addEventListener("change", () => { searchFile(fileInput.files[0]); fileInput.value = ""; });
 drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); fileInput.click(); } });
@@ -129,5 +133,6 @@ fetch("/health").then(async (r) => {
   if (!r.ok) throw new Error(await apiError(r));
   const h = await r.json();
   metric = h.metric;
+  if (metric !== "cosine") { $("range-name").textContent = "max distance"; $("range").title = "range search: every image at most this squared L2 distance away"; }
   $("about").textContent = `${h.ntotal} images · ${h.dim}-d features · ${h.kind} index · ${h.metric} · API: /openapi.json`;
 }).catch((err) => showError(`Index status unavailable: ${err.message}`));
