@@ -23,7 +23,7 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
 def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> float | None:
     """Share of rows whose true label is among the k highest `scores` (columns ordered as `labels`,
     default 0..n-1). Ties are ranked as sklearn's top_k_accuracy_score ranks them: among equal
-    scores the later column comes first, so a tie is neither always a hit nor always a miss."""
+    scores the larger label comes first, so a tie is neither always a hit nor always a miss."""
     y_true, scores = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
     if not len(y_true):
         return None
@@ -33,7 +33,7 @@ def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int, labels: np.nd
     if not np.array_equal(labels[column], y_true):
         raise ValueError("top_k_accuracy: a true label is not among the score columns")
     own = scores[np.arange(len(y_true)), column][:, None]
-    later = np.arange(scores.shape[1])[None, :] > column[:, None]
+    later = labels[None, :] > y_true[:, None]  # ties: the larger label first, as sklearn orders them
     rank = (scores > own).sum(1) + ((scores == own) & later).sum(1)
     return float((rank < k).mean())
 
