@@ -214,6 +214,9 @@ def test_layer_sweep_trains_every_layer_on_one_split(two_layer_cache, tmp_path, 
     best = max(sweep["layers"], key=lambda r: r["val_accuracy"])
     assert sweep["best"] == best["layer"] and sweep["test_accuracy"] == best["test_accuracy"]
     assert (out / "layers.png").stat().st_size > 1000 and (out / "sweep.json").is_file()
+    with pytest.raises(ConfigError, match="layer sweep.*avgpool"):
+        evaluate_probe(out, two_layer_cache)
+    assert evaluate_probe(out / sweep["best"], two_layer_cache)["rows"] == 70  # each folder is a probe
     plot = tmp_path / "elsewhere" / "acc.png"
     assert main(["probe", str(two_layer_cache), "--layer", "all", "--classifier", "knn-vote", "--out", str(out),
                  "--plot", str(plot)]) == 0

@@ -107,8 +107,8 @@ def format_sweep(sweep: dict) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     s = sweep["splits"]
-    lines = [f"{sweep['classifier']} on every layer of {sweep['cache']}  ({s['how']}: {s['train']} train / "
-             f"{s['val']} val / {s['test']} test)",
+    lines = [(f"{sweep['classifier']} on every layer of {sweep['cache']}  ({s['how']}: {s['train']} train / "
+              f"{s['val']} val / {s['test']} test)"),
              f"    {'layer':<24}{'dim':>7}{'val acc':>10}{'test acc':>10}{'fit s':>8}{'wall s':>8}"]
     for r in sweep["layers"]:
         mark = "*" if r["layer"] == sweep["best"] else " "

@@ -32,6 +32,7 @@ from embedder.learn.knn import KNNVote
 from embedder.learn.metrics import accuracy, per_class, save_confusion_png, split_metrics
 from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
+from embedder.learn.sweep import SWEEP_FILE
 
 REPORT_FILE = "report.json"
 
@@ -356,6 +357,10 @@ def _saved_classifier(probe_dir: Path):
 
         saved = joblib.load(probe_dir / SKLEARN_FILE)
         return saved["classes"], saved["components"], saved["model"].predict
+    if (probe_dir / SWEEP_FILE).is_file():
+        layers = [r["layer"] for r in json.loads((probe_dir / SWEEP_FILE).read_text())["layers"]]
+        raise ConfigError(f"{probe_dir} holds a layer sweep (--layer all): one classifier per layer. Pass one of its "
+                          f"folders, e.g. {probe_dir / layers[0]}.")
     raise ConfigError(f"No probe or classifier in {probe_dir}.")
 
 
