@@ -246,8 +246,19 @@ draws = 2
 out = "knn"
 label = "k-NN vote"
 """)
-    (report,) = run_pipeline(toml, progress=False)
+    (report,) = run_pipeline(toml, progress=False)  # the step validates its keys like the CLI
     assert report["classifier"] == "knn-vote" and set(report["few_shot"]["shots"]) == {"1", "2"}
     assert (tmp_path / "knn" / "classifier.joblib").is_file()
     printed = capsys.readouterr().out
     assert "k-NN vote" in printed and "few-shot" in printed
+
+
+def test_the_shipped_evaluation_pipeline_validates():
+    from pathlib import Path
+
+    from embedder.cli.pipeline import load_pipeline
+
+    name, steps = load_pipeline(Path(__file__).parent.parent / "pipelines" / "evaluation.toml")
+    probes = [s.config for s in steps if s.kind == "probe"]
+    assert name == "evaluation" and [p.classifier for p in probes] == ["probe", "knn-vote", "knn-vote"]
+    assert probes[1].shots == (1, 2, 5, 10) and probes[2].layer == "all"
