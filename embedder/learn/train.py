@@ -117,6 +117,9 @@ def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
     for name, part in (("training", train), ("validation", val)):
         if len(np.unique(part.codes)) < 2:
             raise ConfigError(f"The {name} rows hold a single class; a classifier needs at least two.")
+    if config.shots and not len(test.rows):  # refused before the full run, not after it
+        raise ConfigError("Few-shot accuracy is measured on test rows; this split has none. Give --test-fraction "
+                          "above 0, a test/ folder, or --test-cache.")
     X_val, X_test = val.load(), test.load()
     fit = {"probe": _fit_probe, KNN_VOTE: functools.partial(_fit_knn, test_codes=test.codes)}.get(
         config.classifier, _fit_sklearn)
@@ -290,9 +293,6 @@ def _few_shot(config: ProbeConfig, classes: list[str], parts: tuple[_Rows, _Rows
               X_test: np.ndarray) -> dict:
     """The classifier of the run trained on N rows per class of the train split (embedder.learn.fewshot)."""
     train, val, test = parts
-    if not len(test.rows):
-        raise ConfigError("Few-shot accuracy is measured on test rows; this split has none. Give --test-fraction "
-                          "above 0, a test/ folder, or --test-cache.")
     same_cache = os.path.samefile(train.cache.path, val.cache.path)
     report = few_shot(train.rows, train.codes, train.cache.features, _few_shot_trainer(config, classes, X_val,
                       val.codes, X_test), test.codes, config.shots, config.draws, config.seed,
