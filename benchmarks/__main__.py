@@ -21,6 +21,7 @@ BENCHMARKS = {
     "decode": "JPEG photos -> model input: PIL, torchvision.io.decode_jpeg, --jpeg-draft; decode share per model",
     "tutorial": "embedder's defaults against the PyTorch tutorial's ImageFolder + PIL + fp32 loop",
     "training": "cached linear probe against the fixed-feature-extractor loop, same epochs",
+    "evaluation": "digits: linear probe against DINOv2's k-NN vote, few-shot (1-10 per class) mean ± std, layer sweep",
     "memory": "peak RSS of extraction at N and 10 N images; index build RSS against --memory-budget",
     "compressed": "IVF with raw, 8-bit (ivfsq) and PQ-coded (ivfpq) vectors: recall for the bytes",
     "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",

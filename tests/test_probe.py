@@ -17,6 +17,7 @@ from embedder.extract.core import embed_images
 from embedder.extract.local import embed
 from embedder.learn.checkpoint import load_classifier
 from embedder.learn.export import export_probe
+from embedder.learn.knn import KNNVote
 from embedder.learn.predict import predict
 from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import ProbeFile, read_probe, write_probe
@@ -26,7 +27,7 @@ from tests.conftest import fast_config, make_tree
 FAST_CS = (0.01, 1.0, 100.0)
 
 
-@parametrize_with_checks([LinearProbe(Cs=FAST_CS, device="cpu")])
+@parametrize_with_checks([LinearProbe(Cs=FAST_CS, device="cpu"), KNNVote(ks=(1, 3, 10))])
 def test_sklearn_estimator_checks(estimator, check):
     assert check(estimator) is None  # each scikit-learn check raises when the estimator breaks a rule
 

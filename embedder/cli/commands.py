@@ -207,7 +207,14 @@ def probe(config, args) -> dict:
     from embedder.learn.train import run_probe
 
     report = run_probe(config)
-    print_json(report) if _as_json(args) else print(format_table(report))
+    if _as_json(args):
+        print_json(report)
+    elif report.get("sweep"):
+        from embedder.learn.sweep import format_sweep
+
+        print(format_sweep(report))
+    else:
+        print(format_table(report))
     return report
 
 

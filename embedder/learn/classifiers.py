@@ -51,3 +51,20 @@ def fit_classifier(name: str, X: np.ndarray, y: np.ndarray, seed: int = 0) -> Gr
         raise ConfigError("Cross-validation needs at least 2 training images in every class.")
     search = make_search(name, seed, n_splits=min(5, smallest), n_samples=len(y))
     return search.fit(X, y)
+
+
+def fit_on_validation(name: str, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+                      seed: int = 0):
+    """The classifier whose grid point scores best on (X_val, y_val), refit on (X, y) alone.
+
+    For few-shot runs: one row per class leaves nothing to cross-validate, and the validation
+    rows must stay out of the training rows (CLIP_benchmark #125 was that leak)."""
+    from sklearn.base import clone
+
+    search = make_search(name, seed, n_splits=2, n_samples=2 * len(y))  # the grid; k capped at len(y)
+    n = len(y)
+    search.cv = [(np.arange(n), np.arange(n, n + len(y_val)))]  # train on X only, score on X_val only
+    search.refit = False
+    search.fit(np.concatenate([X, X_val]), np.concatenate([y, y_val]))
+    model = clone(search.estimator).set_params(**search.best_params_).fit(X, y)
+    return model, {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}

@@ -16,8 +16,24 @@ from embedder.options import check_choices, from_table, int_or_auto, option, par
 
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))  # the probe's C sweep (embedder.learn.probe)
+KNN_VOTE = "knn-vote"  # DINOv2's weighted k-NN vote (embedder.learn.knn)
+DEFAULT_KS = (10, 20, 100, 200)  # the k the vote compares (DINOv2's eval/knn.py)
+ALL_LAYERS = "all"  # --layer all: the layer sweep (embedder.learn.sweep)
 SCHEDULES = ("step", "cosine")
 HEADS = ("linear", "mlp")
+
+
+def _int_list(text, flag: str) -> tuple[int, ...]:
+    """`1,2,5` -> (1, 2, 5)."""
+    try:
+        return tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes integers separated by commas, e.g. 1,2,5,10; got {text!r}.") from None
+
+
+def shot_counts(text: str) -> tuple[int, ...]:
+    """--shots 1,2,5,10 -> (1, 2, 5, 10)."""
+    return _int_list(text, "--shots")
 
 
 @dataclass(frozen=True)
@@ -59,20 +75,39 @@ class ProbeConfig:
     val_cache: str | None = option(None, path=True,
                                    help="validation cache (same fingerprint): selects the regularisation")
     test_cache: str | None = option(None, path=True, help="test cache (same fingerprint), reported once")
-    classifier: str = option("probe", choices=("probe", *CLASSIFIERS),
-                             help="probe = PyTorch linear head with a C sweep; others = scikit-learn pipelines tuned "
-                                  "by CV")
+    classifier: str = option("probe", choices=("probe", KNN_VOTE, *CLASSIFIERS),
+                             help="probe = PyTorch linear head with a C sweep; knn-vote = DINOv2's k-NN vote, k chosen "
+                                  "on validation; others = scikit-learn pipelines tuned by CV")
     Cs: tuple[float, ...] = option(DEFAULT_CS, cli=False, help="the C values the probe sweeps")
+    ks: tuple[int, ...] = option(DEFAULT_KS, cli=False, help="the k values knn-vote compares")
+    temperature: float = option(0.07, help="knn-vote: a neighbour's vote is exp(cosine similarity / T)")
+    shots: tuple[int, ...] = option((), parse=shot_counts, metavar="N[,N...]",
+                                    help="few-shot: also train on N rows per class drawn from the train split "
+                                         "(e.g. 1,2,5,10) and report the test accuracy's mean and std")
+    draws: int = option(5, help="few-shot: seeded draws per shot count")
+    plot: str | None = option(None, path=True, metavar="PNG",
+                              help="--layer all: where the accuracy-by-layer plot goes (default: PROBE_DIR/layers.png)")
     seed: int = option(0, help="seed of the split")
     val_fraction: float = option(0.2, help="share of the rows for validation (without a val/ folder)")
     test_fraction: float = option(0.2, help="share of the rows for testing (without a test/ folder)")
     memory_budget: int = option(2 << 30, parse=parse_size, metavar="SIZE",
                                 help="train in memory up to this size (default 2G), else stream blocks")
     device: str = option("auto", help="auto, cpu or cuda[:N]")
-    layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features)")
+    layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features); "
+                                          "all = train on every layer and compare them")
 
     def __post_init__(self):
         check_choices(self)
+        # `--shots 1,2 --shots 5` and TOML's "1,2,5" or [1, 2, 5] all end as one sorted tuple.
+        shots = [n for item in self.shots for n in (_int_list(item, "--shots") if isinstance(item, str)
+                                                    else item if isinstance(item, tuple | list) else (item,))]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shots):
+            raise ConfigError(f"--shots must be positive integers (rows per class), got {shots!r}.")
+        object.__setattr__(self, "shots", tuple(sorted(set(shots))))
+        positive(self, "draws")
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            raise ConfigError(f"ks must be positive integers, got {self.ks!r}.")
+        _number(self, "temperature", low=0.0, positive=True)
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("val and test fractions must be in (0, 1) and sum to less than 1.")
@@ -86,6 +121,10 @@ class ProbeConfig:
             return Path(self.out)
         suffix = "probe" if self.classifier == "probe" else self.classifier
         return Path(self.cache).with_suffix(f".{suffix}")
+
+    @property
+    def plot_path(self) -> Path:
+        return Path(self.plot) if self.plot else self.out_dir / "layers.png"
 
     @classmethod
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> ProbeConfig:

@@ -9,6 +9,7 @@ metadata (classes, cache fingerprint, chosen regularisation) into PROBE_DIR.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -24,11 +25,14 @@ from embedder.cache.fingerprint import component_differences
 from embedder.cache.reader import FeatureCache
 from embedder.data.splits import Splits, assign_splits, check_labels
 from embedder.errors import CacheMismatchError, ConfigError
-from embedder.learn.classifiers import fit_classifier
-from embedder.learn.config import ProbeConfig
-from embedder.learn.metrics import accuracy, per_class, save_confusion_png
+from embedder.learn.classifiers import fit_classifier, fit_on_validation
+from embedder.learn.config import ALL_LAYERS, KNN_VOTE, ProbeConfig
+from embedder.learn.fewshot import few_shot
+from embedder.learn.knn import KNNVote
+from embedder.learn.metrics import accuracy, per_class, save_confusion_png, split_metrics
 from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
+from embedder.learn.sweep import SWEEP_FILE
 
 REPORT_FILE = "report.json"
 
@@ -94,6 +98,10 @@ def _plan(config: ProbeConfig, train_cache: FeatureCache, open_cache):
 def run_probe(config: ProbeConfig) -> dict:
     """Train and save a probe. PROBE_DIR is written as a whole: the files go into a temporary
     folder that replaces PROBE_DIR in one step, so a kill leaves the old folder or the new one."""
+    if config.layer == ALL_LAYERS:
+        from embedder.learn.sweep import run_layer_sweep
+
+        return run_layer_sweep(config)
     # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
     with staged_dir(config.out_dir) as tmp, contextlib.ExitStack() as stack:
         return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path, layer=config.layer)), tmp)
@@ -109,10 +117,16 @@ def _run_probe(config: ProbeConfig, open_cache, tmp: Path) -> dict:
     for name, part in (("training", train), ("validation", val)):
         if len(np.unique(part.codes)) < 2:
             raise ConfigError(f"The {name} rows hold a single class; a classifier needs at least two.")
+    if config.shots and not len(test.rows):  # refused before the full run, not after it
+        raise ConfigError("Few-shot accuracy is measured on test rows; this split has none. Give --test-fraction "
+                          "above 0, a test/ folder, or --test-cache.")
     X_val, X_test = val.load(), test.load()
-    fit = _fit_probe if config.classifier == "probe" else _fit_sklearn
+    fit = {"probe": _fit_probe, KNN_VOTE: functools.partial(_fit_knn, test_codes=test.codes)}.get(
+        config.classifier, _fit_sklearn)
     fitted = fit(config, cache, classes, train, X_val, val.codes, X_test, tmp)
     report = _report(config, cache, classes, splits, (train, val, test), fitted, tmp)
+    if config.shots:
+        report["few_shot"] = _few_shot(config, classes, (train, val, test), X_val, X_test)
     report["wall_s"] = time.perf_counter() - t_start
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
@@ -128,6 +142,11 @@ class _Fitted:
     chosen: dict  # the hyper-parameters the validation picked
     extra: dict  # trainer-specific report fields
     fit_s: float
+    # Class scores for top-5 (predict_proba or decision_function), columns ordered as score_labels
+    # (codes); None for a classifier that has neither.
+    val_scores: np.ndarray | None = None
+    test_scores: np.ndarray | None = None
+    score_labels: np.ndarray | None = None
 
 
 def _fit_probe(config: ProbeConfig, cache: FeatureCache, classes: list[str], train: _Rows, X_val: np.ndarray,
@@ -165,6 +184,9 @@ def _fit_probe(config: ProbeConfig, cache: FeatureCache, classes: list[str], tra
         chosen={"C": probe.C_, "weight_decay": 1.0 / (probe.C_ * len(train.rows)), "streamed": streamed},
         extra={"cv_results": probe.cv_results_},
         fit_s=fit_s,
+        val_scores=probe.predict_proba(X_val),
+        test_scores=probe.predict_proba(X_test) if len(X_test) else None,
+        score_labels=codes(probe.classes_),
     )
 
 
@@ -186,6 +208,46 @@ def _fit_sklearn(config: ProbeConfig, cache: FeatureCache, classes: list[str], t
         chosen={k.removeprefix("clf__"): v for k, v in search.best_params_.items()},
         extra={"cv_best_accuracy": float(search.best_score_)},
         fit_s=fit_s,
+        val_scores=_class_scores(search.best_estimator_, X_val),
+        test_scores=_class_scores(search.best_estimator_, X_test) if len(X_test) else None,
+        score_labels=search.best_estimator_.classes_,
+    )
+
+
+def _class_scores(model, X: np.ndarray) -> np.ndarray | None:
+    """What top-5 ranks: probabilities, else decision scores; None when the model has neither."""
+    for method in ("predict_proba", "decision_function"):
+        if hasattr(model, method):
+            return np.asarray(getattr(model, method)(X))
+    return None
+
+
+def _fit_knn(config: ProbeConfig, cache: FeatureCache, classes: list[str], train: _Rows, X_val: np.ndarray,
+             val_codes: np.ndarray, X_test: np.ndarray, tmp: Path, test_codes: np.ndarray) -> _Fitted:
+    """DINOv2's k-NN vote, k chosen on the validation rows; every k is reported; saves classifier.joblib."""
+    import joblib
+
+    t_fit = time.perf_counter()
+    X_train = train.load()
+    knn = KNNVote(ks=config.ks, temperature=config.temperature, random_state=config.seed)
+    knn.fit(X_train, train.codes, X_val, val_codes)
+    fit_s = time.perf_counter() - t_fit
+    joblib.dump({"model": knn, "classes": classes, "fingerprint": cache.fingerprint,
+                 "components": cache.components}, tmp / SKLEARN_FILE)
+    val_by_k = knn.accuracy_by_k(X_val, val_codes)
+    test_by_k = knn.accuracy_by_k(X_test, test_codes) if len(X_test) else {}
+    return _Fitted(
+        train_pred=knn.predict(X_train),
+        val_pred=knn.predict(X_val),
+        test_pred=knn.predict(X_test) if len(X_test) else None,
+        chosen={"k": int(knn.k_), "temperature": knn.temperature},
+        extra={"cv_results": knn.cv_results_, "accuracy_by_k": {
+            str(k): {"k_used": min(k, len(train.rows)), "val": val_by_k[k], "test": test_by_k.get(k)}
+            for k in val_by_k}},
+        fit_s=fit_s,
+        val_scores=knn.predict_proba(X_val),
+        test_scores=knn.predict_proba(X_test) if len(X_test) else None,
+        score_labels=knn.classes_,
     )
 
 
@@ -213,6 +275,11 @@ def _report(config: ProbeConfig, cache: FeatureCache, classes: list[str], splits
         "test_accuracy": accuracy(test.codes, fitted.test_pred) if fitted.test_pred is not None else None,
         "evaluated_on": evaluated_on,
         "per_class": per_class(eval_codes, eval_pred, classes),
+        "metrics": {
+            "val": split_metrics(val.codes, fitted.val_pred, fitted.val_scores, fitted.score_labels, len(classes)),
+            "test": split_metrics(test.codes, fitted.test_pred, fitted.test_scores, fitted.score_labels, len(classes))
+            if fitted.test_pred is not None else None,
+        },
         "chosen": fitted.chosen,
         "fit_s": fitted.fit_s,
         "wall_s": None,  # set by the caller once everything but the report is done
@@ -220,6 +287,38 @@ def _report(config: ProbeConfig, cache: FeatureCache, classes: list[str], splits
         "out": str(out),
         **fitted.extra,
     }
+
+
+def _few_shot(config: ProbeConfig, classes: list[str], parts: tuple[_Rows, _Rows, _Rows], X_val: np.ndarray,
+              X_test: np.ndarray) -> dict:
+    """The classifier of the run trained on N rows per class of the train split (embedder.learn.fewshot)."""
+    train, val, test = parts
+    same_cache = os.path.samefile(train.cache.path, val.cache.path)
+    report = few_shot(train.rows, train.codes, train.cache.features, _few_shot_trainer(config, classes, X_val,
+                      val.codes, X_test), test.codes, config.shots, config.draws, config.seed,
+                      val.rows if same_cache else None)
+    report["classifier"] = config.classifier
+    return report
+
+
+def _few_shot_trainer(config: ProbeConfig, classes: list[str], X_val: np.ndarray, val_codes: np.ndarray,
+                      X_test: np.ndarray):
+    """(few-shot features, codes) -> (test predictions, chosen): hyper-parameters picked on the validation rows."""
+    names = np.asarray(classes, dtype=object)
+
+    def train(X: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, dict]:
+        if config.classifier == "probe":
+            probe = LinearProbe(Cs=config.Cs, random_state=config.seed, device=config.device)
+            probe.fit(X, names[codes], X_val, names[val_codes])
+            to_codes = {c: i for i, c in enumerate(classes)}
+            return np.array([to_codes[c] for c in probe.predict(X_test)]), {"C": probe.C_}
+        if config.classifier == KNN_VOTE:
+            knn = KNNVote(ks=config.ks, temperature=config.temperature).fit(X, codes, X_val, val_codes)
+            return knn.predict(X_test), {"k": int(knn.k_)}
+        model, chosen = fit_on_validation(config.classifier, X, codes, X_val, val_codes, config.seed)
+        return model.predict(X_test), chosen
+
+    return train
 
 
 def evaluate_probe(probe_dir: str | os.PathLike, cache_path: str | os.PathLike) -> dict:
@@ -258,6 +357,10 @@ def _saved_classifier(probe_dir: Path):
 
         saved = joblib.load(probe_dir / SKLEARN_FILE)
         return saved["classes"], saved["components"], saved["model"].predict
+    if (probe_dir / SWEEP_FILE).is_file():
+        layers = [r["layer"] for r in json.loads((probe_dir / SWEEP_FILE).read_text())["layers"]]
+        raise ConfigError(f"{probe_dir} holds a layer sweep (--layer all): one classifier per layer. Pass one of its "
+                          f"folders, e.g. {probe_dir / layers[0]}.")
     raise ConfigError(f"No probe or classifier in {probe_dir}.")
 
 
