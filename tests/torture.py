@@ -382,15 +382,20 @@ def merge_scenario(name: str, base: Path, per_class: int, image_size: int = 32, 
                     same_as={"out/m.h5": "inputs/local.h5"})
 
 
+def _source_and_cache(sc: Scenario, forker: Forker, per_class: int) -> None:
+    """The usual setup: SOURCE of `per_class` images per class, embedded (uninterrupted) into inputs/c.h5."""
+    make_source(sc.root / "src", per_class)
+    (sc.root / "inputs").mkdir()
+    _embed_input(sc, forker, "inputs/c.h5", fast_flags())
+
+
 def index_scenario(name: str, base: Path, per_class: int, kind: str, over: str | None = None,
                    weight: int = 1) -> Scenario:
     """`embedder index` of a cache; with `over`, rebuilt over an index of that kind."""
     index = Artefact("index", "out/index")
 
     def setup(sc: Scenario, forker: Forker) -> None:
-        make_source(sc.root / "src", per_class)
-        (sc.root / "inputs").mkdir()
-        _embed_input(sc, forker, "inputs/c.h5", fast_flags())
+        _source_and_cache(sc, forker, per_class)
         sc.queries = query_rows(sc.root / "inputs/c.h5")
         if over:
             _keep_old(sc, forker, ["index", "inputs/c.h5", "--out", index.path, "--kind", over, "--quiet"],
@@ -405,9 +410,7 @@ def remove_scenario(name: str, base: Path, per_class: int, kind: str, weight: in
     index = Artefact("index", "out/index")
 
     def setup(sc: Scenario, forker: Forker) -> None:
-        make_source(sc.root / "src", per_class)
-        (sc.root / "inputs").mkdir()
-        _embed_input(sc, forker, "inputs/c.h5", fast_flags())
+        _source_and_cache(sc, forker, per_class)
         sc.queries = query_rows(sc.root / "inputs/c.h5")
         _keep_old(sc, forker, ["index", "inputs/c.h5", "--out", index.path, "--kind", kind, "--quiet"],
                   index.path, "inputs/old_index", index)
@@ -422,9 +425,7 @@ def probe_scenario(name: str, base: Path, per_class: int, over_seed: int | None 
     probe = Artefact("probe", "out/probe")
 
     def setup(sc: Scenario, forker: Forker) -> None:
-        make_source(sc.root / "src", per_class)
-        (sc.root / "inputs").mkdir()
-        _embed_input(sc, forker, "inputs/c.h5", fast_flags())
+        _source_and_cache(sc, forker, per_class)
         if over_seed is not None:
             _keep_old(sc, forker, ["probe", "inputs/c.h5", "--out", probe.path, "--seed", str(over_seed)],
                       probe.path, "inputs/old_probe", probe)

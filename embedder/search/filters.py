@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedder.data.metadata import kind_of
 from embedder.errors import FilterError
 
 KEYWORDS = ("and", "or", "not", "in", "glob", "true", "false")
@@ -125,14 +126,9 @@ class Not:
 
 
 def column_kind(values: np.ndarray) -> str:
-    """str, int, float or bool: how a column's values compare."""
-    if values.dtype == bool:
-        return "bool"
-    if np.issubdtype(values.dtype, np.integer):
-        return "int"
-    if np.issubdtype(values.dtype, np.floating):
-        return "float"
-    return "str"
+    """str, int, float or bool: how a column's values compare (the stored kinds, by shorter names)."""
+    kind = kind_of(values)
+    return {"int64": "int", "float64": "float"}.get(kind, kind)
 
 
 class _Parser:
