@@ -122,7 +122,7 @@ class DedupConfig:
     kind: str = option("auto", choices=("auto", "flat", "ivf", "ivfsq", "hnsw"),
                        help="index the range search goes through (auto: exact up to 50,000 rows, then IVF, IVF-SQ8 "
                             "when raw vectors exceed the budget)")
-    nprobe: int = option(16, help="inverted lists probed per query (ivf, ivfsq; hnsw: efSearch = max(64, 4x))")
+    nprobe: int = option(8, help="inverted lists probed per query (ivf, ivfsq; hnsw: efSearch = max(64, 4x))")
     memory_budget: int = option(4 << 30, parse=parse_size, metavar="SIZE",
                                 help="bounds the index (default 4G): raw vectors while they fit 3/4 of it")
     layer: str | None = option(None, help=LAYER_HELP)

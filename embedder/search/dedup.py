@@ -40,7 +40,8 @@ from embedder.search.kinds import factory_string, inner, load_faiss, new_index, 
 EXACT_ROWS = 50_000  # up to here an exact index: a few seconds of range search
 DEDUP_KINDS = ("auto", "flat", "ivf", "ivfsq", "hnsw")
 KEEP = ("largest", "first")
-TRAIN_PER_LIST = 64  # training rows per inverted list (faiss warns under 39)
+TRAIN_PER_LIST = 40  # training rows per inverted list (faiss warns under 39)
+TRAIN_ITERATIONS = 10  # k-means iterations: the lists only need to keep near copies together
 
 
 @dataclass
@@ -66,7 +67,7 @@ def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
 
 
 def find_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", *, against=None,
-                    kind: str = "auto", nprobe: int = 16, keep: str = "largest", memory_budget: int = 4 << 30,
+                    kind: str = "auto", nprobe: int = 8, keep: str = "largest", memory_budget: int = 4 << 30,
                     block_rows: int = 16384, layer: str | None = None, seed: int = 0,
                     progress: bool = False) -> Duplicates:
     """Near-duplicate groups of a cache (or of CACHE against OTHER) with a keep suggestion each."""
@@ -118,7 +119,7 @@ def dedup_kind(kind: str, n: int, dim: int, memory_budget: int) -> str:
 
 
 def duplicate_pairs(blocks, n: int, dim: int, threshold: float, metric: str = "cosine", *, kind: str = "auto",
-                    nprobe: int = 16, memory_budget: int = 4 << 30, seed: int = 0, progress: bool = False,
+                    nprobe: int = 8, memory_budget: int = 4 << 30, seed: int = 0, progress: bool = False,
                     queries=None) -> tuple[np.ndarray, str]:
     """(pairs [P, 2], kind used): rows (i, j) whose vectors are within `threshold`.
 
@@ -147,6 +148,7 @@ def _build(blocks, n: int, dim: int, metric: str, kind: str, nprobe: int, seed: 
     factory = _factory(kind, n)
     index = new_index(factory, dim, metric)
     if not index.is_trained:
+        faiss.extract_index_ivf(index).cp.niter = TRAIN_ITERATIONS
         index.train(_training_sample(blocks, n, _factory_lists(kind, n) * TRAIN_PER_LIST, metric, seed))
     for start, x in blocks():
         if "IDMap" in factory:
@@ -162,7 +164,9 @@ def _build(blocks, n: int, dim: int, metric: str, kind: str, nprobe: int, seed: 
 
 
 def _factory_lists(kind: str, n: int) -> int:
-    return nlist_for(n) if kind in ("ivf", "ivfsq") else 0
+    """Half the lists a search index gets (embedder.search.kinds.nlist_for): every row is a
+    query here, so the scan per query matters less than training, which grows with the lists."""
+    return max(16, nlist_for(n) // 2) if kind in ("ivf", "ivfsq") else 0
 
 
 def _factory(kind: str, n: int) -> str:
