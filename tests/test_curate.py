@@ -223,3 +223,20 @@ def test_a_pipeline_curate_step_runs_like_the_command(tmp_path):
     assert steps[0].config.out == str(tmp_path / "report") and steps[0].config.folds == 3
     summary = steps[0].execute()
     assert summary["label_mistakes"]["folds"] == 3 and (tmp_path / "report" / "gallery.html").is_file()
+
+
+def test_curate_takes_the_neighbours_from_an_index_of_the_cache(tmp_path):
+    from embedder.search.build import build_index
+
+    X, y, _ = clustered(n_per=40, classes=3, d=16, spread=3.0, seed=7)
+    path = cache_file(tmp_path / "c.h5", X, y)
+    build_index(path, tmp_path / "idx", kind="flat", metric="cosine", progress=False)  # exact: equal scores
+    build_index(path, tmp_path / "l2", kind="flat", metric="l2", progress=False)
+    common = {"device": "cpu", "gallery": 0, "progress": False}
+    run_curate(CurateConfig(str(path), out=str(tmp_path / "own"), **common))
+    run_curate(CurateConfig(str(path), out=str(tmp_path / "via"), index=str(tmp_path / "idx"), **common))
+    own, via = (pq.read_table(tmp_path / d / "scores.parquet").to_pydict() for d in ("own", "via"))
+    np.testing.assert_allclose(via["outlier_score"], own["outlier_score"], atol=1e-5)
+    np.testing.assert_allclose(via["uniqueness"], own["uniqueness"], atol=1e-5)
+    with pytest.raises(ConfigError, match="must be a cosine index of"):
+        run_curate(CurateConfig(str(path), out=str(tmp_path / "bad"), index=str(tmp_path / "l2"), **common))
