@@ -240,3 +240,14 @@ def test_curate_takes_the_neighbours_from_an_index_of_the_cache(tmp_path):
     np.testing.assert_allclose(via["uniqueness"], own["uniqueness"], atol=1e-5)
     with pytest.raises(ConfigError, match="must be a cosine index of"):
         run_curate(CurateConfig(str(path), out=str(tmp_path / "bad"), index=str(tmp_path / "l2"), **common))
+
+
+def test_a_class_with_one_labelled_image_is_left_unscored(tmp_path):
+    X, y, _ = clustered(n_per=20, classes=3, d=8, spread=3.0, seed=8)
+    keep = np.concatenate([np.arange(40), [40]])  # class c2 keeps one image
+    path = cache_file(tmp_path / "c.h5", X[keep], y[keep])
+    s = run_curate(CurateConfig(str(path), out=str(tmp_path / "r"), device="cpu", gallery=0, progress=False))
+    assert s["label_mistakes"]["unscored_classes"] == ["c2"]
+    table = pq.read_table(tmp_path / "r" / "scores.parquet").to_pydict()
+    assert table["label_quality"][40] is None or np.isnan(table["label_quality"][40])
+    assert table["mistake_rank"][40] == 0 and sorted(table["mistake_rank"][:40]) == list(range(1, 41))

@@ -54,8 +54,9 @@ class _Data:
         """Pixels or bytes of these rows (the duplicate keep), -1 unknown."""
         out = {}
         for (start, cache), stop in zip(self.parts, [s for s, _ in self.parts[1:]] + [len(self.paths)]):
-            mine = [int(r) for r in rows if start <= r < stop]
-            out.update({start + r: v for r, v in row_sizes(cache, [r - start for r in mine]).items()})
+            mine = [int(r) - start for r in rows if start <= r < stop]
+            if mine:
+                out.update({start + r: v for r, v in row_sizes(cache, mine, self.paths[start:stop]).items()})
         return out
 
 
@@ -140,8 +141,11 @@ def _label_scores(config: CurateConfig, data: _Data, cols: dict) -> dict:
     quality, suggested = np.full(n, np.nan), [""] * n
     issue, rank = np.zeros(n, bool), np.zeros(n, np.int64)
     cols.update(label_quality=quality, suggested_label=suggested, label_issue=issue, mistake_rank=rank)
-    if len(labelled) == 0:
-        return {"skipped": "the cache has no labels"}
+    counts = np.bincount(data.labels[labelled], minlength=len(data.classes))
+    # A class with one labelled image cannot be held out and learnt at once: its rows go unscored.
+    labelled = labelled[counts[data.labels[labelled]] >= 2]
+    if len(np.unique(data.labels[labelled])) < 2:
+        return {"skipped": "label mistakes need two classes with at least 2 labelled images each"}
     codes = data.labels[labelled]
     P, C = mistakes.out_of_fold_probabilities(data.X[labelled], codes, len(data.classes), config.folds,
                                               config.seed, config.device)
@@ -151,7 +155,8 @@ def _label_scores(config: CurateConfig, data: _Data, cols: dict) -> dict:
     found = mistakes.label_issues(codes, P)
     issue[labelled[found]] = True
     rank[labelled[mistakes.mistake_ranking(codes, P)]] = np.arange(1, len(labelled) + 1)
-    return {"folds": min(config.folds, int(np.bincount(codes)[np.bincount(codes) > 0].min())), "C": C,
+    return {"folds": min(config.folds, int(counts[counts >= 2].min())), "C": C,
+            "unscored_classes": [data.classes[c] for c in np.flatnonzero(counts == 1)],
             "out_of_fold_accuracy": float((P.argmax(axis=1) == codes).mean()), "issues": len(found),
             "top": _top(cols, labelled[found], "label_quality", extra=("given_label", "suggested_label"))}
 

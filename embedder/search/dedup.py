@@ -78,7 +78,8 @@ def find_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine",
                                           metric, kind=kind, nprobe=nprobe, memory_budget=memory_budget, seed=seed,
                                           progress=progress)
             groups = pair_groups(pairs, len(cache))
-            return Duplicates(groups, [_keep(g, cache, keep) for g in groups], len(pairs), used, len(cache))
+            paths = cache.paths  # read once: each read decodes every path
+            return Duplicates(groups, [_keep(g, cache, paths, keep) for g in groups], len(pairs), used, len(cache))
         with FeatureCache(against, layer=layer) as other:
             if other.dim != cache.dim:
                 raise ConfigError(f"{against} holds {other.dim}-d features and {cache_path} {cache.dim}-d ones: "
@@ -203,8 +204,8 @@ def pair_groups(pairs: np.ndarray, n: int) -> list[list[int]]:
     return sorted(groups, key=lambda g: (-len(g), g[0]))
 
 
-def _keep(group: list[int], cache: FeatureCache, how: str) -> list[int]:
-    return [keep_of(group, cache.paths, row_sizes(cache, group) if how == "largest" else None)]
+def _keep(group: list[int], cache: FeatureCache, paths: list[str], how: str) -> list[int]:
+    return [keep_of(group, paths, row_sizes(cache, group, paths) if how == "largest" else None)]
 
 
 def keep_of(group: list[int], paths: list[str], sizes: dict[int, float] | None) -> int:
@@ -217,8 +218,9 @@ def keep_of(group: list[int], paths: list[str], sizes: dict[int, float] | None) 
     return min((r for r in group if sizes[r] == best), key=lambda r: paths[r])
 
 
-def row_sizes(cache: FeatureCache, rows: list[int]) -> dict[int, float]:
-    """Pixel count (or else file size) of each row, -1 when neither is known."""
+def row_sizes(cache: FeatureCache, rows: list[int], paths: list[str] | None = None) -> dict[int, float]:
+    """Pixel count (or else file size) of each row, -1 when neither is known. `paths`: the
+    cache's paths, when the caller has read them already."""
     with h5py.File(cache.path, "r") as f:
         cols = f.get("columns")
         if cols is not None and "width" in cols and "height" in cols:
@@ -226,9 +228,10 @@ def row_sizes(cache: FeatureCache, rows: list[int]) -> dict[int, float]:
             return {r: float(w[r]) * float(h[r]) for r in rows}
         if cols is not None and "size" in cols:
             return {r: float(cols["size"][r]) for r in rows}
+    paths = cache.paths if paths is None else paths
     out = {}
     for r in rows:
-        p = Path(cache.paths[r])
+        p = Path(paths[r])
         p = p if p.is_absolute() else Path(cache.source) / p
         try:
             out[r] = float(os.stat(p).st_size)
