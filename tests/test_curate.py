@@ -251,3 +251,19 @@ def test_a_class_with_one_labelled_image_is_left_unscored(tmp_path):
     table = pq.read_table(tmp_path / "r" / "scores.parquet").to_pydict()
     assert table["label_quality"][40] is None or np.isnan(table["label_quality"][40])
     assert table["mistake_rank"][40] == 0 and sorted(table["mistake_rank"][:40]) == list(range(1, 41))
+
+
+def test_the_gallery_embeds_thumbnails_of_real_images(tmp_path, capsys):
+    from embedder.extract.local import embed
+    from tests.conftest import fast_config, make_tree
+
+    tree = make_tree(tmp_path / "images", per_class=6)
+    config = fast_config(tree, tmp_path / "c.h5")
+    embed(config)
+    out = tmp_path / "report"
+    assert main(["curate", str(config.out), "--out", str(out), "--folds", "3", "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "label mistakes" in printed and "leaks           skipped" in printed
+    page = (out / "gallery.html").read_text()
+    assert page.count("data:image/jpeg;base64,") >= 18  # outliers and least unique alone show every image
+    assert "unreadable" not in page and "http" not in page  # self-contained: nothing fetched
