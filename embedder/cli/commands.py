@@ -429,7 +429,7 @@ def curate(config, args) -> dict:
         for t in lm["top"][:5]:
             print(f"      {t['label_quality']:.3f}  {t['given_label']} -> {t['suggested_label']}  "
                   f"{display_path(t['path'])}")
-    print(f"  outliers        most outlying (distance to the {doc['outliers']['k']}-th neighbour):")
+    print(f"  outliers        most outlying (cosine distance to neighbour number {doc['outliers']['k']}):")
     for t in doc["outliers"]["top"][:5]:
         print(f"      {t['outlier_score']:.3f}  {display_path(t['path'])}")
     leaks = doc["leaks"]
