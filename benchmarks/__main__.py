@@ -26,6 +26,7 @@ BENCHMARKS = {
     "compressed": "IVF with raw, 8-bit (ivfsq) and PQ-coded (ivfpq) vectors: recall for the bytes",
     "search": "flat, IVF and HNSW: build time, size, recall@10, latency, throughput",
     "filters": "filtered search (10%, 1% of the rows) against unfiltered: flat, IVF, HNSW latency and recall",
+    "curate": "label mistakes on digits with 5% flipped (precision@n); dedup through IVF against exact, 200k x 512",
     "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
     "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",

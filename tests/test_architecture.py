@@ -29,3 +29,12 @@ def test_only_the_cli_prints_or_reads_argv():
             if isinstance(node, ast.Attribute) and node.attr == "argv" and getattr(node.value, "id", "") == "sys":
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} sys.argv")
     assert not offenders, "library code must return reports and raise, not print:\n" + "\n".join(offenders)
+
+
+def test_curate_sits_between_learn_search_and_serve():
+    # curate reads caches and uses the probe (learn) and faiss (search); the service may show its scores.
+    import tomllib
+
+    layers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    assert layers.index("embedder.serve") < layers.index("embedder.curate") < layers.index(
+        "embedder.learn | embedder.search")

@@ -102,6 +102,7 @@ VALID = {  # one valid config per command whose settings have choices; each choi
     "stylize": lambda: CONFIGS["stylize"](content="c.jpg", style="s.jpg", out="o.png"),
     "index": lambda: IndexConfig("c.h5", out="i"),
     "dedup": lambda: CONFIGS["dedup"]("c.h5"),
+    "curate": lambda: CONFIGS["curate"]("c.h5", out="r"),
     "plot": lambda: CONFIGS["plot"]("c.h5"),
     "search": lambda: SearchConfig("idx", row_id=1),
     "serve": lambda: CONFIGS["serve"]("idx"),

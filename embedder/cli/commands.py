@@ -477,23 +477,75 @@ def _check_range_metric(index, config) -> None:
                           f"({'a cosine similarity' if index.metric == 'cosine' else 'a squared L2 distance'}).")
 
 
-def dedup(config, args) -> list[list[str]]:
+def dedup(config, args) -> dict:
     from embedder.cache.reader import FeatureCache
-    from embedder.search.dedup import near_duplicates
+    from embedder.search.dedup import find_duplicates
 
-    groups = near_duplicates(config.cache, config.threshold, config.metric, layer=config.layer)
+    found = find_duplicates(config.cache, config.threshold, config.metric, against=config.against, kind=config.kind,
+                            nprobe=config.nprobe, keep=config.keep, memory_budget=config.memory_budget,
+                            layer=config.layer, progress=config.progress)
     with FeatureCache(config.cache) as c:
         paths = c.paths
-    doc = [[paths[i] for i in g] for g in groups]
+    if config.against:
+        with FeatureCache(config.against) as o:
+            paths = paths + o.paths
+    n = found.n_rows
+
+    def entry(r: int) -> dict:
+        return {"path": paths[r], "keep": None, **({"cache": "other" if r >= n else "cache"} if config.against else {})}
+
+    doc = {"threshold": config.threshold, "metric": config.metric, "kind": found.kind, "pairs": found.pairs,
+           "against": config.against, "keep": config.keep, "groups": []}
+    for g, keep in zip(found.groups, found.keep):
+        doc["groups"].append([{**entry(r), "keep": r in keep} for r in g])
     if _as_json(args):
-        print_json({"threshold": config.threshold, "metric": config.metric, "groups": doc})
+        print_json(doc)
         return doc
-    print(f"{len(groups)} near-duplicate groups ({config.metric} {'>=' if config.metric == 'cosine' else '<='} "
-          f"{config.threshold}), {sum(len(g) for g in groups)} images")
-    for n, g in enumerate(doc, start=1):
-        print(f"group {n} ({len(g)}):")
-        for p in g:
-            print(f"  {display_path(p)}")
+    drop = sum(not e["keep"] for g in doc["groups"] for e in g)
+    print(f"{len(found.groups)} near-duplicate groups ({config.metric} {'>=' if config.metric == 'cosine' else '<='} "
+          f"{config.threshold}, {found.kind} index), {sum(len(g) for g in found.groups)} images, {drop} to drop"
+          + (f" from {config.cache} (duplicates of {config.against})" if config.against else ""))
+    for k, g in enumerate(doc["groups"], start=1):
+        print(f"group {k} ({len(g)}):")
+        for e in g:
+            where = f"[{e['cache']}] " if config.against else ""
+            print(f"  {'keep' if e['keep'] else 'drop'}  {where}{display_path(e['path'])}")
+    return doc
+
+
+def curate(config, args) -> dict:
+    from embedder.curate.run import run_curate
+
+    doc = run_curate(config)
+    if _as_json(args):
+        print_json(doc)
+        return doc
+    print(f"{doc['cache']}: {doc['rows']} rows, {doc['labelled']} labelled, {doc['classes']} classes; "
+          f"splits: {doc['split_how']}")
+    lm = doc["label_mistakes"]
+    if "skipped" in lm:
+        print(f"  label mistakes  skipped: {lm['skipped']}")
+    else:
+        print(f"  label mistakes  {lm['issues']} likely (confident learning, {lm['folds']}-fold probe, C {lm['C']:.3g},"
+              f" out-of-fold accuracy {100 * lm['out_of_fold_accuracy']:.1f}%)")
+        for t in lm["top"][:5]:
+            print(f"      {t['label_quality']:.3f}  {t['given_label']} -> {t['suggested_label']}  "
+                  f"{display_path(t['path'])}")
+    print(f"  outliers        most outlying (cosine distance to neighbour number {doc['outliers']['k']}):")
+    for t in doc["outliers"]["top"][:5]:
+        print(f"      {t['outlier_score']:.3f}  {display_path(t['path'])}")
+    leaks = doc["leaks"]
+    if "skipped" in leaks:
+        print(f"  leaks           skipped: {leaks['skipped']}")
+    else:
+        print(f"  leaks           {leaks['count']} val/test rows with a train row at similarity >= "
+              f"{leaks['threshold']} ({leaks['by_split']['val']} val, {leaks['by_split']['test']} test)")
+        for t in leaks["pairs"][:5]:
+            print(f"      {t['similarity']:.3f}  {display_path(t['path'])}  ~  {display_path(t['train_path'])}")
+    dup = doc["duplicates"]
+    print(f"  duplicates      {dup['groups']} groups (similarity >= {dup['threshold']}), {dup['rows_in_groups']} "
+          f"rows, {dup['to_drop']} to drop (--keep {dup['keep']})")
+    print(f"wrote {', '.join(doc['files'])} in {doc['out']} ({doc['wall_s']:.1f} s)")
     return doc
 
 

@@ -97,3 +97,13 @@ def assign_splits(
     test, val, train = _stratified(labelled, labels, (test_fraction, val_fraction), seed, classes)
     how = f"stratified {1 - val_fraction - test_fraction:.0%}/{val_fraction:.0%}/{test_fraction:.0%}, seed {seed}"
     return Splits(train, val, test, how)
+
+
+def folder_splits(paths: list[str]) -> np.ndarray | None:
+    """"train", "val" or "test" per row from the split folders of a split tree (`val/`,
+    `valid/` and `validation/` are all "val"), or None when the paths are not one. Unlike
+    `assign_splits` nothing is carved out: curation asks about the splits the data has."""
+    tops = [p.split("/", 1)[0] if "/" in p else "" for p in paths]
+    if not paths or any(t not in SPLIT_NAMES for t in tops) or "train" not in tops:
+        return None
+    return np.array(["val" if t in VAL_FOLDERS else t for t in tops], dtype=object)

@@ -154,10 +154,25 @@ class DedupConfig:
     cache: str = option(positional=True, path=True, help="feature cache")
     threshold: float = option(0.95, help="cosine similarity >= T (or squared L2 <= T)")
     metric: str = option("cosine", choices=METRICS, help="similarity measure")
+    against: str | None = option(None, path=True, metavar="OTHER.h5",
+                                 help="find the rows of CACHE that duplicate rows of OTHER (same feature space); "
+                                      "OTHER's rows are kept")
+    keep: str = option("largest", choices=("largest", "first"),
+                       help="which row of a group to keep: the most pixels or bytes (ties: first by path), or the "
+                            "first by path")
+    kind: str = option("auto", choices=("auto", "flat", "ivf", "ivfsq", "hnsw"),
+                       help="index the range search goes through (auto: exact up to 50,000 rows, then IVF, IVF-SQ8 "
+                            "when raw vectors exceed the budget)")
+    nprobe: int = option(8, help="inverted lists probed per query (ivf, ivfsq; hnsw: efSearch = max(64, 4x))")
+    memory_budget: int = option(4 << 30, parse=parse_size, metavar="SIZE",
+                                help="bounds the index (default 4G): raw vectors while they fit 3/4 of it")
     layer: str | None = option(None, help=LAYER_HELP)
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)
+        if self.nprobe < 1:
+            raise ConfigError(f"--nprobe must be at least 1, got {self.nprobe}.")
 
 
 @dataclass(frozen=True)

@@ -1,45 +1,240 @@
-"""Near-duplicate groups: FAISS range search over an exact index, joined into connected components."""
+"""Near-duplicate groups at scale: FAISS range search through an ANN index, queries in blocks.
+
+An exact all-pairs search is quadratic in time, and its distance blocks grow with N: past a
+few hundred thousand rows it no longer runs (imagededup #133/#191, fiftyone-brain #223/#224).
+Here the rows go into an index chosen by `--kind` (auto: exact up to EXACT_ROWS rows, then IVF
+with raw vectors while they fit 3/4 of `--memory-budget`, then IVF with 8-bit vectors), and the
+rows are then range-searched against it one block at a time. Memory is the index (N*D*4 bytes
+for IVF, N*D for IVF-SQ8) plus one block and the pairs found, whatever N.
+
+IVF probes `nprobe` inverted lists per query: a near-duplicate sits almost on top of its
+original, so both fall into the same or a neighbouring list and a few probes find nearly all
+pairs (benchmarks/dedup.py measures the recall against the exact blocked search).
+
+Pairs over the threshold are joined into groups (connected components of the pair graph),
+and each group gets a keep/drop suggestion (`--keep`):
+    largest  the row with most pixels (the cache's /columns width*height), else the largest
+             file (the cache's /columns size, else the source file on disk); ties go to the
+             first by path
+    first    the first by path
+With `--against OTHER.h5`, rows of CACHE are searched against OTHER's index only: a group is one
+CACHE row's component together with the OTHER rows it duplicates, OTHER's rows are kept and
+CACHE's are the ones to drop.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
 import numpy as np
 
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.search.config import METRICS
-from embedder.search.kinds import faiss_metric, load_faiss, prepare
+from embedder.search.kinds import factory_string, inner, load_faiss, new_index, nlist_for, prepare
+
+EXACT_ROWS = 50_000  # up to here an exact index: a few seconds of range search
+DEDUP_KINDS = ("auto", "flat", "ivf", "ivfsq", "hnsw")
+KEEP = ("largest", "first")
+TRAIN_PER_LIST = 40  # training rows per inverted list (faiss warns under 39)
+TRAIN_ITERATIONS = 10  # k-means iterations: the lists only need to keep near copies together
+
+
+@dataclass
+class Duplicates:
+    """Pairs over the threshold, their groups and what to keep. Rows index CACHE; with
+    `against`, rows >= `n_rows` are OTHER's rows (row - n_rows)."""
+
+    groups: list[list[int]]  # each sorted: CACHE rows, then OTHER rows
+    keep: list[list[int]]  # per group, the rows suggested to keep
+    pairs: int
+    kind: str
+    n_rows: int
+    timings: dict = field(default_factory=dict)
+
+    def drop(self) -> list[int]:
+        return sorted(r for g, k in zip(self.groups, self.keep) for r in g if r not in set(k))
 
 
 def near_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", block_rows: int = 16384,
                     layer: str | None = None) -> list[list[int]]:
-    """Groups of rows closer than `threshold` (cosine similarity >= T, or squared L2 distance <= T),
-    found with FAISS range search over an exact index; groups are connected components."""
+    """Groups of rows closer than `threshold` (cosine similarity >= T, or squared L2 distance <= T)."""
+    return find_duplicates(cache_path, threshold, metric, block_rows=block_rows, layer=layer).groups
+
+
+def find_duplicates(cache_path, threshold: float = 0.95, metric: str = "cosine", *, against=None,
+                    kind: str = "auto", nprobe: int = 8, keep: str = "largest", memory_budget: int = 4 << 30,
+                    block_rows: int = 16384, layer: str | None = None, seed: int = 0,
+                    progress: bool = False) -> Duplicates:
+    """Near-duplicate groups of a cache (or of CACHE against OTHER) with a keep suggestion each."""
+    _check(metric, kind, keep, nprobe)
+    with FeatureCache(cache_path, layer=layer) as cache:
+        if against is None:
+            pairs, used = duplicate_pairs(lambda: _blocks(cache, block_rows), len(cache), cache.dim, threshold,
+                                          metric, kind=kind, nprobe=nprobe, memory_budget=memory_budget, seed=seed,
+                                          progress=progress)
+            groups = pair_groups(pairs, len(cache))
+            paths = cache.paths  # read once: each read decodes every path
+            return Duplicates(groups, [_keep(g, cache, paths, keep) for g in groups], len(pairs), used, len(cache))
+        with FeatureCache(against, layer=layer) as other:
+            if other.dim != cache.dim:
+                raise ConfigError(f"{against} holds {other.dim}-d features and {cache_path} {cache.dim}-d ones: "
+                                  "embed both with the same model and layer.")
+            pairs, used = duplicate_pairs(lambda: _blocks(other, block_rows), len(other), other.dim, threshold,
+                                          metric, kind=kind, nprobe=nprobe, memory_budget=memory_budget, seed=seed,
+                                          progress=progress, queries=lambda: _blocks(cache, block_rows))
+            n = len(cache)
+            groups = pair_groups(np.stack([pairs[:, 0], pairs[:, 1] + n], axis=1) if len(pairs) else pairs,
+                                 n + len(other))
+            keeps = [[r for r in g if r >= n] for g in groups]  # OTHER is the reference set
+            return Duplicates(groups, keeps, len(pairs), used, n)
+
+
+def _check(metric: str, kind: str, keep: str, nprobe: int) -> None:
     if metric not in METRICS:
         raise ConfigError("--metric must be cosine or l2.")
+    if kind not in DEDUP_KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(DEDUP_KINDS)}, got {kind!r}.")
+    if keep not in KEEP:
+        raise ConfigError(f"--keep must be largest or first, got {keep!r}.")
+    if nprobe < 1:
+        raise ConfigError(f"--nprobe must be at least 1, got {nprobe}.")
+
+
+def _blocks(cache: FeatureCache, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    for block in cache.iter_blocks(block_rows):
+        yield block.start, block.features
+
+
+def dedup_kind(kind: str, n: int, dim: int, memory_budget: int) -> str:
+    """The index `--kind auto` searches through (see the module's docstring)."""
+    if kind != "auto":
+        return kind
+    if n <= EXACT_ROWS:
+        return "flat"
+    return "ivf" if n * (4 * dim + 8) <= memory_budget * 3 // 4 else "ivfsq"
+
+
+def duplicate_pairs(blocks, n: int, dim: int, threshold: float, metric: str = "cosine", *, kind: str = "auto",
+                    nprobe: int = 8, memory_budget: int = 4 << 30, seed: int = 0, progress: bool = False,
+                    queries=None) -> tuple[np.ndarray, str]:
+    """(pairs [P, 2], kind used): rows (i, j) whose vectors are within `threshold`.
+
+    `blocks()` yields (start row, vectors) afresh on each call: the indexed rows. Without
+    `queries` the rows are searched against themselves and each pair comes once, i < j; with
+    `queries` (same form) pair (q, j) holds a query row and an indexed row."""
+    from tqdm.auto import tqdm
+
+    used = dedup_kind(kind, n, dim, memory_budget)
+    index = _build(blocks, n, dim, metric, used, nprobe, seed)
+    found = []
+    bar = tqdm(desc="dedup", unit="row", disable=not progress)
+    for start, x in (queries or blocks)():
+        lims, _, ids = index.range_search(prepare(x, metric), threshold)
+        q = np.repeat(np.arange(start, start + len(x), dtype=np.int64), np.diff(lims).astype(np.int64))
+        pair = np.stack([q, ids.astype(np.int64)], axis=1)
+        found.append(pair if queries is not None else pair[pair[:, 0] < pair[:, 1]])
+        bar.update(len(x))
+    bar.close()
+    return (np.concatenate(found) if found else np.zeros((0, 2), np.int64)), used
+
+
+def _build(blocks, n: int, dim: int, metric: str, kind: str, nprobe: int, seed: int):
+    """The filled index of `kind` over the rows of `blocks`, its search knob set."""
     faiss = load_faiss()
-    with FeatureCache(cache_path, layer=layer) as cache:
-        index = faiss.IndexFlat(cache.dim, faiss_metric(metric))
-        for block in cache.iter_blocks(block_rows):
-            index.add(prepare(block.features, metric))
-        parent = np.arange(len(cache))
+    factory = _factory(kind, n)
+    index = new_index(factory, dim, metric)
+    if not index.is_trained:
+        faiss.extract_index_ivf(index).cp.niter = TRAIN_ITERATIONS
+        index.train(_training_sample(blocks, n, _factory_lists(kind, n) * TRAIN_PER_LIST, metric, seed))
+    for start, x in blocks():
+        if "IDMap" in factory:
+            index.add_with_ids(prepare(x, metric), np.arange(start, start + len(x), dtype=np.int64))
+        else:
+            index.add(prepare(x, metric))
+    if kind in ("ivf", "ivfsq"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    elif kind == "hnsw":
+        inner(index).hnsw.efSearch = max(64, 4 * nprobe)
+    return index
 
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
 
-        for block in cache.iter_blocks(block_rows):
-            lims, _, ids = index.range_search(prepare(block.features, metric), threshold)
-            for q in range(len(block.features)):
-                row = block.start + q
-                for j in ids[lims[q] : lims[q + 1]]:
-                    if j != row:
-                        a, b = find(row), find(int(j))
-                        if a != b:
-                            parent[max(a, b)] = min(a, b)
-        roots = np.array([find(i) for i in range(len(cache))])
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(roots):
-        groups.setdefault(int(r), []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+def _factory_lists(kind: str, n: int) -> int:
+    """Half the lists a search index gets (embedder.search.kinds.nlist_for): every row is a
+    query here, so the scan per query matters less than training, which grows with the lists."""
+    return max(16, nlist_for(n) // 2) if kind in ("ivf", "ivfsq") else 0
+
+
+def _factory(kind: str, n: int) -> str:
+    if kind == "hnsw":
+        return factory_string("hnsw")
+    return factory_string(kind, nlist=_factory_lists(kind, n))
+
+
+def _training_sample(blocks, n: int, size: int, metric: str, seed: int) -> np.ndarray:
+    """A seeded sample of `size` rows (all rows when fewer), read in one pass over the blocks."""
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, size), replace=False))
+    parts = []
+    for start, x in blocks():
+        sel = rows[(rows >= start) & (rows < start + len(x))] - start
+        if len(sel):
+            parts.append(prepare(x[sel], metric))
+    return np.concatenate(parts)
+
+
+def pair_groups(pairs: np.ndarray, n: int) -> list[list[int]]:
+    """Connected components of the pair graph with more than one row, largest first."""
+    if len(pairs) == 0:
+        return []
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    members = np.unique(pairs)
+    order = np.argsort(comp[members], kind="stable")
+    members, labels = members[order], comp[members][order]
+    cuts = np.flatnonzero(np.diff(labels)) + 1
+    groups = [g.tolist() for g in np.split(members, cuts)]
+    return sorted(groups, key=lambda g: (-len(g), g[0]))
+
+
+def _keep(group: list[int], cache: FeatureCache, paths: list[str], how: str) -> list[int]:
+    return [keep_of(group, paths, row_sizes(cache, group, paths) if how == "largest" else None)]
+
+
+def keep_of(group: list[int], paths: list[str], sizes: dict[int, float] | None) -> int:
+    """The row of a group to keep: the largest by `sizes` (-1: unknown), ties and no sizes
+    going to the first by path (see `--keep` in the module's docstring)."""
+    first = min(group, key=lambda r: paths[r])
+    if not sizes or max(sizes[r] for r in group) < 0:
+        return first
+    best = max(sizes[r] for r in group)
+    return min((r for r in group if sizes[r] == best), key=lambda r: paths[r])
+
+
+def row_sizes(cache: FeatureCache, rows: list[int], paths: list[str] | None = None) -> dict[int, float]:
+    """Pixel count (or else file size) of each row, -1 when neither is known. `paths`: the
+    cache's paths, when the caller has read them already."""
+    with h5py.File(cache.path, "r") as f:
+        cols = f.get("columns")
+        if cols is not None and "width" in cols and "height" in cols:
+            w, h = cols["width"], cols["height"]
+            return {r: float(w[r]) * float(h[r]) for r in rows}
+        if cols is not None and "size" in cols:
+            return {r: float(cols["size"][r]) for r in rows}
+    paths = cache.paths if paths is None else paths
+    out = {}
+    for r in rows:
+        p = Path(paths[r])
+        p = p if p.is_absolute() else Path(cache.source) / p
+        try:
+            out[r] = float(os.stat(p).st_size)
+        except OSError:
+            out[r] = -1.0
+    return out

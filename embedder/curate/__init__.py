@@ -1,0 +1,1 @@
+"""Curation from a feature cache: label mistakes, outliers, uniqueness, representatives, leaks, duplicates."""
