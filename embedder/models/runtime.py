@@ -82,10 +82,10 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
 # Model-only speed of ONNX Runtime over torch eager, both fp32 (batch 4, 224 px, 2 threads;
 # torch in channels_last, the CPU default), measured side by side by `python -m benchmarks runtime`
 # (docs/BENCHMARKS.md): on the 2-core AMD EPYC dev VM (AVX-512, native bf16), with ORT's threads
-# not spinning, ResNet-50 1.43x, EfficientNet-Lite0 1.65x, VGG-16 1.21x; on the earlier 2-core AVX2
+# not spinning, ResNet-50 1.61x, EfficientNet-Lite0 2.43x, VGG-16 1.12x; on the earlier 2-core AVX2
 # VM ResNet-50 1.29x and Lite0 1.90x (issue 15). `--runtime auto` takes ONNX Runtime for fp32 on the
 # CPU for a family listed here; where `--precision auto` picks bf16 (BF16_CPU_SPEEDUP) bf16 runs on torch.
-ONNX_CPU_SPEEDUP = {"resnet": 1.43, "efficientnet_lite": 1.65, "vgg": 1.21}
+ONNX_CPU_SPEEDUP = {"resnet": 1.61, "efficientnet_lite": 2.43, "vgg": 1.12}
 
 
 def choose_runtime(runtime: str, family: str, device: str = "auto", precision: str = "auto",
