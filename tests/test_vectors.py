@@ -65,10 +65,16 @@ def test_parquet_export_is_one_table_pyarrow_and_pandas_read(described, tmp_path
 
 
 def test_duckdb_reads_the_parquet_export(described, tmp_path):
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb
+
     export_vectors(described, tmp_path / "pq", progress=False)
-    n, = duckdb.sql(f"select count(*) from '{tmp_path / 'pq' / 'embeddings.parquet'}'").fetchone()
+    file = tmp_path / "pq" / "embeddings.parquet"
+    (n,), = duckdb.sql(f"select count(*) from '{file}'").fetchall()
     assert n == 15
+    rows = duckdb.sql(f"select id, path, embedding from '{file}' order by id").fetchall()
+    with FeatureCache(described) as cache:
+        assert [r[1] for r in rows] == cache.paths
+        assert np.array_equal(np.array([r[2] for r in rows], dtype=np.float32), cache.features())
 
 
 def test_npy_export_is_clip_retrievals_layout_and_faiss_finds_each_row_itself(tmp_path):
