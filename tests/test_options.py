@@ -103,6 +103,7 @@ VALID = {  # one valid config per command whose settings have choices; each choi
     "index": lambda: IndexConfig("c.h5", out="i"),
     "dedup": lambda: CONFIGS["dedup"]("c.h5"),
     "plot": lambda: CONFIGS["plot"]("c.h5"),
+    "map": lambda: CONFIGS["map"]("idx"),
     "search": lambda: SearchConfig("idx", row_id=1),
     "serve": lambda: CONFIGS["serve"]("idx"),
     "predict": lambda: CONFIGS["predict"]("m.pt", ("a.jpg",)),

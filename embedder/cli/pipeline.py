@@ -74,6 +74,8 @@ STEP_KINDS: dict[str, StepKind] = {
                          lambda c: f"{'fixed feature extractor' if c.freeze_backbone else 'fine-tune'} {c.model} on "
                                    f"{c.source} -> {c.out}", labelled=True),
     "index": StepKind("embedder.search.config:IndexConfig", commands.index, lambda c: f"index {c.cache} -> {c.out}"),
+    "map": StepKind("embedder.search.config:MapConfig", commands.map_index,
+                    lambda c: f"{c.method} map of {c.index} -> {c.index}/map.h5"),
     "search": StepKind("embedder.search.config:SearchConfig", commands.search,
                        lambda c: f"search {c.index} with {', '.join(c.image) or c.path or c.row_id or c.vector}"
                                  + (f" where {c.where}" if c.where else ""),
