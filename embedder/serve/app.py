@@ -1,4 +1,5 @@
-"""HTTP similarity search over a built index: a JSON API, thumbnails and a drop-an-image web page.
+"""HTTP similarity search over a built index: a JSON API, thumbnails, a drop-an-image web page, and
+a 2-D map of the index at /map (its data routes: embedder.serve.maps).
 
     create_app(index_dir)      the FastAPI application (the index is opened once, here)
     serve(index_dir, ...)      create it and run it with uvicorn until interrupted
