@@ -300,3 +300,18 @@ def test_pipeline_map_step_validates(tmp_path):
     toml.write_text('[[steps]]\nrun = "map"\nindex = "idx"\nmethod = "pca"\n')
     _, steps = load_pipeline(toml)
     assert steps[0].config.method == "pca" and steps[0].kind == "map"
+
+
+def test_column_values_turn_missing_numbers_into_nulls():
+    from embedder.data.metadata import INT_NULL
+    from embedder.serve.maps import column_values
+
+    assert column_values(np.array([1.5, np.nan, np.inf])) == [1.5, None, None]
+    assert column_values(np.array([3, INT_NULL], dtype=np.int64)) == [3.0, None]
+    assert column_values(np.array([True, False])) == [1, 0]
+
+
+def test_map_of_a_missing_index_is_refused_before_any_lock(tmp_path):
+    with pytest.raises(ConfigError, match="No index at"):
+        compute_map(tmp_path / "a" / "b", method="pca")
+    assert not (tmp_path / "a").exists()

@@ -103,6 +103,8 @@ def compute_map(index_dir, method: str = "umap", seed: int = 0, fit_rows: int = 
     if fit_rows < MIN_ROWS:
         raise ConfigError(f"--fit-rows must be at least {MIN_ROWS}, got {fit_rows}.")
     index_dir = Path(index_dir)
+    if not (index_dir / "meta.json").is_file():  # before the lock, which would create folders
+        raise ConfigError(f"No index at {index_dir}. Build one with `embedder index CACHE.h5 --out {index_dir}`.")
     t0 = time.perf_counter()
     with WriteLock(index_dir):  # no build, update or removal swaps the folder meanwhile
         index = SearchIndex.open(index_dir)
