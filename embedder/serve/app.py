@@ -201,7 +201,7 @@ def create_app(
     _add_page_routes(app, index)
     _add_image_routes(app, index, limits)
     _add_lookup_routes(app, index, limits)
-    add_map_routes(app, index, _get_and_head)
+    add_map_routes(app, index, _get_and_head, INVALID)
     return app
 
 

@@ -116,8 +116,9 @@ def column_values(values: np.ndarray) -> list[float | None]:
     return [None if m or not math.isfinite(v) else v for v, m in zip(out, missing.tolist())]
 
 
-def add_map_routes(app: FastAPI, index: SearchIndex, get_and_head: Callable) -> None:
-    """/map/points, and /map/column when the index has numeric columns (the page itself is app.py's)."""
+def add_map_routes(app: FastAPI, index: SearchIndex, get_and_head: Callable, invalid: dict) -> None:
+    """/map/points, and /map/column when the index has numeric columns (the page itself is app.py's).
+    `get_and_head` registers a route and its HEAD twin; `invalid` documents the service's 422 body."""
     points = MapPoints(index)
 
     @get_and_head(app, "/map/points", response_model=MapPointsOut,
@@ -131,7 +132,7 @@ def add_map_routes(app: FastAPI, index: SearchIndex, get_and_head: Callable) -> 
     name_param = Annotated[Literal[tuple(columns)], Query(description="a numeric column of the index's rows")]
     cached: dict[str, bytes] = {}
 
-    @get_and_head(app, "/map/column", response_model=MapColumnOut,
+    @get_and_head(app, "/map/column", response_model=MapColumnOut, responses=invalid,
                   summary="A numeric column by row id, to colour the map by")
     def map_column(name: name_param) -> Response:
         if name not in cached:  # a handful of columns at most: each encoded once

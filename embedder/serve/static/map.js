@@ -366,6 +366,8 @@ window.embedderMap = {
   screenOf: (id) => (indexOfId && indexOfId[id] >= 0 ? [sx(indexOfId[id]), sy(indexOfId[id])] : null),
   selection: () => Array.from(selected, (i) => pts.id[i]),
   timings,
+  // One redraw, its pixels included: reading one back waits for the rasterisation a draw may defer.
+  drawNow: () => { const t0 = performance.now(); draw(); ctx.getImageData(0, 0, 1, 1); return performance.now() - t0; },
 };
 
 fetch("/health").then((r) => r.json()).then((h) => { metric = h.metric; }).catch(() => {});
