@@ -201,7 +201,8 @@ def create_app(
     _add_page_routes(app, index)
     _add_image_routes(app, index, limits)
     _add_lookup_routes(app, index, limits)
-    add_map_routes(app, index, _get_and_head, INVALID)
+    add_map_routes(app, index, _get_and_head, INVALID, {503: _error(
+        "no current stored map, and the PCA computed instead cannot read the index's vectors (the fix is given)")})
     return app
 
 

@@ -116,12 +116,14 @@ def column_values(values: np.ndarray) -> list[float | None]:
     return [None if m or not math.isfinite(v) else v for v, m in zip(out, missing.tolist())]
 
 
-def add_map_routes(app: FastAPI, index: SearchIndex, get_and_head: Callable, invalid: dict) -> None:
+def add_map_routes(app: FastAPI, index: SearchIndex, get_and_head: Callable, invalid: dict,
+                   unavailable: dict) -> None:
     """/map/points, and /map/column when the index has numeric columns (the page itself is app.py's).
-    `get_and_head` registers a route and its HEAD twin; `invalid` documents the service's 422 body."""
+    `get_and_head` registers a route and its HEAD twin; `invalid` and `unavailable` document the
+    service's 422 and 503 bodies."""
     points = MapPoints(index)
 
-    @get_and_head(app, "/map/points", response_model=MapPointsOut,
+    @get_and_head(app, "/map/points", response_model=MapPointsOut, responses=unavailable,
                   summary="Every live row as a point of the 2-D map (the /map page's data)")
     def map_points() -> Response:
         return Response(points.current(), media_type="application/json")
