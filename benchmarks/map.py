@@ -9,9 +9,12 @@ the real page. The page reports its own timings (window.embedderMap.timings).
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -28,6 +31,26 @@ from embedder.serve.app import create_app
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def labelled_cache(path: Path, X: np.ndarray, labels: np.ndarray) -> None:
@@ -58,8 +81,6 @@ def index_of(tmp: Path, name: str, n: int, d: int = 32) -> Path:
 
 def page_timings(index_dir: Path) -> dict:
     from playwright import sync_api
-
-    from tests.test_service import running
 
     app = create_app(index_dir)
     with running(app) as (host, port), sync_api.sync_playwright() as p:
@@ -99,7 +120,6 @@ def page_timings(index_dir: Path) -> dict:
 def fallback_s(index_dir: Path) -> float:
     """The first /map/points of an index without a stored map: the service's own PCA, then the body."""
     (index_dir / "map.h5").unlink()
-    from tests.test_service import running
 
     with running(create_app(index_dir)) as (host, port):
         t0 = time.perf_counter()
