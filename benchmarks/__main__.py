@@ -29,6 +29,7 @@ BENCHMARKS = {
     "curate": "label mistakes on digits with 5% flipped (precision@n); dedup through IVF against exact, 200k x 512",
     "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
     "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
+    "map": "the service's /map page at 100k points: embedder map time, /map/points size, Chromium load and draw",
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",
 }
 

@@ -104,6 +104,7 @@ VALID = {  # one valid config per command whose settings have choices; each choi
     "dedup": lambda: CONFIGS["dedup"]("c.h5"),
     "curate": lambda: CONFIGS["curate"]("c.h5", out="r"),
     "plot": lambda: CONFIGS["plot"]("c.h5"),
+    "map": lambda: CONFIGS["map"]("idx"),
     "search": lambda: SearchConfig("idx", row_id=1),
     "serve": lambda: CONFIGS["serve"]("idx"),
     "predict": lambda: CONFIGS["predict"]("m.pt", ("a.jpg",)),

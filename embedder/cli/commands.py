@@ -558,6 +558,21 @@ def plot(config, args) -> Path:
     return path
 
 
+def map_index(config, args) -> dict:
+    from embedder.search.maps import compute_map
+
+    report = compute_map(config.index, method=config.method, seed=config.seed, fit_rows=config.fit_rows,
+                         progress=config.progress)
+    if _as_json(args):
+        print_json(report)
+        return report
+    placed = report["mapped"] - report["fitted_on"]
+    print(f"wrote {report['map']}: {report['method']} map of {report['mapped']} rows in {report['seconds']:.1f} s"
+          + (f" (fitted on {report['fitted_on']}, {placed} placed by the fitted model)" if placed else "")
+          + f"; `embedder serve {config.index}` shows it at /map")
+    return report
+
+
 # -------------------------------------------------------------------------------- serve
 
 

@@ -90,6 +90,9 @@ COMMANDS: dict[str, Command] = {
                       json="print the summary as JSON"),
     "plot": Command("2-D scatter of a cache coloured by label", commands.plot,
                     _cfg("embedder.search.config", "PlotConfig")),
+    "map": Command("compute the 2-D map of an index that `serve` shows at /map (UMAP or PCA, stored as "
+                   "INDEX_DIR/map.h5)", commands.map_index, _cfg("embedder.search.config", "MapConfig"),
+                   json="print the report as JSON"),
     "serve": Command("HTTP search service with a web page (FastAPI + uvicorn)", commands.serve,
                      _cfg("embedder.serve.config", "ServeConfig")),
     "info": Command("describe a feature cache or an index folder", commands.info, _cfg("embedder.cache.config", "InfoConfig"),

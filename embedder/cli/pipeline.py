@@ -76,6 +76,8 @@ STEP_KINDS: dict[str, StepKind] = {
     "index": StepKind("embedder.search.config:IndexConfig", commands.index, lambda c: f"index {c.cache} -> {c.out}"),
     "curate": StepKind("embedder.curate.config:CurateConfig", commands.curate,
                        lambda c: f"curate {c.cache} -> {c.out}"),
+    "map": StepKind("embedder.search.config:MapConfig", commands.map_index,
+                    lambda c: f"{c.method} map of {c.index} -> {c.index}/map.h5"),
     "search": StepKind("embedder.search.config:SearchConfig", commands.search,
                        lambda c: f"search {c.index} with {', '.join(c.image) or c.path or c.row_id or c.vector}"
                                  + (f" where {c.where}" if c.where else ""),

@@ -1,4 +1,4 @@
-"""Settings of `index`, `search`, `dedup` and `plot`, each declared once (embedder.options)."""
+"""Settings of `index`, `search`, `dedup`, `plot` and `map`, each declared once (embedder.options)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from embedder.options import check_choices, option, parse_size, specs
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 METRICS = ("cosine", "l2")
+PLOT_METHODS = ("pca", "tsne", "umap")
+MAP_METHODS = ("umap", "pca")
+DEFAULT_FIT_ROWS = 100_000  # `embedder map`: UMAP of this many rows takes minutes on a few cores
+MIN_MAP_ROWS = 3  # fewer rows have no shape to show
 LAYER_HELP = "which layer of a multi-layer cache (default: the first, /features)"
 
 
@@ -178,10 +182,26 @@ class DedupConfig:
 @dataclass(frozen=True)
 class PlotConfig:
     cache: str = option(positional=True, path=True, help="feature cache")
-    method: str = option("pca", choices=("pca", "tsne"), help="2-D projection")
+    method: str = option("pca", choices=PLOT_METHODS,
+                         help="2-D projection (umap: umap-learn, by cosine; all seeded)")
     out: str | None = option(None, path=True, help="PNG to write (default: CACHE.METHOD.png beside the cache)")
     max_points: int = option(5000, help="seeded sample of at most this many rows")
     layer: str | None = option(None, help=LAYER_HELP)
 
     def __post_init__(self):
         check_choices(self)
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    index: str = option(positional=True, path=True, metavar="INDEX_DIR", help="index folder from `embedder index`")
+    method: str = option("umap", choices=MAP_METHODS, help="2-D projection of the index's rows")
+    fit_rows: int = option(DEFAULT_FIT_ROWS, metavar="N",
+                           help="fit on a seeded sample of at most N rows and place the others with the fitted model")
+    seed: int = option(0, help="seed of the sample and of the projection (same index and seed: same map)")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.fit_rows < MIN_MAP_ROWS:
+            raise ConfigError(f"--fit-rows must be at least {MIN_MAP_ROWS}, got {self.fit_rows}.")

@@ -9,14 +9,17 @@ import numpy as np
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.figures import pyplot, save_figure
+from embedder.search.maps import PLOT_METHODS, project
 
 
 def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0,
                layer: str | None = None) -> Path:
-    """A 2-D scatter of the features (PCA or t-SNE of a seeded sample), coloured by label."""
+    """A 2-D scatter of the features (PCA, t-SNE or UMAP of a seeded sample), coloured by label.
+
+    Seeded throughout (the sample, and the projection's random_state): the same cache gives the same PNG."""
     plt = pyplot()
-    if method not in ("pca", "tsne"):
-        raise ConfigError("--method must be pca or tsne.")
+    if method not in PLOT_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(PLOT_METHODS)}.")
     with FeatureCache(cache_path, layer=layer) as cache:
         n = len(cache)
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
@@ -24,14 +27,8 @@ def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int
             [b.features[np.isin(np.arange(b.start, b.stop), rows)] for b in cache.iter_blocks()]
         )
         labels, classes = cache.labels[rows], cache.classes
-    if method == "pca":
-        from sklearn.decomposition import PCA
-
-        xy = PCA(n_components=2, random_state=seed).fit_transform(X)
-    else:
-        from sklearn.manifold import TSNE
-
-        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(2, len(X) // 4))).fit_transform(X)
+    # UMAP by cosine, as features are compared; PCA and t-SNE as before, Euclidean.
+    xy = project(X, method, seed, metric="cosine")[1]
     fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
     if classes:
         cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")

@@ -1,4 +1,5 @@
-"""HTTP similarity search over a built index: a JSON API, thumbnails and a drop-an-image web page.
+"""HTTP similarity search over a built index: a JSON API, thumbnails, a drop-an-image web page, and
+a 2-D map of the index at /map (its data routes: embedder.serve.maps).
 
     create_app(index_dir)      the FastAPI application (the index is opened once, here)
     serve(index_dir, ...)      create it and run it with uvicorn until interrupted
@@ -68,6 +69,7 @@ from embedder.serve.guards import (
     clip,
     validation_error,
 )
+from embedder.serve.maps import add_map_routes
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 WILDCARD_BINDS = ("", "0.0.0.0", "::")  # a server bound here has no one name of its own
@@ -84,7 +86,8 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 ROCCHIO_ALPHA = SearchConfig.__dataclass_fields__["alpha"].default
 ROCCHIO_BETA = SearchConfig.__dataclass_fields__["beta"].default
 UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}  # one image part, not empty
-STATIC = {"search.js": "text/javascript; charset=utf-8", "search.css": "text/css; charset=utf-8"}
+STATIC = {"search.js": "text/javascript; charset=utf-8", "search.css": "text/css; charset=utf-8",
+          "map.js": "text/javascript; charset=utf-8", "map.css": "text/css; charset=utf-8"}
 
 # ---------------------------------------------------------------- response models (OpenAPI)
 
@@ -198,6 +201,8 @@ def create_app(
     _add_page_routes(app, index)
     _add_image_routes(app, index, limits)
     _add_lookup_routes(app, index, limits)
+    add_map_routes(app, index, _get_and_head, INVALID, {503: _error(
+        "no current stored map, and the PCA computed instead cannot read the index's vectors (the fix is given)")})
     return app
 
 
@@ -249,12 +254,16 @@ def _add_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
 
 
 def _add_page_routes(app: FastAPI, index: SearchIndex) -> None:
-    page = _static("index.html")
+    page, map_page = _static("index.html"), _static("map.html")
     assets = {name: _static(name) for name in STATIC}
 
     @_get_and_head(app, "/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @_get_and_head(app, "/map", response_class=HTMLResponse, include_in_schema=False)
+    def map_home() -> HTMLResponse:  # its data: /map/points (embedder.serve.maps)
+        return HTMLResponse(map_page)
 
     for name, media_type in STATIC.items():
         _get_and_head(app, f"/static/{name}", include_in_schema=False)(
