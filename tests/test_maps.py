@@ -315,3 +315,29 @@ def test_map_of_a_missing_index_is_refused_before_any_lock(tmp_path):
     with pytest.raises(ConfigError, match="No index at"):
         compute_map(tmp_path / "a" / "b", method="pca")
     assert not (tmp_path / "a").exists()
+
+
+def test_curate_scores_stored_beside_the_map_colour_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from embedder.curate.config import CurateConfig
+    from embedder.curate.run import run_curate
+
+    tree = make_tree(tmp_path / "images", per_class=8)
+    embed(fast_config(tree, tmp_path / "feats.h5"))
+    build_index(tmp_path / "feats.h5", tmp_path / "index", kind="flat", progress=False)
+    run_curate(CurateConfig(str(tmp_path / "feats.h5"), out=str(tmp_path / "report"), folds=2, k=3, gallery=0,
+                            progress=False))
+    report = compute_map(tmp_path / "index", method="pca", progress=False, scores=tmp_path / "report")
+    assert {"label_quality", "outlier_score", "uniqueness"} <= set(report["scores"])
+    scores = pq.read_table(tmp_path / "report" / "scores.parquet").to_pandas()
+    app = create_app(tmp_path / "index", default_k=K)
+    index = app.state.index
+    with running(app) as (host, port):
+        url = f"http://{host}:{port}"
+        assert "outlier_score" in http("GET", url + "/map/points").json()["columns"]
+        got = http("GET", url + "/map/column?name=outlier_score").json()["values"]
+    want = dict(zip(scores["path"], scores["outlier_score"]))
+    assert got == pytest.approx([want[p] for p in index.paths])  # by row id, joined by path
+    with pytest.raises(ConfigError, match="No curate scores"):
+        compute_map(tmp_path / "index", method="pca", progress=False, scores=tmp_path / "nowhere")

@@ -562,13 +562,14 @@ def map_index(config, args) -> dict:
     from embedder.search.maps import compute_map
 
     report = compute_map(config.index, method=config.method, seed=config.seed, fit_rows=config.fit_rows,
-                         progress=config.progress)
+                         progress=config.progress, scores=config.scores)
     if _as_json(args):
         print_json(report)
         return report
     placed = report["mapped"] - report["fitted_on"]
     print(f"wrote {report['map']}: {report['method']} map of {report['mapped']} rows in {report['seconds']:.1f} s"
           + (f" (fitted on {report['fitted_on']}, {placed} placed by the fitted model)" if placed else "")
+          + (f", with the curate scores {', '.join(report['scores'])}" if report["scores"] else "")
           + f"; `embedder serve {config.index}` shows it at /map")
     return report
 

@@ -199,6 +199,9 @@ class MapConfig:
     fit_rows: int = option(DEFAULT_FIT_ROWS, metavar="N",
                            help="fit on a seeded sample of at most N rows and place the others with the fitted model")
     seed: int = option(0, help="seed of the sample and of the projection (same index and seed: same map)")
+    scores: str | None = option(None, path=True, metavar="REPORT_DIR",
+                                help="store the numeric scores of `embedder curate`'s REPORT_DIR (label_quality, "
+                                     "outlier_score, uniqueness, ...) beside the map, to colour the /map page by")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):

@@ -92,9 +92,10 @@ class IndexMap:
 
 
 def compute_map(index_dir, method: str = "umap", seed: int = 0, fit_rows: int = DEFAULT_FIT_ROWS,
-                progress: bool = True) -> dict:
+                progress: bool = True, scores=None) -> dict:
     """Fit a 2-D map of the live rows of the index in `index_dir` and store it as INDEX_DIR/map.h5
-    (atomically, under INDEX_DIR's write lock). Returns a report."""
+    (atomically, under INDEX_DIR's write lock). `scores`: a `curate` REPORT_DIR (or its
+    scores.parquet) whose numeric columns are stored beside the map, to colour it by. Returns a report."""
     from embedder.atomic import WriteLock
     from embedder.search.query import SearchIndex
 
@@ -108,15 +109,51 @@ def compute_map(index_dir, method: str = "umap", seed: int = 0, fit_rows: int = 
     t0 = time.perf_counter()
     with WriteLock(index_dir):  # no build, update or removal swaps the folder meanwhile
         index = SearchIndex.open(index_dir)
+        table = score_columns(index, scores) if scores is not None else {}  # refused before minutes of UMAP
         xy = map_rows(index, method, seed, fit_rows, progress)
         seconds = time.perf_counter() - t0
         attrs = {"method": method, "seed": seed, "rows": index.ntotal, "fit_rows": fit_rows,
                  "fingerprint": _fingerprint(index), "metric": index.metric, "seconds": seconds,
                  "version": _version()}
-        _write_map(index_dir / MAP_FILE, xy, attrs)
+        _write_map(index_dir / MAP_FILE, xy, attrs, table)
     live = int(np.isfinite(xy[:, 0]).sum())
     return {"index": str(index_dir), "map": str(index_dir / MAP_FILE), "method": method, "rows": index.ntotal,
-            "mapped": live, "fitted_on": min(live, fit_rows), "seconds": seconds}
+            "mapped": live, "fitted_on": min(live, fit_rows), "seconds": seconds, "scores": list(table)}
+
+
+def score_columns(index, scores) -> dict[str, np.ndarray]:
+    """The numeric (and bool, as 0/1) columns of a `curate` scores.parquet, by the index's row id
+    (NaN for rows the table lacks). Refused when no path of the table is a row of the index."""
+    import pyarrow.parquet as pq
+
+    path = Path(scores)
+    path = path / "scores.parquet" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"No curate scores at {path}: give the REPORT_DIR of `embedder curate` (its scores.parquet).")
+    table = pq.read_table(path)
+    if "path" not in table.column_names:
+        raise ConfigError(f"{path} has no `path` column: it is not a scores table of `embedder curate`.")
+    rows = np.array([index._row.get(p, -1) for p in table.column("path").to_pylist()], dtype=np.int64)
+    if not (rows >= 0).any():
+        raise ConfigError(f"No path of {path} is a row of {index.dir}: curate the index's own cache "
+                          f"({index.meta.get('cache')}).")
+    out = {}
+    for name in table.column_names:
+        values = table.column(name).to_numpy(zero_copy_only=False)
+        if name != "path" and values.dtype.kind in "biuf":
+            column = np.full(index.ntotal, np.nan)
+            column[rows[rows >= 0]] = values[rows >= 0].astype(np.float64)
+            out[name] = column
+    return out
+
+
+def map_scores(index) -> dict[str, np.ndarray]:
+    """The curate scores stored beside the current map ({} without a current map or scores)."""
+    path = Path(index.dir) / MAP_FILE
+    if read_map(index)[0] is None:
+        return {}
+    with h5py.File(path, "r") as f:
+        return {name: ds[:] for name, ds in f["scores"].items()} if "scores" in f else {}
 
 
 def map_rows(index, method: str, seed: int, fit_rows: int, progress: bool = False) -> np.ndarray:
@@ -171,7 +208,7 @@ class _VectorReader:
             self.cache.close()
 
 
-def _write_map(path: Path, xy: np.ndarray, attrs: dict) -> None:
+def _write_map(path: Path, xy: np.ndarray, attrs: dict, scores: dict | None = None) -> None:
     """Write map.h5 under a temporary name and rename it (the caller holds INDEX_DIR's lock)."""
     from embedder.atomic import atomic_replace, discard, remove_leftovers, temp_file
 
@@ -180,6 +217,8 @@ def _write_map(path: Path, xy: np.ndarray, attrs: dict) -> None:
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("xy", data=xy, dtype=np.float32)
+            for name, values in (scores or {}).items():
+                f.create_dataset(f"scores/{name}", data=values, dtype=np.float64)
             f.attrs.update(attrs)
         atomic_replace(tmp, path)
     except BaseException:

@@ -52,8 +52,12 @@ class MapColumnOut(BaseModel):
 
 
 def numeric_columns(index: SearchIndex) -> dict[str, np.ndarray]:
-    """rows.h5 columns a map can be coloured by: numbers and booleans (as 0 and 1)."""
-    return {name: values for name, values in index.columns.items() if np.asarray(values).dtype.kind in "biuf"}
+    """What a map can be coloured by: rows.h5's numeric and bool (0/1) columns, then the curate
+    scores stored beside the map (`embedder map --scores REPORT_DIR`)."""
+    from embedder.search.maps import map_scores
+
+    columns = {name: values for name, values in index.columns.items() if np.asarray(values).dtype.kind in "biuf"}
+    return columns | {name: values for name, values in map_scores(index).items() if name not in columns}
 
 
 class MapPoints:
