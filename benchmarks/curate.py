@@ -82,20 +82,13 @@ print(json.dumps({"base": base, "peak": kib("VmHWM"), "build_s": build, "search_
 
 
 def label_mistakes(quick: bool, work: Path) -> None:
+    from benchmarks.tutorial import digits_sample
     from embedder.curate.config import CurateConfig
     from embedder.curate.run import run_curate
-    from embedder.data.samples import make_samples
     from embedder.extract.config import EmbedConfig
     from embedder.extract.local import embed
 
-    digits = make_samples(work, only=["digits"])["digits"]
-    if quick:  # every third image, keeping the class folders
-        sub = work / "digits_third"
-        for i, p in enumerate(sorted(digits.rglob("*.png"))):
-            if i % 3 == 0:
-                (sub / p.parent.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy(p, sub / p.parent.name / p.name)
-        digits = sub
+    digits = digits_sample(work, quick)
     cache = work / "digits.h5"
     t = time.perf_counter()
     embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))

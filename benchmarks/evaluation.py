@@ -23,25 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedder.data.samples import make_samples
+from benchmarks.tutorial import digits_sample
 from embedder.extract.config import EmbedConfig
 from embedder.extract.local import embed
 from embedder.learn.train import ProbeConfig, run_probe
 
 SHOTS = (1, 2, 5, 10)
 LAYERS = ("blocks.3", "blocks.5", "avgpool")  # in depth order: the sweep plots them so
-
-
-def _digits(work: Path, quick: bool) -> Path:
-    digits = make_samples(work, only=["digits"])["digits"]
-    if not quick:
-        return digits
-    sub = work / "digits_third"  # every third image, keeping the class folders
-    for i, p in enumerate(sorted(digits.rglob("*.png"))):
-        if i % 3 == 0:
-            (sub / p.parent.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(p, sub / p.parent.name / p.name)
-    return sub
 
 
 def _pct(v) -> str:
@@ -51,7 +39,7 @@ def _pct(v) -> str:
 def run(quick: bool = False) -> None:
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-"))
     try:
-        digits = _digits(work, quick)
+        digits = digits_sample(work, quick)
         cache = work / "digits.h5"
         t = time.perf_counter()
         embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), layer=LAYERS[0],

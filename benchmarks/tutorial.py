@@ -143,18 +143,24 @@ def speed(quick: bool, work: Path) -> None:
     # same way, so that cosine would say nothing; part 2 measures it with real weights.
 
 
-def accuracy(quick: bool, work: Path) -> None:
+def digits_sample(work: Path, quick: bool) -> Path:
+    """The digits sample under `work`; in quick mode every third image, keeping the class folders."""
     from embedder.data.samples import make_samples
 
-    name = "efficientnet_lite0"
     digits = make_samples(work, only=["digits"])["digits"]
-    if quick:  # every third image, keeping the class folders
-        sub = work / "digits_third"
-        for i, p in enumerate(sorted(digits.rglob("*.png"))):
-            if i % 3 == 0:
-                (sub / p.parent.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy(p, sub / p.parent.name / p.name)
-        digits = sub
+    if not quick:
+        return digits
+    sub = work / "digits_third"
+    for i, p in enumerate(sorted(digits.rglob("*.png"))):
+        if i % 3 == 0:
+            (sub / p.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, sub / p.parent.name / p.name)
+    return sub
+
+
+def accuracy(quick: bool, work: Path) -> None:
+    name = "efficientnet_lite0"
+    digits = digits_sample(work, quick)
     t = time.perf_counter()
     embed(EmbedConfig(source=str(digits), model=name, out=str(work / "default.h5"), progress=False))
     emb_s = time.perf_counter() - t
