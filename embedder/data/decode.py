@@ -118,12 +118,17 @@ def load_rgb_bytes(
     *,
     min_side: int | None = None,
     raise_limit: str = _RAISE_LIMIT,
+    jpeg_min_side: int | None = None,
+    contiguous: bool = True,
+    info: dict | None = None,
 ) -> torch.Tensor:
-    """`load_rgb` for bytes already in memory (uploads), with the same rules and reasons.
+    """`load_rgb` for bytes already in memory (uploads, tar members), with the same rules and reasons.
 
     `raise_limit` ends a decompression-bomb refusal: how the limit is raised where the caller runs.
+    `info` receives the image's `width` and `height` (the caller knows the size and mtime).
     """
-    return _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit).contiguous()
+    pixels = _decode(io.BytesIO(data), len(data), max_pixels, min_side, raise_limit, jpeg_min_side, info)
+    return pixels.contiguous() if contiguous else pixels
 
 
 def shown_size(data: bytes) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.data import tar as tarsrc
 from embedder.errors import SourceError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -61,6 +62,7 @@ class Listing:
     classes: list[str]
     layout: str
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that are not rows
+    members: dict[str, tarsrc.TarMember] | None = None  # tar sources: where each row's bytes lie
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,7 +72,8 @@ class Listing:
             return self
         if n < 1:
             raise SourceError(f"--limit must be at least 1, got {n}.")
-        return Listing(self.root, self.paths[:n], self.labels[:n], self.classes, self.layout, self.ignored)
+        return Listing(self.root, self.paths[:n], self.labels[:n], self.classes, self.layout, self.ignored,
+                       self.members)
 
     def ignored_counts(self) -> dict[str, int]:
         """{reason: files}, most frequent first."""
@@ -203,11 +206,16 @@ def _class_depth(layout: str) -> int:
 
 
 def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | None = None) -> Listing:
+    if tarsrc.is_tar_source(str(source)):
+        if layout not in ("auto", tarsrc.LAYOUT):
+            raise SourceError(f"SOURCE {source} is tar shards, so --layout {layout} does not apply (leave it auto).")
+        return _nonempty(_list_tar(str(source)), source).limit(limit)
     src = Path(source).expanduser()
     if layout not in LAYOUTS:
         raise SourceError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}.")
     if not src.exists():
-        raise SourceError(f"SOURCE {src} does not exist. Pass an image folder or a .txt/.csv file list.")
+        raise SourceError(f"SOURCE {src} does not exist. Pass an image folder, a .txt/.csv file list, "
+                          "a .tar shard, a folder of .tar shards or a pattern such as shards/{00000..00099}.tar.")
     if src.is_file():
         if layout not in ("auto", "filelist"):
             raise SourceError(f"SOURCE {src} is a file, so it must be a file list (not --layout {layout}).")
@@ -219,12 +227,38 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
             listing = _list_folder(src.resolve(), layout)
         except OSError as exc:
             raise SourceError(f"SOURCE {src} cannot be read ({exc.strerror}). Check its permissions.") from None
+    return _nonempty(listing, src).limit(limit)
+
+
+def _nonempty(listing: Listing, src) -> Listing:
     if not listing.paths:
         hint = f" ({describe_ignored(listing.ignored_counts())} files ignored)" if listing.ignored else ""
         raise SourceError(
             f"SOURCE {src} holds no images{hint}. Image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}."
         )
-    return listing.limit(limit)
+    return listing
+
+
+def _list_tar(source: str) -> Listing:
+    """Rows `shard/member` of every image member, shards sorted, members in tar order (embedder.data.tar)."""
+    root, shards = tarsrc.shard_files(source)
+    rows, ignored = [], []
+    for shard in shards:
+        found, skipped = tarsrc.list_shard(shard, shard.relative_to(root).as_posix(), is_image_name)
+        rows += found
+        ignored += skipped
+    raw = [label for _, _, label in rows]
+    given = [lab for lab in raw if lab is not None]
+    if given and all(isinstance(lab, int) and lab >= 0 for lab in given):
+        # Class indices (.cls, or integers in .json) are the labels as they are.
+        classes = [str(i) for i in range(max(given) + 1)]
+        labels = [-1 if lab is None else lab for lab in raw]
+    else:
+        classes = sorted({str(lab) for lab in given})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [-1 if lab is None else index[str(lab)] for lab in raw]
+    return Listing(root, [p for p, _, _ in rows], np.asarray(labels, dtype=np.int64), classes, tarsrc.LAYOUT,
+                   ignored, {p: m for p, m, _ in rows})
 
 
 def _list_folder(root: Path, layout: str) -> Listing:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from embedder.data.decode import load_rgb
+from embedder.data.decode import load_rgb, load_rgb_bytes
 from embedder.errors import BadImageError, ConfigError
 
 
@@ -63,7 +63,7 @@ def geometric_transform(pre: Preprocessing) -> v2.Compose:
     )
 
 
-def read_for_model(path: str | os.PathLike, transform, resize_size: int | None, max_pixels: int,
+def read_for_model(path: str | os.PathLike | bytes, transform, resize_size: int | None, max_pixels: int,
                    seconds: dict[str, float] | None = None, *, jpeg_draft: bool = False,
                    info: dict | None = None) -> torch.Tensor:
     """Decode one file and run `transform` on it (the reader stage of extraction and training).
@@ -71,14 +71,18 @@ def read_for_model(path: str | os.PathLike, transform, resize_size: int | None, 
     Raises BadImageError with the reason. `seconds`, if given, accumulates the time spent in
     "decode" and in "resize" (the transform). `jpeg_draft`: decode JPEGs reduced by libjpeg's
     DCT scaling, their shorter side still >= `resize_size` (not the exact pixels: an opt-in).
-    `info`: receives the file's size and mtime and the image's own width and height (`load_rgb`)."""
+    `info`: receives the file's size and mtime and the image's own width and height (`load_rgb`).
+    `path` may be the encoded bytes themselves (a tar member; `info` then gets no size or mtime)."""
     import time
 
     t0 = time.perf_counter()
     try:
         # The decoder's own [H, W, 3] layout: resizing it gives the same bits 2-6x faster.
-        image = load_rgb(path, max_pixels, jpeg_min_side=resize_size if jpeg_draft else None, contiguous=False,
-                         info=info)
+        draft = resize_size if jpeg_draft else None
+        if isinstance(path, bytes):  # a tar member's bytes: the same decoder as a file's
+            image = load_rgb_bytes(path, max_pixels, jpeg_min_side=draft, contiguous=False, info=info)
+        else:
+            image = load_rgb(path, max_pixels, jpeg_min_side=draft, contiguous=False, info=info)
     finally:
         t1 = time.perf_counter()
         if seconds is not None:

@@ -66,8 +66,10 @@ class BatchReader(Dataset):
         preprocessing: Preprocessing,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         jpeg_draft: bool = False,
+        members: dict | None = None,
     ):
         self.root, self.paths, self.rows = root, paths, rows
+        self.members = members  # tar sources: {path: TarMember}, each row's bytes read by offset
         self.batch_size = batch_size
         self.crop = preprocessing.crop_size
         self.resize_size = preprocessing.resize_size
@@ -86,8 +88,9 @@ class BatchReader(Dataset):
         for row in rows:
             info: dict = {}
             try:
-                images.append(read_for_model(self.root / self.paths[row], self.transform, self.resize_size,
-                                             self.max_pixels, seconds, jpeg_draft=self.jpeg_draft, info=info))
+                images.append(read_for_model(self._source(self.paths[row], info), self.transform,
+                                             self.resize_size, self.max_pixels, seconds,
+                                             jpeg_draft=self.jpeg_draft, info=info))
             except BadImageError as exc:
                 errors.append((int(row), exc.reason))
                 continue
@@ -103,6 +106,15 @@ class BatchReader(Dataset):
             "resize_s": seconds["resize"],
             "columns": {name: np.asarray(values, dtype=BUILTIN[name]) for name, values in read.items()},
         }
+
+
+    def _source(self, path: str, info: dict):
+        """What `read_for_model` reads: the file, or a tar member's bytes (its size and mtime into `info`)."""
+        if self.members is None:
+            return self.root / path
+        member = self.members[path]
+        info.update(size=member.size, mtime=member.mtime)
+        return member.read()
 
 
 class StageTimer:
@@ -251,7 +263,7 @@ def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedC
     """The reader -> model -> writer loop over `writer.pending`. Returns the rows embedded; appends to `errors`."""
     listing = writer.listing
     reader = BatchReader(listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing,
-                         config.max_pixels, config.jpeg_draft)
+                         config.max_pixels, config.jpeg_draft, listing.members)
     bar = tqdm(
         total=len(writer.pending), unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
         file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s

@@ -103,6 +103,10 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     with lock_output(config.out, held=lock):
         config = with_runtime(config)
         listing = list_source(config.source, config.layout, config.limit)
+        if listing.members is not None:
+            # A Ray shard's task carries paths only, not where each tar member's bytes lie.
+            raise ConfigError(f"SOURCE {config.source} is tar shards, which --backend ray does not read yet. "
+                              "Use --backend local (the default).")
         command = command if command is not None else config.command_line(backend="ray")
         started_here = not ray.is_initialized()
         if started_here:

@@ -1,0 +1,165 @@
+"""Webdataset tar shards as SOURCE: a `.tar` file, a folder of them, or a brace pattern.
+
+A sample is the members of one shard sharing a key (webdataset's convention: the member's
+name up to the first dot of its basename). Its image member (any image extension) is the
+row, keyed `shard/member` (`00000.tar/sample0001.jpg`, the shard relative to the shards'
+folder); `.cls` (an integer class), `.txt` (a class name) or `.json` (the "label" or
+"class" key) give the label.
+
+The listing reads the tar headers once and records each image member's data offset, size
+and mtime (`TarMember`), so a reader seeks to one member and reads its bytes without
+extracting or re-scanning the shard. Shards are sorted, members kept in tar order, so two
+listings of the same shards give the same rows. A shard cut short keeps the members listed
+before the cut; a member whose data runs past the end of the file is a row that the reader
+records as an error ("truncated tar member").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedder.errors import BadImageError, SourceError
+
+LAYOUT = "tar"
+LABEL_EXTENSIONS = ("cls", "txt", "json")
+JSON_LABEL_KEYS = ("label", "class")
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_SHELL = set("*?[]")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where one image member's bytes lie: its shard (absolute), data offset, size and mtime."""
+
+    shard: str
+    offset: int
+    size: int
+    mtime: float
+
+    def read(self) -> bytes:
+        """The member's bytes; BadImageError where the shard is gone or ends inside them."""
+        try:
+            with open(self.shard, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as exc:
+            raise BadImageError(f"cannot read tar shard: {exc.strerror or exc}") from None
+        if len(data) < self.size:
+            raise BadImageError(f"truncated tar member: {len(data)} of {self.size} bytes in the shard")
+        return data
+
+
+def is_tar_source(source: str) -> bool:
+    """Whether SOURCE names tar shards: a .tar file, a pattern, or a folder holding .tar files only."""
+    p = Path(source).expanduser()
+    if (_SHELL | {"{", "}"}) & set(source) and not p.exists():
+        return True  # a pattern (shell syntax other than {a..b} is refused by expand_braces, by name)
+    if p.is_file():
+        return p.suffix.lower() == ".tar"
+    if p.is_dir():
+        names = [e.name for e in os.scandir(p) if not e.name.startswith(".")]
+        return bool(names) and all(n.lower().endswith(".tar") for n in names)
+    return False
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`shards/{00000..00002}.tar` -> the three names; zero padding kept from the wider bound."""
+    if _SHELL & set(pattern) or _BRACE.sub("", pattern).count("{") or _BRACE.sub("", pattern).count("}"):
+        raise SourceError(f"SOURCE {pattern!r}: only `{{a..b}}` ranges of integers are expanded "
+                          "(e.g. shards/{00000..00099}.tar); no globs, lists or other shell syntax.")
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    a, b = m.group(1), m.group(2)
+    if int(b) < int(a):
+        raise SourceError(f"SOURCE {pattern!r}: the range {{{a}..{b}}} is empty (its end is below its start).")
+    width = len(a) if a.startswith("0") or len(a) == len(b) else 0
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    return [name for i in range(int(a), int(b) + 1) for name in expand_braces(f"{head}{i:0{width}d}{tail}")]
+
+
+def shard_files(source: str) -> tuple[Path, list[Path]]:
+    """(the shards' folder, the shard files sorted) for a tar SOURCE; SourceError names what is missing."""
+    if not Path(source).expanduser().exists():
+        shards = [Path(s).expanduser().resolve() for s in expand_braces(source)]
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise SourceError(f"SOURCE {source}: {len(missing)} of {len(shards)} shards do not exist "
+                              f"(e.g. {missing[0]}). Check the pattern's range.")
+    else:
+        p = Path(source).expanduser().resolve()
+        shards = [p] if p.is_file() else [p / e.name for e in os.scandir(p) if e.name.lower().endswith(".tar")]
+    shards = sorted(set(shards))
+    root = Path(os.path.commonpath([s.parent for s in shards]))
+    return root, shards
+
+
+def sample_key(name: str) -> str:
+    """webdataset's key: the member's path up to the first dot of its basename."""
+    folder, _, base = name.rpartition("/")
+    return (folder + "/" if folder else "") + base.split(".", 1)[0]
+
+
+def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple[str, TarMember, object]], list[tuple[str, str]]]:
+    """One shard's rows as (`rel/member`, TarMember, label or None) in tar order, and its ignored members."""
+    images: list[tuple[str, str, TarMember]] = []
+    labels: dict[str, object] = {}
+    ignored: list[tuple[str, str]] = []
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for info in _members(tar, rel, ignored):
+                if not info.isfile():
+                    continue
+                key, ext = sample_key(info.name), info.name.rsplit(".", 1)[-1].lower()
+                if is_image(info.name):
+                    member = TarMember(str(shard), info.offset_data, info.size, float(info.mtime))
+                    images.append((f"{rel}/{info.name}", key, member))
+                elif ext in LABEL_EXTENSIONS and key not in labels:
+                    label = _label(tar, info, ext)
+                    if label is not None:
+                        labels[key] = label
+                else:
+                    ignored.append((f"{rel}/{info.name}", "not an image or label member"))
+    except (tarfile.TarError, OSError) as exc:
+        raise SourceError(f"{shard} is not a readable tar file ({exc}). Remove it or fix the pattern.") from None
+    return [(path, member, labels.get(key)) for path, key, member in images], ignored
+
+
+def _members(tar: tarfile.TarFile, rel: str, ignored: list[tuple[str, str]]):
+    """The shard's member headers; a shard cut short ends them at the cut, noted once in `ignored`."""
+    while True:
+        try:
+            info = tar.next()
+        except tarfile.TarError as exc:
+            ignored.append((f"{rel}/", f"tar shard cut short, members after the cut are lost ({exc})"))
+            return
+        if info is None:
+            return
+        yield info
+
+
+def _label(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str):
+    """The label a .cls (int), .txt (str) or .json ("label"/"class") member gives, or None."""
+    f = tar.extractfile(info)
+    try:
+        text = f.read().decode("utf-8").strip() if f is not None else ""
+    except (UnicodeDecodeError, tarfile.TarError, OSError):
+        return None
+    if ext == "cls":
+        return int(text) if re.fullmatch(r"-?\d+", text) else None
+    if ext == "txt":
+        return text or None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(obj, dict):
+        for k in JSON_LABEL_KEYS:
+            if isinstance(obj.get(k), (int, str)) and not isinstance(obj.get(k), bool):
+                return obj[k]
+    return None

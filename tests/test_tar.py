@@ -1,0 +1,164 @@
+"""Webdataset tar shards as SOURCE: bit-identity with folders, labels, errors, resume, append, patterns."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+
+from embedder.cache.reader import FeatureCache
+from embedder.data.sources import list_source
+from embedder.data.tar import expand_braces
+from embedder.errors import SourceError
+from embedder.extract.local import embed
+from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
+from tests.test_cache import _wait_for_parts, assert_same_cache
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float = 1_700_000_000) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), mtime
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack(tree, shards_dir, per_shard=5, label="cls"):
+    """The tree's images packed into webdataset shards, keyed by file stem, with a label member each.
+    Returns {member path `shard/member`: the image file}."""
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in tree.rglob("*.*") if p.is_file())
+    classes = sorted({p.parent.name for p in files})
+    where = {}
+    for s in range(0, len(files), per_shard):
+        shard = f"{s // per_shard:05d}.tar"
+        with tarfile.open(shards_dir / shard, "w") as tar:
+            for f in files[s : s + per_shard]:
+                _add(tar, f.name, f.read_bytes())
+                payload = {"cls": str(classes.index(f.parent.name)), "txt": f.parent.name,
+                           "json": json.dumps({"label": f.parent.name, "source": "x"})}[label]
+                _add(tar, f"{f.stem}.{label}", payload.encode())
+                where[f"{shard}/{f.name}"] = f
+    return where
+
+
+def _rows(out):
+    with FeatureCache(out) as c:
+        return c.paths, c.features(), c.labels, c.errors, c.columns()
+
+
+def test_tar_features_equal_folder_features_bit_for_bit(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=4)
+    where = pack(tree, tmp_path / "shards")
+    embed(fast_config(tree, tmp_path / "folder.h5", layout="flat"))
+    embed(fast_config(tmp_path / "shards", tmp_path / "tar.h5"))
+    f_paths, f_feats, *_, f_cols = _rows(tmp_path / "folder.h5")
+    t_paths, t_feats, t_labels, t_errors, t_cols = _rows(tmp_path / "tar.h5")
+    assert t_errors == [] and sorted(t_paths) == sorted(where)
+    by_file = {str(tree / p): i for i, p in enumerate(f_paths)}
+    for i, p in enumerate(t_paths):
+        j = by_file[str(where[p])]
+        assert t_feats.dtype == np.float32 and np.array_equal(t_feats[i], f_feats[j]), p
+        assert t_cols["size"][i] == where[p].stat().st_size and t_cols["mtime"][i] == 1_700_000_000
+        assert (t_cols["width"][i], t_cols["height"][i]) == (f_cols["width"][j], f_cols["height"][j])
+    classes = sorted({f.parent.name for f in where.values()})
+    assert list(t_labels) == [classes.index(where[p].parent.name) for p in t_paths]
+
+
+@pytest.mark.parametrize("kind", ["cls", "txt", "json"])
+def test_labels_from_label_members(tmp_path, kind):
+    tree = make_tree(tmp_path / "imgs", classes=("ant", "bee"), per_class=3)
+    where = pack(tree, tmp_path / "shards", per_shard=4, label=kind)
+    listing = list_source(tmp_path / "shards")
+    assert listing.layout == "tar" and listing.paths == list(where)  # shards sorted, members in tar order
+    names = [where[p].parent.name for p in listing.paths]
+    if kind == "cls":
+        assert listing.classes == ["0", "1"] and list(listing.labels) == [["ant", "bee"].index(n) for n in names]
+    else:
+        assert [listing.classes[i] for i in listing.labels] == names
+
+
+def test_corrupt_member_and_truncated_shard_are_errors_rest_embeds(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=3)
+    where = pack(tree, tmp_path / "shards", per_shard=4)
+    with tarfile.open(tmp_path / "shards" / "zz_bad.tar", "w") as tar:
+        _add(tar, "broken.jpg", b"plain text, not image bytes")
+        _add(tar, "good.jpg", next(iter(where.values())).read_bytes())
+    shard = tmp_path / "shards" / "00001.tar"
+    data = shard.read_bytes()
+    members = list_source(tmp_path / "shards").members
+    last = max((m for p, m in members.items() if p.startswith("00001.tar/")), key=lambda m: m.offset)
+    shard.write_bytes(data[: last.offset + last.size // 2])  # cut inside its last image
+    embed(fast_config(tmp_path / "shards", tmp_path / "c.h5"))
+    paths, feats, _, errors, _ = _rows(tmp_path / "c.h5")
+    reasons = dict(errors)
+    cut = next(p for p, m in members.items() if m == last)
+    assert set(reasons) == {"zz_bad.tar/broken.jpg", cut}
+    assert "truncated tar member" in reasons[cut] and "not an image" in reasons["zz_bad.tar/broken.jpg"]
+    assert sorted(paths) == sorted(set(where) - {cut} | {"zz_bad.tar/good.jpg"}) and len(feats) == len(paths)
+
+
+def test_new_shard_is_appended_alone(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=4)
+    pack(tree, tmp_path / "shards", per_shard=6)
+    new = tmp_path / "shards" / "00001.tar"
+    new.rename(tmp_path / "later.tar")
+    first = embed(fast_config(tmp_path / "shards", tmp_path / "a.h5"))
+    (tmp_path / "later.tar").rename(new)
+    report = embed(fast_config(tmp_path / "shards", tmp_path / "a.h5"))
+    assert report.already_cached == first.embedded and report.embedded == 6
+    embed(fast_config(tmp_path / "shards", tmp_path / "ref.h5"))
+    a, ref = _rows(tmp_path / "a.h5"), _rows(tmp_path / "ref.h5")
+    assert sorted(a[0]) == sorted(ref[0])
+    for i, p in enumerate(a[0]):
+        assert np.array_equal(a[1][i], ref[1][ref[0].index(p)])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    tree = make_tree(tmp_path / "imgs", classes=("a", "b"), per_class=40, seed=3)
+    pack(tree, tmp_path / "shards", per_shard=16)
+    reference = fast_config(tmp_path / "shards", tmp_path / "reference.h5", commit_every=8, image_size=64)
+    embed(reference)
+    killed = fast_config(tmp_path / "shards", tmp_path / "killed.h5", commit_every=8, image_size=64)
+    proc = subprocess.Popen(embedder_cmd("embed", *cli_args(killed)), env=env_with_repo(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_parts(tmp_path / "killed.h5.partial", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    report = embed(killed)
+    assert 0 < report.already_cached < 80 and report.already_cached + report.embedded == 80
+    assert_same_cache(killed.out, reference.out)
+
+
+def test_brace_pattern_single_shard_and_folder_agree(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=4)
+    where = pack(tree, tmp_path / "shards", per_shard=2)  # 00000..00005
+    pattern = list_source(str(tmp_path / "shards" / "{00001..00003}.tar"))
+    assert pattern.paths == [p for p in where if p[:5] in ("00001", "00002", "00003")]
+    single = list_source(tmp_path / "shards" / "00002.tar")
+    assert single.paths == [p for p in where if p.startswith("00002.tar/")]
+    folder = list_source(tmp_path / "shards")
+    assert folder.paths == list(where)
+    assert expand_braces("s/{8..10}.tar") == ["s/8.tar", "s/9.tar", "s/10.tar"]
+    assert expand_braces("{008..010}") == ["008", "009", "010"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("shards/*.tar", "no globs"), ("shards/{a,b}.tar", "no globs"), ("shards/{00009..00099}.tar", "do not exist"),
+    ("nowhere", "does not exist"), ("{5..1}.tar", "empty"),
+])
+def test_sources_that_are_none_of_these_are_refused_clearly(tmp_path, bad, match):
+    make_tree(tmp_path / "imgs", per_class=2)
+    pack(tmp_path / "imgs", tmp_path / "shards")
+    with pytest.raises(SourceError, match=match):
+        list_source(bad if bad.startswith("{") else str(tmp_path / bad))
+
+
+def test_not_a_tar_file_is_refused(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"garbage" * 100)
+    with pytest.raises(SourceError, match="not a readable tar"):
+        list_source(tmp_path / "x.tar")
