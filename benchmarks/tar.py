@@ -1,0 +1,74 @@
+"""Webdataset tar shards against a folder: the same JPEGs, both through `embedder.embed`.
+
+    python -m benchmarks tar [--quick]
+
+The JPEGs of benchmarks/extraction.py's `make_jpegs` are written to a folder and packed into
+tar shards of 50 (each image with a `.cls` member). Both sources are embedded by the same
+backbone, batch size and reader-worker setting, alternating round by round, each into a fresh
+cache. Prints images/s of each, the ratio tar / folder (above 1: tar is faster), the decode
+stage's seconds (reading included), and checks that the features are bit-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.extraction import make_jpegs
+from embedder.cache.reader import FeatureCache
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import load_backbone
+from embedder.extract.local import embed
+
+
+def _pack(files: list[Path], shards: Path, per_shard: int = 50) -> None:
+    shards.mkdir(parents=True)
+    for s in range(0, len(files), per_shard):
+        with tarfile.open(shards / f"{s // per_shard:05d}.tar", "w") as tar:
+            for i, f in enumerate(files[s : s + per_shard]):
+                tar.add(f, arcname=f.name)
+                info = tarfile.TarInfo(f"{f.stem}.cls")
+                data = str(i % 4).encode()
+                info.size = len(data)
+                tar.addfile(info, fileobj=io.BytesIO(data))
+
+
+def _features(out: Path) -> dict[str, np.ndarray]:
+    with FeatureCache(out) as c:
+        return {p.rsplit("/", 1)[-1]: row for p, row in zip(c.paths, c.features())}
+
+
+def run(quick: bool = False) -> None:
+    model, n, rounds = ("resnet18", 64, 2) if quick else ("resnet18", 200, 2)
+    work = Path(tempfile.mkdtemp(prefix="embedder-bench-tar-"))
+    try:
+        files = make_jpegs(work / "images", n)
+        _pack(files, work / "shards")
+        backbone = load_backbone(model, "none")
+        sources = {"folder": work / "images", "tar shards": work / "shards"}
+        wall = dict.fromkeys(sources, 0.0)
+        decode = dict.fromkeys(sources, 0.0)
+        for r in range(rounds):
+            for name, src in sources.items():
+                out = work / f"{name.split()[0]}-{r}.h5"
+                report = embed(EmbedConfig(source=str(src), model=model, out=str(out), weights="none",
+                                           batch_size=32, workers=0, progress=False), backbone=backbone)
+                wall[name] += report.wall_s
+                decode[name] += report.stage_s["decode"]
+        same = _features(work / "folder-0.h5")
+        other = _features(work / "tar-0.h5")
+        identical = same.keys() == other.keys() and all(np.array_equal(same[k], other[k]) for k in same)
+        print(f"# {model}, {n} JPEGs, {len(list((work / 'shards').iterdir()))} shards, batch 32, workers 0, "
+              f"{rounds} rounds")
+        print(f"{'source':<14}{'img/s':>8}{'decode s':>10}")
+        for name in sources:
+            print(f"{name:<14}{rounds * n / wall[name]:>8.1f}{decode[name] / rounds:>10.2f}")
+        print(f"tar / folder throughput: {wall['folder'] / wall['tar shards']:.2f}x; "
+              f"features bit-identical: {identical}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
