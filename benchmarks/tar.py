@@ -5,8 +5,8 @@
 The JPEGs of benchmarks/extraction.py's `make_jpegs` are written to a folder and packed into
 tar shards of 50 (each image with a `.cls` member). Both sources are embedded by the same
 backbone, batch size and reader-worker setting, alternating round by round, each into a fresh
-cache. Prints images/s of each, the ratio tar / folder (above 1: tar is faster), the decode
-stage's seconds (reading included), and checks that the features are bit-identical.
+cache. Prints images/s of each (best round), the ratio tar / folder (above 1: tar is faster),
+the decode stage's seconds (reading included), and checks that the features are bit-identical.
 """
 
 from __future__ import annotations
@@ -44,31 +44,36 @@ def _features(out: Path) -> dict[str, np.ndarray]:
 
 
 def run(quick: bool = False) -> None:
-    model, n, rounds = ("resnet18", 64, 2) if quick else ("resnet18", 200, 2)
+    model, n, rounds = ("resnet18", 64, 2) if quick else ("resnet18", 200, 4)
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-tar-"))
     try:
         files = make_jpegs(work / "images", n)
         _pack(files, work / "shards")
         backbone = load_backbone(model, "none")
         sources = {"folder": work / "images", "tar shards": work / "shards"}
-        wall = dict.fromkeys(sources, 0.0)
-        decode = dict.fromkeys(sources, 0.0)
+        wall = {name: [] for name in sources}
+        decode = {name: [] for name in sources}
         for r in range(rounds):
-            for name, src in sources.items():
+            order = list(sources) if r % 2 == 0 else list(reversed(sources))  # neither always runs first
+            for name in order:
+                src = sources[name]
                 out = work / f"{name.split()[0]}-{r}.h5"
                 report = embed(EmbedConfig(source=str(src), model=model, out=str(out), weights="none",
                                            batch_size=32, workers=0, progress=False), backbone=backbone)
-                wall[name] += report.wall_s
-                decode[name] += report.stage_s["decode"]
+                wall[name].append(report.wall_s)
+                decode[name].append(report.stage_s["decode"])
         same = _features(work / "folder-0.h5")
         other = _features(work / "tar-0.h5")
         identical = same.keys() == other.keys() and all(np.array_equal(same[k], other[k]) for k in same)
         print(f"# {model}, {n} JPEGs, {len(list((work / 'shards').iterdir()))} shards, batch 32, workers 0, "
               f"{rounds} rounds")
-        print(f"{'source':<14}{'img/s':>8}{'decode s':>10}")
+        # The best round of each: on shared cores the others' load only ever slows a round down.
+        best = {name: min(w) for name, w in wall.items()}
+        fast = {name: min(d) for name, d in decode.items()}
+        print(f"{'source':<14}{'img/s':>8}{'decode s':>10}   (best of {rounds} rounds)")
         for name in sources:
-            print(f"{name:<14}{rounds * n / wall[name]:>8.1f}{decode[name] / rounds:>10.2f}")
-        print(f"tar / folder throughput: {wall['folder'] / wall['tar shards']:.2f}x; "
-              f"features bit-identical: {identical}")
+            print(f"{name:<14}{n / best[name]:>8.1f}{fast[name]:>10.2f}")
+        print(f"tar / folder throughput: {best['folder'] / best['tar shards']:.2f}x; decode stage "
+              f"{fast['folder'] / fast['tar shards']:.2f}x; features bit-identical: {identical}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from embedder.cache.reader import FeatureCache
 from embedder.data.sources import list_source
@@ -162,3 +163,21 @@ def test_not_a_tar_file_is_refused(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"garbage" * 100)
     with pytest.raises(SourceError, match="not a readable tar"):
         list_source(tmp_path / "x.tar")
+
+
+def test_finetune_reader_reads_tar_members_as_the_folder_files(tmp_path):
+    from torchvision.transforms import v2
+
+    from embedder.learn.finetune.data import ImageRows
+
+    tree = make_tree(tmp_path / "imgs", per_class=2)
+    where = pack(tree, tmp_path / "shards", per_shard=3)
+    listing = list_source(tmp_path / "shards")
+    crop = v2.Compose([v2.Resize(20, antialias=True), v2.CenterCrop(16)])
+    rows = ImageRows(listing, np.arange(len(listing)), crop, 20)
+    files = list_source(tree, layout="flat")
+    by_file = ImageRows(files, np.arange(len(files)), crop, 20)
+    index = {str(tree / p): i for i, p in enumerate(files.paths)}
+    for i, p in enumerate(listing.paths):
+        a, b = rows[i], by_file[index[str(where[p])]]
+        assert "error" not in a and torch.equal(a["image"], b["image"]), p

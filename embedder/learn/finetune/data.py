@@ -50,6 +50,7 @@ class ImageRows(Dataset):
     ):
         """`resize_size`: the shorter side `transform` resizes to (None when it only crops)."""
         self.root, self.paths, self.labels = listing.root, listing.paths, listing.labels
+        self.members = listing.members  # tar sources: each row's bytes are read by offset
         self.rows = np.asarray(rows, dtype=np.int64)
         self.transform = transform
         self.resize_size = resize_size
@@ -61,7 +62,9 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         try:
-            image = read_for_model(self.root / self.paths[row], self.transform, self.resize_size, self.max_pixels)
+            path = self.paths[row]
+            source = self.root / path if self.members is None else self.members[path].read()
+            image = read_for_model(source, self.transform, self.resize_size, self.max_pixels)
         except BadImageError as exc:
             return {"row": row, "error": exc.reason}
         return {"row": row, "image": image, "label": int(self.labels[row])}
