@@ -120,7 +120,8 @@ def range_search(index: SearchIndex, queries: np.ndarray, threshold: float, max_
     lossy = index.meta["kind"] in LOSSY_KINDS
     margin = score_margin(index) if lossy else 0.0
     # faiss keeps scores > radius (inner product) or < radius (L2): one float further keeps T itself.
-    radius = np.float32(threshold - margin if cosine else threshold + margin)
+    bound = float(np.finfo(np.float32).max)  # a far-out range (any finite float) means "none" or "all", not inf
+    radius = np.float32(min(max(threshold - margin if cosine else threshold + margin, -bound), bound))
     radius = float(np.nextafter(radius, np.float32(-np.inf if cosine else np.inf)))
     q = prepare(queries, index.metric)
     found = _found(index, q, radius, allowed)
