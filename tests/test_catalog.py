@@ -90,14 +90,40 @@ def test_cls_pool_is_refused_for_cnn_maps():
         FrozenBackbone.from_config(BackboneConfig("torchvision:convnext_tiny", pool="cls", image_size=64, **SMALL))
 
 
+# Dropout and stochastic depth switched on at creation, so that train mode would change the
+# features if the lock let it through (BatchNorm's batch statistics would too).
+NOISY = {"torchvision:convnext_tiny": {"stochastic_depth_prob": 0.5}, "torchvision:vit_b_16": {"dropout": 0.5},
+         "torchvision:mobilenet_v3_small": {"dropout": 0.5}, "torchvision:densenet121": {"drop_rate": 0.5}}
+
+
+def noisy_model(name: str) -> nn.Module:
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm:"), pretrained=False, drop_rate=0.5,
+                                 **({} if "densenet" in name else {"drop_path_rate": 0.5}))
+    import torchvision
+
+    return torchvision.models.get_model(name.removeprefix("torchvision:"), weights=None, **NOISY[name])
+
+
 @pytest.mark.parametrize("name, size", [
     ("torchvision:convnext_tiny", 64), ("torchvision:vit_b_16", 224), ("torchvision:mobilenet_v3_small", 64),
     ("torchvision:densenet121", 64), ("timm:convnext_atto", 64), ("timm:vit_tiny_patch16_224", 224),
     ("timm:mobilenetv3_small_100", 64), ("timm:densenet121", 64),
 ])
 def test_eval_lock_holds_for_every_architecture(name, size):
-    backbone = FrozenBackbone.from_config(BackboneConfig(name, image_size=size, **SMALL))
+    spec = get_backbone_spec(name)
+    model = noisy_model(name)
     x = images(3, size)
+    plain = (x.float() / 255 - 0.45) / 0.225
+    seen = []  # the head's input (torchvision's ViT head is zero-initialised, so its logits say nothing)
+    model.get_submodule(spec.head).register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        model.train()(plain), model.eval()(plain)
+    assert not torch.allclose(seen[0], seen[1])  # the attack below would show, were the lock to fail
+    config = BackboneConfig(name, image_size=size, **SMALL)
+    backbone = FrozenBackbone(model, spec, config, resolve_weights(spec.weights, "none"))
     before = backbone(x)
     buffers = {k: v.clone() for k, v in backbone.named_buffers()}
     parent = nn.Sequential(backbone)

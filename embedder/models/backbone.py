@@ -393,4 +393,10 @@ def _feature_extractor(model: nn.Module, nodes: tuple[str, ...], uses_timm: bool
     else:
         from torchvision.models.feature_extraction import create_feature_extractor
     model.eval()
-    return create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    body = create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    # The graph module is traced twice and switches to its train-mode graph on `.train()`, where
+    # functional dropout (DenseNet's F.dropout(training=self.training)) was traced as active;
+    # setting `.training` back cannot switch it back. Both slots hold the eval graph, so no call can.
+    if getattr(body, "eval_graph", None) is not None:
+        body.train_graph = body.eval_graph
+    return body
