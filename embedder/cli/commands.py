@@ -26,7 +26,11 @@ def _as_json(args) -> bool:
 # ------------------------------------------------------------------------------- models
 
 
-def models(_config, args) -> list[dict]:
+def models(config, args):
+    if config is not None and config.all:
+        return _models_all(config.name, args)
+    if config is not None and config.name:
+        return _model_entry(config.name, args)
     from embedder.models.registry import registry_table
 
     rows = registry_table()
@@ -44,6 +48,48 @@ def models(_config, args) -> list[dict]:
               "when there is a network; offline, copy the file to the path shown, pass --weights PATH, "
               "or use --weights none (random init).")
     return rows
+
+
+def _models_all(pattern: str | None, args) -> dict[str, list[str]]:
+    from embedder.models.registry import buildable_models
+
+    groups = buildable_models(pattern)
+    if _as_json(args):
+        print_json(groups)
+        return groups
+    print(f"curated aliases ({len(groups['curated'])}): {', '.join(groups['curated']) or '-'}")
+    print(f"torchvision classification models ({len(groups['torchvision'])}): "
+          f"{', '.join(groups['torchvision']) or '-'}")
+    shown = groups["timm"] if pattern else groups["timm"][:20]
+    more = ", ... (filter with `embedder models --all 'timm:vit_*'`)" if len(shown) < len(groups["timm"]) else ""
+    print(f"timm models ({len(groups['timm'])}): {', '.join(shown) or '-'}{more}")
+    if pattern:
+        print(f"timm pretrained tags ({len(groups['timm_pretrained'])}): {', '.join(groups['timm_pretrained']) or '-'}")
+    print("A timm name takes a pretrained tag (timm:convnext_small.fb_in22k); a torchvision name a weights name "
+          "(torchvision:resnet50.IMAGENET1K_V1). `embedder models NAME` shows one entry.")
+    return groups
+
+
+def _model_entry(name: str, args) -> dict:
+    from embedder.models.registry import model_entry
+
+    entry = model_entry(name)
+    if _as_json(args):
+        print_json(entry)
+        return entry
+    pre = entry["preprocessing"]
+    print(f"{name}: {entry['feature_dim']}-d default feature at {entry['default_layer']} (head {entry['head']})")
+    print(f"  input: resize {pre['resize_size']} ({pre['interpolation']}), crop {pre['crop_size']}, "
+          f"mean {pre['mean']}, std {pre['std']}")
+    print("  layers: " + ", ".join(f"{n} ({d})" for n, d in entry["layers"].items())
+          + "; aliases: " + (", ".join(f"{a}={n}" for a, n in entry["aliases"].items()) or "-"))
+    if entry["blocks"]:
+        print(f"  transformer blocks ({len(entry['blocks'])}, pool with --pool cls|avg|cls+avg): "
+              f"{entry['blocks'][0]} ... {entry['blocks'][-1]}")
+    offline = "present offline" if entry["weights_offline"] else "NOT present offline"
+    print(f"  weights: {entry['weights']} ({offline}: {entry['weights_file']})")
+    print(f"  all layers: embedder inspect {name}")
+    return entry
 
 
 def inspect(config, args):

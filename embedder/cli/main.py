@@ -56,7 +56,8 @@ def _run_extra(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "models": Command("list backbones, feature widths and offline weight availability", commands.models,
+    "models": Command("list backbones, feature widths and offline weight availability (--all: every buildable "
+                      "name; NAME: one entry)", commands.models, _cfg("embedder.models.config", "ModelsConfig"),
                       json="print the registry as JSON"),
     "inspect": Command("list a model's layers (graph nodes) with output shapes, default and head marked",
                        commands.inspect, _cfg("embedder.models.config", "InspectConfig"), json="print as JSON"),

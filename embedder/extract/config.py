@@ -42,7 +42,7 @@ class EmbedConfig:
     extra_layers: tuple[str, ...] = option((), cli=False, help="more layers of the same pass, each its own dataset")
     pool: str = option("avg", choices=POOLINGS, group=ROW_OPTIONS,
                        help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), "
-                            "none = flatten")
+                            "none = flatten; a ViT block's tokens: cls, avg (of the patch tokens) or cls+avg")
     style: bool = option(False, group=ROW_OPTIONS,
                          help="also store the Gram-matrix style descriptor as the layer `style` (indexable)")
     style_layers: tuple[str, ...] = option((), flag="--style-layer", metavar="NAME", group=ROW_OPTIONS,

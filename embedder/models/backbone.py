@@ -111,6 +111,11 @@ class FrozenBackbone(nn.Module):
         """`output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
         super().__init__()
         _validate(config)
+        if config.pool in ("cls", "cls+avg") and spec.prefix_tokens == 0:
+            raise ConfigError(
+                f"--pool {config.pool} takes a ViT's class token, but {spec.name} has none (its layers output "
+                "CNN maps); use --pool avg, max or gem."
+            )
         self.spec = spec
         self.config = config
         self.weights = weights
@@ -179,7 +184,7 @@ class FrozenBackbone(nn.Module):
             known = config.pool != "none" and not self.style_nodes and all(n in spec.layer_dims for n in self.layers)
             shapes = {} if known else self._probe_shapes()
             self.outputs = {
-                n: spec.layer_dims[n] if known else _pooled_width(shapes[n], config.pool) for n in self.layers
+                n: spec.layer_dims[n] if known else _pooled_width(shapes[n], config.pool, spec.prefix_tokens) for n in self.layers
             }
             if STYLE_OUTPUT in self.output_names:
                 for n in self.style_nodes:
@@ -285,7 +290,7 @@ class FrozenBackbone(nn.Module):
         return out
 
     def _pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
-        feats = pool_map(feature_map.float(), self.config.pool)
+        feats = pool_map(feature_map.float(), self.config.pool, self.spec.prefix_tokens)
         return F.normalize(feats, dim=1) if self.config.normalize == "l2" else feats
 
     def _run_session(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -305,10 +310,19 @@ class FrozenBackbone(nn.Module):
         return {k: tuple(v.shape) for k, v in maps.items()}
 
 
-def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C] (avg, max, gem) or [N, C·H·W] (none). Vectors pass through."""
+def pool_map(x: torch.Tensor, pool: str, prefix_tokens: int = 0) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C] (avg, max, gem) or [N, C·H·W] (none). Tokens [N, T, C] of a
+    model with `prefix_tokens` > 0 -> [N, C] (cls, avg or max over the patch tokens) or [N, 2C]
+    (cls+avg). Vectors pass through."""
     if x.ndim == 2:
         return x
+    if x.ndim == 3 and prefix_tokens > 0 and pool != "none":
+        return _pool_tokens(x, pool, prefix_tokens)
+    if pool in ("cls", "cls+avg"):
+        raise ConfigError(
+            f"--pool {pool} takes the class token of a ViT block's tokens, but this layer outputs "
+            f"shape {list(x.shape[1:])}; use --pool avg, max or gem for a CNN map."
+        )
     if x.ndim != 4 or pool == "none":
         return x.flatten(1)
     if pool == "avg":
@@ -320,7 +334,22 @@ def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
     raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {pool!r}.")
 
 
-def _pooled_width(shape: tuple[int, ...], pool: str) -> int:
+def _pool_tokens(x: torch.Tensor, pool: str, prefix: int) -> torch.Tensor:
+    patches = x[:, prefix:]
+    if pool == "cls":
+        return x[:, 0]
+    if pool == "avg":
+        return patches.mean(dim=1)
+    if pool == "cls+avg":
+        return torch.cat([x[:, 0], patches.mean(dim=1)], dim=1)
+    if pool == "max":
+        return patches.amax(dim=1)
+    raise ConfigError(f"--pool {pool} is for CNN maps; pool a ViT block's tokens with cls, avg, cls+avg or max.")
+
+
+def _pooled_width(shape: tuple[int, ...], pool: str, prefix_tokens: int = 0) -> int:
+    if len(shape) == 3 and prefix_tokens > 0 and pool != "none":
+        return shape[2] * (2 if pool == "cls+avg" else 1)
     if len(shape) == 4 and pool != "none":
         return shape[1]
     return int(math.prod(shape[1:]))
@@ -364,4 +393,10 @@ def _feature_extractor(model: nn.Module, nodes: tuple[str, ...], uses_timm: bool
     else:
         from torchvision.models.feature_extraction import create_feature_extractor
     model.eval()
-    return create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    body = create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    # The graph module is traced twice and switches to its train-mode graph on `.train()`, where
+    # functional dropout (DenseNet's F.dropout(training=self.training)) was traced as active;
+    # setting `.training` back cannot switch it back. Both slots hold the eval graph, so no call can.
+    if getattr(body, "eval_graph", None) is not None:
+        body.train_graph = body.eval_graph
+    return body

@@ -11,6 +11,15 @@ INITS = ("content", "noise")
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    name: str | None = option(None, positional=True,
+                              help="one model to describe (curated, torchvision:NAME or timm:NAME); with --all, "
+                                   "a filter on the names (a glob such as 'timm:vit_*', or a substring)")
+    all: bool = option(False, help="list every buildable model: the curated aliases, torchvision's "
+                                   "classification models and timm's")
+
+
+@dataclass(frozen=True)
 class InspectConfig:
     model: str = option(positional=True, help="backbone name (see `embedder models`)")
     image_size: int | None = option(None, help="input size for the shapes (default: the model's)")

@@ -8,7 +8,7 @@ pass of a zero image at the model's input size (random init: shapes need no weig
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class Inspection:
     style_layers: list[str]
     content_layer: str
     layers: list[LayerRow]
+    blocks: list[str] = field(default_factory=list)  # a ViT's transformer blocks (token outputs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +74,7 @@ def inspect_model(name: str, image_size: int | None = None, weights: str = "none
         style_layers=[spec.node_name(n) for n in spec.style_layers],
         content_layer=spec.node_name(spec.content_layer) if spec.content_layer else "",
         layers=rows,
+        blocks=list(spec.blocks),
     )
 
 
@@ -101,6 +103,8 @@ def _marks(spec: BackboneSpec) -> dict[str, list[str]]:
         add(spec.node_name(spec.content_layer), "content")
     for alias, node in sorted(spec.layer_aliases.items()):
         add(node, f"alias {alias}")
+    for i, node in enumerate(spec.blocks):
+        add(node, f"block {i} (tokens: --pool cls|avg|cls+avg)")
     return marks
 
 
@@ -122,4 +126,6 @@ def format_inspection(ins: Inspection, depth: int | None = None) -> str:
         f"default pooling point: {ins.default_layer}; classifier head: {ins.head}; "
         f"style layers: {', '.join(ins.style_layers) or '-'}; content layer: {ins.content_layer or '-'}"
     )
+    if ins.blocks:
+        lines.append(f"transformer blocks ({len(ins.blocks)}, --layer NAME, repeatable): {', '.join(ins.blocks)}")
     return "\n".join(lines)

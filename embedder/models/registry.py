@@ -38,6 +38,10 @@ class BackboneSpec:
     # one mid-depth map carries the layout. Any graph node or alias may be named here.
     style_layers: tuple[str, ...] = ()
     content_layer: str = ""
+    # Token models (ViTs): leading tokens (class, registers) that `--pool avg` leaves out and
+    # whose first one `--pool cls` takes; blocks lists the transformer blocks for --layer.
+    prefix_tokens: int = 0
+    blocks: tuple[str, ...] = ()
 
     @property
     def feature_dim(self) -> int:
@@ -85,10 +89,17 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
+    """A curated entry, or one made from `torchvision:NAME[.WEIGHTS]` / `timm:NAME[.TAG]` (embedder.models.catalog)."""
+    from embedder.models.catalog import catalog_spec, is_catalog_name
+
+    if is_catalog_name(name):
+        if name not in _SPECS:
+            _SPECS[name] = catalog_spec(name)
+        return _SPECS[name]
     if name not in _FACTORIES:
         raise ConfigError(
-            f"Unknown model {name!r}. Known models: {', '.join(list_backbones())} "
-            "(run `embedder models` for details)."
+            f"Unknown model {name!r}. Known models: {', '.join(list_backbones())}, or any "
+            "torchvision:NAME / timm:NAME (run `embedder models --all` for details)."
         )
     if name not in _SPECS:
         _SPECS[name] = _FACTORIES[name]()
@@ -259,3 +270,44 @@ def registry_table() -> list[dict]:
             }
         )
     return rows
+
+
+def buildable_models(pattern: str | None = None) -> dict[str, list[str]]:
+    """What `--model` accepts: {"curated": [...], "torchvision": [...], "timm": [...]} (prefixed names),
+    filtered by `pattern`, a glob (`timm:vit_*`) or a substring."""
+    import fnmatch
+
+    import timm
+    import torchvision
+
+    groups = {
+        "curated": list_backbones(),
+        "torchvision": ["torchvision:" + n for n in torchvision.models.list_models(module=torchvision.models)],
+        "timm": ["timm:" + n for n in timm.list_models()],
+        "timm_pretrained": ["timm:" + n for n in timm.list_models(pretrained=True)],  # NAME.TAG forms
+    }
+    if not pattern:
+        return groups
+    glob = any(c in pattern for c in "*?[")
+    keep = (lambda n: fnmatch.fnmatch(n, pattern)) if glob else (lambda n: pattern in n)
+    return {k: [n for n in names if keep(n)] for k, names in groups.items()}
+
+
+def model_entry(name: str) -> dict:
+    """One entry as `embedder models NAME` shows it: widths, preprocessing, layers, head, weights."""
+    spec = get_backbone_spec(name)
+    return {
+        "name": name,
+        "family": spec.family,
+        "feature_dim": spec.feature_dim,
+        "default_layer": spec.default_layer,
+        "layers": {n: spec.layer_dims[n] for n in spec.layer_dims},
+        "aliases": dict(spec.layer_aliases),
+        "blocks": list(spec.blocks),
+        "prefix_tokens": spec.prefix_tokens,
+        "head": spec.head,
+        "preprocessing": spec.preprocessing.as_dict(),
+        "weights": spec.weights.identity,
+        "weights_offline": spec.weights.available_offline(),
+        "weights_file": spec.weights.location(),
+    }

@@ -1,7 +1,9 @@
 """Where weights come from, how they are named in a fingerprint, and how they are loaded.
 
-`--weights` takes three forms, resolved once by `resolve_weights`:
-  DEFAULT  the registry entry's pretrained weights (torchvision cache or a shipped package)
+`--weights` takes these forms, resolved once by `resolve_weights`:
+  DEFAULT  the registry entry's pretrained weights (torchvision cache, Hugging Face cache, shipped package)
+  NAME     another member of a torchvision WeightsEnum (e.g. IMAGENET1K_V1), when it has the same
+           preprocessing as the entry (else the model name carries it: torchvision:resnet50.IMAGENET1K_V1)
   none     random initialisation with a fixed seed (fast tests; reproducible)
   PATH     a local state-dict file (.pth/.pt/.safetensors), identified by its SHA-256
 """
@@ -38,6 +40,10 @@ class WeightsSource:
     def state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def named(self, tag: str) -> WeightsSource | None:
+        """Another weights set of the same architecture called `tag`, or None where there are none."""
+        return None
+
 
 @dataclass(frozen=True)
 class TorchvisionWeights(WeightsSource):
@@ -71,6 +77,21 @@ class TorchvisionWeights(WeightsSource):
                 "(set TORCH_HOME to use another cache directory), or pass the file with "
                 "--weights /path/to/file.pth, or use --weights none for random initialisation."
             ) from exc
+
+    def named(self, tag: str) -> WeightsSource | None:
+        from embedder.data.transforms import preprocessing_from_transforms
+
+        members = type(self.enum)
+        if tag not in members.__members__:
+            return None
+        member = members[tag]
+        if preprocessing_from_transforms(member.transforms()) != preprocessing_from_transforms(self.enum.transforms()):
+            arch = members.__name__.removesuffix("_Weights").lower()
+            raise ConfigError(
+                f"--weights {tag} is preprocessed differently from {self.enum} ({member.transforms()}); "
+                f"pass --model torchvision:{arch}.{tag} so that the preprocessing follows the weights."
+            )
+        return TorchvisionWeights(member)
 
 
 @dataclass(frozen=True)
@@ -128,9 +149,12 @@ def resolve_weights(source: WeightsSource, choice: str | os.PathLike | None) -> 
     if choice.lower() in ("none", "random"):
         return ResolvedWeights("none", f"random-init:seed={RANDOM_INIT_SEED}", lambda m: None)
     path = Path(choice).expanduser()
+    named = None if path.is_file() else source.named(choice)
+    if named is not None:
+        return ResolvedWeights("default", named.identity, lambda m: load_into(m, named.state_dict()))
     if not path.is_file():
         raise ConfigError(
-            f"--weights {choice!r} is neither DEFAULT, none, nor an existing file. "
+            f"--weights {choice!r} is neither DEFAULT, none, a weights name of the model, nor an existing file. "
             "Pass DEFAULT for the pretrained weights, none for random init, or the path of a state-dict file."
         )
     digest = file_sha256(path)
@@ -185,7 +209,12 @@ def weights_choice_for(identity: str, weights_path: str | None = None) -> str:
     """The --weights value that reproduces weights recorded in a fingerprint as `identity`."""
     if identity.startswith("random-init"):
         return "none"
-    if identity.startswith(("torchvision:", "pypi:")):
+    if identity.startswith("torchvision:"):
+        import torchvision
+
+        member = torchvision.models.get_weight(identity.split(":")[1])
+        return "DEFAULT" if member is type(member).DEFAULT else member.name
+    if identity.startswith(("timm:", "pypi:")):
         return "DEFAULT"
     if weights_path is None:
         raise ConfigError(

@@ -1,0 +1,275 @@
+"""Registry entries made on demand from a library's name: `torchvision:NAME[.WEIGHTS]` and `timm:NAME[.TAG]`.
+
+The curated entries in embedder.models.registry state their output points by hand; these are
+read off the model itself, once, when the entry is first asked for: the classifier head is
+found by the library's convention (torchvision's `fc`, `classifier[-1]`, `heads.head`; timm's
+`get_classifier()`), and the default feature is the graph node whose output the head consumes
+(the pooled input of the classifier), found by one forward pass at the crop size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from embedder.data.transforms import Preprocessing, preprocessing_from_transforms
+from embedder.errors import ConfigError, WeightsUnavailableError
+from embedder.models.weights import TorchvisionWeights, WeightsSource, _read_state_dict
+
+PREFIXES = ("torchvision:", "timm:")
+
+
+def is_catalog_name(name: str) -> bool:
+    return name.startswith(PREFIXES)
+
+
+def catalog_spec(name: str):
+    """The BackboneSpec for a `torchvision:` or `timm:` name (ConfigError for an unknown one)."""
+    if name.startswith("torchvision:"):
+        return _torchvision_spec(name)
+    return _timm_spec(name)
+
+
+# --- finding the head and its input ----------------------------------------------------------
+
+
+def torchvision_head_path(model: nn.Module) -> str:
+    """The dotted path of a torchvision classifier's last Linear: `fc`, `classifier[-1]`, `heads.head`, `head`."""
+    for path in ("fc", "heads.head", "head", "classifier"):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            return path
+        if isinstance(module, nn.Sequential):
+            linear = [i for i, m in enumerate(module) if isinstance(m, (nn.Linear, nn.Conv2d))]
+            if linear:
+                return f"{path}.{linear[-1]}"
+    raise ConfigError(f"Cannot find the classifier head of {type(model).__name__} (no fc, classifier, heads.head).")
+
+
+def timm_head_path(model: nn.Module) -> str:
+    """The dotted path of the module timm's `get_classifier()` returns."""
+    head = model.get_classifier()
+    for path, module in model.named_modules():
+        if module is head:
+            return path
+    raise ConfigError(f"Cannot find the classifier head of {type(model).__name__} (get_classifier()).")
+
+
+def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool) -> tuple[str, int]:
+    """(graph node whose output the head consumes, its width). The head's input is caught by a hook
+    on the model, then matched by value against every traced node (fx may trace through the head,
+    so a hook inside the traced graph would not fire)."""
+    from embedder.models.backbone import graph_node_names
+
+    if uses_timm:
+        from timm.models import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+    model.eval()
+    nodes = [n for n in graph_node_names(model, uses_timm) if n != head_path and not n.startswith(head_path + ".")]
+    body = create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(head_path).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    # Seeded noise, not zeros: distinct layers rarely agree on it.
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            model(x)
+            maps = body(x)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ConfigError(f"The head {head_path!r} did not run; name a layer with --layer.")
+    want = seen[0]
+    matches = [n for n, v in maps.items()
+               if isinstance(v, torch.Tensor) and v.shape == want.shape and torch.equal(v, want)]
+    if not matches:
+        raise ConfigError(f"Cannot tell which layer feeds the head {head_path!r}; name a layer with --layer.")
+    # The last match: a flatten or an eval-mode dropout passes its input on unchanged.
+    return matches[-1], int(math.prod(want.shape[1:]))
+
+
+def _spec(name, build, weights, preprocessing, find_head, uses_timm, model=None):
+    from embedder.models.registry import BackboneSpec
+
+    if model is None:
+        model = build()
+    head = find_head(model)
+    node, width = head_input_node(model, head, preprocessing.crop_size, uses_timm)
+    prefix, blocks, tokens = token_layout(model)
+    aliases = {"pool": node, "fc_input": node}
+    if tokens:
+        aliases["tokens"] = tokens  # the final (normed) token sequence, for --pool cls|avg|cls+avg
+    return BackboneSpec(
+        name=name,
+        family=name.split(":", 1)[0],  # not in the runtime's speed table: torch, bf16 where native
+        build=build,
+        weights=weights,
+        preprocessing=preprocessing,
+        default_layer=node,
+        layer_dims={node: width},
+        layer_aliases=aliases,
+        head=head,
+        head_inputs=(node,),
+        uses_timm=uses_timm,
+        prefix_tokens=prefix,
+        blocks=blocks,
+    )
+
+
+def token_layout(model: nn.Module) -> tuple[int, tuple[str, ...], str]:
+    """(prefix tokens, transformer block paths, final token node) of a ViT; (0, (), "") for others."""
+    if hasattr(model, "num_prefix_tokens") and hasattr(model, "blocks"):  # timm VisionTransformer
+        prefix, root, final = int(model.num_prefix_tokens), "blocks", "norm"
+    elif hasattr(model, "class_token") and hasattr(model, "encoder"):  # torchvision VisionTransformer
+        prefix, root, final = 1, "encoder.layers", "encoder.ln"
+    else:
+        return 0, (), ""
+    if prefix == 0:
+        return 0, (), ""
+    blocks = tuple(f"{root}.{n}" for n, _ in model.get_submodule(root).named_children())
+    return prefix, blocks, final
+
+
+# --- torchvision -----------------------------------------------------------------------------
+
+
+def _torchvision_spec(name: str):
+    import torchvision
+
+    arch, _, tag = name.removeprefix("torchvision:").partition(".")
+    classification = set(torchvision.models.list_models(module=torchvision.models))
+    if arch not in classification:
+        import difflib
+
+        close = difflib.get_close_matches(arch, sorted(classification), n=3)
+        hint = f" Did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
+        raise ConfigError(f"torchvision has no classification model {arch!r}.{hint} "
+                          "List them with `embedder models --all torchvision:`.")
+    enum = torchvision_weights(arch, tag or "DEFAULT")
+    return _spec(
+        name,
+        lambda: torchvision.models.get_model(arch, weights=None),
+        TorchvisionWeights(enum),
+        preprocessing_from_transforms(enum.transforms()),
+        torchvision_head_path,
+        uses_timm=False,
+    )
+
+
+def torchvision_weights(arch: str, tag: str):
+    """The member `tag` (DEFAULT or e.g. IMAGENET1K_V1) of the model's WeightsEnum."""
+    import torchvision
+
+    members = torchvision.models.get_model_weights(arch)
+    if tag.upper() == "DEFAULT":
+        return members.DEFAULT
+    try:
+        return members[tag]
+    except KeyError:
+        names = ", ".join(["DEFAULT"] + [m.name for m in members])
+        raise ConfigError(f"torchvision:{arch} has no weights {tag!r}. Weights: {names}.") from None
+
+
+# --- timm ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimmWeights(WeightsSource):
+    """A timm pretrained tag's weights from the Hugging Face hub cache (read offline)."""
+
+    model_name: str  # e.g. vit_small_patch16_224.dino
+    hf_hub_id: str  # e.g. timm/vit_small_patch16_224.dino
+
+    @property
+    def identity(self) -> str:
+        return f"timm:{self.model_name}:hf:{self.hf_hub_id}"
+
+    def _cached(self) -> str | None:
+        if not self.hf_hub_id:
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(self.hf_hub_id, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+        return None
+
+    def location(self) -> str:
+        cached = self._cached()
+        if cached:
+            return cached
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return os.path.join(HF_HUB_CACHE, "models--" + self.hf_hub_id.replace("/", "--"))
+
+    def available_offline(self) -> bool:
+        return self._cached() is not None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from pathlib import Path
+
+        cached = self._cached()
+        if cached is None:
+            where = f"https://huggingface.co/{self.hf_hub_id}" if self.hf_hub_id else "(timm names no hub file)"
+            raise WeightsUnavailableError(
+                f"The weights of timm:{self.model_name} are not in the Hugging Face cache.\n"
+                f"Download model.safetensors from {where} on a machine with network access "
+                f"(e.g. `huggingface-cli download {self.hf_hub_id}`) and copy the cache folder to\n"
+                f"  {self.location()}\n"
+                "(set HF_HOME to use another cache directory), or pass the file with "
+                "--weights /path/to/model.safetensors, or use --weights none for random initialisation."
+            )
+        return _read_state_dict(Path(cached))
+
+
+def _timm_spec(name: str):
+    import timm
+
+    model_name = name.removeprefix("timm:")
+    arch = model_name.partition(".")[0]
+    if not timm.is_model(arch):
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise ConfigError(f"timm has no model {arch!r}.{hint} List them with `embedder models --all timm:`.")
+
+    def build() -> nn.Module:
+        return timm.create_model(model_name, pretrained=False)
+
+    probe = build()
+    cfg = probe.pretrained_cfg or {}
+    return _spec(
+        name,
+        build,
+        TimmWeights(model_name, cfg.get("hf_hub_id") or ""),
+        timm_preprocessing(probe),
+        timm_head_path,
+        uses_timm=True,
+        model=probe,
+    )
+
+
+def timm_preprocessing(model: nn.Module) -> Preprocessing:
+    """Eval geometry from `resolve_data_config(pretrained_cfg)`: crop = input size, resize = crop / crop_pct."""
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config({}, model=model)
+    crop = int(data["input_size"][-1])
+    interpolation = data.get("interpolation", "bicubic")
+    return Preprocessing(
+        resize_size=math.floor(crop / float(data.get("crop_pct", 0.875))),
+        crop_size=crop,
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
+        mean=tuple(float(v) for v in data["mean"]),
+        std=tuple(float(v) for v in data["std"]),
+    )
