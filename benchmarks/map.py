@@ -20,10 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from benchmarks.search import clustered
-from embedder.cache.reader import CacheSpec
-from embedder.cache.writer import CacheWriter
-from embedder.data.sources import Listing
+from benchmarks.search import clustered, write_cache
 from embedder.search.build import build_index
 from embedder.search.maps import compute_map
 from embedder.serve.app import create_app
@@ -53,26 +50,13 @@ def running(app):
         sock.close()
 
 
-def labelled_cache(path: Path, X: np.ndarray, labels: np.ndarray) -> None:
-    n, d = X.shape
-    classes = [f"class_{c}" for c in range(int(labels.max()) + 1)]
-    listing = Listing(path.parent, [f"class_{c}/img_{i:07d}.jpg" for i, c in enumerate(labels)], labels, classes,
-                      "flat")
-    spec = CacheSpec({"model": "synthetic"}, str(path.parent), d, layout="flat")
-    with CacheWriter(path, spec, listing, commit_every=10**9) as w:
-        for start in range(0, n, 65536):
-            rows = np.arange(start, min(n, start + 65536))
-            w.add(rows, X[rows], [])
-        w.finish()
-
-
 def index_of(tmp: Path, name: str, n: int, d: int = 32) -> Path:
     rng = np.random.default_rng(0)
     X = clustered(n, d, centers=10, seed=0)
     labels = rng.integers(0, 10, n).astype(np.int64)
     centres = rng.normal(size=(10, d)).astype(np.float32) * 6
     X = (X + centres[labels]).astype(np.float32)  # the label's cluster shows on the map
-    labelled_cache(tmp / f"{name}.h5", X, labels)
+    write_cache(tmp / f"{name}.h5", X, labels)
     build_index(tmp / f"{name}.h5", tmp / name, kind="flat", progress=False)
     with h5py.File(tmp / name / "rows.h5", "a") as f:  # a numeric column to colour by (a "score")
         f.require_group("columns").create_dataset("score", data=rng.random(n))

@@ -43,9 +43,15 @@ def clustered(n: int, d: int, centers: int, seed: int) -> np.ndarray:
     return c[rng.integers(0, centers, n)] + rng.normal(size=(n, d)).astype(np.float32)
 
 
-def write_cache(path: Path, X: np.ndarray) -> None:
+def write_cache(path: Path, X: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """A synthetic cache of `X`, unlabelled, or with `labels` (class indices) named class_0 ..."""
     n, d = X.shape
-    listing = Listing(path.parent, [f"v{i:07d}" for i in range(n)], np.full(n, -1, np.int64), [], "flat")
+    if labels is None:
+        listing = Listing(path.parent, [f"v{i:07d}" for i in range(n)], np.full(n, -1, np.int64), [], "flat")
+    else:
+        classes = [f"class_{c}" for c in range(int(labels.max()) + 1)]
+        listing = Listing(path.parent, [f"class_{c}/img_{i:07d}.jpg" for i, c in enumerate(labels)], labels,
+                          classes, "flat")
     spec = CacheSpec({"model": "synthetic"}, str(path.parent), d, layout="flat")
     with CacheWriter(path, spec, listing, commit_every=10**9) as w:
         for start in range(0, n, 65536):
