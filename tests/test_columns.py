@@ -19,6 +19,7 @@ from embedder.cache.reader import FeatureCache
 from embedder.cache.vectors import export_vectors
 from embedder.cli.main import main
 from embedder.data.metadata import INT_NULL, read_table
+from embedder.data.sources import Listing
 from embedder.errors import CacheError, ConfigError, EmbedderNotice
 from embedder.extract.core import load_metadata
 from embedder.extract.local import embed
@@ -270,6 +271,7 @@ def test_info_lists_the_columns_with_their_kinds(tmp_path, capsys):
 
 def test_load_metadata_follows_the_config(tmp_path):
     (tmp_path / "m.csv").write_text("path,x\na.png,1\n")
-    assert load_metadata(fast_config(tmp_path, tmp_path / "c.h5")) is None
-    assert load_metadata(fast_config(tmp_path, tmp_path / "c.h5", metadata=str(tmp_path / "m.csv"))).kinds == {
+    listing = Listing(tmp_path, ["a.png"], np.full(1, -1), [], "flat")
+    assert load_metadata(fast_config(tmp_path, tmp_path / "c.h5"), listing) is None
+    assert load_metadata(fast_config(tmp_path, tmp_path / "c.h5", metadata=str(tmp_path / "m.csv")), listing).kinds == {
         "x": "int64"}

@@ -38,7 +38,7 @@ def embed_sharded(config, shard_size):
     """What each Ray actor does, done here in turn: every shard through `embed_shard`, then the view."""
     listing = list_source(config.source)
     backbone = backbone_for(config)
-    spec = cache_spec(config, listing, backbone, "test", load_metadata(config))
+    spec = cache_spec(config, listing, backbone, "test", load_metadata(config, listing))
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
     for shard in shard_set.pending():

@@ -123,6 +123,54 @@ class MetadataTable:
         listed = set(paths)
         return out, [p for p in self.paths if p not in listed]
 
+    def subset(self, paths) -> MetadataTable:
+        """The rows of `paths` that the table holds, in `paths` order (a Ray shard's own rows)."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        rows = [where[p] for p in paths if p in where]
+        return MetadataTable(self.file, [self.paths[i] for i in rows],
+                             {n: c[rows] for n, c in self.columns.items()}, dict(self.kinds), list(self.notes))
+
+
+def merge_tables(source: MetadataTable | None, given: MetadataTable | None) -> MetadataTable | None:
+    """One table of the columns SOURCE itself gives (a table's other columns, a tar sample's .json
+    keys) and those of a --metadata table; a name in both is refused, since either value would be lost."""
+    if source is None or given is None:
+        return source or given
+    both = sorted(set(source.kinds) & set(given.kinds))
+    if both:
+        raise ConfigError(f"--metadata {given.file}: column {both[0]!r} is also a column of SOURCE {source.file}. "
+                          "Rename it in one of them.")
+    paths = list(dict.fromkeys(source.paths + given.paths))
+    a, _ = source.join(paths)
+    b, _ = given.join(paths)
+    a.pop(MATCHED)
+    b.pop(MATCHED)
+    return MetadataTable(given.file, paths, {**a, **b}, {**source.kinds, **given.kinds}, source.notes + given.notes)
+
+
+def records_table(file: Path, paths: list[str], records: list[dict], what: str) -> MetadataTable | None:
+    """A MetadataTable of per-path dicts (a tar sample's .json, a table source's other columns):
+    kinds and nulls as for a --metadata table; nested values (lists, objects) stored as JSON text.
+    None where no record has a key."""
+    import json
+
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in records for k in r))
+    if not names:
+        return None
+    check_column_names(names, what)
+    flat = [{k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in r.items()}
+            for r in records]
+    try:
+        table = pa.Table.from_pylist(flat, schema=None)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Values of several types under one key (1 in a sample, "a" in another): text for all.
+        table = pa.Table.from_pylist([{k: None if v is None else str(v) for k, v in r.items()} for r in flat])
+    table = table.select([n for n in names if n in table.column_names])
+    columns, kinds, notes = table_columns(table, table.column_names, what)
+    return MetadataTable(file, paths, columns, kinds, notes)
+
 
 def read_table(path: str | os.PathLike) -> MetadataTable:
     """Read a CSV or Parquet --metadata table (pyarrow), with the kinds and nulls of the module docstring."""

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from embedder.data import tar as tarsrc
+from embedder.data.metadata import MetadataTable
 from embedder.errors import SourceError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -62,7 +63,12 @@ class Listing:
     classes: list[str]
     layout: str
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that are not rows
-    members: dict[str, tarsrc.TarMember] | None = None  # tar sources: where each row's bytes lie
+    # Rows whose bytes are not a file under `root`: {path: item with .read() -> bytes}
+    # (a tar member's offset in its shard, a URL to fetch). None: every row is root / path.
+    members: dict[str, tarsrc.TarMember] | None = None
+    # Columns SOURCE itself gives (a table source's other columns, a tar sample's .json keys),
+    # stored like a --metadata table's (embedder.data.metadata).
+    table: MetadataTable | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,7 +79,7 @@ class Listing:
         if n < 1:
             raise SourceError(f"--limit must be at least 1, got {n}.")
         return Listing(self.root, self.paths[:n], self.labels[:n], self.classes, self.layout, self.ignored,
-                       self.members)
+                       self.members, self.table)
 
     def ignored_counts(self) -> dict[str, int]:
         """{reason: files}, most frequent first."""

@@ -41,7 +41,7 @@ from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
-from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, null_of, read_table, split_column
+from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, merge_tables, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.errors import AllImagesFailedError, BadImageError
@@ -215,9 +215,9 @@ def column_kinds(metadata: MetadataTable | None) -> dict[str, str]:
     return {**BUILTIN, **(metadata.schema if metadata is not None else {})}
 
 
-def load_metadata(config: EmbedConfig) -> MetadataTable | None:
-    """The run's --metadata table, or None."""
-    return read_table(config.metadata) if config.metadata else None
+def load_metadata(config: EmbedConfig, listing: Listing) -> MetadataTable | None:
+    """The run's metadata columns: those SOURCE gives (`listing.table`) and the --metadata table's, or None."""
+    return merge_tables(listing.table, read_table(config.metadata) if config.metadata else None)
 
 
 def known_columns(listing: Listing, metadata: MetadataTable | None) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -161,7 +161,7 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     if backbone is None:
         config = with_runtime(config)
         backbone = backbone_for(config)
-    metadata = load_metadata(config)
+    metadata = load_metadata(config, listing)
     columns, unlisted = known_columns(listing, metadata)
     spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata)
     _notices(config, backbone, metadata)

@@ -131,7 +131,7 @@ def _init(ray, address: str | None, progress: bool) -> None:
 def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing: Listing, command: str,
                   started: float) -> EmbedReport:
     gpus = _gpus_per_actor(ray, config, options)
-    metadata = load_metadata(config)
+    metadata = load_metadata(config, listing)
     spec = replace(_plan_spec(ray, config, options, listing, command, gpus), columns=column_kinds(metadata))
     _, unlisted = known_columns(listing, metadata)
     shard_set = ShardSet(config.out, spec, listing, options.shard_size, config.batch_size)
@@ -244,7 +244,7 @@ def embed_shard(config: EmbedConfig, backbone: FrozenBackbone, job: ShardJob, ta
         raise ValueError(f"{shard.name}: {len(listing)} rows given for [{shard.start}, {shard.stop})")
     h5 = job.folder / f"{shard.name}.h5"
     # Fixed-width paths: the view over the shards maps each shard's /paths (embedder.cache.view).
-    columns, _ = known_columns(listing, load_metadata(config))  # each worker joins its own rows
+    columns, _ = known_columns(listing, load_metadata(config, listing))  # each worker joins its own rows
     with CacheWriter(h5, job.spec, listing, commit_every=config.commit_every, fixed_width_paths=True,
                      columns=columns) as w:
         done = embed_into(w, backbone, config, progress=False)  # many actors: no bars, the driver shows shards
