@@ -7,6 +7,11 @@ Layouts (auto-detected, or forced with `layout=`):
                      the first component of each path, labels are the class folder
   flat               SOURCE/**/<image>, no labels (-1)
   filelist           a .txt/.csv file of `path[,label]` lines, relative to the list's folder
+  table              a .parquet/.csv table: a column of paths or URLs, labels, metadata (embedder.data.table)
+  tar                webdataset tar shards (embedder.data.tar)
+
+A path in a file list or a table may be an http(s) URL: the row is then fetched by the
+reader (embedder.data.fetch) and keyed by the URL itself.
 
 No file is lost without a word. Every file under SOURCE becomes a row of the listing (and
 later a feature row or an errors-table entry) or an *ignored* entry with its reason:
@@ -36,7 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from embedder.data import tar as tarsrc
+from embedder.data.fetch import is_url
 from embedder.data.metadata import MetadataTable
+from embedder.data.table import LAYOUT as TABLE_LAYOUT
+from embedder.data.table import TableColumns, is_table_source, list_table
 from embedder.errors import SourceError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -211,7 +219,11 @@ def _class_depth(layout: str) -> int:
     return 1 if layout == "split-imagefolder" else 0
 
 
-def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | None = None) -> Listing:
+def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | None = None,
+                columns: TableColumns | None = None) -> Listing:
+    """The rows of SOURCE (see the module docstring). `columns`: which columns of a table SOURCE
+    hold the rows and labels (--path-column, --url-column, --label-column)."""
+    columns = columns or TableColumns()
     if tarsrc.is_tar_source(str(source)):
         if layout not in ("auto", tarsrc.LAYOUT):
             raise SourceError(f"SOURCE {source} is tar shards, so --layout {layout} does not apply (leave it auto).")
@@ -222,6 +234,14 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
     if not src.exists():
         raise SourceError(f"SOURCE {src} does not exist. Pass an image folder, a .txt/.csv file list, "
                           "a .tar shard, a folder of .tar shards or a pattern such as shards/{00000..00099}.tar.")
+    if columns.given() and not (src.is_file() and is_table_source(src, columns)):
+        raise SourceError(f"--path-column, --url-column and --label-column read a .parquet or .csv table, but SOURCE "
+                          f"{src} is {'a folder' if src.is_dir() else 'not one'}.")
+    if columns.given() and layout != "auto":
+        raise SourceError(f"--layout {layout} and the table options (--path-column, --url-column, --label-column) "
+                          "exclude each other: leave --layout auto to read SOURCE as a table.")
+    if src.is_file() and layout == "auto" and is_table_source(src, columns):
+        return _nonempty(_list_table(src, columns), src).limit(limit)
     if src.is_file():
         if layout not in ("auto", "filelist"):
             raise SourceError(f"SOURCE {src} is a file, so it must be a file list (not --layout {layout}).")
@@ -267,6 +287,25 @@ def _list_tar(source: str) -> Listing:
                    ignored, {p: m for p, m, _ in rows})
 
 
+def label_indices(raw: list) -> tuple[np.ndarray, list[str]]:
+    """(labels, classes) of raw labels (None: unlabelled): class indices as they are where every
+    label is an integer >= 0, else indices into the sorted class names."""
+    given = [lab for lab in raw if lab is not None]
+    if given and all(isinstance(lab, int) and not isinstance(lab, bool) and lab >= 0 for lab in given):
+        return np.asarray([-1 if lab is None else lab for lab in raw], dtype=np.int64), [
+            str(i) for i in range(max(given) + 1)]
+    classes = sorted({str(lab) for lab in given})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([-1 if lab is None else index[str(lab)] for lab in raw], dtype=np.int64), classes
+
+
+def _list_table(path: Path, columns: TableColumns) -> Listing:
+    rows = list_table(path, columns)
+    labels, classes = label_indices(rows.labels)
+    return Listing(path.resolve().parent, rows.paths, labels, classes, TABLE_LAYOUT, rows.ignored,
+                   table=rows.metadata)
+
+
 def _list_folder(root: Path, layout: str) -> Listing:
     walk = _walk(root)
     chosen = _detect_layout(walk) if layout == "auto" else layout
@@ -304,15 +343,15 @@ def _list_file(list_path: Path) -> Listing:
             for lineno, rec in enumerate(csv.reader(f), start=1):
                 if not rec or not rec[0].strip() or rec[0].lstrip().startswith("#"):
                     continue
-                if lineno == 1 and rec[0].strip().lower() in ("path", "file", "filename", "image"):
+                if lineno == 1 and rec[0].strip().lower() in ("path", "url", "file", "filename", "image"):
                     continue
                 if len(rec) > 2:
                     raise SourceError(
                         f"{list_path}:{lineno}: expected `path[,label]`, got {len(rec)} fields. "
-                        "Quote paths that contain commas."
+                        "Quote paths that contain commas, or read it as a table: --path-column NAME "
+                        "(and --label-column NAME) with a header row naming the columns."
                     )
-                p = Path(rec[0].strip())
-                rel = p.as_posix() if not p.is_absolute() else _relative_if_inside(p, root)
+                rel = _list_entry(rec[0].strip(), root)
                 label = rec[1].strip() if len(rec) == 2 and rec[1].strip() else None
                 if rel in seen:
                     ignored.append((rel, LISTED_TWICE))
@@ -327,6 +366,14 @@ def _list_file(list_path: Path) -> Listing:
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[lab] if lab is not None else -1 for _, lab in rows], dtype=np.int64)
     return Listing(root, [p for p, _ in rows], labels, classes, "filelist", ignored)
+
+
+def _list_entry(text: str, root: Path) -> str:
+    """A file list's path as a row: a URL as written, a path relative to the list's folder."""
+    if is_url(text):
+        return text
+    p = Path(text)
+    return p.as_posix() if not p.is_absolute() else _relative_if_inside(p, root)
 
 
 def _relative_if_inside(path: Path, root: Path) -> str:

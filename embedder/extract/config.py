@@ -13,8 +13,10 @@ from pathlib import Path
 
 from embedder.cache.schema import FEATURE_DTYPES
 from embedder.data.decode import DEFAULT_MAX_PIXELS
+from embedder.data.fetch import DEADLINE_FACTOR, FetchSettings
 from embedder.data.metadata import TABLE_SUFFIXES
 from embedder.data.sources import LAYOUTS
+from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
 from embedder.options import check_choices, from_table, int_or_auto, option, positive, to_arguments
@@ -23,13 +25,16 @@ ROW_OPTIONS = "what is embedded"
 # The EmbedConfig fields that are `load_backbone` keywords of the same name.
 BACKBONE_FIELDS = ("model", "weights", "layer", "normalize", "image_size", "device", "precision", "memory_layout",
                    "pool", "style_layers", "style_dim", "compile", "runtime")
+SOURCE_OPTIONS = "table and URL sources"
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     source: str = option(positional=True, path=True,
-                         help="image folder (ImageFolder tree, train/val split tree or flat) or .txt/.csv file list")
+                         help="image folder (ImageFolder tree, train/val split tree or flat), .txt/.csv file list "
+                              "(paths or http(s) URLs), .parquet/.csv table, .tar shard(s) or a pattern such as "
+                              "shards/{00000..00099}.tar")
     model: str = option(help="backbone name (see `embedder models`)")
     out: str = option(path=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
     weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"),
@@ -87,6 +92,27 @@ class EmbedConfig:
                                   help="a .csv or .parquet table with a `path` column (relative to SOURCE) and any "
                                        "other columns, joined to the rows by path and stored as /columns (README: "
                                        "metadata columns)")
+    path_column: str | None = option(None, metavar="NAME", group=SOURCE_OPTIONS,
+                                     help="a table SOURCE's column of image paths (relative to the table's folder) "
+                                          "or URLs (default: the first of path, url, file, filename, image)")
+    url_column: str | None = option(None, metavar="NAME", group=SOURCE_OPTIONS,
+                                    help="a table SOURCE's column of http(s) URLs (instead of --path-column)")
+    label_column: str | None = option(None, metavar="NAME", group=SOURCE_OPTIONS,
+                                      help="a table SOURCE's column of labels (integers >= 0: class indices; else "
+                                           "class names); every other column is stored as a metadata column")
+    fetch_timeout: float = option(10.0, group=SOURCE_OPTIONS,
+                                  help="http(s) rows: seconds to connect and between two reads (a whole attempt "
+                                       f"may take {DEADLINE_FACTOR}x this)")
+    fetch_retries: int = option(3, group=SOURCE_OPTIONS,
+                                help="http(s) rows: further attempts after a connection error, timeout, cut-short "
+                                     "body, 429 or 5xx, with exponential backoff from 0.5 s")
+    max_download_mb: float = option(50.0, group=SOURCE_OPTIONS, help="http(s) rows: refuse bodies larger than this")
+    fetch_threads: int = option(16, group=SOURCE_OPTIONS,
+                                help="http(s) rows: downloads in flight per reader process")
+    keep_downloads: str | None = option(None, path=True, metavar="DIR", group=SOURCE_OPTIONS,
+                                        help="http(s) rows: keep each download as DIR/<sha256 of the URL>.<ext> "
+                                             "(listed in DIR/urls.tsv) and read it from there next time; "
+                                             "by default nothing is written to disk")
     overwrite: bool = option(False, help="replace an existing cache with another configuration")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
@@ -102,6 +128,12 @@ class EmbedConfig:
             raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {self.style_dim}.")
         positive(self, "batch_size", "commit_every", "max_pixels")
         positive(self, "limit", "image_size", optional=True)
+        positive(self, "fetch_threads")
+        for name in ("fetch_timeout", "max_download_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be above 0, got {getattr(self, name)!r}.")
+        if self.fetch_retries < 0:
+            raise ConfigError(f"--fetch-retries must be 0 or more, got {self.fetch_retries}.")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}.")
         if self.metadata is not None and not str(self.metadata).lower().endswith(TABLE_SUFFIXES):
@@ -139,6 +171,14 @@ class EmbedConfig:
         settings = {name: getattr(self, name) for name in BACKBONE_FIELDS}
         settings["extra_layers"] = tuple(n for n in self.outputs[1:] if n is not None)
         return settings
+
+    def table_columns(self) -> TableColumns:
+        return TableColumns(self.path_column, self.url_column, self.label_column)
+
+    def fetch_settings(self) -> FetchSettings:
+        return FetchSettings(timeout=self.fetch_timeout, retries=self.fetch_retries,
+                             max_bytes=int(self.max_download_mb * 2**20), threads=self.fetch_threads,
+                             keep=str(self.keep_downloads) if self.keep_downloads else None)
 
     def resolved_workers(self) -> int:
         from embedder.models.runtime import auto_workers

@@ -34,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
 from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
+from embedder.data.fetch import Fetcher, FetchSettings, is_url
 from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, merge_tables, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
@@ -67,9 +68,12 @@ class BatchReader(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         jpeg_draft: bool = False,
         members: dict | None = None,
+        fetch: FetchSettings | None = None,
     ):
         self.root, self.paths, self.rows = root, paths, rows
         self.members = members  # tar sources: {path: TarMember}, each row's bytes read by offset
+        # http(s) rows are fetched; the fetcher's pool and threads are made in the process that reads.
+        self.fetcher = Fetcher(fetch or FetchSettings())
         self.batch_size = batch_size
         self.crop = preprocessing.crop_size
         self.resize_size = preprocessing.resize_size
@@ -82,6 +86,7 @@ class BatchReader(Dataset):
 
     def __getitem__(self, b: int) -> dict:
         rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
+        self._prefetch(b)
         images, ok, errors = [], [], []
         seconds = {"decode": 0.0, "resize": 0.0}
         read = {name: [] for name in READ_COLUMNS}
@@ -108,8 +113,24 @@ class BatchReader(Dataset):
         }
 
 
+    def _prefetch(self, b: int) -> None:
+        """Start the downloads of batch `b`'s URLs and of this reader's next batches, enough to keep
+        every fetch thread busy (a DataLoader worker reads every num_workers-th batch)."""
+        worker = get_worker_info()
+        step = worker.num_workers if worker is not None else 1
+        ahead = math.ceil(self.fetcher.settings.threads / self.batch_size)
+        urls = [self.paths[r] for k in range(b, min(b + step * (ahead + 1), len(self)), step)
+                for r in self.rows[k * self.batch_size : (k + 1) * self.batch_size] if is_url(self.paths[r])]
+        if urls:
+            self.fetcher.prefetch(urls)
+
     def _source(self, path: str, info: dict):
-        """What `read_for_model` reads: the file, or a tar member's bytes (its size and mtime into `info`)."""
+        """What `read_for_model` reads: the file, a tar member's or a download's bytes (their size and
+        mtime into `info`)."""
+        if is_url(path):
+            fetched = self.fetcher.get(path)
+            info.update(size=len(fetched.data), mtime=fetched.mtime)
+            return fetched.data
         if self.members is None:
             return self.root / path
         member = self.members[path]
@@ -200,8 +221,8 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
     and its metadata columns (the built-in ones, and those of the --metadata table)."""
     return CacheSpec(
         components=fingerprint_components(backbone, config.feature_dtype, jpeg_draft=config.jpeg_draft),
-        # A file list's rows are relative to its own folder, but SOURCE is the list itself.
-        source=str(listing.root if listing.layout != "filelist" else Path(config.source).resolve()),
+        # A file list's (a table's) rows are relative to its own folder, but SOURCE is the list itself.
+        source=str(listing.root if listing.layout not in ("filelist", "table") else Path(config.source).resolve()),
         feature_dim=backbone.feature_dim,
         layers=dict(backbone.outputs) if len(backbone.outputs) > 1 else {},
         layout=listing.layout,
@@ -263,7 +284,7 @@ def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedC
     """The reader -> model -> writer loop over `writer.pending`. Returns the rows embedded; appends to `errors`."""
     listing = writer.listing
     reader = BatchReader(listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing,
-                         config.max_pixels, config.jpeg_draft, listing.members)
+                         config.max_pixels, config.jpeg_draft, listing.members, config.fetch_settings())
     bar = tqdm(
         total=len(writer.pending), unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
         file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s

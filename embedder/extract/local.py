@@ -157,7 +157,7 @@ def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: 
 def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command: str | None,
                   lock: WriteLock) -> EmbedReport:
     started = time.perf_counter()
-    listing = list_source(config.source, config.layout, config.limit)
+    listing = list_source(config.source, config.layout, config.limit, config.table_columns())
     if backbone is None:
         config = with_runtime(config)
         backbone = backbone_for(config)

@@ -102,7 +102,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     # The lock first: a second run into the same cache is refused before Ray starts or a model is built.
     with lock_output(config.out, held=lock):
         config = with_runtime(config)
-        listing = list_source(config.source, config.layout, config.limit)
+        listing = list_source(config.source, config.layout, config.limit, config.table_columns())
         if listing.members is not None:
             # A Ray shard's task carries paths only, not where each tar member's bytes lie.
             raise ConfigError(f"SOURCE {config.source} is tar shards, which --backend ray does not read yet. "

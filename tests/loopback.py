@@ -1,0 +1,114 @@
+"""A real HTTP server on 127.0.0.1 for URL sources: good images, 404s, slow and truncated answers.
+
+Used by tests/test_urls.py and benchmarks/urls.py. Nothing leaves the machine: the server
+binds the loopback address on a free port and runs in a daemon thread of the test process.
+
+Routes (the part of the URL path before the first "/" picks the behaviour):
+
+    /img/NAME            NAME's bytes from the folder served (200, Content-Length, Last-Modified)
+    /missing/NAME        404
+    /slow/NAME           waits `slow_s` before the status line, then the image
+    /drip/NAME           the headers at once, then the body a few bytes per `slow_s / 10`
+    /truncated/NAME      Content-Length of the whole image, half of it sent, then the connection closed
+    /flaky/NAME          503 (Retry-After 0) for the first `flaky` requests of each NAME, then the image
+    /big/NAME            claims a Content-Length of 1 GiB (and sends nothing)
+
+`latency_s` delays every answer, to stand in for a network's round trip in the benchmark.
+`hits` counts the requests per path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real image hosts answer
+
+    def log_message(self, *args):  # quiet: the tests' output is for assertions
+        pass
+
+    def do_GET(self):
+        srv: LoopbackServer = self.server.owner
+        srv.hits[self.path] += 1
+        time.sleep(srv.latency_s)
+        kind, _, name = self.path.lstrip("/").partition("/")
+        file = srv.folder / name
+        if kind == "missing" or not file.is_file():
+            return self._send(404, b"not found", "text/plain")
+        data = file.read_bytes()
+        if kind == "slow":
+            time.sleep(srv.slow_s)
+        if kind == "flaky" and srv.hits[self.path] <= srv.flaky:
+            return self._send(503, b"busy", "text/plain", {"Retry-After": "0"})
+        if kind == "big":
+            self._head(200, 1 << 30, "image/jpeg")
+            self.close_connection = True
+            return
+        if kind == "truncated":
+            self._head(200, len(data), "image/jpeg")
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        if kind == "drip":
+            self._head(200, len(data), "image/jpeg")
+            for i in range(0, len(data), 16):
+                self.wfile.write(data[i : i + 16])
+                self.wfile.flush()
+                time.sleep(srv.slow_s / 10)
+            return
+        self._send(200, data, "image/png" if name.endswith(".png") else "image/jpeg",
+                   {"Last-Modified": formatdate(file.stat().st_mtime, usegmt=True)})
+
+    def _head(self, status: int, length: int, ctype: str, extra: dict | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None):
+        self._head(status, len(body), ctype, extra)
+        self.wfile.write(body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that gave up (a timeout, the size cap) closes its end mid-answer: expected here.
+        pass
+
+
+class LoopbackServer:
+    """`with LoopbackServer(folder) as srv: srv.url("img", "a.jpg")`."""
+
+    def __init__(self, folder: Path, *, slow_s: float = 2.0, flaky: int = 1, latency_s: float = 0.0):
+        self.folder = Path(folder)
+        self.slow_s, self.flaky, self.latency_s = slow_s, flaky, latency_s
+        self.hits: Counter = Counter()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.owner = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, kind: str, name: str) -> str:
+        return f"{self.base}/{kind}/{name}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
