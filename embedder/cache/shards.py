@@ -42,6 +42,7 @@ from embedder.cache.reader import PARTIAL_SUFFIX, CacheSpec, FeatureCache
 from embedder.cache.schema import SHARDS_SUFFIX
 from embedder.cache.view import Member
 from embedder.cache.writer import CacheWriter
+from embedder.data.rows import rows_root
 from embedder.data.sources import Listing
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
 
@@ -338,7 +339,7 @@ def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> i
 def _listing_of(cache: FeatureCache) -> Listing:
     """The listing a merge writes: the cache's rows, then its errors (labelled -1)."""
     errors = cache.errors
-    return Listing(Path(cache.source), cache.paths + [p for p, _ in errors],
+    return Listing(rows_root(cache.source), cache.paths + [p for p, _ in errors],
                    np.concatenate([cache.labels, np.full(len(errors), -1, np.int64)]),
                    cache.classes, str(cache.attrs["layout"]))
 

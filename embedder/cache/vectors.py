@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ import numpy as np
 from embedder.atomic import staged_dir
 from embedder.cache.reader import FeatureCache
 from embedder.data.metadata import INT_NULL, MATCHED
+from embedder.data.rows import row_location
 from embedder.errors import ConfigError
 from embedder.names import ERRORS as NAME_ERRORS
 
@@ -142,8 +142,7 @@ def _table(cache: FeatureCache, schema, start: int, stop: int, features: np.ndar
     if "id" in schema.names:
         data["id"] = np.arange(start, stop, dtype=np.int64)
     if "image_path" in schema.names:
-        root = Path(cache.source)
-        data["image_path"] = [p if os.path.isabs(p) else str(root / p) for p in paths]
+        data["image_path"] = [row_location(cache.source, p) for p in paths]
     kinds = cache.column_kinds
     for name, values in cache.columns(list(kinds), rows).items():
         data[name] = pa.array(values.tolist() if kinds[name] == "str" else values, mask=_null_mask(name, values))

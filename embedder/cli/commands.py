@@ -399,6 +399,9 @@ def remove(config, args) -> dict:
         print(f"  {display_path(p)}")
     if report["newly_removed"] > len(report["paths"]):
         print(f"  ... {report['newly_removed'] - len(report['paths'])} more")
+    if report["urls_not_checked"]:
+        print(f"  {report['urls_not_checked']} URL row(s) not checked (--prune-missing checks files; remove dead "
+              "URLs with --remove-from)")
     return report
 
 

@@ -26,6 +26,7 @@ from embedder.cache.reader import FeatureCache
 from embedder.curate import labels as mistakes
 from embedder.curate import neighbours as nb
 from embedder.curate.config import CurateConfig
+from embedder.data.rows import row_location
 from embedder.data.splits import folder_splits
 from embedder.errors import ConfigError
 from embedder.learn.train import same_feature_space
@@ -98,7 +99,7 @@ def _load(config: CurateConfig, open_cache) -> _Data:
         X.append(cache.features() if len(cache) else np.zeros((0, cache.dim), np.float32))
         paths += cache.paths
         labels.append(remap[cache.labels])
-        files += [p if p.is_absolute() else Path(cache.source) / p for p in map(Path, cache.paths)]
+        files += [row_location(cache.source, p) for p in cache.paths]
         split += [name] * len(cache)
     if len(parts) > 1:
         split_arr, how = np.array(split, dtype=object), "separate caches"

@@ -27,12 +27,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from embedder.cache.reader import FeatureCache
+from embedder.data.rows import row_location
 from embedder.errors import ConfigError
 from embedder.search.config import METRICS
 from embedder.search.kinds import factory_string, inner, load_faiss, new_index, nlist_for, prepare
@@ -231,10 +231,8 @@ def row_sizes(cache: FeatureCache, rows: list[int], paths: list[str] | None = No
     paths = cache.paths if paths is None else paths
     out = {}
     for r in rows:
-        p = Path(paths[r])
-        p = p if p.is_absolute() else Path(cache.source) / p
         try:
-            out[r] = float(os.stat(p).st_size)
+            out[r] = float(os.stat(row_location(cache.source, paths[r])).st_size)
         except OSError:
             out[r] = -1.0
     return out

@@ -83,7 +83,9 @@ def rows_of_files(index: SearchIndex, files) -> list[int]:
     """The row ids of those files that are indexed (and not removed) images, found by their path under SOURCE."""
     from pathlib import Path
 
-    source = Path(index.source).resolve()
+    from embedder.data.rows import rows_root
+
+    source = rows_root(index.source).resolve()
     rows = []
     for f in files:
         p = Path(f).resolve()

@@ -17,6 +17,7 @@ import numpy as np
 from embedder.cache.columns import read_columns
 from embedder.cache.reader import FeatureCache, read_paths
 from embedder.data.metadata import INT_NULL
+from embedder.data.rows import row_location
 from embedder.errors import CacheMismatchError, ConfigError, RemovedRowError
 from embedder.search.filters import as_column, compile_mask
 from embedder.search.kinds import INVERTED_LIST_KINDS, inner, load_faiss, prepare, set_knob
@@ -123,9 +124,9 @@ class SearchIndex:
     def source(self) -> str:
         return str(self.meta["source"])
 
-    def image_path(self, row_id: int) -> Path:
-        p = Path(self.paths[row_id])
-        return p if p.is_absolute() else Path(self.source) / p
+    def image_path(self, row_id: int) -> str:
+        """Where the row's image lies: a file, `<shard>.tar/<member>` or a URL (embedder.data.rows)."""
+        return row_location(self.source, self.paths[row_id])
 
     def has_path(self, path: str) -> bool:
         return path in self._row

@@ -31,6 +31,7 @@ import numpy as np
 
 from embedder.atomic import staged_dir
 from embedder.cache.reader import read_paths
+from embedder.data.rows import rows_root
 from embedder.errors import ConfigError
 from embedder.search.kinds import INVERTED_LIST_KINDS, load_faiss
 
@@ -67,15 +68,22 @@ def _rows_of(given: list[str], row: dict[str, int], source: Path) -> tuple[list[
     return rows, unknown
 
 
-def _missing_rows(paths: list[str], source: Path, removed: set[int], progress: bool) -> list[int]:
+def _missing_rows(paths: list[str], source: Path, removed: set[int], progress: bool) -> tuple[list[int], int]:
+    """Rows whose image is gone (a tar row: its shard), and how many URL rows were not checked
+    (checking would fetch them)."""
     from tqdm.auto import tqdm
 
-    missing = []
+    from embedder.data.rows import location_exists, row_location
+
+    missing, unchecked = [], 0
     for i, p in enumerate(tqdm(paths, unit="file", desc="prune: checking files", disable=not progress)):
-        full = Path(p) if Path(p).is_absolute() else source / p
-        if i not in removed and not full.exists():
+        if i in removed:
+            continue
+        there = location_exists(row_location(source, p))
+        unchecked += there is None
+        if there is False:
             missing.append(i)
-    return missing
+    return missing, unchecked
 
 
 def remove_rows(index_dir, paths=(), remove_from=None, prune_missing: bool = False, progress: bool = True) -> dict:
@@ -90,15 +98,17 @@ def remove_rows(index_dir, paths=(), remove_from=None, prune_missing: bool = Fal
         with h5py.File(index_dir / "rows.h5", "r") as f:
             stored = read_paths(f["paths"]) if len(f["paths"]) else []
             before = f["removed"][:].astype(np.int64) if "removed" in f else np.zeros(0, np.int64)
-        source = Path(meta["source"])
+        source = rows_root(meta["source"])  # a file list's paths start from its folder
         rows, unknown = _rows_of(given, {p: i for i, p in enumerate(stored)}, source)
         if unknown:
             shown = ", ".join(unknown[:SHOWN_UNKNOWN]) + (f" and {len(unknown) - SHOWN_UNKNOWN} more"
                                                            if len(unknown) > SHOWN_UNKNOWN else "")
             raise ConfigError(f"{len(unknown)} path(s) are not in the index, nothing was removed: {shown}. Paths are "
                               f"as the cache stored them (relative to {source}), or files under it.")
+        unchecked = 0
         if prune_missing:
-            rows += _missing_rows(stored, source, set(before.tolist()), progress)
+            missing, unchecked = _missing_rows(stored, source, set(before.tolist()), progress)
+            rows += missing
         new = np.setdiff1d(np.array(rows, dtype=np.int64), before)
         removed = np.union1d(before, new).astype(np.int64)
         in_place = meta["kind"] in INVERTED_LIST_KINDS and not meta.get("on_disk")
@@ -107,6 +117,7 @@ def remove_rows(index_dir, paths=(), remove_from=None, prune_missing: bool = Fal
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return {"index": str(index_dir), "kind": meta["kind"], "asked": len(given), "newly_removed": len(new),
             "already_removed": len(set(rows) & set(before.tolist())), "pruned": prune_missing,
+            "urls_not_checked": unchecked,
             "removed_rows": len(removed), "rows": len(stored), "removed_in_place": in_place,
             "paths": [stored[i] for i in new[:SHOWN_UNKNOWN]]}
 

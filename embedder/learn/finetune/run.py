@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from embedder.atomic import staged_dir
+from embedder.data.fetch import is_url
 from embedder.data.sources import Listing, list_source
 from embedder.data.splits import Splits, assign_splits, check_labels
 from embedder.errors import ConfigError
@@ -134,6 +135,12 @@ def _resolve(config: FinetuneConfig) -> _Run:
     in_features = head_slot(spec, config.layer)[1]
     runtime = resolve_runtime(config.device, "fp32", "contiguous")
     listing = list_source(config.source, config.layout, config.limit)
+    urls = sum(map(is_url, listing.paths))
+    if urls:
+        # Every epoch reads every image again: over the network that is a download per image per epoch.
+        raise ConfigError(f"SOURCE {config.source} has {urls} http(s) URL rows, which finetune does not fetch (it reads "
+                          "every image each epoch). Download them once: `embedder embed SOURCE ... --keep-downloads "
+                          "DIR`, then finetune on a file list of DIR's files (DIR/urls.tsv maps them to the URLs).")
     check_labels(listing.labels, listing.classes, what=f"SOURCE {config.source}")
     splits = assign_splits(
         listing.paths, listing.labels, listing.classes, config.seed, config.val_fraction, config.test_fraction
