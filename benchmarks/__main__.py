@@ -28,6 +28,7 @@ BENCHMARKS = {
     "filters": "filtered search (10%, 1% of the rows) against unfiltered: flat, IVF, HNSW latency and recall",
     "curate": "label mistakes on digits with 5% flipped (precision@n); dedup through IVF against exact, 200k x 512",
     "tar": "webdataset tar shards against a folder of the same JPEGs, both through embed()",
+    "urls": "http(s) URL rows from a loopback server (0 and 50 ms delay) against a folder: fetch/s, embed img/s",
     "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
     "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
     "map": "the service's /map page at 100k points: embedder map time, /map/points size, Chromium load and draw",
