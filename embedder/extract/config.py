@@ -100,14 +100,14 @@ class EmbedConfig:
     label_column: str | None = option(None, metavar="NAME", group=SOURCE_OPTIONS,
                                       help="a table SOURCE's column of labels (integers >= 0: class indices; else "
                                            "class names); every other column is stored as a metadata column")
-    fetch_timeout: float = option(10.0, group=SOURCE_OPTIONS,
+    fetch_timeout: float = option(10.0, metavar="SECONDS", group=SOURCE_OPTIONS,
                                   help="http(s) rows: seconds to connect and between two reads (a whole attempt "
                                        f"may take {DEADLINE_FACTOR}x this)")
-    fetch_retries: int = option(3, group=SOURCE_OPTIONS,
+    fetch_retries: int = option(3, metavar="N", group=SOURCE_OPTIONS,
                                 help="http(s) rows: further attempts after a connection error, timeout, cut-short "
                                      "body, 429 or 5xx, with exponential backoff from 0.5 s")
-    max_download_mb: float = option(50.0, group=SOURCE_OPTIONS, help="http(s) rows: refuse bodies larger than this")
-    fetch_threads: int = option(16, group=SOURCE_OPTIONS,
+    max_download_mb: float = option(50.0, metavar="MB", group=SOURCE_OPTIONS, help="http(s) rows: refuse bodies larger than this")
+    fetch_threads: int = option(16, metavar="N", group=SOURCE_OPTIONS,
                                 help="http(s) rows: downloads in flight per reader process")
     keep_downloads: str | None = option(None, path=True, metavar="DIR", group=SOURCE_OPTIONS,
                                         help="http(s) rows: keep each download as DIR/<sha256 of the URL>.<ext> "
