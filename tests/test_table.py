@@ -56,6 +56,8 @@ def test_csv_table_integer_labels_are_class_indices_and_reserved_names_are_prefi
     text = "path,cls,width,note\n" + "".join(f"{p},{i % 3},{100 + i},n{i}\n" for i, p in enumerate(files))
     (tmp_path / "t.csv").write_text(text)
     listing = list_source(tmp_path / "t.csv", columns=TableColumns(label="cls"))
+    again = list_source(tmp_path / "t.csv", columns=TableColumns(label="cls"))
+    assert again.paths == listing.paths and np.array_equal(again.labels, listing.labels)  # deterministic
     assert listing.layout == "table" and listing.classes == ["0", "1", "2"]
     assert list(listing.labels) == [i % 3 for i in range(len(files))]
     assert sorted(listing.table.kinds) == ["note", "source_width"]
