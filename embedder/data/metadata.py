@@ -126,7 +126,11 @@ class MetadataTable:
     def subset(self, paths) -> MetadataTable:
         """The rows of `paths` that the table holds, in `paths` order (a Ray shard's own rows)."""
         where = {p: i for i, p in enumerate(self.paths)}
-        rows = [where[p] for p in paths if p in where]
+        return self.take([where[p] for p in paths if p in where])
+
+    def take(self, rows) -> MetadataTable:
+        """The table's rows at positions `rows`, in that order (for callers that index it once)."""
+        rows = np.asarray(rows, dtype=np.int64)
         return MetadataTable(self.file, [self.paths[i] for i in rows],
                              {n: c[rows] for n, c in self.columns.items()}, dict(self.kinds), list(self.notes))
 
