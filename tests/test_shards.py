@@ -43,8 +43,8 @@ def test_plan_with_breaks_never_spans_one_and_cuts_the_rest_at_batch_boundaries(
         breaks = sorted(set(rng.integers(1, n + 1, size=int(rng.integers(0, 8))).tolist()) - {n})
         shards = plan_shards(n, size, batch, breaks)
         full = -(-size // batch) * batch
-        assert [s.start for s in shards][0] == 0 and shards[-1].stop == n and [s.number for s in shards] == list(
-            range(len(shards)))
+        assert shards[0].start == 0 and shards[-1].stop == n
+        assert [s.number for s in shards] == list(range(len(shards)))
         assert all(a.stop == b.start for a, b in itertools.pairwise(shards))
         assert set(breaks) <= {s.start for s in shards}
         for s in shards:

@@ -126,6 +126,7 @@ def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple], list[tuple
     labels: dict[str, tuple[object, str | None]] = {}  # key -> (label, the .json key it came from)
     records: dict[str, dict] = {}
     ignored: list[tuple[str, str]] = []
+    name = str(shard)  # one string for all its members: less memory, and pickled once per Ray task
     try:
         with tarfile.open(shard, mode="r:") as tar:
             for info in _members(tar, rel, ignored):
@@ -133,7 +134,7 @@ def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple], list[tuple
                     continue
                 key, ext = sample_key(info.name), info.name.rsplit(".", 1)[-1].lower()
                 if is_image(info.name):
-                    member = TarMember(str(shard), info.offset_data, info.size, float(info.mtime))
+                    member = TarMember(name, info.offset_data, info.size, float(info.mtime))
                     images.append((f"{rel}/{info.name}", key, member))
                 elif ext in LABEL_EXTENSIONS:
                     if ext == "json" or key not in labels:  # every .json is read: its keys are columns
