@@ -25,6 +25,7 @@ from embedder.extract.local import embed
 from embedder.extract.ray import embed_ray
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache, assert_same_layers
+from tests.test_shards import pack_uneven
 from tests.torture import kill_session
 
 OPTIONS = {"actors": 2, "cpus_per_actor": 0.5}
@@ -125,6 +126,20 @@ def test_ray_backend_stores_several_layers_and_style_like_the_local_backend(loca
     assert_same_layers(local.out, tmp_path / "merged.h5")
 
 
+def test_ray_backend_reads_tar_shards_one_ray_shard_per_tar_shard(local_ray, tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=5)  # 15 images
+    tar_starts = pack_uneven(tree, tmp_path / "shards", sizes=[6, 5, 4])  # and a broken member: 16 rows
+    local = fast_config(tmp_path / "shards", tmp_path / "local.h5")
+    embed(local)
+    on_ray = fast_config(tmp_path / "shards", tmp_path / "ray.h5")
+    report = embed_ray(on_ray, RayOptions(shard_size=64, **OPTIONS))
+    assert (report.embedded, report.total_rows) == (15, 15)
+    assert [p for p, _ in report.errors] == ["00001.tar/zz_broken.jpg"]
+    assert_same_cache(local.out, on_ray.out)  # features in fp32, paths, labels, errors, the .json columns
+    manifest = json.loads((shards_dir(on_ray.out) / "manifest.json").read_text())
+    assert manifest["bounds"] == [*tar_starts, 16]  # bounds 6 and 12 lie inside batches of 4
+
+
 def _wait_for_markers(folder, n, proc, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,8 +152,12 @@ def _wait_for_markers(folder, n, proc, timeout=180):
 
 
 @pytest.mark.slow
-def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path, kind):
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=48, seed=5)
+    if kind == "tar":  # tar shards of uneven lengths: shards cut at tar starts and inside them
+        pack_uneven(src, tmp_path / "shards", sizes=[13, 30, 21, 32], broken_in=None)
+        src = tmp_path / "shards"
     reference = fast_config(src, tmp_path / "reference.h5", image_size=64)
     embed(reference)
 
@@ -153,16 +172,17 @@ def test_killed_ray_run_resumes_to_the_same_cache(local_ray, tmp_path):
     finally:
         kill_session(proc.pid)
         proc.wait()
-    done = len(list(shards_dir(killed.out).glob("shard-*.done")))
-    assert 2 <= done < 24, "the kill must land mid-run"
+    markers = list(shards_dir(killed.out).glob("shard-*.done"))
+    planned = json.loads((shards_dir(killed.out) / "manifest.json").read_text())["shards"]
+    assert 2 <= len(markers) < planned, "the kill must land mid-run"
 
     report = embed_ray(killed, RayOptions(shard_size=4, actors=1, cpus_per_actor=0.5))
     # Finished shards were skipped; a shard whose file was complete but whose marker the kill
     # beat is not redone either (its rows count as cached).
-    assert report.already_cached >= 4 * done and report.already_cached + report.embedded == 96
+    finished = sum(json.loads(m.read_text())["rows"] for m in markers)
+    assert report.already_cached >= finished and report.already_cached + report.embedded == 96
     assert report.total_rows == 96
     assert_same_cache(reference.out, killed.out)
-
 
 
 def test_a_shard_resumed_from_its_parts_reports_them_as_already_cached(local_ray, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import h5py
@@ -25,6 +26,7 @@ from embedder.search.query import SearchIndex
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import assert_same_cache, assert_same_layers
 from tests.test_index import clustered
+from tests.test_tar import _add
 
 
 def test_plan_rounds_shards_to_whole_batches_and_covers_every_row():
@@ -34,10 +36,31 @@ def test_plan_rounds_shards_to_whole_batches_and_covers_every_row():
     assert sum(len(s) for s in shards) == 103
 
 
-def embed_sharded(config, shard_size):
+def test_plan_with_breaks_never_spans_one_and_cuts_the_rest_at_batch_boundaries():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, batch, size = int(rng.integers(1, 300)), int(rng.integers(1, 9)), int(rng.integers(1, 40))
+        breaks = sorted(set(rng.integers(1, n + 1, size=int(rng.integers(0, 8))).tolist()) - {n})
+        shards = plan_shards(n, size, batch, breaks)
+        full = -(-size // batch) * batch
+        assert shards[0].start == 0 and shards[-1].stop == n
+        assert [s.number for s in shards] == list(range(len(shards)))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(shards))
+        assert set(breaks) <= {s.start for s in shards}
+        for s in shards:
+            assert 0 < len(s) <= full and not any(s.start < b < s.stop for b in breaks)
+            assert s.start in breaks or s.start % batch == 0
+        # Between two breaks, the cuts are the fewest that keep every shard within the size.
+        for lo, hi in itertools.pairwise([0, *breaks, n]):
+            inside = [s for s in shards if lo <= s.start < hi]
+            assert len(inside) == len(range(lo - lo % batch + full, hi, full)) + 1
+    assert plan_shards(103, 10, 4) == plan_shards(103, 10, 4, [])  # no breaks: the plan as it always was
+
+
+def embed_sharded(config, shard_size, backbone=None):
     """What each Ray actor does, done here in turn: every shard through `embed_shard`, then the view."""
     listing = list_source(config.source)
-    backbone = backbone_for(config)
+    backbone = backbone or backbone_for(config)
     spec = cache_spec(config, listing, backbone, "test", load_metadata(config, listing))
     shard_set = ShardSet(config.out, spec, listing, shard_size, config.batch_size)
     shard_set.prepare(overwrite=config.overwrite)
@@ -229,3 +252,116 @@ def test_pipeline_ray_settings_are_validated_before_anything_runs(tmp_path):
         load_pipeline(tmp_path / "bad.toml")
     (tmp_path / "good.toml").write_text(step + 'ray = { shard_size = 8, gpus_per_actor = 1 }\n')
     assert [s.kind for s in load_pipeline(tmp_path / "good.toml")[1]] == ["embed"]
+
+
+def pack_uneven(tree, folder, sizes, broken_in: int | None = 1) -> list[int]:
+    """The tree's images as tar shards of `sizes` samples, in order, each sample with a .json (its
+    label and a caption), plus a member that does not decode in shard `broken_in`. Returns each
+    shard's first listing row."""
+    files = sorted(p for p in tree.rglob("*.*") if p.is_file())
+    assert sum(sizes) == len(files)
+    folder.mkdir(parents=True)
+    starts, row, taken = [], 0, 0
+    for k, size in enumerate(sizes):
+        starts.append(row)
+        with tarfile.open(folder / f"{k:05d}.tar", "w") as tar:
+            for f in files[taken : taken + size]:
+                _add(tar, f.name, f.read_bytes())
+                _add(tar, f"{f.stem}.json", json.dumps({"label": f.parent.name, "caption": f"a {f.stem}"}).encode())
+            if k == broken_in:
+                _add(tar, "zz_broken.jpg", b"these bytes are no image")
+        taken += size
+        row += size + (k == broken_in)
+    return starts
+
+
+class Recording:
+    """The backbone, keeping each batch it is fed; `dies_at`: raises at that batch instead, as a
+    killed worker stops (its shard's committed parts stay, and it has no marker)."""
+
+    class Killed(Exception):
+        pass
+
+    def __init__(self, backbone, dies_at=None):
+        self._backbone, self.dies_at, self.batches = backbone, dies_at, []
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def forward_all(self, images):
+        if self.dies_at is not None and len(self.batches) == self.dies_at:
+            raise self.Killed
+        self.batches.append(images.numpy().tobytes())
+        return self._backbone.forward_all(images)
+
+
+def local_batches(listing, backbone, batch_size) -> set[bytes]:
+    """The batches a local run feeds the network: the listing's rows in slices of the batch size."""
+    reader = BatchReader(listing.root, listing.paths, np.arange(len(listing)), batch_size, backbone.preprocessing,
+                         members=listing.members)
+    return {reader[b]["images"].numpy().tobytes() for b in range(len(reader))}
+
+
+def test_tar_shards_are_the_shards_and_embed_bit_for_bit_as_locally(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=7)  # 21 images
+    tar_starts = pack_uneven(tree, tmp_path / "shards", sizes=[5, 3, 10, 3])  # + a broken member: 22 rows
+    local = fast_config(tmp_path / "shards", tmp_path / "local.h5")
+    embed(local)
+    sharded = fast_config(tmp_path / "shards", tmp_path / "sharded.h5")
+    backbone = Recording(backbone_for(sharded))
+    shard_set, (rows, complete) = embed_sharded(sharded, shard_size=6, backbone=backbone)  # 6 -> 8 rows, 2 batches
+    assert complete and rows == 21
+    assert_same_cache(local.out, sharded.out)  # features, paths, labels, classes, errors, the .json columns
+    with FeatureCache(sharded.out) as c:
+        assert c.errors[0][0] == "00001.tar/zz_broken.jpg" and "caption" in c.column_names
+        assert c.columns(["has_metadata"])["has_metadata"].all()
+
+    # Every tar shard begins a shard; no shard spans two; the 10-row one is cut where batches begin.
+    bounds = [(s.start, s.stop) for s in shard_set.shards]
+    assert {a for a, _ in bounds} >= set(tar_starts) and bounds[-1][1] == 22
+    for a, b in bounds:
+        assert 0 < b - a <= 8 and not any(a < t < b for t in tar_starts)
+        assert a in tar_starts or a % 4 == 0
+    assert len(bounds) == len(tar_starts) + 1 and any(a % 4 for a, _ in bounds)  # some bounds lie inside batches
+    for k, (a, b) in enumerate(bounds):
+        with FeatureCache(shard_set.dir / f"shard-{k:05d}.h5") as c:
+            names = c.paths + [p for p, _ in c.errors]
+            assert len(names) == b - a and len({p.split("/")[0] for p in names}) == 1  # one tar shard's rows
+    # The network saw the local run's very batches: each of them, and no other.
+    assert set(backbone.batches) == local_batches(list_source(local.source), backbone, 4)
+    assert len(backbone.batches) > len(local_batches(list_source(local.source), backbone, 4))  # some twice
+
+
+def test_a_killed_tar_shard_resumes_on_the_batch_grid_and_a_changed_plan_is_refused(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=7)
+    pack_uneven(tree, tmp_path / "shards", sizes=[5, 3, 10, 3])  # shards [0,5) [5,9) [9,16) [16,19) [19,22)
+    reference = fast_config(tmp_path / "shards", tmp_path / "reference.h5")
+    embed(reference)
+    config = fast_config(tmp_path / "shards", tmp_path / "s.h5", commit_every=1)  # a commit after every batch
+    listing = list_source(config.source)
+    backbone = backbone_for(config)
+    spec = cache_spec(config, listing, backbone, "test", load_metadata(config, listing))
+    shard_set = ShardSet(config.out, spec, listing, 6, config.batch_size)
+    shard_set.prepare()
+    dying = Recording(backbone, dies_at=1)  # shard 2 reads batches [8,12) [12,16): it dies at the second
+    with pytest.raises(Recording.Killed):
+        embed_shard(config, dying, shard_set.job, shard_set.task(shard_set.shards[2]))
+    assert not (shard_set.dir / "shard-00002.done").exists()
+
+    again = Recording(backbone)
+    shard_set, (rows, complete) = embed_sharded(config, 6, backbone=again)
+    assert complete and rows == 21
+    assert_same_cache(reference.out, config.out)
+    marker = json.loads((shard_set.dir / "shard-00002.done").read_text())
+    assert (marker["resumed"], marker["embedded"]) == (3, 4)  # rows 9-11 were committed; 12-15 are new
+    assert set(again.batches) <= local_batches(listing, backbone, 4)  # the resumed shard too: [12,16)
+
+    # The same plan or none: another shard size, or a folder planned otherwise, is refused saying what differs.
+    with pytest.raises(CacheError, match="shard_size was 8, this run has 12"):
+        embed_sharded(fast_config(tmp_path / "shards", config.out), 12)
+    manifest = json.loads((shard_set.dir / "manifest.json").read_text())
+    assert manifest["bounds"] == [0, 5, 9, 16, 19, 22]
+    manifest["bounds"] = [0, 4, 9, 16, 19, 22]  # as a plan made otherwise (another version) would be
+    (shard_set.dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"shard 0 was rows \[0, 4\), this run plans \[0, 5\)"):
+        embed_sharded(config, 6)

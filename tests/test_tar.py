@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from embedder.cache.reader import FeatureCache
+from embedder.data.metadata import INT_NULL
 from embedder.data.sources import list_source
 from embedder.data.tar import expand_braces
 from embedder.errors import SourceError
@@ -181,3 +182,97 @@ def test_finetune_reader_reads_tar_members_as_the_folder_files(tmp_path):
     for i, p in enumerate(listing.paths):
         a, b = rows[i], by_file[index[str(where[p])]]
         assert "error" not in a and torch.equal(a["image"], b["image"]), p
+
+
+def img2dataset_like(tree, shards_dir, per_shard=4):
+    """Shards as img2dataset writes them: KEY.jpg/png, KEY.txt (a caption here: no .txt is written, since
+    it would be the label), KEY.json with its keys; every third sample has no .json. Returns
+    {row path: the record written, or None}."""
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in tree.rglob("*.*") if p.is_file())
+    written = {}
+    for s in range(0, len(files), per_shard):
+        shard = f"{s // per_shard:05d}.tar"
+        with tarfile.open(shards_dir / shard, "w") as tar:
+            for j, f in enumerate(files[s : s + per_shard], start=s):
+                key = f"{j:09d}"
+                _add(tar, key + f.suffix, f.read_bytes())
+                record = None
+                if j % 3:
+                    record = {"url": f"https://example.com/{f.name}", "caption": f"a {f.parent.name}", "key": key,
+                              "status": "success", "error_message": None, "width": 40 + j, "height": 30,
+                              "original_width": 400 + j, "exif": json.dumps({"Make": "x"}),
+                              "sha256": f"{j:064x}", "label": f.parent.name, "tags": [f.parent.name, j]}
+                    _add(tar, key + ".json", json.dumps(record).encode())
+                written[f"{shard}/{key}{f.suffix}"] = record
+    return written
+
+
+def test_json_keys_become_columns_named_apart_from_the_builtin_ones(tmp_path):
+    tree = make_tree(tmp_path / "imgs", per_class=3)
+    written = img2dataset_like(tree, tmp_path / "shards")
+    listing = list_source(tmp_path / "shards")
+    assert listing.paths == list(written)
+    table = listing.table
+    assert table.paths == [p for p, r in written.items() if r is not None]
+    # The label key is the label (not stored again); width/height are the .json's, renamed; the rest as they are.
+    assert table.kinds == {"url": "str", "caption": "str", "key": "str", "status": "str", "error_message": "str",
+                           "json_width": "int64", "json_height": "int64", "original_width": "int64", "exif": "str",
+                           "sha256": "str", "tags": "str"}
+    for i, p in enumerate(table.paths):
+        r = written[p]
+        assert table.columns["json_width"][i] == r["width"] and table.columns["url"][i] == r["url"]
+        assert json.loads(table.columns["tags"][i]) == r["tags"] and table.columns["error_message"][i] == ""
+    assert [listing.classes[k] if k >= 0 else None for k in listing.labels] == [
+        r["label"] if r else None for r in written.values()]
+
+
+def test_json_keys_rules_for_clashes_late_keys_mixed_types_and_bad_names(tmp_path):
+    img = next(make_tree(tmp_path / "imgs", per_class=1).rglob("*.jpg")).read_bytes()
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "a.tar", "w") as tar:
+        _add(tar, "s0.jpg", img)
+        _add(tar, "s0.cls", b"1")  # the label comes from .cls: the .json's "label" is a column, renamed
+        _add(tar, "s0.json", json.dumps({"label": "x", "split": "t", "n": 1, "a/b": 1, "json_width": 5,
+                                         "width": 7}).encode())
+        _add(tar, "s1.jpg", img)
+        _add(tar, "s1.json", json.dumps({"n": "many", "late": 2.5, "id": 9}).encode())  # keys the first lacks
+        _add(tar, "s2.jpg", img)
+        _add(tar, "s2.json", b"[1, 2]")  # not an object: no record
+    listing = list_source(tmp_path / "shards")
+    assert list(listing.labels) == [1, -1, -1]
+    t = listing.table
+    assert t.paths == ["a.tar/s0.jpg", "a.tar/s1.jpg"]
+    assert t.kinds == {"json_label": "str", "json_split": "str", "n": "str", "json_width": "int64",
+                       "json_json_width": "int64", "late": "float64", "json_id": "int64"}
+    assert list(t.columns["n"]) == ["1", "many"] and list(t.columns["json_json_width"]) == [7, INT_NULL]
+    assert list(t.columns["json_width"]) == [5, INT_NULL] and np.isnan(t.columns["late"][0])
+    assert any("'a/b'" in n and "not stored" in n for n in t.notes)
+    assert any("'n'" in n and "several types" in n for n in t.notes)
+
+
+def test_json_columns_through_embed_info_and_search_where(tmp_path, capsys):
+    from embedder.cli.main import main
+
+    tree = make_tree(tmp_path / "imgs", per_class=4)
+    written = img2dataset_like(tree, tmp_path / "shards")
+    config = fast_config(tmp_path / "shards", tmp_path / "c.h5")
+    assert main(["embed", *cli_args(config), "--quiet"]) == 0
+    assert main(["info", str(config.out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("columns"))
+    for part in ("width (int64)", "json_width (int64)", "url (str)", "caption (str)", "has_metadata (bool)"):
+        assert part in line
+    with FeatureCache(config.out) as c:
+        paths, cols = c.paths, c.columns()
+    for i, p in enumerate(paths):
+        r = written[p]
+        assert cols["has_metadata"][i] == (r is not None)
+        assert cols["json_width"][i] == (r["width"] if r else INT_NULL) and cols["url"][i] == (r["url"] if r else "")
+        assert (cols["width"][i], cols["height"][i]) != (-1, -1)  # the image's own size, read when decoded
+    assert main(["index", str(config.out), "--out", str(tmp_path / "idx"), "--kind", "flat", "--quiet"]) == 0
+    capsys.readouterr()
+    where = "has_metadata and json_width > 45 and caption != 'a dog'"
+    assert main(["search", str(tmp_path / "idx"), "--id", "0", "-k", "50", "--where", where, "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
+    expected = {p for p, r in written.items() if r and r["width"] > 45 and r["caption"] != "a dog"}
+    assert expected and {h["path"] for h in hits} == expected

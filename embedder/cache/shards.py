@@ -2,7 +2,8 @@
 
 A sharded run of `--out OUT.h5` writes::
 
-    OUT.h5.shards/manifest.json      the plan: fingerprint, listing checksum, shard size, batch size
+    OUT.h5.shards/manifest.json      the plan: fingerprint, listing checksum, shard size, batch size,
+                                     `bounds` (each shard's first row, then the row count)
                                      (and `layers`, {name: width}, for a multi-layer cache; `columns`,
                                      {name: kind}, the metadata columns)
     OUT.h5.shards/shard-00000.h5     rows [0, S) of the listing: a normal finished cache (schema v1,
@@ -13,10 +14,15 @@ A sharded run of `--out OUT.h5` writes::
                                      /layers/<name>, /labels, /paths, every /columns/<name>), with the
                                      cache attributes and `shards`: `FeatureCache(OUT.h5)` and every command read it as is
 
-Shards are contiguous row ranges whose bounds are multiples of the batch size, and each shard
-is embedded by the one embed core (`embedder.extract.core.embed_into`, called by
-`embedder.extract.ray.embed_shard`), so the network sees exactly the batches a local run feeds
-it and the features are bit-identical. A shard is itself resumable (its `CacheWriter` parts),
+Shards are contiguous row ranges of about `--shard-size` rows, cut at batch boundaries
+(multiples of the batch size) and, for a tar SOURCE, at every tar shard's first row: one tar
+shard is one shard (or, when it is longer than the shard size, several, cut at batch
+boundaries), never part of two tar shards. Each shard is embedded by the one embed core
+(`embedder.extract.core.embed_into`, called by `embedder.extract.ray.embed_shard`) over the
+whole batches of the listing that hold its rows (`ShardSet.reads`): a shard that begins or ends
+inside a batch also reads the neighbouring rows of that batch, embeds them with its own and
+drops them, so the network sees exactly the batches a local run feeds it and the features are
+bit-identical. A shard is itself resumable (its `CacheWriter` parts),
 and a rerun skips every shard with a marker. The view is written by `embedder.cache.view`, the
 same writer as a fresh run's live view over its parts. `merge_cache` consolidates the view
 into one self-contained file (e.g. to copy it elsewhere): the file a local run writes.
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import pickle
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +50,7 @@ from embedder.cache.reader import PARTIAL_SUFFIX, CacheSpec, FeatureCache
 from embedder.cache.schema import SHARDS_SUFFIX
 from embedder.cache.view import Member
 from embedder.cache.writer import CacheWriter
+from embedder.data.metadata import MetadataTable
 from embedder.data.rows import rows_root
 from embedder.data.sources import Listing
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
@@ -74,17 +83,49 @@ class ShardJob:
     classes: list[str]
     layout: str
 
-    def listing(self, paths, labels) -> Listing:
-        return Listing(self.root, [str(p) for p in paths], np.asarray(labels, dtype=np.int64), self.classes,
-                       self.layout)
+    def listings(self, task: dict) -> tuple[Listing, Listing]:
+        """(the rows a `ShardSet.task` reads, the rows it writes: its shard's), each with the rows'
+        members (tar members, URLs) and the shard's with its rows of the SOURCE's own table."""
+        members, table = pickle.loads(task["sources"])
+        paths = [str(p) for p in task["paths"]]
+        labels = np.asarray(task["labels"], dtype=np.int64)
+        items = None if members is None else {p: m for p, m in zip(paths, members) if m is not None}
+        first = int(task["start"]) - int(task["read_start"])
+        last = first + int(task["stop"]) - int(task["start"])
+        reads = Listing(self.root, paths, labels, self.classes, self.layout, members=items)
+        return reads, Listing(self.root, paths[first:last], labels[first:last], self.classes, self.layout,
+                              members=items, table=table)
 
 
-def plan_shards(n_rows: int, shard_size: int, batch_size: int) -> list[Shard]:
-    """Contiguous row ranges of about `shard_size` rows, bounds rounded up to whole batches."""
+def shard_rows(shard_size: int, batch_size: int) -> int:
+    """The rows of a full shard: `shard_size` rounded up to whole batches."""
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"--shard-size and --batch-size must be positive, got {shard_size} and {batch_size}.")
-    size = -(-shard_size // batch_size) * batch_size
-    return [Shard(k, start, min(start + size, n_rows)) for k, start in enumerate(range(0, n_rows, size))]
+    return -(-shard_size // batch_size) * batch_size
+
+
+def plan_shards(n_rows: int, shard_size: int, batch_size: int, breaks=()) -> list[Shard]:
+    """Contiguous row ranges of about `shard_size` rows (rounded up to whole batches), cut at each
+    row of `breaks` (where a tar shard begins), so no shard spans a break, and else only at batch
+    boundaries: without breaks every bound is one, and a stretch between two breaks that is
+    longer than the shard size is cut at the batch boundaries `shard_size` rows apart."""
+    size = shard_rows(shard_size, batch_size)
+    edges = sorted({0, n_rows, *(b for b in breaks if 0 < b < n_rows)})
+    shards: list[Shard] = []
+    for lo, hi in itertools.pairwise(edges):
+        cuts = [lo, *range(lo - lo % batch_size + size, hi, size), hi]
+        shards += [Shard(len(shards) + k, a, b) for k, (a, b) in enumerate(itertools.pairwise(cuts))]
+    return shards
+
+
+def source_breaks(listing: Listing) -> list[int]:
+    """The rows where a new tar shard begins (a tar listing's rows are grouped by their member's
+    `shard`: shards sorted, members in tar order). None where the rows are files, or items that
+    lie in no shard (URLs)."""
+    if listing.members is None:
+        return []
+    keys = [getattr(listing.members.get(p), "shard", None) for p in listing.paths]
+    return [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
 
 
 def shards_dir(out) -> Path:
@@ -117,8 +158,14 @@ class ShardSet:
     def __init__(self, out, spec: CacheSpec, listing: Listing, shard_size: int, batch_size: int):
         self.out = Path(out).absolute()
         self.dir = shards_dir(self.out)
-        self.spec, self.listing = spec, listing
-        self.shards = plan_shards(len(listing), shard_size, batch_size)
+        self.spec, self.listing, self.batch_size = spec, listing, batch_size
+        breaks = source_breaks(listing)
+        self.shards = plan_shards(len(listing), shard_size, batch_size, breaks)
+        self._table_rows: np.ndarray | None = None  # each listing row's position in listing.table (-1: none)
+        if breaks:  # shards follow the tar shards: the size asked for, not the first shard's
+            planned_size = shard_rows(shard_size, batch_size)
+        else:  # as it always was (also for a listing shorter than one shard)
+            planned_size = len(self.shards[0]) if self.shards else shard_size
         self.manifest = {
             "format": "embedder-shards/1",
             "fingerprint": spec.fingerprint,
@@ -130,9 +177,10 @@ class ShardSet:
             "classes": listing.classes,
             "listed": len(listing),
             "listing_sha256": listing_checksum(listing),
-            "shard_size": len(self.shards[0]) if self.shards else shard_size,
+            "shard_size": planned_size,
             "batch_size": batch_size,
             "shards": len(self.shards),
+            "bounds": [sh.start for sh in self.shards] + [len(listing)],
         }
         if spec.layers:  # multi-layer caches only: a single-layer plan's manifest is as it always was
             self.manifest["layers"] = spec.layers
@@ -168,6 +216,8 @@ class ShardSet:
                 if old.get(key) != self.manifest.get(key):
                     raise CacheError(f"{self.dir}: {key} was {old.get(key)!r}, this run has "
                                      f"{self.manifest[key]!r}. {fix}")
+            if "bounds" in old:  # folders written before plans were recorded are checked by the keys above
+                self._check_bounds(old["bounds"])
         else:
             if self.out.exists():
                 raise CacheError(
@@ -176,6 +226,20 @@ class ShardSet:
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(mpath, self.manifest)
+
+    def _check_bounds(self, old: list[int]) -> None:
+        """Refuse a folder planned otherwise, naming the first shard whose rows differ."""
+        new = self.manifest["bounds"]
+        if old == new:
+            return
+        k = next((k for k, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        k = max(k - 1, 0)  # the shard that starts or ends at the first differing bound
+        was, now = old[k : k + 2], new[k : k + 2]
+        raise CacheError(
+            f"{self.dir}: its shards were planned otherwise: shard {k} was rows {_span(was)}, this run plans "
+            f"{_span(now)} ({len(old) - 1} shards then, {len(new) - 1} now; shards follow SOURCE's tar shards, "
+            "--shard-size and --batch-size). Rerun with the original settings to resume, or use --overwrite."
+        )
 
     def lock(self):
         """The lock a local `CacheWriter` takes on OUT: one writer per cache, local or sharded."""
@@ -207,11 +271,33 @@ class ShardSet:
     def job(self) -> ShardJob:
         return ShardJob(self.spec, self.dir, self.listing.root, self.listing.classes, self.listing.layout)
 
+    def reads(self, shard: Shard) -> tuple[int, int]:
+        """The rows `shard` is embedded with: the whole batches of the listing that hold its rows
+        (the shard itself, when its bounds are batch boundaries)."""
+        b = self.batch_size
+        return shard.start - shard.start % b, min(shard.stop + (-shard.stop) % b, len(self.listing))
+
     def task(self, shard: Shard) -> dict:
-        """One dataset row: the shard and its rows of the listing."""
-        return {"shard": shard.number, "start": shard.start, "stop": shard.stop,
-                "paths": self.listing.paths[shard.start : shard.stop],
-                "labels": self.listing.labels[shard.start : shard.stop].tolist()}
+        """One dataset row: the shard, and the rows of the listing it reads (`reads`): paths, labels,
+        and pickled in `sources` their members (None for files) and the shard's rows of the SOURCE's
+        own table. Plain columns and one bytes column: what Ray Data stores without conversion."""
+        lo, hi = self.reads(shard)
+        listing = self.listing
+        members = None if listing.members is None else [listing.members.get(p) for p in listing.paths[lo:hi]]
+        return {"shard": shard.number, "start": shard.start, "stop": shard.stop, "read_start": lo, "read_stop": hi,
+                "paths": listing.paths[lo:hi], "labels": listing.labels[lo:hi].tolist(),
+                "sources": pickle.dumps((members, self._table_of(shard)), protocol=pickle.HIGHEST_PROTOCOL)}
+
+    def _table_of(self, shard: Shard) -> MetadataTable | None:
+        """The shard's rows of `listing.table`; the table is indexed once, not once per shard."""
+        table = self.listing.table
+        if table is None:
+            return None
+        if self._table_rows is None:
+            where = {p: i for i, p in enumerate(table.paths)}
+            self._table_rows = np.array([where.get(p, -1) for p in self.listing.paths], dtype=np.int64)
+        rows = self._table_rows[shard.start : shard.stop]
+        return table.take(rows[rows >= 0])
 
     def write_view(self) -> tuple[int, bool]:
         """OUT as virtual datasets over the finished shards. Returns (rows, complete)."""
@@ -229,6 +315,10 @@ def lock_output(out, held: WriteLock | None = None):
     with contextlib.nullcontext(held) if held is not None else WriteLock(Path(out)) as lock:
         remove_leftovers(Path(out).absolute())
         yield lock
+
+
+def _span(bounds: list[int]) -> str:
+    return f"[{bounds[0]}, {bounds[1]})" if len(bounds) == 2 else "none (no such shard)"
 
 
 def _is_view(path: Path) -> bool:

@@ -126,7 +126,11 @@ class MetadataTable:
     def subset(self, paths) -> MetadataTable:
         """The rows of `paths` that the table holds, in `paths` order (a Ray shard's own rows)."""
         where = {p: i for i, p in enumerate(self.paths)}
-        rows = [where[p] for p in paths if p in where]
+        return self.take([where[p] for p in paths if p in where])
+
+    def take(self, rows) -> MetadataTable:
+        """The table's rows at positions `rows`, in that order (for callers that index it once)."""
+        rows = np.asarray(rows, dtype=np.int64)
         return MetadataTable(self.file, [self.paths[i] for i in rows],
                              {n: c[rows] for n, c in self.columns.items()}, dict(self.kinds), list(self.notes))
 
@@ -160,16 +164,19 @@ def records_table(file: Path, paths: list[str], records: list[dict], what: str) 
     if not names:
         return None
     check_column_names(names, what)
-    flat = [{k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in r.items()}
-            for r in records]
-    try:
-        table = pa.Table.from_pylist(flat, schema=None)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # Values of several types under one key (1 in a sample, "a" in another): text for all.
-        table = pa.Table.from_pylist([{k: None if v is None else str(v) for k, v in r.items()} for r in flat])
-    table = table.select([n for n in names if n in table.column_names])
-    columns, kinds, notes = table_columns(table, table.column_names, what)
-    return MetadataTable(file, paths, columns, kinds, notes)
+    arrays, mixed = {}, []
+    for name in names:  # column by column: a key may be missing from the first records, or hold several types
+        values = [r.get(name) for r in records]
+        values = [json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for v in values]
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            # Values of several types under one key (1 in a sample, "a" in another), or ints beyond int64: text.
+            arrays[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+            mixed.append(f"{what}: column {name!r} holds values of several types (or integers beyond int64): "
+                         "stored as str")
+    columns, kinds, notes = table_columns(pa.table(arrays), names, what)
+    return MetadataTable(file, paths, columns, kinds, mixed + notes)
 
 
 def read_table(path: str | os.PathLike) -> MetadataTable:

@@ -87,7 +87,7 @@ class Listing:
         if n < 1:
             raise SourceError(f"--limit must be at least 1, got {n}.")
         return Listing(self.root, self.paths[:n], self.labels[:n], self.classes, self.layout, self.ignored,
-                       self.members, self.table)
+                       self.members, self.table.subset(self.paths[:n]) if self.table is not None else None)
 
     def ignored_counts(self) -> dict[str, int]:
         """{reason: files}, most frequent first."""
@@ -266,14 +266,15 @@ def _nonempty(listing: Listing, src) -> Listing:
 
 
 def _list_tar(source: str) -> Listing:
-    """Rows `shard/member` of every image member, shards sorted, members in tar order (embedder.data.tar)."""
+    """Rows `shard/member` of every image member, shards sorted, members in tar order, and the
+    samples' .json keys as the listing's table (embedder.data.tar)."""
     root, shards = tarsrc.shard_files(source)
     rows, ignored = [], []
     for shard in shards:
         found, skipped = tarsrc.list_shard(shard, shard.relative_to(root).as_posix(), is_image_name)
         rows += found
         ignored += skipped
-    raw = [label for _, _, label in rows]
+    raw = [label for _, _, label, _ in rows]
     given = [lab for lab in raw if lab is not None]
     if given and all(isinstance(lab, int) and lab >= 0 for lab in given):
         # Class indices (.cls, or integers in .json) are the labels as they are.
@@ -283,8 +284,8 @@ def _list_tar(source: str) -> Listing:
         classes = sorted({str(lab) for lab in given})
         index = {c: i for i, c in enumerate(classes)}
         labels = [-1 if lab is None else index[str(lab)] for lab in raw]
-    return Listing(root, [p for p, _, _ in rows], np.asarray(labels, dtype=np.int64), classes, tarsrc.LAYOUT,
-                   ignored, {p: m for p, m, _ in rows})
+    return Listing(root, [p for p, *_ in rows], np.asarray(labels, dtype=np.int64), classes, tarsrc.LAYOUT,
+                   ignored, {p: m for p, m, *_ in rows}, tarsrc.json_table(root, rows))
 
 
 def label_indices(raw: list) -> tuple[np.ndarray, list[str]]:

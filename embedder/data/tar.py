@@ -4,7 +4,17 @@ A sample is the members of one shard sharing a key (webdataset's convention: the
 name up to the first dot of its basename). Its image member (any image extension) is the
 row, keyed `shard/member` (`00000.tar/sample0001.jpg`, the shard relative to the shards'
 folder); `.cls` (an integer class), `.txt` (a class name) or `.json` (the "label" or
-"class" key) give the label.
+"class" key) give the label, the first of them in tar order that holds one.
+
+Every other key of a sample's `.json` object (img2dataset writes url, caption, key, status,
+width, height, original_width, exif, sha256 ...) becomes a metadata column of the listing's
+`table` (`json_table`), kinds and nulls as for a --metadata table, nested values as JSON text.
+A key named like a column every cache has (the built-in size, mtime, width, height, split,
+has_metadata; the reserved id, path, label) is stored as `json_<key>`: embedder's own
+`width`/`height` are the image as decoded, img2dataset's are the size it resized to, and
+both are kept. The key that gave the row's label is not stored again (it is `/labels`). A key
+that cannot be a column name (empty, with a '/') is left out, with a note. Rows whose sample
+has no `.json` object hold nulls, and `has_metadata` is False for them.
 
 The listing reads the tar headers once and records each image member's data offset, size
 and mtime (`TarMember`), so a reader seeks to one member and reads its bytes without
@@ -23,11 +33,14 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedder.errors import BadImageError, SourceError
+from embedder.data.metadata import BUILTIN, MATCHED, RESERVED, MetadataTable, check_column_names, records_table
+from embedder.errors import BadImageError, ConfigError, SourceError
 
 LAYOUT = "tar"
 LABEL_EXTENSIONS = ("cls", "txt", "json")
 JSON_LABEL_KEYS = ("label", "class")
+JSON_PREFIX = "json_"  # a .json key named like a built-in or reserved column is stored under this prefix
+_TAKEN = frozenset(BUILTIN) | frozenset(RESERVED) | {MATCHED}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _SHELL = set("*?[]")
 
@@ -105,11 +118,15 @@ def sample_key(name: str) -> str:
     return (folder + "/" if folder else "") + base.split(".", 1)[0]
 
 
-def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple[str, TarMember, object]], list[tuple[str, str]]]:
-    """One shard's rows as (`rel/member`, TarMember, label or None) in tar order, and its ignored members."""
+def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple], list[tuple[str, str]]]:
+    """One shard's rows as (`rel/member`, TarMember, label or None, .json record or None) in tar
+    order, and its ignored members. The record is the sample's .json object less the key that
+    gave the label."""
     images: list[tuple[str, str, TarMember]] = []
-    labels: dict[str, object] = {}
+    labels: dict[str, tuple[object, str | None]] = {}  # key -> (label, the .json key it came from)
+    records: dict[str, dict] = {}
     ignored: list[tuple[str, str]] = []
+    name = str(shard)  # one string for all its members: less memory, and pickled once per Ray task
     try:
         with tarfile.open(shard, mode="r:") as tar:
             for info in _members(tar, rel, ignored):
@@ -117,17 +134,84 @@ def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple[str, TarMemb
                     continue
                 key, ext = sample_key(info.name), info.name.rsplit(".", 1)[-1].lower()
                 if is_image(info.name):
-                    member = TarMember(str(shard), info.offset_data, info.size, float(info.mtime))
+                    member = TarMember(name, info.offset_data, info.size, float(info.mtime))
                     images.append((f"{rel}/{info.name}", key, member))
-                elif ext in LABEL_EXTENSIONS and key not in labels:
-                    label = _label(tar, info, ext)
-                    if label is not None:
-                        labels[key] = label
+                elif ext in LABEL_EXTENSIONS:
+                    if ext == "json" or key not in labels:  # every .json is read: its keys are columns
+                        _read_label_member(tar, info, ext, key, labels, records)
                 else:
                     ignored.append((f"{rel}/{info.name}", "not an image or label member"))
     except (tarfile.TarError, OSError) as exc:
         raise SourceError(f"{shard} is not a readable tar file ({exc}). Remove it or fix the pattern.") from None
-    return [(path, member, labels.get(key)) for path, key, member in images], ignored
+    rows = []
+    for path, key, member in images:
+        label, from_key = labels.get(key, (None, None))
+        record = records.get(key)
+        if record is not None and from_key is not None:
+            record = {k: v for k, v in record.items() if k != from_key}
+        rows.append((path, member, label, record))
+    return rows, ignored
+
+
+def _read_label_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, key: str,
+                       labels: dict, records: dict) -> None:
+    """Record what a .cls/.txt/.json member gives: the sample's label (the first member that
+    holds one wins) and, for the first .json object, its record."""
+    text = _text(tar, info)
+    if text is None:
+        return
+    if ext != "json":
+        label = (int(text) if re.fullmatch(r"-?\d+", text) else None) if ext == "cls" else (text or None)
+        if label is not None:
+            labels[key] = (label, None)
+        return
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return
+    if not isinstance(obj, dict):
+        return
+    first = records.setdefault(key, obj) is obj
+    if key not in labels:
+        for k in JSON_LABEL_KEYS:
+            if isinstance(obj.get(k), (int, str)) and not isinstance(obj.get(k), bool):
+                labels[key] = (obj[k], k if first else None)  # None: not a key of the stored record
+                return
+
+
+def _text(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str | None:
+    f = tar.extractfile(info)
+    try:
+        return f.read().decode("utf-8").strip() if f is not None else ""
+    except (UnicodeDecodeError, tarfile.TarError, OSError):
+        return None
+
+
+def json_table(root: Path, rows: list[tuple]) -> MetadataTable | None:
+    """The listing's columns from its samples' .json records (`list_shard` rows), or None where
+    no sample has a key beyond its label. Names follow the module docstring's rule."""
+    paths = [row[0] for row in rows if row[3] is not None]
+    records = [row[3] for row in rows if row[3] is not None]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    what = f"SOURCE {root} (.json members)"
+    names, notes = {}, []
+    for k in keys:
+        name = k
+        while name in _TAKEN or (name != k and name in keys):
+            name = JSON_PREFIX + name  # json_width; json_json_width where the .json also has json_width
+        try:
+            check_column_names([name], what)
+        except ConfigError:
+            notes.append(f"{what}: key {k!r} cannot be a column name (empty, or with a '/' or surrounding "
+                         "spaces): not stored")
+            continue
+        names[k] = name
+    if not names:
+        return None
+    table = records_table(root, paths, [{names[k]: v for k, v in r.items() if k in names} for r in records], what)
+    if table is not None:
+        table.notes[:0] = notes
+    return table
 
 
 def _members(tar: tarfile.TarFile, rel: str, ignored: list[tuple[str, str]]):
@@ -141,25 +225,3 @@ def _members(tar: tarfile.TarFile, rel: str, ignored: list[tuple[str, str]]):
         if info is None:
             return
         yield info
-
-
-def _label(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str):
-    """The label a .cls (int), .txt (str) or .json ("label"/"class") member gives, or None."""
-    f = tar.extractfile(info)
-    try:
-        text = f.read().decode("utf-8").strip() if f is not None else ""
-    except (UnicodeDecodeError, tarfile.TarError, OSError):
-        return None
-    if ext == "cls":
-        return int(text) if re.fullmatch(r"-?\d+", text) else None
-    if ext == "txt":
-        return text or None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if isinstance(obj, dict):
-        for k in JSON_LABEL_KEYS:
-            if isinstance(obj.get(k), (int, str)) and not isinstance(obj.get(k), bool):
-                return obj[k]
-    return None

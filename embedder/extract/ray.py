@@ -3,8 +3,10 @@
 This driver only plans and schedules. The plan (which rows form which shard) and the files
 are `embedder.cache.shards`; the embedding is the one embed core,
 `embedder.extract.core.embed_into`, run by `embed_shard` once per shard into the shard's own
-`CacheWriter`. The listing becomes a Ray dataset with one row per pending shard, and
-`map_batches` runs an actor pool over it: each actor builds the eval-locked backbone once
+`CacheWriter`, over the local run's batches (`BatchGrid`). Any SOURCE reads: a tar SOURCE is
+sharded along its tar shards, and each task carries its rows' members and their rows of the
+SOURCE's own table (`ShardSet.task`). The listing becomes a Ray dataset with one row per
+pending shard, and `map_batches` runs an actor pool over it: each actor builds the eval-locked backbone once
 (with `num_gpus` per actor on GPU nodes) and embeds one shard per call, writing the shard's
 cache file -- every layer, `--style` included -- and then its marker straight to the shared
 filesystem. Only small summaries travel back to the driver, which refreshes the virtual view
@@ -103,10 +105,6 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     with lock_output(config.out, held=lock):
         config = with_runtime(config)
         listing = list_source(config.source, config.layout, config.limit, config.table_columns())
-        if listing.members is not None:
-            # A Ray shard's task carries paths only, not where each tar member's bytes lie.
-            raise ConfigError(f"SOURCE {config.source} is tar shards, which --backend ray does not read yet. "
-                              "Use --backend local (the default).")
         command = command if command is not None else config.command_line(backend="ray")
         started_here = not ray.is_initialized()
         if started_here:
@@ -196,7 +194,7 @@ def _run_pool(ray, config: EmbedConfig, options: RayOptions, shard_set: ShardSet
         actors = max(1, min(len(pending), int(share)))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    # The listing as a dataset: one row per pending shard, carrying that shard's paths and labels.
+    # The listing as a dataset: one row per pending shard, carrying that shard's rows (ShardSet.task).
     ds = ray.data.from_items([shard_set.task(s) for s in pending], override_num_blocks=len(pending))
     out = ds.map_batches(
         ShardEmbedder,
@@ -239,7 +237,7 @@ def embed_shard(config: EmbedConfig, backbone: FrozenBackbone, job: ShardJob, ta
     attempt was killed."""
     t0 = time.perf_counter()
     shard = Shard(int(task["shard"]), int(task["start"]), int(task["stop"]))
-    listing = job.listing(task["paths"], task["labels"])
+    reads, listing = job.listings(task)
     if len(listing) != len(shard):
         raise ValueError(f"{shard.name}: {len(listing)} rows given for [{shard.start}, {shard.stop})")
     h5 = job.folder / f"{shard.name}.h5"
@@ -247,14 +245,57 @@ def embed_shard(config: EmbedConfig, backbone: FrozenBackbone, job: ShardJob, ta
     columns, _ = known_columns(listing, load_metadata(config, listing))  # each worker joins its own rows
     with CacheWriter(h5, job.spec, listing, commit_every=config.commit_every, fixed_width_paths=True,
                      columns=columns) as w:
-        done = embed_into(w, backbone, config, progress=False)  # many actors: no bars, the driver shows shards
+        grid = BatchGrid(w, reads, shard.start - int(task["read_start"]), int(task["read_start"]), config.batch_size)
+        done = embed_into(grid, backbone, config, progress=False)  # many actors: no bars, the driver shows shards
     with h5py.File(h5, "r") as f:
         n_errors = len(f["errors/path"])  # this attempt's and those of parts a killed one committed
     marker = {
         "shard": shard.number, "start": shard.start, "stop": shard.stop, "rows": done.total_rows,
         "errors": n_errors, "fingerprint": job.spec.fingerprint, "bytes": h5.stat().st_size,
-        "sha256": file_sha256(h5), "embedded": done.embedded, "resumed": done.already_cached,
+        "sha256": file_sha256(h5), "embedded": grid.embedded, "resumed": grid.already_cached,
         "wall_s": time.perf_counter() - t0, "stage_s": done.stage_s, "host": os.uname().nodename,
     }
     write_json(job.folder / f"{shard.name}.done", marker)
     return marker
+
+
+class BatchGrid:
+    """A shard's `CacheWriter` as `embed_into` sees it: the batches are the local run's.
+
+    A local run's batches are the listing's rows [k * B, (k + 1) * B). A shard whose first or last
+    row lies inside such a batch (a tar shard's length is rarely a multiple of B) is read with
+    the rest of that batch (`reads`, rows [read_start, read_stop) of the listing), from the
+    batch that holds its first pending row: the network sees the local run's very batches, so
+    the features are bit-identical (a batch of another size or make-up can round differently).
+    The neighbours' features, errors and columns are dropped here; only the shard's pending rows
+    reach the writer. The writer commits at the end of a batch, so a resumed shard starts on a
+    batch boundary again."""
+
+    def __init__(self, writer: CacheWriter, reads: Listing, offset: int, read_start: int, batch_size: int):
+        self.writer, self.listing, self.offset = writer, reads, offset  # reads[offset + i] is writer row i
+        self.mine = np.zeros(len(reads), dtype=bool)
+        self.mine[writer.pending + offset] = True
+        self.already_cached = len(writer.listing) - len(writer.pending)
+        self.embedded = 0  # feature rows of the shard written
+        if len(writer.pending):
+            first = read_start + offset + int(writer.pending[0])  # the listing row of the first pending row
+            self.pending = np.arange(first - first % batch_size - read_start, len(reads), dtype=np.int64)
+        else:
+            self.pending = np.zeros(0, dtype=np.int64)
+
+    def add(self, indices: np.ndarray, features, errors: list[tuple[int, str]],
+            columns: dict[str, np.ndarray] | None = None) -> None:
+        # The loader hands numpy arrays over as tensors; one of a single row would index as a scalar.
+        indices = np.asarray(indices, dtype=np.int64)
+        keep = self.mine[indices]
+        if isinstance(features, dict):
+            features = {name: np.asarray(value)[keep] for name, value in features.items()}
+        else:
+            features = np.asarray(features)[keep]
+        self.writer.add(indices[keep] - self.offset, features,
+                        [(int(i) - self.offset, reason) for i, reason in errors if self.mine[int(i)]],
+                        {name: np.asarray(value)[keep] for name, value in (columns or {}).items()})
+        self.embedded += int(keep.sum())
+
+    def finish(self) -> int:
+        return self.writer.finish()
