@@ -15,6 +15,7 @@ import torch
 from embedder.cache.reader import FeatureCache
 from embedder.data.metadata import INT_NULL
 from embedder.data.sources import list_source
+from embedder.data.table import TableColumns
 from embedder.data.tar import expand_braces
 from embedder.errors import SourceError
 from embedder.extract.local import embed
@@ -74,7 +75,8 @@ def test_tar_features_equal_folder_features_bit_for_bit(tmp_path):
 def test_labels_from_label_members(tmp_path, kind):
     tree = make_tree(tmp_path / "imgs", classes=("ant", "bee"), per_class=3)
     where = pack(tree, tmp_path / "shards", per_shard=4, label=kind)
-    listing = list_source(tmp_path / "shards")
+    # A .txt is the label only when asked for (img2dataset's .txt is a caption).
+    listing = list_source(tmp_path / "shards", columns=TableColumns(label="txt") if kind == "txt" else None)
     assert listing.layout == "tar" and listing.paths == list(where)  # shards sorted, members in tar order
     names = [where[p].parent.name for p in listing.paths]
     if kind == "cls":
@@ -185,9 +187,8 @@ def test_finetune_reader_reads_tar_members_as_the_folder_files(tmp_path):
 
 
 def img2dataset_like(tree, shards_dir, per_shard=4):
-    """Shards as img2dataset writes them: KEY.jpg/png, KEY.txt (a caption here: no .txt is written, since
-    it would be the label), KEY.json with its keys; every third sample has no .json. Returns
-    {row path: the record written, or None}."""
+    """Shards as img2dataset writes them: KEY.jpg/png, KEY.txt (the caption), KEY.json with its keys;
+    every third sample has no .json. Returns {row path: the record written, or None}."""
     shards_dir.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in tree.rglob("*.*") if p.is_file())
     written = {}
@@ -197,6 +198,7 @@ def img2dataset_like(tree, shards_dir, per_shard=4):
             for j, f in enumerate(files[s : s + per_shard], start=s):
                 key = f"{j:09d}"
                 _add(tar, key + f.suffix, f.read_bytes())
+                _add(tar, key + ".txt", f"a photo of a {f.parent.name} {j}".encode())
                 record = None
                 if j % 3:
                     record = {"url": f"https://example.com/{f.name}", "caption": f"a {f.parent.name}", "key": key,
@@ -214,13 +216,18 @@ def test_json_keys_become_columns_named_apart_from_the_builtin_ones(tmp_path):
     listing = list_source(tmp_path / "shards")
     assert listing.paths == list(written)
     table = listing.table
-    assert table.paths == [p for p, r in written.items() if r is not None]
-    # The label key is the label (not stored again); width/height are the .json's, renamed; the rest as they are.
-    assert table.kinds == {"url": "str", "caption": "str", "key": "str", "status": "str", "error_message": "str",
+    assert table.paths == list(written)  # every sample has its .txt caption
+    # The label key is the label (not stored again); width/height are the .json's, renamed; the rest as they
+    # are; the .txt is the caption column `txt`, not a label.
+    assert table.kinds == {"txt": "str", "url": "str", "caption": "str", "key": "str", "status": "str", "error_message": "str",
                            "json_width": "int64", "json_height": "int64", "original_width": "int64", "exif": "str",
                            "sha256": "str", "tags": "str"}
     for i, p in enumerate(table.paths):
         r = written[p]
+        assert table.columns["txt"][i].startswith("a photo of a ")
+        if r is None:
+            assert table.columns["url"][i] == "" and table.columns["json_width"][i] == INT_NULL
+            continue
         assert table.columns["json_width"][i] == r["width"] and table.columns["url"][i] == r["url"]
         assert json.loads(table.columns["tags"][i]) == r["tags"] and table.columns["error_message"][i] == ""
     assert [listing.classes[k] if k >= 0 else None for k in listing.labels] == [
@@ -266,13 +273,28 @@ def test_json_columns_through_embed_info_and_search_where(tmp_path, capsys):
         paths, cols = c.paths, c.columns()
     for i, p in enumerate(paths):
         r = written[p]
-        assert cols["has_metadata"][i] == (r is not None)
+        assert cols["has_metadata"][i]  # every sample has a .txt caption, stored as `txt`
+        assert cols["txt"][i].startswith("a photo of a ")
         assert cols["json_width"][i] == (r["width"] if r else INT_NULL) and cols["url"][i] == (r["url"] if r else "")
         assert (cols["width"][i], cols["height"][i]) != (-1, -1)  # the image's own size, read when decoded
     assert main(["index", str(config.out), "--out", str(tmp_path / "idx"), "--kind", "flat", "--quiet"]) == 0
     capsys.readouterr()
-    where = "has_metadata and json_width > 45 and caption != 'a dog'"
+    where = "url != '' and json_width > 45 and caption != 'a dog'"
     assert main(["search", str(tmp_path / "idx"), "--id", "0", "-k", "50", "--where", where, "--json"]) == 0
     hits = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
     expected = {p for p, r in written.items() if r and r["width"] > 45 and r["caption"] != "a dog"}
     assert expected and {h["path"] for h in hits} == expected
+
+
+def test_label_column_picks_a_json_key_or_the_txt_and_table_options_are_refused(tmp_path):
+    tree = make_tree(tmp_path / "imgs", classes=("ant", "bee"), per_class=2)
+    written = img2dataset_like(tree, tmp_path / "shards")
+    by_key = list_source(tmp_path / "shards", columns=TableColumns(label="status"))
+    assert by_key.classes == ["success"] and [k for k in by_key.labels] == [0 if r else -1 for r in written.values()]
+    assert "status" not in by_key.table.kinds and "json_label" in by_key.table.kinds  # "label" is a column now
+    by_txt = list_source(tmp_path / "shards", columns=TableColumns(label="txt"))
+    assert len(by_txt.classes) == len(written) and "txt" not in by_txt.table.kinds
+    plain = list_source(tmp_path / "shards")
+    assert "txt" in plain.table.kinds and plain.classes == ["ant", "bee"]
+    with pytest.raises(SourceError, match="--label-column picks a tar sample's label"):
+        list_source(tmp_path / "shards", columns=TableColumns(path="file"))

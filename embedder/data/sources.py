@@ -227,7 +227,10 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
     if tarsrc.is_tar_source(str(source)):
         if layout not in ("auto", tarsrc.LAYOUT):
             raise SourceError(f"SOURCE {source} is tar shards, so --layout {layout} does not apply (leave it auto).")
-        return _nonempty(_list_tar(str(source)), source).limit(limit)
+        if columns.path or columns.url:
+            raise SourceError(f"SOURCE {source} is tar shards: --path-column and --url-column read tables. "
+                              "--label-column picks a tar sample's label: cls, txt or a .json key.")
+        return _nonempty(_list_tar(str(source), columns.label), source).limit(limit)
     src = Path(source).expanduser()
     if layout not in LAYOUTS:
         raise SourceError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}.")
@@ -265,26 +268,18 @@ def _nonempty(listing: Listing, src) -> Listing:
     return listing
 
 
-def _list_tar(source: str) -> Listing:
+def _list_tar(source: str, label_from: str | None = None) -> Listing:
     """Rows `shard/member` of every image member, shards sorted, members in tar order, and the
     samples' .json keys as the listing's table (embedder.data.tar)."""
     root, shards = tarsrc.shard_files(source)
     rows, ignored = [], []
     for shard in shards:
-        found, skipped = tarsrc.list_shard(shard, shard.relative_to(root).as_posix(), is_image_name)
+        found, skipped = tarsrc.list_shard(shard, shard.relative_to(root).as_posix(), is_image_name, label_from)
         rows += found
         ignored += skipped
-    raw = [label for _, _, label, _ in rows]
-    given = [lab for lab in raw if lab is not None]
-    if given and all(isinstance(lab, int) and lab >= 0 for lab in given):
-        # Class indices (.cls, or integers in .json) are the labels as they are.
-        classes = [str(i) for i in range(max(given) + 1)]
-        labels = [-1 if lab is None else lab for lab in raw]
-    else:
-        classes = sorted({str(lab) for lab in given})
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [-1 if lab is None else index[str(lab)] for lab in raw]
-    return Listing(root, [p for p, *_ in rows], np.asarray(labels, dtype=np.int64), classes, tarsrc.LAYOUT,
+    # Class indices (.cls, or integers in .json) are the labels as they are; names are sorted.
+    labels, classes = label_indices([label for _, _, label, _ in rows])
+    return Listing(root, [p for p, *_ in rows], labels, classes, tarsrc.LAYOUT,
                    ignored, {p: m for p, m, *_ in rows}, tarsrc.json_table(root, rows))
 
 

@@ -3,8 +3,10 @@
 A sample is the members of one shard sharing a key (webdataset's convention: the member's
 name up to the first dot of its basename). Its image member (any image extension) is the
 row, keyed `shard/member` (`00000.tar/sample0001.jpg`, the shard relative to the shards'
-folder); `.cls` (an integer class), `.txt` (a class name) or `.json` (the "label" or
-"class" key) give the label, the first of them in tar order that holds one.
+folder). The label is the `.cls` member's integer class, else the `.json` object's "label"
+(or "class") key; `--label-column` picks another: `txt` (the `.txt` member is the class
+name), `cls`, or a `.json` key. A `.txt` member that is not the label is the sample's text
+(img2dataset's caption), stored as the str column `txt`; a `.cls` that is not, as `cls`.
 
 Every other key of a sample's `.json` object (img2dataset writes url, caption, key, status,
 width, height, original_width, exif, sha256 ...) becomes a metadata column of the listing's
@@ -14,7 +16,7 @@ has_metadata; the reserved id, path, label) is stored as `json_<key>`: embedder'
 `width`/`height` are the image as decoded, img2dataset's are the size it resized to, and
 both are kept. The key that gave the row's label is not stored again (it is `/labels`). A key
 that cannot be a column name (empty, with a '/') is left out, with a note. Rows whose sample
-has no `.json` object hold nulls, and `has_metadata` is False for them.
+has no `.json` object (nor `.txt`) hold nulls, and `has_metadata` is False for them.
 
 The listing reads the tar headers once and records each image member's data offset, size
 and mtime (`TarMember`), so a reader seeks to one member and reads its bytes without
@@ -118,13 +120,16 @@ def sample_key(name: str) -> str:
     return (folder + "/" if folder else "") + base.split(".", 1)[0]
 
 
-def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple], list[tuple[str, str]]]:
-    """One shard's rows as (`rel/member`, TarMember, label or None, .json record or None) in tar
-    order, and its ignored members. The record is the sample's .json object less the key that
-    gave the label."""
+def list_shard(shard: Path, rel: str, is_image, label_from: str | None = None
+               ) -> tuple[list[tuple], list[tuple[str, str]]]:
+    """One shard's rows as (`rel/member`, TarMember, label or None, record or None) in tar order,
+    and its ignored members. The record is the sample's .json object less the key that gave the
+    label, with its `.txt` / `.cls` where those are not the label. `label_from`: see the module
+    docstring (None: .cls, else the .json's label/class key)."""
     images: list[tuple[str, str, TarMember]] = []
     labels: dict[str, tuple[object, str | None]] = {}  # key -> (label, the .json key it came from)
-    records: dict[str, dict] = {}
+    records: dict[str, dict] = {}  # key -> the sample's first .json object
+    extras: dict[str, dict] = {}  # key -> {"txt": caption, "cls": index} not taken as the label
     ignored: list[tuple[str, str]] = []
     name = str(shard)  # one string for all its members: less memory, and pickled once per Ray task
     try:
@@ -136,9 +141,8 @@ def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple], list[tuple
                 if is_image(info.name):
                     member = TarMember(name, info.offset_data, info.size, float(info.mtime))
                     images.append((f"{rel}/{info.name}", key, member))
-                elif ext in LABEL_EXTENSIONS:
-                    if ext == "json" or key not in labels:  # every .json is read: its keys are columns
-                        _read_label_member(tar, info, ext, key, labels, records)
+                elif ext in LABEL_EXTENSIONS:  # every one is read: what is not the label is a column
+                    _read_label_member(tar, info, ext, key, labels, records, extras, label_from)
                 else:
                     ignored.append((f"{rel}/{info.name}", "not an image or label member"))
     except (tarfile.TarError, OSError) as exc:
@@ -149,21 +153,28 @@ def list_shard(shard: Path, rel: str, is_image) -> tuple[list[tuple], list[tuple
         record = records.get(key)
         if record is not None and from_key is not None:
             record = {k: v for k, v in record.items() if k != from_key}
+        if key in extras:
+            record = {**extras[key], **(record or {})}
         rows.append((path, member, label, record))
     return rows, ignored
 
 
 def _read_label_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, key: str,
-                       labels: dict, records: dict) -> None:
+                       labels: dict, records: dict, extras: dict, label_from: str | None = None) -> None:
     """Record what a .cls/.txt/.json member gives: the sample's label (the first member that
-    holds one wins) and, for the first .json object, its record."""
+    holds one wins), else its value as a column; for the first .json object, its record."""
     text = _text(tar, info)
     if text is None:
         return
     if ext != "json":
-        label = (int(text) if re.fullmatch(r"-?\d+", text) else None) if ext == "cls" else (text or None)
-        if label is not None:
-            labels[key] = (label, None)
+        value = (int(text) if re.fullmatch(r"-?\d+", text) else None) if ext == "cls" else (text or None)
+        is_label = label_from == ext or (label_from is None and ext == "cls")
+        if value is not None and is_label:
+            # .cls wins over a .json's label key read before it, whose key then stays a column.
+            if key not in labels or labels[key][1] is not None:
+                labels[key] = (value, None)
+        elif value is not None:
+            extras.setdefault(key, {}).setdefault(ext, value)  # a caption, a class index not asked for
         return
     try:
         obj = json.loads(text)
@@ -172,8 +183,8 @@ def _read_label_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, ke
     if not isinstance(obj, dict):
         return
     first = records.setdefault(key, obj) is obj
-    if key not in labels:
-        for k in JSON_LABEL_KEYS:
+    if key not in labels and label_from not in ("cls", "txt"):
+        for k in ((label_from,) if label_from else JSON_LABEL_KEYS):
             if isinstance(obj.get(k), (int, str)) and not isinstance(obj.get(k), bool):
                 labels[key] = (obj[k], k if first else None)  # None: not a key of the stored record
                 return

@@ -99,7 +99,9 @@ class EmbedConfig:
                                     help="a table SOURCE's column of http(s) URLs (instead of --path-column)")
     label_column: str | None = option(None, metavar="NAME", group=SOURCE_OPTIONS,
                                       help="a table SOURCE's column of labels (integers >= 0: class indices; else "
-                                           "class names); every other column is stored as a metadata column")
+                                           "class names); every other column is stored as a metadata column. Tar "
+                                           "shards: what gives a sample's label, cls, txt or a .json key (default: "
+                                           ".cls, else the .json's label or class key)")
     fetch_timeout: float = option(10.0, metavar="SECONDS", group=SOURCE_OPTIONS,
                                   help="http(s) rows: seconds to connect and between two reads (a whole attempt "
                                        f"may take {DEADLINE_FACTOR}x this)")
