@@ -198,8 +198,9 @@ class CacheWriter:
         diff = "" if kinds is None else column_differences(kinds, self.spec.columns)
         if diff:
             raise CacheError(
-                f"The metadata columns of {what} differ from this run's ({diff}). Rerun with the same "
-                "--metadata columns to append or resume, or use --overwrite to start over with these."
+                f"The metadata columns of {what} differ from this run's ({diff}). Columns come from "
+                "--metadata and from SOURCE itself (a table's other columns, a tar sample's .json keys and .txt): "
+                "give the same ones to append or resume, or use --overwrite to start over with these."
             )
 
     def _parts_are_in(self, existing: dict | None, manifest: dict) -> bool:
