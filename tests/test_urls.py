@@ -170,3 +170,15 @@ def test_a_url_listing_is_deterministic_and_keeps_urls_verbatim(tmp_path, server
     (tmp_path / "urls.txt").write_text("\n".join(urls + urls[:2]) + "\n")
     a, b = list_source(tmp_path / "urls.txt"), list_source(tmp_path / "urls.txt")
     assert a.paths == b.paths == urls and [r for _, r in a.ignored] == ["listed more than once in the file list"] * 2
+
+
+def test_url_rows_embed_on_the_sharded_path_as_locally(tmp_path, server, images):
+    from tests.test_cache import assert_same_cache
+    from tests.test_shards import embed_sharded
+
+    names = sorted(os.listdir(images))
+    _url_list(tmp_path, server, images, {names[3]: "missing"})
+    embed(fast_config(tmp_path / "urls.txt", tmp_path / "local.h5"))
+    _, (rows, complete) = embed_sharded(fast_config(tmp_path / "urls.txt", tmp_path / "sharded.h5"), shard_size=4)
+    assert rows == len(names) - 1 and complete
+    assert_same_cache(tmp_path / "local.h5", tmp_path / "sharded.h5")  # the 404 in the errors table of both
