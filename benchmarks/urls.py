@@ -7,6 +7,8 @@ server on 127.0.0.1 (a thread of this process, so it shares the two cores with t
 answering at once and once after a delay standing in for a network's round trip. Prints:
 
   * fetch only: downloads/s and MB/s of `Fetcher` (16 threads) for each delay;
+  * reader only: images/s of the reader stage (read or fetch, decode, resize; no model) for
+    the folder and the URL list;
   * end to end: images/s of `embed` from the folder and from a URL list (same backbone, batch
     size and reader setting, alternating round by round, best round of each), the ratio
     URL / folder, and whether the features are bit-identical.
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.extraction import make_jpegs
+from benchmarks.tar import reader_rate
 from embedder.cache.reader import FeatureCache
 from embedder.data.fetch import Fetcher, FetchSettings
 from embedder.extract.config import EmbedConfig
@@ -66,6 +69,16 @@ def _embed_rounds(work: Path, model: str, names: list[str], delay: float, rounds
     return best
 
 
+def _reader_rates(work: Path, names: list[str], delay: float, rounds: int) -> tuple[float, float]:
+    """Best images/s of the reader stage alone (no model): the folder, and the URL list."""
+    pre = load_backbone("resnet18", "none").preprocessing
+    with LoopbackServer(work / "images", latency_s=delay) as srv:
+        (work / "urls-reader.txt").write_text("".join(srv.url("img", n) + "\n" for n in names))
+        folder = reader_rate(str(work / "images"), pre, rounds)
+        urls = reader_rate(str(work / "urls-reader.txt"), pre, rounds, FetchSettings())
+    return folder, urls
+
+
 def run(quick: bool = False) -> None:
     model, n, rounds = ("resnet18", 64, 2) if quick else ("resnet18", 200, 3)
     work = Path(tempfile.mkdtemp(prefix="embedder-bench-urls-"))
@@ -74,12 +87,15 @@ def run(quick: bool = False) -> None:
         mb = sum((work / "images" / f).stat().st_size for f in names) / 2**20
         print(f"# {n} JPEGs ({mb:.1f} MB) served from 127.0.0.1; fetch threads 16; {model} random init, batch 32, "
               f"workers 0, best of {rounds} rounds")
-        print(f"{'delay':>8}{'fetch/s':>10}{'MB/s':>8}{'folder img/s':>14}{'URL img/s':>11}{'URL/folder':>12}")
+        print(f"{'delay':>8}{'fetch/s':>10}{'MB/s':>8}{'reader: folder':>16}{'URL':>7}{'ratio':>7}"
+              f"{'embed: folder':>15}{'URL':>7}{'ratio':>7}   (img/s)")
         for delay in DELAYS:
             per_s, mb_s = _fetch_only(work / "images", names, delay)
+            r_folder, r_urls = _reader_rates(work, names, delay, rounds)
             best = _embed_rounds(work, model, names, delay, rounds)
-            print(f"{delay * 1000:>6.0f}ms{per_s:>10.0f}{mb_s:>8.1f}{best['folder']:>14.1f}{best['urls']:>11.1f}"
-                  f"{best['urls'] / best['folder']:>11.2f}x")
+            print(f"{delay * 1000:>6.0f}ms{per_s:>10.0f}{mb_s:>8.1f}{r_folder:>16.0f}{r_urls:>7.0f}"
+                  f"{r_urls / r_folder:>6.2f}x{best['folder']:>15.1f}{best['urls']:>7.1f}"
+                  f"{best['urls'] / best['folder']:>6.2f}x")
         same, other = _features(work / "folder-0.0-0.h5"), _features(work / "urls-0.0-0.h5")
         identical = same.keys() == other.keys() and all(np.array_equal(same[k], other[k]) for k in same)
         print(f"features bit-identical (URL vs folder): {identical}")
