@@ -62,12 +62,20 @@ class BackboneConfig:
     runtime: str = "torch"
 
 
-def build_model(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
-    """The architecture with its weights. Random init is seeded, so `--weights none` is reproducible."""
-    with _seeded(RANDOM_INIT_SEED):
-        model = spec.build()
+def build_model(spec: BackboneSpec, weights: ResolvedWeights, image_size: int | None = None) -> nn.Module:
+    """The architecture for `image_size` (None = the weights' crop) with its weights; a ViT's
+    position embeddings are resampled to the model's grid on loading (weights.load_into)."""
+    model = build_architecture(spec, image_size)
     weights.apply(model)
     return model
+
+
+def build_architecture(spec: BackboneSpec, image_size: int | None = None) -> nn.Module:
+    """The random-init architecture, seeded so that `--weights none` is reproducible. Only models
+    whose input size is fixed by their position embeddings are built differently for `image_size`."""
+    sized = spec.build_at is not None and image_size is not None and image_size != spec.preprocessing.crop_size
+    with _seeded(RANDOM_INIT_SEED):
+        return spec.build_at(image_size) if sized else spec.build()
 
 
 @contextlib.contextmanager
@@ -202,7 +210,7 @@ class FrozenBackbone(nn.Module):
     def from_config(cls, config: BackboneConfig) -> FrozenBackbone:
         spec = get_backbone_spec(config.model)
         weights = resolve_weights(spec.weights, config.weights)
-        return cls(build_model(spec, weights), spec, config, weights)
+        return cls(build_model(spec, weights, config.image_size), spec, config, weights)
 
     # -- the lock -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenBackbone:
