@@ -338,3 +338,32 @@ def test_curated_names_stay_short_aliases():
     x = images(2, 32)
     assert torch.equal(short(x), long(x))
     assert get_backbone_spec("resnet18").weights.identity == get_backbone_spec("torchvision:resnet18").weights.identity
+
+
+def test_readme_vit_command_two_token_layers_in_one_pass(tmp_path, capsys):
+    """README: `embed --model timm:vit_small_patch16_224.dino --layer tokens --layer blocks.10 --pool cls+avg`,
+    here on the tiny ViT at 32 px: each layer its own [N, 2C] dataset, equal to the backbone's own pass."""
+    import numpy as np
+
+    from embedder.cache.reader import FeatureCache
+    from tests.conftest import make_tree
+
+    tree = make_tree(tmp_path / "img", classes=("a", "b"), per_class=3)
+    out = tmp_path / "vit.h5"
+    assert main(["embed", str(tree), "--model", TIMM_VIT, "--weights", "none", "--image-size", "32",
+                 "--layer", "tokens", "--layer", "blocks.10", "--pool", "cls+avg", "--out", str(out),
+                 "--workers", "0", "--precision", "fp32", "--memory-layout", "contiguous", "--runtime", "torch",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    from embedder.extract.core import embed_images
+
+    with FeatureCache(out) as c:
+        assert c.layers == {"norm": 384, "blocks.10": 384} and c.layer == "norm"
+        paths = c.paths
+    for layer in ("tokens", "blocks.10"):  # each as a single-layer backbone would give it
+        backbone = FrozenBackbone.from_config(BackboneConfig(TIMM_VIT, layer=layer, pool="cls+avg", image_size=32,
+                                                             **SMALL))
+        want, errors = embed_images(backbone, [tree / p for p in paths])
+        assert not errors and want.shape == (6, 384)
+        with FeatureCache(out, layer=layer) as c:
+            np.testing.assert_allclose(c.features(), want, rtol=1e-5, atol=1e-5)
