@@ -234,6 +234,24 @@ def test_a_convolution_head_is_refused_with_the_way_out():
         build_network(spec, resolve_weights(spec.weights, "none"), None, 3)
 
 
+def test_a_distilled_models_two_heads_are_refused_but_it_embeds():
+    """DeiT-distilled averages a class-token head and a distillation head: one new Linear cannot
+    replace both, so finetune/export refuse it; embedding takes the class-token head's input."""
+    from embedder.learn.finetune.network import build_network
+
+    name = "timm:deit_tiny_distilled_patch16_224"
+    spec = get_backbone_spec(name)
+    assert spec.head == "head" and spec.head_inputs == ()
+    with pytest.raises(ConfigError, match="two heads"):
+        build_network(spec, resolve_weights(spec.weights, "none"), None, 3, image_size=32)
+    backbone = FrozenBackbone.from_config(BackboneConfig(name, image_size=32, **SMALL))
+    x = images(2, 32)
+    model = build_model(spec, resolve_weights(spec.weights, "none"), 32).eval()
+    with torch.no_grad():
+        tokens = model.forward_features((x.float() / 255 - backbone.mean) / backbone.std)
+    torch.testing.assert_close(backbone(x), tokens[:, 0], rtol=1e-4, atol=1e-4)
+
+
 # --- weights on a machine without network ---------------------------------------------------
 
 

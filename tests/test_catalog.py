@@ -34,13 +34,15 @@ def head_input(backbone: FrozenBackbone, model: nn.Module, x: torch.Tensor) -> t
     ("torchvision:convnext_tiny", 64), ("torchvision:mobilenet_v3_small", 64),
     ("torchvision:densenet121", 64), ("torchvision:regnet_y_800mf", 64), ("torchvision:vit_b_16", 32),
     ("timm:mobilenetv3_small_100", 64), ("timm:vit_tiny_patch16_224", 32),
+    ("timm:levit_128s", 64),  # eval-only graph nodes (its attention-bias cache)
 ])
 def test_default_feature_is_what_the_head_consumes(name, size):
     backbone = FrozenBackbone.from_config(BackboneConfig(name, image_size=size, **SMALL))
     spec = backbone.spec
     model = build_model(spec, resolve_weights(spec.weights, "none"), size)
     head = model.get_submodule(spec.head)
-    assert spec.feature_dim == backbone.feature_dim == head.in_features
+    linear = next(m for m in head.modules() if isinstance(m, nn.Linear))  # LeViT's head: BatchNorm1d + Linear
+    assert spec.feature_dim == backbone.feature_dim == linear.in_features
     x = images(2, size)
     torch.testing.assert_close(backbone(x), head_input(backbone, model, x), rtol=1e-4, atol=1e-4)
 

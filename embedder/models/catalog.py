@@ -55,8 +55,11 @@ def torchvision_head_path(model: nn.Module) -> str:
 
 
 def timm_head_path(model: nn.Module) -> str:
-    """The dotted path of the module timm's `get_classifier()` returns."""
+    """The dotted path of the module timm's `get_classifier()` returns (a distilled model's
+    (head, head_dist) pair: its class-token head)."""
     head = model.get_classifier()
+    if isinstance(head, tuple):
+        head = head[0]
     for path, module in model.named_modules():
         if module is head:
             return path
@@ -67,15 +70,11 @@ def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool
     """(graph node whose output the head consumes, its width). The head's input is caught by a hook
     on the model, then matched by value against every traced node (fx may trace through the head,
     so a hook inside the traced graph would not fire)."""
-    from embedder.models.backbone import graph_node_names
+    from embedder.models.backbone import _feature_extractor, graph_node_names
 
-    if uses_timm:
-        from timm.models import create_feature_extractor
-    else:
-        from torchvision.models.feature_extraction import create_feature_extractor
     model.eval()
     nodes = [n for n in graph_node_names(model, uses_timm) if n != head_path and not n.startswith(head_path + ".")]
-    body = create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    body = _feature_extractor(model, tuple(nodes), uses_timm)
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(head_path).register_forward_hook(lambda m, args, out: seen.append(args[0]))
     # Seeded noise, not zeros: distinct layers rarely agree on it.
@@ -106,7 +105,9 @@ def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, buil
     node, width = head_input_node(model, head, preprocessing.crop_size, uses_timm)
     # Only a Linear can be replaced by a head trained on the pooled features (SqueezeNet's
     # convolution runs before its ReLU and pooling, so no linear head on them equals it).
-    replaceable = isinstance(model.get_submodule(head), (nn.Linear, nn.Identity))
+    # A distilled timm model (DeiT, LeViT) averages two heads: one new Linear cannot stand for both.
+    replaceable = (isinstance(model.get_submodule(head), (nn.Linear, nn.Identity))
+                   and not (uses_timm and isinstance(model.get_classifier(), tuple)))
     prefix, blocks, tokens = token_layout(model)
     aliases = {"pool": node, "fc_input": node}
     if tokens:
@@ -305,8 +306,9 @@ def _timm_spec(name: str):
     if cfg.get("fixed_input_size"):
         # timm's flag for "the model takes an img_size argument that fixes its input size" (ViTs,
         # Swin, ...); the weights' position embeddings are resampled on loading, as timm does.
-        patch = getattr(getattr(probe, "patch_embed", None), "patch_size", (1,))
-        sized = sized_builder(name, build, int(patch[0]), preprocessing.crop_size)
+        patch = getattr(getattr(probe, "patch_embed", None), "patch_size", 1)
+        patch = patch if isinstance(patch, int) else patch[0]  # (16, 16), or 16 (XCiT)
+        sized = sized_builder(name, build, int(patch), preprocessing.crop_size)
     return _spec(
         name,
         build,

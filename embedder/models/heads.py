@@ -36,8 +36,9 @@ def head_slot(spec: BackboneSpec, layer: str | None) -> tuple[str, int]:
     allowed = sorted(set(spec.head_inputs) | ({spec.default_layer} if spec.family == "vgg" else set()))
     if not allowed:
         raise ConfigError(
-            f"{spec.name}'s classifier {spec.head} is not a Linear layer on pooled features, so no new head can "
-            "take its place. Train a probe on the cached features instead (`embedder probe`)."
+            f"{spec.name}'s classifier {spec.head} is not one Linear layer on pooled features (a 1x1 convolution, "
+            "or a distilled model's two heads), so no new head can take its place. Train a probe on the cached "
+            "features instead (`embedder probe`)."
         )
     raise ConfigError(
         f"A head cannot replace {spec.name}'s classifier from layer {layer!r}: the features must be "
