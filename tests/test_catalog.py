@@ -8,7 +8,6 @@ from torch import nn
 
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
-from embedder.models.heads import replace_head
 from embedder.models.registry import get_backbone_spec
 from embedder.models.weights import resolve_weights, weights_choice_for
 
@@ -33,15 +32,17 @@ def head_input(backbone: FrozenBackbone, model: nn.Module, x: torch.Tensor) -> t
 
 @pytest.mark.parametrize("name, size", [
     ("torchvision:convnext_tiny", 64), ("torchvision:mobilenet_v3_small", 64),
-    ("torchvision:densenet121", 64), ("torchvision:regnet_y_800mf", 64), ("torchvision:vit_b_16", 224),
-    ("timm:mobilenetv3_small_100", 64), ("timm:vit_tiny_patch16_224", 224),
+    ("torchvision:densenet121", 64), ("torchvision:regnet_y_800mf", 64), ("torchvision:vit_b_16", 32),
+    ("timm:mobilenetv3_small_100", 64), ("timm:vit_tiny_patch16_224", 32),
+    ("timm:levit_128s", 64),  # eval-only graph nodes (its attention-bias cache)
 ])
 def test_default_feature_is_what_the_head_consumes(name, size):
     backbone = FrozenBackbone.from_config(BackboneConfig(name, image_size=size, **SMALL))
     spec = backbone.spec
-    model = build_model(spec, resolve_weights(spec.weights, "none"))
+    model = build_model(spec, resolve_weights(spec.weights, "none"), size)
     head = model.get_submodule(spec.head)
-    assert spec.feature_dim == backbone.feature_dim == head.in_features
+    linear = next(m for m in head.modules() if isinstance(m, nn.Linear))  # LeViT's head: BatchNorm1d + Linear
+    assert spec.feature_dim == backbone.feature_dim == linear.in_features
     x = images(2, size)
     torch.testing.assert_close(backbone(x), head_input(backbone, model, x), rtol=1e-4, atol=1e-4)
 
@@ -67,10 +68,10 @@ def test_token_pooling_on_blocks(name):
     spec = get_backbone_spec(name)
     last, before = spec.blocks[-1], spec.blocks[-2]
     backbone = FrozenBackbone.from_config(BackboneConfig(name, layer=last, extra_layers=(before,), pool="cls+avg",
-                                                         **SMALL))
-    x = images(2, 224)
+                                                         image_size=48, **SMALL))
+    x = images(2, 48)
     out = backbone.forward_all(x)
-    model = build_model(spec, resolve_weights(spec.weights, "none")).eval()
+    model = build_model(spec, resolve_weights(spec.weights, "none"), 48).eval()
     maps = {}
     hooks = [model.get_submodule(b).register_forward_hook(lambda m, a, o, b=b: maps.__setitem__(b, o))
              for b in (last, before)]
@@ -96,25 +97,28 @@ NOISY = {"torchvision:convnext_tiny": {"stochastic_depth_prob": 0.5}, "torchvisi
          "torchvision:mobilenet_v3_small": {"dropout": 0.5}, "torchvision:densenet121": {"drop_rate": 0.5}}
 
 
-def noisy_model(name: str) -> nn.Module:
+def noisy_model(name: str, size: int) -> nn.Module:
+    vit = "vit" in name  # built for the small input (its position embeddings fix the size)
     if name.startswith("timm:"):
         import timm
 
         return timm.create_model(name.removeprefix("timm:"), pretrained=False, drop_rate=0.5,
-                                 **({} if "densenet" in name else {"drop_path_rate": 0.5}))
+                                 **({} if "densenet" in name else {"drop_path_rate": 0.5}),
+                                 **({"img_size": size} if vit else {}))
     import torchvision
 
-    return torchvision.models.get_model(name.removeprefix("torchvision:"), weights=None, **NOISY[name])
+    return torchvision.models.get_model(name.removeprefix("torchvision:"), weights=None, **NOISY[name],
+                                        **({"image_size": size} if vit else {}))
 
 
 @pytest.mark.parametrize("name, size", [
-    ("torchvision:convnext_tiny", 64), ("torchvision:vit_b_16", 224), ("torchvision:mobilenet_v3_small", 64),
-    ("torchvision:densenet121", 64), ("timm:convnext_atto", 64), ("timm:vit_tiny_patch16_224", 224),
-    ("timm:mobilenetv3_small_100", 64), ("timm:densenet121", 64),
+    ("torchvision:convnext_tiny", 64), ("torchvision:vit_b_16", 32), ("torchvision:mobilenet_v3_small", 64),
+    ("torchvision:densenet121", 64), ("timm:convnext_atto", 64), ("timm:vit_tiny_patch16_224", 32),
+    ("timm:mobilenetv3_small_050", 64), ("timm:densenet121", 64),
 ])
 def test_eval_lock_holds_for_every_architecture(name, size):
     spec = get_backbone_spec(name)
-    model = noisy_model(name)
+    model = noisy_model(name, size)
     x = images(3, size)
     plain = (x.float() / 255 - 0.45) / 0.225
     seen = []  # the head's input (torchvision's ViT head is zero-initialised, so its logits say nothing)
@@ -134,21 +138,6 @@ def test_eval_lock_holds_for_every_architecture(name, size):
     assert torch.equal(before, after)
     assert all(not m.training for m in backbone.modules())
     assert all(torch.equal(v, buffers[k]) for k, v in backbone.named_buffers())
-
-
-@pytest.mark.parametrize("name, path", [
-    ("torchvision:regnet_y_800mf", "fc"), ("torchvision:mobilenet_v3_small", "classifier.3"),
-    ("torchvision:vit_b_16", "heads.head"), ("timm:convnext_atto", "head.fc"),
-])
-def test_head_replacement_finds_the_head(name, path):
-    spec = get_backbone_spec(name)
-    model = build_model(spec, resolve_weights(spec.weights, "none"))
-    old = model.get_submodule(spec.head)
-    head, where = replace_head(model, spec, None, 7)
-    assert where == path == spec.head and model.get_submodule(path) is head
-    assert isinstance(head, nn.Linear) and head.in_features == old.in_features and head.out_features == 7
-    size = spec.preprocessing.crop_size if "vit" in name else 64
-    assert model.eval()(torch.zeros(1, 3, size, size)).shape == (1, 7)
 
 
 def test_named_torchvision_weights():
@@ -206,15 +195,3 @@ def test_models_all_and_one_entry(capsys):
     assert entry["preprocessing"]["crop_size"] == 224 and entry["weights_offline"] is False
     assert main(["models", "timm:vit_tiny_patch16_224"]) == 0
     assert "transformer blocks (12" in capsys.readouterr().out
-
-
-def test_inspect_lists_the_blocks(capsys):
-    from embedder.cli.main import main
-
-    assert main(["inspect", "timm:vit_tiny_patch16_224", "--json"]) == 0
-    import json
-
-    ins = json.loads(capsys.readouterr().out)
-    assert ins["blocks"] == [f"blocks.{i}" for i in range(12)]
-    rows = {r["name"]: r for r in ins["layers"]}
-    assert all(rows[b]["shape"] == [1, 197, 192] for b in ins["blocks"])

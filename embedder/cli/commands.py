@@ -88,6 +88,9 @@ def _model_entry(name: str, args) -> dict:
               f"{entry['blocks'][0]} ... {entry['blocks'][-1]}")
     offline = "present offline" if entry["weights_offline"] else "NOT present offline"
     print(f"  weights: {entry['weights']} ({offline}: {entry['weights_file']})")
+    if entry["weights_hint"]:
+        print(f"  to use them offline: {entry['weights_hint']}; or pass --weights PATH (a state dict), "
+              "or --weights none (random init)")
     print(f"  all layers: embedder inspect {name}")
     return entry
 

@@ -17,11 +17,11 @@ from torch import nn
 
 from embedder.atomic import save_torch, staged_file
 from embedder.errors import ConfigError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone, _seeded
+from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_architecture
 from embedder.models.heads import head_slot, mlp_head, replace_head
 from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
-from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights
+from embedder.models.weights import ResolvedWeights
 
 FORMAT = "embedder-classifier/1"
 
@@ -97,8 +97,7 @@ def load_classifier(path: str | os.PathLike, device: str = "auto", runtime: str 
         raise ConfigError(f"{path} is not an embedder classifier ({FORMAT}).")
     info = ClassifierInfo(**payload["info"])
     spec = get_backbone_spec(info.model)
-    with _seeded(RANDOM_INIT_SEED):
-        model = spec.build()
+    model = build_architecture(spec, info.image_size)  # a ViT's position embeddings fit the saved size
     head, head_path = replace_head(model, spec, info.layer, build_head(info, head_slot(spec, info.layer)[1]))
     model.load_state_dict(payload["state_dict"], strict=True)
     resolved = resolve_runtime(device, info.precision, info.memory_layout)

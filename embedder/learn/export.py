@@ -52,7 +52,7 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
         raise WeightsUnavailableError(
             f"--weights gives {weights.identity}, but the probe's cache was embedded with {components['weights']}."
         )
-    model = build_model(spec, weights)
+    model = build_model(spec, weights, settings["image_size"])
     head, _ = replace_head(model, spec, probe.layer, len(probe.classes))
     with torch.no_grad():
         head.weight.copy_(probe.coef)

@@ -62,12 +62,20 @@ class BackboneConfig:
     runtime: str = "torch"
 
 
-def build_model(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
-    """The architecture with its weights. Random init is seeded, so `--weights none` is reproducible."""
-    with _seeded(RANDOM_INIT_SEED):
-        model = spec.build()
+def build_model(spec: BackboneSpec, weights: ResolvedWeights, image_size: int | None = None) -> nn.Module:
+    """The architecture for `image_size` (None = the weights' crop) with its weights; a ViT's
+    position embeddings are resampled to the model's grid on loading (weights.load_into)."""
+    model = build_architecture(spec, image_size)
     weights.apply(model)
     return model
+
+
+def build_architecture(spec: BackboneSpec, image_size: int | None = None) -> nn.Module:
+    """The random-init architecture, seeded so that `--weights none` is reproducible. Only models
+    whose input size is fixed by their position embeddings are built differently for `image_size`."""
+    sized = spec.build_at is not None and image_size is not None and image_size != spec.preprocessing.crop_size
+    with _seeded(RANDOM_INIT_SEED):
+        return spec.build_at(image_size) if sized else spec.build()
 
 
 @contextlib.contextmanager
@@ -202,7 +210,7 @@ class FrozenBackbone(nn.Module):
     def from_config(cls, config: BackboneConfig) -> FrozenBackbone:
         spec = get_backbone_spec(config.model)
         weights = resolve_weights(spec.weights, config.weights)
-        return cls(build_model(spec, weights), spec, config, weights)
+        return cls(build_model(spec, weights, config.image_size), spec, config, weights)
 
     # -- the lock -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenBackbone:
@@ -388,12 +396,27 @@ def graph_node_names(model: nn.Module, uses_timm: bool) -> list[str]:
 
 def _feature_extractor(model: nn.Module, nodes: tuple[str, ...], uses_timm: bool) -> nn.Module:
     """A graph module that returns {node: output} for each node. Only the needed part of the model runs."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    # timm's wrappers are these calls with its leaf modules and untraced functions.
+    tracer = {}
     if uses_timm:
-        from timm.models import create_feature_extractor
-    else:
-        from torchvision.models.feature_extraction import create_feature_extractor
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        tracer = {"tracer_kwargs": {"leaf_modules": list(get_notrace_modules()),
+                                    "autowrap_functions": list(get_notrace_functions())}}
     model.eval()
-    body = create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    try:
+        body = create_feature_extractor(model, return_nodes={n: n for n in nodes}, **tracer)
+    except ValueError:
+        # Nodes that only the eval-mode trace has (LeViT's and EfficientFormer's attention-bias
+        # cache, read when not training): the train-mode graph gets the nodes it has, as it never runs (below).
+        model.eval()  # the failed attempt left it in train mode
+        train = get_graph_node_names(model, **tracer)[0]
+        kept = [n for n in nodes if n in train] or train[-1:]
+        body = create_feature_extractor(model, train_return_nodes={n: n for n in kept},
+                                        eval_return_nodes={n: n for n in nodes}, **tracer)
+        model.eval()
     # The graph module is traced twice and switches to its train-mode graph on `.train()`, where
     # functional dropout (DenseNet's F.dropout(training=self.training)) was traced as active;
     # setting `.training` back cannot switch it back. Both slots hold the eval graph, so no call can.

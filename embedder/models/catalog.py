@@ -9,6 +9,7 @@ found by the library's convention (torchvision's `fc`, `classifier[-1]`, `heads.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -54,8 +55,11 @@ def torchvision_head_path(model: nn.Module) -> str:
 
 
 def timm_head_path(model: nn.Module) -> str:
-    """The dotted path of the module timm's `get_classifier()` returns."""
+    """The dotted path of the module timm's `get_classifier()` returns (a distilled model's
+    (head, head_dist) pair: its class-token head)."""
     head = model.get_classifier()
+    if isinstance(head, tuple):
+        head = head[0]
     for path, module in model.named_modules():
         if module is head:
             return path
@@ -66,15 +70,11 @@ def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool
     """(graph node whose output the head consumes, its width). The head's input is caught by a hook
     on the model, then matched by value against every traced node (fx may trace through the head,
     so a hook inside the traced graph would not fire)."""
-    from embedder.models.backbone import graph_node_names
+    from embedder.models.backbone import _feature_extractor, graph_node_names
 
-    if uses_timm:
-        from timm.models import create_feature_extractor
-    else:
-        from torchvision.models.feature_extraction import create_feature_extractor
     model.eval()
     nodes = [n for n in graph_node_names(model, uses_timm) if n != head_path and not n.startswith(head_path + ".")]
-    body = create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    body = _feature_extractor(model, tuple(nodes), uses_timm)
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(head_path).register_forward_hook(lambda m, args, out: seen.append(args[0]))
     # Seeded noise, not zeros: distinct layers rarely agree on it.
@@ -92,17 +92,22 @@ def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool
                if isinstance(v, torch.Tensor) and v.shape == want.shape and torch.equal(v, want)]
     if not matches:
         raise ConfigError(f"Cannot tell which layer feeds the head {head_path!r}; name a layer with --layer.")
-    # The last match: a flatten or an eval-mode dropout passes its input on unchanged.
-    return matches[-1], int(math.prod(want.shape[1:]))
+    # The last match: a flatten or an eval-mode dropout passes its input on unchanged. A map
+    # (SqueezeNet's 1x1-convolution head) is pooled like any other, to its channels.
+    width = want.shape[1] if want.ndim == 4 else int(math.prod(want.shape[1:]))
+    return matches[-1], int(width)
 
 
-def _spec(name, build, weights, preprocessing, find_head, uses_timm, model=None):
+def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, build_at=None):
     from embedder.models.registry import BackboneSpec
 
-    if model is None:
-        model = build()
     head = find_head(model)
     node, width = head_input_node(model, head, preprocessing.crop_size, uses_timm)
+    # Only a Linear can be replaced by a head trained on the pooled features (SqueezeNet's
+    # convolution runs before its ReLU and pooling, so no linear head on them equals it).
+    # A distilled timm model (DeiT, LeViT) averages two heads: one new Linear cannot stand for both.
+    replaceable = (isinstance(model.get_submodule(head), (nn.Linear, nn.Identity))
+                   and not (uses_timm and isinstance(model.get_classifier(), tuple)))
     prefix, blocks, tokens = token_layout(model)
     aliases = {"pool": node, "fc_input": node}
     if tokens:
@@ -117,10 +122,11 @@ def _spec(name, build, weights, preprocessing, find_head, uses_timm, model=None)
         layer_dims={node: width},
         layer_aliases=aliases,
         head=head,
-        head_inputs=(node,),
+        head_inputs=(node,) if replaceable else (),
         uses_timm=uses_timm,
         prefix_tokens=prefix,
         blocks=blocks,
+        build_at=build_at,
     )
 
 
@@ -136,6 +142,32 @@ def token_layout(model: nn.Module) -> tuple[int, tuple[str, ...], str]:
         return 0, (), ""
     blocks = tuple(f"{root}.{n}" for n, _ in model.get_submodule(root).named_children())
     return prefix, blocks, final
+
+
+def sized_builder(name: str, build_at, patch: int, native: int):
+    """`build_at(size)` for a model whose position embeddings fix its input size (a ViT), checked:
+    the size must be a multiple of the patch, and the model must run at it (one zero image),
+    so that a size it cannot take is a ConfigError naming the sizes it can, not a traceback
+    from the first batch."""
+
+    def build(size: int) -> nn.Module:
+        if size % patch:
+            raise ConfigError(
+                f"{name} cuts images into {patch}-pixel patches, so --image-size must be a multiple of {patch} "
+                f"(its weights were trained at {native}), got {size}."
+            )
+        try:
+            model = build_at(size)
+            with torch.inference_mode():
+                model.eval()(torch.zeros(1, 3, size, size))
+        except Exception as exc:
+            raise ConfigError(
+                f"{name} cannot take --image-size {size} ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"its weights were trained at {native} pixels."
+            ) from exc
+        return model.train()
+
+    return build
 
 
 # --- torchvision -----------------------------------------------------------------------------
@@ -154,13 +186,28 @@ def _torchvision_spec(name: str):
         raise ConfigError(f"torchvision has no classification model {arch!r}.{hint} "
                           "List them with `embedder models --all torchvision:`.")
     enum = torchvision_weights(arch, tag or "DEFAULT")
+
+    def build_at(size: int | None = None) -> nn.Module:
+        return torchvision.models.get_model(arch, weights=None, **({} if size is None else {"image_size": size}))
+
+    model, build, sized = build_at(), build_at, None
+    if isinstance(model, torchvision.models.VisionTransformer):
+        # Its position embeddings fix the input size: the weights' own (min_size, as torchvision's
+        # builder sets it: 384 for the SWAG E2E weights), or --image-size, resampled on loading.
+        native = int(enum.meta["min_size"][0])
+        build = functools.partial(build_at, native)
+        sized = sized_builder(name, build_at, model.patch_size, native)
+        if model.image_size != native:
+            model = build()
     return _spec(
         name,
-        lambda: torchvision.models.get_model(arch, weights=None),
+        build,
         TorchvisionWeights(enum),
         preprocessing_from_transforms(enum.transforms()),
         torchvision_head_path,
         uses_timm=False,
+        model=model,
+        build_at=sized,
     )
 
 
@@ -214,6 +261,12 @@ class TimmWeights(WeightsSource):
     def available_offline(self) -> bool:
         return self._cached() is not None
 
+    def offline_hint(self) -> str:
+        if not self.hf_hub_id:
+            return f"timm names no Hugging Face file for {self.model_name}; pass --weights /path/to/file"
+        return (f"run `huggingface-cli download {self.hf_hub_id}` on a machine with network access and copy the "
+                f"folder to {self.location()} (HF_HOME chooses the cache directory)")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         from pathlib import Path
 
@@ -243,19 +296,28 @@ def _timm_spec(name: str):
         hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ConfigError(f"timm has no model {arch!r}.{hint} List them with `embedder models --all timm:`.")
 
-    def build() -> nn.Module:
-        return timm.create_model(model_name, pretrained=False)
+    def build(size: int | None = None) -> nn.Module:
+        return timm.create_model(model_name, pretrained=False, **({} if size is None else {"img_size": size}))
 
     probe = build()
     cfg = probe.pretrained_cfg or {}
+    preprocessing = timm_preprocessing(probe)
+    sized = None
+    if cfg.get("fixed_input_size"):
+        # timm's flag for "the model takes an img_size argument that fixes its input size" (ViTs,
+        # Swin, ...); the weights' position embeddings are resampled on loading, as timm does.
+        patch = getattr(getattr(probe, "patch_embed", None), "patch_size", 1)
+        patch = patch if isinstance(patch, int) else patch[0]  # (16, 16), or 16 (XCiT)
+        sized = sized_builder(name, build, int(patch), preprocessing.crop_size)
     return _spec(
         name,
         build,
         TimmWeights(model_name, cfg.get("hf_hub_id") or ""),
-        timm_preprocessing(probe),
+        preprocessing,
         timm_head_path,
         uses_timm=True,
         model=probe,
+        build_at=sized,
     )
 
 

@@ -22,7 +22,7 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class InspectConfig:
     model: str = option(positional=True, help="backbone name (see `embedder models`)")
-    image_size: int | None = option(None, help="input size for the shapes (default: the model's)")
+    image_size: int | None = option(None, help="input size for the shapes (default: the model's; a ViT is built for it)")
     weights: str = option("none", help="none (the default: shapes need no weights), DEFAULT or PATH")
     depth: int | None = option(None, help="0 = the model's children only, 1 = one level more, ...")
 

@@ -3,7 +3,9 @@
 The well-known mistake is `model.fc.out_features = n`: it changes an attribute and leaves
 the weight matrix [1000, in_features] in place, so the model still has 1000 outputs. The
 right move is a new `nn.Linear(in_features, n)` (or a small MLP) assigned in place of the
-old layer: ResNet `fc`, VGG `classifier[6]`, EfficientNet `classifier`.
+old layer: ResNet `fc`, VGG `classifier[6]`, EfficientNet `classifier`; for `torchvision:` and
+`timm:` models, the layer the catalog found (`fc`, `classifier[-1]`, `heads.head`, timm's
+`get_classifier()`, the very module `reset_classifier()` replaces).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def head_slot(spec: BackboneSpec, layer: str | None) -> tuple[str, int]:
     if spec.family == "vgg" and node == spec.default_layer:
         return "classifier", spec.layer_dims[node]  # pooled conv features skip fc6/fc7
     allowed = sorted(set(spec.head_inputs) | ({spec.default_layer} if spec.family == "vgg" else set()))
+    if not allowed:
+        raise ConfigError(
+            f"{spec.name}'s classifier {spec.head} is not one Linear layer on pooled features (a 1x1 convolution, "
+            "or a distilled model's two heads), so no new head can take its place. Train a probe on the cached "
+            "features instead (`embedder probe`)."
+        )
     raise ConfigError(
         f"A head cannot replace {spec.name}'s classifier from layer {layer!r}: the features must be "
         f"what the classifier consumes. Use one of: {', '.join(allowed)}."

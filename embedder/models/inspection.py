@@ -45,7 +45,7 @@ class Inspection:
 
 def inspect_model(name: str, image_size: int | None = None, weights: str = "none") -> Inspection:
     spec = get_backbone_spec(name)
-    model = build_model(spec, resolve_weights(spec.weights, weights)).eval()
+    model = build_model(spec, resolve_weights(spec.weights, weights), image_size).eval()
     size = image_size or spec.preprocessing.crop_size
     nodes = [n for n in graph_node_names(model, spec.uses_timm) if n != "x"]
     extractor = _feature_extractor(model, tuple(nodes), spec.uses_timm)

@@ -42,6 +42,9 @@ class BackboneSpec:
     # whose first one `--pool cls` takes; blocks lists the transformer blocks for --layer.
     prefix_tokens: int = 0
     blocks: tuple[str, ...] = ()
+    # The architecture for another input size (--image-size), for models whose position
+    # embeddings fix it (ViTs); None where `build()` takes any size (CNNs).
+    build_at: Callable[[int], nn.Module] | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -310,4 +313,5 @@ def model_entry(name: str) -> dict:
         "weights": spec.weights.identity,
         "weights_offline": spec.weights.available_offline(),
         "weights_file": spec.weights.location(),
+        "weights_hint": "" if spec.weights.available_offline() else spec.weights.offline_hint(),
     }

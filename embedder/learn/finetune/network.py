@@ -42,6 +42,7 @@ def build_network(
     n_classes: int,
     head: str = "linear",
     mlp_hidden: int = 512,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, nn.Module, str]:
     """The backbone with its weights and a new head for `n_classes` on `layer`'s features.
 
@@ -53,7 +54,7 @@ def build_network(
         raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {head!r}.")
     in_features = head_slot(spec, layer)[1]
     module = nn.Linear(in_features, n_classes) if head == "linear" else mlp_head(in_features, n_classes, mlp_hidden)
-    model = build_model(spec, weights)
+    model = build_model(spec, weights, image_size)  # a ViT is built for the input size
     installed, path = replace_head(model, spec, layer, module)
     return model, installed, path
 

@@ -188,7 +188,8 @@ def _network(config: FinetuneConfig, run: _Run) -> FinetuneNetwork:
 
     Its head's random init draws from torch's global RNG: callers seed it."""
     model, head, _ = build_network(
-        run.spec, run.weights, run.node, len(run.listing.classes), config.head, config.mlp_hidden
+        run.spec, run.weights, run.node, len(run.listing.classes), config.head, config.mlp_hidden,
+        run.preprocessing.crop_size,
     )
     if run.probe is not None:
         load_head(head, run.probe)
