@@ -3,7 +3,7 @@
     python -m benchmarks urls [--quick]
 
 The JPEGs of benchmarks/extraction.py's `make_jpegs` are served by tests/loopback.py's HTTP
-server on 127.0.0.1 (a thread of this process, so it shares the two cores with the run), once
+server on 127.0.0.1 (a process of its own, sharing the two cores with the run), once
 answering at once and once after a delay standing in for a network's round trip. Prints:
 
   * fetch only: downloads/s and MB/s of `Fetcher` (16 threads) for each delay;
@@ -17,8 +17,11 @@ answering at once and once after a delay standing in for a network's round trip.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +33,20 @@ from embedder.data.fetch import Fetcher, FetchSettings
 from embedder.extract.config import EmbedConfig
 from embedder.extract.core import load_backbone
 from embedder.extract.local import embed
-from tests.loopback import LoopbackServer
 
 DELAYS = (0.0, 0.05)
+
+
+@contextmanager
+def served(folder: Path, delay: float):
+    """tests/loopback.py's server in a process of its own, as a real server would be; yields its base URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.loopback", str(folder), "--latency", str(delay)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def _features(out: Path) -> dict[str, np.ndarray]:
@@ -42,9 +56,9 @@ def _features(out: Path) -> dict[str, np.ndarray]:
 
 def _fetch_only(folder: Path, names: list[str], delay: float) -> tuple[float, float]:
     """(downloads/s, MB/s) of fetching every image once on a fresh Fetcher."""
-    with LoopbackServer(folder, latency_s=delay) as srv:
+    with served(folder, delay) as base:
         fetcher = Fetcher(FetchSettings())
-        urls = [srv.url("img", n) for n in names]
+        urls = [f"{base}/img/{n}" for n in names]
         t0 = time.perf_counter()
         fetcher.prefetch(urls)
         size = sum(len(fetcher.get(u).data) for u in urls)
@@ -56,8 +70,8 @@ def _embed_rounds(work: Path, model: str, names: list[str], delay: float, rounds
     """Best images/s of the folder and of the URL list over `rounds` alternating rounds."""
     backbone = load_backbone(model, "none")
     best = {"folder": 0.0, "urls": 0.0}
-    with LoopbackServer(work / "images", latency_s=delay) as srv:
-        (work / "urls.txt").write_text("".join(srv.url("img", n) + "\n" for n in names))
+    with served(work / "images", delay) as base:
+        (work / "urls.txt").write_text("".join(f"{base}/img/{n}\n" for n in names))
         sources = {"folder": work / "images", "urls": work / "urls.txt"}
         for r in range(rounds):
             for name in (sources if r % 2 == 0 else list(reversed(sources))):
@@ -72,8 +86,8 @@ def _embed_rounds(work: Path, model: str, names: list[str], delay: float, rounds
 def _reader_rates(work: Path, names: list[str], delay: float, rounds: int) -> tuple[float, float]:
     """Best images/s of the reader stage alone (no model): the folder, and the URL list."""
     pre = load_backbone("resnet18", "none").preprocessing
-    with LoopbackServer(work / "images", latency_s=delay) as srv:
-        (work / "urls-reader.txt").write_text("".join(srv.url("img", n) + "\n" for n in names))
+    with served(work / "images", delay) as base:
+        (work / "urls-reader.txt").write_text("".join(f"{base}/img/{n}\n" for n in names))
         folder = reader_rate(str(work / "images"), pre, rounds)
         urls = reader_rate(str(work / "urls-reader.txt"), pre, rounds, FetchSettings())
     return folder, urls

@@ -112,3 +112,22 @@ class LoopbackServer:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main(argv=None) -> None:
+    """`python -m tests.loopback FOLDER [--latency S]`: serve in a process of its own (the benchmark's
+    server, so that it does not share the client's interpreter lock); prints the base URL, then serves."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--latency", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    with LoopbackServer(Path(args.folder), latency_s=args.latency) as srv:
+        print(srv.base, flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+
+
+if __name__ == "__main__":
+    main()
