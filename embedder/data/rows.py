@@ -4,7 +4,7 @@ A cache stores SOURCE (a folder, a file list, a table, the tar shards' folder) a
 path as the listing gave it. `row_location` turns the two into one string: an absolute file
 path (a file list's and a table's paths are relative to the list's folder, not to the list),
 `<shards folder>/<shard>.tar/<member>` for a tar row, or the URL itself. `read_location` reads
-the bytes back from any of these, for thumbnails, result grids and galleries.
+the bytes back from any of these, `load_location_rgb` the pixels (thumbnails, result grids).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 import tarfile
 from pathlib import Path
 
+from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes
 from embedder.data.fetch import Fetcher, FetchSettings, is_url
 from embedder.errors import BadImageError
 
@@ -63,6 +64,15 @@ def read_location(location: str, fetch: FetchSettings | None = None) -> bytes:
             return f.read()
     except OSError as exc:
         raise BadImageError(f"cannot read {location}: {exc.strerror or exc}") from None
+
+
+def load_location_rgb(location: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None,
+                      fetch: FetchSettings | None = None):
+    """A row's image as a [3, H, W] uint8 tensor: a file through `load_rgb` (its checks: folders,
+    FIFOs that would block, broken links, each with its reason), a tar member or a URL from its bytes."""
+    if is_url(location) or (not os.path.lexists(location) and tar_member_of(location) is not None):
+        return load_rgb_bytes(read_location(location, fetch), max_pixels, min_side=min_side)
+    return load_rgb(location, max_pixels, min_side=min_side)
 
 
 def _tar_bytes(shard: Path, name: str) -> bytes:

@@ -50,13 +50,12 @@ def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Pat
     """
     from PIL import Image
 
-    from embedder.data.decode import load_rgb_bytes
-    from embedder.data.rows import read_location
+    from embedder.data.rows import load_location_rgb
     from embedder.errors import BadImageError
 
     def picture(path):
         try:
-            img = Image.fromarray(load_rgb_bytes(read_location(str(path))).permute(1, 2, 0).numpy())
+            img = Image.fromarray(load_location_rgb(str(path)).permute(1, 2, 0).numpy())
         except BadImageError:
             return None
         img.thumbnail((thumb, thumb))

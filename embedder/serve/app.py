@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb_bytes, shown_size
-from embedder.data.rows import read_location
+from embedder.data.rows import load_location_rgb
 from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterError
 from embedder.names import display_path
 from embedder.search.config import SearchConfig
@@ -586,7 +586,7 @@ def _thumbnail(index: SearchIndex, row_id: int, scrub: Callable[[str], str]) -> 
     path, shown = index.image_path(row_id), display_path(index.paths[row_id])
     try:
         # EXIF orientation and alpha as when indexed; decoded small, as only THUMBNAIL_PX are shown.
-        pixels = load_rgb_bytes(read_location(path), DEFAULT_MAX_PIXELS, min_side=THUMBNAIL_PX)
+        pixels = load_location_rgb(path, DEFAULT_MAX_PIXELS, min_side=THUMBNAIL_PX)
     except BadImageError as exc:
         reason = scrub(exc.reason.replace(str(path), shown))  # an OS error names the file it could not open
         raise HTTPException(
