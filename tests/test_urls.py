@@ -182,3 +182,13 @@ def test_url_rows_embed_on_the_sharded_path_as_locally(tmp_path, server, images)
     _, (rows, complete) = embed_sharded(fast_config(tmp_path / "urls.txt", tmp_path / "sharded.h5"), shard_size=4)
     assert rows == len(names) - 1 and complete
     assert_same_cache(tmp_path / "local.h5", tmp_path / "sharded.h5")  # the 404 in the errors table of both
+
+
+def test_close_drops_the_queued_downloads(server, images):
+    names = sorted(os.listdir(images))
+    fetcher = Fetcher(FetchSettings(threads=1, timeout=2.0, retries=0))
+    fetcher.prefetch([server.url("slow", n) for n in names])  # each takes 1 s: one runs, the rest wait
+    time.sleep(0.2)
+    fetcher.close()
+    time.sleep(1.5)
+    assert sum(server.hits[f"/slow/{n}"] for n in names) == 1  # the one running finished; none started after

@@ -114,6 +114,17 @@ class Fetcher:
             future = self._pending.pop(url)
         return future.result()
 
+    def close(self) -> None:
+        """Drop the downloads not started yet (a run that stops early, Ctrl-C): the interpreter waits
+        for its threads at exit, so queued fetches would otherwise all run first."""
+        with self._lock:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+        if self._pid == os.getpid():
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._pid = None
+
     def _fetch(self, url: str) -> Fetched:
         kept = self._kept(url)
         if kept is not None:

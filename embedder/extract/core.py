@@ -25,6 +25,7 @@ the network the same batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -290,7 +291,7 @@ def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedC
         file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s
     )
     embedded = 0
-    with bar:
+    with bar, contextlib.closing(reader.fetcher):  # queued downloads dropped if the loop stops early
         for batch in _timed(_loader(reader, config.resolved_workers(), backbone.device.type == "cuda"), timer):
             features = _forward(backbone, batch, timer)
             with timer("write"):
