@@ -192,3 +192,27 @@ def test_close_drops_the_queued_downloads(server, images):
     fetcher.close()
     time.sleep(1.5)
     assert sum(server.hits[f"/slow/{n}"] for n in names) == 1  # the one running finished; none started after
+
+
+def test_retry_errors_reads_failed_rows_again_and_keeps_the_newest_outcome(tmp_path, server, images):
+    names = sorted(os.listdir(images))
+    server.flaky = 1  # each flaky URL answers 503 once, then the image
+    urls = _url_list(tmp_path, server, images, {names[0]: "flaky", names[1]: "missing"})
+    config = fast_config(tmp_path / "urls.txt", tmp_path / "c.h5", fetch_retries=0)
+    first = embed(config)
+    assert sorted(r for _, r in first.errors) == ["HTTP 404 Not Found", "HTTP 503 Service Unavailable"]
+    assert embed(config).embedded == 0  # a plain rerun leaves the errors table alone
+    retried = embed(fast_config(tmp_path / "urls.txt", tmp_path / "c.h5", fetch_retries=0, retry_errors=True))
+    assert (retried.already_cached, retried.embedded) == (len(names) - 2, 1)
+    embed(fast_config(tmp_path / "urls.txt", tmp_path / "ref.h5", fetch_retries=3))  # the 503 is gone by now
+    with FeatureCache(tmp_path / "c.h5") as c, FeatureCache(tmp_path / "ref.h5") as ref:
+        assert c.errors == [(urls[1], "HTTP 404 Not Found")]  # the 404 again, once; the 503 is a row now
+        assert sorted(c.paths) == sorted(ref.paths) and len(c) == len(names) - 1
+        row = {p: i for i, p in enumerate(ref.paths)}
+        # The retried row was embedded in a batch of its own: equal within fp32's batch-size effect (~1e-6).
+        assert np.allclose(c.features(), ref.features()[[row[p] for p in c.paths]], rtol=0, atol=1e-5)
+    from embedder.errors import ConfigError
+    from embedder.extract.ray import embed_ray
+
+    with pytest.raises(ConfigError, match="--retry-errors works with --backend local"):
+        embed_ray(fast_config(tmp_path / "urls.txt", tmp_path / "r.h5", retry_errors=True))

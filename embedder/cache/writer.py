@@ -90,13 +90,15 @@ class CacheWriter:
     def __init__(
         self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512,
         fixed_width_paths: bool = False, lock: WriteLock | None = None, ignored: dict | None = None,
-        columns: dict[str, np.ndarray] | None = None,
+        columns: dict[str, np.ndarray] | None = None, retry_errors: bool = False,
     ):
         """`lock`: the cache's write lock, when the caller took it already (`embed` does, before
         it builds the model, so that a second run is refused at once). `ignored`: {reason: files}
         not in the listing, recorded in the cache (default: the listing's own). `columns`: values
         of the columns of `spec.columns` known before reading (split, --metadata), aligned with
-        the listing's rows; the others come with each batch (`add(..., columns=)`)."""
+        the listing's rows; the others come with each batch (`add(..., columns=)`). `retry_errors`:
+        the complete cache's errors-table rows are read again (a download that timed out, a file
+        since repaired); the finished cache keeps each path's newest outcome."""
         if spec.feature_dtype not in FEATURE_DTYPES:
             raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
         self.path = Path(path).absolute()
@@ -121,6 +123,7 @@ class CacheWriter:
         self.classes: list[str] = []  # label space of the parts (append-only)
         self.pending: np.ndarray = np.zeros(0, dtype=np.int64)
         self.removed_from_source = 0
+        self.retry_errors = retry_errors
 
     # lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -185,7 +188,8 @@ class CacheWriter:
         done.update(p for p, _ in self.committed.errors)
         if self.base:
             done.update(self.base["paths"])
-            done.update(p for p, _ in self.base["errors"])
+            if not self.retry_errors:
+                done.update(p for p, _ in self.base["errors"])
             listed = set(self.listing.paths)
             self.removed_from_source = sum(1 for p in self.base["paths"] if p not in listed)
         self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
@@ -463,7 +467,10 @@ class CacheWriter:
                 paths, errors = old.paths, old.errors
                 values.append(old.columns(self.spec.columns) if old.column_kinds
                               else null_columns(self.spec.columns, len(old)))
-            paths += self._copy_parts(rows, len(paths), _relabelling(self.classes, classes), values)
+            new = self._copy_parts(rows, len(paths), _relabelling(self.classes, classes), values)
+            # A base error read again (--retry-errors) is now a row or a newer error: the newest outcome wins.
+            redone = set(new) | {p for p, _ in self.committed.errors}
+            paths, errors = paths + new, [e for e in errors if e[0] not in redone]
             self._create_paths(f, paths)
             if self.spec.columns:
                 write_columns(f, self.spec.columns, column_concat(values, self.spec.columns),

@@ -115,6 +115,9 @@ class EmbedConfig:
                                         help="http(s) rows: keep each download as DIR/<sha256 of the URL>.<ext> "
                                              "(listed in DIR/urls.tsv) and read it from there next time; "
                                              "by default nothing is written to disk")
+    retry_errors: bool = option(False, group=ROW_OPTIONS,
+                                help="read the rows of the cache's errors table again (downloads that timed out "
+                                     "or were refused, files since repaired): each becomes a row or a newer error")
     overwrite: bool = option(False, help="replace an existing cache with another configuration")
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 

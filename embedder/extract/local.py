@@ -166,7 +166,7 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata)
     _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
-                     lock=lock, columns=columns) as writer:
+                     lock=lock, columns=columns, retry_errors=config.retry_errors) as writer:
         done = embed_into(writer, backbone, config)
     report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
                                 embedded=done.embedded, errors=done.errors, total_rows=done.total_rows,
