@@ -43,7 +43,8 @@ class EmbedConfig:
     layer: str | None = option(None, repeat=True, metavar="NAME", group=ROW_OPTIONS,
                                help="output point (default: the pooled last conv stage); any name from `embedder "
                                     "inspect MODEL`. Repeat for several layers in one pass: each is stored as its own "
-                                    "dataset, the first as /features; `style` names the Gram style descriptor")
+                                    "dataset, the first as /features; A+B is one output of A's and B's pooled outputs side by side "
+                                    "(a ViT's last blocks); `style` names the Gram style descriptor")
     extra_layers: tuple[str, ...] = option((), cli=False, help="more layers of the same pass, each its own dataset")
     pool: str = option("avg", choices=POOLINGS, group=ROW_OPTIONS,
                        help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), "

@@ -25,7 +25,7 @@ from torch import nn
 
 from embedder.errors import ConfigError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
-from embedder.models.registry import BackboneSpec, Preprocessing, get_backbone_spec
+from embedder.models.registry import COMBINE, BackboneSpec, Preprocessing, get_backbone_spec
 from embedder.models.style import StyleDescriptor
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights, resolve_weights
 
@@ -155,13 +155,17 @@ class FrozenBackbone(nn.Module):
             self.node = output[0]
             names = [self.node]
         self.output_names: tuple[str, ...] = tuple(names)  # order kept, repeats dropped; primary first
-        self.layers: tuple[str, ...] = tuple(n for n in names if n != STYLE_OUTPUT)  # pooled graph nodes
+        self.layers: tuple[str, ...] = tuple(n for n in names if n != STYLE_OUTPUT)  # pooled outputs
+        # Each pooled output's graph nodes: itself, or the parts of `a+b` (concatenated once pooled).
+        self.parts: dict[str, tuple[str, ...]] = {n: tuple(n.split(COMBINE)) for n in self.layers}
+        if any(STYLE_OUTPUT in p for p in self.parts.values() if len(p) > 1):
+            raise ConfigError("--layer style cannot be part of a combined layer (`a+b`); give it as its own --layer.")
         style = STYLE_OUTPUT in names
         style_layers = (config.style_layers or spec.style_layers) if style else ()
         self.style_nodes: tuple[str, ...] = tuple(dict.fromkeys(spec.node_name(n) for n in style_layers))
         if style and not self.style_nodes:
             raise ConfigError(f"Model {spec.name!r} has no default style layers; name them with --style-layer.")
-        nodes = tuple(dict.fromkeys(self.layers + self.style_nodes))
+        nodes = tuple(dict.fromkeys([p for n in self.layers for p in self.parts[n]] + list(self.style_nodes)))
         _check_nodes(model, spec, [n for n in nodes if n not in spec.layer_dims])
         return nodes
 
@@ -189,11 +193,12 @@ class FrozenBackbone(nn.Module):
         if output is not None:
             self.outputs: dict[str, int] = {self.node: output[1]}
         else:
-            known = config.pool != "none" and not self.style_nodes and all(n in spec.layer_dims for n in self.layers)
+            nodes = [p for n in self.layers for p in self.parts[n]]
+            known = config.pool != "none" and not self.style_nodes and all(p in spec.layer_dims for p in nodes)
             shapes = {} if known else self._probe_shapes()
-            self.outputs = {
-                n: spec.layer_dims[n] if known else _pooled_width(shapes[n], config.pool, spec.prefix_tokens) for n in self.layers
-            }
+            width = {p: spec.layer_dims[p] if known else _pooled_width(shapes[p], config.pool, spec.prefix_tokens)
+                     for p in nodes}
+            self.outputs = {n: sum(width[p] for p in self.parts[n]) for n in self.layers}
             if STYLE_OUTPUT in self.output_names:
                 for n in self.style_nodes:
                     if len(shapes[n]) != 4:
@@ -294,11 +299,14 @@ class FrozenBackbone(nn.Module):
             if node == STYLE_OUTPUT:
                 out[node] = self.style_descriptor([maps[n].float() for n in self.style_nodes])
                 continue
-            out[node] = self._pooled(maps[node])
+            out[node] = self.pooled_output(maps, node)
         return out
 
-    def _pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
-        feats = pool_map(feature_map.float(), self.config.pool, self.spec.prefix_tokens)
+    def pooled_output(self, maps: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """One pooled output from the pass's maps: a node's, or the parts of `a+b` side by side;
+        --normalize l2 applies to the whole vector."""
+        parts = [pool_map(maps[p].float(), self.config.pool, self.spec.prefix_tokens) for p in self.parts[name]]
+        feats = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return F.normalize(feats, dim=1) if self.config.normalize == "l2" else feats
 
     def _run_session(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

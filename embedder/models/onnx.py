@@ -84,7 +84,7 @@ class _Graph(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         maps = self.backbone._maps(pixels)
-        pooled = [self.backbone._pooled(maps[n]) for n in self.backbone.layers]
+        pooled = [self.backbone.pooled_output(maps, n) for n in self.backbone.layers]
         return (*pooled, *(maps[n].float() for n in self.backbone.style_nodes))
 
 

@@ -18,6 +18,8 @@ from embedder.data.transforms import Preprocessing, preprocessing_from_transform
 from embedder.errors import ConfigError
 from embedder.models.weights import PackageWeights, TorchvisionWeights, WeightsSource
 
+COMBINE = "+"  # `--layer blocks.10+blocks.11`: one output, the parts pooled and concatenated
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -67,7 +69,8 @@ class BackboneSpec:
         checked against the traced graph by the backbone (see `embedder inspect MODEL`)."""
         if layer is None or layer == "default":
             return self.default_layer
-        return self.layer_aliases.get(layer, layer)
+        # `a+b`: the outputs of a and b concatenated (each pooled), e.g. a ViT's last blocks.
+        return "+".join(self.layer_aliases.get(part, part) for part in layer.split(COMBINE))
 
 
 _FACTORIES: dict[str, Callable[[], BackboneSpec]] = {}
