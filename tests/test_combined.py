@@ -52,7 +52,7 @@ def test_a_combined_layer_is_a_cache_layer_and_searchable_by_image(tmp_path):
     build_index(tmp_path / "c.h5", tmp_path / "idx", layer="layer3+layer4", progress=False)
     index = SearchIndex(tmp_path / "idx")
     found, errors = index.search_files([str(tree / paths[2])], k=1)
-    (file, hits), = found
+    ((_, hits),) = found
     assert errors == [] and hits[0].path == paths[2] and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
