@@ -36,6 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         srv: LoopbackServer = self.server.owner
         srv.hits[self.path] += 1
+        srv.agents.add(self.headers.get("User-Agent", ""))
         time.sleep(srv.latency_s)
         kind, _, name = self.path.lstrip("/").partition("/")
         file = srv.folder / name
@@ -93,6 +94,7 @@ class LoopbackServer:
         self.folder = Path(folder)
         self.slow_s, self.flaky, self.latency_s = slow_s, flaky, latency_s
         self.hits: Counter = Counter()
+        self.agents: set[str] = set()  # the User-Agent headers seen
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from embedder._version import __version__
 from embedder.cache.reader import FeatureCache
 from embedder.cli.main import main
 from embedder.data.fetch import DEADLINE_FACTOR, Fetcher, FetchSettings, kept_path, url_hash
@@ -52,6 +53,7 @@ def test_a_good_url_gives_the_files_bytes_and_its_last_modified_time(server, ima
     name = min(os.listdir(images))
     got = _fetch(server, "img", name)
     assert got.data == (images / name).read_bytes() and got.mtime == 1_700_000_000
+    assert server.agents == {f"embedder/{__version__} (image embedding; python-urllib3)"}  # says who asks
 
 
 def test_a_404_is_final_at_once_and_names_the_status(server, images):

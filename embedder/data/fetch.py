@@ -38,6 +38,7 @@ from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from embedder._version import __version__
 from embedder.errors import BadImageError
 
 URL_SCHEMES = ("http://", "https://")
@@ -61,7 +62,8 @@ class FetchSettings:
     max_bytes: int = 50 << 20
     threads: int = 16  # fetches in flight per reader process
     keep: str | None = None  # --keep-downloads DIR
-    user_agent: str = "embedder"
+    # Hosts that refuse unnamed clients accept one that says what it is and where it comes from.
+    user_agent: str = f"embedder/{__version__} (image embedding; python-urllib3)"
 
 
 @dataclass(frozen=True)
