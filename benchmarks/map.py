@@ -9,12 +9,9 @@ the real page. The page reports its own timings (window.embedderMap.timings).
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
-import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -24,30 +21,11 @@ from benchmarks.search import clustered, write_cache
 from embedder.search.build import build_index
 from embedder.search.maps import compute_map
 from embedder.serve.app import create_app
+from tests.loopback import running
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def index_of(tmp: Path, name: str, n: int, d: int = 32) -> Path:

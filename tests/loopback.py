@@ -1,6 +1,7 @@
 """A real HTTP server on 127.0.0.1 for URL sources: good images, 404s, slow and truncated answers.
 
-Used by tests/test_urls.py and benchmarks/urls.py. Nothing leaves the machine: the server
+Used by tests/test_urls.py and benchmarks/urls.py; `running(app)` serves an ASGI app (the
+search service) the same way, for tests/test_service.py and benchmarks/map.py. Nothing leaves the machine: the server
 binds the loopback address on a free port and runs in a daemon thread of the test process.
 
 Routes (the part of the URL path before the first "/" picks the behaviour):
@@ -19,12 +20,37 @@ Routes (the part of the URL path before the first "/" picks the behaviour):
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+
+@contextmanager
+def running(app):
+    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -25,9 +25,10 @@ from embedder.search.removal import remove_rows
 from embedder.search.update import update_index
 from embedder.serve.app import create_app
 from tests.conftest import fast_config, make_tree
+from tests.loopback import running
 from tests.test_index import synthetic_cache
 from tests.test_index_update import grown
-from tests.test_service import CHROMIUM, CHROMIUM_ARGS, http, running
+from tests.test_service import CHROMIUM, CHROMIUM_ARGS, http
 
 K = 4
 

@@ -20,8 +20,8 @@ from embedder.search.query import SearchIndex
 from embedder.search.removal import remove_rows
 from embedder.serve.app import create_app
 from tests.conftest import fast_config, make_tree
-from tests.loopback import LoopbackServer
-from tests.test_service import http, running
+from tests.loopback import LoopbackServer, running
+from tests.test_service import http
 from tests.test_tar import pack
 
 

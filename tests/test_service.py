@@ -17,20 +17,17 @@ import os
 import re
 import shutil
 import socket
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn  # a dependency of the package: a missing one must fail, not skip
+import uvicorn  # noqa: F401  (a dependency of the package: a missing one must fail, not skip)
 from PIL import Image
 
 from embedder.cache.reader import FeatureCache
@@ -40,6 +37,7 @@ from embedder.search.build import build_index
 from embedder.serve.app import create_app
 from embedder.serve.config import MAX_EXAMPLES
 from tests.conftest import fast_config, make_tree
+from tests.loopback import running
 
 K = 5
 MAX_UPLOAD = 200_000
@@ -69,27 +67,6 @@ class Service:
     tree: Path
     cache: Path
     index: object  # the app's SearchIndex
-
-
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

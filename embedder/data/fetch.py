@@ -26,6 +26,7 @@ DIR/urls.tsv; a URL whose file is there already is read from it instead of fetch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mimetypes
 import os
@@ -88,16 +89,11 @@ class Fetcher:
         self.__init__(state["settings"])
 
     def _pool(self):
-        # A DataLoader worker is a fork of the parent: the parent's connections and threads do not
-        # come with it, so each process builds its own the first time it fetches.
+        # A DataLoader worker is a fork of the parent: the parent's threads do not come with it,
+        # so each process starts its own the first time it fetches.
         if self._pid != os.getpid():
-            import urllib3
-
             self._pid = os.getpid()
-            s = self.settings
-            self._http = urllib3.PoolManager(num_pools=64, maxsize=s.threads, block=False,
-                                             headers={"User-Agent": s.user_agent})
-            self._threads = ThreadPoolExecutor(max_workers=s.threads, thread_name_prefix="fetch")
+            self._threads = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="fetch")
             self._pending = {}
         return self._threads
 
@@ -107,7 +103,7 @@ class Fetcher:
         with self._lock:
             for url in urls:
                 if url not in self._pending:
-                    self._pending[url] = pool.submit(self._fetch, url)
+                    self._pending[url] = pool.submit(fetch, url, self.settings)
 
     def get(self, url: str) -> Fetched:
         """The URL's body (started by `prefetch` or now); BadImageError with the reason."""
@@ -127,25 +123,37 @@ class Fetcher:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._pid = None
 
-    def _fetch(self, url: str) -> Fetched:
-        kept = self._kept(url)
-        if kept is not None:
-            return kept
-        fetched, content_type = fetch_url(self._http, url, self.settings)
-        if self.settings.keep:
-            keep_download(Path(self.settings.keep), url, fetched.data, content_type)
-        return fetched
 
-    def _kept(self, url: str) -> Fetched | None:
-        if not self.settings.keep:
-            return None
-        path = kept_path(Path(self.settings.keep), url)
-        if path is None:
-            return None
-        try:
-            return Fetched(path.read_bytes(), path.stat().st_mtime)
-        except OSError:
-            return None
+def fetch(url: str, s: FetchSettings) -> Fetched:
+    """One URL on the calling thread: from --keep-downloads if kept there, else downloaded (and
+    kept, with --keep-downloads); BadImageError with the reason."""
+    kept = _kept(url, s)
+    if kept is not None:
+        return kept
+    fetched, content_type = fetch_url(_client(os.getpid(), s.user_agent, s.threads), url, s)
+    if s.keep:
+        keep_download(Path(s.keep), url, fetched.data, content_type)
+    return fetched
+
+
+@functools.lru_cache(maxsize=8)
+def _client(pid: int, user_agent: str, connections: int):
+    """The process's pooled connections (keyed by pid: a forked reader must not share its parent's sockets)."""
+    import urllib3
+
+    return urllib3.PoolManager(num_pools=64, maxsize=connections, block=False, headers={"User-Agent": user_agent})
+
+
+def _kept(url: str, s: FetchSettings) -> Fetched | None:
+    if not s.keep:
+        return None
+    path = kept_path(Path(s.keep), url)
+    if path is None:
+        return None
+    try:
+        return Fetched(path.read_bytes(), path.stat().st_mtime)
+    except OSError:
+        return None
 
 
 def fetch_url(http, url: str, s: FetchSettings) -> tuple[Fetched, str]:

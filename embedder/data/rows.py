@@ -15,10 +15,12 @@ import tarfile
 from pathlib import Path
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes
-from embedder.data.fetch import Fetcher, FetchSettings, is_url
+from embedder.data.fetch import FetchSettings, is_url
+from embedder.data.fetch import fetch as fetch_one
+from embedder.data.table import TABLE_SOURCE_SUFFIXES, TEXT_TABLE_SUFFIXES
 from embedder.errors import BadImageError
 
-LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".parquet", ".pq")
+LIST_SUFFIXES = (".txt", *TEXT_TABLE_SUFFIXES, *TABLE_SOURCE_SUFFIXES)  # SOURCEs whose rows start from their folder
 _TAR_ROW = re.compile(r"^(.*?\.tar)/(.+)$", re.IGNORECASE)
 
 
@@ -55,7 +57,7 @@ def location_exists(location: str) -> bool | None:
 def read_location(location: str, fetch: FetchSettings | None = None) -> bytes:
     """The encoded bytes of a row's image; BadImageError with the reason."""
     if is_url(location):
-        return Fetcher(fetch or FetchSettings(threads=1)).get(location).data
+        return fetch_one(location, fetch or FetchSettings()).data
     member = None if os.path.exists(location) else tar_member_of(location)
     if member is not None:
         return _tar_bytes(*member)
@@ -70,8 +72,11 @@ def load_location_rgb(location: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_s
                       fetch: FetchSettings | None = None):
     """A row's image as a [3, H, W] uint8 tensor: a file through `load_rgb` (its checks: folders,
     FIFOs that would block, broken links, each with its reason), a tar member or a URL from its bytes."""
-    if is_url(location) or (not os.path.lexists(location) and tar_member_of(location) is not None):
-        return load_rgb_bytes(read_location(location, fetch), max_pixels, min_side=min_side)
+    if is_url(location):
+        return load_rgb_bytes(fetch_one(location, fetch or FetchSettings()).data, max_pixels, min_side=min_side)
+    member = None if os.path.lexists(location) else tar_member_of(location)
+    if member is not None:
+        return load_rgb_bytes(_tar_bytes(*member), max_pixels, min_side=min_side)
     return load_rgb(location, max_pixels, min_side=min_side)
 
 

@@ -103,14 +103,15 @@ class EmbedConfig:
                                            "class names); every other column is stored as a metadata column. Tar "
                                            "shards: what gives a sample's label, cls, txt or a .json key (default: "
                                            ".cls, else the .json's label or class key)")
-    fetch_timeout: float = option(10.0, metavar="SECONDS", group=SOURCE_OPTIONS,
+    fetch_timeout: float = option(FetchSettings.timeout, metavar="SECONDS", group=SOURCE_OPTIONS,
                                   help="http(s) rows: seconds to connect and between two reads (a whole attempt "
                                        f"may take {DEADLINE_FACTOR}x this)")
-    fetch_retries: int = option(3, metavar="N", group=SOURCE_OPTIONS,
+    fetch_retries: int = option(FetchSettings.retries, metavar="N", group=SOURCE_OPTIONS,
                                 help="http(s) rows: further attempts after a connection error, timeout, cut-short "
-                                     "body, 429 or 5xx, with exponential backoff from 0.5 s")
-    max_download_mb: float = option(50.0, metavar="MB", group=SOURCE_OPTIONS, help="http(s) rows: refuse bodies larger than this")
-    fetch_threads: int = option(16, metavar="N", group=SOURCE_OPTIONS,
+                                     f"body, 429 or 5xx, with exponential backoff from {FetchSettings.backoff:g} s")
+    max_download_mb: float = option(FetchSettings.max_bytes / 2**20, metavar="MB", group=SOURCE_OPTIONS,
+                                    help="http(s) rows: refuse bodies larger than this")
+    fetch_threads: int = option(FetchSettings.threads, metavar="N", group=SOURCE_OPTIONS,
                                 help="http(s) rows: downloads in flight per reader process")
     keep_downloads: str | None = option(None, path=True, metavar="DIR", group=SOURCE_OPTIONS,
                                         help="http(s) rows: keep each download as DIR/<sha256 of the URL>.<ext> "
