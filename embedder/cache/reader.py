@@ -62,8 +62,9 @@ from embedder.cache.schema import (  # noqa: F401 - re-exported
     SCHEMA_VERSION,
     SHARDS_SUFFIX,
 )
-from embedder.errors import CacheError, EmbedderError
+from embedder.errors import CacheError, ConfigError, EmbedderError
 from embedder.names import ERRORS as NAME_ERRORS
+from embedder.outputs import CACHE, expect
 
 STR = h5py.string_dtype("utf-8")
 
@@ -133,7 +134,10 @@ class FeatureCache:
         """`layer` picks the layer of a multi-layer cache (None = the primary, /features)."""
         self.path = Path(path)
         if not self.path.is_file():
-            raise CacheError(f"No feature cache at {self.path}. Create it with `embedder embed SOURCE --out {path}`.")
+            try:
+                expect(self.path, CACHE)  # says what is there instead: an index folder, a user's folder
+            except ConfigError as exc:
+                raise CacheError(str(exc)) from None
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:

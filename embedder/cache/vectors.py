@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.atomic import staged_dir
 from embedder.cache.reader import FeatureCache
 from embedder.data.metadata import INT_NULL, MATCHED
 from embedder.data.rows import row_location
 from embedder.errors import ConfigError
 from embedder.names import ERRORS as NAME_ERRORS
+from embedder.outputs import VECTORS, claim, write_dir
 
 FORMATS = ("parquet", "npy")
 PARQUET_FILE = "embeddings.parquet"
@@ -93,15 +93,15 @@ def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None =
                    rows_per_file: int = DEFAULT_ROWS_PER_FILE, block_rows: int = DEFAULT_BLOCK_ROWS,
                    overwrite: bool = False, progress: bool = True) -> VectorsReport:
     """Write the rows of a cache (one layer) into the folder `out`, block by block (module docstring).
-    `out` is staged and swapped in whole; an existing `out` is refused unless `overwrite`."""
+    `out` is staged and swapped in whole, under the output policy (embedder.outputs)."""
     from tqdm.auto import tqdm
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     t0 = time.perf_counter()
-    with FeatureCache(cache_path, layer=layer) as cache, staged_dir(out) as tmp:
-        if Path(out).exists() and not overwrite:
-            raise ConfigError(f"{out} exists. Use --overwrite to replace it, or choose another --out.")
+    claim(out, VECTORS, [cache_path], overwrite)  # before the cache is read
+    with FeatureCache(cache_path, layer=layer) as cache, \
+            write_dir(out, VECTORS, [cache_path], overwrite) as (tmp, _):
         bar = tqdm(total=len(cache), unit="row", desc="export", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
         with bar:
