@@ -42,7 +42,7 @@ from embedder.data.metadata import INT_NULL, MATCHED
 from embedder.data.rows import row_location
 from embedder.errors import ConfigError
 from embedder.names import ERRORS as NAME_ERRORS
-from embedder.outputs import VECTORS, claim, write_dir
+from embedder.outputs import CACHE, VECTORS, claim, expect, write_dir
 
 FORMATS = ("parquet", "npy")
 PARQUET_FILE = "embeddings.parquet"
@@ -99,6 +99,7 @@ def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None =
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     t0 = time.perf_counter()
+    expect(cache_path, CACHE)
     claim(out, VECTORS, [cache_path], overwrite)  # before the cache is read
     with FeatureCache(cache_path, layer=layer) as cache, \
             write_dir(out, VECTORS, [cache_path], overwrite) as (tmp, _):
@@ -288,6 +289,7 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
     from embedder.errors import CacheError
 
     t0 = time.perf_counter()
+    claim(out, CACHE)  # before the inputs are read (embedder.outputs)
     pieces = find_pieces(inputs)
     rows = _rows_of(_metadata_table(pieces), ", ".join(inputs))
     sidecar = _sidecar_of(inputs)

@@ -30,7 +30,7 @@ from embedder.data.splits import folder_splits
 from embedder.errors import ConfigError
 from embedder.learn.train import same_feature_space
 from embedder.names import display_path
-from embedder.outputs import CURATE, claim, write_dir
+from embedder.outputs import CACHE, CURATE, claim, expect, write_dir
 from embedder.search.dedup import duplicate_pairs, keep_of, pair_groups, row_sizes
 from embedder.search.kinds import prepare
 
@@ -64,6 +64,7 @@ class _Data:
 def run_curate(config: CurateConfig) -> dict:
     """Score every row of the cache(s) and write REPORT_DIR; returns the summary."""
     t0 = time.perf_counter()
+    expect(config.cache, CACHE)
     claim(config.out, CURATE, [config.cache], config.overwrite)  # before any cache is read
     with write_dir(config.out, CURATE, [config.cache], config.overwrite) as (tmp, _), contextlib.ExitStack() as stack:
         data = _load(config, lambda p: stack.enter_context(FeatureCache(p, layer=config.layer)))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from embedder.cache.reader import FeatureCache
 from embedder.learn.config import ProbeConfig
-from embedder.outputs import PICTURE, PROBE, claim, png_metadata, write_dir, write_file
+from embedder.outputs import CACHE, PICTURE, PROBE, claim, expect, png_metadata, write_dir, write_file
 
 SWEEP_FILE = "sweep.json"
 
@@ -39,6 +39,7 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
     layers = cache_layers(config.cache)
     out = config.out_dir
     rows, reports = [], {}
+    expect(config.cache, CACHE)
     claim(out, PROBE, [config.cache], config.overwrite)
     if config.plot_path.absolute().parent != out.absolute():
         claim(config.plot_path, PICTURE, [config.cache], config.overwrite, flag="--plot")

@@ -32,7 +32,7 @@ from embedder.learn.metrics import accuracy, per_class, save_confusion_png, spli
 from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
 from embedder.learn.sweep import SWEEP_FILE
-from embedder.outputs import PROBE, claim, write_dir
+from embedder.outputs import CACHE, PROBE, claim, expect, write_dir
 
 REPORT_FILE = "report.json"
 
@@ -103,6 +103,7 @@ def run_probe(config: ProbeConfig) -> dict:
 
         return run_layer_sweep(config)
     # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
+    expect(config.cache, CACHE)  # the input first: an index folder given as CACHE is named as one
     claim(config.out_dir, PROBE, [config.cache], config.overwrite)  # before any cache is read
     with write_dir(config.out_dir, PROBE, [config.cache], config.overwrite) as (tmp, _), \
             contextlib.ExitStack() as stack:

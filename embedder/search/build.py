@@ -34,7 +34,7 @@ from embedder.cache.columns import write_columns
 from embedder.cache.reader import STR, FeatureCache
 from embedder.errors import ConfigError
 from embedder.names import encode_path
-from embedder.outputs import INDEX, claim, write_dir
+from embedder.outputs import CACHE, INDEX, claim, expect, write_dir
 from embedder.search.config import KINDS, METRICS
 from embedder.search.kinds import (
     HNSW_EF_CONSTRUCTION,
@@ -158,6 +158,7 @@ def build_index(
     from tqdm.auto import tqdm
 
     _check_options(kind, metric, target_recall)
+    expect(cache_path, CACHE)
     claim(out_dir, INDEX, [cache_path], overwrite)  # before the cache is read (embedder.outputs)
     with write_dir(out_dir, INDEX, [cache_path], overwrite) as (tmp, written), \
             FeatureCache(cache_path, layer=layer) as cache:  # tmp becomes INDEX_DIR

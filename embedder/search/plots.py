@@ -9,7 +9,7 @@ import numpy as np
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.figures import pyplot, save_figure
-from embedder.outputs import PICTURE, claim
+from embedder.outputs import CACHE, PICTURE, claim, expect
 from embedder.search.maps import PLOT_METHODS, project
 
 
@@ -21,6 +21,7 @@ def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int
     plt = pyplot()
     if method not in PLOT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(PLOT_METHODS)}.")
+    expect(cache_path, CACHE)
     claim(out, PICTURE, [cache_path], overwrite)  # before the projection, which can take minutes
     with FeatureCache(cache_path, layer=layer) as cache:
         n = len(cache)
