@@ -339,3 +339,15 @@ def test_one_spelling_of_top_k_and_one_auto_batch_size():
             assert (args.k if command == "search" else args.top_k) == 3
     assert EmbedConfig(source="s", model="m", out="c.h5", device="cpu").batch_size == batch_size_for("cpu")
     assert PredictConfig(model="m.pt", images=("a",)).batch_size is None  # auto, resolved as embed's
+
+
+def test_a_layer_has_one_name_everywhere(tmp_path, capsys):
+    """Lite0's pooled feature is `avgpool` in the README, `--layer` and every report, with its node beside it."""
+    cache = tmp_path / "l.h5"
+    embed(fast_config(make_tree(tmp_path / "im", per_class=2), cache, model="efficientnet_lite0"))
+    assert main(["info", str(cache), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layer_labels"] == {"global_pool.flatten": "avgpool (global_pool.flatten)"}
+    assert doc["components"]["layer"] == "global_pool.flatten"  # the fingerprint is unchanged
+    assert main(["index", str(cache), "--out", str(tmp_path / "i"), "--quiet"]) == 0
+    assert "layer avgpool (global_pool.flatten)" in capsys.readouterr().out

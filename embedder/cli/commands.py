@@ -201,13 +201,16 @@ def _info_text(doc: dict, config) -> str:
     lines = [f"{config.cache}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}",
              f"  fingerprint  {doc['fingerprint'][:16]}"]
     if len(doc["layers"]) > 1:
-        lines.append("  layers       " + ", ".join(f"{n} ({d})" for n, d in doc["layers"].items())
+        labels = doc.get("layer_labels", {})
+        lines.append("  layers       " + ", ".join(f"{labels.get(n, n)}: {d}" for n, d in doc["layers"].items())
                      + "  (the first is /features; pick one with --layer in probe, index, search)")
     order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
              "memory_layout", "runtime", "device_type", "feature_dtype"]
     for key, value in sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if key == "preprocessing":
             value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
+        elif key == "layer":
+            value = doc.get("layer_labels", {}).get(value, value)
         lines.append(f"  {key:<20} {value}")
     lines.append(f"  source       {doc['source']} ({doc['layout']})")
     if "shards" in doc:
@@ -387,7 +390,7 @@ def index(config, args) -> dict:
         print(f"embedder: {note}", file=sys.stderr)
     knob = {k: v for k, v in meta["params"].items() if k in ("nprobe", "efSearch")}
     print(f"wrote {config.out}: {meta['kind']} index of {meta['ntotal']} x {meta['dim']} ({meta['metric']}) "
-          f"in {meta['build_s']:.1f} s, layer {meta['layer']}")
+          f"in {meta['build_s']:.1f} s, layer {meta.get('layer_label') or meta['layer']}")
     print(f"  why            {meta['why']}")
     print(f"  parameters     {meta['params']}")
     reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"

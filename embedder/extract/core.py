@@ -230,7 +230,16 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
         layout=listing.layout,
         command=command,
         columns=column_kinds(metadata),
+        aliases=layer_aliases(backbone),
     )
+
+
+def layer_aliases(backbone: FrozenBackbone) -> dict[str, str]:
+    """{node: the model's first alias for it} of the layers this run stores (the name the README uses)."""
+    named: dict[str, str] = {}
+    for alias, node in backbone.spec.layer_aliases.items():
+        named.setdefault(node, alias)
+    return {node: named[node] for node in (backbone.outputs or {backbone.node: 0}) if node in named}
 
 
 def column_kinds(metadata: MetadataTable | None) -> dict[str, str]:

@@ -245,7 +245,7 @@ def _efficientnet_lite0() -> BackboneSpec:
         ),
         default_layer="global_pool.flatten",
         layer_dims={"global_pool.flatten": 1280, "bn2": 1280},
-        layer_aliases={"pool": "global_pool.flatten", "avgpool": "global_pool.flatten"},
+        layer_aliases={"avgpool": "global_pool.flatten", "pool": "global_pool.flatten"},  # avgpool first: shown
         head="classifier",
         head_inputs=("global_pool.flatten", "bn2"),
         uses_timm=True,

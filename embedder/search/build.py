@@ -285,6 +285,7 @@ def metadata(cache: FeatureCache, cache_path, plan: BuildPlan, index, shards: in
         "fingerprint": cache.fingerprint,
         "components": cache.components,
         "layer": cache.layer,
+        "layer_label": cache.layer_label(),
         "source": cache.source,
         "kind": plan.kind,
         "factory": plan.factory,
