@@ -118,7 +118,7 @@ def test_nesting_is_bounded_with_an_error_at_the_token_that_goes_too_deep(openin
     with pytest.raises(FilterError, match=f"nested too deeply: at most {MAX_DEPTH} levels"):
         compile_mask(deep, table())
     # As deep as allowed still parses, and means what it says.
-    levels = MAX_DEPTH // len(opening.split())
+    levels = MAX_DEPTH // (opening.count("(") + opening.count("not"))
     ok = opening * levels + "width < 100" + ")" * (levels * opening.count("("))
     negated = (levels * opening.count("not")) % 2 == 1
     data = table()

@@ -57,7 +57,7 @@ from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterErr
 from embedder.names import display_path
 from embedder.search.config import SearchConfig
 from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
-from embedder.search.queries import range_search, rocchio
+from embedder.search.queries import query_vectors, range_search, rocchio
 from embedder.search.query import Hit, SearchIndex
 from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_EXAMPLES, MAX_K
 from embedder.serve.guards import (
@@ -559,14 +559,10 @@ def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") 
 
 
 def _query_vector(values: list[float], metric: str) -> np.ndarray:
-    vector = np.asarray(values, dtype=np.float64)
-    if metric != "cosine":
-        return vector.astype(np.float32)
-    scale = np.abs(vector).max()
-    if scale == 0:
-        raise HTTPException(422, detail="an all-zero vector has no direction to compare by cosine")
-    # Cosine ignores length; scaling in float64 first keeps 1e-45 and 1e38 alike representable.
-    return (vector / scale).astype(np.float32)
+    try:  # the schema has checked the length and the bounds; the CLI's --vector takes the same check
+        return query_vectors(values, len(values), metric)[0]
+    except ConfigError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
 
 
 def _results(query: dict, k: int, hits: list[Hit], metric: str) -> dict:
