@@ -640,7 +640,7 @@ def serve(config, args) -> None:
     where = f"[{config.host}]" if ":" in config.host else config.host
     print(f"serving {config.index} on http://{where}:{config.port}/  (answering Host: {', '.join(hosts)}; "
           "API spec: /openapi.json)", flush=True)
-    run(app, host=config.host, port=config.port)
+    run(app, host=config.host, port=config.port, limits=config.server_limits)
 
 
 # ---------------------------------------------------------------------------------- run
