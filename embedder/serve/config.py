@@ -15,7 +15,7 @@ DEFAULT_DECODE_SLOTS = 2  # images decoded at once (uploads and thumbnails)
 MAX_K = 1000  # more neighbours than anyone can look at; bounds the work one request can ask for
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a request line and headers: a browser needs milliseconds
 DEFAULT_BODY_TIMEOUT = 60.0  # seconds for a body once its headers are in: 10 MB at 170 KB/s
-DEFAULT_MAX_CONNECTIONS = 512  # open connections answered; more get a 503 at once
+DEFAULT_MAX_CONNECTIONS = 1024  # open connections answered; a request on one more gets a 503 at once
 MAX_EXAMPLES = 8  # positive images, negative images, negative rows: at most this many of each in one query
 
 

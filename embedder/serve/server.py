@@ -40,26 +40,31 @@ log = logging.getLogger("uvicorn.error")
 
 
 def uvicorn_options(limits: ServerLimits) -> dict:
-    """uvicorn.Config keywords that apply `limits` (and raise the file limit the connections need)."""
-    allow_connections(limits.max_connections)
+    """uvicorn.Config keywords that apply `limits` (and raise the file limit the connections need).
+    The cap stays FD_HEADROOM under the file limit, so that a request past it gets its 503 rather
+    than a failed accept()."""
+    files = allow_connections(limits.max_connections)
+    cap = max(1, min(limits.max_connections, files - FD_HEADROOM))
 
     class Protocol(DeadlineH11Protocol):
         header_timeout, body_timeout = limits.header_timeout, limits.body_timeout
 
-    return {"http": Protocol, "limit_concurrency": limits.max_connections, "timeout_keep_alive": KEEP_ALIVE_S,
+    return {"http": Protocol, "limit_concurrency": cap, "timeout_keep_alive": KEEP_ALIVE_S,
             "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
 
 
-def allow_connections(n: int) -> None:
-    """Raise the soft limit on open files towards the hard one (at least `n` connections' worth, at
-    most FILES_WANTED): at a soft limit of 1,024, a common default, slow clients held until their
-    deadline would make accept() fail for everyone, /health included."""
+def allow_connections(n: int) -> int:
+    """Raise the soft limit on open files to FILES_WANTED (or `n` connections' worth, if more), at
+    most the hard limit: at a soft limit of 1,024, a common default, slow clients held until their
+    deadline would make accept() fail for everyone, /health included. Returns the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = max(n + FD_HEADROOM, FILES_WANTED)
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return wanted if soft == resource.RLIM_INFINITY else soft
 
 
 class DeadlineH11Protocol(H11Protocol):
