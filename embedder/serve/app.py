@@ -1,9 +1,11 @@
 """HTTP similarity search over a built index: a JSON API, thumbnails, a drop-an-image web page, and
 a 2-D map of the index at /map (its data routes: embedder.serve.maps).
 
-    create_app(index_dir)      the FastAPI application (the index is opened once, here)
+    create_app(index_dir)      the FastAPI application (the index is opened here, and again when INDEX_DIR
+                               changes: embedder.serve.live)
     serve(index_dir, ...)      create it and run it with uvicorn until interrupted
-    run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner)
+    run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner),
+                               within the server's timeouts and connection cap (embedder.serve.server)
     allowed_hosts_for(host)    the Host names a server bound to `host` answers to by default
 
 Design choices, and why:
@@ -172,7 +174,7 @@ def create_app(
     decode_slots: int = DEFAULT_DECODE_SLOTS,
     runtime: str = "auto",
 ) -> FastAPI:
-    """The search service for the index in `index_dir`, opened once, here.
+    """The search service for the index in `index_dir`, opened here (and re-opened when the folder changes).
 
     `max_pixels` bounds uploads (refused as decompression bombs above it); thumbnails of the
     indexed files keep the offline limit. `allowed_hosts` are the Host names answered ("*":
