@@ -97,12 +97,17 @@ def test_an_index_of_another_width_is_a_503_that_says_to_restart(folder):
             assert status == 503 and "restart `embedder serve`" in body["detail"] and "32-d" in body["detail"]
 
 
-def test_a_filter_nested_too_deeply_is_a_422_not_a_500(folder):
+def test_a_filter_nested_too_deeply_is_a_422_not_a_500_and_exit_2_not_70(folder, capsys):
+    from embedder.cli.main import main
+
     tmp, _ = folder
-    deep = urllib.parse.quote("(" * 300 + "id == 1" + ")" * 300)
+    deep = "(" * 300 + "id == 1" + ")" * 300
     with running(create_app(tmp / "idx")) as (host, port):
-        status, body = get(f"http://{host}:{port}/search/id/0?where={deep}")
+        status, body = get(f"http://{host}:{port}/search/id/0?where={urllib.parse.quote(deep)}")
         assert status == 422 and "nested too deeply" in body["detail"]
+    capsys.readouterr()
+    assert main(["search", str(tmp / "idx"), "--id", "0", "--where", deep]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- slow clients
