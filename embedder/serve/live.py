@@ -4,7 +4,8 @@ Every writer of an index folder (`embedder index` builds, `--update`, `--remove`
 aside) stages a new folder and swaps it in whole (embedder.atomic.publish_dir), so a new
 generation is a new folder at the same path. Each request stats the folder and the files the
 index is read from (microseconds); when that differs from the generation being served, the new
-one is opened (once, under a lock, while other requests go on with the old one) and swapped in.
+one is opened (by the first request to see the change, while the others go on with the old
+one rather than wait) and swapped in.
 A request holds the generation it started with until it ends, so a query in flight never mixes
 two generations, and the old one is freed when its last request is done.
 
@@ -17,6 +18,8 @@ opened is a 503 with the reason until it can.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +41,15 @@ def generation(index_dir: Path) -> tuple | None:
     """What identifies the folder's current contents: the folder's and its files' inode, size and
     mtime. None while the folder or a file is missing (a swap in progress)."""
     try:
-        stats = [index_dir.stat()] + [(index_dir / name).stat() for name in GENERATION_FILES]
+        stats = [os.stat(path) for path in _watched(str(index_dir))]
     except FileNotFoundError:
         return None
     return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _watched(index_dir: str) -> tuple[str, ...]:
+    return (index_dir, *(os.path.join(index_dir, name) for name in GENERATION_FILES))
 
 
 class LiveIndex:
@@ -68,12 +76,19 @@ class LiveIndex:
         key = generation(self.dir)
         if key is None or (key == self.key and self._refusal is None):
             return self.index
-        with self._lock:  # one reload at a time; the requests waiting here then take its result
-            if self._refusal is not None and self._refusal[0] == key:
-                raise self._refusal[1]
-            if key != self.key or self._refusal is not None:
+        if self._refusal is not None and self._refusal[0] == key:
+            raise self._refusal[1]
+        # The first request to see the change opens the new generation; the others meanwhile go on
+        # with the one being served rather than wait (opening a large index takes seconds).
+        if not self._lock.acquire(blocking=False):
+            return self.index
+        try:
+            key = generation(self.dir)  # again, under the lock: the generation about to be opened
+            if key is not None and (key != self.key or self._refusal is not None):
                 self._reload(key)
             return self.index
+        finally:
+            self._lock.release()
 
     async def current_async(self) -> SearchIndex:
         """current() for code on the event loop: a reload runs in a thread of its own, never on the loop
