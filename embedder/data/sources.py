@@ -283,14 +283,21 @@ def _list_tar(source: str, label_from: str | None = None) -> Listing:
                    ignored, {p: m for p, m, *_ in rows}, tarsrc.json_table(root, rows))
 
 
+DENSE_CLASS_LIMIT = 100_000  # class indices below it are kept as they are; see label_indices
+
+
 def label_indices(raw: list) -> tuple[np.ndarray, list[str]]:
-    """(labels, classes) of raw labels (None: unlabelled): class indices as they are where every
-    label is an integer >= 0, else indices into the sorted class names."""
+    """(labels, classes) of raw labels (None: unlabelled). Where every label is an integer >= 0 and
+    the largest is below DENSE_CLASS_LIMIT, the indices stay as they are (classes "0" .. max, so
+    a subset of ImageNet keeps ImageNet's indices); otherwise (names, or an index such as a taxon
+    id of 2,000,000,000) the classes are the distinct values seen, sorted (integers by value), and
+    the labels index them: a class index is a label, never a size to allocate."""
     given = [lab for lab in raw if lab is not None]
-    if given and all(isinstance(lab, int) and not isinstance(lab, bool) and lab >= 0 for lab in given):
+    ints = bool(given) and all(isinstance(lab, int) and not isinstance(lab, bool) for lab in given)
+    if ints and min(given) >= 0 and max(given) < DENSE_CLASS_LIMIT:
         return np.asarray([-1 if lab is None else lab for lab in raw], dtype=np.int64), [
             str(i) for i in range(max(given) + 1)]
-    classes = sorted({str(lab) for lab in given})
+    classes = [str(v) for v in sorted(set(given))] if ints else sorted({str(lab) for lab in given})
     index = {c: i for i, c in enumerate(classes)}
     return np.asarray([-1 if lab is None else index[str(lab)] for lab in raw], dtype=np.int64), classes
 
