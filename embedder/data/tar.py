@@ -21,9 +21,30 @@ has no `.json` object (nor `.txt`) hold nulls, and `has_metadata` is False for t
 The listing reads the tar headers once and records each image member's data offset, size
 and mtime (`TarMember`), so a reader seeks to one member and reads its bytes without
 extracting or re-scanning the shard. Shards are sorted, members kept in tar order, so two
-listings of the same shards give the same rows. A shard cut short keeps the members listed
-before the cut; a member whose data runs past the end of the file is a row that the reader
-records as an error ("truncated tar member").
+listings of the same shards give the same rows.
+
+Every member is accounted for (issue 25; docs/RELIABILITY.md, "Tar shards"):
+  * a damaged header is walked past to the next header that parses, and the bytes skipped are
+    an ignored entry `shard/@offset` ("damaged tar header ... a member there is lost");
+  * a member whose data runs past the end of the file (a shard cut short, or a damaged size)
+    is a row that the reader records as an error ("truncated tar member"), and the walk goes on
+    inside its data; a member over MAX_MEMBER_BYTES is refused unread, a label member over
+    MAX_LABEL_BYTES ignored unread: no header's size is ever allocated;
+  * one row per member name (normalised: `./a.jpg` is `a.jpg`): the *last* member of a name,
+    as `tar -x` leaves on disk, with the label of the last member of its label's name; earlier
+    ones are ignored ("replaced by a later member of the same name");
+  * a hard or symbolic link is resolved within the shard: to an image member that is a row it is
+    ignored as the same bytes; to another regular member it is a row with that member's bytes;
+    to nothing in the shard, or a loop, it is ignored with the reason. Directory, FIFO, device
+    and sparse members are ignored with their kind (directories without an image name silently:
+    they are folders, not files);
+  * a shard that cannot be opened at all (empty, not a tar, unreadable) refuses the run, naming
+    it: it most often means the wrong SOURCE or a shard still being written, and a listing that
+    left a whole shard out would store a cache that looks complete. Remove or repair it and run
+    again; the rows already cached are kept.
+
+A `{a..b}` pattern is counted before it is expanded (more than MAX_SHARDS shards are refused)
+and its shards are looked at in order, the first missing one refusing the run.
 """
 
 from __future__ import annotations
