@@ -49,8 +49,9 @@ def measure(n: int, pythonpath: str | None = None) -> dict:
     """One N in a fresh process; `pythonpath`: another checkout's embedder (a before/after comparison)."""
     env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
     with tempfile.TemporaryDirectory() as tmp:
+        # cwd: the temporary folder, so that `-c` does not put this checkout first on sys.path
         out = subprocess.run([sys.executable, "-c", ONE, str(n), f"{tmp}/c.h5"], check=True, capture_output=True,
-                             text=True, env=env)
+                             text=True, env=env, cwd=tmp)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

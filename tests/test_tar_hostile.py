@@ -14,6 +14,7 @@ import pytest
 from embedder.cache.reader import FeatureCache
 from embedder.cli.main import main
 from embedder.data.sources import label_indices, list_source
+from embedder.data.table import TableColumns
 from embedder.data.tar import DAMAGED, MAX_LABEL_BYTES, MAX_MEMBER_BYTES, REPLACED, SAME_MEMBER, expand_braces
 from embedder.errors import BadImageError, SourceError
 from tests.conftest import cli_args, fast_config, make_tree
@@ -184,6 +185,13 @@ def test_label_indices_keep_small_indices_and_never_allocate_by_the_largest():
     assert list(labels) == [0, 2, -1] and classes == ["0", "1", "2"]  # a subset keeps its indices
     labels, classes = label_indices([10**18, 5, 10**18])
     assert classes == ["5", str(10**18)] and list(labels) == [1, 0, 1]
+
+
+def test_label_members_pair_by_normalised_name_and_drop_a_bom(tmp_path, images):
+    shard(tmp_path / "s.tar", [("./a.jpg", images[0]), ("a.txt", "\ufeffcat".encode()), ("b.jpg", images[1]),
+                               ("./b.txt", b"dog")])
+    listing = list_source(tmp_path / "s.tar", columns=TableColumns(label="txt"))
+    assert [listing.classes[i] for i in listing.labels] == ["cat", "dog"]
 
 
 def test_trailing_garbage_after_the_archive_is_recorded(tmp_path, images):

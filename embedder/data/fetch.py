@@ -344,12 +344,12 @@ def _attempt(http, url: str, s: FetchSettings, end: float) -> tuple[Fetched, str
             raise _expired(watch, s) or BadImageError(_describe(exc, s)) from None
         try:
             return _response(r, url, s, end), r.headers.get("Content-Type", "")
-        except HTTPError as exc:
-            raise _expired(watch, s) or _Retryable(f"download failed: {_one_line(exc)}") from None
-        except BaseException:
+        except BaseException as exc:
             # A body not read to its end must not go back to the pool: the next request on that
             # connection would read the rest of this one.
             r.close()
+            if isinstance(exc, HTTPError):  # a body urllib3 cannot decode, a bad length ...
+                raise _expired(watch, s) or _Retryable(f"download failed: {_one_line(exc)}") from None
             raise
         finally:
             r.release_conn()

@@ -213,8 +213,8 @@ def _shard_rows(tar, name: str, rel: str, infos: dict, is_image, label_from, ign
     extras: dict[str, dict] = {}  # key -> {"txt": caption, "cls": index} not taken as the label
     # Each member's bytes are one row: an image member's own, else the first image-named link's.
     claimed = {id(i): i.name for i in infos.values() if i.isreg() and is_image(i.name)}
-    for info in infos.values():
-        key, ext = sample_key(info.name), info.name.rsplit(".", 1)[-1].lower()
+    for norm, info in infos.items():
+        key, ext = sample_key(norm), info.name.rsplit(".", 1)[-1].lower()  # `./a.jpg` and `a.cls`: one sample
         wanted = is_image(info.name) or ext in LABEL_EXTENSIONS
         data, why = _regular(info, infos) if wanted or not info.isdir() else (None, None)
         if data is None:
@@ -317,7 +317,7 @@ def _read_label_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, ke
 def _text(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str | None:
     f = tar.extractfile(info)
     try:
-        return f.read().decode("utf-8").strip() if f is not None else ""
+        return f.read().decode("utf-8-sig").strip() if f is not None else ""  # -sig: a BOM is not the label
     except (UnicodeDecodeError, tarfile.TarError, OSError):
         return None
 
