@@ -343,7 +343,7 @@ def _attempt(http, url: str, s: FetchSettings, end: float) -> tuple[Fetched, str
         except HTTPError as exc:
             raise _expired(watch, s) or BadImageError(_describe(exc, s)) from None
         try:
-            return _response(r, url, s, end), r.headers.get("Content-Type", "")
+            return _response(r, s, end), r.headers.get("Content-Type", "")
         except BaseException as exc:
             # A body not read to its end must not go back to the pool: the next request on that
             # connection would read the rest of this one.
@@ -355,7 +355,7 @@ def _attempt(http, url: str, s: FetchSettings, end: float) -> tuple[Fetched, str
             r.release_conn()
 
 
-def _response(r, url: str, s: FetchSettings, end: float) -> Fetched:
+def _response(r, s: FetchSettings, end: float) -> Fetched:
     if r.status in RETRY_STATUSES:
         raise _Retryable(_status(r.status), status=True, retry_after=retry_after(r.headers.get("Retry-After")))
     if r.status >= 400:
@@ -369,7 +369,7 @@ def _response(r, url: str, s: FetchSettings, end: float) -> Fetched:
     if length is not None and length > s.max_bytes:
         raise BadImageError(f"download of {length:,} bytes is over the --max-download-mb cap "
                             f"({s.max_bytes / 2**20:g} MB)")
-    return Fetched(_body(r, url, s, end, length), _last_modified(r.headers.get("Last-Modified")))
+    return Fetched(_body(r, s, end, length), _last_modified(r.headers.get("Last-Modified")))
 
 
 def retry_after(header: str | None) -> float | None:
@@ -401,7 +401,7 @@ def _expired(watch: _Watch, s: FetchSettings) -> Exception | None:
     return _Retryable(f"no complete answer within {s.timeout * DEADLINE_FACTOR:g} s (connect to last byte)")
 
 
-def _body(r, url: str, s: FetchSettings, end: float, length: int | None) -> bytes:
+def _body(r, s: FetchSettings, end: float, length: int | None) -> bytes:
     """The response's body within the cap and the deadline; _Retryable where it is cut short or too slow."""
     from urllib3.exceptions import ProtocolError, ReadTimeoutError
 

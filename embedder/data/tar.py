@@ -123,7 +123,8 @@ def is_tar_source(source: str) -> bool:
 
 def expand_braces(pattern: str) -> list[str]:
     """`shards/{00000..00002}.tar` -> the three names; zero padding kept from the wider bound."""
-    return list(_expand(pattern, _brace_count(pattern)))
+    _brace_count(pattern)
+    return list(_expand(pattern))
 
 
 def _brace_count(pattern: str) -> int:
@@ -144,7 +145,7 @@ def _brace_count(pattern: str) -> int:
     return count
 
 
-def _expand(pattern: str, count: int = 0):
+def _expand(pattern: str):
     """The pattern's names, one at a time (a pattern checked by _brace_count)."""
     m = _BRACE.search(pattern)
     if m is None:
@@ -165,7 +166,7 @@ def shard_files(source: str) -> tuple[Path, list[Path]]:
         count = _brace_count(source)
         folders = functools.lru_cache(maxsize=1024)(lambda d: Path(d).expanduser().resolve())
         shards = []
-        for name in _expand(source, count):
+        for name in _expand(source):
             folder, _, base = name.rpartition("/")
             shard = folders(folder or ".") / base
             if not shard.is_file():
