@@ -35,6 +35,7 @@ BENCHMARKS = {
                    "without the deadlines",
     "map": "the service's /map page at 100k points: embedder map time, /map/points size, Chromium load and draw",
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",
+    "errors": "the errors table of a listing of mostly missing files: writer time and added RSS at N .. 8 N rows",
 }
 
 
