@@ -547,7 +547,7 @@ def dedup(config, args) -> dict:
         return {"path": paths[r], "keep": None, **({"cache": "other" if r >= n else "cache"} if config.against else {})}
 
     doc = {"threshold": config.threshold, "metric": config.metric, "kind": found.kind, "pairs": found.pairs,
-           "against": config.against, "keep": config.keep, "groups": []}
+           "against": config.against, "keep": config.keep, "large_groups": found.large_groups, "groups": []}
     for g, keep in zip(found.groups, found.keep):
         doc["groups"].append([{**entry(r), "keep": r in keep} for r in g])
     if _as_json(args):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from embedder.curate import neighbours as nb
 from embedder.curate.config import CurateConfig
 from embedder.data.rows import row_location
 from embedder.data.splits import folder_splits
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, EmbedderNotice
 from embedder.learn.train import same_feature_space
 from embedder.names import display_path
-from embedder.search.dedup import duplicate_pairs, keep_of, pair_groups, row_sizes
+from embedder.search.dedup import (anchored_groups, duplicate_pairs, keep_order, large_group_limit,
+                                   large_group_notice, row_sizes)
 from embedder.search.kinds import prepare
 
 SCORE_COLUMNS = ("path", "split", "given_label", "suggested_label", "label_quality", "label_issue",
@@ -207,17 +209,26 @@ def _duplicate_scores(config: CurateConfig, data: _Data, Xn: np.ndarray, cols: d
         for start in range(0, n, nb.BLOCK_ROWS):
             yield start, Xn[start : start + nb.BLOCK_ROWS]
 
-    pairs, kind = duplicate_pairs(blocks, n, Xn.shape[1], config.duplicate_threshold, "cosine", seed=config.seed)
-    groups = pair_groups(pairs, n)
-    group, keep = np.full(n, -1, np.int64), np.zeros(n, bool)
+    pairs, kind = duplicate_pairs(blocks, n, Xn.shape[1], config.duplicate_threshold, "cosine", seed=config.seed,
+                                  progress=config.progress)
+    members = np.unique(pairs)
+    order = keep_order(members, data.paths, data.sizes(members) if config.keep == "largest" else None)
+    groups, kept = anchored_groups(pairs, order)  # every dropped row matches its group's kept row
+    group, keep = np.full(n, -1, np.int64), np.ones(n, bool)
     for g, members in enumerate(groups):
         group[members] = g
-        keep[keep_of(members, data.paths, data.sizes(members) if config.keep == "largest" else None)] = True
-    keep[group < 0] = True
+        keep[members] = False
+    keep[kept] = True
     cols["duplicate_group"], cols["duplicate_keep"] = group, keep
+    limit = large_group_limit(n)
+    large = [len(g) for g in groups if len(g) > limit]
+    if large:
+        warnings.warn(large_group_notice(large, limit, config.duplicate_threshold, "cosine",
+                                         data.paths[kept[0]]).replace("--threshold", "--duplicate-threshold"),
+                      EmbedderNotice, stacklevel=2)
     return {"threshold": config.duplicate_threshold, "kind": kind, "groups": len(groups),
             "rows_in_groups": int((group >= 0).sum()), "to_drop": int((~keep).sum()), "keep": config.keep,
-            "largest_groups": [[cols["path"][r] for r in g] for g in groups[:TOP]]}
+            "large_groups": len(large), "largest_groups": [[cols["path"][r] for r in g] for g in groups[:TOP]]}
 
 
 def _split_counts(data: _Data) -> dict | None:
