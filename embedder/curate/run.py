@@ -32,8 +32,14 @@ from embedder.data.splits import folder_splits
 from embedder.errors import ConfigError, EmbedderNotice
 from embedder.learn.train import same_feature_space
 from embedder.names import display_path
-from embedder.search.dedup import (anchored_groups, duplicate_pairs, keep_order, large_group_limit,
-                                   large_group_notice, row_sizes)
+from embedder.search.dedup import (
+    anchored_groups,
+    duplicate_pairs,
+    keep_order,
+    large_group_limit,
+    large_group_notice,
+    row_sizes,
+)
 from embedder.search.kinds import prepare
 
 SCORE_COLUMNS = ("path", "split", "given_label", "suggested_label", "label_quality", "label_issue",
