@@ -605,7 +605,8 @@ def plot(config, args) -> Path:
     from embedder.search.plots import plot_space
 
     out = config.out or str(Path(config.cache).with_suffix(f".{config.method}.png"))
-    path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, layer=config.layer)
+    path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, layer=config.layer,
+                      progress=config.progress)
     print(f"wrote {path}")
     return path
 

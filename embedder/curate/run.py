@@ -32,14 +32,8 @@ from embedder.data.splits import folder_splits
 from embedder.errors import ConfigError, EmbedderNotice
 from embedder.learn.train import same_feature_space
 from embedder.names import display_path
-from embedder.search.dedup import (
-    anchored_groups,
-    duplicate_pairs,
-    keep_order,
-    large_group_limit,
-    large_group_notice,
-    row_sizes,
-)
+from embedder.progress import stage
+from embedder.search.dedup import anchored_groups, dedup_notices, duplicate_pairs, keep_order, row_sizes
 from embedder.search.kinds import prepare
 
 SCORE_COLUMNS = ("path", "split", "given_label", "suggested_label", "label_quality", "label_issue",
@@ -79,7 +73,8 @@ def run_curate(config: CurateConfig) -> dict:
         if config.gallery:
             from embedder.curate.gallery import write_gallery
 
-            write_gallery(tmp / "gallery.html", columns, data.files, summary, config.gallery)
+            with stage("curate: gallery", enabled=config.progress):
+                write_gallery(tmp / "gallery.html", columns, data.files, summary, config.gallery)
         summary["out"] = str(config.out)
         summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["summary.json"]
         summary["wall_s"] = time.perf_counter() - t0
@@ -125,12 +120,14 @@ def _score(config: CurateConfig, data: _Data) -> tuple[dict, dict]:
                                "given_label": [data.classes[c] if c >= 0 else "" for c in data.labels]}
     summary = {"cache": str(config.cache), "rows": n, "labelled": int((data.labels >= 0).sum()),
                "classes": len(data.classes), "splits": _split_counts(data), "split_how": data.split_how}
-    summary["label_mistakes"] = _label_scores(config, data, cols)
+    with stage(f"curate: label mistakes ({config.folds}-fold probe)", enabled=config.progress):
+        summary["label_mistakes"] = _label_scores(config, data, cols)
     Xn = prepare(data.X, "cosine")
-    sims, _ = nb.neighbours(Xn, max(config.k, 3), _index_search(config, data) if config.index else None)
-    cols["outlier_score"] = nb.outlier_scores(sims, config.k)
-    cols["uniqueness"] = nb.uniqueness(sims)
-    cols["representative"] = nb.representatives(Xn, data.labels, config.representatives, config.seed)
+    with stage("curate: neighbours, outliers, uniqueness, representatives", enabled=config.progress):
+        sims, _ = nb.neighbours(Xn, max(config.k, 3), _index_search(config, data) if config.index else None)
+        cols["outlier_score"] = nb.outlier_scores(sims, config.k)
+        cols["uniqueness"] = nb.uniqueness(sims)
+        cols["representative"] = nb.representatives(Xn, data.labels, config.representatives, config.seed)
     summary["outliers"] = {"k": min(config.k, n - 1), "top": _top(cols, np.argsort(-cols["outlier_score"]),
                                                                   "outlier_score")}
     summary["uniqueness"] = {"weights": list(nb.UNIQUENESS_WEIGHTS),
@@ -139,7 +136,8 @@ def _score(config: CurateConfig, data: _Data) -> tuple[dict, dict]:
         data.classes[c]: [cols["path"][r] for r in sorted(np.flatnonzero((data.labels == c) & (
             cols["representative"] > 0)), key=lambda r: cols["representative"][r])]
         for c in range(len(data.classes))}
-    summary["leaks"] = _leak_scores(config, data, Xn, cols)
+    with stage("curate: leaks", enabled=config.progress):
+        summary["leaks"] = _leak_scores(config, data, Xn, cols)
     summary["duplicates"] = _duplicate_scores(config, data, Xn, cols)
     return cols, summary
 
@@ -226,15 +224,13 @@ def _duplicate_scores(config: CurateConfig, data: _Data, Xn: np.ndarray, cols: d
         keep[members] = False
     keep[kept] = True
     cols["duplicate_group"], cols["duplicate_keep"] = group, keep
-    limit = large_group_limit(n)
-    large = [len(g) for g in groups if len(g) > limit]
-    if large:
-        warnings.warn(large_group_notice(large, limit, config.duplicate_threshold, "cosine",
-                                         data.paths[kept[0]]).replace("--threshold", "--duplicate-threshold"),
-                      EmbedderNotice, stacklevel=2)
+    large, notices = dedup_notices(groups, kept, n, config.duplicate_threshold, "cosine", data.paths,
+                                   "--duplicate-threshold")
+    for notice in notices:
+        warnings.warn(notice, EmbedderNotice, stacklevel=2)
     return {"threshold": config.duplicate_threshold, "kind": kind, "groups": len(groups),
             "rows_in_groups": int((group >= 0).sum()), "to_drop": int((~keep).sum()), "keep": config.keep,
-            "large_groups": len(large), "largest_groups": [[cols["path"][r] for r in g] for g in groups[:TOP]]}
+            "large_groups": large, "largest_groups": [[cols["path"][r] for r in g] for g in groups[:TOP]]}
 
 
 def _split_counts(data: _Data) -> dict | None:

@@ -95,6 +95,7 @@ class ProbeConfig:
     device: str = option("auto", help="auto, cpu or cuda[:N]")
     layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features); "
                                           "all = train on every layer and compare them")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)

@@ -22,6 +22,7 @@ from pathlib import Path
 from embedder.atomic import staged_dir, staged_file
 from embedder.cache.reader import FeatureCache
 from embedder.learn.config import ProbeConfig
+from embedder.progress import bar
 
 SWEEP_FILE = "sweep.json"
 
@@ -39,7 +40,8 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
     layers = cache_layers(config.cache)
     out = config.out_dir
     rows, reports = [], {}
-    with staged_dir(out) as tmp:
+    with staged_dir(out) as tmp, bar(desc="probe: layers", unit="layer", total=len(layers),
+                                     enabled=config.progress) as shown:
         for name, dim in layers.items():
             folder = _folder_name(name)
             layer_config = replace(config, layer=name, out=str(out / folder), plot=None)
@@ -51,6 +53,7 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
             rows.append({"layer": name, "dim": dim, "val_accuracy": report["val_accuracy"],
                          "test_accuracy": report["test_accuracy"], "chosen": report["chosen"],
                          "fit_s": report["fit_s"], "wall_s": report["wall_s"], "out": str(out / folder)})
+            shown.update(1)
         best = max(rows, key=lambda r: r["val_accuracy"])  # first of equals: the earlier layer
         plot = config.plot_path
         in_dir = plot.absolute().parent == out.absolute()

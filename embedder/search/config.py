@@ -187,6 +187,7 @@ class PlotConfig:
     out: str | None = option(None, path=True, help="PNG to write (default: CACHE.METHOD.png beside the cache)")
     max_points: int = option(5000, help="seeded sample of at most this many rows")
     layer: str | None = option(None, help=LAYER_HELP)
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)

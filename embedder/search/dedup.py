@@ -33,7 +33,8 @@ took; OTHER's rows are kept and CACHE's are the ones to drop.
 
 A group larger than max(LARGE_GROUP_ROWS, 1% of the rows) is unusual for near copies (a blank
 or uniform image, or a threshold too loose for the features): it is reported (a warning and
-`large_groups`), so nobody deletes a class by accident.
+`large_groups`), and so is a drop list of more than DROP_SHARE of the rows: nobody should
+delete a class, or most of a dataset, by accident.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ KEEP = ("largest", "first")
 TRAIN_PER_LIST = 40  # training rows per inverted list (faiss warns under 39)
 TRAIN_ITERATIONS = 10  # k-means iterations: the lists only need to keep near copies together
 LARGE_GROUP_ROWS = 50  # a group above max(this, 1% of the rows) is reported as unusually large
+DROP_SHARE = 0.2  # more than this share of the rows to drop is reported too
 
 
 @dataclass
@@ -120,21 +122,30 @@ def large_group_limit(rows: int) -> int:
     return max(LARGE_GROUP_ROWS, rows // 100)
 
 
-def large_group_notice(sizes: list[int], limit: int, threshold: float, metric: str, example: str) -> str:
-    """The warning for groups above `limit` rows (`sizes`: theirs), naming the largest one's kept row."""
-    looser = "raise --threshold" if metric == "cosine" else "lower --threshold"
-    return (f"{len(sizes)} near-duplicate group(s) hold more than {limit} rows (the largest {max(sizes)}, kept row "
-            f"{example}): near copies rarely come in such numbers. Look at them before deleting anything, or "
-            f"{looser} (now {threshold}).")
+def dedup_notices(groups: list[list[int]], kept: list[int], rows: int, threshold: float, metric: str,
+                  paths: list[str], flag: str = "--threshold") -> tuple[int, list[str]]:
+    """(groups above large_group_limit(rows), the notices to show): one for those groups, naming
+    the largest one's kept row, and one when more than DROP_SHARE of the rows would be dropped."""
+    limit = large_group_limit(rows)
+    sizes = [len(g) for g in groups if len(g) > limit]
+    looser = f"raise {flag}" if metric == "cosine" else f"lower {flag}"
+    out = []
+    if sizes:
+        out.append(f"{len(sizes)} near-duplicate group(s) hold more than {limit} rows (the largest {max(sizes)}, "
+                   f"kept row {paths[kept[0]]}): near copies rarely come in such numbers. Look at them before "
+                   f"deleting anything, or {looser} (now {threshold}).")
+    drop = sum(len(g) for g in groups) - len(groups)
+    if drop > DROP_SHARE * rows:
+        out.append(f"{drop} of {rows} rows ({100 * drop / rows:.0f}%) would be dropped as near duplicates: a threshold "
+                   f"of {threshold} may be too loose for these features ({looser}).")
+    return len(sizes), out
 
 
 def _flag_large(found: Duplicates, rows: int, threshold: float, metric: str, paths: list[str]) -> Duplicates:
-    limit = large_group_limit(rows)
-    sizes = [len(g) for g in found.groups if len(g) > limit]
-    found.large_groups = len(sizes)
-    if sizes:
-        warnings.warn(large_group_notice(sizes, limit, threshold, metric, paths[found.keep[0][0]]), EmbedderNotice,
-                      stacklevel=3)
+    found.large_groups, notices = dedup_notices(found.groups, [k[0] for k in found.keep], rows, threshold, metric,
+                                                paths)
+    for notice in notices:
+        warnings.warn(notice, EmbedderNotice, stacklevel=3)
     return found
 
 
@@ -171,12 +182,12 @@ def duplicate_pairs(blocks, n: int, dim: int, threshold: float, metric: str = "c
     `blocks()` yields (start row, vectors) afresh on each call: the indexed rows. Without
     `queries` the rows are searched against themselves and each pair comes once, i < j; with
     `queries` (same form) pair (q, j) holds a query row and an indexed row."""
-    from tqdm.auto import tqdm
+    from embedder.progress import bar as progress_bar
 
     used = dedup_kind(kind, n, dim, memory_budget)
     index = _build(blocks, n, dim, metric, used, nprobe, seed)
     found = []
-    bar = tqdm(desc="dedup", unit="row", disable=not progress)
+    bar = progress_bar(desc="dedup", unit="row", total=n if queries is None else None, enabled=progress)
     for start, x in (queries or blocks)():
         lims, _, ids = index.range_search(prepare(x, metric), threshold)
         q = np.repeat(np.arange(start, start + len(x), dtype=np.int64), np.diff(lims).astype(np.int64))
