@@ -915,6 +915,19 @@ def test_serve_flags_give_the_allowed_hosts():
     assert serve_parser().parse_args(["idx"]).max_upload_pixels is None  # the service's default applies
 
 
+def test_the_service_runs_one_way():
+    """`embedder serve` builds the app with create_app and runs it with run(); a second entry point
+    (serve.app.serve) was never called and had drifted from create_app's options (no runtime)."""
+    import inspect
+
+    from embedder.cli import commands
+    from embedder.serve import app
+
+    assert not hasattr(app, "serve")
+    source = inspect.getsource(commands.serve)
+    assert "create_app(" in source and "run(app" in source
+
+
 # ---------------------------------------------------------------- non-UTF-8 file names
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,7 +136,7 @@ def test_appending_urls_fetches_only_the_new_ones(tmp_path, server, images):
     assert all(server.hits[f"/img/{n}"] == 1 for n in names)
 
 
-def test_keep_downloads_writes_each_body_once_and_reads_it_back_without_the_server(tmp_path, images):
+def test_keep_downloads_writes_each_body_once_and_reads_it_back_without_the_server(tmp_path, images, capsys):
     names = sorted(os.listdir(images))
     keep = tmp_path / "kept"
     with LoopbackServer(images) as srv:
@@ -145,8 +146,17 @@ def test_keep_downloads_writes_each_body_once_and_reads_it_back_without_the_serv
         path = kept_path(keep, url)
         assert path is not None and path.read_bytes() == (images / name).read_bytes()
         assert path.name.startswith(url_hash(url)) and path.suffix == os.path.splitext(name)[1]
+        h = url_hash(url)  # the layout --keep-downloads' help and the README describe
+        assert path == keep / h[:2] / f"{h}{os.path.splitext(name)[1]}"
     manifest = (keep / "urls.tsv").read_text().splitlines()
     assert sorted(line.split("\t")[1] for line in manifest) == sorted(urls)
+    assert {line.split("\t")[0] for line in manifest} == {kept_path(keep, u).relative_to(keep).as_posix() for u in urls}
+    from embedder.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    assert "DIR/<h[:2]>/<h><.ext>" in " ".join(capsys.readouterr().out.split())
+    assert "`DIR/<h[:2]>/<h><.ext>`" in (Path(__file__).parents[1] / "README.md").read_text()
     # The server is gone: a second model's run reads every row from the kept files.
     report = embed(fast_config(tmp_path / "urls.txt", tmp_path / "second.h5", keep_downloads=str(keep),
                                fetch_retries=0, fetch_timeout=0.2))

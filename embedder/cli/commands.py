@@ -385,6 +385,7 @@ def index_update(config, args) -> dict:
     for advice in report["advice"]:
         print(f"  a rebuild would be better: {advice}. Rebuild without --update: "
               f"`embedder index {config.cache} --out {config.out}`.")
+    return report
 
 
 def remove(config, args) -> dict:
