@@ -17,7 +17,7 @@ from embedder.options import check_choices, from_table, int_or_auto, option, par
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))  # the probe's C sweep (embedder.learn.probe)
 KNN_VOTE = "knn-vote"  # DINOv2's weighted k-NN vote (embedder.learn.knn)
-DEFAULT_KS = (10, 20, 100, 200)  # the k the vote compares (DINOv2's eval/knn.py)
+DEFAULT_KS = (1, 3, 5, 10, 20, 50, 100, 200)  # DINOv2's 10, 20, 100, 200 and the small k a small train split needs
 ALL_LAYERS = "all"  # --layer all: the layer sweep (embedder.learn.sweep)
 SCHEDULES = ("step", "cosine")
 HEADS = ("linear", "mlp")
