@@ -25,6 +25,15 @@ class CacheError(EmbedderError):
     """The feature cache is unreadable, incomplete or locked."""
 
 
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    """" Did you mean 'x'?" for the known names closest to a mistyped one (difflib), else "": the one
+    spelling of a suggestion for models, flags, pipeline keys, layers and columns alike."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
+
+
 def _shown(value: object) -> str:
     """A fingerprint component as a mismatch message shows it; one only one side records
     (e.g. compile) is "not set"."""
@@ -46,6 +55,11 @@ class CacheMismatchError(CacheError):
 
 class AllImagesFailedError(EmbedderError):
     """Every image of a run failed to decode: almost certainly the wrong SOURCE."""
+
+
+class PartialFailureError(EmbedderError):
+    """Some parts of a command failed (a query image that does not read, among others that do): what
+    succeeded is printed or written, and the command still exits non-zero, so scripts and pipelines stop."""
 
 
 class EmbedderNotice(UserWarning):

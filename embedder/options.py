@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, did_you_mean
 
 METADATA_KEY = "embedder.option"
 
@@ -52,6 +52,7 @@ class Option:
     group: str | None = None  # argparse group title
     exclusive: str | None = None  # name of a mutually exclusive group (see REQUIRED_GROUPS)
     nargs: str | None = None  # a tuple flag that takes its values at once (`--only a b`), not repeated
+    aliases: tuple[str, ...] = ()  # other spellings of the flag (`-k` and `--top-k` in every command)
 
 
 def option(default: Any = dataclasses.MISSING, **kwargs) -> Any:
@@ -78,6 +79,11 @@ class _Spec:
     @property
     def flag(self) -> str:
         return self.option.inverse or self.option.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def key(self) -> str:
+        """The pipeline TOML key: the flag's name (`--dtype` -> dtype, `-k` -> k); a positional's field name."""
+        return self.name if self.option.positional else self.flag.lstrip("-").replace("-", "_")
 
 
 def specs(cls) -> list[_Spec]:
@@ -131,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
 
 
 def _names(spec: _Spec) -> list[str]:
-    return [spec.name] if spec.option.positional else [spec.flag]
+    return [spec.name] if spec.option.positional else [spec.flag, *spec.option.aliases]
 
 
 def _argparse_kwargs(spec: _Spec) -> dict:
@@ -228,24 +234,49 @@ def _tokens(spec: _Spec, value) -> list[str]:
 def from_table(cls, table: dict, base_dir: Path | None, what: str):
     """A config from a pipeline TOML table: unknown keys and missing required keys are refused by
     name; path options are resolved against `base_dir`; strings are parsed like the CLI's."""
-    known = {s.name: s for s in specs(cls) if s.option.toml}
-    unknown = sorted(set(table) - set(known))
+    declared = [s for s in specs(cls) if s.option.toml]
+    known = {s.key: s for s in declared}
+    legacy = {s.name: s for s in declared if s.name not in known}  # keys of pipelines written before (feature_dtype)
+    unknown = sorted(set(table) - set(known) - set(legacy))
     if unknown:
-        raise ConfigError(f"Unknown {what} setting(s) {unknown}. Known: {sorted(known)}.")
-    missing = [name for name, s in known.items() if s.required and name not in table]
+        raise ConfigError(f"Unknown {what} setting {unknown[0]!r}.{did_you_mean(unknown[0], known)} "
+                          f"Known: {', '.join(sorted(known))}.")
+    given = {(known.get(k) or legacy[k]).name for k in table}
+    missing = [key for key, s in known.items() if s.required and s.name not in given]
     if missing:
         raise ConfigError(f"The {what} step needs {', '.join(missing)}.")
     values = {}
-    for name, value in table.items():
-        spec = known[name]
+    for key, value in table.items():
+        spec = known.get(key) or legacy[key]
+        name = spec.name
         if spec.many:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         if spec.option.parse and isinstance(value, str) and spec.kind is not str:
-            value = spec.option.parse(value)
+            try:
+                value = spec.option.parse(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{what} setting {key}: {exc}") from None
+        _check_type(spec, key, value, what)
         if spec.option.path and base_dir is not None:
             value = _resolved(value, spec.option.path, base_dir)
         values[name] = value
     return _build(cls, values, what)
+
+
+_TOML_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_type(spec: _Spec, key: str, value, what: str) -> None:
+    """A TOML value of the wrong type is the user's mistake (exit 2), not a crash deeper down."""
+    kind = spec.kind
+    if kind not in _TOML_TYPES or value is None:
+        return
+    items = value if spec.many or (spec.option.repeat and isinstance(value, list)) else (value,)
+    for item in items:
+        ok = isinstance(item, kind) and not (kind is int and isinstance(item, bool))
+        ok = ok or (kind is float and isinstance(item, int) and not isinstance(item, bool))
+        if not ok and not (item is None and spec.optional):
+            raise ConfigError(f"{what} setting {key} must be {_TOML_TYPES[kind]}, got {item!r}.")
 
 
 def _resolved(value, path, base_dir: Path):
@@ -270,13 +301,14 @@ def _build(cls, values: dict, what: str):
 
 
 def int_or_auto(value: str) -> int | None:
-    """`auto` -> None (the config resolves it), else an integer."""
+    """`auto` -> None (the config resolves it), else an integer. A ConfigError (exit 2) on the command
+    line (as argparse's usage error) and in a pipeline TOML alike."""
     if value == "auto":
         return None
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+        raise ConfigError(f"expected an integer or auto, got {value!r}") from None
 
 
 def parse_size(text: str) -> int:
@@ -287,6 +319,16 @@ def parse_size(text: str) -> int:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except (ValueError, KeyError):
         raise ConfigError(f"Cannot read size {text!r}; write e.g. 512M or 4G.") from None
+
+
+OVERWRITE_HELP = ("replace an output of this command's kind at --out that was made from other inputs or another "
+                  "configuration (one made from the same inputs is rebuilt without it; anything embedder did not "
+                  "write is never replaced: README, Outputs)")
+
+
+def overwrite_option() -> Any:
+    """`--overwrite`, the same flag with the same meaning in every command that writes (embedder.outputs)."""
+    return option(False, help=OVERWRITE_HELP)
 
 
 def check_choices(cfg) -> None:

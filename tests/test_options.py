@@ -66,7 +66,7 @@ def test_pipeline_tables_parse_like_flags_and_resolve_paths(tmp_path):
 
 
 def test_unknown_and_missing_keys_are_refused_by_name():
-    with pytest.raises(ConfigError, match=r"Unknown index setting\(s\) \['budget'\]"):
+    with pytest.raises(ConfigError, match=r"Unknown index setting 'budget'\. Did you mean 'memory_budget'\?"):
         from_table(IndexConfig, {"cache": "c.h5", "out": "i", "budget": "1G"}, None, "index")
     with pytest.raises(ConfigError, match="The merge step needs out"):
         from_table(CONFIGS["merge"], {"cache": "c.h5"}, None, "merge")

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from embedder.data.metadata import as_kind, kind_of, null_of
-from embedder.errors import CacheError
+from embedder.errors import CacheError, did_you_mean
 
 GROUP = "columns"
 STR = h5py.string_dtype("utf-8")
@@ -67,7 +67,8 @@ def read_columns(f: h5py.File | h5py.Group, names=None, rows=None, what: str = "
     unknown = [n for n in names if n not in stored]
     if unknown:
         have = ", ".join(stored) if stored else "none (written before columns existed: re-embed to add them)"
-        raise CacheError(f"{what or f.file.filename} has no column {unknown[0]!r}; its columns: {have}.")
+        raise CacheError(f"{what or f.file.filename} has no column {unknown[0]!r}.{did_you_mean(unknown[0], stored)} "
+                         f"Its columns: {have}.")
     out = {}
     for name in names:
         ds = f[f"{GROUP}/{name}"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.options import check_choices, option, positive
+from embedder.options import check_choices, option, overwrite_option, positive
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class MergeConfig:
     cache: str = option(positional=True, path=True,
                         help="the sharded cache OUT.h5 (a virtual view), or its OUT.h5.shards folder")
     out: str = option(path=True, help="single HDF5 cache to write")
-    overwrite: bool = option(False, help="replace --out if it exists")
+    overwrite: bool = overwrite_option()
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ExportVectorsConfig:
     layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features)")
     rows_per_file: int = option(1_000_000, help="npy: rows per img_emb_{i}.npy part")
     block_rows: int = option(8192, help="rows read and written at a time (a Parquet row group): what memory holds")
-    overwrite: bool = option(False, help="replace --out if it exists")
+    overwrite: bool = overwrite_option()
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
@@ -51,7 +51,7 @@ class ImportVectorsConfig:
                                 help="the folder the rows' paths are relative to (default: the one the export "
                                      "recorded, else the input)")
     block_rows: int = option(8192, help="rows read and committed at a time")
-    overwrite: bool = option(False, help="replace --out if it exists")
+    overwrite: bool = overwrite_option()
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):

@@ -62,8 +62,9 @@ from embedder.cache.schema import (  # noqa: F401 - re-exported
     SCHEMA_VERSION,
     SHARDS_SUFFIX,
 )
-from embedder.errors import CacheError, EmbedderError
+from embedder.errors import CacheError, ConfigError, EmbedderError
 from embedder.names import ERRORS as NAME_ERRORS
+from embedder.outputs import CACHE, expect
 
 STR = h5py.string_dtype("utf-8")
 
@@ -79,6 +80,9 @@ class CacheSpec:
     command: str = ""
     layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
     columns: dict[str, str] = field(default_factory=dict)  # metadata columns: {name: kind} (embedder.data.metadata)
+    # {graph node: the name a person uses for it} (Lite0's global_pool.flatten is `avgpool`): shown
+    # beside node names; not part of the fingerprint, so caches written before it compare equal.
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def extra_layers(self) -> dict[str, int]:
@@ -133,7 +137,10 @@ class FeatureCache:
         """`layer` picks the layer of a multi-layer cache (None = the primary, /features)."""
         self.path = Path(path)
         if not self.path.is_file():
-            raise CacheError(f"No feature cache at {self.path}. Create it with `embedder embed SOURCE --out {path}`.")
+            try:
+                expect(self.path, CACHE)  # says what is there instead: an index folder, a user's folder
+            except ConfigError as exc:
+                raise CacheError(str(exc)) from None
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
@@ -259,7 +266,18 @@ class FeatureCache:
         attrs = self._f.attrs
         layers = json.loads(attrs["layers"]) if "layers" in attrs else {}
         return CacheSpec(self.file_components, self.source, int(attrs["feature_dim"]), str(attrs["layout"]),
-                         str(attrs["command"]), layers, self.column_kinds)
+                         str(attrs["command"]), layers, self.column_kinds, self.aliases)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """{node: alias} of the layers this cache holds ({} for caches written before aliases were kept)."""
+        return json.loads(self._f.attrs.get("layer_aliases", "{}"))
+
+    def layer_label(self, node: str | None = None) -> str:
+        """A layer as a person names it, with the graph node beside it: `avgpool (global_pool.flatten)`."""
+        node = node or self.layer
+        alias = self.aliases.get(node)
+        return f"{alias} ({node})" if alias and alias != node else node
 
     @property
     def complete(self) -> bool:
@@ -374,6 +392,7 @@ def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
             "fingerprint": cache.file_fingerprint,
             "components": cache.file_components,
             "layers": cache.layers,
+            "layer_labels": {n: cache.layer_label(n) for n in (cache.layers or {cache.layer: cache.dim})},
             "columns": cache.column_kinds,
             "source": cache.source,
             "layout": str(cache.attrs["layout"]),

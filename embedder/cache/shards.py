@@ -54,6 +54,7 @@ from embedder.data.metadata import MetadataTable
 from embedder.data.rows import rows_root
 from embedder.data.sources import Listing
 from embedder.errors import CacheError, CacheMismatchError, ConfigError
+from embedder.outputs import CACHE, claim
 
 DEFAULT_SHARD_SIZE = 65536
 
@@ -408,6 +409,7 @@ def merge_cache(src, out, overwrite: bool = False, block_rows: int = 65536) -> i
 
     Written by `CacheWriter`, so the merge is itself crash-safe and resumable, and the result is
     the file a local run would have written, every layer included. Returns the rows written."""
+    claim(out, CACHE)  # before the shards are read (embedder.outputs)
     view, temporary = _view_of(src)
     try:
         with FeatureCache(view) as cache:

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.atomic import staged_dir
 from embedder.cache.reader import FeatureCache
 from embedder.data.metadata import INT_NULL, MATCHED
 from embedder.data.rows import row_location
 from embedder.errors import ConfigError
 from embedder.names import ERRORS as NAME_ERRORS
+from embedder.outputs import CACHE, VECTORS, claim, expect, write_dir
 
 FORMATS = ("parquet", "npy")
 PARQUET_FILE = "embeddings.parquet"
@@ -92,15 +92,16 @@ def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None =
                    rows_per_file: int = DEFAULT_ROWS_PER_FILE, block_rows: int = DEFAULT_BLOCK_ROWS,
                    overwrite: bool = False, progress: bool = True) -> VectorsReport:
     """Write the rows of a cache (one layer) into the folder `out`, block by block (module docstring).
-    `out` is staged and swapped in whole; an existing `out` is refused unless `overwrite`."""
+    `out` is staged and swapped in whole, under the output policy (embedder.outputs)."""
     from embedder.progress import bar as progress_bar
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     t0 = time.perf_counter()
-    with FeatureCache(cache_path, layer=layer) as cache, staged_dir(out) as tmp:
-        if Path(out).exists() and not overwrite:
-            raise ConfigError(f"{out} exists. Use --overwrite to replace it, or choose another --out.")
+    expect(cache_path, CACHE)
+    claim(out, VECTORS, [cache_path], overwrite)  # before the cache is read
+    with FeatureCache(cache_path, layer=layer) as cache, \
+            write_dir(out, VECTORS, [cache_path], overwrite) as (tmp, _):
         bar = progress_bar(total=len(cache), unit="row", desc="export", enabled=progress)
         with bar:
             writer = _write_parquet if fmt == "parquet" else _write_npy
@@ -285,6 +286,7 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
     from embedder.progress import bar as progress_bar
 
     t0 = time.perf_counter()
+    claim(out, CACHE)  # before the inputs are read (embedder.outputs)
     pieces = find_pieces(inputs)
     rows = _rows_of(_metadata_table(pieces), ", ".join(inputs))
     sidecar = _sidecar_of(inputs)

@@ -133,6 +133,8 @@ def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignore
     f.attrs["feature_dtype"] = spec.feature_dtype
     if spec.layers:
         f.attrs["layers"] = json.dumps(spec.layers)  # {name: width}, the primary (/features) first
+    if spec.aliases:
+        f.attrs["layer_aliases"] = json.dumps(spec.aliases)  # {node: alias}, for display only
     f.attrs["committed_rows"] = rows
     f.attrs["complete"] = complete
     f.attrs["command"] = spec.command

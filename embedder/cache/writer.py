@@ -49,6 +49,7 @@ from embedder.cache.view import Member, link_primary, write_attrs, write_errors,
 from embedder.data.metadata import as_kind, nulls
 from embedder.errors import CacheError, CacheMismatchError, DiskFullError
 from embedder.names import decode_path, encode_path
+from embedder.outputs import CACHE, claim
 
 
 @dataclass
@@ -132,6 +133,8 @@ class CacheWriter:
             self._lock = WriteLock(self.path)
             self._lock.acquire()
         try:
+            # Whatever --overwrite says, only a feature cache is ever replaced (embedder.outputs).
+            claim(self.path, CACHE)
             # We hold the lock: any temporary file of this cache is a dead run's.
             remove_leftovers(self.path)
             remove_leftovers(self.partial)

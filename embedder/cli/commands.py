@@ -117,6 +117,7 @@ def stylize(config, args):
 def embed(config, args, ray_options=None):
     """`args.lock`: the cache's write lock, taken before the config was even built."""
     lock, command = getattr(args, "lock", None), getattr(args, "command_line", None)
+    _check_embed_paths(config)
     if getattr(args, "backend", "local") == "ray" or ray_options is not None:
         from embedder.extract.config import RayOptions
         from embedder.extract.ray import embed_ray
@@ -130,6 +131,20 @@ def embed(config, args, ray_options=None):
         report = run(config, command=command, lock=lock)
     print_json(report.as_dict()) if _as_json(args) else print(report.summary())
     return report
+
+
+def _check_embed_paths(config) -> None:
+    """SOURCE and --out, checked before torch is imported (seconds): a typo is refused as fast as `info` answers."""
+    import os
+
+    from embedder.errors import SourceError
+    from embedder.outputs import CACHE, claim
+
+    if "{" not in config.source and not os.path.lexists(config.source):
+        raise SourceError(f"SOURCE {config.source} does not exist. Pass an image folder, a .txt/.csv file list, "
+                          "a table, a .tar shard, a folder of .tar shards or a pattern such as "
+                          "shards/{00000..00099}.tar.")
+    claim(config.out, CACHE)
 
 
 def merge(config, args) -> int:
@@ -186,13 +201,16 @@ def _info_text(doc: dict, config) -> str:
     lines = [f"{config.cache}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}",
              f"  fingerprint  {doc['fingerprint'][:16]}"]
     if len(doc["layers"]) > 1:
-        lines.append("  layers       " + ", ".join(f"{n} ({d})" for n, d in doc["layers"].items())
+        labels = doc.get("layer_labels", {})
+        lines.append("  layers       " + ", ".join(f"{labels.get(n, n)}: {d}" for n, d in doc["layers"].items())
                      + "  (the first is /features; pick one with --layer in probe, index, search)")
     order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
              "memory_layout", "runtime", "device_type", "feature_dtype"]
     for key, value in sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if key == "preprocessing":
             value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
+        elif key == "layer":
+            value = doc.get("layer_labels", {}).get(value, value)
         lines.append(f"  {key:<20} {value}")
     lines.append(f"  source       {doc['source']} ({doc['layout']})")
     if "shards" in doc:
@@ -282,7 +300,7 @@ def evaluate(config, args) -> dict:
 def export(config, args) -> Path:
     from embedder.learn.export import export_probe
 
-    path = export_probe(config.probe_dir, config.out, config.weights)
+    path = export_probe(config.probe_dir, config.out, config.weights, overwrite=config.overwrite)
     print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`")
     return path
 
@@ -296,7 +314,10 @@ def finetune(config, args):
 
 
 def expand_images(items) -> list[str]:
-    """Files as given, folders as their image files (sorted, recursively)."""
+    """Files as given, folders as their image files (sorted, recursively). Refused at once, before any
+    model is built, when none of them exists; a missing one among others becomes that image's error."""
+    import os
+
     from embedder.data.sources import is_image_name
     from embedder.errors import SourceError
 
@@ -309,7 +330,19 @@ def expand_images(items) -> list[str]:
             paths.append(str(item))
     if not paths:
         raise SourceError("No images given (files or folders of images).")
+    if not any(os.path.lexists(p) for p in paths):
+        raise SourceError(f"No such file: {paths[0]}" + (f" (nor any of the other {len(paths) - 1})"
+                                                         if len(paths) > 1 else "") + ".")
     return paths
+
+
+def _failed_part(errors, what: str, total: int) -> None:
+    """Exit non-zero when some of the inputs failed (they were printed with their reasons)."""
+    from embedder.errors import PartialFailureError
+
+    if errors:
+        raise PartialFailureError(f"{len(errors)} of {total} {what} could not be read (reasons above); "
+                                  "the others were answered.")
 
 
 def predict(config, args) -> list[dict]:
@@ -330,6 +363,7 @@ def predict(config, args) -> list[dict]:
                   + (f"\t({extra})" if extra else ""))
     if all("error" in r for r in results):
         raise AllImagesFailedError("None of the images could be read.")
+    _failed_part([r for r in results if "error" in r], "images", len(results))
     return results
 
 
@@ -347,13 +381,16 @@ def index(config, args) -> dict:
         print(f"no index at {config.out} yet: building one (later runs with --update add the new rows to it)")
     meta = build_index(config.cache, config.out, kind=config.kind, metric=config.metric,
                        memory_budget=config.memory_budget, target_recall=config.target_recall, seed=config.seed,
-                       progress=config.progress, on_disk=config.on_disk, layer=config.layer)
+                       progress=config.progress, on_disk=config.on_disk, layer=config.layer,
+                       overwrite=config.overwrite)
     if _as_json(args):
         print_json(meta)
         return meta
+    for note in meta["notes"]:
+        print(f"embedder: {note}", file=sys.stderr)
     knob = {k: v for k, v in meta["params"].items() if k in ("nprobe", "efSearch")}
     print(f"wrote {config.out}: {meta['kind']} index of {meta['ntotal']} x {meta['dim']} ({meta['metric']}) "
-          f"in {meta['build_s']:.1f} s, layer {meta['layer']}")
+          f"in {meta['build_s']:.1f} s, layer {meta.get('layer_label') or meta['layer']}")
     print(f"  why            {meta['why']}")
     print(f"  parameters     {meta['params']}")
     reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
@@ -410,8 +447,15 @@ def remove(config, args) -> dict:
 
 
 def search(config, args):
+    from embedder.outputs import PICTURE, claim
     from embedder.search.query import SearchIndex
 
+    # Everything a person can get wrong is checked before the index is opened and the model built.
+    for items in (config.image, config.negative):
+        if items:
+            expand_images(items)
+    if config.grid:
+        claim(config.grid, PICTURE, [config.index], config.overwrite, flag="--grid")
     index = SearchIndex.open(config.index, weights_path=config.weights, runtime=config.runtime)
     _check_layer(index, config)
     queries, errors = _run_queries(index, config)
@@ -430,9 +474,11 @@ def search(config, args):
     if config.grid:
         from embedder.search.plots import result_grid
 
-        result_grid(queries[:10], lambda h: index.image_path(h.id), config.grid)
+        result_grid(queries[:10], lambda h: index.image_path(h.id), config.grid, inputs=[config.index],
+                    overwrite=config.overwrite)
         if not _as_json(args):
             print(f"grid: {config.grid}")
+    _failed_part(errors, "query images", len(queries) + len(errors))
     return queries
 
 
@@ -602,14 +648,15 @@ def curate(config, args) -> dict:
     return doc
 
 
-def plot(config, args) -> Path:
+def plot(config, args) -> dict:
     from embedder.search.plots import plot_space
 
     out = config.out or str(Path(config.cache).with_suffix(f".{config.method}.png"))
-    path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, layer=config.layer,
-                      progress=config.progress)
-    print(f"wrote {path}")
-    return path
+    path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, seed=config.seed,
+                      layer=config.layer, overwrite=config.overwrite, progress=config.progress)
+    report = {"out": str(path), "cache": config.cache, "method": config.method, "seed": config.seed}
+    print_json(report) if _as_json(args) else print(f"wrote {path}")
+    return report
 
 
 def map_index(config, args) -> dict:
@@ -631,9 +678,31 @@ def map_index(config, args) -> dict:
 # -------------------------------------------------------------------------------- serve
 
 
+def _check_port(host: str, port: int) -> None:
+    """Bind the address once before anything is announced: a port in use is one line (exit 1), not
+    "serving ..." followed by uvicorn's own error."""
+    import errno
+    import socket
+
+    from embedder.errors import EmbedderError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            reason = {errno.EADDRINUSE: "is in use by another program", errno.EACCES: "needs more privileges",
+                      errno.EADDRNOTAVAIL: "is not an address of this machine"}.get(exc.errno, f"failed: {exc}")
+            error = EmbedderError(f"binding {host} port {port} {reason}: pass another --port or --host.")
+            error.exit_code = 1  # the machine's state, like the other OS errors
+            raise error from None
+
+
 def serve(config, args) -> None:
     from embedder.serve.app import allowed_hosts_for, create_app, run
 
+    _check_port(config.host, config.port)
     hosts = allowed_hosts_for(config.host, list(config.allowed_host))
     app = create_app(config.index, max_upload_bytes=config.max_upload_bytes, default_k=config.k,
                      weights_path=config.weights, allowed_hosts=hosts, max_pixels=config.max_upload_pixels,

@@ -21,6 +21,7 @@ from embedder.cli.failures import explain, show_notice
 from embedder.options import add_arguments, from_arguments
 
 EPILOG = "Docs: README.md. Every command has --help."
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a Unix tool whose reader left
 
 
 def _cfg(module: str, name: str) -> Callable[[], type]:
@@ -90,7 +91,7 @@ COMMANDS: dict[str, Command] = {
                       commands.curate, _cfg("embedder.curate.config", "CurateConfig"),
                       json="print the summary as JSON"),
     "plot": Command("2-D scatter of a cache coloured by label", commands.plot,
-                    _cfg("embedder.search.config", "PlotConfig")),
+                    _cfg("embedder.search.config", "PlotConfig"), json="print the report as JSON"),
     "map": Command("compute the 2-D map of an index that `serve` shows at /map (UMAP or PCA, stored as "
                    "INDEX_DIR/map.h5)", commands.map_index, _cfg("embedder.search.config", "MapConfig"),
                    json="print the report as JSON"),
@@ -139,7 +140,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     name = next((a for a in argv if a in COMMANDS), None)  # build only what this command needs
-    args = build_parser(only=name).parse_args(argv)
+    parser = build_parser(only=name)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unrecognized(parser, args.command, unknown)
     args.command_line = shlex.join(["embedder", *argv])  # what a cache records, to say how to resume it
     debug = args.debug or os.environ.get("EMBEDDER_DEBUG", "") not in ("", "0")
     warnings.showwarning = show_notice
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embedder: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
     except Exception as exc:  # the one place that turns any failure into one line
         if debug:
             raise
@@ -162,6 +168,26 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)
         return code
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """argparse's usage error (exit 2) for flags the command does not have, with the closest it has."""
+    from embedder.errors import did_you_mean
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [o for action in sub._actions for o in action.option_strings]
+    first = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=")[0]
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}.{did_you_mean(first, flags)}")
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (`embedder dedup ... | head -1`): end quietly, as a Unix tool
+    killed by SIGPIPE does (exit 128 + 13), with stdout pointed at /dev/null so that the interpreter's
+    own flush at exit finds nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_CLOSED_PIPE
 
 
 def _dispatch(args: argparse.Namespace) -> object:

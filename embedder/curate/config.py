@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.options import check_choices, option, positive
+from embedder.options import check_choices, option, overwrite_option, positive
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class CurateConfig:
                                                           "folders give the splits)")
     out: str = option(path=True, metavar="REPORT_DIR",
                       help="folder for scores.parquet, scores.csv, gallery.html and summary.json (replaced atomically)")
+    overwrite: bool = overwrite_option()
     index: str | None = option(None, path=True, metavar="INDEX_DIR",
                                help="take the neighbours from this cosine index of CACHE (`embedder index`) instead "
                                     "of building one")

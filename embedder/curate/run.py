@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.atomic import staged_dir
 from embedder.cache.reader import FeatureCache
 from embedder.curate import labels as mistakes
 from embedder.curate import neighbours as nb
@@ -32,6 +31,7 @@ from embedder.data.splits import folder_splits
 from embedder.errors import ConfigError, EmbedderNotice
 from embedder.learn.train import same_feature_space
 from embedder.names import display_path
+from embedder.outputs import CACHE, CURATE, claim, expect, write_dir
 from embedder.progress import stage
 from embedder.search.dedup import anchored_groups, dedup_notices, duplicate_pairs, keep_order, row_sizes
 from embedder.search.kinds import prepare
@@ -66,7 +66,9 @@ class _Data:
 def run_curate(config: CurateConfig) -> dict:
     """Score every row of the cache(s) and write REPORT_DIR; returns the summary."""
     t0 = time.perf_counter()
-    with staged_dir(config.out) as tmp, contextlib.ExitStack() as stack:
+    expect(config.cache, CACHE)
+    claim(config.out, CURATE, [config.cache], config.overwrite)  # before any cache is read
+    with write_dir(config.out, CURATE, [config.cache], config.overwrite) as (tmp, _), contextlib.ExitStack() as stack:
         data = _load(config, lambda p: stack.enter_context(FeatureCache(p, layer=config.layer)))
         columns, summary = _score(config, data)
         _write_scores(columns, tmp)
@@ -76,7 +78,7 @@ def run_curate(config: CurateConfig) -> dict:
             with stage("curate: gallery", enabled=config.progress):
                 write_gallery(tmp / "gallery.html", columns, data.files, summary, config.gallery)
         summary["out"] = str(config.out)
-        summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["summary.json"]
+        summary["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")) + ["summary.json"]
         summary["wall_s"] = time.perf_counter() - t0
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedder.atomic import staged_dir
+from embedder.outputs import SAMPLES as SAMPLE_DATASET
+from embedder.outputs import write_dir
 
 SAMPLES = ("digits", "lfw_subset", "photos")
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "logo")
@@ -61,7 +62,7 @@ def make_samples(out: str | os.PathLike = "data", only: list[str] | None = None)
         else:
             # Built in a temporary folder that replaces the target in one step: an interrupted
             # run leaves nothing half-made, and the next one removes its leftovers.
-            with staged_dir(target) as tmp:
+            with write_dir(target, SAMPLE_DATASET, flag="OUT") as (tmp, _):  # never over a folder of the user's
                 count = makers[name](tmp)
                 (tmp / ".complete").write_text(f"{count}\n")
             made.written[name] = count

@@ -18,8 +18,8 @@ from embedder.data.metadata import TABLE_SUFFIXES
 from embedder.data.sources import LAYOUTS
 from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
-from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
-from embedder.options import check_choices, from_table, int_or_auto, option, positive, to_arguments
+from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES, batch_size_for
+from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, positive, to_arguments
 
 ROW_OPTIONS = "what is embedded"
 # The EmbedConfig fields that are `load_backbone` keywords of the same name.
@@ -121,16 +121,14 @@ class EmbedConfig:
     retry_errors: bool = option(False, group=ROW_OPTIONS,
                                 help="read the rows of the cache's errors table again (downloads that timed out "
                                      "or were refused, files since repaired): each becomes a row or a newer error")
-    overwrite: bool = option(False, help="replace an existing cache with another configuration")
+    overwrite: bool = overwrite_option()
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         for name in ("extra_layers", "style_layers"):  # TOML gives lists
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         if self.batch_size is None:
-            from embedder.models.runtime import auto_batch_size
-
-            object.__setattr__(self, "batch_size", auto_batch_size(self.device))
+            object.__setattr__(self, "batch_size", batch_size_for(self.device))
         check_choices(self)
         if self.style_dim < 0:
             raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {self.style_dim}.")

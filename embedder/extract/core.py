@@ -47,6 +47,7 @@ from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
+from embedder.models.constants import batch_size_for
 from embedder.models.registry import Preprocessing, get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.names import display_path
@@ -228,7 +229,16 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
         layout=listing.layout,
         command=command,
         columns=column_kinds(metadata),
+        aliases=layer_aliases(backbone),
     )
+
+
+def layer_aliases(backbone: FrozenBackbone) -> dict[str, str]:
+    """{node: the model's first alias for it} of the layers this run stores (the name the README uses)."""
+    named: dict[str, str] = {}
+    for alias, node in backbone.spec.layer_aliases.items():
+        named.setdefault(node, alias)
+    return {node: named[node] for node in (backbone.outputs or {backbone.node: 0}) if node in named}
 
 
 def column_kinds(metadata: MetadataTable | None) -> dict[str, str]:
@@ -356,13 +366,16 @@ def require_rows(config: EmbedConfig, total_rows: int) -> None:
 
 
 def embed_images(
-    backbone: FrozenBackbone, paths: list[str | Path], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+    backbone: FrozenBackbone, paths: list[str | Path], batch_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Features for image files, in memory, with the same reader as `embed`.
+    """Features for image files, in memory, with the same reader as `embed`
+    (`batch_size` None: `--batch-size auto`'s, for the backbone's device).
 
     Returns (features [n_ok, D], errors [(path, reason)]); rows follow `paths`, minus failures.
     """
     rows = np.arange(len(paths), dtype=np.int64)
+    batch_size = batch_size or batch_size_for(str(backbone.device))
     reader = BatchReader(Path("."), [str(p) for p in paths], rows, batch_size, backbone.preprocessing, max_pixels)
     feats, errors = [], []
     for b in range(len(reader)):

@@ -12,7 +12,8 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
 from embedder.models.constants import RUNTIMES
-from embedder.options import check_choices, from_table, int_or_auto, option, parse_size, positive
+from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, parse_size, positive
+from embedder.outputs import CLASSIFIER, PICTURE, require_suffix
 
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))  # the probe's C sweep (embedder.learn.probe)
@@ -46,24 +47,29 @@ class EvaluateConfig:
 class ExportConfig:
     probe_dir: str = option(positional=True, path=True, help="PROBE_DIR of a linear probe")
     out: str = option(path=True, help="MODEL.pt to write")
+    overwrite: bool = overwrite_option()
     weights: str | None = option(None, path=True,
                                  help="the weights file, when the cache was embedded with --weights PATH")
+
+    def __post_init__(self):
+        require_suffix(self.out, CLASSIFIER)
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     model: str = option(positional=True, path=True, help="MODEL.pt from `embedder export` or `embedder finetune`")
     images: tuple[str, ...] = option(positional=True, path=True, help="image files or folders")
-    top_k: int = option(1, help="labels per image")
-    batch_size: int = option(32, help="images per forward pass")
+    top_k: int = option(1, flag="--top-k", aliases=("-k",), help="labels per image")
+    batch_size: int | None = option(None, parse=int_or_auto, metavar="N|auto",
+                                    help="images per forward pass (default auto: as embed's --batch-size)")
     device: str = option("auto", help="auto, cpu or cuda[:N]")
     runtime: str = option("auto", choices=RUNTIMES,
                           help="what runs the network (auto: ONNX Runtime on the CPU where it is faster)")
 
     def __post_init__(self):
         check_choices(self)
-        if self.top_k < 1 or self.batch_size < 1:
-            raise ConfigError("--top-k and --batch-size must be at least 1.")
+        if self.top_k < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise ConfigError("-k/--top-k and --batch-size must be at least 1.")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class ProbeConfig:
                         help="feature cache to train on (split by train/ val/ folders, or stratified)")
     out: str | None = option(None, path=True, help="PROBE_DIR for the model, report.json and confusion_matrix.png "
                                                    "(default: CACHE.probe/ beside the cache)")
+    overwrite: bool = overwrite_option()
     val_cache: str | None = option(None, path=True,
                                    help="validation cache (same fingerprint): selects the regularisation")
     test_cache: str | None = option(None, path=True, help="test cache (same fingerprint), reported once")
@@ -115,6 +122,7 @@ class ProbeConfig:
         if self.memory_budget < 1 << 10:
             raise ConfigError("--memory-budget must be at least 1K.")
         object.__setattr__(self, "Cs", tuple(float(c) for c in self.Cs))
+        require_suffix(self.plot, PICTURE, "--plot")
 
     @property
     def out_dir(self) -> Path:
@@ -138,6 +146,7 @@ class FinetuneConfig:
                          help="ImageFolder tree, split tree (train/ val/ [test/]) or file list")
     model: str = option(help="backbone name (see `embedder models`)")
     out: str = option(path=True, help="output folder: best.pt (for `embedder predict`) and history.json")
+    overwrite: bool = overwrite_option()
     weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"), help="DEFAULT, none or PATH")
     layer: str | None = option(None, help="feature layer the head sits on (default: the pooled last stage)")
     epochs: int = option(5, help="passes over the training images")

@@ -21,9 +21,13 @@ from embedder.models.backbone import build_model
 from embedder.models.heads import replace_head
 from embedder.models.registry import get_backbone_spec
 from embedder.models.weights import resolve_weights
+from embedder.outputs import CLASSIFIER, claim, require_suffix
 
 
-def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_path: str | None = None) -> Path:
+def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_path: str | None = None,
+                 overwrite: bool = False) -> Path:
+    require_suffix(out, CLASSIFIER)
+    claim(out, CLASSIFIER, [probe_dir], overwrite)  # before the backbone is built
     probe = read_probe(probe_dir)
     components = probe.components
     if "weights" not in components:  # a probe.pt written by hand (enough for --init-head, not here)

@@ -16,7 +16,7 @@ def predict(
     model_path: str | os.PathLike,
     paths: Sequence[str],
     top_k: int = 1,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     runtime: str = "auto",
 ) -> list[dict]:

@@ -19,9 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from embedder.atomic import staged_dir, staged_file
 from embedder.cache.reader import FeatureCache
 from embedder.learn.config import ProbeConfig
+from embedder.outputs import CACHE, PICTURE, PROBE, claim, expect, png_metadata, write_dir, write_file
 from embedder.progress import bar
 
 SWEEP_FILE = "sweep.json"
@@ -40,8 +40,12 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
     layers = cache_layers(config.cache)
     out = config.out_dir
     rows, reports = [], {}
-    with staged_dir(out) as tmp, bar(desc="probe: layers", unit="layer", total=len(layers),
-                                     enabled=config.progress) as shown:
+    expect(config.cache, CACHE)
+    claim(out, PROBE, [config.cache], config.overwrite)
+    if config.plot_path.absolute().parent != out.absolute():
+        claim(config.plot_path, PICTURE, [config.cache], config.overwrite, flag="--plot")
+    with write_dir(out, PROBE, [config.cache], config.overwrite) as (tmp, _), \
+            bar(desc="probe: layers", unit="layer", total=len(layers), enabled=config.progress) as shown:
         for name, dim in layers.items():
             folder = _folder_name(name)
             layer_config = replace(config, layer=name, out=str(out / folder), plot=None)
@@ -65,11 +69,10 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
         }
         title = f"{config.classifier} on {Path(config.cache).name}"
         if in_dir:
-            save_layer_plot(rows, best["layer"], tmp / plot.name, title)
+            save_layer_plot(rows, best["layer"], tmp / plot.name, title, [config.cache])
         else:  # a file of its own elsewhere: written atomically as well
-            plot.parent.mkdir(parents=True, exist_ok=True)
-            with staged_file(plot) as tmp_png:
-                save_layer_plot(rows, best["layer"], tmp_png, title)
+            with write_file(plot, PICTURE, [config.cache], config.overwrite, flag="--plot") as tmp_png:
+                save_layer_plot(rows, best["layer"], tmp_png, title, [config.cache])
         sweep["wall_s"] = time.perf_counter() - t0
         (tmp / SWEEP_FILE).write_text(json.dumps(sweep, indent=2))
     return sweep
@@ -80,7 +83,7 @@ def _folder_name(layer: str) -> str:
     return layer.replace("/", "_").replace("\\", "_") if layer not in (".", "..") else f"layer_{layer}"
 
 
-def save_layer_plot(rows: list[dict], best: str, path: Path, title: str) -> Path:
+def save_layer_plot(rows: list[dict], best: str, path: Path, title: str, inputs=()) -> Path:
     """Validation and test accuracy per layer, in the cache's layer order, the best one marked."""
     from embedder.figures import pyplot
 
@@ -100,7 +103,7 @@ def save_layer_plot(rows: list[dict], best: str, path: Path, title: str) -> Path
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png")  # the name may be a temporary one without .png
+    fig.savefig(path, format="png", metadata=png_metadata(inputs))  # the name may be a temporary one
     pyplot().close(fig)
     return path
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedder.atomic import staged_dir
 from embedder.cache.fingerprint import component_differences
 from embedder.cache.reader import FeatureCache
 from embedder.data.splits import Splits, assign_splits, check_labels
@@ -33,6 +32,7 @@ from embedder.learn.metrics import accuracy, per_class, save_confusion_png, spli
 from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
 from embedder.learn.sweep import SWEEP_FILE
+from embedder.outputs import CACHE, PROBE, claim, expect, write_dir
 from embedder.progress import bar, stage
 
 REPORT_FILE = "report.json"
@@ -104,7 +104,10 @@ def run_probe(config: ProbeConfig) -> dict:
 
         return run_layer_sweep(config)
     # Every cache opened for the run is closed when it ends, also on errors: pipelines run many steps.
-    with staged_dir(config.out_dir) as tmp, contextlib.ExitStack() as stack:
+    expect(config.cache, CACHE)  # the input first: an index folder given as CACHE is named as one
+    claim(config.out_dir, PROBE, [config.cache], config.overwrite)  # before any cache is read
+    with write_dir(config.out_dir, PROBE, [config.cache], config.overwrite) as (tmp, _), \
+            contextlib.ExitStack() as stack:
         return _run_probe(config, lambda path: stack.enter_context(FeatureCache(path, layer=config.layer)), tmp)
 
 
@@ -374,7 +377,7 @@ def _saved_classifier(probe_dir: Path):
 
 def _evaluate(probe_dir: Path, cache: FeatureCache) -> dict:
     classes, components, predict = _saved_classifier(probe_dir)
-    diff = component_differences(components, cache.components)
+    diff = component_differences(cache.components, components)  # (the cache's, the classifier's): as shown
     if diff:
         raise CacheMismatchError(cache.path, diff, f"The classifier in {probe_dir} was trained on features of "
                                  "another configuration; embed the images with the same settings first.")

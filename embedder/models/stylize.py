@@ -35,6 +35,7 @@ from embedder.models.config import StylizeConfig
 from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import resolve_runtime
 from embedder.models.style import gram
+from embedder.outputs import PICTURE, claim, png_metadata, write_file
 from embedder.progress import bar as progress_bar
 
 
@@ -120,6 +121,7 @@ def _deterministic(seed: int):
 def stylize(config: StylizeConfig, backbone: FrozenBackbone | None = None) -> StylizeReport:
     """Write `config.out`: the content image repainted with the style image's texture."""
     t0 = time.perf_counter()
+    claim(config.out, PICTURE, [config.content, config.style], config.overwrite)  # before the backbone is built
     spec = get_backbone_spec(config.model)
     content_layer, weighted = _layers(config, spec)
     if backbone is None:
@@ -146,7 +148,7 @@ def stylize(config: StylizeConfig, backbone: FrozenBackbone | None = None) -> St
         with torch.no_grad():
             c, s = losses(image)
             final = float(total(c, s))
-    out = _save(image, config.out)
+    out = _save(image, config)
     return StylizeReport(
         out=str(out), model=config.model, size=tuple(content.shape[2:]), steps=config.steps, initial_loss=initial,
         final_loss=final, final_content_loss=float(c), final_style_loss=float(s),
@@ -228,9 +230,14 @@ def _optimise(image: torch.Tensor, loss_of, steps: int, progress: bool) -> None:
         bar.set_postfix(loss=f"{loss.item():.4g}")
 
 
-def _save(image: torch.Tensor, out: str) -> Path:
+def _save(image: torch.Tensor, config: StylizeConfig) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
     pixels = image.detach()[0].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(pixels)).save(out)
-    return out
+    inputs = [config.content, config.style]
+    marker = PngInfo()
+    for key, value in png_metadata(inputs).items():
+        marker.add_text(key, value)
+    with write_file(config.out, PICTURE, inputs, config.overwrite) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", pnginfo=marker)
+    return Path(config.out)

@@ -30,11 +30,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from embedder.atomic import staged_dir
 from embedder.cache.columns import write_columns
 from embedder.cache.reader import STR, FeatureCache
 from embedder.errors import ConfigError
 from embedder.names import encode_path
+from embedder.outputs import CACHE, INDEX, claim, expect, write_dir
 from embedder.search.config import KINDS, METRICS
 from embedder.search.kinds import (
     HNSW_EF_CONSTRUCTION,
@@ -138,8 +138,13 @@ def build_index(
     n_eval: int = 500,
     on_disk: bool = False,
     layer: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata.
+    """Build, tune, evaluate and atomically save an index of the cache. Returns the metadata
+    (and `notes`: files of a replaced INDEX_DIR that the new one lacks, such as its map).
+
+    `out_dir` follows the output policy (embedder.outputs): an index of the same cache is rebuilt,
+    one of another cache is replaced only with `overwrite`, anything else is refused.
 
     `on_disk` (ivf, ivfsq, ivfpq; automatic when the index would not fit `memory_budget`): one index
     per shard of the cache (its virtual-dataset sources, else blocks of `block_rows`), all
@@ -153,7 +158,10 @@ def build_index(
     from embedder.progress import bar as progress_bar
 
     _check_options(kind, metric, target_recall)
-    with staged_dir(out_dir) as tmp, FeatureCache(cache_path, layer=layer) as cache:  # tmp becomes INDEX_DIR
+    expect(cache_path, CACHE)
+    claim(out_dir, INDEX, [cache_path], overwrite)  # before the cache is read (embedder.outputs)
+    with write_dir(out_dir, INDEX, [cache_path], overwrite) as (tmp, written), \
+            FeatureCache(cache_path, layer=layer) as cache:  # tmp becomes INDEX_DIR
         t0 = time.perf_counter()
         if len(cache) == 0:
             raise ConfigError(f"{cache_path} has no rows to index.")
@@ -179,7 +187,7 @@ def build_index(
                 bar.update(len(q_rows))
         meta = metadata(cache, cache_path, plan, index, shards, tuned, q_rows, keep, target_recall, t0)
         save(tmp, index, cache, meta)
-        return meta
+    return {**meta, "notes": written.notes()}
 
 
 def _check_options(kind: str, metric: str, target_recall: float) -> None:
@@ -278,6 +286,7 @@ def metadata(cache: FeatureCache, cache_path, plan: BuildPlan, index, shards: in
         "fingerprint": cache.fingerprint,
         "components": cache.components,
         "layer": cache.layer,
+        "layer_label": cache.layer_label(),
         "source": cache.source,
         "kind": plan.kind,
         "factory": plan.factory,

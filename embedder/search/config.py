@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from embedder.errors import ConfigError
 from embedder.models.constants import RUNTIMES
-from embedder.options import check_choices, option, parse_size, specs
+from embedder.options import check_choices, option, overwrite_option, parse_size, specs
+from embedder.outputs import PICTURE, require_suffix
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 METRICS = ("cosine", "l2")
@@ -37,6 +38,7 @@ class IndexConfig:
                         help="feature cache to index; with --remove, --remove-from or --prune-missing: the INDEX_DIR "
                              "to remove rows from")
     out: str | None = option(None, path=True, help="INDEX_DIR to write (replaced atomically)")
+    overwrite: bool = overwrite_option()
     kind: str = option("auto", choices=KINDS,
                        help="auto: exact when small, HNSW or IVF when large, IVF-SQ8 then IVF-PQ as memory gets short")
     metric: str = option("cosine", choices=METRICS, help="similarity of the neighbours")
@@ -93,7 +95,7 @@ class SearchConfig:
     row_id: int | None = option(None, flag="--id", exclusive="query", help="a cache row id")
     vector: str | None = option(None, exclusive="query", path=True,
                                 help="a .npy file with one vector (D,) or several (n, D)")
-    k: int = option(10, flag="-k", help="neighbours per query")
+    k: int = option(10, flag="-k", aliases=("--top-k",), help="neighbours per query")
     where: str | None = option(None, metavar="FILTER",
                                help="only rows this filter keeps, e.g. \"label == 'cat' and width >= 256\" "
                                     "(columns id, path, label and the index's metadata columns; README: Filters)")
@@ -118,6 +120,7 @@ class SearchConfig:
     max_results: int | None = option(None, metavar="N",
                                      help="at most N rows per range search (default: all; -k does not apply)")
     grid: str | None = option(None, path=True, help="write a PNG of each query and its neighbours")
+    overwrite: bool = overwrite_option()
     layer: str | None = option(None, help="the layer the index must have been built on (checked; an index holds "
                                           "one layer)")
     weights: str | None = query_weights_option()
@@ -141,6 +144,7 @@ class SearchConfig:
             raise ConfigError("--max-results caps a range search: give --min-score or --max-distance (or use -k).")
         if not (self.alpha > 0 and self.beta >= 0):
             raise ConfigError(f"--alpha must be > 0 and --beta >= 0, got {self.alpha} and {self.beta}.")
+        require_suffix(self.grid, PICTURE, "--grid")
 
     @property
     def combined(self) -> bool:
@@ -185,12 +189,15 @@ class PlotConfig:
     method: str = option("pca", choices=PLOT_METHODS,
                          help="2-D projection (umap: umap-learn, by cosine; all seeded)")
     out: str | None = option(None, path=True, help="PNG to write (default: CACHE.METHOD.png beside the cache)")
+    overwrite: bool = overwrite_option()
     max_points: int = option(5000, help="seeded sample of at most this many rows")
+    seed: int = option(0, help="seed of the sample and of the projection (same cache and seed: same picture)")
     layer: str | None = option(None, help=LAYER_HELP)
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)
+        require_suffix(self.out, PICTURE)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedder.data.metadata import kind_of
-from embedder.errors import FilterError
+from embedder.errors import FilterError, did_you_mean
 
 KEYWORDS = ("and", "or", "not", "in", "glob", "true", "false")
 COMPARISONS = ("==", "!=", "<=", ">=", "<", ">")
@@ -215,7 +215,8 @@ class _Parser:
 
     def column(self, name: Token) -> str:
         if name.text not in self.kinds:
-            raise self.error(f"unknown column {name.text!r}; known columns: {', '.join(self.kinds)}", name)
+            hint = did_you_mean(name.text, self.kinds).rstrip("?").replace(" Did you mean", "; did you mean")
+            raise self.error(f"unknown column {name.text!r}{hint}; known columns: {', '.join(self.kinds)}", name)
         return self.kinds[name.text]
 
     def glob(self, column: str, kind: str, negated: bool):

@@ -9,18 +9,21 @@ import numpy as np
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.figures import pyplot, save_figure
+from embedder.outputs import CACHE, PICTURE, claim, expect
 from embedder.progress import stage
 from embedder.search.maps import PLOT_METHODS, project
 
 
 def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0,
-               layer: str | None = None, progress: bool = False) -> Path:
+               layer: str | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """A 2-D scatter of the features (PCA, t-SNE or UMAP of a seeded sample), coloured by label.
 
     Seeded throughout (the sample, and the projection's random_state): the same cache gives the same PNG."""
     plt = pyplot()
     if method not in PLOT_METHODS:
         raise ConfigError(f"--method must be one of {', '.join(PLOT_METHODS)}.")
+    expect(cache_path, CACHE)
+    claim(out, PICTURE, [cache_path], overwrite)  # before the projection, which can take minutes
     with FeatureCache(cache_path, layer=layer) as cache:
         n = len(cache)
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
@@ -42,10 +45,11 @@ def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int
     else:
         ax.scatter(xy[:, 0], xy[:, 1], s=8)
     ax.set_title(f"{Path(cache_path).name}: {method.upper()} of {len(X)} rows")
-    return save_figure(fig, out)
+    return save_figure(fig, out, [cache_path], overwrite)
 
 
-def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Path, thumb: int = 128) -> Path:
+def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Path, thumb: int = 128,
+                inputs=None, overwrite: bool = False) -> Path:
     """One row per query: the query image (if any), then its hits with rank and score.
 
     `queries` is [(query image path or None, hits)], `image_of(hit)` gives a hit's image file.
@@ -75,4 +79,4 @@ def result_grid(queries: list[tuple[str | None, list]], image_of, out: str | Pat
                 if img is not None:
                     ax.imshow(img)
                 ax.set_title(cells[c][1], fontsize=7)
-    return save_figure(fig, out)
+    return save_figure(fig, out, inputs, overwrite, flag="--grid")

@@ -19,6 +19,7 @@ from embedder.cache.reader import FeatureCache, read_paths
 from embedder.data.metadata import INT_NULL
 from embedder.data.rows import row_location
 from embedder.errors import CacheMismatchError, ConfigError, RemovedRowError
+from embedder.outputs import INDEX, expect
 from embedder.search.filters import as_column, compile_mask
 from embedder.search.kinds import INVERTED_LIST_KINDS, inner, load_faiss, prepare, set_knob
 
@@ -72,7 +73,8 @@ class SearchIndex:
         self.dir = Path(index_dir)
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
-            raise ConfigError(f"No index at {self.dir}. Build one with `embedder index CACHE.h5 --out {self.dir}`.")
+            expect(self.dir, INDEX)  # names what is there instead (a feature cache, nothing)
+            raise ConfigError(f"{self.dir} has no meta.json: not a complete index. Rebuild it with `embedder index`.")
         self.meta = json.loads(meta_path.read_text())
         faiss = load_faiss()
         # On-disk lists are found next to index.faiss, wherever the folder has moved since.
@@ -338,7 +340,7 @@ class SearchIndex:
         batch = torch.stack([apply_guarded(transform, img, pre.resize_size, limit) for img in images])
         return backbone(batch).cpu().numpy()
 
-    def embed_files(self, files: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[str], list]:
+    def embed_files(self, files: list[str], batch_size: int | None = None) -> tuple[np.ndarray, list[str], list]:
         """(features of the readable files, those files, [(file, reason)] for the others)."""
         from embedder.extract.core import embed_images
 
@@ -352,7 +354,7 @@ class SearchIndex:
         self.allowed(where)  # a bad filter is refused before any image is embedded
         return self.search(self.embed_pixels(images, max_pixels), k, where)
 
-    def search_files(self, files: list[str], k: int = 10, batch_size: int = 32, where: str | None = None):
+    def search_files(self, files: list[str], k: int = 10, batch_size: int | None = None, where: str | None = None):
         """(hits per readable file, [(file, reason)] for the others)."""
         self.allowed(where)  # a bad filter is refused before any image is embedded
         feats, ok, errors = self.embed_files(files, batch_size)

@@ -168,7 +168,7 @@ def describe_index(index_dir) -> dict:
            "rows": rows, "ntotal": rows, "searchable": rows - removed, "removed": removed, "hidden": hidden,
            "removed_in_place": in_place, "columns": ["id", "path", "label", *columns],
            "params": meta.get("params", {}), "recall_at_10": meta.get("recall_at_10"), "cache": meta.get("cache"),
-           "layer": meta.get("layer"), "on_disk": bool(meta.get("on_disk"))}
+           "layer": meta.get("layer_label") or meta.get("layer"), "on_disk": bool(meta.get("on_disk"))}
     doc["rebuild"] = rebuild_advice(meta["kind"], rows, removed, hidden)
     return doc
 

@@ -29,7 +29,7 @@ class ServeConfig:
                                     help="uploads declaring more pixels are refused (400) before decoding; each "
                                          "image decoded at once may take ~4 bytes per pixel")
     decode_slots: int = option(DEFAULT_DECODE_SLOTS, help="images decoded at once, uploads and thumbnails together")
-    k: int = option(10, flag="-k", help="neighbours returned when a request does not say")
+    k: int = option(10, flag="-k", aliases=("--top-k",), help="neighbours returned when a request does not say")
     weights: str | None = query_weights_option()
     runtime: str = query_runtime_option()
 

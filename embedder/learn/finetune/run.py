@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from embedder.atomic import staged_dir
 from embedder.data.fetch import is_url
 from embedder.data.sources import Listing, list_source
 from embedder.data.splits import Splits, assign_splits, check_labels
@@ -30,6 +29,7 @@ from embedder.models.heads import head_slot
 from embedder.models.registry import BackboneSpec, Preprocessing, get_backbone_spec
 from embedder.models.runtime import Runtime, resolve_runtime
 from embedder.models.weights import ResolvedWeights, resolve_weights
+from embedder.outputs import FINETUNE, claim, write_dir
 
 
 @dataclass
@@ -105,8 +105,9 @@ def finetune(config: FinetuneConfig) -> FinetuneReport:
     OUT is written as a whole (best.pt and history.json into a temporary folder that replaces
     OUT in one step), and its write lock is held from the start, so a second run into the same
     OUT is refused before it trains."""
-    out = _check_out(config.out)
-    with staged_dir(out) as tmp:
+    out = Path(config.out).expanduser()
+    claim(out, FINETUNE, [config.source], config.overwrite)  # before any model is built
+    with write_dir(out, FINETUNE, [config.source], config.overwrite) as (tmp, _):
         return _finetune(config, out, tmp)
 
 
@@ -256,16 +257,6 @@ def _classifier_info(config: FinetuneConfig, run: _Run, best_epoch: int, best: d
             "init_head": config.init_head,
         },
     )
-
-
-def _check_out(out: str) -> Path:
-    """The output directory; created only when there is something to write into it."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(
-            f"--out {out} is a file; finetune writes a directory (best.pt, history.json). Pass a directory path."
-        )
-    return path
 
 
 def _strict(value):
