@@ -31,14 +31,15 @@ from pathlib import Path
 
 
 @contextmanager
-def running(app):
-    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port)."""
+def running(app, **options):
+    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port).
+    `options`: more uvicorn.Config keywords (e.g. embedder.serve.server.uvicorn_options)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
