@@ -136,7 +136,8 @@ def test_predict_cli(labelled_cache, tmp_path, capsys):
     assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "m.pt")]) == 0
     (tree.parent / "broken.jpg").write_bytes(b"nope")
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "m.pt"), str(tree / "ant"), str(tree.parent / "broken.jpg"), "--json"]) == 0
+    # Every readable image is labelled, and the unreadable one fails the command (exit 2, issue 24).
+    assert main(["predict", str(tmp_path / "m.pt"), str(tree / "ant"), str(tree.parent / "broken.jpg"), "--json"]) == 2
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 11 and rows[-1]["error"]
     assert all(r["label"] in ("ant", "bee", "cat") and 0 < r["probability"] <= 1 for r in rows[:-1])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -105,8 +107,10 @@ def test_export_refuses_an_existing_out_without_overwrite_and_a_failure_leaves_i
     out = tmp_path / "pq"
     export_vectors(described, out, progress=False)
     before = (out / "embeddings.parquet").read_bytes()
+    other = tmp_path / "other.h5"  # an export of another cache is replaced only with --overwrite (README: Outputs)
+    other.write_bytes(Path(described).read_bytes())
     with pytest.raises(ConfigError, match="--overwrite"):
-        export_vectors(described, out, "npy", progress=False)
+        export_vectors(other, out, "npy", progress=False)
     with pytest.raises(CacheError, match="no layer"):
         export_vectors(described, out, layer="nope", overwrite=True, progress=False)
     assert (out / "embeddings.parquet").read_bytes() == before and not (out / "img_emb").exists()
