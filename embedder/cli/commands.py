@@ -83,8 +83,9 @@ def _model_entry(name: str, args) -> dict:
           f"mean {pre['mean']}, std {pre['std']}")
     print("  layers: " + ", ".join(f"{n} ({d})" for n, d in entry["layers"].items())
           + "; aliases: " + (", ".join(f"{a}={n}" for a, n in entry["aliases"].items()) or "-"))
+    print(f"  poolings (--pool): {', '.join(entry['poolings'])}")
     if entry["blocks"]:
-        print(f"  transformer blocks ({len(entry['blocks'])}, pool with --pool cls|avg|cls+avg): "
+        print(f"  transformer blocks ({len(entry['blocks'])}, pool with --pool {'|'.join(entry['poolings'])}): "
               f"{entry['blocks'][0]} ... {entry['blocks'][-1]}")
     offline = "present offline" if entry["weights_offline"] else "NOT present offline"
     print(f"  weights: {entry['weights']} ({offline}: {entry['weights_file']})")
