@@ -221,7 +221,8 @@ def export_vectors(config, args):
     from embedder.cache.vectors import export_vectors as run
 
     report = run(config.cache, config.out, config.format, layer=config.layer, rows_per_file=config.rows_per_file,
-                 block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress)
+                 block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress,
+                 metric=config.metric)
     print_json(report.as_dict()) if _as_json(args) else print(report.summary())
     return report
 
