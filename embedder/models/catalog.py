@@ -244,7 +244,8 @@ def torchvision_weights(arch: str, tag: str):
 
 @dataclass(frozen=True)
 class TimmWeights(WeightsSource):
-    """A timm pretrained tag's weights from the Hugging Face hub cache (read offline)."""
+    """A timm pretrained tag's weights: the Hugging Face hub cache, else downloaded into it (HF_ENDPOINT,
+    HF_HOME and HF_HUB_OFFLINE apply, as for timm.create_model(pretrained=True))."""
 
     model_name: str  # e.g. vit_small_patch16_224.dino
     hf_hub_id: str  # e.g. timm/vit_small_patch16_224.dino
@@ -281,14 +282,38 @@ class TimmWeights(WeightsSource):
         return (f"run `huggingface-cli download {self.hf_hub_id}` on a machine with network access and copy the "
                 f"folder to {self.location()} (HF_HOME chooses the cache directory)")
 
+    def _download(self) -> tuple[str | None, str]:
+        """(the file fetched from the hub into its cache, as timm.create_model(pretrained=True) fetches it:
+        model.safetensors, else pytorch_model.bin; None and why where that fails: offline, HF_HUB_OFFLINE)."""
+        if not self.hf_hub_id:
+            return None, "timm names no hub file"
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        why = ""
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                return hf_hub_download(self.hf_hub_id, filename), ""
+            except EntryNotFoundError as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            except Exception as exc:  # noqa: BLE001 (no network, a proxy, offline mode: the message below says what to do)
+                return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return None, why
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         from pathlib import Path
 
+        from huggingface_hub.constants import ENDPOINT
+
         cached = self._cached()
+        why = ""
         if cached is None:
-            where = f"https://huggingface.co/{self.hf_hub_id}" if self.hf_hub_id else "(timm names no hub file)"
+            cached, why = self._download()
+        if cached is None:
+            where = f"{ENDPOINT}/{self.hf_hub_id}" if self.hf_hub_id else "(timm names no hub file)"
             raise WeightsUnavailableError(
-                f"The weights of timm:{self.model_name} are not in the Hugging Face cache.\n"
+                f"The weights of timm:{self.model_name} are not in the Hugging Face cache and could not be "
+                f"downloaded from {where} ({why}).\n"
                 f"Download model.safetensors from {where} on a machine with network access "
                 f"(e.g. `huggingface-cli download {self.hf_hub_id}`) and copy the cache folder to\n"
                 f"  {self.location()}\n"
