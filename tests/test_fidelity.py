@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.extract.local import embed

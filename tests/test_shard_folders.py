@@ -31,7 +31,7 @@ def img2dataset_folder(tmp_path):
 
 
 def test_an_img2dataset_output_folder_is_a_shard_source_its_sidecars_ignored_with_a_reason(tmp_path):
-    tree, out, where = img2dataset_folder(tmp_path)
+    _, out, where = img2dataset_folder(tmp_path)
     listing = list_source(out)
     assert sorted(listing.paths) == sorted(where) and listing.layout == "tar"
     assert sorted(listing.ignored) == sorted((n, SHARD_SIDECAR) for n in
@@ -45,7 +45,7 @@ def test_an_img2dataset_output_folder_is_a_shard_source_its_sidecars_ignored_wit
 
 
 def test_a_folder_of_shards_with_anything_else_names_the_shard_pattern(tmp_path):
-    tree, out, where = img2dataset_folder(tmp_path)
+    _, out, _ = img2dataset_folder(tmp_path)
     (out / "notes.md").write_text("not a sidecar")
     with pytest.raises(SourceError, match=r"holds no images .* It holds 2 \.tar files: .* a pattern such as "):
         list_source(out)

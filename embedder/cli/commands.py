@@ -285,7 +285,8 @@ def export(config, args) -> Path:
     from embedder.learn.export import export_probe
 
     path = export_probe(config.probe_dir, config.out, config.weights)
-    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`")
+    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`; "
+          f"{path.with_suffix('.onnx')} and {path.with_suffix('.json')}: the same for onnxruntime, without embedder")
     return path
 
 
