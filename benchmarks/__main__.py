@@ -33,6 +33,7 @@ BENCHMARKS = {
     "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
     "map": "the service's /map page at 100k points: embedder map time, /map/points size, Chromium load and draw",
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",
+    "fidelity": "default and layer features against timm's and torchvision's own models and transforms: min cosine",
 }
 
 
