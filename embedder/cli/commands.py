@@ -285,8 +285,10 @@ def export(config, args) -> Path:
     from embedder.learn.export import export_probe
 
     path = export_probe(config.probe_dir, config.out, config.weights)
-    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`; "
-          f"{path.with_suffix('.onnx')} and {path.with_suffix('.json')}: the same for onnxruntime, without embedder")
+    standalone = path.with_suffix(".onnx")
+    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`"
+          + (f"; {standalone} and {path.with_suffix('.json')}: the same for onnxruntime, without embedder"
+             if standalone.is_file() else ""))
     return path
 
 

@@ -68,7 +68,10 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
         origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe.fingerprint, "C": probe.C},
     )
     path = save_classifier(out, model, info)
-    write_standalone(path)
+    from embedder.models.onnx import versions
+
+    if versions() is not None:  # without the ONNX packages, the checkpoint alone (predict needs no more)
+        write_standalone(path)
     return path
 
 
