@@ -352,3 +352,10 @@ def test_a_layer_has_one_name_everywhere(tmp_path, capsys):
     assert doc["components"]["layer"] == "global_pool.flatten"  # the fingerprint is unchanged
     assert main(["index", str(cache), "--out", str(tmp_path / "i"), "--quiet"]) == 0
     assert "layer avgpool (global_pool.flatten)" in capsys.readouterr().out
+
+
+def test_export_never_writes_its_onnx_sidecar_over_a_file_of_the_users(made, tmp_path, capsys):
+    (tmp_path / "m.onnx").write_bytes(b"my own model")
+    assert main(["export", str(made / "c.probe"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert (tmp_path / "m.onnx").read_bytes() == b"my own model" and not (tmp_path / "m.pt").exists()
+    assert "m.onnx" in capsys.readouterr().err

@@ -28,6 +28,7 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
                  overwrite: bool = False) -> Path:
     require_suffix(out, CLASSIFIER)
     claim(out, CLASSIFIER, [probe_dir], overwrite)  # before the backbone is built
+    _check_standalone(out)
     probe = read_probe(probe_dir)
     components = probe.components
     if "weights" not in components:  # a probe.pt written by hand (enough for --init-head, not here)
@@ -80,6 +81,24 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
 
 
 STANDALONE_FORMAT = "embedder-standalone-classifier/1"
+
+
+def _check_standalone(out: str | os.PathLike) -> None:
+    """MODEL.onnx and MODEL.json beside MODEL.pt are written only over a pair this export wrote
+    (its JSON names the format), never over files of the user's (embedder.outputs' rule)."""
+    import json
+
+    onnx_path, json_path = standalone_paths(out)
+    if not (onnx_path.exists() or json_path.exists()):
+        return
+    try:
+        ours = json.loads(json_path.read_text()).get("format") == STANDALONE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        there = " and ".join(str(p) for p in (onnx_path, json_path) if p.exists())
+        raise ConfigError(f"export writes {onnx_path.name} and {json_path.name} beside --out, and {there} "
+                          "is not an export of embedder's: choose another --out, or move it away.")
 
 
 def standalone_paths(path: str | os.PathLike) -> tuple[Path, Path]:
