@@ -188,7 +188,8 @@ def claim(path: str | os.PathLike, kind: OutputKind, inputs: Sequence[str | os.P
     if found is None:
         return path
     if found.kind is None:
-        raise ConfigError(f"{flag} {path} is {found.what}; embedder replaces only its own outputs. "
+        shape = ", and this command writes a directory" if kind.folder and not path.is_dir() else ""
+        raise ConfigError(f"{flag} {path} is {found.what}{shape}; embedder replaces only its own outputs. "
                           f"Choose another {flag}, e.g. {_suggest(path, kind)}.")
     if found.kind is not kind:
         raise ConfigError(f"{flag} {path} is {found.what}, not {_a(kind.name)}: refusing to replace it. "

@@ -335,7 +335,7 @@ def test_from_mapping_resolves_paths_and_rejects_unknown_keys(tmp_path):
     )
     assert config.source == str(tmp_path / "data/images") and config.out == str(tmp_path / "runs/ft")
     assert config.init_head == str(tmp_path / "runs/probe") and config.epochs == 3 and config.weights == "DEFAULT"
-    with pytest.raises(ConfigError, match=r"Unknown finetune setting\(s\) \['epoch'\]"):
+    with pytest.raises(ConfigError, match=r"Unknown finetune setting 'epoch'\. Did you mean 'epochs'\?"):
         FinetuneConfig.from_mapping({"source": "x", "model": "resnet18", "out": "o", "epoch": 3})
     with pytest.raises(ConfigError, match="needs out"):
         FinetuneConfig.from_mapping({"source": "x", "model": "resnet18"})
