@@ -34,7 +34,7 @@ browser:
 # suite; the suite also checks the import-linter contracts and that the generated pages are current.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check embedder tests benchmarks docs
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q
 
 # The suite as a busy machine (a shared CI runner) runs it: two CPU-bound Python loops beside
@@ -46,7 +46,7 @@ BURNER := import collections, time; end = time.monotonic() + $(BURN_S); \
   collections.deque(iter(lambda: time.monotonic() < end, False), maxlen=0)
 test-loaded: $(STAMP) browser
 	$(VENV)/bin/ruff check embedder tests benchmarks docs
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	@$(PY) -c "$(BURNER)" & b1=$$!; $(PY) -c "$(BURNER)" & b2=$$!; \
 	trap 'kill $$b1 $$b2 2>/dev/null' INT TERM; \
 	echo "test-loaded: two CPU burners (pids $$b1 $$b2) run beside pytest"; \
@@ -56,10 +56,10 @@ test-loaded: $(STAMP) browser
 # The documentation site (MkDocs + Material + mkdocstrings): built into site/, or served on
 # http://127.0.0.1:8000 while you edit.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 docs-serve: $(STAMP)
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # The generated pages: the CLI reference from the option declarations, and the tutorials' recorded output.
 docs-reference: $(STAMP)
