@@ -79,6 +79,9 @@ class CacheSpec:
     command: str = ""
     layers: dict[str, int] = field(default_factory=dict)  # multi-layer caches: {name: width}, primary first
     columns: dict[str, str] = field(default_factory=dict)  # metadata columns: {name: kind} (embedder.data.metadata)
+    # The fidelity card of a fast path (--precision int8, bf16, fast; embedder.extract.fidelity), JSON; "" = none.
+    # Not a component: it measures the features, it does not decide them.
+    fidelity: str = ""
 
     @property
     def extra_layers(self) -> dict[str, int]:
@@ -385,6 +388,7 @@ def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
             "command": str(cache.attrs["command"]),
             "writer_pid": None if cache.complete else cache.writer_pid,
         }
+        doc["fidelity"] = json.loads(cache.attrs["fidelity"]) if "fidelity" in cache.attrs else None
         if "shards" in cache.attrs:  # a view over the shards of a --backend ray run
             doc["shards"] = int(cache.attrs["shards"])
         if list_errors:
@@ -416,6 +420,24 @@ def recorded_components(out: str | os.PathLike) -> dict[str, str] | None:
         try:
             with FeatureCache(out, require_complete=False) as cache:
                 return dict(cache.file_components)
+        except Exception:  # noqa: BLE001 - unreadable here; the writer says why when it opens it
+            return None
+    return None
+
+
+def recorded_fidelity(out: str | os.PathLike) -> dict | None:
+    """The fidelity card of what already stands at `out` (an interrupted run's parts or the cache), or None."""
+    out = Path(out)
+    try:
+        text = json.loads((out.with_name(out.name + PARTIAL_SUFFIX) / "manifest.json").read_text()).get("fidelity")
+        if text:
+            return json.loads(text)
+    except (OSError, ValueError, AttributeError):
+        pass
+    if out.exists():
+        try:
+            with FeatureCache(out, require_complete=False) as cache:
+                return json.loads(cache.attrs["fidelity"]) if "fidelity" in cache.attrs else None
         except Exception:  # noqa: BLE001 - unreadable here; the writer says why when it opens it
             return None
     return None
