@@ -67,14 +67,14 @@ class EmbedConfig:
     device: str = option("auto", group=RUN_OPTIONS, help="auto, cpu or cuda[:N]")
     precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "fast"), group=RUN_OPTIONS,
                             help="auto = fp32 on every CPU (exact, the same on every machine), bf16/fp16 on a GPU. "
-                                 "On the CPU, int8 (ONNX Runtime, calibrated on SOURCE's first images) and bf16 "
+                                 "On the CPU, int8 (ONNX Runtime, calibrated on some of SOURCE's images) and bf16 "
                                  "run with a fidelity card checked against fp32 on held-aside images; fast = the "
                                  "fastest of them, measured here, whose card passes (README: fast paths)")
     calibration_images: int = option(32, metavar="N", group=FAST_OPTIONS,
-                                     help="int8: calibrate on SOURCE's first N images (a resumed cache: the ones "
-                                          "its card recorded)")
+                                     help="int8: calibrate on N images evenly spaced over SOURCE's sorted listing (a "
+                                          "resumed or appended cache: the ones its card recorded)")
     fidelity_images: int = option(200, metavar="N", group=FAST_OPTIONS,
-                                  help="images after the calibration ones that the fidelity card is measured on")
+                                  help="other images (evenly spaced) that the fidelity card is measured on")
     calibration: str = option("percentile", choices=("percentile", "entropy", "minmax"), group=FAST_OPTIONS,
                               help="int8 activation ranges: ONNX Runtime's calibration method")
     min_cosine: float = option(0.995, metavar="X", group=FAST_OPTIONS,

@@ -3,9 +3,9 @@
 The exact path is fp32 (what `--precision auto` computes on every CPU). A fast path is run only
 with a card that says how far it moves the features, measured on the user's own images:
 
-  * the first `calibration_images` rows of the listing (sorted, so deterministic) calibrate int8;
-    a resumed or appended cache reuses the calibration rows its card recorded;
-  * the next `fidelity_images` rows (held aside from calibration) are embedded by both paths, and
+  * `calibration_images` rows evenly spaced over the sorted listing (deterministic, and across every
+    class folder) calibrate int8; a resumed or appended cache reuses the calibration rows its card recorded;
+  * `fidelity_images` of the other rows (held aside from calibration, evenly spaced) are embedded by both paths, and
     the card holds, per output, the mean and minimum cosine to fp32 and the overlap of each image's
     k-NN@10 set (cosine, within the sample) with fp32's; when the rows are labelled, the change in
     linear-probe (5-fold logistic regression) and k-NN accuracy, in points, on the same folds.
@@ -75,6 +75,7 @@ class Sample:
 def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None) -> tuple[FrozenBackbone, dict]:
     """(backbone, card) for `config.precision` int8, bf16 or fast (resolved, measured, gated).
     `recorded`: the card of the cache being resumed or appended to (its calibration rows are reused)."""
+    started = time.perf_counter()
     gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
     exact = _build(config, "fp32", config.runtime)
     sample = read_sample(config, listing, exact, recorded)
@@ -109,7 +110,8 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
                               "paths": [listing.paths[r] for r in sample.calibration_rows]},
               "gates": {"min_cosine": gates.min_cosine, "min_overlap": gates.min_overlap,
                         "max_accuracy_drop": gates.max_accuracy_drop},
-              "cards": tried, "jpeg_draft": config.jpeg_draft}
+              "cards": tried, "jpeg_draft": config.jpeg_draft,
+              "seconds": round(time.perf_counter() - started, 2)}  # building, calibrating and measuring
     return backbone, result
 
 
@@ -118,15 +120,15 @@ def _build(config: EmbedConfig, precision: str, runtime: str) -> FrozenBackbone:
 
 
 def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, recorded: dict | None) -> Sample:
-    """The calibration rows (the first N of the listing, or those `recorded`) and the held-aside rows after them."""
+    """The calibration rows (evenly spaced over the listing, or those `recorded`) and the held-aside rows among the others."""
     n = len(listing)
     known = {p: i for i, p in enumerate(listing.paths)}
     paths = (recorded or {}).get("calibration", {}).get("paths") or []
     if paths and all(p in known for p in paths):
         cal_rows = np.array([known[p] for p in paths], dtype=np.int64)
     else:
-        cal_rows = np.arange(min(config.calibration_images, n // 2), dtype=np.int64)
-    rest = np.setdiff1d(np.arange(n, dtype=np.int64), cal_rows)[: config.fidelity_images]
+        cal_rows = spread(np.arange(n, dtype=np.int64), min(config.calibration_images, n // 2))
+    rest = spread(np.setdiff1d(np.arange(n, dtype=np.int64), cal_rows), config.fidelity_images)
     if len(cal_rows) < 1 or len(rest) < K + 1:
         raise ConfigError(f"--precision {config.precision} calibrates on some images of SOURCE and checks its "
                           f"fidelity on others: it needs at least {2 * (K + 1)} images, SOURCE has {n}; "
@@ -137,6 +139,14 @@ def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone,
         raise ConfigError(f"Too few of SOURCE's sample images could be read to calibrate and check "
                           f"--precision {config.precision} ({len(calibration)} + {len(held)}); use --precision fp32.")
     return Sample(cal_rows, calibration, held, np.asarray(listing.labels)[held_rows])
+
+
+def spread(rows: np.ndarray, count: int) -> np.ndarray:
+    """`count` rows evenly spaced over `rows` (all of them when fewer): deterministic, and across every
+    class folder of a sorted ImageFolder listing, where the first rows would all be one class."""
+    if count >= len(rows):
+        return rows
+    return rows[np.unique(np.linspace(0, len(rows) - 1, max(count, 0)).round().astype(np.int64))]
 
 
 def _pixels(config: EmbedConfig, listing: Listing, rows: np.ndarray, backbone: FrozenBackbone):
@@ -267,7 +277,7 @@ def card_lines(card: dict) -> list[str]:
     """The card as the run's closing lines and `embedder info` show it."""
     chosen = card["precision"]
     lines = [(f"  fidelity card   : --precision {card['asked']} -> {chosen}, on {card['held_aside_images']} held-aside "
-              f"images (calibration: the first {card['calibration']['images']}); exact fp32 "
+              f"images (calibration: {card['calibration']['images']} others); exact fp32 "
               f"{card['exact']['img_per_s']:.1f} img/s ({card['exact']['runtime']})")]
     for path, c in card["cards"].items():
         if "mean_cosine" not in c:
