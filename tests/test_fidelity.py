@@ -9,10 +9,13 @@ import h5py
 import numpy as np
 import pytest
 
+from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
+from embedder.extract.core import embed_images
 from embedder.extract.fidelity import Gates, fidelity_card, knn_overlap
 from embedder.extract.local import embed
 from embedder.models.onnx import cache_root
+from embedder.search.query import query_backbone
 from tests.conftest import embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import read_all
 
@@ -57,6 +60,13 @@ def test_int8_run_stores_its_card_and_its_quantised_graph_is_reused(tree, tmp_pa
     assert sorted(p.name for p in cache_root().iterdir() if "-int8-" in p.name) == graphs  # keyed, not rebuilt
     assert again.fingerprint == report.fingerprint
     assert np.array_equal(read_all(tmp_path / "again.h5")[0], fast)
+    # A query by image rebuilds the cache's own int8 graph from the graph cache (no calibration images needed).
+    with FeatureCache(tmp_path / "int8.h5") as cache:
+        components, paths = cache.file_components, cache.paths
+    backbone = query_backbone(components)
+    assert backbone.config.precision == "int8" and backbone.quantization == quant
+    got, _ = embed_images(backbone, [tree / p for p in paths[:4]], batch_size=4)
+    assert np.allclose(got, fast[:4], atol=1e-5)
 
 
 def test_an_appended_int8_cache_keeps_its_calibration_rows(tmp_path):

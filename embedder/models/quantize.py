@@ -89,6 +89,21 @@ def quantize(backbone: FrozenBackbone, pixels: np.ndarray, settings: QuantSettin
     return session, {**record, "fp32_nodes": excluded}
 
 
+def cached(backbone: FrozenBackbone, record: dict) -> OnnxSession:
+    """The session of the int8 graph a cache recorded (its `quantization` component), from the graph
+    cache: a query by image needs the very graph, and the calibration images may be gone."""
+    require()
+    fp32_key, identity = graph_key(backbone)
+    full = {"fp32_graph": identity, **{k: v for k, v in record.items() if k != "fp32_nodes"}}
+    key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_root() / f"{fp32_key}-int8-{key}"
+    found = _open_cached(folder, full) if folder.exists() else None
+    if found is None:
+        raise ConfigError(f"The int8 graph this cache was embedded with is not in {folder.parent} (it is made "
+                          "when the cache is, on its calibration images); query by vector, or re-embed here.")
+    return found[0]
+
+
 def _open_cached(folder: Path, identity: dict) -> tuple[OnnxSession, list[str]] | None:
     graph, meta_file = folder / "graph.onnx", folder / "meta.json"
     if not folder.exists():
