@@ -15,7 +15,7 @@ import torch
 
 from embedder.cache.reader import FeatureCache
 from embedder.errors import CacheMismatchError, ConfigError, EmbedderNotice
-from embedder.extract.core import load_backbone
+from embedder.extract.core import backbone_for, load_backbone
 from embedder.extract.local import embed
 from embedder.models import runtime as runtimes
 from embedder.models.onnx import MIN_COSINE, cache_root, graph_key
@@ -169,9 +169,10 @@ def test_auto_precision_is_fp32_on_every_cpu_even_one_with_native_bf16(monkeypat
     # --runtime onnxruntime with no --precision works on such a CPU (auto no longer picks bf16 there).
     backbone = load_backbone("resnet18", "none", runtime="onnxruntime", **{**SMALL, "precision": "auto"})
     assert backbone.config.precision == "fp32" and backbone.config.runtime == "onnxruntime"
-    # A cache made with the old bf16 default is resumed and appended to in bf16 under `auto`.
+    # A cache made with the old bf16 default (no fidelity card) is resumed and appended to in bf16 under `auto`.
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=2)
-    embed(fast_config(src, tmp_path / "c.h5", precision="bf16", runtime="torch"))
+    old = fast_config(src, tmp_path / "c.h5", precision="bf16", runtime="torch")
+    embed(old, backbone=backbone_for(old))  # as the old default made it: no card
     make_tree(src, classes=("c",), per_class=2, seed=1)
     report = embed(fast_config(src, tmp_path / "c.h5", precision="auto", runtime="auto"))
     assert report.config["precision"] == "bf16" and report.already_cached == 4 and report.total_rows == 6

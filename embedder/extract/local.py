@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedder.atomic import WriteLock
-from embedder.cache.reader import CacheSpec, recorded_fidelity
+from embedder.cache.reader import CacheSpec, recorded_components, recorded_fidelity
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, describe_ignored, list_source
 from embedder.errors import EmbedderNotice
@@ -191,6 +191,8 @@ def _backbone_and_card(config: EmbedConfig, listing: Listing) -> tuple[FrozenBac
     if config.precision not in FAST_PATHS or not cpu:
         return backbone_for(config), None
     recorded = None if config.overwrite else recorded_fidelity(config.out)
+    if recorded is None and config.precision == "bf16" and not config.overwrite and recorded_components(config.out):
+        return backbone_for(config), None  # a cache of the old bf16 default (no card): resumed as it was made
     return prepare(config, listing, recorded)
 
 
