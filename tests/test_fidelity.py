@@ -131,3 +131,14 @@ def test_info_shows_the_stored_card(tree, tmp_path):
     shown = subprocess.run(embedder_cmd("info", str(tmp_path / "int8.h5")), env=env_with_repo(), capture_output=True,
                            text=True, check=True, timeout=120).stdout
     assert "fidelity card --precision int8 -> int8" in shown and "k-NN@10 overlap" in shown
+
+
+def test_cli_refusal_is_one_line_with_exit_2(tree, tmp_path):
+    args = ["embed", str(tree), "--model", "resnet18", "--weights", "none", "--image-size", "32", "--out",
+            str(tmp_path / "c.h5"), "--precision", "int8", "--calibration-images", "8", "--min-cosine", "0.9999999",
+            "--workers", "0", "--quiet"]
+    done = subprocess.run(embedder_cmd(*args), env=env_with_repo(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    errors = [line for line in done.stderr.splitlines() if "fails its fidelity card" in line]
+    assert done.returncode == 2 and len(errors) == 1 and "(--min-cosine to accept)" in errors[0]
+    assert "Traceback" not in done.stderr and not (tmp_path / "c.h5").exists()

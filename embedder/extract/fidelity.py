@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,6 +250,7 @@ def knn_overlap(exact: np.ndarray, fast: np.ndarray, k: int = K) -> float:
 
 def accuracy_change(exact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> dict:
     """Linear-probe and k-NN accuracy (%) of both paths on the same stratified folds; {} without labels."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
@@ -267,7 +269,9 @@ def accuracy_change(exact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> 
               "knn": lambda: KNeighborsClassifier(n_neighbors=min(K, int(keep.sum() * (folds - 1) / folds)),
                                                   metric="cosine")}
     for name, make in models.items():
-        acc = [100.0 * float(np.mean(cross_val_predict(make(), x[keep], y, cv=cv) == y)) for x in (exact, fast)]
+        with warnings.catch_warnings():  # a probe that stops at max_iter is still a fair comparison of the two
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            acc = [100.0 * float(np.mean(cross_val_predict(make(), x[keep], y, cv=cv) == y)) for x in (exact, fast)]
         result[f"{name}_accuracy"] = {"fp32": round(acc[0], 2), "fast": round(acc[1], 2)}
         result[f"{name}_drop"] = round(acc[0] - acc[1], 2)
     return result

@@ -63,6 +63,9 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "fp32"  # exact everywhere, whatever cpu_has_native_bf16() says
+    elif precision == "fast":
+        raise ConfigError("--precision fast is chosen by `embed`, which measures each path on SOURCE's images; "
+                          "name fp32, bf16 or int8 here.")
     elif precision == "int8" and on_gpu:
         raise ConfigError("--precision int8 runs on the CPU (ONNX Runtime); use --device cpu, or bf16/fp16 on a GPU.")
     elif precision not in ("fp32", "bf16", "fp16", "int8"):
