@@ -9,7 +9,7 @@
    `--precision int8` and `fast`, through the real driver; the fast runs' walls include their card
    (building, calibrating, the exact pass over the held-aside images), shown apart.
 3. Fidelity cards (what `embed --precision int8` / `bf16` computes first) for Lite0's shipped weights on
-   photo crops and on the digits (600 held-aside, so one image is 0.17 points), and for random-init
+   photo crops and on the digits (300 held-aside, so one image is 0.33 points), and for random-init
    ResNet-50 on photo crops.
 4. The exact default (ONNX Runtime fp32) against torch fp32: the smallest cosine over the photo crops.
 
@@ -154,6 +154,14 @@ def exact_vs_torch(crops: Path, tmp: Path, model: str, weights: str, size: int |
           f"min cosine {cos.min():.7f}, mean {cos.mean():.7f}")
 
 
+def cards_and_exact(crops: Path, tmp: Path) -> None:
+    """Parts 3 and 4 alone (the digits and ResNet-50 cards, the exact default against torch)."""
+    cards(tmp, [("efficientnet_lite0", "DEFAULT", Path("data/digits"), {"fidelity_images": 300}),
+                ("resnet50", "none", crops, {})])
+    exact_vs_torch(crops, tmp, "efficientnet_lite0", "DEFAULT", None)
+    exact_vs_torch(crops, tmp, "resnet50", "none", None)
+
+
 def run(quick: bool = False) -> None:
     print(f"# CPU: {cpu_flags()}; {torch.get_num_threads()} threads. The machine is shared: timings move.")
     tmp = Path(tempfile.mkdtemp(prefix="fastpaths-"))
@@ -165,7 +173,7 @@ def run(quick: bool = False) -> None:
         if not (Path("data/digits") / ".complete").exists():
             make_samples("data", only=["digits"])
         runs = [("efficientnet_lite0", "DEFAULT", crops, {}),
-                ("efficientnet_lite0", "DEFAULT", Path("data/digits"), {"fidelity_images": 600}),
+                ("efficientnet_lite0", "DEFAULT", Path("data/digits"), {"fidelity_images": 300}),
                 (model, "none", crops, {"image_size": size} if size else {})]
         cards(tmp, runs[2:] if quick else runs)
         exact_vs_torch(crops, tmp, "efficientnet_lite0", "DEFAULT", None)
