@@ -6,7 +6,8 @@ with a card that says how far it moves the features, measured on the user's own 
   * `calibration_images` rows evenly spaced over the sorted listing (deterministic, and across every
     class folder) calibrate int8; a resumed or appended cache reuses the calibration rows its card recorded;
   * `fidelity_images` of the other rows (held aside from calibration, evenly spaced) are embedded by both paths, and
-    the card holds, per output, the mean and minimum cosine to fp32 and the overlap of each image's
+    the card holds, per output, the mean and minimum cosine to fp32 (read without --jpeg-draft, so the
+    card includes the draft's cost when it is on) and the overlap of each image's
     k-NN@10 set (cosine, within the sample) with fp32's; when the rows are labelled, the change in
     linear-probe (5-fold logistic regression) and k-NN accuracy, in points, on the same folds.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -69,8 +70,9 @@ class Sample:
 
     calibration_rows: np.ndarray
     calibration: np.ndarray  # uint8 [n, 3, S, S]
-    held: np.ndarray  # uint8 [m, 3, S, S]
+    held: np.ndarray  # uint8 [m, 3, S, S], as the run reads them (--jpeg-draft included)
     labels: np.ndarray  # int64 [m], -1 = unlabelled
+    held_exact: np.ndarray  # the same rows' exact pixels (no --jpeg-draft): what fp32 is measured on
 
 
 def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None) -> tuple[FrozenBackbone, dict]:
@@ -80,7 +82,7 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
     gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
     exact = _build(config, "fp32", config.runtime)
     sample = read_sample(config, listing, exact, recorded)
-    exact_out, exact_speed = _timed_outputs(exact, sample.held, config.batch_size)
+    exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
     candidates = (config.precision,)
     if config.precision == "fast":  # an explicit --runtime is kept: int8 runs on ONNX Runtime, bf16 on torch
         candidates = tuple(p for p, no in (("int8", "torch"), ("bf16", "onnxruntime")) if config.runtime != no)
@@ -136,10 +138,12 @@ def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone,
                           "use --precision fp32.")
     calibration, _ = _pixels(config, listing, cal_rows, backbone)
     held, held_rows = _pixels(config, listing, rest, backbone)
+    # With --jpeg-draft the card measures its cost too: the exact path reads the exact pixels.
+    held_exact = _pixels(replace(config, jpeg_draft=False), listing, held_rows, backbone)[0] if config.jpeg_draft else held
     if len(calibration) < 1 or len(held) < K + 1:
         raise ConfigError(f"Too few of SOURCE's sample images could be read to calibrate and check "
                           f"--precision {config.precision} ({len(calibration)} + {len(held)}); use --precision fp32.")
-    return Sample(cal_rows, calibration, held, np.asarray(listing.labels)[held_rows])
+    return Sample(cal_rows, calibration, held, np.asarray(listing.labels)[held_rows], held_exact)
 
 
 def spread(rows: np.ndarray, count: int) -> np.ndarray:
