@@ -14,7 +14,8 @@ import time
 import torch
 
 BENCHMARKS = {
-    "precision": "CPU precision and memory layout, model only (the default behind --precision auto)",
+    "precision": "CPU precision and memory layout, model only (torch fp32, channels_last, bf16 side by side)",
+    "fastpaths": "int8 and bf16 against the exact fp32 default: model only, end to end, fidelity cards",
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "runtime": "torch eager, bf16, --compile and ONNX Runtime against the GEMM peak; model only and end to end",
     "extraction": "JPEG files -> committed cache, against the bare model forward",

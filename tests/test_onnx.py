@@ -15,7 +15,7 @@ import torch
 
 from embedder.cache.reader import FeatureCache
 from embedder.errors import CacheMismatchError, ConfigError, EmbedderNotice
-from embedder.extract.core import load_backbone
+from embedder.extract.core import backbone_for, load_backbone
 from embedder.extract.local import embed
 from embedder.models import runtime as runtimes
 from embedder.models.onnx import MIN_COSINE, cache_root, graph_key
@@ -158,22 +158,24 @@ def test_auto_takes_onnxruntime_only_where_it_runs_and_wins():
         choose_runtime("tensorrt", "resnet")
 
 
-def test_auto_precision_on_a_native_bf16_cpu_keeps_fp32_where_fp32_is_faster(monkeypatch, tmp_path):
-    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
-    assert resolve_runtime("cpu", "auto", family="resnet").precision == "bf16"
-    assert resolve_runtime("cpu", "auto", family="efficientnet_lite").precision == "fp32"
-    assert resolve_runtime("cpu", "auto").precision == "bf16"  # family unknown: torch's fast path
-    assert choose_runtime("auto", "efficientnet_lite", "cpu", "auto") == "onnxruntime"
-    assert choose_runtime("auto", "resnet", "cpu", "auto") == "torch"
-    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: False)
-    assert resolve_runtime("cpu", "auto", family="resnet").precision == "fp32"
-    # A cache made in fp32 is resumed and appended to in fp32 under `auto`, though today's default is bf16.
+def test_auto_precision_is_fp32_on_every_cpu_even_one_with_native_bf16(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)  # as on an AMX / AVX512-BF16 CPU
+    for family in ("resnet", "vgg", "efficientnet_lite", None):
+        assert resolve_runtime("cpu", "auto", family=family).precision == "fp32"
+    assert resolve_runtime("cpu", "bf16", family="resnet").precision == "bf16"  # asked for: given
+    assert choose_runtime("auto", "resnet", "cpu", "auto") == "onnxruntime"
+    assert choose_runtime("auto", "resnet", "cpu", "int8") == "onnxruntime"
+    assert choose_runtime("onnxruntime", "resnet", "cpu", "auto") == "onnxruntime"  # never overridden
+    # --runtime onnxruntime with no --precision works on such a CPU (auto no longer picks bf16 there).
+    backbone = load_backbone("resnet18", "none", runtime="onnxruntime", **{**SMALL, "precision": "auto"})
+    assert backbone.config.precision == "fp32" and backbone.config.runtime == "onnxruntime"
+    # A cache made with the old bf16 default (no fidelity card) is resumed and appended to in bf16 under `auto`.
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=2)
-    embed(fast_config(src, tmp_path / "c.h5", precision="fp32"))
+    old = fast_config(src, tmp_path / "c.h5", precision="bf16", runtime="torch")
+    embed(old, backbone=backbone_for(old))  # as the old default made it: no card
     make_tree(src, classes=("c",), per_class=2, seed=1)
-    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
     report = embed(fast_config(src, tmp_path / "c.h5", precision="auto", runtime="auto"))
-    assert report.config["precision"] == "fp32" and report.already_cached == 4 and report.total_rows == 6
+    assert report.config["precision"] == "bf16" and report.already_cached == 4 and report.total_rows == 6
 
 
 def test_what_onnxruntime_cannot_run_is_refused_naming_the_option():

@@ -73,6 +73,8 @@ def fingerprint_components(backbone: FrozenBackbone, feature_dtype: str = "float
         from embedder.models.onnx import runtime_component
 
         components["runtime"] = runtime_component()
+    if backbone.quantization is not None:  # int8: the settings, the calibration set and the nodes kept in fp32
+        components["quantization"] = json.dumps(backbone.quantization, sort_keys=True)
     if jpeg_draft:
         components["jpeg_draft"] = "PIL draft: libjpeg DCT scaling, shorter side >= resize_size"
     if len(backbone.outputs) > 1:

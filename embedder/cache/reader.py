@@ -83,6 +83,9 @@ class CacheSpec:
     # {graph node: the name a person uses for it} (Lite0's global_pool.flatten is `avgpool`): shown
     # beside node names; not part of the fingerprint, so caches written before it compare equal.
     aliases: dict[str, str] = field(default_factory=dict)
+    # The fidelity card of a fast path (--precision int8, bf16, fast; embedder.extract.fidelity), JSON; "" = none.
+    # Not a component: it measures the features, it does not decide them.
+    fidelity: str = ""
 
     @property
     def extra_layers(self) -> dict[str, int]:
@@ -266,7 +269,8 @@ class FeatureCache:
         attrs = self._f.attrs
         layers = json.loads(attrs["layers"]) if "layers" in attrs else {}
         return CacheSpec(self.file_components, self.source, int(attrs["feature_dim"]), str(attrs["layout"]),
-                         str(attrs["command"]), layers, self.column_kinds, self.aliases)
+                         str(attrs["command"]), layers, self.column_kinds, self.aliases,
+                         str(attrs.get("fidelity", "")))
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -404,6 +408,7 @@ def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
             "command": str(cache.attrs["command"]),
             "writer_pid": None if cache.complete else cache.writer_pid,
         }
+        doc["fidelity"] = json.loads(cache.attrs["fidelity"]) if "fidelity" in cache.attrs else None
         if "shards" in cache.attrs:  # a view over the shards of a --backend ray run
             doc["shards"] = int(cache.attrs["shards"])
         if list_errors:
@@ -435,6 +440,24 @@ def recorded_components(out: str | os.PathLike) -> dict[str, str] | None:
         try:
             with FeatureCache(out, require_complete=False) as cache:
                 return dict(cache.file_components)
+        except Exception:  # noqa: BLE001 - unreadable here; the writer says why when it opens it
+            return None
+    return None
+
+
+def recorded_fidelity(out: str | os.PathLike) -> dict | None:
+    """The fidelity card of what already stands at `out` (an interrupted run's parts or the cache), or None."""
+    out = Path(out)
+    try:
+        text = json.loads((out.with_name(out.name + PARTIAL_SUFFIX) / "manifest.json").read_text()).get("fidelity")
+        if text:
+            return json.loads(text)
+    except (OSError, ValueError, AttributeError):
+        pass
+    if out.exists():
+        try:
+            with FeatureCache(out, require_complete=False) as cache:
+                return json.loads(cache.attrs["fidelity"]) if "fidelity" in cache.attrs else None
         except Exception:  # noqa: BLE001 - unreadable here; the writer says why when it opens it
             return None
     return None

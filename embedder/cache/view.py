@@ -146,6 +146,8 @@ def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignore
     f.attrs["complete"] = complete
     f.attrs["command"] = spec.command
     f.attrs["ignored"] = json.dumps(ignored or {})
+    if spec.fidelity:
+        f.attrs["fidelity"] = spec.fidelity
 
 
 def write_errors(f: h5py.File, errors: list[tuple[str, str]], fixed_width: bool = False) -> None:

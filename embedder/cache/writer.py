@@ -285,6 +285,7 @@ class CacheWriter:
             "classes": self.classes,
             "base_rows": self.base["rows"] if self.base else 0,
             "columns": self.spec.columns,
+            "fidelity": self.spec.fidelity,  # a fast path's card: its calibration rows, reused on resume
         }
         tmp = self.partial / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))

@@ -214,6 +214,10 @@ def _info_text(doc: dict, config) -> str:
             value = doc.get("layer_labels", {}).get(value, value)
         lines.append(f"  {key:<20} {value}")
     lines.append(f"  source       {doc['source']} ({doc['layout']})")
+    if doc.get("fidelity"):
+        from embedder.extract.fidelity import card_lines
+
+        lines += [line.replace("  fidelity card   :", "  fidelity card") for line in card_lines(doc["fidelity"])]
     if "shards" in doc:
         lines.append(f"  sharded      view over {doc['shards']} finished shards in {config.cache}.shards/ "
                      "(embedder merge makes one file)")

@@ -26,6 +26,7 @@ ROW_OPTIONS = "what is embedded"
 BACKBONE_FIELDS = ("model", "weights", "layer", "normalize", "image_size", "device", "precision", "memory_layout",
                    "pool", "style_layers", "style_dim", "compile", "runtime")
 SOURCE_OPTIONS = "table and URL sources"
+FAST_OPTIONS = "fast paths (--precision int8, bf16 or fast on the CPU)"
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
@@ -64,8 +65,25 @@ class EmbedConfig:
     workers: int | None = option(None, parse=int_or_auto, group=RUN_OPTIONS,
                                  help="reader processes (default auto: one per spare core, at most 8)")
     device: str = option("auto", group=RUN_OPTIONS, help="auto, cpu or cuda[:N]")
-    precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"), group=RUN_OPTIONS,
-                            help="auto = fastest measured for the device (see docs/BENCHMARKS.md)")
+    precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "fast"), group=RUN_OPTIONS,
+                            help="auto = fp32 on every CPU (exact, the same on every machine), bf16/fp16 on a GPU. "
+                                 "On the CPU, int8 (ONNX Runtime, calibrated on some of SOURCE's images) and bf16 "
+                                 "run with a fidelity card checked against fp32 on held-aside images; fast = the "
+                                 "fastest of them, measured here, whose card passes (README: fast paths)")
+    calibration_images: int = option(32, metavar="N", group=FAST_OPTIONS,
+                                     help="int8: calibrate on N images evenly spaced over SOURCE's sorted listing (a "
+                                          "resumed or appended cache: the ones its card recorded)")
+    fidelity_images: int = option(200, metavar="N", group=FAST_OPTIONS,
+                                  help="other images (evenly spaced) that the fidelity card is measured on")
+    calibration: str = option("percentile", choices=("percentile", "entropy", "minmax"), group=FAST_OPTIONS,
+                              help="int8 activation ranges: ONNX Runtime's calibration method")
+    min_cosine: float = option(0.995, metavar="X", group=FAST_OPTIONS,
+                               help="gate: refuse a fast path whose mean cosine to fp32 is lower")
+    min_overlap: float = option(0.9, metavar="X", group=FAST_OPTIONS,
+                                help="gate: refuse a fast path whose k-NN@10 neighbour overlap with fp32 is lower")
+    max_accuracy_drop: float = option(0.5, metavar="POINTS", group=FAST_OPTIONS,
+                                      help="gate (labelled SOURCE): refuse a fast path whose linear-probe or k-NN "
+                                           "accuracy drops more")
     memory_layout: str = option("auto", choices=("auto", "channels_last", "contiguous"), group=RUN_OPTIONS,
                                 help="tensor layout of the model's input and weights")
     compile: bool = option(False, group=RUN_OPTIONS,
@@ -136,7 +154,7 @@ class EmbedConfig:
             raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {self.style_dim}.")
         positive(self, "batch_size", "commit_every", "max_pixels")
         positive(self, "limit", "image_size", optional=True)
-        positive(self, "fetch_threads")
+        positive(self, "fetch_threads", "calibration_images", "fidelity_images")
         for name in ("fetch_timeout", "max_download_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be above 0, got {getattr(self, name)!r}.")

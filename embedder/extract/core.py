@@ -203,24 +203,27 @@ def with_runtime(config: EmbedConfig) -> EmbedConfig:
     Ray actor runs the same): what a cache being resumed or appended to was made with, else the
     fastest for the device and model family."""
     recorded = None if config.overwrite else recorded_components(config.out)
+    if config.precision == "fast" and resolve_runtime(config.device, "auto").device != "cpu":
+        config = replace(config, precision="auto")  # the fast paths are the CPU's; a GPU's default is its fast path
     if recorded is not None:
-        if config.precision == "auto" and recorded.get("precision") in ("fp32", "bf16", "fp16"):
-            # An existing cache keeps its precision, also where today's default would differ.
+        if config.precision in ("auto", "fast") and recorded.get("precision") in ("fp32", "bf16", "fp16", "int8"):
+            # An existing cache keeps its precision (the old bf16 default's too; `fast` keeps what it chose).
             config = replace(config, precision=recorded["precision"])
         if config.runtime == "auto":
             config = replace(config, runtime="onnxruntime" if "runtime" in recorded else "torch")
         return config
-    if config.runtime != "auto":
+    if config.runtime != "auto" or config.precision == "fast":  # fast: embedder.extract.fidelity picks per path
         return config
     family = get_backbone_spec(config.model).family
     return replace(config, runtime=choose_runtime("auto", family, config.device, config.precision, config.compile))
 
 
 def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str,
-               metadata: MetadataTable | None = None) -> CacheSpec:
+               metadata: MetadataTable | None = None, fidelity: str = "") -> CacheSpec:
     """What a cache of `listing` embedded by `backbone` records: fingerprint components, source,
     widths (every layer, the primary first, for a multi-layer cache), the command that resumes it,
-    and its metadata columns (the built-in ones, and those of the --metadata table)."""
+    its metadata columns (the built-in ones, and those of the --metadata table) and the fast path's
+    fidelity card (JSON, embedder.extract.fidelity)."""
     return CacheSpec(
         components=fingerprint_components(backbone, config.feature_dtype, jpeg_draft=config.jpeg_draft),
         # A file list's (a table's) rows are relative to its own folder, but SOURCE is the list itself.
@@ -231,6 +234,7 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
         command=command,
         columns=column_kinds(metadata),
         aliases=layer_aliases(backbone),
+        fidelity=fidelity,
     )
 
 

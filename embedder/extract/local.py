@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedder.atomic import WriteLock
-from embedder.cache.reader import CacheSpec
+from embedder.cache.reader import CacheSpec, recorded_components, recorded_fidelity
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, describe_ignored, list_source
 from embedder.errors import EmbedderNotice
@@ -29,7 +29,9 @@ from embedder.extract.core import (
     require_rows,
     with_runtime,
 )
+from embedder.extract.fidelity import FAST_PATHS, card_json, card_lines, prepare
 from embedder.models.backbone import FrozenBackbone
+from embedder.models.runtime import resolve_runtime
 from embedder.names import display_path
 
 UNLISTED_SHOWN = 5  # --metadata paths not in the listing: how many a report names
@@ -53,6 +55,7 @@ class EmbedReport:
     metadata_unlisted: int = 0
     metadata_unlisted_examples: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # --metadata: casts made to the table's columns
+    fidelity: dict | None = None  # a fast path's fidelity card (embedder.extract.fidelity)
 
     @classmethod
     def of_run(cls, config: EmbedConfig, spec: CacheSpec, listing: Listing, started: float, *, already_cached: int,
@@ -113,6 +116,8 @@ class EmbedReport:
             lines.append(f"    {display_path(path)}: {reason}")
         if len(self.errors) > 5:
             lines.append(f"    ... and {len(self.errors) - 5} more")
+        if self.fidelity is not None:
+            lines += card_lines(self.fidelity)
         lines.append("  time per stage  : " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_s.items()))
         lines.append("                    (decode and resize run in the reader workers, in parallel with the model;")
         lines.append("                     'wait' is the time the model stage waited for them)")
@@ -136,6 +141,7 @@ class EmbedReport:
             "metadata_unlisted": self.metadata_unlisted,
             "metadata_unlisted_examples": self.metadata_unlisted_examples,
             "notes": self.notes,
+            "fidelity": self.fidelity,
         }
 
 
@@ -161,10 +167,12 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     # The user's tables are checked before the model is built (seconds, or an ONNX export).
     metadata = load_metadata(config, listing)
     columns, unlisted = known_columns(listing, metadata)
+    card = None
     if backbone is None:
         config = with_runtime(config)
-        backbone = backbone_for(config)
-    spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata)
+        backbone, card = _backbone_and_card(config, listing)
+    spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata,
+                      card_json(card))
     _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
                      lock=lock, columns=columns, retry_errors=config.retry_errors) as writer:
@@ -172,8 +180,21 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
                                 embedded=done.embedded, errors=done.errors, total_rows=done.total_rows,
                                 stage_s=done.stage_s, unlisted=unlisted, notes=metadata.notes if metadata else [])
+    report.fidelity = card
     require_rows(config, done.total_rows)
     return report
+
+
+def _backbone_and_card(config: EmbedConfig, listing: Listing) -> tuple[FrozenBackbone, dict | None]:
+    """The run's backbone; for a CPU fast path (--precision int8, bf16, fast) also its fidelity card,
+    measured on SOURCE's images (the calibration rows of a cache being resumed are the recorded ones)."""
+    cpu = resolve_runtime(config.device, "fp32").device == "cpu"
+    if config.precision not in FAST_PATHS or not cpu:
+        return backbone_for(config), None
+    recorded = None if config.overwrite else recorded_fidelity(config.out)
+    if recorded is None and config.precision == "bf16" and not config.overwrite and recorded_components(config.out):
+        return backbone_for(config), None  # a cache of the old bf16 default (no card): resumed as it was made
+    return prepare(config, listing, recorded)
 
 
 def _notices(config: EmbedConfig, backbone: FrozenBackbone, metadata=None) -> None:

@@ -97,6 +97,9 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
 
     Several `--layer`s and `--style` work as on the local backend: every shard stores every layer.
     `lock`: the cache's write lock, when the caller holds it already (the CLI takes it first thing)."""
+    if config.precision in ("int8", "fast"):
+        raise ConfigError(f"--precision {config.precision} calibrates and checks its fidelity card in one process: "
+                          "use --backend local (or --precision fp32 on Ray).")
     if config.retry_errors:
         raise ConfigError("--retry-errors works with --backend local: a sharded cache's errors live in its "
                           "shards. Merge it (`embedder merge`) and retry into the merged cache.")

@@ -28,7 +28,9 @@ from embedder.models.registry import COMBINE, BackboneSpec, Preprocessing, get_b
 from embedder.models.style import StyleDescriptor
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights, resolve_weights
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# int8's torch pass is the exact fp32 one; its features come from a quantised ONNX Runtime graph,
+# calibrated on the user's images (embedder.models.quantize) and attached with `use_quantized`.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 NORMALIZATIONS = ("none", "l2")
 GEM_P = 3.0  # generalised-mean exponent (Radenović et al.): between average (1) and max (inf)
 STYLE_OUTPUT = "style"  # output name of the Gram style descriptor, next to the layers' node names
@@ -45,7 +47,7 @@ class BackboneConfig:
     normalize: str = "none"  # "none" or "l2"
     image_size: int | None = None  # overrides the weights' crop size (resize scales with it)
     device: str = "cpu"  # resolved device: "cpu" or "cuda[:i]"
-    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 | int8 (CPU, runtime onnxruntime)
     channels_last: bool = False
     # More outputs from the same pass. Among `layer` and `extra_layers`, "style" names the
     # Gram style descriptor (embedder.models.style) over `style_layers`.
@@ -95,6 +97,8 @@ def _validate(config: BackboneConfig) -> None:
         raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {config.style_dim}.")
     if config.runtime not in ("torch", "onnxruntime"):
         raise ConfigError(f"runtime must be torch or onnxruntime (resolved), got {config.runtime!r}.")
+    if config.precision == "int8" and config.runtime != "onnxruntime":
+        raise ConfigError("--precision int8 runs on ONNX Runtime; use --runtime onnxruntime (or auto).")
 
 
 class FrozenBackbone(nn.Module):
@@ -127,6 +131,7 @@ class FrozenBackbone(nn.Module):
         self._lock(model, nodes)
         # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.
         self.__dict__.update(_compiled=None, _compiled_batch=None, _session=None)
+        self.quantization: dict | None = None  # int8: what `use_quantized` attached (settings, calibration)
         self._size_outputs(output)
         # Set last, so that the shape probe above runs eagerly. Kept out of the module tree (no
         # double entries in modules() or state_dict); it wraps self.body.
@@ -279,8 +284,18 @@ class FrozenBackbone(nn.Module):
             ) from exc
         return {k: v[:n] for k, v in maps.items()} if n < size else maps
 
+    def use_quantized(self, session, record: dict) -> None:
+        """Run `session`, the int8 graph of this backbone (embedder.models.quantize.quantize), from now on."""
+        if self.config.precision != "int8":
+            raise ConfigError(f"A quantised graph is for an int8 backbone, not {self.config.precision}.")
+        self.__dict__["_session"] = session
+        self.quantization = dict(record)
+
     def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = images.to(self.device, non_blocking=True)
+        if self.config.precision == "int8" and self.quantization is None:
+            raise ConfigError("An int8 backbone is calibrated on sample images before it runs "
+                              "(embedder.extract.fidelity.prepare, as `embed --precision int8` does).")
         if self._session is not None:
             return self._run_session(x)  # it scales uint8 itself, off torch's thread pool
         if x.dtype == torch.uint8:

@@ -126,7 +126,7 @@ def session_for(backbone: FrozenBackbone) -> OnnxSession:
     require()
     if backbone.config.compile:
         raise ConfigError("--compile is a torch.compile option; drop it, or use --runtime torch.")
-    if backbone.config.precision != "fp32" or backbone.device.type != "cpu":
+    if backbone.config.precision not in ("fp32", "int8") or backbone.device.type != "cpu":
         raise ConfigError(
             f"--runtime onnxruntime runs fp32 on the CPU (got {backbone.config.precision} on {backbone.device.type}); "
             "use --device cpu --precision fp32, or --runtime torch."
@@ -145,7 +145,7 @@ def session_for(backbone: FrozenBackbone) -> OnnxSession:
                 meta = {"identity": identity, "sha256": file_sha256(tmp / "graph.onnx")}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             session = OnnxSession(folder / "graph.onnx")
-    check_against_torch(backbone, session)
+    check_against_torch(backbone, session)  # int8: the fp32 graph it is quantised from (embedder.models.quantize)
     return session
 
 

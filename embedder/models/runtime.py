@@ -1,11 +1,12 @@
 """Resolve `auto` device, precision and memory layout into concrete, fingerprinted choices.
 
-The CPU defaults come from measurement (`python -m benchmarks precision`, docs/BENCHMARKS.md):
-on a CPU without native bf16 (no AVX512-BF16 / AMX), bf16 autocast is emulated and ran
-3.5x *slower* than fp32 for ResNet-50, while channels_last fp32 ran 1.5x faster than
-contiguous fp32. With native bf16 the opposite holds (2-2.6x faster than torch fp32 for
-ResNet-50 and VGG-16), so bf16 is chosen only where the CPU advertises it, and only for a
-family where it also beats the fastest fp32 path (ONNX Runtime): not EfficientNet-Lite.
+On the CPU, `--precision auto` is fp32 on every machine: the same image and configuration give the
+same features whichever CPU ran the command (issue 29). bf16 moved real features far more than
+random inputs suggest (ResNet tutorial cosine 0.9635, Lite0 minimum 0.9866) and its speed depends on
+the CPU (emulated and 3.5x slower without AVX512-BF16 / AMX), so it is an opt-in, as is int8; both
+carry a fidelity card (embedder.extract.fidelity), and `--precision fast` picks between them by
+measuring on the machine that runs it. channels_last stays the layout: 1.5x faster than contiguous
+fp32 for ResNet-50 on the CPU, same features (`python -m benchmarks precision`).
 """
 
 from __future__ import annotations
@@ -43,18 +44,13 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-# Model-only speed of torch eager bf16 over the fastest fp32 path (ONNX Runtime) on a CPU with
-# native bf16, batch 4, 224 px, 2 threads, interleaved rounds (docs/BENCHMARKS.md, 2026-12-01):
-# ResNet-50 1.45x, VGG-16 1.55x, EfficientNet-Lite0 0.62x. Where it is below 1, `--precision auto`
-# stays fp32 there: faster, and the features stay exact (bf16 moved Lite0's real features to a
-# cosine of 0.9866). A family not listed gets bf16, torch's fast path on such a CPU.
-BF16_CPU_SPEEDUP = {"resnet": 1.45, "vgg": 1.55, "efficientnet_lite": 0.62}
-
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout: str = "auto",
                     family: str | None = None) -> Runtime:
-    """Concrete device, precision and layout. `family` (the model family, when known) lets
-    `--precision auto` keep fp32 on a native-bf16 CPU for a family whose fp32 path is faster."""
+    """Concrete device, precision and layout. `--precision auto` is fp32 on every CPU (bf16 only when
+    asked: exact and the same on every machine), the documented bf16 or fp16 on a GPU. int8 runs on
+    the CPU only (a quantised ONNX Runtime graph, embedder.models.quantize); `fast` is resolved by
+    measuring (embedder.extract.fidelity), never here. `family` is kept for callers' signatures."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
@@ -67,9 +63,14 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
         if on_gpu:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            precision = "bf16" if cpu_has_native_bf16() and BF16_CPU_SPEEDUP.get(family, 2.0) > 1.0 else "fp32"
-    elif precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}.")
+            precision = "fp32"  # exact everywhere, whatever cpu_has_native_bf16() says
+    elif precision == "fast":
+        raise ConfigError("--precision fast is chosen by `embed`, which measures each path on SOURCE's images; "
+                          "name fp32, bf16 or int8 here.")
+    elif precision == "int8" and on_gpu:
+        raise ConfigError("--precision int8 runs on the CPU (ONNX Runtime); use --device cpu, or bf16/fp16 on a GPU.")
+    elif precision not in ("fp32", "bf16", "fp16", "int8"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16, fp16, int8 or fast, got {precision!r}.")
 
     if memory_layout == "auto":
         channels_last = True  # faster on GPU tensor cores and on CPU oneDNN convolutions alike
@@ -85,7 +86,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", memory_layout
 # (docs/BENCHMARKS.md): on the 2-core AMD EPYC dev VM (AVX-512, native bf16), with ORT's threads
 # not spinning, ResNet-50 1.61x, EfficientNet-Lite0 2.43x, VGG-16 1.12x; on the earlier 2-core AVX2
 # VM ResNet-50 1.29x and Lite0 1.90x (issue 15). `--runtime auto` takes ONNX Runtime for fp32 on the
-# CPU for a family listed here; where `--precision auto` picks bf16 (BF16_CPU_SPEEDUP) bf16 runs on torch.
+# CPU for a family listed here; bf16 runs on torch (asked for only), int8 always on ONNX Runtime.
 ONNX_CPU_SPEEDUP = {"resnet": 1.61, "efficientnet_lite": 2.43, "vgg": 1.12}
 
 
@@ -96,8 +97,12 @@ def choose_runtime(runtime: str, family: str, device: str = "auto", precision: s
     if runtime != "auto":
         if runtime not in ("torch", "onnxruntime"):
             raise ConfigError(f"--runtime must be auto, torch or onnxruntime, got {runtime!r}.")
+        if runtime == "torch" and precision == "int8":
+            raise ConfigError("--precision int8 runs on ONNX Runtime; drop --runtime torch (or use --precision bf16).")
         return runtime
     resolved = resolve_runtime(device, precision, "auto", family)
+    if resolved.precision == "int8":
+        return "onnxruntime"
     if resolved.device != "cpu" or resolved.precision != "fp32" or compile:
         return "torch"  # ONNX Runtime's CPU provider runs fp32; on CUDA and with --compile torch is the fast path
     if ONNX_CPU_SPEEDUP.get(family, 1.0) <= 1.0:

@@ -386,6 +386,11 @@ def query_backbone(components: dict, weights_path: str | None = None, runtime: s
     if runtime == "auto":
         runtime = settings["runtime"] if versions() is not None else "torch"
     backbone = load_backbone(**{**settings, "runtime": runtime})
+    if settings["precision"] == "int8":  # the cache's own quantised graph (embedder.models.quantize)
+        from embedder.models.quantize import cached
+
+        record = json.loads(components["quantization"])
+        backbone.use_quantized(cached(backbone, record), record)
     mine = fingerprint_components(backbone, components.get("feature_dtype", "float32"))
     # A cache embedded with --compile is queried eagerly: the two agree to a cosine of 0.9999998
     # (benchmarks/compiled.py), far below what a ranking can notice, and compiling a query

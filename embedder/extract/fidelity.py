@@ -1,0 +1,304 @@
+"""Fast paths with a fidelity card: int8 and bf16 on the CPU, and `--precision fast` that picks one.
+
+The exact path is fp32 (what `--precision auto` computes on every CPU). A fast path is run only
+with a card that says how far it moves the features, measured on the user's own images:
+
+  * `calibration_images` rows evenly spaced over the sorted listing (deterministic, and across every
+    class folder) calibrate int8; a resumed or appended cache reuses the calibration rows its card recorded;
+  * `fidelity_images` of the other rows (held aside from calibration, evenly spaced) are embedded by both paths, and
+    the card holds, per output, the mean and minimum cosine to fp32 (read without --jpeg-draft, so the
+    card includes the draft's cost when it is on) and the overlap of each image's
+    k-NN@10 set (cosine, within the sample) with fp32's; when the rows are labelled, the change in
+    linear-probe (5-fold logistic regression) and k-NN accuracy, in points, on the same folds.
+
+`Gates` refuse a card that falls short, in one line naming the figure and the flag that moves the
+gate. int8 reaches them with what ONNX Runtime's quantiser offers: the calibration method, per-channel
+weights, then keeping sensitive nodes in fp32 (embedder.models.quantize levels), in that order.
+`--precision fast` times every candidate on the held-aside sample, here and now, and takes the
+fastest whose card passes (fp32 when none does); the card records the speeds and the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from embedder.data.sources import Listing
+from embedder.errors import ConfigError
+from embedder.extract.config import EmbedConfig
+from embedder.extract.core import BatchReader, load_backbone
+from embedder.models.backbone import FrozenBackbone
+from embedder.models.quantize import LEVELS, QuantSettings, quantize
+
+K = 10  # neighbours whose overlap the card reports
+FAST_PATHS = ("int8", "bf16", "fast")
+CARD_FORMAT = "embedder-fidelity-1"
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What a fast path must reach. Mean cosine 0.995: bf16 on real features gave 0.96-0.99 where it
+    visibly moved neighbours, fp32 runtimes give >= 0.99999; overlap 0.9: at most one neighbour in ten
+    differs; accuracy 0.5 points: below the run-to-run spread of a probe on a few hundred images."""
+
+    min_cosine: float = 0.995
+    min_overlap: float = 0.9
+    max_accuracy_drop: float = 0.5
+
+    def failure(self, card: dict) -> str | None:
+        """The first figure below its gate, as '<figure> <value> < <gate> (<flag> to accept)', or None."""
+        if card["mean_cosine"] < self.min_cosine:
+            return f"mean cosine to fp32 {card['mean_cosine']:.4f} < {self.min_cosine} (--min-cosine to accept)"
+        if card["knn_overlap"] < self.min_overlap:
+            return f"k-NN@{K} overlap with fp32 {card['knn_overlap']:.3f} < {self.min_overlap} (--min-overlap to accept)"
+        for name in ("probe_drop", "knn_drop"):
+            if card.get(name) is not None and card[name] > self.max_accuracy_drop:
+                what = "linear-probe" if name == "probe_drop" else "k-NN"
+                return (f"{what} accuracy drop {card[name]:.2f} points > {self.max_accuracy_drop} "
+                        "(--max-accuracy-drop to accept)")
+        return None
+
+
+@dataclass
+class Sample:
+    """The rows the card is made from: calibration pixels and the held-aside pixels with their labels."""
+
+    calibration_rows: np.ndarray
+    calibration: np.ndarray  # uint8 [n, 3, S, S]
+    held: np.ndarray  # uint8 [m, 3, S, S], as the run reads them (--jpeg-draft included)
+    labels: np.ndarray  # int64 [m], -1 = unlabelled
+    held_exact: np.ndarray  # the same rows' exact pixels (no --jpeg-draft): what fp32 is measured on
+
+
+def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None) -> tuple[FrozenBackbone, dict]:
+    """(backbone, card) for `config.precision` int8, bf16 or fast (resolved, measured, gated).
+    `recorded`: the card of the cache being resumed or appended to (its calibration rows are reused)."""
+    started = time.perf_counter()
+    gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
+    exact = _build(config, "fp32", config.runtime)
+    sample = read_sample(config, listing, exact, recorded)
+    exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
+    candidates = (config.precision,)
+    if config.precision == "fast":  # an explicit --runtime is kept: int8 runs on ONNX Runtime, bf16 on torch
+        candidates = tuple(p for p, no in (("int8", "torch"), ("bf16", "onnxruntime")) if config.runtime != no)
+    tried: dict[str, dict] = {}
+    for path in candidates:
+        backbone, card = (_int8 if path == "int8" else _bf16)(config, sample, exact_out, gates, exact_speed)
+        tried[path] = card
+        if backbone is not None:
+            tried[path]["backbone"] = backbone
+    passing = {p: c for p, c in tried.items() if "backbone" in c and c["passes"]}
+    if config.precision != "fast":
+        card = tried[config.precision]
+        if not card["passes"]:
+            raise ConfigError(f"--precision {config.precision} fails its fidelity card on {len(sample.held)} "
+                              f"held-aside images of SOURCE: {card['failure']}; or use --precision fp32.")
+        chosen, backbone = config.precision, card.pop("backbone")
+    else:
+        chosen = max(passing, key=lambda p: passing[p]["img_per_s"], default="fp32")
+        if chosen != "fp32" and passing[chosen]["img_per_s"] <= exact_speed:
+            chosen = "fp32"
+        backbone = tried[chosen].pop("backbone") if chosen != "fp32" else exact
+    for c in tried.values():
+        c.pop("backbone", None)
+    result = {"format": CARD_FORMAT, "precision": chosen, "asked": config.precision,
+              "exact": {"precision": "fp32", "runtime": exact.config.runtime, "img_per_s": round(exact_speed, 2)},
+              "held_aside_images": len(sample.held), "labelled": bool((sample.labels >= 0).any()),
+              "calibration": {"images": len(sample.calibration_rows),
+                              "paths": [listing.paths[r] for r in sample.calibration_rows]},
+              "gates": {"min_cosine": gates.min_cosine, "min_overlap": gates.min_overlap,
+                        "max_accuracy_drop": gates.max_accuracy_drop},
+              "cards": tried, "jpeg_draft": config.jpeg_draft,
+              "seconds": round(time.perf_counter() - started, 2)}  # building, calibrating and measuring
+    return backbone, result
+
+
+def _build(config: EmbedConfig, precision: str, runtime: str) -> FrozenBackbone:
+    return load_backbone(**{**config.backbone_settings(), "precision": precision, "runtime": runtime})
+
+
+def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, recorded: dict | None) -> Sample:
+    """The calibration rows (evenly spaced over the listing, or those `recorded`) and the held-aside rows among the others."""
+    n = len(listing)
+    known = {p: i for i, p in enumerate(listing.paths)}
+    paths = (recorded or {}).get("calibration", {}).get("paths") or []
+    if paths and all(p in known for p in paths):
+        cal_rows = np.array([known[p] for p in paths], dtype=np.int64)
+    else:
+        cal_rows = spread(np.arange(n, dtype=np.int64), min(config.calibration_images, n // 2))
+    rest = spread(np.setdiff1d(np.arange(n, dtype=np.int64), cal_rows), config.fidelity_images)
+    if len(cal_rows) < 1 or len(rest) < K + 1:
+        raise ConfigError(f"--precision {config.precision} calibrates on some images of SOURCE and checks its "
+                          f"fidelity on others: it needs at least {2 * (K + 1)} images, SOURCE has {n}; "
+                          "use --precision fp32.")
+    calibration, _ = _pixels(config, listing, cal_rows, backbone)
+    held, held_rows = _pixels(config, listing, rest, backbone)
+    # With --jpeg-draft the card measures its cost too: the exact path reads the exact pixels.
+    held_exact = _pixels(replace(config, jpeg_draft=False), listing, held_rows, backbone)[0] if config.jpeg_draft else held
+    if len(calibration) < 1 or len(held) < K + 1:
+        raise ConfigError(f"Too few of SOURCE's sample images could be read to calibrate and check "
+                          f"--precision {config.precision} ({len(calibration)} + {len(held)}); use --precision fp32.")
+    return Sample(cal_rows, calibration, held, np.asarray(listing.labels)[held_rows], held_exact)
+
+
+def spread(rows: np.ndarray, count: int) -> np.ndarray:
+    """`count` rows evenly spaced over `rows` (all of them when fewer): deterministic, and across every
+    class folder of a sorted ImageFolder listing, where the first rows would all be one class."""
+    if count >= len(rows):
+        return rows
+    return rows[np.unique(np.linspace(0, len(rows) - 1, max(count, 0)).round().astype(np.int64))]
+
+
+def _pixels(config: EmbedConfig, listing: Listing, rows: np.ndarray, backbone: FrozenBackbone):
+    """(uint8 pixels, the rows that decoded) read exactly as `embed` reads them."""
+    reader = BatchReader(listing.root, listing.paths, rows, config.batch_size, backbone.preprocessing,
+                         config.max_pixels, config.jpeg_draft, listing.members, config.fetch_settings())
+    images, ok = [], []
+    for b in range(len(reader)):
+        batch = reader[b]
+        images.append(batch["images"].numpy())
+        ok.append(batch["indices"])
+    size = backbone.preprocessing.crop_size
+    return (np.concatenate(images) if images else np.zeros((0, 3, size, size), np.uint8),
+            np.concatenate(ok) if ok else np.zeros(0, np.int64))
+
+
+def _timed_outputs(backbone: FrozenBackbone, pixels: np.ndarray, batch: int) -> tuple[dict[str, np.ndarray], float]:
+    """Every output for `pixels`, and the model-only speed of that pass (img/s, after one warm-up batch)."""
+    backbone(torch.from_numpy(pixels[:batch]))
+    parts, started = [], time.perf_counter()
+    for s in range(0, len(pixels), batch):
+        parts.append({k: v.float().numpy() for k, v in backbone.forward_all(torch.from_numpy(pixels[s:s + batch])).items()})
+    seconds = time.perf_counter() - started
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, len(pixels) / max(seconds, 1e-9)
+
+
+def _int8(config, sample, exact_out, gates, exact_speed):
+    """(backbone, card) of the first quantisation level whose card passes, else (None, the last card)."""
+    backbone = _build(config, "int8", "onnxruntime")
+    card, attempts = {}, []
+    for level in LEVELS:
+        session, record = quantize(backbone, sample.calibration, QuantSettings(config.calibration, True, level))
+        backbone.use_quantized(session, record)
+        out, speed = _timed_outputs(backbone, sample.held, config.batch_size)
+        card = {**fidelity_card(exact_out, out, sample.labels), "img_per_s": round(speed, 2),
+                "speedup": round(speed / exact_speed, 2), "fp32_nodes": record["fp32_nodes"],
+                "calibration_method": config.calibration, "level": level}
+        card["failure"] = gates.failure(card)
+        card["passes"] = card["failure"] is None
+        attempts.append({"level": level, "fp32_nodes": len(record["fp32_nodes"]), "failure": card["failure"]})
+        card["attempts"] = list(attempts)
+        if card["passes"]:
+            return backbone, card
+    return None, card
+
+
+def _bf16(config, sample, exact_out, gates, exact_speed):
+    """(backbone, card) of torch bf16 autocast; under `fast`, a path slower than fp32 gets no card."""
+    backbone = _build(config, "bf16", "torch")
+    head = sample.held[: 2 * config.batch_size]
+    if config.precision == "fast":
+        _, speed = _timed_outputs(backbone, head, config.batch_size)
+        if speed <= exact_speed:
+            return None, {"img_per_s": round(speed, 2), "speedup": round(speed / exact_speed, 2), "passes": False,
+                          "failure": "slower than fp32 on this machine (not carded)"}
+    out, speed = _timed_outputs(backbone, sample.held, config.batch_size)
+    card = {**fidelity_card(exact_out, out, sample.labels), "img_per_s": round(speed, 2),
+            "speedup": round(speed / exact_speed, 2), "engine": "torch autocast bf16"}
+    card["failure"] = gates.failure(card)
+    card["passes"] = card["failure"] is None
+    return backbone, card
+
+
+def fidelity_card(exact: dict[str, np.ndarray], fast: dict[str, np.ndarray], labels: np.ndarray) -> dict:
+    """Mean / min cosine and k-NN@10 overlap per output (the headline figures: the worst output's), and
+    the linear-probe and k-NN accuracy of both paths on the labelled rows (drops in points)."""
+    outputs = {}
+    for name, reference in exact.items():
+        cos = _cosines(reference, fast[name])
+        outputs[name] = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+                         "knn_overlap": knn_overlap(reference, fast[name])}
+    card = {"mean_cosine": min(o["mean_cosine"] for o in outputs.values()),
+            "min_cosine": min(o["min_cosine"] for o in outputs.values()),
+            "knn_overlap": min(o["knn_overlap"] for o in outputs.values()), "outputs": outputs}
+    primary = next(iter(exact))
+    card.update(accuracy_change(exact[primary], fast[primary], labels))
+    return card
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    scale = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(scale > 0, (a * b).sum(1) / np.maximum(scale, 1e-300), 1.0)
+
+
+def _neighbours(x: np.ndarray, k: int) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def knn_overlap(exact: np.ndarray, fast: np.ndarray, k: int = K) -> float:
+    """Mean share of each row's k nearest rows (cosine, within the sample) that both paths agree on."""
+    k = min(k, len(exact) - 1)
+    a, b = _neighbours(exact, k), _neighbours(fast, k)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
+def accuracy_change(exact: np.ndarray, fast: np.ndarray, labels: np.ndarray) -> dict:
+    """Linear-probe and k-NN accuracy (%) of both paths on the same stratified folds; {} without labels."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    keep = labels >= 0
+    y = labels[keep]
+    counts = np.bincount(y) if len(y) else np.zeros(0, int)
+    folds = int(min(5, counts[counts > 0].min())) if (counts > 0).sum() >= 2 else 0
+    if folds < 2:
+        return {}
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    result = {"labelled_images": int(keep.sum()), "folds": folds}
+    models = {"probe": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+              "knn": lambda: KNeighborsClassifier(n_neighbors=min(K, int(keep.sum() * (folds - 1) / folds)),
+                                                  metric="cosine")}
+    for name, make in models.items():
+        with warnings.catch_warnings():  # a probe that stops at max_iter is still a fair comparison of the two
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            acc = [100.0 * float(np.mean(cross_val_predict(make(), x[keep], y, cv=cv) == y)) for x in (exact, fast)]
+        result[f"{name}_accuracy"] = {"fp32": round(acc[0], 2), "fast": round(acc[1], 2)}
+        result[f"{name}_drop"] = round(acc[0] - acc[1], 2)
+    return result
+
+
+def card_lines(card: dict) -> list[str]:
+    """The card as the run's closing lines and `embedder info` show it."""
+    chosen = card["precision"]
+    lines = [(f"  fidelity card   : --precision {card['asked']} -> {chosen}, on {card['held_aside_images']} held-aside "
+              f"images (calibration: {card['calibration']['images']} others); exact fp32 "
+              f"{card['exact']['img_per_s']:.1f} img/s ({card['exact']['runtime']})")]
+    for path, c in card["cards"].items():
+        if "mean_cosine" not in c:
+            lines.append(f"    {path:<5} {c['img_per_s']:.1f} img/s ({c['speedup']:.2f}x): {c['failure']}")
+            continue
+        acc = "".join(f", {n} acc {c[f'{n}_accuracy']['fp32']:.1f} -> {c[f'{n}_accuracy']['fast']:.1f}"
+                      for n in ("probe", "knn") if f"{n}_accuracy" in c)
+        kept = f", fp32 nodes: {', '.join(c['fp32_nodes']) or 'none'}" if "fp32_nodes" in c else ""
+        verdict = "passes" if c["passes"] else f"FAILS: {c['failure']}"
+        lines.append(f"    {path:<5} {c['img_per_s']:.1f} img/s ({c['speedup']:.2f}x), cosine mean {c['mean_cosine']:.4f} "
+                     f"min {c['min_cosine']:.4f}, k-NN@{K} overlap {c['knn_overlap']:.3f}{acc}{kept}; {verdict}")
+    return lines
+
+
+def card_json(card: dict | None) -> str:
+    return "" if card is None else json.dumps(card, sort_keys=True)

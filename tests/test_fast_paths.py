@@ -1,0 +1,141 @@
+"""Fast paths (--precision int8, bf16, fast) and their fidelity cards (embedder.extract.fidelity, issue 29)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from embedder.cache.reader import FeatureCache
+from embedder.errors import ConfigError
+from embedder.extract.core import embed_images
+from embedder.extract.fidelity import Gates, fidelity_card, knn_overlap
+from embedder.extract.local import embed
+from embedder.models.onnx import cache_root
+from embedder.search.query import query_backbone
+from tests.conftest import embedder_cmd, env_with_repo, fast_config, make_tree
+from tests.test_cache import read_all
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("fidelity") / "src", classes=("a", "b", "c"), per_class=10)
+
+
+def cfg(source, out, **overrides):
+    # Random-init weights on random pictures: their class is noise, so on ~20 images the probe's accuracy
+    # swings by whole images; the accuracy gate is tested on its own (test_card_figures_...).
+    # MinMax: no histograms to build, the quickest of ONNX Runtime's calibration methods.
+    return fast_config(source, out, **{"runtime": "auto", "calibration_images": 8, "max_accuracy_drop": 100.0,
+                                       "calibration": "minmax", **overrides})
+
+
+def _cosines(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_int8_run_stores_its_card_shown_by_info_and_its_quantised_graph_is_reused(tree, tmp_path):
+    exact = embed(cfg(tree, tmp_path / "fp32.h5", precision="auto"))
+    assert exact.config["precision"] == "fp32" and exact.fidelity is None
+    report = embed(cfg(tree, tmp_path / "int8.h5", precision="int8"))
+    card = report.fidelity
+    assert card["precision"] == "int8" and card["calibration"]["images"] == 8
+    assert card["held_aside_images"] == 30 - 8  # every row after the calibration ones, none of them
+    int8 = card["cards"]["int8"]
+    assert int8["passes"] and int8["mean_cosine"] >= 0.995 and int8["knn_overlap"] >= 0.9
+    assert "probe_drop" in int8 and "knn_drop" in int8  # the tree is labelled
+    quant = json.loads(report.config["quantization"])
+    assert quant["calibration_images"] == 8 and quant["per_channel"] and quant["fp32_nodes"] == int8["fp32_nodes"]
+    with h5py.File(tmp_path / "int8.h5") as f:
+        assert json.loads(f.attrs["fidelity"])["cards"]["int8"]["mean_cosine"] == int8["mean_cosine"]
+    # The stored features are the int8 graph's, near fp32's but not equal to them.
+    fast, *_ = read_all(tmp_path / "int8.h5")
+    ref, *_ = read_all(tmp_path / "fp32.h5")
+    cos = _cosines(fast, ref)
+    assert cos.min() > 0.99 and not np.array_equal(fast, ref)
+    graphs = sorted(p.name for p in cache_root().iterdir() if "-int8-" in p.name)
+    again = embed(cfg(tree, tmp_path / "again.h5", precision="int8"))
+    assert sorted(p.name for p in cache_root().iterdir() if "-int8-" in p.name) == graphs  # keyed, not rebuilt
+    assert again.fingerprint == report.fingerprint
+    assert np.array_equal(read_all(tmp_path / "again.h5")[0], fast)
+    # A query by image rebuilds the cache's own int8 graph from the graph cache (no calibration images needed).
+    with FeatureCache(tmp_path / "int8.h5") as cache:
+        components, paths = cache.file_components, cache.paths
+    backbone = query_backbone(components)
+    assert backbone.config.precision == "int8" and backbone.quantization == quant
+    got, _ = embed_images(backbone, [tree / p for p in paths[:4]], batch_size=4)
+    assert np.allclose(got, fast[:4], atol=1e-5)
+    shown = subprocess.run(embedder_cmd("info", str(tmp_path / "int8.h5")), env=env_with_repo(), capture_output=True,
+                           text=True, check=True, timeout=120).stdout
+    assert "fidelity card --precision int8 -> int8" in shown and "k-NN@10 overlap" in shown
+
+
+def test_an_appended_int8_cache_keeps_its_calibration_rows(tmp_path):
+    src = make_tree(tmp_path / "src", classes=("b", "c"), per_class=12)
+    first = embed(cfg(src, tmp_path / "c.h5", precision="int8", calibration_images=6))
+    make_tree(src, classes=("a",), per_class=4, seed=3)  # sorts before: SOURCE's first 6 images change
+    report = embed(cfg(src, tmp_path / "c.h5", precision="int8", calibration_images=6))
+    assert report.already_cached == 24 and report.total_rows == 28
+    assert report.fidelity["calibration"]["paths"] == first.fidelity["calibration"]["paths"]
+    assert report.config["quantization"] == first.config["quantization"]
+
+
+def test_a_path_that_fails_its_gate_is_refused_naming_the_figure_and_the_override(tree, tmp_path):
+    out = tmp_path / "strict.h5"
+    with pytest.raises(ConfigError, match=r"--precision int8 fails.*mean cosine to fp32 0\.\d+ < 0\.9999999 "
+                                          r"\(--min-cosine to accept\)"):
+        embed(cfg(tree, out, precision="int8", min_cosine=0.9999999))
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"k-NN@10 overlap.*--min-overlap"):
+        embed(cfg(tree, out, precision="bf16", min_cosine=0.0, min_overlap=1.01))
+
+
+def test_fast_takes_the_fastest_passing_path_it_measured_and_records_it(tree, tmp_path):
+    report = embed(cfg(tree, tmp_path / "fast.h5", precision="fast"))
+    card = report.fidelity
+    passing = {p: c["img_per_s"] for p, c in card["cards"].items() if c["passes"]}
+    best = max(passing, key=passing.get, default="fp32")
+    expected = best if best != "fp32" and passing[best] > card["exact"]["img_per_s"] else "fp32"
+    assert card["asked"] == "fast" and card["precision"] == expected == report.config["precision"]
+    assert set(card["cards"]) == {"int8", "bf16"}
+    # Resumed or appended, `fast` keeps what it chose: no second measurement can change the cache's path.
+    again = embed(cfg(tree, tmp_path / "fast.h5", precision="fast"))
+    assert again.up_to_date and again.config["precision"] == expected
+
+
+def test_too_few_images_to_calibrate_and_check_is_refused(tmp_path):
+    src = make_tree(tmp_path / "src", classes=("a",), per_class=12)
+    with pytest.raises(ConfigError, match="needs at least 22 images.*--precision fp32"):
+        embed(cfg(src, tmp_path / "c.h5", precision="int8", calibration_images=32))
+
+
+def test_card_figures_measure_what_they_name():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16))
+    labels = np.repeat(np.arange(4), 10)
+    same = fidelity_card({"f": x}, {"f": x.copy()}, labels)
+    assert same["mean_cosine"] == pytest.approx(1.0) and same["knn_overlap"] == 1.0
+    assert same["probe_drop"] == 0 and same["knn_drop"] == 0
+    shuffled = x[rng.permutation(40)]
+    moved = fidelity_card({"f": x}, {"f": shuffled}, labels)
+    assert moved["mean_cosine"] < 0.5 and moved["knn_overlap"] < 0.5
+    assert knn_overlap(x, x * 3.0) == 1.0  # cosine neighbours: the scale does not matter
+    assert fidelity_card({"f": x}, {"f": x}, -np.ones(40, np.int64)).get("probe_drop") is None  # no labels
+    gates = Gates()
+    assert gates.failure(same) is None
+    assert "--min-cosine" in gates.failure(moved)
+    assert "--max-accuracy-drop" in gates.failure({**same, "knn_drop": 0.6})
+
+
+def test_cli_refusal_is_one_line_with_exit_2(tree, tmp_path):
+    args = ["embed", str(tree), "--model", "resnet18", "--weights", "none", "--image-size", "32", "--out",
+            str(tmp_path / "c.h5"), "--precision", "bf16", "--min-overlap", "1.01",
+            "--workers", "0", "--quiet"]
+    done = subprocess.run(embedder_cmd(*args), env=env_with_repo(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    errors = [line for line in done.stderr.splitlines() if "fails its fidelity card" in line]
+    assert done.returncode == 2 and len(errors) == 1 and "(--min-overlap to accept)" in errors[0]
+    assert "Traceback" not in done.stderr and not (tmp_path / "c.h5").exists()
