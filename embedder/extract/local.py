@@ -16,6 +16,7 @@ from pathlib import Path
 
 from embedder.atomic import WriteLock
 from embedder.cache.reader import CacheSpec
+from embedder.cache.sync import SyncOptions
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, describe_ignored, list_source
 from embedder.errors import EmbedderNotice
@@ -53,11 +54,14 @@ class EmbedReport:
     metadata_unlisted: int = 0
     metadata_unlisted_examples: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # --metadata: casts made to the table's columns
+    # a rerun's comparison of SOURCE with the cache (embedder.cache.sync): new, changed, gone, unchanged
+    sync: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of_run(cls, config: EmbedConfig, spec: CacheSpec, listing: Listing, started: float, *, already_cached: int,
                embedded: int, errors: list[tuple[str, str]], total_rows: int, stage_s: dict[str, float],
-               unlisted: list[str] | None = None, notes: list[str] | None = None) -> EmbedReport:
+               unlisted: list[str] | None = None, notes: list[str] | None = None,
+               sync: dict[str, int] | None = None) -> EmbedReport:
         """The report of a run into `config.out` that began at `started` (`time.perf_counter()`);
         `unlisted`: the --metadata table's paths that are not in the listing."""
         unlisted = unlisted or []
@@ -77,11 +81,12 @@ class EmbedReport:
             metadata_unlisted=len(unlisted),
             metadata_unlisted_examples=unlisted[:UNLISTED_SHOWN],
             notes=list(notes or []),
+            sync=dict(sync or {}),
         )
 
     @property
     def up_to_date(self) -> bool:
-        return self.embedded == 0 and not self.errors
+        return self.embedded == 0 and not self.errors and not self.sync.get("gone")
 
     @property
     def images_per_s(self) -> float:
@@ -98,6 +103,9 @@ class EmbedReport:
             f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
             f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
             f"  already cached  : {self.already_cached}",
+            *([f"  sync            : {self.sync['new']} new, {self.sync['changed']} changed, {self.sync['gone']} "
+               f"gone, {self.sync['unchanged']} unchanged (a changed file's old row is superseded, a gone "
+               "one's removed)"] if self.sync else []),
             *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
               if "layers" in self.config else []),
             f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
@@ -136,6 +144,7 @@ class EmbedReport:
             "metadata_unlisted": self.metadata_unlisted,
             "metadata_unlisted_examples": self.metadata_unlisted_examples,
             "notes": self.notes,
+            "sync": self.sync,
         }
 
 
@@ -166,11 +175,14 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata)
     _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
-                     lock=lock, columns=columns, retry_errors=config.retry_errors) as writer:
+                     lock=lock, columns=columns, retry_errors=config.retry_errors,
+                     sync=SyncOptions(hash=config.hash, refresh_urls=config.refresh_urls)) as writer:
         done = embed_into(writer, backbone, config)
+        sync = writer.plan.as_dict()
     report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
                                 embedded=done.embedded, errors=done.errors, total_rows=done.total_rows,
-                                stage_s=done.stage_s, unlisted=unlisted, notes=metadata.notes if metadata else [])
+                                stage_s=done.stage_s, unlisted=unlisted, notes=metadata.notes if metadata else [],
+                                sync=sync)
     require_rows(config, done.total_rows)
     return report
 

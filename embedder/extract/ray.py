@@ -101,6 +101,9 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     if config.retry_errors:
         raise ConfigError("--retry-errors works with --backend local: a sharded cache's errors live in its "
                           "shards. Merge it (`embedder merge`) and retry into the merged cache.")
+    if config.hash or config.refresh_urls:
+        raise ConfigError("--hash and --refresh-urls sync a cache with --backend local only (a Ray rerun adds new "
+                          "files): run `embedder embed SOURCE --out OUT` without --backend ray to sync it.")
     options = options or RayOptions()
     ray = _ray()
     started = time.perf_counter()
