@@ -556,18 +556,7 @@ class CacheWriter:
                              track_times=False)
 
     def _create_rows(self, f: h5py.File, total: int) -> dict[str, h5py.Dataset]:
-        """The row datasets of a finished cache but /paths, by name: chunked (~1 MiB) and resizable
-        along N, so that a later append run can grow them."""
-        dtype = self.spec.feature_dtype
-        widths = {"features": self.spec.feature_dim, **{f"layers/{k}": d for k, d in self.spec.extra_layers.items()}}
-        rows = {
-            name: f.create_dataset(name, shape=(total, dim), maxshape=(None, dim), dtype=dtype, track_times=False,
-                                   chunks=(min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim))
-            for name, dim in widths.items()
-        }
-        rows["labels"] = f.create_dataset("labels", shape=(total,), maxshape=(None,), dtype=np.int64,
-                                          chunks=(min(65536, max(total, 1)),), track_times=False)
-        return rows
+        return create_rows(f, self.spec, total)
 
     def _copy_parts(self, rows: dict[str, h5py.Dataset], start: int, relabel: np.ndarray,
                     values: list[dict[str, np.ndarray]]) -> list[str]:
@@ -583,14 +572,34 @@ class CacheWriter:
         return paths
 
     def _create_paths(self, f: h5py.File, paths: list[str]) -> None:
-        encoded = [encode_path(p) for p in paths]
-        if self.fixed_width_paths:
-            path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
-            data = np.array(encoded, dtype=path_dtype)
-        else:
-            data, path_dtype = np.array(encoded, dtype=object), STR
-        f.create_dataset("paths", data=data, dtype=path_dtype, shape=(len(paths),), maxshape=(None,),
-                         chunks=(min(65536, max(len(paths), 1)),), track_times=False)
+        create_paths(f, paths, self.fixed_width_paths)
+
+
+def create_rows(f: h5py.File, spec: CacheSpec, total: int) -> dict[str, h5py.Dataset]:
+    """The row datasets of a finished cache but /paths, by name: chunked (~1 MiB) and resizable
+    along N, so that a later append run can grow them."""
+    dtype = spec.feature_dtype
+    widths = {"features": spec.feature_dim, **{f"layers/{k}": d for k, d in spec.extra_layers.items()}}
+    rows = {
+        name: f.create_dataset(name, shape=(total, dim), maxshape=(None, dim), dtype=dtype, track_times=False,
+                               chunks=(min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim))
+        for name, dim in widths.items()
+    }
+    rows["labels"] = f.create_dataset("labels", shape=(total,), maxshape=(None,), dtype=np.int64,
+                                      chunks=(min(65536, max(total, 1)),), track_times=False)
+    return rows
+
+
+def create_paths(f: h5py.File, paths: list[str], fixed_width: bool = False) -> None:
+    """/paths of a finished cache: variable-length UTF-8, or fixed width (a Ray shard: virtual datasets map it)."""
+    encoded = [encode_path(p) for p in paths]
+    if fixed_width:
+        path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
+        data = np.array(encoded, dtype=path_dtype)
+    else:
+        data, path_dtype = np.array(encoded, dtype=object), STR
+    f.create_dataset("paths", data=data, dtype=path_dtype, shape=(len(paths),), maxshape=(None,),
+                     chunks=(min(65536, max(len(paths), 1)),), track_times=False)
 
 
 def _relabelling(classes: list[str], merged: list[str]) -> np.ndarray:

@@ -155,6 +155,20 @@ def merge(config, args) -> int:
     return rows
 
 
+def compact(config, args) -> dict:
+    from embedder.cache.compact import compact_cache
+
+    report = compact_cache(config.cache)
+    if _as_json(args):
+        print_json(report)
+    elif report["status"] == "compact":
+        print(f"{config.cache} has no superseded or removed rows ({report['rows']} rows). Nothing to do.")
+    else:
+        print(f"wrote {config.cache}: {report['rows']} live rows, sorted by path; {report['dropped']} dead rows "
+              "dropped. Rebuild its index: `embedder index CACHE.h5 --out INDEX_DIR`.")
+    return report
+
+
 def info(config, args) -> dict:
     from embedder.cache.reader import describe
 
@@ -200,6 +214,11 @@ def _info_text(doc: dict, config) -> str:
         state = "INCOMPLETE (interrupted run; rerun its command to finish)"
     lines = [f"{config.cache}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}",
              f"  fingerprint  {doc['fingerprint'][:16]}"]
+    if doc.get("superseded") or doc.get("removed"):
+        lines.append(f"  dead rows    {doc['superseded']} superseded (changed files), {doc['removed']} removed (gone "
+                     f"files), hidden from every reader; {doc['stored_rows']} rows stored, generation "
+                     f"{doc['generation']}")
+        lines.append(f"  compact      {doc['compact'] or 'does not pay yet (few dead rows)'}")
     if len(doc["layers"]) > 1:
         labels = doc.get("layer_labels", {})
         lines.append("  layers       " + ", ".join(f"{labels.get(n, n)}: {d}" for n, d in doc["layers"].items())

@@ -67,6 +67,8 @@ COMMANDS: dict[str, Command] = {
                      extra=_embed_extra),
     "merge": Command("consolidate a sharded cache (from --backend ray) into one self-contained file", commands.merge,
                      _cfg("embedder.cache.config", "MergeConfig")),
+    "compact": Command("rewrite a synced cache without its superseded and removed rows (atomic)", commands.compact,
+                       _cfg("embedder.cache.config", "CompactConfig"), json="print the report as JSON"),
     "probe": Command("train a linear probe (or a scikit-learn classifier) on a feature cache", commands.probe,
                      _cfg("embedder.learn.config", "ProbeConfig"),
                      json="print the report as JSON (includes val_accuracy)"),

@@ -103,9 +103,7 @@ class EmbedReport:
             f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
             f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
             f"  already cached  : {self.already_cached}",
-            *([f"  sync            : {self.sync['new']} new, {self.sync['changed']} changed, {self.sync['gone']} "
-               f"gone, {self.sync['unchanged']} unchanged (a changed file's old row is superseded, a gone "
-               "one's removed)"] if self.sync else []),
+            *([self._sync_line()] if self.sync else []),
             *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
               if "layers" in self.config else []),
             f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
@@ -125,6 +123,11 @@ class EmbedReport:
         lines.append("                    (decode and resize run in the reader workers, in parallel with the model;")
         lines.append("                     'wait' is the time the model stage waited for them)")
         return "\n".join(lines)
+
+    def _sync_line(self) -> str:
+        s = self.sync
+        return (f"  sync            : {s['new']} new, {s['changed']} changed, {s['gone']} gone, {s['unchanged']} "
+                "unchanged (a changed file's old row is superseded, a gone one's removed)")
 
     def as_dict(self) -> dict:
         return {
