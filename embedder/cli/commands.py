@@ -199,6 +199,8 @@ def index_info(config, args) -> dict:
              f"  cache        {doc['cache']}" + (f" (layer {doc['layer']})" if doc["layer"] else "")]
     if doc["rebuild"]:
         lines.append(f"  rebuild      pays: {doc['rebuild']}")
+    if doc.get("out_of_step"):
+        lines.append(f"  OUT OF STEP  {doc['out_of_step']}")
     print("\n".join(lines))
     return doc
 
@@ -433,7 +435,9 @@ def index_update(config, args) -> dict:
         setting = (f"{knob} {report['knob_before']} -> {report['knob_after']}" if report["retuned"]
                    else f"{knob} {report['knob_after']} kept") if knob else "exact search"
         reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
-        print(f"updated {config.out}: added {report['rows_added']} rows to the {meta['kind']} index, now "
+        dropped = (f", took out {report['rows_removed']} rows a sync superseded or removed"
+                   if report.get("rows_removed") else "")
+        print(f"updated {config.out}: added {report['rows_added']} rows{dropped} to the {meta['kind']} index, now "
               f"{report['ntotal']} x {meta['dim']} ({meta['metric']}), in {meta['updates'][-1]['update_s']:.1f} s; "
               f"{setting}; recall@10 {report['recall_at_10']:.4f} against exact search on {meta['eval_queries']} "
               f"{'held-out new' if meta['eval_queries_held_out'] else 'indexed'} queries, target "
