@@ -1,0 +1,171 @@
+"""Caches and indexes that follow their source: a rerun of `embed` syncs (new, changed, gone, unchanged),
+readers see live rows, `compact` equals a fresh embed, and `index --update` drops superseded rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from embedder.cache.reader import FeatureCache
+from embedder.cli.main import main
+from embedder.search.query import SearchIndex
+from tests.conftest import cli_args, fast_config, make_tree, write_image
+
+
+def _embed(capsys, tree: Path, out: Path, *extra: str) -> dict:
+    assert main(["embed", *cli_args(fast_config(tree, out)), *extra, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _change(tree: Path) -> dict[str, str]:
+    """One file rewritten (new pixels, size and mtime), one deleted, one added. Returns {kind: path}."""
+    rng = np.random.default_rng(7)
+    changed = tree / "cat" / "cat_001.png"
+    write_image(changed, rng, size=(50, 50))
+    os.utime(changed, (1.6e9, 1.6e9))
+    (tree / "dog" / "dog_002.jpg").unlink()
+    write_image(tree / "fox" / "fox_100.png", rng)
+    return {"changed": "cat/cat_001.png", "gone": "dog/dog_002.jpg", "new": "fox/fox_100.png"}
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every row dataset of a cache, read with plain h5py (what bit-equality compares)."""
+    with h5py.File(path, "r") as f:
+        out = {name: f[name][()] for name in ("features", "labels", "paths", "classes", "errors/path", "errors/reason")}
+        out.update({f"columns/{n}": ds[()] for n, ds in f["columns"].items()})
+        out["row_state" in f and "row_state" or "no_row_state"] = f["row_state"][()] if "row_state" in f else None
+    return out
+
+
+def test_changed_gone_and_new_files_in_one_rerun_then_compact_equals_a_fresh_embed(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images"), tmp_path / "c.h5"
+    first = _embed(capsys, tree, out)
+    assert first["sync"] == {"new": 18, "changed": 0, "gone": 0, "unchanged": 0}
+    with FeatureCache(out) as cache:
+        old_changed = cache.features()[cache.paths.index("cat/cat_001.png")]
+    kinds = _change(tree)
+
+    report = _embed(capsys, tree, out)
+    assert report["sync"] == {"new": 1, "changed": 1, "gone": 1, "unchanged": 16}
+    assert report["embedded"] == 2 and report["total_rows"] == 18
+    with FeatureCache(out) as live, FeatureCache(out, live=False) as stored:
+        assert len(live) == 18 and len(stored) == 20
+        assert sorted(live.paths) == sorted(set(live.paths))  # one live row per path
+        assert kinds["gone"] not in live.paths and kinds["new"] in live.paths
+        new_changed = live.features()[live.paths.index(kinds["changed"])]
+        assert not np.array_equal(new_changed, old_changed)
+        state = stored.row_state
+        assert state.tolist().count(1) == 1 and state.tolist().count(2) == 1
+        assert stored.paths[int(np.flatnonzero(state == 1)[0])] == kinds["changed"]
+        assert stored.paths[int(np.flatnonzero(state == 2)[0])] == kinds["gone"]
+        # iter_blocks and block reads see the same live rows as features()
+        blocks = np.concatenate([b.features for b in live.iter_blocks(5)])
+        assert np.array_equal(blocks, live.features()) and len(live.labels) == 18
+    # a rerun with nothing changed is up to date and writes nothing
+    before = out.stat().st_mtime_ns
+    again = _embed(capsys, tree, out)
+    assert again["sync"] == {"new": 0, "changed": 0, "gone": 0, "unchanged": 18} and again["embedded"] == 0
+    assert out.stat().st_mtime_ns == before
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["rows"], info["stored_rows"], info["superseded"], info["removed"]) == (18, 20, 1, 1)
+
+    assert main(["compact", str(out)]) == 0
+    capsys.readouterr()
+    fresh = tmp_path / "fresh.h5"
+    _embed(capsys, tree, fresh)
+    got, want = _datasets(out), _datasets(fresh)
+    assert set(got) == set(want)
+    for name in want:
+        assert np.array_equal(got[name], want[name]) if want[name] is not None else got[name] is None, name
+
+
+def test_hash_compares_the_bytes_not_the_mtime(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5"
+    assert _embed(capsys, tree, out, "--hash")["sync"]["new"] == 6
+    with FeatureCache(out) as cache:
+        assert all(len(h) == 64 for h in cache.columns(["sha256"])["sha256"])
+    touched = tree / "cat" / "cat_000.jpg"
+    os.utime(touched, (1.7e9, 1.7e9))  # same bytes, new mtime: unchanged by hash
+    edited = tree / "dog" / "dog_001.png"
+    st = edited.stat()
+    data = bytearray(edited.read_bytes())
+    write_image(edited, np.random.default_rng(3), size=(40, 30))
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))  # new bytes, same mtime
+    assert bytes(data) != edited.read_bytes()
+    report = _embed(capsys, tree, out)  # the cache stores hashes: it keeps comparing them without --hash
+    assert report["sync"] == {"new": 0, "changed": 1, "gone": 0, "unchanged": 5}
+    with FeatureCache(out, live=False) as stored:
+        assert stored.paths[int(np.flatnonzero(stored.row_state == 1)[0])] == "dog/dog_001.png"
+
+
+def test_a_rerun_whose_only_change_is_a_gone_file_marks_it_removed(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5"
+    _embed(capsys, tree, out)
+    (tree / "fox" / "fox_000.jpg").unlink()
+    report = _embed(capsys, tree, out)
+    assert report["sync"]["gone"] == 1 and report["embedded"] == 0 and report["total_rows"] == 5
+    with FeatureCache(out) as cache:
+        assert "fox/fox_000.jpg" not in cache.paths and len(cache) == 5
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_update_follows_a_synced_cache_and_never_returns_a_superseded_vector(tmp_path, capsys, kind):
+    tree, out, idx = make_tree(tmp_path / "images"), tmp_path / "c.h5", tmp_path / "idx"
+    _embed(capsys, tree, out)
+    assert main(["index", str(out), "--out", str(idx), "--kind", kind, "--quiet"]) == 0
+    capsys.readouterr()
+    kinds = _change(tree)
+    _embed(capsys, tree, out)
+    assert main(["info", str(idx), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out_of_step"]  # the cache moved on
+
+    assert main(["index", str(out), "--out", str(idx), "--update", "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows_added"] == 2 and report["rows_removed"] == 2
+    assert main(["info", str(idx), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["out_of_step"] is None and doc["searchable"] == 18
+    with FeatureCache(out, live=False) as stored:
+        dead = set(np.flatnonzero(stored.row_state).tolist())
+        queries = stored.features()
+    index = SearchIndex(idx)
+    hits = index.search(queries, k=20)
+    returned = {h.id for row in hits for h in row}
+    assert returned and not returned & dead
+    assert {index.paths[i] for i in returned} == set(index.paths) - {kinds["gone"]}
+    # a fresh build on the synced cache hides the same rows
+    fresh_idx = tmp_path / "fresh_idx"
+    assert main(["index", str(out), "--out", str(fresh_idx), "--kind", kind, "--quiet"]) == 0
+    capsys.readouterr()
+    assert not {h.id for row in SearchIndex(fresh_idx).search(queries, k=20) for h in row} & dead
+    # a gone-only sync: the update removes without adding
+    (tree / "cat" / "cat_000.jpg").unlink()
+    _embed(capsys, tree, out)
+    assert main(["index", str(out), "--out", str(idx), "--update", "--quiet", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["rows_added"] == 0 and again["rows_removed"] == 1
+    assert "cat/cat_000.jpg" not in {SearchIndex(idx).paths[h.id] for row in SearchIndex(idx).search(queries, k=20)
+                                     for h in row}
+
+
+def test_readers_see_live_rows_only(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images"), tmp_path / "c.h5"
+    _embed(capsys, tree, out)
+    kinds = _change(tree)
+    _embed(capsys, tree, out)
+    parquet = tmp_path / "vectors"
+    assert main(["export-vectors", str(out), "--out", str(parquet), "--quiet"]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet / "embeddings.parquet")
+    paths = table.column("path").to_pylist() if "path" in table.column_names else []
+    assert table.num_rows == 18 and kinds["gone"] not in paths
+    assert main(["dedup", str(out), "--json"]) == 0
+    assert kinds["gone"] not in capsys.readouterr().out
