@@ -169,3 +169,89 @@ def test_readers_see_live_rows_only(tmp_path, capsys):
     assert table.num_rows == 18 and kinds["gone"] not in paths
     assert main(["dedup", str(out), "--json"]) == 0
     assert kinds["gone"] not in capsys.readouterr().out
+
+
+def _watcher(tmp_path: Path, tree: Path, *extra: str):
+    import subprocess
+
+    from tests.conftest import embedder_cmd, env_with_repo
+
+    flags = cli_args(fast_config(tree, tmp_path / "c.h5"))
+    argv = embedder_cmd("watch", *flags, "--index", str(tmp_path / "idx"), "--settle", "0.3", "--json", *extra)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_repo())
+
+
+def _next_sync(proc) -> dict:
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()[-3000:]
+    return json.loads(line)
+
+
+def _add(tree: Path, names: list[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name in names:
+        # written under a hidden name and renamed in, as a copy tool does, then touched again
+        tmp = tree / "fox" / f".{name}.part"
+        write_image(tmp, rng, fmt="PNG")
+        os.replace(tmp, tree / "fox" / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("poll", [False, True])
+def test_watch_keeps_cache_and_index_in_step_and_a_kill_9_loses_nothing(tmp_path, poll):
+    import signal
+
+    tree = make_tree(tmp_path / "images", per_class=2)
+    proc = _watcher(tmp_path, tree, *(["--poll", "--interval", "0.2"] if poll else []))
+    try:
+        first = _next_sync(proc)
+        assert first["sync"]["new"] == 6 and first["events"] == ("polling" if poll else "events")
+        _add(tree, ["w1.png", "w2.png"], seed=1)
+        (tree / "cat" / "cat_000.jpg").unlink()
+        seen = {"new": 0, "gone": 0}
+        while seen["new"] < 2 or seen["gone"] < 1:  # the events may arrive in one sync or two
+            report = _next_sync(proc)
+            seen = {k: seen[k] + report["sync"][k] for k in seen}
+        index = SearchIndex(tmp_path / "idx")
+        live = [p for i, p in enumerate(index.paths) if not index.is_removed(i)]
+        assert sorted(live) == sorted({"fox/w1.png", "fox/w2.png"} | set(live)) and "cat/cat_000.jpg" not in live
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # while nobody watches: one more arrives; the next watch catches up, no path twice
+    _add(tree, ["w3.png"], seed=2)
+    again = _watcher(tmp_path, tree)
+    try:
+        catch_up = _next_sync(again)
+        assert catch_up["sync"]["new"] == 1 and catch_up["sync"]["gone"] == 0
+    finally:
+        again.send_signal(2)  # Ctrl-C
+        again.wait(timeout=60)
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert len(cache.paths) == len(set(cache.paths)) == 8
+    index = SearchIndex(tmp_path / "idx")
+    assert sorted(p for i, p in enumerate(index.paths) if not index.is_removed(i)) == sorted(
+        FeatureCache(tmp_path / "c.h5").paths)
+
+
+def test_python_api_sync_reports_the_four_kinds_and_updates_the_index(tmp_path):
+    import embedder
+
+    tree, out, idx = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5", tmp_path / "idx"
+    first = embedder.sync(fast_config(tree, out), idx)
+    assert first.counts == {"new": 6, "changed": 0, "gone": 0, "unchanged": 0} and first.index["ntotal"] == 6
+    (tree / "dog" / "dog_001.png").unlink()
+    write_image(tree / "dog" / "dog_009.png", np.random.default_rng(4))
+    second = embedder.sync(fast_config(tree, out), idx)
+    assert second.counts == {"new": 1, "changed": 0, "gone": 1, "unchanged": 5}
+    assert second.index["rows_added"] == 1 and second.index["rows_removed"] == 1
+    assert "1 new" in second.summary() and second.as_dict()["sync"] == second.counts
+
+
+def test_ray_backend_refuses_sync_options_in_one_line(tmp_path, capsys):
+    tree = make_tree(tmp_path / "images", per_class=1)
+    code = main(["embed", *cli_args(fast_config(tree, tmp_path / "c.h5")), "--backend", "ray", "--hash"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "without --backend ray" in err[0]

@@ -169,6 +169,27 @@ def compact(config, args) -> dict:
     return report
 
 
+def watch(config, args) -> None:
+    from embedder.search.watch import embed_config_of
+    from embedder.search.watch import watch as run
+
+    _check_embed_paths(config)
+
+    def show(report, mode):
+        if _as_json(args):
+            print(json.dumps({**report.as_dict(), "events": mode}, default=str), flush=True)  # one line per sync
+        else:
+            print(report.summary(), flush=True)
+
+    if not _as_json(args):
+        print(f"watching {config.source} (Ctrl-C stops; the next watch or embed catches up)", flush=True)
+    try:
+        run(embed_config_of(config), config.index, quiet=config.settle, poll=config.poll, interval=config.interval,
+            on_sync=show)
+    except KeyboardInterrupt:
+        print("stopped: everything synced so far is kept; rerun to catch up.", file=sys.stderr)
+
+
 def info(config, args) -> dict:
     from embedder.cache.reader import describe
 
