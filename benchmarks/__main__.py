@@ -33,6 +33,7 @@ BENCHMARKS = {
     "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
     "map": "the service's /map page at 100k points: embedder map time, /map/points size, Chromium load and draw",
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",
+    "sync": "rerun of embed with 1% changed against the full run; watch latency; unchanged sync at 100k paths",
 }
 
 

@@ -76,32 +76,37 @@ class SyncPlan:
 
 @dataclass
 class Record:
-    """The cache's live rows as a rerun compares them: {path: (size, mtime, sha256 or '')}, and its error paths."""
+    """The cache's live rows as a rerun compares them (arrays aligned with `paths`), and its error paths."""
 
-    rows: dict[str, tuple[int, float, str]]
+    paths: list[str]
+    size: np.ndarray  # int64, -1 unknown
+    mtime: np.ndarray  # float64, NaN unknown
+    sha: np.ndarray  # object (str), '' unknown
     errors: set[str]
+
+    def __post_init__(self):
+        self.row = {p: i for i, p in enumerate(self.paths)}
 
 
 def record_of(paths: list[str], state: np.ndarray | None, columns: dict[str, np.ndarray],
               errors: list[tuple[str, str]]) -> Record:
     """The live rows of a cache whose physical rows are `paths` (`state` None: all live)."""
     n = len(paths)
-    size = columns.get("size", np.full(n, -1, np.int64))
-    mtime = columns.get("mtime", np.full(n, np.nan))
-    sha = columns.get(HASH_COLUMN, np.full(n, "", object))
-    live = np.ones(n, bool) if state is None else state == LIVE
-    rows = {paths[i]: (int(size[i]), float(mtime[i]), str(sha[i])) for i in np.flatnonzero(live)}
-    return Record(rows, {p for p, _ in errors})
+    live = np.arange(n) if state is None else np.flatnonzero(state == LIVE)
+    size = columns.get("size", np.full(n, -1, np.int64))[live]
+    mtime = columns.get("mtime", np.full(n, np.nan))[live]
+    sha = columns.get(HASH_COLUMN, np.full(n, "", object))[live]
+    return Record([paths[i] for i in live], size, mtime, sha, {p for p, _ in errors})
 
 
-def file_stat(root: Path, path: str, member=None) -> tuple[int, float] | None:
+def file_stat(root: str, path: str, member=None) -> tuple[int, float] | None:
     """(size, mtime) of a listed row now; None for a URL or a file that cannot be read."""
     if member is not None and hasattr(member, "mtime"):
         return int(member.size), float(member.mtime)
     if is_url(path):
         return None
     try:
-        st = os.stat(root / path)
+        st = os.stat(os.path.join(root, path))  # strings, not Path objects: this runs once per listed file
     except OSError:
         return None
     return st.st_size, st.st_mtime
@@ -128,35 +133,43 @@ def classify(listing, record: Record | None, options: SyncOptions) -> SyncPlan:
     if record is None:
         plan.new = len(listing)
         return plan
-    for i, path in enumerate(listing.paths):
-        known = record.rows.get(path)
-        if known is None:
-            plan.new += path not in record.errors
-            plan.unchanged += path in record.errors
-            continue
-        if _changed(listing, i, path, known, plan.hashes, options, members.get(path)):
-            plan.changed += 1
-            plan.redo.add(path)
-        else:
-            plan.unchanged += 1
+    known = [(i, record.row.get(p)) for i, p in enumerate(listing.paths)]
+    cached = [(i, r) for i, r in known if r is not None]
+    fresh = [listing.paths[i] for i, r in known if r is None]
+    plan.new = sum(1 for p in fresh if p not in record.errors)
+    plan.unchanged = len(fresh) - plan.new
+    changed = _changed(listing, cached, record, plan.hashes, options, members)
+    plan.redo = {listing.paths[i] for (i, _), c in zip(cached, changed) if c}
+    plan.changed = len(plan.redo)
+    plan.unchanged += len(cached) - plan.changed
     listed = set(listing.paths)
-    plan.gone = sum(1 for p in record.rows if p not in listed) + sum(1 for p in record.errors
-                                                                      if p not in listed and p not in record.rows)
+    plan.gone = sum(1 for p in record.paths if p not in listed) + sum(1 for p in record.errors
+                                                                      if p not in listed and p not in record.row)
     return plan
 
 
-def _changed(listing, i: int, path: str, known: tuple[int, float, str], hashes, options: SyncOptions,
-             member) -> bool:
-    if is_url(path):
-        return options.refresh_urls
-    if hashes is not None and known[2]:
-        return hashes[i] != known[2]
-    now = file_stat(listing.root, path, member)
-    if now is None:
-        return True  # listed but unreadable now: read it again, the reader records why
-    if known[0] < 0 or np.isnan(known[1]):
-        return False  # no record to compare (a cache written before the columns): left as it is
-    return now[0] != known[0] or now[1] != known[1]
+def _changed(listing, cached: list[tuple[int, int]], record: Record, hashes, options: SyncOptions,
+             members: dict) -> np.ndarray:
+    """Per (listing row, record row) pair: whether the file changed since its row was written."""
+    root, paths = str(listing.root), listing.paths
+    rows = np.array([r for _, r in cached], dtype=np.int64)
+    urls = np.array([is_url(paths[i]) for i, _ in cached], dtype=bool)
+    by_hash = (np.array([bool(record.sha[r]) for r in rows], dtype=bool) & ~urls if hashes is not None
+               else np.zeros(len(rows), bool))
+    # One stat per file, vectorised comparison: this is the whole cost of an unchanged rerun.
+    stats = [file_stat(root, paths[i], members.get(paths[i])) if not (u or h) else (0, 0.0)
+             for (i, _), u, h in zip(cached, urls, by_hash)]
+    unreadable = np.array([st is None for st in stats], dtype=bool)
+    size = np.array([-1 if st is None else st[0] for st in stats], dtype=np.int64)
+    mtime = np.array([np.nan if st is None else st[1] for st in stats], dtype=np.float64)
+    known = (record.size[rows] >= 0) & ~np.isnan(record.mtime[rows]) if len(rows) else np.zeros(0, bool)
+    # without a record to compare (a cache written before the columns) a row is left as it is;
+    # listed but unreadable now: read it again, the reader records why
+    out = unreadable | (known & ((size != record.size[rows]) | (mtime != record.mtime[rows])))
+    if hashes is not None and by_hash.any():
+        out[by_hash] = [hashes[cached[k][0]] != record.sha[rows[k]] for k in np.flatnonzero(by_hash)]
+    out[urls] = options.refresh_urls
+    return out
 
 
 def settle_states(paths: list[str], state: np.ndarray, listed: set[str] | None, failed: set[str]) -> np.ndarray:

@@ -211,7 +211,7 @@ class CacheWriter:
                 self.static_columns[HASH_COLUMN] = self.plan.hashes
         if self.base:
             if self.sync is not None:  # the live rows' paths, but those to embed again
-                done.update(p for p in self.base["record"].rows if p not in self.plan.redo)
+                done.update(p for p in self.base["record"].paths if p not in self.plan.redo)
             else:
                 done.update(self.base["paths"])
             if not self.retry_errors:
