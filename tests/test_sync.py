@@ -255,3 +255,12 @@ def test_ray_backend_refuses_sync_options_in_one_line(tmp_path, capsys):
     code = main(["embed", *cli_args(fast_config(tree, tmp_path / "c.h5")), "--backend", "ray", "--hash"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "without --backend ray" in err[0]
+
+
+def test_a_rerun_with_limit_syncs_changes_but_removes_nothing_it_did_not_list(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5"
+    _embed(capsys, tree, out)
+    write_image(tree / "cat" / "cat_000.jpg", np.random.default_rng(9), size=(33, 33))
+    os.utime(tree / "cat" / "cat_000.jpg", (1.4e9, 1.4e9))
+    report = _embed(capsys, tree, out, "--limit", "2")
+    assert report["sync"] == {"new": 0, "changed": 1, "gone": 0, "unchanged": 1} and report["total_rows"] == 6

@@ -57,6 +57,8 @@ class SyncOptions:
 
     hash: bool = False
     refresh_urls: bool = False
+    # Unlisted rows count as gone. False where the listing is not the whole of SOURCE (--limit).
+    prune: bool = True
 
 
 @dataclass
@@ -142,9 +144,10 @@ def classify(listing, record: Record | None, options: SyncOptions) -> SyncPlan:
     plan.redo = {listing.paths[i] for (i, _), c in zip(cached, changed) if c}
     plan.changed = len(plan.redo)
     plan.unchanged += len(cached) - plan.changed
-    listed = set(listing.paths)
-    plan.gone = sum(1 for p in record.paths if p not in listed) + sum(1 for p in record.errors
-                                                                      if p not in listed and p not in record.row)
+    if options.prune:
+        listed = set(listing.paths)
+        plan.gone = sum(1 for p in record.paths if p not in listed) + sum(1 for p in record.errors
+                                                                          if p not in listed and p not in record.row)
     return plan
 
 

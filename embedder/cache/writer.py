@@ -516,7 +516,7 @@ class CacheWriter:
             # A base error read again (--retry-errors) is now a row or a newer error: the newest outcome wins.
             redone = set(new) | {p for p, _ in self.committed.errors}
             paths, errors = paths + new, [e for e in errors if e[0] not in redone]
-            if self.sync is not None:  # a gone file's error goes with it
+            if self.sync is not None and self.sync.prune:  # a gone file's error goes with it
                 listed = set(self.listing.paths)
                 errors = [e for e in errors if e[0] in listed]
             self._create_paths(f, paths)
@@ -537,7 +537,7 @@ class CacheWriter:
         state = np.zeros(len(paths), np.uint8)
         if base is not None:
             state[:len(base)] = base
-        listed = set(self.listing.paths) if self.sync is not None else None
+        listed = set(self.listing.paths) if self.sync is not None and self.sync.prune else None
         return settle_states(paths, state, listed, {p for p, _ in self.committed.errors})
 
     def _marks_change(self) -> bool:

@@ -179,7 +179,8 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
     _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
                      lock=lock, columns=columns, retry_errors=config.retry_errors,
-                     sync=SyncOptions(hash=config.hash, refresh_urls=config.refresh_urls)) as writer:
+                     sync=SyncOptions(hash=config.hash, refresh_urls=config.refresh_urls,
+                                      prune=config.limit is None)) as writer:  # --limit lists part of SOURCE
         done = embed_into(writer, backbone, config)
         sync = writer.plan.as_dict()
     report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
