@@ -200,6 +200,7 @@ def _add(tree: Path, names: list[str], seed: int) -> None:
 @pytest.mark.parametrize("poll", [False, True])
 def test_watch_keeps_cache_and_index_in_step_and_a_kill_9_loses_nothing(tmp_path, poll):
     import signal
+    import time
 
     tree = make_tree(tmp_path / "images", per_class=2)
     proc = _watcher(tmp_path, tree, *(["--poll", "--interval", "0.2"] if poll else []))
@@ -214,26 +215,29 @@ def test_watch_keeps_cache_and_index_in_step_and_a_kill_9_loses_nothing(tmp_path
             seen = {k: seen[k] + report["sync"][k] for k in seen}
         index = SearchIndex(tmp_path / "idx")
         live = [p for i, p in enumerate(index.paths) if not index.is_removed(i)]
-        assert sorted(live) == sorted({"fox/w1.png", "fox/w2.png"} | set(live)) and "cat/cat_000.jpg" not in live
+        assert {"fox/w1.png", "fox/w2.png"} <= set(live) and "cat/cat_000.jpg" not in live
+        # more arrive, and the watcher is killed while it settles or syncs them (whichever: nothing may be lost)
+        _add(tree, ["w3.png", "w4.png"], seed=3)
+        time.sleep(0.5)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
     # while nobody watches: one more arrives; the next watch catches up, no path twice
-    _add(tree, ["w3.png"], seed=2)
+    _add(tree, ["w5.png"], seed=2)
     again = _watcher(tmp_path, tree)
     try:
         catch_up = _next_sync(again)
-        assert catch_up["sync"]["new"] == 1 and catch_up["sync"]["gone"] == 0
+        assert catch_up["sync"]["gone"] == 0 and 1 <= catch_up["sync"]["new"] <= 3
     finally:
-        again.send_signal(2)  # Ctrl-C
+        again.send_signal(signal.SIGINT)  # Ctrl-C
         again.wait(timeout=60)
+    on_disk = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.*") if not p.name.startswith("."))
     with FeatureCache(tmp_path / "c.h5") as cache:
-        assert len(cache.paths) == len(set(cache.paths)) == 8
+        assert sorted(cache.paths) == on_disk and len(on_disk) == 10
     index = SearchIndex(tmp_path / "idx")
-    assert sorted(p for i, p in enumerate(index.paths) if not index.is_removed(i)) == sorted(
-        FeatureCache(tmp_path / "c.h5").paths)
+    assert sorted(p for i, p in enumerate(index.paths) if not index.is_removed(i)) == on_disk
 
 
 def test_python_api_sync_reports_the_four_kinds_and_updates_the_index(tmp_path):

@@ -173,7 +173,11 @@ def watch(config, args) -> None:
     from embedder.search.watch import embed_config_of
     from embedder.search.watch import watch as run
 
+    from embedder.outputs import INDEX, claim
+
     _check_embed_paths(config)
+    if config.index is not None:  # the index folder is an output too (embedder.outputs)
+        claim(config.index, INDEX, [config.out], config.overwrite, flag="--index")
 
     def show(report, mode):
         if _as_json(args):
