@@ -268,3 +268,20 @@ def test_a_rerun_with_limit_syncs_changes_but_removes_nothing_it_did_not_list(tm
     os.utime(tree / "cat" / "cat_000.jpg", (1.4e9, 1.4e9))
     report = _embed(capsys, tree, out, "--limit", "2")
     assert report["sync"] == {"new": 0, "changed": 1, "gone": 0, "unchanged": 1} and report["total_rows"] == 6
+
+
+def test_curate_with_the_index_of_a_synced_cache_scores_its_live_rows(tmp_path, capsys):
+    tree, out, idx = make_tree(tmp_path / "images"), tmp_path / "c.h5", tmp_path / "idx"
+    _embed(capsys, tree, out)
+    _change(tree)
+    _embed(capsys, tree, out)
+    assert main(["index", str(out), "--out", str(idx), "--kind", "flat", "--quiet"]) == 0
+    assert main(["curate", str(out), "--out", str(tmp_path / "with"), "--index", str(idx), "--json"]) == 0
+    assert main(["curate", str(out), "--out", str(tmp_path / "without"), "--json"]) == 0
+    capsys.readouterr()
+    import pyarrow.parquet as pq
+
+    with_index = pq.read_table(tmp_path / "with" / "scores.parquet").to_pydict()
+    without = pq.read_table(tmp_path / "without" / "scores.parquet").to_pydict()
+    assert len(with_index["path"]) == 18 and with_index["path"] == without["path"]
+    assert np.allclose(with_index["uniqueness"], without["uniqueness"], atol=1e-5)

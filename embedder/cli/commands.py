@@ -170,10 +170,9 @@ def compact(config, args) -> dict:
 
 
 def watch(config, args) -> None:
+    from embedder.outputs import INDEX, claim
     from embedder.search.watch import embed_config_of
     from embedder.search.watch import watch as run
-
-    from embedder.outputs import INDEX, claim
 
     _check_embed_paths(config)
     if config.index is not None:  # the index folder is an output too (embedder.outputs)
