@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test browser clean
+.PHONY: install quickstart test browser clean docs docs-serve docs-reference tutorials
 
 # torch/torchvision are pinned in constraints.txt (torch==2.14.1 torchvision==0.29.1): the
 # CPU-only torch wheel cannot be paired with any published torchvision, and an unpinned
@@ -30,10 +30,29 @@ browser:
 	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	  else echo "The browser test needs /usr/bin/chromium: sudo apt-get install chromium"; exit 1; fi; }
 
-# Lint first (seconds), then the suite; the suite also checks the import-linter contracts.
+# Lint first (seconds), then the docs site (strict: a broken link or a stale page fails), then the
+# suite; the suite also checks the import-linter contracts and that the generated pages are current.
 test: $(STAMP) browser
-	$(VENV)/bin/ruff check embedder tests benchmarks
+	$(VENV)/bin/ruff check embedder tests benchmarks docs
+	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q
 
+# The documentation site (MkDocs + Material + mkdocstrings): built into site/, or served on
+# http://127.0.0.1:8000 while you edit.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+# The generated pages: the CLI reference from the option declarations, and the tutorials' recorded output.
+docs-reference: $(STAMP)
+	$(PY) -m embedder.cli.reference > docs/reference/cli.md
+
+TUTORIALS := $(basename $(notdir $(filter-out docs/tutorials/machine.py,$(wildcard docs/tutorials/*.py))))
+tutorials: $(STAMP)
+	@for t in $(TUTORIALS); do echo "tutorial $$t"; \
+	  { $(PY) docs/tutorials/machine.py && $(PY) docs/tutorials/$$t.py data; } > docs/tutorials/output/$$t.txt || exit 1; done
+
 clean:
-	rm -rf $(VENV) data/digits data/lfw_subset data/photos data/out
+	rm -rf $(VENV) data/digits data/lfw_subset data/photos data/out data/tutorials site

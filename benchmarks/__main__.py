@@ -31,8 +31,11 @@ BENCHMARKS = {
     "urls": "http(s) URL rows from a loopback server (0 and 50 ms delay) against a folder: fetch/s, embed img/s",
     "sharded": "Ray Data backend: per-worker throughput of sharded extraction, against the local backend",
     "service": "embedder serve under attack and load: schemathesis fuzz, abusive requests, N concurrent clients",
+    "slowclients": "embedder serve while N slow-header clients hold sockets: /health and query answers, with and "
+                   "without the deadlines",
     "map": "the service's /map page at 100k points: embedder map time, /map/points size, Chromium load and draw",
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",
+    "errors": "the errors table of a listing of mostly missing files: writer time and added RSS at N .. 8 N rows",
     "sync": "rerun of embed with 1% changed against the full run; watch latency; unchanged sync at 100k paths",
 }
 

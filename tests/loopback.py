@@ -14,6 +14,16 @@ Routes (the part of the URL path before the first "/" picks the behaviour):
     /flaky/NAME          503 (Retry-After 0) for the first `flaky` requests of each NAME, then the image
     /big/NAME            claims a Content-Length of 1 GiB (and sends nothing)
 
+Misbehaving servers (issue 25), each answering whatever the request; `hostile[NAME]` for NAME picks
+the value where one is needed:
+
+    /location/NAME       302 whose Location is `hostile[NAME]` (an invalid URL, another scheme ...)
+    /retry-after/NAME    503 with `Retry-After: hostile[NAME]` (huge, a far date, garbage), then the image
+    /drip-head/NAME      the status line and headers one byte per `slow_s / 10`, forever
+    /interim/NAME        `HTTP/1.1 100 Continue` (or hostile[NAME]'s 1xx line) per `slow_s / 10`, forever
+    /endless/NAME        200 without a length, then a byte per `slow_s / 10`, forever
+    /raw/NAME            the bytes `hostile[NAME]` as the whole answer, then the connection closed
+
 `latency_s` delays every answer, to stand in for a network's round trip in the benchmark.
 `hits` counts the requests per path.
 """
@@ -31,14 +41,15 @@ from pathlib import Path
 
 
 @contextmanager
-def running(app):
-    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port)."""
+def running(app, **options):
+    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port).
+    `options`: more uvicorn.Config keywords (e.g. embedder.serve.server.uvicorn_options)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -65,6 +76,8 @@ class _Handler(BaseHTTPRequestHandler):
         srv.agents.add(self.headers.get("User-Agent", ""))
         time.sleep(srv.latency_s)
         kind, _, name = self.path.lstrip("/").partition("/")
+        if kind in HOSTILE:
+            return HOSTILE[kind](self, srv, srv.hostile.get(name))
         file = srv.folder / name
         if kind == "missing" or not file.is_file():
             return self._send(404, b"not found", "text/plain")
@@ -105,6 +118,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def _drip(handler, srv, data: bytes, forever: bytes | None = None):
+    try:
+        for i in range(len(data)):
+            handler.wfile.write(data[i : i + 1])
+            handler.wfile.flush()
+            time.sleep(srv.slow_s / 10)
+        while forever is not None and not srv.stopping.is_set():
+            handler.wfile.write(forever)
+            handler.wfile.flush()
+            time.sleep(srv.slow_s / 10)
+    except OSError:
+        pass  # the client gave up: what these routes test
+    handler.close_connection = True
+
+
+def _raw(handler, srv, data: bytes):
+    try:
+        handler.wfile.write(data)
+        handler.wfile.flush()
+    except OSError:
+        pass
+    handler.close_connection = True
+
+
+HOSTILE = {
+    "location": lambda h, srv, v: _raw(h, srv, b"HTTP/1.1 302 Found\r\nLocation: " + v.encode("latin-1")
+                                       + b"\r\nContent-Length: 0\r\n\r\n"),
+    "retry-after": lambda h, srv, v: _raw(h, srv, f"HTTP/1.1 503 Busy\r\nRetry-After: {v}\r\n"
+                                          "Content-Length: 0\r\n\r\n".encode("latin-1")),
+    "drip-head": lambda h, srv, v: _drip(h, srv, b"HTTP/1.1 200 OK\r\n", forever=b"X"),
+    "interim": lambda h, srv, v: _drip(h, srv, b"", forever=(v or "HTTP/1.1 100 Continue").encode() + b"\r\n\r\n"),
+    "endless": lambda h, srv, v: _drip(h, srv, b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n", forever=b"x"),
+    "raw": lambda h, srv, v: _raw(h, srv, v if isinstance(v, bytes) else v.encode("latin-1")),
+}
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -121,6 +170,8 @@ class LoopbackServer:
         self.slow_s, self.flaky, self.latency_s = slow_s, flaky, latency_s
         self.hits: Counter = Counter()
         self.agents: set[str] = set()  # the User-Agent headers seen
+        self.hostile: dict[str, str | bytes] = {}  # NAME -> the value a misbehaving route sends
+        self.stopping = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -138,6 +189,7 @@ class LoopbackServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
 

@@ -9,7 +9,7 @@ import pytest
 
 from embedder.errors import FilterError
 from embedder.search.build import build_index
-from embedder.search.filters import as_column, compile_mask, parse, tokenize
+from embedder.search.filters import MAX_DEPTH, MAX_LENGTH, as_column, compile_mask, parse, tokenize
 from embedder.search.query import SearchIndex
 from tests.test_index import clustered, synthetic_cache
 
@@ -108,6 +108,21 @@ def test_a_filter_is_parsed_never_evaluated_as_python():
         parse("__import__('os').system('true')", {"id": "int"})
     with pytest.raises(FilterError, match="at most"):
         parse("id == 1 or " * 1000 + "id == 2", {"id": "int"})
+
+
+@pytest.mark.parametrize("opening", ["(", "not ", "not (", "(not "])
+def test_nesting_is_bounded_with_an_error_at_the_token_that_goes_too_deep(opening):
+    # 300 levels (607 characters, under the length cap) overran Python's recursion limit before.
+    deep = opening * 300 + "id == 1" + ")" * (300 * opening.count("("))
+    assert len(deep) <= MAX_LENGTH
+    with pytest.raises(FilterError, match=f"nested too deeply: at most {MAX_DEPTH} levels"):
+        compile_mask(deep, table())
+    # As deep as allowed still parses, and means what it says.
+    levels = MAX_DEPTH // (opening.count("(") + opening.count("not"))
+    ok = opening * levels + "width < 100" + ")" * (levels * opening.count("("))
+    negated = (levels * opening.count("not")) % 2 == 1
+    data = table()
+    assert (compile_mask(ok, data) == ((data["width"] < 100) ^ negated)).all()
 
 
 # ------------------------------------------------------------------------ filtered search

@@ -275,8 +275,9 @@ def test_search_cli_by_id_path_vector_and_images(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["hits"][0]["id"] == 3
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     grid = tmp_path / "grid.png"
+    # The readable images are answered (and drawn), and the unreadable one fails the command (exit 2).
     assert main(["search", str(tmp_path / "idx"), "--image", str(tree / "dog"), str(tmp_path / "bad.jpg"),
-                 "--json", "--grid", str(grid)]) == 0
+                 "--json", "--grid", str(grid)]) == 2
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 5 and lines[-1]["error"]
     for line in lines[:4]:  # each indexed image finds itself first

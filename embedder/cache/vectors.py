@@ -257,25 +257,132 @@ def inputs_sha256(pieces: list[_Piece]) -> str:
     return h.hexdigest()
 
 
-def vector_blocks(pieces: list[_Piece], block_rows: int) -> Iterator[np.ndarray]:
-    """Every piece's vectors as float32 blocks of at most `block_rows` rows, in order."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def vector_blocks(pieces: list[_Piece], block_rows: int, dim: int | None = None) -> Iterator[np.ndarray]:
+    """Every piece's vectors as float32 blocks of at most `block_rows` rows, in order. Each is
+    checked on the way (ConfigError naming the file and its first bad row, counted from 0): a
+    real numeric type, one `dim`-long (default: the first row's width) vector per row, finite in float32."""
+    for piece in pieces:
+        blocks = _npy_blocks(piece.vectors, block_rows) if piece.metadata is not None else \
+            _parquet_blocks(piece.vectors, block_rows)
+        start = 0
+        for block in blocks:
+            dim = block.shape[1] if dim is None else dim
+            if block.shape[1] != dim:
+                raise ConfigError(f"{piece.vectors}: row {start} has {block.shape[1]} values, the rows before it "
+                                  f"{dim}: every vector must have the same width.")
+            yield _finite(block, piece.vectors, start)
+            start += len(block)
+
+
+def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
+    """The shape and dtype of a .npy, read from its header (nothing else is loaded), checked:
+    two dimensions, real numbers (object arrays would run pickled code, and strings are no vectors)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable .npy file ({exc}).") from None
+    if dtype.kind not in "fiu" or dtype.fields is not None:
+        raise ConfigError(f"{path} holds {_dtype_name(dtype)} values, not real numbers: vectors are arrays of "
+                          "floats or integers [rows, dim].")
+    if len(shape) != 2 or shape[1] < 1:
+        raise ConfigError(f"{path} holds an array of shape {shape}, not [rows, dim] with dim >= 1.")
+    return shape, dtype
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    names = {"c": "complex", "O": "Python object", "U": "string", "S": "bytes", "b": "bool", "V": "structured",
+             "M": "datetime", "m": "timedelta"}
+    return f"{names.get(dtype.kind, dtype.kind)} ({dtype})"
+
+
+def _npy_blocks(path: Path, block_rows: int) -> Iterator[np.ndarray]:
+    _npy_header(path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:  # e.g. a file shorter than its header says
+        raise ConfigError(f"{path} is not a readable .npy file ({exc}).") from None
+    for start in range(0, len(array), block_rows):
+        yield np.asarray(array[start : start + block_rows])
+
+
+def _parquet_blocks(path: Path, block_rows: int) -> Iterator[np.ndarray]:
+    """A Parquet file's `embedding` column as [rows, dim] blocks: a list of real numbers per row,
+    none of them null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    start = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=block_rows, columns=["embedding"]):
+        column = batch.column(0)
+        kind = column.type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or \
+                not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+            raise ConfigError(f"{path}: the `embedding` column holds {kind}, not a list of real numbers per row.")
+        if not len(batch):
+            continue
+        _check_rows(column, path, start)
+        values = pc.list_flatten(column)
+        if values.null_count:
+            parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            raise ConfigError(f"{path}: row {start + parents[_first(values.is_null())]} has a null value "
+                              "in its embedding.")
+        yield values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+        start += len(batch)
+
+
+def _check_rows(column, path: Path, start: int) -> None:
+    """A ConfigError at the first row that is null, empty, or of another width than the block's first."""
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+    width = lengths[0]
+    bad = np.flatnonzero((lengths != width) | (lengths <= 0))
+    if not len(bad):
+        return
+    row = int(bad[0])
+    if lengths[row] < 0:
+        raise ConfigError(f"{path}: row {start + row} has a null embedding.")
+    raise ConfigError(f"{path}: row {start + row} has {lengths[row]} values"
+                      + (f", the rows before it {width}" if row else "")
+                      + ": every row needs one vector of the same width, at least 1.")
+
+
+def _parquet_file(path: Path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for piece in pieces:
-        if piece.metadata is not None:
-            array = np.load(piece.vectors, mmap_mode="r")
-            if array.ndim != 2:
-                raise ConfigError(f"{piece.vectors} holds an array of shape {array.shape}, not [rows, dim].")
-            for start in range(0, len(array), block_rows):
-                yield np.asarray(array[start : start + block_rows], dtype=np.float32)
-        else:
-            for batch in pq.ParquetFile(piece.vectors).iter_batches(batch_size=block_rows, columns=["embedding"]):
-                if not len(batch):
-                    continue
-                column = batch.column(0)
-                dim = column.type.list_size if hasattr(column.type, "list_size") else None
-                values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-                yield values.reshape(len(batch), dim if dim and dim > 0 else -1)
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(f"{path} is not a readable Parquet file ({exc}).") from None
+
+
+def _first(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask, dtype=bool))[0])
+
+
+def _finite(block: np.ndarray, path: Path, start: int) -> np.ndarray:
+    """`block` as float32, or a ConfigError at its first row with NaN, infinity or a value float32 cannot hold."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(block, dtype=np.float32)
+    ok = np.isfinite(out).all(axis=1)
+    if ok.all():
+        return out
+    row = _first(~ok)
+    given = np.asarray(block[row], dtype=np.float64)
+    if np.isfinite(given).all():
+        col = _first(~np.isfinite(out[row]))
+        what = f"{given[col]:.4g} in column {col}, beyond float32's range (+-{FLOAT32_MAX:.4g})"
+    else:
+        col = _first(~np.isfinite(given))
+        what = f"{given[col]} in column {col}"
+    raise ConfigError(f"{path}: row {start + row} holds {what}; vectors must be finite float32 numbers.")
 
 
 def import_vectors(inputs: list[str], out, *, source: str | None = None, overwrite: bool = False,
@@ -294,7 +401,10 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
     rows = _rows_of(_metadata_table(pieces), ", ".join(inputs))
     sidecar = _sidecar_of(inputs)
     source = str(Path(source or sidecar.get("source") or Path(inputs[0]).absolute()))
-    spec = _imported_spec(pieces, inputs, sidecar, source, _dim_of(pieces[0]), rows, command)
+    # Every vector is checked before anything is written, so that a refusal leaves nothing behind
+    # (not even an old cache replaced under --overwrite); a second read costs less than the writing.
+    dim = _checked_dim(pieces, len(rows["paths"]), block_rows)
+    spec = _imported_spec(pieces, inputs, sidecar, source, dim, rows, command)
     listing = Listing(Path(source), rows["paths"], rows["labels"], rows["classes"], IMPORTED)
     bar = tqdm(total=len(listing), unit="row", desc="import", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -303,17 +413,13 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
         if w.base is not None and len(w.pending):
             raise CacheError(f"{out} already exists. Use --overwrite to replace it.")
         start, todo = 0, w.pending
-        for block in vector_blocks(pieces, block_rows):
-            if block.shape[1] != spec.feature_dim:
-                raise ConfigError(f"The input's vectors change width ({spec.feature_dim}, then {block.shape[1]}).")
+        for block in vector_blocks(pieces, block_rows, dim):
             stop = start + len(block)
             sel = todo[(todo >= start) & (todo < stop)]
             if len(sel):
                 w.add(sel, block[sel - start], [])
             bar.update(stop - start)
             start = stop
-        if start != len(listing):
-            raise ConfigError(f"The input holds {start} vectors for {len(listing)} metadata rows.")
         total = w.finish()
     return VectorsReport(str(out), IMPORTED, total, spec.feature_dim,
                          [str(p) for piece in pieces for p in piece.files()], time.perf_counter() - t0, rows["notes"])
@@ -322,23 +428,26 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
 def _metadata_table(pieces: list[_Piece]):
     """The rows' metadata, every piece's table one after the other (without the vectors)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     tables = []
     for piece in pieces:
         if piece.metadata is not None:
-            table = pq.read_table(piece.metadata)
-            n = np.load(piece.vectors, mmap_mode="r").shape[0]
+            table = _parquet_file(piece.metadata).read()
+            n = _npy_header(piece.vectors)[0][0]
         else:
-            names = [n for n in pq.ParquetFile(piece.vectors).schema_arrow.names if n != "embedding"]
-            if len(names) == len(pq.ParquetFile(piece.vectors).schema_arrow.names):
+            file = _parquet_file(piece.vectors)
+            names = [n for n in file.schema_arrow.names if n != "embedding"]
+            if len(names) == len(file.schema_arrow.names):
                 raise ConfigError(f"{piece.vectors} has no `embedding` column (a list of floats per row).")
-            table = pq.read_table(piece.vectors, columns=names)
+            table = file.read(columns=names)
             n = table.num_rows
         if table.num_rows != n:
             raise ConfigError(f"{piece.metadata} has {table.num_rows} rows for the {n} vectors of {piece.vectors}.")
         tables.append(table)
-    return pa.concat_tables(tables, promote_options="default")
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as exc:  # a column of one type in one part, of another in the next
+        raise ConfigError(f"The metadata parts do not fit together: {exc}.") from None
 
 
 def _rows_of(table, what: str) -> dict:
@@ -362,11 +471,16 @@ def _rows_of(table, what: str) -> dict:
             "kinds": {**BUILTIN, **kinds}, "notes": notes}
 
 
-def _dim_of(piece: _Piece) -> int:
-    first = next(vector_blocks([piece], 1), None)
-    if first is None:
-        raise ConfigError(f"{piece.vectors} holds no vectors.")
-    return int(first.shape[1])
+def _checked_dim(pieces: list[_Piece], rows: int, block_rows: int) -> int:
+    """The vectors' width, after reading them all through vector_blocks' checks; one per metadata row."""
+    dim, count = None, 0
+    for block in vector_blocks(pieces, block_rows):
+        dim, count = block.shape[1], count + len(block)
+    if dim is None:
+        raise ConfigError(f"{pieces[0].vectors} holds no vectors.")
+    if count != rows:
+        raise ConfigError(f"The input holds {count} vectors for {rows} metadata rows.")
+    return int(dim)
 
 
 def _sidecar_of(inputs: list[str]) -> dict:

@@ -40,6 +40,8 @@ class Member:
     rows: int
     path_width: int  # bytes per path of its fixed-width /paths: a virtual dataset cannot map vlen strings
     column_widths: dict[str, int] = field(default_factory=dict)  # the same, for each str column
+    errors: int = 0  # rows of its errors table
+    error_widths: tuple[int, int] | None = None  # bytes of its fixed-width /errors/path, /errors/reason
 
 
 def write_view(
@@ -49,8 +51,10 @@ def write_view(
 ) -> int:
     """Replace `out`, atomically, by a cache whose rows are those of `members`, in order. Returns its rows.
 
-    `errors`: the errors table (copied: it is small). `shards`: the attribute a sharded cache's
-    view carries. `guard(tmp)`: a context the write runs in (the writer's disk-full check)."""
+    `errors`: the errors table (copied), or None: the members' own errors tables, mapped like the
+    rows (every member's errors fixed-width: a run's view is rewritten at each commit, and copying
+    every error each time made a run of mostly missing files quadratic). `shards`: the attribute a
+    sharded cache's view carries. `guard(tmp)`: a context the write runs in (the writer's disk-full check)."""
     tmp = temp_file(out)
     try:
         with guard(tmp) if guard is not None else nullcontext():
@@ -81,7 +85,10 @@ def write_view_file(
             for name, (shape, dtype, _) in _row_datasets(spec, STR, {}).items():
                 f.create_dataset(name, shape=(0, *shape), dtype=dtype)
         f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
-        write_errors(f, errors)
+        if errors is None:
+            _map_errors(f, members)
+        else:
+            write_errors(f, errors)
         link_primary(f, spec)
         write_attrs(f, spec, rows=total, complete=complete, ignored=ignored)
         if shards is not None:
@@ -141,11 +148,44 @@ def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignore
     f.attrs["ignored"] = json.dumps(ignored or {})
 
 
-def write_errors(f: h5py.File, errors: list[tuple[str, str]]) -> None:
+def write_errors(f: h5py.File, errors: list[tuple[str, str]], fixed_width: bool = False) -> None:
+    """/errors/path and /errors/reason; `fixed_width`: as fixed-width strings, which a view can map."""
     g = f.create_group("errors")
-    paths = np.array([encode_path(p) for p, _ in errors], dtype=object)
-    g.create_dataset("path", data=paths, dtype=STR, shape=(len(errors),))
-    g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR, shape=(len(errors),))
+    if not fixed_width:
+        paths = np.array([encode_path(p) for p, _ in errors], dtype=object)
+        g.create_dataset("path", data=paths, dtype=STR, shape=(len(errors),))
+        g.create_dataset("reason", data=np.array([r for _, r in errors], dtype=object), dtype=STR,
+                         shape=(len(errors),))
+        return
+    for name, values in (("path", [encode_path(p) for p, _ in errors]),
+                         ("reason", [r.encode("utf-8", "backslashreplace") for _, r in errors])):
+        dtype = h5py.string_dtype("utf-8", max((len(v) for v in values), default=1) or 1)
+        g.create_dataset(name, data=np.array(values, dtype=dtype), dtype=dtype, shape=(len(values),))
+
+
+def error_widths(f: h5py.File) -> tuple[int, int] | None:
+    """The bytes of a file's fixed-width errors table, or None where it is variable-length."""
+    ds = f["errors/path"], f["errors/reason"]
+    if any(h5py.check_string_dtype(d.dtype) is None or h5py.check_string_dtype(d.dtype).length is None for d in ds):
+        return None
+    return ds[0].dtype.itemsize, ds[1].dtype.itemsize
+
+
+def _map_errors(f: h5py.File, members: list[Member]) -> None:
+    """/errors as virtual datasets over the members' errors tables, in member order."""
+    total = sum(m.errors for m in members)
+    if not total:
+        write_errors(f, [])
+        return
+    for i, name in enumerate(("path", "reason")):
+        width = max(m.error_widths[i] for m in members if m.errors)
+        layout = h5py.VirtualLayout((total,), dtype=h5py.string_dtype("utf-8", width))
+        start = 0
+        for m in members:
+            if m.errors:
+                layout[start : start + m.errors] = h5py.VirtualSource(m.file, f"errors/{name}", shape=(m.errors,))
+            start += m.errors
+        f.create_virtual_dataset(f"errors/{name}", layout)
 
 
 def link_primary(f: h5py.File, spec: CacheSpec) -> None:

@@ -54,7 +54,7 @@ from embedder.cache.sync import (
     record_of,
     settle_states,
 )
-from embedder.cache.view import Member, link_primary, write_attrs, write_errors, write_view
+from embedder.cache.view import Member, error_widths, link_primary, write_attrs, write_errors, write_view
 from embedder.data.metadata import as_kind, nulls
 from embedder.errors import CacheError, CacheMismatchError, DiskFullError
 from embedder.names import decode_path, encode_path
@@ -84,6 +84,15 @@ class _Committed:
     column_widths: list[dict[str, int]] = field(default_factory=list)  # the same, per str column
     paths: set[str] = field(default_factory=set)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    error_counts: list[int] = field(default_factory=list)  # rows of each part's errors table
+    error_widths: list[tuple[int, int] | None] = field(default_factory=list)  # None: variable-length (older runs)
+    error_bytes: int = 0  # of every error's path and reason, kept as they come (summing them at each commit was quadratic)
+
+    def add_errors(self, errors: list[tuple[str, str]], widths: tuple[int, int] | None) -> None:
+        self.errors += errors
+        self.error_counts.append(len(errors))
+        self.error_widths.append(widths)
+        self.error_bytes += sum(len(encode_path(p)) + len(r) for p, r in errors)
 
 
 class CacheWriter:
@@ -328,13 +337,14 @@ class CacheWriter:
             with h5py.File(part, "r") as f:
                 paths = [decode_path(p) for p in f["paths"][:]]
                 errors = list(zip(read_paths(f["errors/path"]), f["errors/reason"].asstr()[:]))
+                widths = error_widths(f)
                 self.committed.path_widths.append(f["paths"].dtype.itemsize)
                 self.committed.column_widths.append(
                     {n: f[f"{GROUP}/{n}"].dtype.itemsize for n, k in self.spec.columns.items() if k == "str"})
             self.committed.files.append(part)
             self.committed.rows.append(len(paths))
             self.committed.paths.update(paths)
-            self.committed.errors += errors
+            self.committed.add_errors(errors, widths)
 
     @property
     def resumed_rows(self) -> int:
@@ -409,7 +419,7 @@ class CacheWriter:
         self.committed.column_widths.append({n: str_width(v) for n, v in self._part_columns(buf).items()
                                              if self.spec.columns[n] == "str"})
         self.committed.paths.update(buf.paths)
-        self.committed.errors += buf.errors
+        self.committed.add_errors(buf.errors, _widths(buf.errors))
         self._buffer = _Part()
         if self.base is None:
             self._write_view()
@@ -460,7 +470,7 @@ class CacheWriter:
             fixed = h5py.string_dtype("utf-8", width)  # fixed width: virtual datasets cannot span vlen strings
             paths = np.array([encode_path(p) for p in buf.paths], dtype=fixed)
             f.create_dataset("paths", data=paths, track_times=False)
-            write_errors(f, buf.errors)
+            write_errors(f, buf.errors, fixed_width=True)  # fixed width: the view maps it
             write_columns(f, self.spec.columns, self._part_columns(buf), fixed_width=True)
 
     def _part_columns(self, buf: _Part) -> dict[str, np.ndarray]:
@@ -469,11 +479,14 @@ class CacheWriter:
 
     def _write_view(self) -> None:
         """CACHE.h5 as a view over the committed parts (fresh runs only; embedder.cache.view)."""
-        members = [Member(os.path.relpath(part, self.path.parent), n, width, cw)
-                   for part, n, width, cw in zip(self.committed.files, self.committed.rows, self.committed.path_widths,
-                                                 self.committed.column_widths)]
-        needed = (64 << 10) + 512 * len(members) + _errors_bytes(self.committed)
-        write_view(self.path, self.spec, self.classes, members, self.committed.errors, complete=False,
+        c = self.committed
+        members = [Member(os.path.relpath(part, self.path.parent), n, width, cw, ne, ew)
+                   for part, n, width, cw, ne, ew in zip(c.files, c.rows, c.path_widths, c.column_widths,
+                                                         c.error_counts, c.error_widths)]
+        # The parts' errors are mapped, not copied, unless a part of an older run holds them variable-length.
+        mapped = all(w is not None or n == 0 for n, w in zip(c.error_counts, c.error_widths))
+        needed = (64 << 10) + 512 * len(members) + (0 if mapped else 2 * c.error_bytes)
+        write_view(self.path, self.spec, self.classes, members, None if mapped else c.errors, complete=False,
                    ignored=self.ignored, guard=lambda tmp: self._writing(tmp, needed=needed))
 
     # finishing -----------------------------------------------------------------------------
@@ -644,5 +657,7 @@ def _part_bytes(buf: _Part) -> int:
     return feats + paths + 8 * len(buf.paths) + 2 * errors + (64 << 10)
 
 
-def _errors_bytes(committed: _Committed) -> int:
-    return sum(len(encode_path(p)) + len(r) for p, r in committed.errors) * 2
+def _widths(errors: list[tuple[str, str]]) -> tuple[int, int]:
+    """The bytes of a part's fixed-width errors table (as view.write_errors writes it)."""
+    return (max((len(encode_path(p)) for p, _ in errors), default=1) or 1,
+            max((len(r.encode("utf-8", "backslashreplace")) for _, r in errors), default=1) or 1)

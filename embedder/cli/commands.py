@@ -541,7 +541,7 @@ def _check_layer(index, config) -> None:
 
 def _run_queries(index, config):
     """[(query, hits)] and [(query, reason)] for the one kind of query the config names."""
-    import numpy as np
+    from embedder.search.queries import query_vectors, read_query_vectors
 
     k, where = config.k, config.where
     if config.combined or config.threshold is not None or config.exclude_examples:
@@ -554,7 +554,8 @@ def _run_queries(index, config):
         return [(str(index.image_path(row)), index.search_ids([row], k, where)[0])], []
     if config.row_id is not None:
         return [(str(index.image_path(config.row_id)), index.search_ids([config.row_id], k, where)[0])], []
-    return [(None, hits) for hits in index.search(np.atleast_2d(np.load(config.vector)), k, where)], []
+    vectors = query_vectors(read_query_vectors(config.vector), index.dim, index.metric)
+    return [(None, hits) for hits in index.search(vectors, k, where)], []
 
 
 def _run_example_queries(index, config):
@@ -594,7 +595,7 @@ def _examples(index, images=(), paths=(), ids=(), vector=None):
     row ids or a .npy file, in that order."""
     import numpy as np
 
-    from embedder.search.queries import rows_of_files, rows_of_paths
+    from embedder.search.queries import query_vectors, read_query_vectors, rows_of_files, rows_of_paths
 
     names, parts, errors, rows = [], [], [], []
     if images:
@@ -606,7 +607,7 @@ def _examples(index, images=(), paths=(), ids=(), vector=None):
         names += [str(index.image_path(i)) for i in ids]
         rows += [[i] for i in ids]
     if vector is not None:
-        loaded = np.atleast_2d(np.load(vector))
+        loaded = query_vectors(read_query_vectors(vector), index.dim, index.metric)
         names, parts, rows = [*names, *[None] * len(loaded)], [*parts, loaded], [*rows, *[[] for _ in loaded]]
     vectors = np.concatenate(parts) if parts else np.zeros((0, index.dim), dtype=np.float32)
     return names, vectors, errors, rows
@@ -756,7 +757,7 @@ def serve(config, args) -> None:
     where = f"[{config.host}]" if ":" in config.host else config.host
     print(f"serving {config.index} on http://{where}:{config.port}/  (answering Host: {', '.join(hosts)}; "
           "API spec: /openapi.json)", flush=True)
-    run(app, host=config.host, port=config.port)
+    run(app, host=config.host, port=config.port, limits=config.server_limits)
 
 
 # ---------------------------------------------------------------------------------- run

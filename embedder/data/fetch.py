@@ -3,16 +3,23 @@
 A row whose path is an `http://` or `https://` URL (in a file list or a table source) is
 fetched with urllib3 by the process that decodes it, with
 
-  * a timeout for connecting and for each read (`--fetch-timeout`), and a whole-attempt
-    deadline of DEADLINE_FACTOR times it, so a server that drips its body byte by byte ends too;
-  * a bounded retry with exponential backoff (`--fetch-retries`, urllib3's `Retry`): for
-    connection errors, timeouts, bodies cut short and the statuses worth a second try
-    (429 and 5xx, honouring Retry-After); a 404 is final at once;
+  * a timeout for connecting and for each read (`--fetch-timeout`), and a total deadline per
+    attempt of DEADLINE_FACTOR times it, connect to last byte: a watch shuts the attempt's socket
+    when it passes, so a server that drips its headers or body, or sends 1xx answers forever,
+    ends too (an interim answer other than 100 Continue where the final one should be is an error);
+  * bounded retries (`--fetch-retries`), each attempt with its own deadline: for connection
+    errors, timeouts, bodies cut short and the statuses worth a second try (429 and 5xx); a 404 is
+    final at once. Between attempts, exponential backoff from `backoff`, or the server's
+    Retry-After shortened to RETRY_AFTER_MAX; a row's attempts and waits all end within
+    `row_deadline` ((retries + 1) attempts' deadlines): a wait that would pass it is not waited
+    for, and the reason says so. urllib3 follows up to MAX_REDIRECTS redirects and retries nothing;
   * a size cap (`--max-download-mb`): a Content-Length above it is refused before the body
     is read, and a body that grows past it is cut off there.
 
 A failure is a BadImageError whose reason names the HTTP status (`HTTP 404 Not Found`) or
-what went wrong, so it lands in the cache's errors table and the run goes on.
+what went wrong, so it lands in the cache's errors table and the run goes on: whatever one URL
+raises (a redirect to an invalid Location, a malformed answer) is that row's error, never the run's.
+A reader process waiting out a Retry-After dies with its run (embedder.data.workers).
 
 Fetches overlap: each batch's URLs, and those of the reader's next batches, are in flight
 together on `--fetch-threads` threads per reader process, so the network's latency is
@@ -26,10 +33,12 @@ DIR/urls.tsv; a URL whose file is there already is read from it instead of fetch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import mimetypes
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +53,10 @@ from embedder.errors import BadImageError
 
 URL_SCHEMES = ("http://", "https://")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-DEADLINE_FACTOR = 6  # a whole attempt may take this many --fetch-timeouts
+DEADLINE_FACTOR = 6  # a whole attempt, connect to last byte, may take this many --fetch-timeouts
+RETRY_AFTER_MAX = 60.0  # seconds: a longer Retry-After is shortened to this (and must fit the row's deadline)
+BACKOFF_MAX = 30.0  # seconds between two attempts without a Retry-After
+MAX_REDIRECTS = 10
 MANIFEST = "urls.tsv"
 _CHUNK = 1 << 16
 
@@ -138,10 +150,103 @@ def fetch(url: str, s: FetchSettings) -> Fetched:
 
 @functools.lru_cache(maxsize=8)
 def _client(pid: int, user_agent: str, connections: int):
-    """The process's pooled connections (keyed by pid: a forked reader must not share its parent's sockets)."""
+    """The process's pooled connections (keyed by pid: a forked reader must not share its parent's
+    sockets), whose sockets the current attempt's watch can shut (_Watched)."""
     import urllib3
+    from urllib3.connection import HTTPConnection, HTTPSConnection
 
-    return urllib3.PoolManager(num_pools=64, maxsize=connections, block=False, headers={"User-Agent": user_agent})
+    class Conn(_Watched, HTTPConnection):
+        pass
+
+    class SecureConn(_Watched, HTTPSConnection):
+        pass
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class SecurePool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = SecureConn
+
+    http = urllib3.PoolManager(num_pools=64, maxsize=connections, block=False, headers={"User-Agent": user_agent})
+    http.pool_classes_by_scheme = {"http": Pool, "https": SecurePool}
+    return http
+
+
+# ----------------------------------------------------------------------------------------
+# The total deadline of an attempt
+# ----------------------------------------------------------------------------------------
+
+_current = threading.local()  # .watch: the _Watch of the attempt running on this thread
+
+
+class _Watch:
+    """Shuts the sockets of one attempt when its deadline passes: a read blocked on a server that
+    sends a byte per timeout (headers, 1xx answers, body) then ends at once, whatever urllib3 and
+    http.client are doing. One timer thread per attempt, cancelled when the attempt ends."""
+
+    def __init__(self, end: float):
+        self.expired = False
+        self._socks: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, end - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                _shut(sock)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._socks.clear()  # the connection may go back to the pool: no later shutdown of it
+
+
+@contextlib.contextmanager
+def _watch(end: float):
+    watch = _Watch(end)
+    _current.watch = watch
+    try:
+        yield watch
+    finally:
+        _current.watch = None
+        watch.stop()
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
+
+
+class _Watched:
+    """An urllib3 connection whose socket joins the current attempt's watch: when it is made
+    (before TLS) and when a kept-alive one sends the next request."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _join(sock)
+        return sock
+
+    def request(self, *args, **kwargs):
+        if self.sock is not None:
+            _join(self.sock)
+        return super().request(*args, **kwargs)
+
+
+def _join(sock) -> None:
+    watch = getattr(_current, "watch", None)
+    if watch is not None:
+        watch.add(sock)
 
 
 def _kept(url: str, s: FetchSettings) -> Fetched | None:
@@ -157,72 +262,147 @@ def _kept(url: str, s: FetchSettings) -> Fetched | None:
 
 
 def fetch_url(http, url: str, s: FetchSettings) -> tuple[Fetched, str]:
-    """(body, Content-Type) of one GET, retried per `s`; BadImageError names the last failure."""
-    import urllib3
-    from urllib3.exceptions import HTTPError, MaxRetryError
-
-    retry = urllib3.Retry(total=s.retries, backoff_factor=s.backoff, status_forcelist=RETRY_STATUSES,
-                          allowed_methods={"GET"}, raise_on_status=False, respect_retry_after_header=True,
-                          backoff_max=max(s.backoff * 2**s.retries, s.backoff))
+    """(body, Content-Type) of one GET, retried per `s` within the row's deadline; BadImageError
+    names the last failure. Whatever one URL raises is its row's error, never the run's."""
+    row_end = time.monotonic() + row_deadline(s)
     attempts = 0
     while True:
         attempts += 1
         try:
-            return _attempt(http, url, s, retry)
-        except _Transient as exc:
-            try:
-                # From the state the request left (its own retries count against the same total).
-                retry = (exc.retries or retry).increment("GET", url, error=exc.cause)
-            except MaxRetryError:
-                raise BadImageError(f"{exc} ({attempts} attempts)" if attempts > 1 else str(exc)) from None
-            retry.sleep()
-        except MaxRetryError as exc:
-            raise BadImageError(_describe(exc.reason, s)) from None
-        except HTTPError as exc:
-            raise BadImageError(_describe(exc, s)) from None
+            return _attempt(http, url, s, min(time.monotonic() + s.timeout * DEADLINE_FACTOR, row_end))
+        except _Retryable as exc:
+            wait = _wait(exc, s, attempts, row_end)
+            if isinstance(wait, str):
+                raise BadImageError(exc.final(attempts) + wait) from None
+            time.sleep(wait)
+        except BadImageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one URL's failure must not end the run (a bad Location, ...)
+            raise BadImageError(f"download failed: {_one_line(exc)}") from None
 
 
-class _Transient(Exception):
-    """A body cut short or too slow: worth another attempt, as a connection error is."""
+def row_deadline(s: FetchSettings) -> float:
+    """Seconds a row's attempts and the waits between them may take, all told."""
+    return (s.retries + 1) * s.timeout * DEADLINE_FACTOR
 
-    def __init__(self, message: str, cause: Exception):
+
+def _wait(exc: _Retryable, s: FetchSettings, attempts: int, row_end: float) -> float | str:
+    """Seconds to wait before the next attempt, or why there is none (appended to the reason)."""
+    if attempts > s.retries:
+        return ""
+    if exc.retry_after is not None:
+        wait = min(exc.retry_after, RETRY_AFTER_MAX)
+    else:
+        wait = min(s.backoff * 2 ** (attempts - 1), BACKOFF_MAX)
+    if time.monotonic() + wait >= row_end:
+        return f" (not retried: a {wait:g} s wait would pass the row's {row_deadline(s):g} s deadline)"
+    return wait
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt: a connection error, a timeout, a body cut short, 429 or 5xx."""
+
+    def __init__(self, message: str, status: bool = False, retry_after: float | None = None):
         super().__init__(message)
-        self.cause = cause
-        self.retries = None  # the Retry state of the response whose body failed
+        self.status = status  # the message is an HTTP status line
+        self.retry_after = retry_after  # the server's Retry-After, in seconds
+
+    def final(self, attempts: int) -> str:
+        if attempts == 1:
+            return str(self)
+        return f"{self} after {attempts} attempts" if self.status else f"{self} ({attempts} attempts)"
 
 
-def _attempt(http, url: str, s: FetchSettings, retry) -> tuple[Fetched, str]:
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _retry_policy():
+    """urllib3's part: follow up to MAX_REDIRECTS redirects, and no retry of its own (the loop above
+    retries, so each attempt has its own deadline), nor any Retry-After sleep on a redirect."""
     import urllib3
 
-    started = time.monotonic()
-    r = http.request("GET", url, preload_content=False, retries=retry,
-                     timeout=urllib3.Timeout(connect=s.timeout, read=s.timeout))
-    try:
-        if r.status >= 400:
-            tries = len(r.retries.history) + 1 if r.retries is not None else 1
-            raise BadImageError(_status(r.status) + (f" after {tries} attempts" if tries > 1 else ""))
-        length = r.headers.get("Content-Length")
-        length = int(length) if length is not None and length.isdigit() else None
-        if length is not None and length > s.max_bytes:
-            raise BadImageError(f"download of {length:,} bytes is over the --max-download-mb cap "
-                                f"({s.max_bytes / 2**20:g} MB)")
+    return urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=MAX_REDIRECTS,
+                         status_forcelist=(), raise_on_status=False, respect_retry_after_header=False,
+                         retry_after_max=0)
+
+
+def _attempt(http, url: str, s: FetchSettings, end: float) -> tuple[Fetched, str]:
+    """One exchange, connect to last byte, ended by `end` (monotonic): the watch shuts the socket
+    then, so a server that drips its headers or answers 1xx forever ends too."""
+    import urllib3
+    from urllib3.exceptions import HTTPError, MaxRetryError
+
+    with _watch(end) as watch:
         try:
-            body = _body(r, url, s, started, length)
-        except _Transient as exc:
-            exc.retries = r.retries
+            r = http.request("GET", url, preload_content=False, retries=_retry_policy(),
+                             timeout=urllib3.Timeout(connect=s.timeout, read=s.timeout))
+        except MaxRetryError as exc:
+            raise _expired(watch, s) or _connection_failure(exc.reason, s) from None
+        except HTTPError as exc:
+            raise _expired(watch, s) or BadImageError(_describe(exc, s)) from None
+        try:
+            return _response(r, s, end), r.headers.get("Content-Type", "")
+        except BaseException as exc:
+            # A body not read to its end must not go back to the pool: the next request on that
+            # connection would read the rest of this one.
+            r.close()
+            if isinstance(exc, HTTPError):  # a body urllib3 cannot decode, a bad length ...
+                raise _expired(watch, s) or _Retryable(f"download failed: {_one_line(exc)}") from None
             raise
-    except BaseException:
-        # A body not read to its end must not go back to the pool: the next request on that
-        # connection would read the rest of this one.
-        r.close()
-        raise
-    finally:
-        r.release_conn()
-    return Fetched(body, _last_modified(r.headers.get("Last-Modified"))), r.headers.get("Content-Type", "")
+        finally:
+            r.release_conn()
 
 
-def _body(r, url: str, s: FetchSettings, started: float, length: int | None) -> bytes:
-    """The response's body within the cap and the deadline; _Transient where it is cut short or too slow."""
+def _response(r, s: FetchSettings, end: float) -> Fetched:
+    if r.status in RETRY_STATUSES:
+        raise _Retryable(_status(r.status), status=True, retry_after=retry_after(r.headers.get("Retry-After")))
+    if r.status >= 400:
+        raise BadImageError(_status(r.status))
+    if r.status < 200:  # http.client skips 100 Continue only: a 102 or 103 here stands for a final answer
+        raise _Retryable(f"{_status(r.status)}: an interim answer where the final one should be")
+    if r.status >= 300:  # a redirect without a Location, or past MAX_REDIRECTS (urllib3 handled the others)
+        raise BadImageError(f"{_status(r.status)} without a usable Location")
+    length = r.headers.get("Content-Length")
+    length = int(length) if length is not None and length.isdigit() else None
+    if length is not None and length > s.max_bytes:
+        raise BadImageError(f"download of {length:,} bytes is over the --max-download-mb cap "
+                            f"({s.max_bytes / 2**20:g} MB)")
+    return Fetched(_body(r, s, end, length), _last_modified(r.headers.get("Last-Modified")))
+
+
+def retry_after(header: str | None) -> float | None:
+    """A Retry-After header in seconds from now (delay-seconds or an HTTP date); None where absent or not valid."""
+    if header is None:
+        return None
+    header = header.strip()
+    if header.isdigit():
+        return float(min(int(header), 10**9))  # a 400-digit value is still a number, not an overflow
+    try:
+        return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+def _connection_failure(reason: Exception, s: FetchSettings) -> Exception:
+    """The error of a failed exchange: worth a retry (connection, timeout) or final (a bad redirect...)."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
+
+    if isinstance(reason, (NewConnectionError, ConnectTimeoutError, ReadTimeoutError, ProtocolError)):
+        return _Retryable(_describe(reason, s))
+    return BadImageError(_describe(reason, s))
+
+
+def _expired(watch: _Watch, s: FetchSettings) -> Exception | None:
+    """The error of an exchange that the watch ended, or None where it did not."""
+    if not watch.expired:
+        return None
+    return _Retryable(f"no complete answer within {s.timeout * DEADLINE_FACTOR:g} s (connect to last byte)")
+
+
+def _body(r, s: FetchSettings, end: float, length: int | None) -> bytes:
+    """The response's body within the cap and the deadline; _Retryable where it is cut short or too slow."""
     from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
     body = bytearray()
@@ -232,15 +412,22 @@ def _body(r, url: str, s: FetchSettings, started: float, length: int | None) -> 
             body += chunk
             if len(body) > s.max_bytes:
                 raise BadImageError(f"download is over the --max-download-mb cap ({s.max_bytes / 2**20:g} MB)")
-            if time.monotonic() - started > s.timeout * DEADLINE_FACTOR:
-                raise _Transient(f"download took over {s.timeout * DEADLINE_FACTOR:g} s "
-                                 f"({len(body):,} bytes by then)", ReadTimeoutError(None, url, "deadline"))
-    except ProtocolError as exc:
+            if time.monotonic() > end:
+                raise _too_slow(s, body)
+    except ProtocolError:
+        if time.monotonic() >= end:  # the watch shut the socket
+            raise _too_slow(s, body) from None
         got = f"{len(body):,} of {length:,}" if length is not None else f"{len(body):,}"
-        raise _Transient(f"truncated download: {got} bytes", exc) from None
-    except ReadTimeoutError as exc:
-        raise _Transient(f"timed out reading the body after {s.timeout:g} s without data", exc) from None
+        raise _Retryable(f"truncated download: {got} bytes") from None
+    except ReadTimeoutError:
+        raise _Retryable(f"timed out reading the body after {s.timeout:g} s without data") from None
+    if time.monotonic() >= end:  # the watch shut the socket of a body without a length: not its end
+        raise _too_slow(s, body)
     return bytes(body)
+
+
+def _too_slow(s: FetchSettings, body: bytearray) -> _Retryable:
+    return _Retryable(f"download took over {s.timeout * DEADLINE_FACTOR:g} s ({len(body):,} bytes by then)")
 
 
 def _status(code: int) -> str:
@@ -251,20 +438,19 @@ def _status(code: int) -> str:
 
 
 def _describe(exc: Exception, s: FetchSettings) -> str:
-    """One line for a connection-level failure (after the retries)."""
+    """One line for a connection-level failure (the attempts are counted by _Retryable.final)."""
     from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError, ReadTimeoutError
 
-    tries = f" ({s.retries + 1} attempts)" if s.retries else ""
     # Subclasses first: urllib3's NewConnectionError is a ConnectTimeoutError, NameResolutionError a NewConnectionError.
     if isinstance(exc, NameResolutionError):
-        return f"host not found{tries}"
+        return "host not found"
     if isinstance(exc, NewConnectionError):
-        return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}{tries}"
+        return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
     if isinstance(exc, ReadTimeoutError):
-        return f"timed out after {s.timeout:g} s waiting for the server{tries}"
+        return f"timed out after {s.timeout:g} s waiting for the server"
     if isinstance(exc, ConnectTimeoutError):
-        return f"timed out after {s.timeout:g} s connecting{tries}"
-    return f"download failed: {exc}{tries}"
+        return f"timed out after {s.timeout:g} s connecting"
+    return f"download failed: {_one_line(exc)}"
 
 
 def _last_modified(header: str | None) -> float:

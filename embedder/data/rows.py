@@ -18,6 +18,7 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes
 from embedder.data.fetch import FetchSettings, is_url
 from embedder.data.fetch import fetch as fetch_one
 from embedder.data.table import TABLE_SOURCE_SUFFIXES, TEXT_TABLE_SUFFIXES
+from embedder.data.tar import MAX_MEMBER_BYTES
 from embedder.errors import BadImageError
 
 LIST_SUFFIXES = (".txt", *TEXT_TABLE_SUFFIXES, *TABLE_SOURCE_SUFFIXES)  # SOURCEs whose rows start from their folder
@@ -81,9 +82,14 @@ def load_location_rgb(location: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_s
 
 
 def _tar_bytes(shard: Path, name: str) -> bytes:
+    """The member's bytes as the listing read them (embedder.data.tar): past damaged headers, the
+    last member of the name, links followed, nothing over MAX_MEMBER_BYTES allocated."""
     try:
-        with tarfile.open(shard, mode="r:") as tar:
-            f = tar.extractfile(name)
+        with tarfile.open(shard, mode="r:", ignore_zeros=True) as tar:
+            info = tar.getmember(name)
+            if info.size > MAX_MEMBER_BYTES:
+                raise BadImageError(f"tar member of {info.size:,} bytes is over the {MAX_MEMBER_BYTES >> 20:,} MB cap")
+            f = tar.extractfile(info)
             if f is not None:
                 return f.read()
     except KeyError:

@@ -27,13 +27,16 @@ file's own whenever it lies inside SOURCE. A symlink that leads nowhere (missing
 or a loop such as `loop.jpg -> loop.jpg`) stays a row and becomes an error entry.
 
 Folder listings are sorted by relative POSIX path, so two runs give the same rows. A file
-list keeps the order it was written in; a path listed twice is kept once.
+list keeps the order it was written in; its paths are normalised lexically (`sub/../x.png` is
+`x.png`) and a path listed twice is kept once. A file list is UTF-8 (a BOM is dropped); a line
+that is not, or whose path holds a NUL byte, is ignored by its line number.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +47,7 @@ from embedder.data import tar as tarsrc
 from embedder.data.fetch import is_url
 from embedder.data.metadata import MetadataTable
 from embedder.data.table import LAYOUT as TABLE_LAYOUT
-from embedder.data.table import TableColumns, is_table_source, list_table
+from embedder.data.table import NOT_UTF8, NUL_PATH, TableColumns, is_table_source, list_table
 from embedder.errors import SourceError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -283,14 +286,21 @@ def _list_tar(source: str, label_from: str | None = None) -> Listing:
                    ignored, {p: m for p, m, *_ in rows}, tarsrc.json_table(root, rows))
 
 
+DENSE_CLASS_LIMIT = 100_000  # class indices below it are kept as they are; see label_indices
+
+
 def label_indices(raw: list) -> tuple[np.ndarray, list[str]]:
-    """(labels, classes) of raw labels (None: unlabelled): class indices as they are where every
-    label is an integer >= 0, else indices into the sorted class names."""
+    """(labels, classes) of raw labels (None: unlabelled). Where every label is an integer >= 0 and
+    the largest is below DENSE_CLASS_LIMIT, the indices stay as they are (classes "0" .. max, so
+    a subset of ImageNet keeps ImageNet's indices); otherwise (names, or an index such as a taxon
+    id of 2,000,000,000) the classes are the distinct values seen, sorted (integers by value), and
+    the labels index them: a class index is a label, never a size to allocate."""
     given = [lab for lab in raw if lab is not None]
-    if given and all(isinstance(lab, int) and not isinstance(lab, bool) and lab >= 0 for lab in given):
+    ints = bool(given) and all(isinstance(lab, int) and not isinstance(lab, bool) for lab in given)
+    if ints and min(given) >= 0 and max(given) < DENSE_CLASS_LIMIT:
         return np.asarray([-1 if lab is None else lab for lab in raw], dtype=np.int64), [
             str(i) for i in range(max(given) + 1)]
-    classes = sorted({str(lab) for lab in given})
+    classes = [str(v) for v in sorted(set(given))] if ints else sorted({str(lab) for lab in given})
     index = {c: i for i, c in enumerate(classes)}
     return np.asarray([-1 if lab is None else index[str(lab)] for lab in raw], dtype=np.int64), classes
 
@@ -335,9 +345,14 @@ def _list_file(list_path: Path) -> Listing:
     seen: set[str] = set()
     ignored: list[tuple[str, str]] = []
     try:
-        with open(list_path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a BOM is not part of the first path; surrogateescape: a line that is not UTF-8
+        # is that line's problem (ignored, with its number), not the whole list's.
+        with open(list_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             for lineno, rec in enumerate(csv.reader(f), start=1):
                 if not rec or not rec[0].strip() or rec[0].lstrip().startswith("#"):
+                    continue
+                if not _utf8(rec) or "\0" in rec[0]:
+                    ignored.append((f"{list_path.name}:line {lineno}", NOT_UTF8 if not _utf8(rec) else NUL_PATH))
                     continue
                 if lineno == 1 and rec[0].strip().lower() in ("path", "url", "file", "filename", "image"):
                     continue
@@ -354,8 +369,8 @@ def _list_file(list_path: Path) -> Listing:
                     continue
                 seen.add(rel)
                 rows.append((rel, label))
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{list_path} is not a UTF-8 text file list: {exc}") from exc
+    except csv.Error as exc:  # a NUL byte, a field over csv's size limit: not a text file list
+        raise SourceError(f"{list_path} is not a text file list ({exc}).") from None
     except OSError as exc:
         raise SourceError(f"{list_path} cannot be read ({exc.strerror}).") from None
     classes = sorted({lab for _, lab in rows if lab is not None})
@@ -364,11 +379,21 @@ def _list_file(list_path: Path) -> Listing:
     return Listing(root, [p for p, _ in rows], labels, classes, "filelist", ignored)
 
 
+def _utf8(fields: list[str]) -> bool:
+    try:
+        for text in fields:
+            text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a byte that was not UTF-8
+        return False
+    return True
+
+
 def _list_entry(text: str, root: Path) -> str:
-    """A file list's path as a row: a URL as written, a path relative to the list's folder."""
+    """A file list's path as a row: a URL as written, a path relative to the list's folder,
+    normalised (`sub/../x.png` is `x.png`: one file, one row)."""
     if is_url(text):
         return text
-    p = Path(text)
+    p = Path(posixpath.normpath(text))
     return p.as_posix() if not p.is_absolute() else _relative_if_inside(p, root)
 
 

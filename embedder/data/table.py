@@ -11,15 +11,26 @@ two columns (a plain `path[,label]` CSV stays a file list). The row column is --
 absolute; http(s) URLs are fetched by the reader (embedder.data.fetch).
 
 Rows keep the table's order. A row with an empty path is ignored (named in the listing's
-ignored entries, with its row number); a path listed again is ignored after its first row.
---label-column (default: a column named `label`) gives labels: class indices where every label is an integer >= 0, else class
-names sorted. Every other column becomes a metadata column of the cache, with the kinds and
-nulls of a --metadata table (embedder.data.metadata); a column whose name is reserved or
-built-in (`id`, `width`, `size`...) is stored as `source_<name>`, with a note.
+ignored entries, with its row number); paths are normalised lexically (`sub/../x.png`,
+`./x.png` and `x.png` are one row) and a path listed again is ignored after its first row.
+--label-column (default: a column named `label`) gives labels: class indices where every label
+is an integer >= 0 (below sources.DENSE_CLASS_LIMIT; larger ones are labels like names), else
+class names sorted. A NaN or infinite label refuses the table, naming its row (an empty cell is
+an unlabelled row; in a CSV's numeric column pyarrow reads NaN, NA, null as empty). Every other
+column becomes a metadata column of the cache, with the kinds and nulls of a --metadata table
+(embedder.data.metadata); a column whose name is reserved or built-in (`id`, `width`, `size`...)
+is stored as `source_<name>`, with a note, prefixed again while that name is taken too (`id`
+beside `source_id` is `source_source_id`).
+
+Text tables are UTF-8: a BOM (Excel's "CSV UTF-8") is dropped, UTF-16 is refused in one line,
+and a row with a cell that is not UTF-8 is ignored with the column named, the rest of its column
+read as text (`decode_cells`). A path with a NUL byte is ignored by its row number.
 """
 
 from __future__ import annotations
 
+import math
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -34,6 +45,8 @@ ROW_COLUMNS = ("path", "url", "file", "filename", "image")
 EMPTY_PATH = "table row without a path"
 LISTED_TWICE = "listed more than once in the table"
 NOT_URL = "not an http(s) URL (--url-column)"
+NOT_UTF8 = "a cell that is not UTF-8 text"
+NUL_PATH = "a path with a NUL byte (no file has one)"
 
 
 @dataclass(frozen=True)
@@ -73,14 +86,15 @@ def is_table_source(path: Path, columns: TableColumns) -> bool:
 
 def _first_line(path: Path) -> str:
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's "CSV UTF-8" BOM
             return f.readline()
     except OSError:
         return ""
 
 
 def read_source_table(path: Path):
-    """The pyarrow table of a .parquet / .csv / .tsv SOURCE; SourceError says why it cannot be read."""
+    """The pyarrow table of a .parquet / .csv / .tsv SOURCE; SourceError says why it cannot be read.
+    Text tables are UTF-8 (a BOM is dropped); see `decode_cells` for a cell that is not."""
     import pyarrow as pa
 
     try:
@@ -90,10 +104,37 @@ def read_source_table(path: Path):
             return pq.read_table(path)
         import pyarrow.csv as pacsv
 
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise SourceError(f"SOURCE {path} is UTF-16 text: save it as UTF-8 (Excel: CSV UTF-8).")
+            f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter))
     except (pa.ArrowInvalid, OSError) as exc:
         raise SourceError(f"SOURCE {path} cannot be read as a table: {exc}") from None
+
+
+def decode_cells(table) -> tuple[object, dict[int, str]]:
+    """(the table with its binary columns as UTF-8 text, {row index: why it is refused}). A CSV
+    column with one cell that is not UTF-8 comes back from pyarrow as bytes: each cell that
+    decodes is text again, and a row with one that does not is refused by itself, not its column."""
+    import pyarrow as pa
+
+    bad: dict[int, str] = {}
+    for name in table.column_names:
+        if not (pa.types.is_binary(table.schema.field(name).type) or pa.types.is_large_binary(
+                table.schema.field(name).type)):
+            continue
+        texts = []
+        for i, cell in enumerate(table.column(name).to_pylist()):
+            try:
+                texts.append(None if cell is None else cell.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                texts.append(None)
+                bad.setdefault(i, f"{NOT_UTF8} in column {name!r} (byte {exc.start})")
+        table = table.set_column(table.column_names.index(name), name, pa.array(texts, type=pa.string()))
+    return table, bad
 
 
 def row_column(table, columns: TableColumns, path: Path) -> str:
@@ -119,6 +160,7 @@ def list_table(path: Path, columns: TableColumns) -> TableRows:
     table = read_source_table(path)
     if len(set(table.column_names)) != len(table.column_names):
         raise SourceError(f"SOURCE {path} has a column name twice. Rename one of them.")
+    table, bad_rows = decode_cells(table) if path.suffix.lower() in TEXT_TABLE_SUFFIXES else (table, {})
     key = row_column(table, columns, path)
     if columns.label is None and "label" in table.column_names and key != "label":
         columns = TableColumns(columns.path, columns.url, "label")  # as a `path,label` file list reads it
@@ -132,8 +174,14 @@ def list_table(path: Path, columns: TableColumns) -> TableRows:
     keep, paths, labels, ignored, seen = [], [], [], [], set()
     for i, value in enumerate(table.column(key).to_pylist()):
         text = "" if value is None else str(value).strip()
+        if i in bad_rows:
+            ignored.append((f"{path.name}:row {i + 1}", bad_rows[i]))
+            continue
         if not text:
             ignored.append((f"{path.name}:row {i + 1}", EMPTY_PATH))
+            continue
+        if "\0" in text:
+            ignored.append((f"{path.name}:row {i + 1}", NUL_PATH))
             continue
         if columns.url and not is_url(text):
             ignored.append((text, NOT_URL))
@@ -145,13 +193,17 @@ def list_table(path: Path, columns: TableColumns) -> TableRows:
         seen.add(row)
         keep.append(i)
         paths.append(row)
-        labels.append(None if raw_labels is None else _label(raw_labels[i]))
+        labels.append(None if raw_labels is None else _label(raw_labels[i], path, i))
     others = [n for n in table.column_names if n not in (key, columns.label)]
     metadata = _metadata(path, table.take(keep).select(others), paths) if others else None
     return TableRows(paths, labels, metadata, ignored)
 
 
 def _relative(p: PurePosixPath, root: Path) -> str:
+    """The row's path, normalised (`sub/../x.png` is `x.png`: one file, one row), relative to
+    the table's folder where it lies inside it. Lexical, as `..` after a symlinked folder is not
+    looked at on disk."""
+    p = PurePosixPath(posixpath.normpath(p.as_posix()))
     if not p.is_absolute():
         return p.as_posix()
     try:
@@ -160,12 +212,16 @@ def _relative(p: PurePosixPath, root: Path) -> str:
         return p.as_posix()
 
 
-def _label(value):
-    """A label cell: an int stays one (a class index), anything else is a class name; empty is None."""
+def _label(value, path: Path, i: int):
+    """A label cell: an int stays one (a class index), anything else is a class name; empty is
+    None. NaN and infinities are refused: neither a class name nor an index."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SourceError(f"SOURCE {path.name}: the label of row {i + 1} is {value}, neither a class name nor "
+                          "a class index. Fix the cell, or empty it to leave the row unlabelled.")
     if isinstance(value, float) and value.is_integer():
         return int(value)  # integers with empty cells come back as floats from CSV
     return value if isinstance(value, int) else str(value).strip()
@@ -175,11 +231,14 @@ def _metadata(path: Path, table, paths: list[str]) -> MetadataTable:
     """The table's other columns as metadata; reserved or built-in names get a `source_` prefix."""
     names, notes = [], []
     for name in table.column_names:
-        if name in RESERVED or name in BUILTIN or name == MATCHED:
-            notes.append(f"SOURCE {path.name}: column {name!r} is stored as 'source_{name}' "
+        stored = name
+        while stored in RESERVED or stored in BUILTIN or stored == MATCHED or (
+                stored != name and (stored in table.column_names or stored in names)):
+            stored = f"source_{stored}"  # `id` beside a `source_id` column: source_source_id
+        if stored != name:
+            notes.append(f"SOURCE {path.name}: column {name!r} is stored as {stored!r} "
                          f"({name!r} is a built-in or reserved column of every cache)")
-            name = f"source_{name}"
-        names.append(name)
+        names.append(stored)
     check_column_names(names, f"SOURCE {path}")
     table = table.rename_columns(names)
     values, kinds, cast_notes = table_columns(table, names, f"SOURCE {path.name}")

@@ -21,15 +21,38 @@ has no `.json` object (nor `.txt`) hold nulls, and `has_metadata` is False for t
 The listing reads the tar headers once and records each image member's data offset, size
 and mtime (`TarMember`), so a reader seeks to one member and reads its bytes without
 extracting or re-scanning the shard. Shards are sorted, members kept in tar order, so two
-listings of the same shards give the same rows. A shard cut short keeps the members listed
-before the cut; a member whose data runs past the end of the file is a row that the reader
-records as an error ("truncated tar member").
+listings of the same shards give the same rows.
+
+Every member is accounted for (issue 25; docs/RELIABILITY.md, "Tar shards"):
+  * a damaged header is walked past to the next header that parses, and the bytes skipped are
+    an ignored entry `shard/@offset` ("damaged tar header ... a member there is lost");
+  * a member whose data runs past the end of the file (a shard cut short, or a damaged size)
+    is a row that the reader records as an error ("truncated tar member"), and the walk goes on
+    inside its data; a member over MAX_MEMBER_BYTES is refused unread, a label member over
+    MAX_LABEL_BYTES ignored unread: no header's size is ever allocated;
+  * one row per member name (normalised: `./a.jpg` is `a.jpg`): the *last* member of a name,
+    as `tar -x` leaves on disk, with the label of the last member of its label's name; earlier
+    ones are ignored ("replaced by a later member of the same name");
+  * a hard or symbolic link is resolved within the shard: to an image member that is a row it is
+    ignored as the same bytes; to another regular member it is a row with that member's bytes;
+    to nothing in the shard, or a loop, it is ignored with the reason. Directory, FIFO, device
+    and sparse members are ignored with their kind (directories without an image name silently:
+    they are folders, not files);
+  * a shard that cannot be opened at all (empty, not a tar, unreadable) refuses the run, naming
+    it: it most often means the wrong SOURCE or a shard still being written, and a listing that
+    left a whole shard out would store a cache that looks complete. Remove or repair it and run
+    again; the rows already cached are kept.
+
+A `{a..b}` pattern is counted before it is expanded (more than MAX_SHARDS shards are refused)
+and its shards are looked at in order, the first missing one refusing the run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass
@@ -44,6 +67,15 @@ JSON_LABEL_KEYS = ("label", "class")
 JSON_PREFIX = "json_"  # a .json key named like a built-in or reserved column is stored under this prefix
 _TAKEN = frozenset(BUILTIN) | frozenset(RESERVED) | {MATCHED}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+MAX_MEMBER_BYTES = 1 << 30  # an image member above this is refused unread: no image under the pixel cap needs it
+MAX_LABEL_BYTES = 1 << 20  # a .cls/.txt/.json member above this is ignored unread
+MAX_SHARDS = 1_000_000  # a pattern naming more shards is refused before any is looked at
+DAMAGED = "damaged tar header"
+REPLACED = "replaced by a later member of the same name"
+SAME_MEMBER = "link to another image member of the shard (same bytes)"
+_KINDS = {tarfile.DIRTYPE: "directory", tarfile.FIFOTYPE: "FIFO", tarfile.CHRTYPE: "character device",
+          tarfile.BLKTYPE: "block device"}
+_LINK_HOPS = 8  # symlinks followed within a shard before the link counts as a loop
 _SHELL = set("*?[]")
 
 
@@ -57,9 +89,16 @@ class TarMember:
     mtime: float
 
     def read(self) -> bytes:
-        """The member's bytes; BadImageError where the shard is gone or ends inside them."""
+        """The member's bytes; BadImageError where the shard is gone, ends inside them, or the
+        header claims more than MAX_MEMBER_BYTES (refused before anything is allocated)."""
+        if self.size > MAX_MEMBER_BYTES:
+            raise BadImageError(f"tar member of {self.size:,} bytes is over the {MAX_MEMBER_BYTES >> 20:,} MB "
+                                "member cap (its header may be damaged)")
         try:
             with open(self.shard, "rb") as f:
+                left = os.fstat(f.fileno()).st_size - self.offset
+                if left < self.size:
+                    raise BadImageError(f"truncated tar member: {max(left, 0):,} of {self.size:,} bytes in the shard")
                 f.seek(self.offset)
                 data = f.read(self.size)
         except OSError as exc:
@@ -84,28 +123,56 @@ def is_tar_source(source: str) -> bool:
 
 def expand_braces(pattern: str) -> list[str]:
     """`shards/{00000..00002}.tar` -> the three names; zero padding kept from the wider bound."""
+    _brace_count(pattern)
+    return list(_expand(pattern))
+
+
+def _brace_count(pattern: str) -> int:
+    """How many names the pattern gives (its ranges' sizes multiplied), refused above MAX_SHARDS
+    before a single name is made."""
     if _SHELL & set(pattern) or _BRACE.sub("", pattern).count("{") or _BRACE.sub("", pattern).count("}"):
         raise SourceError(f"SOURCE {pattern!r}: only `{{a..b}}` ranges of integers are expanded "
                           "(e.g. shards/{00000..00099}.tar); no globs, lists or other shell syntax.")
+    count = 1
+    for m in _BRACE.finditer(pattern):
+        a, b = int(m.group(1)), int(m.group(2))
+        if b < a:
+            raise SourceError(f"SOURCE {pattern!r}: the range {m.group(0)} is empty (its end is below its start).")
+        count *= b - a + 1
+        if count > MAX_SHARDS:
+            raise SourceError(f"SOURCE {pattern!r} names more than {MAX_SHARDS:,} shards. Check the pattern's "
+                              "range, or embed the shards in several runs into one cache.")
+    return count
+
+
+def _expand(pattern: str):
+    """The pattern's names, one at a time (a pattern checked by _brace_count)."""
     m = _BRACE.search(pattern)
     if m is None:
-        return [pattern]
+        yield pattern
+        return
     a, b = m.group(1), m.group(2)
-    if int(b) < int(a):
-        raise SourceError(f"SOURCE {pattern!r}: the range {{{a}..{b}}} is empty (its end is below its start).")
     width = len(a) if a.startswith("0") or len(a) == len(b) else 0
     head, tail = pattern[: m.start()], pattern[m.end():]
-    return [name for i in range(int(a), int(b) + 1) for name in expand_braces(f"{head}{i:0{width}d}{tail}")]
+    for i in range(int(a), int(b) + 1):
+        yield from _expand(f"{head}{i:0{width}d}{tail}")
 
 
 def shard_files(source: str) -> tuple[Path, list[Path]]:
-    """(the shards' folder, the shard files sorted) for a tar SOURCE; SourceError names what is missing."""
+    """(the shards' folder, the shard files sorted) for a tar SOURCE; SourceError names what is
+    missing. A pattern's shards are looked at in order and the first missing one refuses the
+    run: a pattern of a million missing shards is refused at the first."""
     if not Path(source).expanduser().exists():
-        shards = [Path(s).expanduser().resolve() for s in expand_braces(source)]
-        missing = [str(s) for s in shards if not s.is_file()]
-        if missing:
-            raise SourceError(f"SOURCE {source}: {len(missing)} of {len(shards)} shards do not exist "
-                              f"(e.g. {missing[0]}). Check the pattern's range.")
+        count = _brace_count(source)
+        folders = functools.lru_cache(maxsize=1024)(lambda d: Path(d).expanduser().resolve())
+        shards = []
+        for name in _expand(source):
+            folder, _, base = name.rpartition("/")
+            shard = folders(folder or ".") / base
+            if not shard.is_file():
+                raise SourceError(f"SOURCE {source}: shards named by the pattern do not exist (the first: {shard}; "
+                                  f"the pattern names {count:,}). Check the pattern's range.")
+            shards.append(shard)
     else:
         p = Path(source).expanduser().resolve()
         shards = [p] if p.is_file() else [p / e.name for e in os.scandir(p) if e.name.lower().endswith(".tar")]
@@ -126,27 +193,47 @@ def list_shard(shard: Path, rel: str, is_image, label_from: str | None = None
     and its ignored members. The record is the sample's .json object less the key that gave the
     label, with its `.txt` / `.cls` where those are not the label. `label_from`: see the module
     docstring (None: .cls, else the .json's label/class key)."""
+    ignored: list[tuple[str, str]] = []
+    try:
+        # ignore_zeros: a header that does not parse is skipped block by block to the next one that
+        # does (tarfile would otherwise take it for the archive's end); _headers says what was skipped.
+        with tarfile.open(shard, mode="r:", ignore_zeros=True) as tar:
+            infos = _latest(list(_headers(tar, shard, rel, ignored)), rel, ignored)
+            return _shard_rows(tar, str(shard), rel, infos, is_image, label_from, ignored), ignored
+    except (tarfile.TarError, OSError) as exc:
+        raise SourceError(f"{shard} is not a readable tar file ({exc}). Remove it from the folder or the pattern's "
+                          "range, or repair it: one unreadable shard refuses the run, so that no shard's samples "
+                          "go missing unnoticed.") from None
+
+
+def _shard_rows(tar, name: str, rel: str, infos: dict, is_image, label_from, ignored) -> list[tuple]:
+    """The rows of a shard's members (`infos`: {normalised name: TarInfo}, the latest of each name)."""
     images: list[tuple[str, str, TarMember]] = []
     labels: dict[str, tuple[object, str | None]] = {}  # key -> (label, the .json key it came from)
     records: dict[str, dict] = {}  # key -> the sample's first .json object
     extras: dict[str, dict] = {}  # key -> {"txt": caption, "cls": index} not taken as the label
-    ignored: list[tuple[str, str]] = []
-    name = str(shard)  # one string for all its members: less memory, and pickled once per Ray task
-    try:
-        with tarfile.open(shard, mode="r:") as tar:
-            for info in _members(tar, rel, ignored):
-                if not info.isfile():
-                    continue
-                key, ext = sample_key(info.name), info.name.rsplit(".", 1)[-1].lower()
-                if is_image(info.name):
-                    member = TarMember(name, info.offset_data, info.size, float(info.mtime))
-                    images.append((f"{rel}/{info.name}", key, member))
-                elif ext in LABEL_EXTENSIONS:  # every one is read: what is not the label is a column
-                    _read_label_member(tar, info, ext, key, labels, records, extras, label_from)
-                else:
-                    ignored.append((f"{rel}/{info.name}", "not an image or label member"))
-    except (tarfile.TarError, OSError) as exc:
-        raise SourceError(f"{shard} is not a readable tar file ({exc}). Remove it or fix the pattern.") from None
+    # Each member's bytes are one row: an image member's own, else the first image-named link's.
+    claimed = {id(i): i.name for i in infos.values() if i.isreg() and is_image(i.name)}
+    for norm, info in infos.items():
+        key, ext = sample_key(norm), info.name.rsplit(".", 1)[-1].lower()  # `./a.jpg` and `a.cls`: one sample
+        wanted = is_image(info.name) or ext in LABEL_EXTENSIONS
+        data, why = _regular(info, infos) if wanted or not info.isdir() else (None, None)
+        if data is None:
+            if why is not None and (wanted or not info.isdir()):
+                ignored.append((f"{rel}/{info.name}", why))
+            continue
+        if is_image(info.name):
+            if claimed.setdefault(id(data), info.name) != info.name:
+                ignored.append((f"{rel}/{info.name}", f"{SAME_MEMBER} ({claimed[id(data)]})"))
+                continue
+            images.append((f"{rel}/{info.name}", key, TarMember(name, data.offset_data, data.size, float(data.mtime))))
+        elif ext in LABEL_EXTENSIONS:  # every one is read: what is not the label is a column
+            if data.size > MAX_LABEL_BYTES:
+                ignored.append((f"{rel}/{info.name}", f"label member over {MAX_LABEL_BYTES >> 20} MB, not read"))
+                continue
+            _read_label_member(tar, data, ext, key, labels, records, extras, label_from)
+        else:
+            ignored.append((f"{rel}/{info.name}", "not an image or label member"))
     rows = []
     for path, key, member in images:
         label, from_key = labels.get(key, (None, None))
@@ -156,7 +243,45 @@ def list_shard(shard: Path, rel: str, is_image, label_from: str | None = None
         if key in extras:
             record = {**extras[key], **(record or {})}
         rows.append((path, member, label, record))
-    return rows, ignored
+    return rows
+
+
+def _regular(info: tarfile.TarInfo, infos: dict) -> tuple[tarfile.TarInfo | None, str | None]:
+    """(the regular member whose bytes `info` names: itself, or a link's target in the shard, or
+    None, with why it has none)."""
+    seen = 0
+    while info.issym() or info.islnk():
+        # A hard link names its target from the archive's root, a symlink from its own folder.
+        target = info.linkname if info.islnk() else posixpath.join(posixpath.dirname(info.name), info.linkname)
+        found = infos.get(_norm(target))
+        seen += 1
+        if found is None or seen > _LINK_HOPS:
+            kind = "hard link" if info.islnk() else "symbolic link"
+            return None, f"{kind} to {info.linkname!r}, which is not a member of this shard" if found is None \
+                else f"symbolic link loop through {info.linkname!r}"
+        info = found
+    if info.type == tarfile.GNUTYPE_SPARSE:
+        return None, "sparse member (its bytes are not stored in one piece)"
+    if not info.isreg():
+        return None, f"not a regular file ({_KINDS.get(info.type, 'type ' + repr(info.type))})"
+    return info, None
+
+
+def _norm(name: str) -> str:
+    """A member name as `tar -x` would place it: `./a.jpg`, `b/../a.jpg` and `a.jpg` are one file."""
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def _latest(infos: list[tarfile.TarInfo], rel: str, ignored: list) -> dict[str, tarfile.TarInfo]:
+    """{normalised name: the last member of that name}, in tar order of those kept. An earlier
+    member of the same name is ignored: `tar -x` leaves the last one on disk (`tar -r` appends
+    a newer version), and one row per name keeps each row's features and label from one member."""
+    latest = {_norm(i.name): i for i in infos}
+    kept = {id(i) for i in latest.values()}
+    for i in infos:
+        if id(i) not in kept and not i.isdir():
+            ignored.append((f"{rel}/{i.name}", f"{REPLACED} ({_norm(i.name)})"))
+    return {n: i for n, i in sorted(latest.items(), key=lambda kv: kv[1].offset)}
 
 
 def _read_label_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, key: str,
@@ -193,7 +318,7 @@ def _read_label_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, ke
 def _text(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str | None:
     f = tar.extractfile(info)
     try:
-        return f.read().decode("utf-8").strip() if f is not None else ""
+        return f.read().decode("utf-8-sig").strip() if f is not None else ""  # -sig: a BOM is not the label
     except (UnicodeDecodeError, tarfile.TarError, OSError):
         return None
 
@@ -225,14 +350,56 @@ def json_table(root: Path, rows: list[tuple]) -> MetadataTable | None:
     return table
 
 
-def _members(tar: tarfile.TarFile, rel: str, ignored: list[tuple[str, str]]):
-    """The shard's member headers; a shard cut short ends them at the cut, noted once in `ignored`."""
+def _headers(tar: tarfile.TarFile, shard: Path, rel: str, ignored: list[tuple[str, str]]):
+    """The shard's member headers in order. Bytes between two members that are not the zero blocks
+    tar pads with (a damaged header: tarfile skips it to the next header that parses) are noted
+    in `ignored` with their offsets, since a member was lost there; a header whose size runs past
+    the shard's end (cut short, or a damaged size) is listed (the reader records its error) and
+    the walk goes on from its data, where the next member's header may still be."""
+    end = shard.stat().st_size
+    expected, last = 0, None  # where the next header should start; the last member listed
     while True:
         try:
             info = tar.next()
-        except tarfile.TarError as exc:
-            ignored.append((f"{rel}/", f"tar shard cut short, members after the cut are lost ({exc})"))
-            return
+        except (tarfile.ReadError, OSError) as exc:  # OSError: a seek past what the file system allows
+            if last is not None and last.offset_data + last.size > end:
+                # The last member's data runs past the end: look for headers inside it (a damaged size),
+                # its bytes being that member's (its row's error says it is cut short), not a loss.
+                tar.offset, expected, last = last.offset_data, end, None
+                continue
+            if tar.offset == 0 or not isinstance(exc, tarfile.ReadError):
+                raise
+            if tar.offset >= end:
+                return
+            ignored.append((f"{rel}/@{tar.offset}", f"{DAMAGED} ({exc})"))
+            tar.offset += tarfile.BLOCKSIZE
+            continue
+        except (ValueError, UnicodeError, OverflowError) as exc:
+            ignored.append((f"{rel}/@{tar.offset}", f"{DAMAGED} ({exc})"))
+            tar.offset += tarfile.BLOCKSIZE
+            continue
+        stop = info.offset if info is not None else end
+        if stop > expected and not _zeros(shard, expected, stop):
+            if info is None and expected == 0:
+                raise tarfile.ReadError("no tar header in it")
+            ignored.append((f"{rel}/@{expected}",
+                            f"{DAMAGED}: bytes {expected:,} to {stop:,} skipped, a member there is lost"))
         if info is None:
             return
+        expected = tar.offset
+        last = info
         yield info
+
+
+def _zeros(path: Path, start: int, stop: int) -> bool:
+    """Whether the bytes [start, stop) of `path` are all zero (tar's padding), read 1 MB at a time."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while start < stop:
+            chunk = f.read(min(1 << 20, stop - start))
+            if not chunk:
+                return True
+            if chunk.count(0) != len(chunk):
+                return False
+            start += len(chunk)
+    return True

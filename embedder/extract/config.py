@@ -13,7 +13,7 @@ from pathlib import Path
 
 from embedder.cache.schema import FEATURE_DTYPES
 from embedder.data.decode import DEFAULT_MAX_PIXELS
-from embedder.data.fetch import DEADLINE_FACTOR, FetchSettings
+from embedder.data.fetch import DEADLINE_FACTOR, RETRY_AFTER_MAX, FetchSettings
 from embedder.data.metadata import TABLE_SUFFIXES
 from embedder.data.sources import LAYOUTS
 from embedder.data.table import TableColumns
@@ -104,8 +104,10 @@ class EmbedConfig:
                                            "shards: what gives a sample's label, cls, txt or a .json key (default: "
                                            ".cls, else the .json's label or class key)")
     fetch_timeout: float = option(FetchSettings.timeout, metavar="SECONDS", group=SOURCE_OPTIONS,
-                                  help="http(s) rows: seconds to connect and between two reads (a whole attempt "
-                                       f"may take {DEADLINE_FACTOR}x this)")
+                                  help="http(s) rows: seconds to connect and between two reads; an attempt ends "
+                                       f"within {DEADLINE_FACTOR}x this, connect to last byte, and a row's attempts "
+                                       "and waits within (retries + 1) times that; a Retry-After is honoured up to "
+                                       f"{RETRY_AFTER_MAX:g} s, and only where it fits that deadline")
     fetch_retries: int = option(FetchSettings.retries, metavar="N", group=SOURCE_OPTIONS,
                                 help="http(s) rows: further attempts after a connection error, timeout, cut-short "
                                      f"body, 429 or 5xx, with exponential backoff from {FetchSettings.backoff:g} s")

@@ -46,6 +46,7 @@ from embedder.data.fetch import Fetcher, FetchSettings, is_url
 from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, merge_tables, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
+from embedder.data.workers import die_with_parent
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
@@ -322,6 +323,7 @@ def _loader(reader: BatchReader, workers: int, on_gpu: bool) -> DataLoader:
         num_workers=workers,
         pin_memory=on_gpu,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=die_with_parent if workers else None,  # a killed run leaves no reader behind
     )
 
 

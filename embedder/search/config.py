@@ -182,6 +182,8 @@ class DedupConfig:
         check_choices(self)
         if self.nprobe < 1:
             raise ConfigError(f"--nprobe must be at least 1, got {self.nprobe}.")
+        if not math.isfinite(self.threshold):  # NaN matches nothing and every range search would say so silently
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}.")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,11 @@ def project(X: np.ndarray, method: str, seed: int = 0, metric: str = "euclidean"
     elif method == "tsne":
         from sklearn.manifold import TSNE
 
+        if not np.ptp(X, axis=0).any():
+            # scikit-learn scales its PCA start by the spread of the rows, zero here: the Barnes-Hut
+            # step then crashes the process (SIGSEGV) instead of raising.
+            raise ConfigError(f"t-SNE cannot lay out {len(X)} identical rows (they are one point); "
+                              "use --method pca, which places them together.")
         xy = TSNE(n_components=2, init="pca", random_state=seed,
                   perplexity=min(30, max(2, len(X) // 4))).fit_transform(X)
         return None, xy.astype(np.float32)

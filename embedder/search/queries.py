@@ -5,6 +5,8 @@
     rows_of_paths / rows_of_files                         the indexed rows of examples (their vectors:
                                                           SearchIndex.row_vectors / embed_files / embed_pixels)
     drop_rows(hits, rows, limit)                          results without the examples themselves
+    read_query_vectors(path) / query_vectors(...)         vectors given by a user (`search --vector`, the
+                                                          service's /search/vector), checked the same way
 
 Range search, per index kind (faiss `range_search` answers for all five):
     flat               exact: every row with score >= T, the scores exact
@@ -36,6 +38,40 @@ HNSW_RANGE_MIN_EF = 64  # efSearch of a range search over the graph, at least (`
 HNSW_RANGE_MAX_EF = 16384  # and at most: past this the graph walk costs about as much as a full scan
 MARGIN_SAMPLE = 200  # rows whose neighbours measure the code error (`score_margin`)
 _margins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def read_query_vectors(path) -> np.ndarray:
+    """The vectors of a .npy given as a query: one [dim] or several [n, dim], real numbers, never
+    pickled objects. Finiteness is query_vectors' check."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"--vector {path} is not a readable .npy file of numbers ({exc}).") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.ndim not in (1, 2):
+        shown = f"{array.dtype} values of shape {array.shape}" if isinstance(array, np.ndarray) else "several arrays"
+        raise ConfigError(f"--vector {path} holds {shown}: give one vector [dim] or several [n, dim] of real numbers.")
+    return np.atleast_2d(array)
+
+
+def query_vectors(vectors, dim: int, metric: str) -> np.ndarray:
+    """Query vectors as float32 [n, dim], or a ConfigError: the wrong width, a value that is not finite
+    in float32, or (cosine) an all-zero vector. The CLI's --vector and the service share it."""
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ConfigError(f"The query vector has {vectors.shape[-1]} values; this index holds {dim}-d features.")
+    bad = ~(np.abs(vectors) <= FLOAT32_MAX)  # NaN compares false: caught too
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise ConfigError(f"Query vector {row} holds {vectors[row, col]} at position {col}: every value must be a "
+                          f"finite float32 (|x| <= {FLOAT32_MAX:.4g}).")
+    if metric != "cosine":
+        return vectors.astype(np.float32)
+    scale = np.abs(vectors).max(axis=1, keepdims=True)
+    if not scale.all():
+        raise ConfigError("an all-zero vector has no direction to compare by cosine")
+    # Cosine ignores length; scaling in float64 first keeps 1e-45 and 1e38 alike representable.
+    return (vectors / scale).astype(np.float32)
 
 
 def rocchio(positives: np.ndarray, negatives: np.ndarray | None = None, alpha: float = 1.0, beta: float = 0.75,

@@ -326,6 +326,15 @@ class SearchIndex:
                 self._backbone = query_backbone(self.meta["components"], self.weights_path, self.runtime)
         return self._backbone
 
+    def adopt_backbone(self, other: SearchIndex) -> None:
+        """Take `other`'s backbone, already built, when both index the same features (a new generation
+        of the same index, opened by a running service): no second load of the model."""
+        same = (other.meta.get("components") == self.meta.get("components")
+                and (other.weights_path, other.runtime) == (self.weights_path, self.runtime))
+        if same and other._backbone is not None:
+            with self._backbone_lock:
+                self._backbone = self._backbone or other._backbone
+
     def embed_pixels(self, images, max_pixels: int | None = None) -> np.ndarray:
         """Features of decoded uint8 RGB tensors [3, H, W]; BadImageError for unusable ones."""
         import torch

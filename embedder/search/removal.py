@@ -40,13 +40,41 @@ REBUILD_REMOVED_IVF = 0.5  # removed rows above this share: the trained lists no
 SHOWN_UNKNOWN = 10
 
 
+MAX_LIST_BYTES = 256 << 20  # a --remove-from list: room for millions of paths
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: a longer line is no path
+
+
 def read_removal_list(path) -> list[str]:
-    """The paths of a --remove-from file: one per line, blank lines skipped."""
+    """The paths of a --remove-from file: one per line, blank lines skipped. Read in blocks and
+    refused in one line at the first sign it is no list of paths (a NUL byte, a line longer than
+    any path, more than MAX_LIST_BYTES), so that /dev/zero or an image costs one block, not memory."""
+    data = bytearray()
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                nul = block.find(b"\0")
+                if nul >= 0:
+                    raise _not_a_list(path, f"a NUL byte at offset {len(data) + nul}: a binary file")
+                data += block
+                if len(data) > MAX_LIST_BYTES:
+                    raise _not_a_list(path, f"more than {MAX_LIST_BYTES >> 20} MiB")
     except OSError as exc:
         raise ConfigError(f"Cannot read --remove-from {path}: {exc.strerror or exc}.") from None
-    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    lines = bytes(data).decode("utf-8", errors="surrogateescape").split("\n")
+    too_long = next((i for i, line in enumerate(lines) if len(line) > MAX_PATH_BYTES), None)
+    if too_long is not None:
+        raise _not_a_list(path, f"line {too_long + 1} has {len(lines[too_long])} characters, more than any path "
+                                f"({MAX_PATH_BYTES})")
+    return [line.rstrip("\r") for line in lines if line.strip()]
+
+
+def _clipped(path: str, limit: int = 200) -> str:
+    """A path as an error shows it: whole up to `limit` characters (the refusal stays one readable line)."""
+    return path if len(path) <= limit else f"{path[:limit // 2]}...{path[-limit // 2:]} ({len(path)} characters)"
+
+
+def _not_a_list(path, why: str) -> ConfigError:
+    return ConfigError(f"--remove-from {path} is not a list of paths ({why}): give a text file with one path per line.")
 
 
 def _rows_of(given: list[str], row: dict[str, int], source: Path) -> tuple[list[int], list[str]]:
@@ -101,7 +129,7 @@ def remove_rows(index_dir, paths=(), remove_from=None, prune_missing: bool = Fal
         source = rows_root(meta["source"])  # a file list's paths start from its folder
         rows, unknown = _rows_of(given, {p: i for i, p in enumerate(stored)}, source)
         if unknown:
-            shown = ", ".join(unknown[:SHOWN_UNKNOWN]) + (f" and {len(unknown) - SHOWN_UNKNOWN} more"
+            shown = ", ".join(_clipped(p) for p in unknown[:SHOWN_UNKNOWN]) + (f" and {len(unknown) - SHOWN_UNKNOWN} more"
                                                            if len(unknown) > SHOWN_UNKNOWN else "")
             raise ConfigError(f"{len(unknown)} path(s) are not in the index, nothing was removed: {shown}. Paths are "
                               f"as the cache stored them (relative to {source}), or files under it.")

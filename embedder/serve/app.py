@@ -1,9 +1,11 @@
 """HTTP similarity search over a built index: a JSON API, thumbnails, a drop-an-image web page, and
 a 2-D map of the index at /map (its data routes: embedder.serve.maps).
 
-    create_app(index_dir)      the FastAPI application (the index is opened once, here)
+    create_app(index_dir)      the FastAPI application (the index is opened here, and again when INDEX_DIR
+                               changes: embedder.serve.live)
     serve(index_dir, ...)      create it and run it with uvicorn until interrupted
-    run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner)
+    run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner),
+                               within the server's timeouts and connection cap (embedder.serve.server)
     allowed_hosts_for(host)    the Host names a server bound to `host` answers to by default
 
 Design choices, and why:
@@ -57,9 +59,16 @@ from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterErr
 from embedder.names import display_path
 from embedder.search.config import SearchConfig
 from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
-from embedder.search.queries import range_search, rocchio
+from embedder.search.queries import query_vectors, range_search, rocchio
 from embedder.search.query import Hit, SearchIndex
-from embedder.serve.config import DEFAULT_DECODE_SLOTS, DEFAULT_MAX_UPLOAD_PIXELS, LOOPBACK_HOSTS, MAX_EXAMPLES, MAX_K
+from embedder.serve.config import (
+    DEFAULT_DECODE_SLOTS,
+    DEFAULT_MAX_UPLOAD_PIXELS,
+    LOOPBACK_HOSTS,
+    MAX_EXAMPLES,
+    MAX_K,
+    ServerLimits,
+)
 from embedder.serve.guards import (
     SHOWN_ERRORS,
     BodyLimit,
@@ -70,7 +79,9 @@ from embedder.serve.guards import (
     clip,
     validation_error,
 )
+from embedder.serve.live import LiveIndex
 from embedder.serve.maps import add_map_routes
+from embedder.serve.server import uvicorn_options
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 WILDCARD_BINDS = ("", "0.0.0.0", "::")  # a server bound here has no one name of its own
@@ -163,7 +174,7 @@ def create_app(
     decode_slots: int = DEFAULT_DECODE_SLOTS,
     runtime: str = "auto",
 ) -> FastAPI:
-    """The search service for the index in `index_dir`, opened once, here.
+    """The search service for the index in `index_dir`, opened here (and re-opened when the folder changes).
 
     `max_pixels` bounds uploads (refused as decompression bombs above it); thumbnails of the
     indexed files keep the offline limit. `allowed_hosts` are the Host names answered ("*":
@@ -178,7 +189,8 @@ def create_app(
     if max_pixels < 1 or decode_slots < 1:
         raise ConfigError(f"--max-upload-pixels and --decode-slots must be positive, got {max_pixels} and "
                           f"{decode_slots}.")
-    index = SearchIndex.open(index_dir, weights_path=weights_path, runtime=runtime)
+    live = LiveIndex(index_dir, lambda folder: SearchIndex.open(folder, weights_path=weights_path, runtime=runtime))
+    index = live.index  # the first generation: the request schemas (widths, bounds, names) come from it
     app = FastAPI(
         title="embedder similarity search",
         version=_version(),
@@ -191,7 +203,7 @@ def create_app(
         redoc_url=None,
         responses=COMMON_RESPONSES,
     )
-    app.state.index = index
+    app.state.index, app.state.live = index, live  # live.current(): the generation being served
     # Starlette runs the last middleware added first: headers on everything, then Host, then size.
     app.add_middleware(BodyLimit, **_body_limits(max_upload_bytes, index.dim))
     app.add_middleware(HostAllowList, allowed=allowed_hosts)
@@ -199,10 +211,11 @@ def create_app(
     limits = _Limits(default_k, max_upload_bytes, max_pixels, anyio.Semaphore(decode_slots),
                      _scrubber(index, weights_path))
     _add_error_handlers(app, limits.scrub)
-    _add_page_routes(app, index)
-    _add_image_routes(app, index, limits)
-    _add_lookup_routes(app, index, limits)
-    add_map_routes(app, index, _get_and_head, INVALID, {503: _error(
+    current = Annotated[SearchIndex, Depends(_current_index(live))]  # one generation per request
+    _add_page_routes(app, current)
+    _add_image_routes(app, index, current, limits)
+    _add_lookup_routes(app, index, current, limits)
+    add_map_routes(app, live, _get_and_head, INVALID, {503: _error(
         "no current stored map, and the PCA computed instead cannot read the index's vectors (the fix is given)")})
     return app
 
@@ -254,7 +267,14 @@ def _add_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
         return JSONResponse({"detail": "internal error; the server's log has the details"}, status_code=500)
 
 
-def _add_page_routes(app: FastAPI, index: SearchIndex) -> None:
+def _current_index(live: LiveIndex) -> Callable:
+    async def current_index() -> SearchIndex:  # on the event loop; a reload runs in a thread (embedder.serve.live)
+        return await live.current_async()
+
+    return current_index
+
+
+def _add_page_routes(app: FastAPI, current) -> None:
     page, map_page = _static("index.html"), _static("map.html")
     assets = {name: _static(name) for name in STATIC}
 
@@ -272,7 +292,7 @@ def _add_page_routes(app: FastAPI, index: SearchIndex) -> None:
         )
 
     @_get_and_head(app, "/health", response_model=HealthOut, summary="Liveness and what is being served")
-    async def health() -> dict:  # on the event loop: answers even while every worker thread is busy
+    async def health(index: current) -> dict:  # on the event loop: answers even while every worker thread is busy
         return {
             "status": "ok",
             "ntotal": index.ntotal,
@@ -328,10 +348,9 @@ def _filter(index: SearchIndex, where: str | None) -> str | None:
     return where
 
 
-def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None:
-    k_param, row_param, where_param = _params(index)
+def _add_image_routes(app: FastAPI, first: SearchIndex, current, limits: _Limits) -> None:
+    k_param, row_param, where_param = _params(first)
     model_lock = anyio.Lock()  # one forward pass at a time: parallel ones only fight over the cores
-    uploads = _Uploads(index, limits)
 
     @app.post("/search/image", response_model=SearchOut, summary="Neighbours of an uploaded image", responses={
         400: _error("not a usable image (the reason is given), or a bad Host header"),
@@ -345,7 +364,8 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
             f"examples combined into one query (Rocchio: their mean; at most {MAX_EXAMPLES})",
             json_schema_extra={"items": UPLOAD_SCHEMA, "minItems": 1, "maxItems": MAX_EXAMPLES},
         )],
-        examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
+        examples: Annotated[_Examples, Depends(_Examples.of_index(first, current))],
+        index: current,
         k: k_param = limits.default_k,
         where: where_param = "",
         negative: Annotated[list[UploadFile], File(
@@ -354,6 +374,7 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
         )] = [],  # noqa: B006 - FastAPI's way of declaring an optional list of files; never mutated
     ) -> dict:
         where = await run_in_threadpool(_filter, index, where)  # a bad filter costs no decode
+        uploads = _Uploads(index, limits)
         if len(file) == 1 and not negative and examples.plain:
             # Waiting for a slot or the model happens here, on the event loop: no thread is held.
             async with limits.decode_slots:
@@ -378,7 +399,7 @@ def _add_image_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None
         app, "/thumbnail/{row_id}", summary="JPEG thumbnail of an indexed image", response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}, 404: _error("no such row id, or its file is gone"), **INVALID},
     )
-    async def thumbnail(row_id: row_param) -> Response:
+    async def thumbnail(row_id: row_param, index: current) -> Response:
         _check_row(index, row_id)
         async with limits.decode_slots:
             jpeg = await run_in_threadpool(_thumbnail, index, row_id, limits.scrub)
@@ -421,17 +442,17 @@ class _Uploads:
             raise HTTPException(400, detail=f"{name}: {exc.reason}") from None
 
 
-def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> None:
-    k_param, row_param, where_param = _params(index)
-    query_model = _vector_query(index.dim, limits.default_k, index.metric, _filter_help(index))
+def _add_lookup_routes(app: FastAPI, first: SearchIndex, current, limits: _Limits) -> None:
+    k_param, row_param, where_param = _params(first)
+    query_model = _vector_query(first.dim, limits.default_k, first.metric, _filter_help(first))
 
     @_get_and_head(app, "/search/id/{row_id}", response_model=SearchOut,
                    summary="Neighbours of an indexed image, by row id",
                    responses={404: _error("no indexed image has this id"),
                               410: _error("this row, or a negative_id, was removed from the index"),
                               **INVALID})
-    def search_id(row_id: row_param, examples: Annotated[_Examples, Depends(_Examples.of_index(index))],
-                  k: k_param = limits.default_k, where: where_param = "") -> dict:
+    def search_id(row_id: row_param, examples: Annotated[_Examples, Depends(_Examples.of_index(first, current))],
+                  index: current, k: k_param = limits.default_k, where: where_param = "") -> dict:
         _check_row(index, row_id)
         _refuse_removed(index, [row_id])
         where = _filter(index, where)
@@ -442,10 +463,10 @@ def _add_lookup_routes(app: FastAPI, index: SearchIndex, limits: _Limits) -> Non
         return examples.answer({"id": row_id}, index.row_vectors([row_id]), np.zeros((0, index.dim)), k, where)
 
     @app.post("/search/vector", response_model=SearchOut, summary="Neighbours of a feature vector", responses={
-        422: _error(f"not one {index.dim}-d vector of finite numbers (or all zero under cosine), or a bad "
+        422: _error(f"not one {first.dim}-d vector of finite numbers (or all zero under cosine), or a bad "
                     "filter", ValidationErrorOut),
     })
-    def search_vector(body: query_model) -> dict:
+    def search_vector(body: query_model, index: current) -> dict:
         vector = _query_vector(body.vector, index.metric)
         where = _filter(index, body.where)
         k = min(body.k, index.ntotal)
@@ -474,15 +495,17 @@ class _Examples:
         self.plain = threshold is None and not negative_id  # a plain k-nearest query, as before
 
     @classmethod
-    def of_index(cls, index: SearchIndex) -> Callable:
-        """The FastAPI dependency that reads them, with this index's bounds in its schema."""
-        name, keywords = range_field(index.metric)
-        row = Annotated[int, Field(ge=0, le=index.ntotal - 1)]
+    def of_index(cls, first: SearchIndex, current) -> Callable:
+        """The FastAPI dependency that reads them, with the first generation's bounds in its schema
+        (a later one may have more rows: the upper bound is checked against the request's)."""
+        name, keywords = range_field(first.metric)
+        row = Annotated[int, Field(ge=0, json_schema_extra={"maximum": first.ntotal - 1})]
 
-        other = range_field("l2" if index.metric == "cosine" else "cosine")[0]
+        other = range_field("l2" if first.metric == "cosine" else "cosine")[0]
 
         def examples(
             request: Request,
+            index: current,
             threshold: Annotated[float | None, Query(alias=name, **keywords)] = None,
             negative_id: Annotated[list[row], Query(
                 description="indexed rows as negative examples: the query moves away from them (Rocchio, beta "
@@ -491,6 +514,10 @@ class _Examples:
             if other in request.query_params:  # not in the schema, but a likely mistake: say so
                 raise HTTPException(422, detail=f"this index ranks by {index.metric}: give the range as {name}, "
                                                 f"not {other}")
+            beyond = [i for i in negative_id if i >= index.ntotal]
+            if beyond:
+                raise HTTPException(422, detail=f"negative_id {beyond[0]} is no row id: ids run from 0 to "
+                                                f"{index.ntotal - 1}")
             _refuse_removed(index, negative_id)  # before any upload is decoded
             return cls(index, threshold, negative_id)
 
@@ -559,14 +586,10 @@ def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") 
 
 
 def _query_vector(values: list[float], metric: str) -> np.ndarray:
-    vector = np.asarray(values, dtype=np.float64)
-    if metric != "cosine":
-        return vector.astype(np.float32)
-    scale = np.abs(vector).max()
-    if scale == 0:
-        raise HTTPException(422, detail="an all-zero vector has no direction to compare by cosine")
-    # Cosine ignores length; scaling in float64 first keeps 1e-45 and 1e38 alike representable.
-    return (vector / scale).astype(np.float32)
+    try:  # the schema has checked the length and the bounds; the CLI's --vector takes the same check
+        return query_vectors(values, len(values), metric)[0]
+    except ConfigError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
 
 
 def _results(query: dict, k: int, hits: list[Hit], metric: str) -> dict:
@@ -612,23 +635,26 @@ def serve(
     allowed_hosts: Iterable[str] | None = None,
     max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
     decode_slots: int = DEFAULT_DECODE_SLOTS,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Open the index and serve it with uvicorn until interrupted (Ctrl-C).
 
-    `allowed_hosts` default: allowed_hosts_for(host).
+    `allowed_hosts` default: allowed_hosts_for(host). `limits`: the server's timeouts and connection cap.
     """
     app = create_app(
         index_dir, max_upload_bytes=max_upload_bytes, default_k=default_k, max_pixels=max_pixels,
         weights_path=weights_path, allowed_hosts=allowed_hosts or allowed_hosts_for(host), decode_slots=decode_slots,
     )
-    run(app, host, port, log_level)
+    run(app, host, port, log_level, limits)
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serve an app from create_app with uvicorn until interrupted."""
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+        limits: ServerLimits | None = None) -> None:
+    """Serve an app from create_app with uvicorn until interrupted, within `limits` (embedder.serve.server)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)  # no version advertised
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,  # no version advertised
+                **uvicorn_options(limits or ServerLimits()))
 
 
 def allowed_hosts_for(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:

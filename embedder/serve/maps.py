@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from embedder.names import display_path
 from embedder.search.maps import MAP_FILE, index_map
 from embedder.search.query import SearchIndex
+from embedder.serve.live import LiveIndex
 
 DECIMALS = 5  # of coordinates in [0, 1]: a 100k-pixel-wide canvas could not tell them apart
 
@@ -61,22 +62,23 @@ def numeric_columns(index: SearchIndex) -> dict[str, np.ndarray]:
 
 
 class MapPoints:
-    """The /map/points body of an index, rebuilt when INDEX_DIR/map.h5 changes."""
+    """The /map/points body of the served index, rebuilt when INDEX_DIR/map.h5 or the index changes."""
 
-    def __init__(self, index: SearchIndex):
-        self.index, self.lock = index, threading.Lock()
+    def __init__(self, live: LiveIndex):
+        self.live, self.lock = live, threading.Lock()
+        self.built_for: SearchIndex | None = None  # the generation the body was built from
         self.key: object = ()  # never a stat result: the first request builds
         self.body = b""
 
     def current(self) -> bytes:
-        key = _stat(Path(self.index.dir) / MAP_FILE)
+        index = self.live.current()
+        key = _stat(Path(index.dir) / MAP_FILE)
         with self.lock:  # one build at a time; the others wait for it rather than compute it again
-            if key != self.key:
-                self.body, self.key = self.build(), key
+            if key != self.key or index is not self.built_for:
+                self.body, self.key, self.built_for = self.build(index), key, index
             return self.body
 
-    def build(self) -> bytes:
-        index = self.index
+    def build(self, index: SearchIndex) -> bytes:
         mapped = index_map(index)
         keep = np.isfinite(mapped.xy).all(axis=1)
         keep[index.removed] = False
@@ -120,28 +122,40 @@ def column_values(values: np.ndarray) -> list[float | None]:
     return [None if m or not math.isfinite(v) else v for v, m in zip(out, missing.tolist())]
 
 
-def add_map_routes(app: FastAPI, index: SearchIndex, get_and_head: Callable, invalid: dict,
+def add_map_routes(app: FastAPI, live: LiveIndex, get_and_head: Callable, invalid: dict,
                    unavailable: dict) -> None:
     """/map/points, and /map/column when the index has numeric columns (the page itself is app.py's).
     `get_and_head` registers a route and its HEAD twin; `invalid` and `unavailable` document the
-    service's 422 and 503 bodies."""
-    points = MapPoints(index)
+    service's 422 and 503 bodies. The columns offered are the first generation's."""
+    points = MapPoints(live)
 
     @get_and_head(app, "/map/points", response_model=MapPointsOut, responses=unavailable,
                   summary="Every live row as a point of the 2-D map (the /map page's data)")
     def map_points() -> Response:
         return Response(points.current(), media_type="application/json")
 
-    columns = numeric_columns(index)
+    columns = numeric_columns(live.index)
     if not columns:
         return  # no parameter value could be valid: no route
     name_param = Annotated[Literal[tuple(columns)], Query(description="a numeric column of the index's rows")]
     cached: dict[str, bytes] = {}
+    built_for: list[SearchIndex] = [live.index]
+    lock = threading.Lock()
 
     @get_and_head(app, "/map/column", response_model=MapColumnOut, responses=invalid,
                   summary="A numeric column by row id, to colour the map by")
     def map_column(name: name_param) -> Response:
-        if name not in cached:  # a handful of columns at most: each encoded once
-            cached[name] = json.dumps({"name": name, "values": column_values(columns[name])},
-                                      separators=(",", ":")).encode()
-        return Response(cached[name], media_type="application/json")
+        index = live.current()
+        with lock:  # the threadpool's threads share the cache
+            if index is not built_for[0]:  # a new generation: its rows, its values
+                cached.clear()
+                columns.clear()
+                columns.update(numeric_columns(index))
+                built_for[0] = index
+            if name not in columns:
+                raise HTTPException(404, detail=f"the index no longer has the column {name!r}; it has: "
+                                                f"{', '.join(columns) or 'none'}")
+            if name not in cached:  # a handful of columns at most: each encoded once
+                cached[name] = json.dumps({"name": name, "values": column_values(columns[name])},
+                                          separators=(",", ":")).encode()
+            return Response(cached[name], media_type="application/json")
