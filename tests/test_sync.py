@@ -285,3 +285,72 @@ def test_curate_with_the_index_of_a_synced_cache_scores_its_live_rows(tmp_path, 
     without = pq.read_table(tmp_path / "without" / "scores.parquet").to_pydict()
     assert len(with_index["path"]) == 18 and with_index["path"] == without["path"]
     assert np.allclose(with_index["uniqueness"], without["uniqueness"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_service_answers_across_generations_while_watch_adds_images(tmp_path):
+    """`embedder serve` on the index a watch keeps in step: every request answered 200 while the
+    generations change, and each new image found by the service once its sync is published."""
+    import threading
+    import urllib.request
+
+    from embedder.search.watch import watch
+    from embedder.serve.app import create_app
+    from tests.loopback import running
+
+    tree, out, idx = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5", tmp_path / "idx"
+    config = fast_config(tree, out)
+    stop, synced = threading.Event(), []
+    watcher = threading.Thread(target=watch, args=(config, idx),
+                               kwargs={"quiet": 0.2, "stop": stop, "on_sync": lambda r, m: synced.append(r)})
+    watcher.start()
+    statuses: list[int] = []
+
+    def ask(vector) -> dict:
+        body = json.dumps({"vector": [float(v) for v in vector], "k": 3}).encode()
+        request = urllib.request.Request(f"{base}/search/vector", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                statuses.append(r.status)
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            statuses.append(e.code)
+            return {}
+
+    try:
+        while not synced:
+            assert watcher.is_alive(), "watch ended before its first sync"
+            threading.Event().wait(0.1)
+        with FeatureCache(out) as cache:
+            probe = cache.features(slice(0, 1))[0]
+        with running(create_app(idx)) as (host, port):
+            base = f"http://{host}:{port}"
+            loading = threading.Event()
+
+            def load():
+                while not loading.is_set():
+                    ask(probe)
+
+            client = threading.Thread(target=load)
+            client.start()
+            try:
+                for n in range(3):
+                    _add(tree, [f"s{n}.png"], seed=10 + n)
+                    name = f"fox/s{n}.png"
+                    for _ in range(600):  # until the new generation is served (bounded: 60 s)
+                        with FeatureCache(out) as cache:
+                            vector = cache.features()[cache.paths.index(name)] if name in cache.paths else None
+                        hits = ask(vector).get("hits", []) if vector is not None else []
+                        if hits and hits[0]["path"] == name:
+                            break
+                        threading.Event().wait(0.1)
+                    else:
+                        pytest.fail(f"the service never returned {name}")
+            finally:
+                loading.set()
+                client.join()
+    finally:
+        stop.set()
+        watcher.join()
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
