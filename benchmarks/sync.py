@@ -8,11 +8,12 @@ efficientnet_lite0 (shipped weights) into a fresh cache; then 1% of the files ar
 backbone object, so model building is in neither; listing, stat and comparison are in both.
 Prints both times and their ratio (the issue's bound: sync <= 5% of the full run).
 
-Part 2: `embedder.search.watch.watch` follows the folder with an index (flat) kept in step;
-images arrive one at a time (written under a hidden name, renamed in, as a copy tool does)
-and each arrival's latency is the time until a freshly opened index holds the path among
-its searchable rows (what a service that reloads each new generation would answer). Prints
-the median and 95th percentile, and what a sync cycle spends (settle, embed, index update).
+Part 2: `embedder.search.watch.watch` follows the folder with an index (flat) kept in step,
+and `embedder serve`'s app (uvicorn in a thread) answers from that index; images arrive one
+at a time (written under a hidden name, renamed in, as a copy tool does) and each arrival's
+latency is the time until the service's /search/vector, asked with the image's own vector
+(computed beforehand), returns its path first. Prints the median and 95th percentile, the
+requests that were not 200, and what a sync cycle spends (embed, index update).
 
 Part 3: the cost of a sync that finds nothing to do on 100,000 paths: a cache of 100,000 rows
 (8-wide vectors, size and mtime columns matching empty files on disk) and a folder of the
@@ -70,12 +71,16 @@ def part1(work: Path, n: int, quick: bool) -> None:
 
 
 def part2(work: Path, arrivals: int, quick: bool) -> None:
+    from embedder.extract.core import embed_images
     from embedder.search.watch import watch
+    from embedder.serve.app import create_app
+    from tests.loopback import running
 
     src, out, idx = work / "watched", work / "w.h5", work / "idx"
     make_jpegs(src, 20, seed=5, scale=0.5)
     spare = make_jpegs(work / "spare", arrivals, seed=6, scale=0.5)
-    config = _config(src, out, quick)
+    config = with_runtime(_config(src, out, quick))
+    vectors, _ = embed_images(backbone_for(config), spare)  # each arrival's query vector, ready beforehand
     stop, cycles, ready = threading.Event(), [], threading.Event()
 
     def on_sync(report, mode):
@@ -84,41 +89,50 @@ def part2(work: Path, arrivals: int, quick: bool) -> None:
 
     thread = threading.Thread(target=watch, args=(config, idx), kwargs={"quiet": 0.3, "stop": stop, "on_sync": on_sync})
     thread.start()
+    latencies, statuses = [], []
     try:
         ready.wait(600)
-        latencies = []
-        for i, path in enumerate(spare):
-            name = f"new_{i:03d}.jpg"
-            tmp = src / f".{name}.part"
-            shutil.copyfile(path, tmp)
-            t0 = time.perf_counter()
-            os.replace(tmp, src / name)
-            while not _searchable(idx, name):
-                time.sleep(0.02)
-            latencies.append(time.perf_counter() - t0)
+        with running(create_app(idx)) as (host, port):
+            url = f"http://{host}:{port}/search/vector"
+            for i, path in enumerate(spare):
+                name = f"new_{i:03d}.jpg"
+                tmp = src / f".{name}.part"
+                shutil.copyfile(path, tmp)
+                t0 = time.perf_counter()
+                os.replace(tmp, src / name)
+                while _top_hit(url, vectors[i], statuses) != name:
+                    time.sleep(0.05)
+                latencies.append(time.perf_counter() - t0)
     finally:
         stop.set()
         thread.join()
     lat = np.array(latencies)
     walls = [c.wall_s for c in cycles[1:]]
-    print(f"# part 2: watch + index (flat), {arrivals} arrivals one at a time, settle 0.3 s, {config.model}")
-    print(f"  latency median {np.median(lat):.2f} s, p95 {np.percentile(lat, 95):.2f} s, max {lat.max():.2f} s")
+    print(f"# part 2: watch + index (flat) + embedder serve, {arrivals} arrivals one at a time, settle 0.3 s, "
+          f"{config.model}")
+    print(f"  file appears -> the service returns it: median {np.median(lat):.2f} s, p95 "
+          f"{np.percentile(lat, 95):.2f} s, max {lat.max():.2f} s; {len(statuses)} requests, "
+          f"{sum(s != 200 for s in statuses)} not 200")
     print(f"  {len(cycles) - 1} syncs, each (embed + index update) median {statistics.median(walls):.2f} s; "
           f"embed stages of the last: {cycles[-1].embed.stage_s}")
 
 
-def _searchable(idx: Path, name: str) -> bool:
-    import h5py
+def _top_hit(url: str, vector: np.ndarray, statuses: list[int]) -> str | None:
+    """The path of the service's first hit for `vector` (None on a failed request, recorded in `statuses`)."""
+    import json
+    import urllib.error
+    import urllib.request
 
-    from embedder.cache.reader import read_paths
-
+    body = json.dumps({"vector": [float(v) for v in vector], "k": 1}).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
-        with h5py.File(idx / "rows.h5", "r") as f:
-            paths = read_paths(f["paths"])
-            removed = set(f["removed"][:].tolist()) if "removed" in f else set()
-    except (OSError, KeyError):
-        return False  # not there yet, or swapped while opening
-    return any(p == name and i not in removed for i, p in enumerate(paths))
+        with urllib.request.urlopen(request, timeout=30) as r:
+            statuses.append(r.status)
+            hits = json.loads(r.read())["hits"]
+    except urllib.error.HTTPError as e:
+        statuses.append(e.code)
+        return None
+    return hits[0]["path"] if hits else None
 
 
 def part3(work: Path, n: int) -> None:
