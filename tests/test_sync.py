@@ -354,3 +354,18 @@ def test_the_service_answers_across_generations_while_watch_adds_images(tmp_path
         stop.set()
         watcher.join()
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
+
+
+def test_a_failed_file_modified_since_is_read_again(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5"
+    broken = tree / "cat" / "late.png"
+    broken.write_bytes(b"half a png")  # e.g. a copy still in progress when it was read
+    first = _embed(capsys, tree, out)
+    assert [e["path"] for e in first["errors"]] == ["cat/late.png"]
+    assert _embed(capsys, tree, out)["embedded"] == 0  # unchanged since: not read again
+    write_image(broken, np.random.default_rng(2), fmt="PNG")
+    os.utime(broken, (out.stat().st_mtime + 5, out.stat().st_mtime + 5))
+    report = _embed(capsys, tree, out)
+    assert report["sync"]["changed"] == 1 and report["embedded"] == 1 and not report["errors"]
+    with FeatureCache(out) as cache:
+        assert "cat/late.png" in cache.paths and cache.errors == []

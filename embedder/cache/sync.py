@@ -25,6 +25,9 @@ of each listed path, unless that path's newest outcome is an error. So a sync ki
 moment and run again ends with exactly one live row per path, whatever was committed before the
 kill.
 
+A path in the errors table whose file was modified after the cache file was written (its mtime)
+is read again, counted as changed: a repaired file, or one still being copied when it was read.
+
 Tar rows compare their member's size and mtime in the shard's headers (a rewritten shard's
 members change them). URL rows are never compared (that would download them): they stay as they
 are unless `--refresh-urls` asks to fetch them all again.
@@ -85,20 +88,22 @@ class Record:
     mtime: np.ndarray  # float64, NaN unknown
     sha: np.ndarray  # object (str), '' unknown
     errors: set[str]
+    written_at: float = float("inf")  # mtime of the cache file: an error is older than it
 
     def __post_init__(self):
         self.row = {p: i for i, p in enumerate(self.paths)}
 
 
 def record_of(paths: list[str], state: np.ndarray | None, columns: dict[str, np.ndarray],
-              errors: list[tuple[str, str]]) -> Record:
-    """The live rows of a cache whose physical rows are `paths` (`state` None: all live)."""
+              errors: list[tuple[str, str]], written_at: float = float("inf")) -> Record:
+    """The live rows of a cache whose physical rows are `paths` (`state` None: all live); `written_at`:
+    the cache file's mtime (a file in the errors table modified since is read again)."""
     n = len(paths)
     live = np.arange(n) if state is None else np.flatnonzero(state == LIVE)
     size = columns.get("size", np.full(n, -1, np.int64))[live]
     mtime = columns.get("mtime", np.full(n, np.nan))[live]
     sha = columns.get(HASH_COLUMN, np.full(n, "", object))[live]
-    return Record([paths[i] for i in live], size, mtime, sha, {p for p, _ in errors})
+    return Record([paths[i] for i in live], size, mtime, sha, {p for p, _ in errors}, written_at)
 
 
 def file_stat(root: str, path: str, member=None) -> tuple[int, float] | None:
@@ -139,9 +144,11 @@ def classify(listing, record: Record | None, options: SyncOptions) -> SyncPlan:
     cached = [(i, r) for i, r in known if r is not None]
     fresh = [listing.paths[i] for i, r in known if r is None]
     plan.new = sum(1 for p in fresh if p not in record.errors)
-    plan.unchanged = len(fresh) - plan.new
+    # A file that failed and was modified after the cache recorded it (repaired, or copied in whole at last).
+    repaired = {p for p in fresh if p in record.errors and _newer(listing, p, record.written_at, members)}
+    plan.unchanged = len(fresh) - plan.new - len(repaired)
     changed = _changed(listing, cached, record, plan.hashes, options, members)
-    plan.redo = {listing.paths[i] for (i, _), c in zip(cached, changed) if c}
+    plan.redo = {listing.paths[i] for (i, _), c in zip(cached, changed) if c} | repaired
     plan.changed = len(plan.redo)
     plan.unchanged += len(cached) - plan.changed
     if options.prune:
@@ -149,6 +156,11 @@ def classify(listing, record: Record | None, options: SyncOptions) -> SyncPlan:
         plan.gone = sum(1 for p in record.paths if p not in listed) + sum(1 for p in record.errors
                                                                           if p not in listed and p not in record.row)
     return plan
+
+
+def _newer(listing, path: str, than: float, members: dict) -> bool:
+    now = file_stat(str(listing.root), path, members.get(path))
+    return now is not None and now[1] > than
 
 
 def _changed(listing, cached: list[tuple[int, int]], record: Record, hashes, options: SyncOptions,

@@ -223,8 +223,9 @@ class CacheWriter:
                 done.update(p for p in self.base["record"].paths if p not in self.plan.redo)
             else:
                 done.update(self.base["paths"])
-            if not self.retry_errors:
-                done.update(p for p, _ in self.base["errors"])
+            if not self.retry_errors:  # (a sync reads again those modified since: plan.redo)
+                redo = self.plan.redo if self.plan is not None else set()
+                done.update(p for p, _ in self.base["errors"] if p not in redo)
             listed = set(self.listing.paths)
             self.removed_from_source = sum(1 for p in self.base["paths"] if p not in listed)
         self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
@@ -293,7 +294,8 @@ class CacheWriter:
             paths, errors, state = cache.paths, cache.errors, cache.row_state
             kinds = kinds_in(cache._f)
             record = record_of(paths, state, cache.columns([n for n in ("size", "mtime", HASH_COLUMN)
-                                                            if n in (kinds or {})]), errors)
+                                                            if n in (kinds or {})]), errors,
+                               written_at=self.path.stat().st_mtime)
             return {"complete": True, "rows": len(cache), "paths": paths, "errors": errors, "columns": kinds,
                     "state": state, "generation": cache.generation, "record": record}
 
