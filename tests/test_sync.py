@@ -369,3 +369,30 @@ def test_a_failed_file_modified_since_is_read_again(tmp_path, capsys):
     assert report["sync"]["changed"] == 1 and report["embedded"] == 1 and not report["errors"]
     with FeatureCache(out) as cache:
         assert "cat/late.png" in cache.paths and cache.errors == []
+
+
+def test_the_live_view_reads_many_rows_the_same_as_the_stored_ones(tmp_path):
+    """Past 1,024 rows the live view reads a span and picks rows in memory: the same values."""
+    from embedder.cache.reader import CacheSpec
+    from embedder.cache.sync import SyncOptions
+    from embedder.cache.writer import CacheWriter
+    from embedder.data.sources import Listing
+
+    n, out = 6000, tmp_path / "c.h5"
+    names = [f"v{i:05d}.png" for i in range(n)]
+    X = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+    spec = CacheSpec({"model": "synthetic"}, str(tmp_path), 4, layout="flat", columns={"size": "int64"})
+    listing = Listing(tmp_path, names, np.full(n, -1, np.int64), [], "flat")
+    with CacheWriter(out, spec, listing, commit_every=10**9) as w:
+        w.add(np.arange(n), X, [], columns={"size": np.arange(n)})
+        w.finish()
+    kept = Listing(tmp_path, names[::3], np.full(len(names[::3]), -1, np.int64), [], "flat")
+    with CacheWriter(out, spec, kept, sync=SyncOptions()) as w:  # the others are gone
+        w.finish()
+    with FeatureCache(out) as live:
+        assert len(live) == 2000 and live.paths == names[::3]
+        assert np.array_equal(live.features(), X[::3])
+        assert np.array_equal(live.features(np.arange(5, 1900)), X[::3][5:1900])  # a span
+        assert np.array_equal(live.features(np.arange(5, 900, 7)), X[::3][5:900:7])  # points
+        assert np.array_equal(live.columns(["size"])["size"], np.arange(n)[::3])
+        assert np.array_equal(np.concatenate([b.features for b in live.iter_blocks(128)]), X[::3])

@@ -227,8 +227,7 @@ class FeatureCache:
     def layer_rows(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Rows of any stored layer, whichever layer this view reads."""
         ds = self._f["features" if name == self.primary_layer else f"layers/{name}"]
-        rows = self._stored(rows)
-        return ds[:] if rows is None else ds[rows]
+        return self._read(ds, rows)
 
     def _virtual_sources(self):
         ds = self._f["features"]
@@ -321,6 +320,15 @@ class FeatureCache:
         """The stored row of each row read (None: they are the same)."""
         return self._live
 
+    def _read(self, ds: h5py.Dataset, rows):
+        """`ds` at `rows` of this view: many scattered live rows are read as one contiguous span and
+        picked in memory (HDF5's point selection is slow)."""
+        stored = self._stored(rows)
+        if stored is None:
+            return ds[:]
+        span = _span(stored)
+        return ds[stored] if span is None else ds[span][stored - span.start]
+
     def _stored(self, rows):
         """Rows of the live view -> stored rows (increasing, as h5py wants); None stays None (all)."""
         if self._live is None:
@@ -349,7 +357,12 @@ class FeatureCache:
         columns as object arrays of str. An unknown name is a CacheError listing the columns."""
         if not self.column_kinds and names is None:
             return {}
-        return self._checked(read_columns(self._f, names, self._stored(rows), what=str(self.path)))
+        stored = self._stored(rows)
+        span = _span(stored)
+        if span is None:
+            return self._checked(read_columns(self._f, names, stored, what=str(self.path)))
+        values = read_columns(self._f, names, span, what=str(self.path))
+        return self._checked({n: v[stored - span.start] for n, v in values.items()})
 
     # rows ----------------------------------------------------------------------------------
     @property
@@ -370,7 +383,7 @@ class FeatureCache:
         return self._checked(list(view[rows] if self._live is None else view[self._live[rows]]))
 
     def label_rows(self, rows: slice) -> np.ndarray:
-        return self._checked(self._f["labels"][self._stored(rows)])
+        return self._checked(self._read(self._f["labels"], rows))
 
     @property
     def errors(self) -> list[tuple[str, str]]:
@@ -385,9 +398,7 @@ class FeatureCache:
         return json.loads(self._f.attrs.get("ignored", "{}"))
 
     def features(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        ds = self._f[self._ds_name]
-        rows = self._stored(rows)
-        return self._checked(ds[:] if rows is None else ds[rows])
+        return self._checked(self._read(self._f[self._ds_name], rows))
 
     def iter_blocks(self, block_rows: int = 65536) -> Iterator[Block]:
         """Stream (features, labels) in row order, `block_rows` at a time (live rows: `start` counts those)."""
@@ -465,6 +476,13 @@ def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
         if list_errors:
             doc["error_list"] = [{"path": p, "reason": r} for p, r in errors]
     return doc
+
+
+def _span(stored) -> slice | None:
+    """The contiguous stored rows covering a long list of live rows (None: read `stored` as given)."""
+    if not isinstance(stored, np.ndarray) or len(stored) < 1024:
+        return None
+    return slice(int(stored.min()), int(stored.max()) + 1)
 
 
 def read_paths(ds: h5py.Dataset) -> list[str]:
