@@ -245,9 +245,10 @@ def out_of_step(meta: dict, rows: int) -> str | None:
     known = meta.get("cache_generation")
     if stored == rows and (known is None or known == generation):
         return None
+    fix = (f"`embedder index {path} --out INDEX_DIR --update` brings it in step" if stored >= rows else
+           f"the cache was compacted or made again: rebuild, `embedder index {path} --out INDEX_DIR`")
     return (f"the cache is at generation {generation} with {stored} stored rows, the index reflects "
-            f"{'an older generation' if known is None else f'generation {known}'} with {rows}: "
-            f"`embedder index {path} --out INDEX_DIR --update` brings it in step")
+            f"{'an older generation' if known is None else f'generation {known}'} with {rows}: {fix}")
 
 
 def rebuild_advice(kind: str, rows: int, removed: int, hidden: int) -> str | None:
