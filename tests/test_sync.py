@@ -396,3 +396,18 @@ def test_the_live_view_reads_many_rows_the_same_as_the_stored_ones(tmp_path):
         assert np.array_equal(live.features(np.arange(5, 900, 7)), X[::3][5:900:7])  # points
         assert np.array_equal(live.columns(["size"])["size"], np.arange(n)[::3])
         assert np.array_equal(np.concatenate([b.features for b in live.iter_blocks(128)]), X[::3])
+
+
+def test_after_compaction_the_index_says_rebuild_and_update_refuses(tmp_path, capsys):
+    tree, out, idx = make_tree(tmp_path / "images", per_class=2), tmp_path / "c.h5", tmp_path / "idx"
+    _embed(capsys, tree, out)
+    (tree / "dog" / "dog_000.jpg").unlink()
+    _embed(capsys, tree, out)
+    assert main(["index", str(out), "--out", str(idx), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compact", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == 1
+    assert main(["info", str(idx), "--json"]) == 0
+    assert "rebuild" in json.loads(capsys.readouterr().out)["out_of_step"]
+    assert main(["index", str(out), "--out", str(idx), "--update", "--quiet"]) == 2
+    assert "Rebuild without --update" in capsys.readouterr().err
