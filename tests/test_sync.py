@@ -411,3 +411,12 @@ def test_after_compaction_the_index_says_rebuild_and_update_refuses(tmp_path, ca
     assert "rebuild" in json.loads(capsys.readouterr().out)["out_of_step"]
     assert main(["index", str(out), "--out", str(idx), "--update", "--quiet"]) == 2
     assert "Rebuild without --update" in capsys.readouterr().err
+
+
+def test_a_ray_rerun_on_a_changed_source_is_refused_in_one_line(tmp_path, capsys):
+    tree, out = make_tree(tmp_path / "images", per_class=1), tmp_path / "c.h5"
+    _embed(capsys, tree, out)
+    (tree / "cat" / "cat_000.jpg").unlink()
+    code = main(["embed", *cli_args(fast_config(tree, out)), "--backend", "ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "0 files of SOURCE changed and 1 are gone" in err[0]

@@ -187,6 +187,22 @@ def _changed(listing, cached: list[tuple[int, int]], record: Record, hashes, opt
     return out
 
 
+def changes_since(out, listing) -> SyncPlan | None:
+    """How `listing` differs from the complete cache at `out` (None: no complete cache there)."""
+    from embedder.cache.reader import FeatureCache
+    from embedder.errors import CacheError
+
+    try:
+        cache = FeatureCache(out, require_complete=True, live=False)
+    except CacheError:
+        return None
+    with cache:
+        names = [n for n in ("size", "mtime", HASH_COLUMN) if n in cache.column_kinds]
+        record = record_of(cache.paths, cache.row_state, cache.columns(names) if names else {}, cache.errors,
+                           written_at=Path(out).stat().st_mtime)
+    return classify(listing, record, SyncOptions())
+
+
 def settle_states(paths: list[str], state: np.ndarray, listed: set[str] | None, failed: set[str]) -> np.ndarray:
     """The row states of a consolidated file of rows `paths` (`state`: the marks so far, new rows 0).
 
