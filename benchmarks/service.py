@@ -283,7 +283,7 @@ def load(port: int, clients: int, seconds: float, vectors: list[tuple[int, list[
     def client(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         n = 0
-        while time.monotonic() < deadline:
+        while n == 0 or time.monotonic() < deadline:  # one query at least, however late the thread starts
             if i % 2 == 0:
                 row, vector = vectors[(i + n) % len(vectors)]
                 body, headers, kind = json.dumps({"vector": vector, "k": 10}).encode(), {

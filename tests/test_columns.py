@@ -255,6 +255,11 @@ def test_the_index_copies_the_columns_and_hits_carry_them(tmp_path, capsys):
         score, count = expected["score"][i], expected["count"][i]
         assert meta["score"] is None if np.isnan(score) else meta["score"] == score
         assert meta["count"] is None if count == INT_NULL else meta["count"] == count
+    # --exclude-examples ranks the hits again without the example: each keeps its columns.
+    assert main(["search", str(tmp_path / "idx"), "--id", "2", "-k", "11", "--exclude-examples", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out.splitlines()[0])["hits"]
+    assert len(hits) == 11 and 2 not in [h["id"] for h in hits] and [h["rank"] for h in hits] == list(range(1, 12))
+    assert all(h["metadata"]["tag"] == expected["tag"][h["id"]] for h in hits)
 
 
 def test_info_lists_the_columns_with_their_kinds(tmp_path, capsys):

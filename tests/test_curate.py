@@ -23,7 +23,7 @@ from embedder.curate.config import CurateConfig
 from embedder.curate.run import SCORE_COLUMNS, run_curate
 from embedder.data.sources import Listing
 from embedder.errors import ConfigError
-from embedder.search.dedup import find_duplicates, pair_groups
+from embedder.search.dedup import anchored_groups, find_duplicates
 
 
 def cache_file(path: Path, X: np.ndarray, labels: np.ndarray, names: list[str] | None = None,
@@ -173,7 +173,8 @@ def exact_groups(X: np.ndarray, threshold: float) -> list[list[int]]:
     Xn = unit(X)
     S = Xn @ Xn.T
     i, j = np.nonzero(np.triu(S >= threshold, k=1))
-    return pair_groups(np.stack([i, j], axis=1), len(X))
+    pairs = np.stack([i, j], axis=1)
+    return anchored_groups(pairs, np.unique(pairs))[0]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfsq", "hnsw"])
@@ -267,3 +268,124 @@ def test_the_gallery_embeds_thumbnails_of_real_images(tmp_path, capsys):
     page = (out / "gallery.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= 18  # outliers and least unique alone show every image
     assert "unreadable" not in page and "http" not in page  # self-contained: nothing fetched
+
+
+def _chain(tmp_path: Path, sizes=None) -> Path:
+    """Rows a, b, c (v000000..2) at 0, 15 and 30 degrees: cos(a, b) = cos(b, c) = 0.966 >= 0.95,
+    cos(a, c) = 0.866 < 0.95; then 20 rows far from them and from each other."""
+    rng = np.random.default_rng(4)
+    angles = np.radians([0.0, 15.0, 30.0])
+    X = np.zeros((23, 24), np.float32)
+    X[:3, 0], X[:3, 1] = np.cos(angles), np.sin(angles)
+    X[3:, 2:] = rng.normal(size=(20, 22))
+    path = cache_file(tmp_path / "c" / "c.h5", X, np.zeros(23, np.int64))
+    for i, size in enumerate(sizes or []):
+        (tmp_path / "c" / f"v{i:06d}.png").write_bytes(b"x" * size)
+    return path
+
+
+def _dedup_json(path: Path, capsys, *flags) -> dict:
+    assert main(["dedup", str(path), "--threshold", "0.95", "--quiet", "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("keep", "sizes", "expected"), [
+    ("first", None, [[("v000000.png", True), ("v000001.png", False)]]),  # a keeps b; c matches only b: left out
+    ("largest", [10, 500, 20], [[("v000000.png", False), ("v000001.png", True), ("v000002.png", False)]]),
+    ("largest", [10, 20, 500], [[("v000001.png", False), ("v000002.png", True)]]),  # c keeps b; a left out
+])
+def test_dedup_groups_do_not_chain(tmp_path, capsys, keep, sizes, expected):
+    """a ~ b ~ c with a and c apart: never one group where a is kept and c dropped, or c kept and a dropped
+    (connected components made {a, b, c} with two to drop whichever was kept)."""
+    doc = _dedup_json(_chain(tmp_path, sizes), capsys, "--keep", keep)
+    assert [[(e["path"], e["keep"]) for e in g] for g in doc["groups"]] == expected
+    assert doc["pairs"] == 2 and doc["large_groups"] == 0
+
+
+def _assert_every_dropped_row_matches_its_kept_row(X, groups, keep, threshold):
+    Xn = unit(X)
+    seen = set()
+    for g, k in zip(groups, keep):
+        assert len(k) == 1 and k[0] in g and len(g) >= 2 and not seen & set(g)
+        seen |= set(g)
+        sims = Xn[g] @ Xn[k[0]]
+        assert (sims >= threshold - 1e-5).all(), (g, k, sims)
+
+
+@pytest.mark.filterwarnings("ignore::embedder.errors.EmbedderNotice")  # the walks chain on purpose
+@pytest.mark.parametrize("seed", range(4))
+def test_every_dropped_row_matches_its_groups_kept_row_on_random_chains(tmp_path, seed):
+    """Random walks with steps just under the threshold chain into long components; the groups may
+    not. And no pair is left with both rows outside every group (nothing that matches is missed)."""
+    rng = np.random.default_rng(seed)
+    walks = [np.cumsum(0.25 * rng.normal(size=(30, 16)), axis=0) + 4 * rng.normal(size=16) for _ in range(20)]
+    X = np.concatenate(walks + [rng.normal(size=(200, 16))]).astype(np.float32)
+    order = rng.permutation(len(X))
+    X = X[order]
+    path = cache_file(tmp_path / "c" / "c.h5", X, np.zeros(len(X), np.int64))
+    for i in rng.choice(len(X), size=300, replace=False):  # sizes for --keep largest: some known, some not
+        (tmp_path / "c" / f"v{i:06d}.png").write_bytes(b"x" * int(rng.integers(1, 1000)))
+    threshold = 0.97
+    S = unit(X) @ unit(X).T
+    i, j = np.nonzero(np.triu(S >= threshold, k=1))
+    components = exact_components(i, j, len(X))
+    assert max(components) >= 10  # the data does chain
+    for keep in ("largest", "first"):
+        found = find_duplicates(path, threshold, keep=keep, kind="flat", block_rows=128)
+        _assert_every_dropped_row_matches_its_kept_row(X, found.groups, found.keep, threshold)
+        grouped = {r for g in found.groups for r in g}
+        assert all(a in grouped or b in grouped for a, b in zip(i, j))
+        assert found.pairs == len(i)
+
+
+def exact_components(i, j, n) -> list[int]:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, comp = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)
+    return np.bincount(comp).tolist()
+
+
+def test_dedup_against_another_cache_keeps_one_other_row_each_group_matches(tmp_path):
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    other = np.concatenate([base, base + 0.25 * rng.normal(size=base.shape)]).astype(np.float32)  # near pairs
+    X = np.concatenate([base + 0.2 * rng.normal(size=base.shape), rng.normal(size=(60, 16))]).astype(np.float32)
+    a = cache_file(tmp_path / "a" / "a.h5", X, np.zeros(len(X), np.int64))
+    b = cache_file(tmp_path / "b" / "b.h5", other, np.zeros(len(other), np.int64))
+    found = find_duplicates(a, 0.97, against=b)
+    assert found.groups
+    both = np.concatenate([X, other])
+    _assert_every_dropped_row_matches_its_kept_row(both, found.groups, found.keep, 0.97)
+    assert all(k[0] >= len(X) and all(r < len(X) for r in g if r != k[0]) for g, k in zip(found.groups, found.keep))
+
+
+def test_an_unusually_large_group_is_reported(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(200, 16)).astype(np.float32)
+    X[:60] = X[0] + 1e-4 * rng.normal(size=(60, 16))  # 60 copies of one image: above max(50, 1%)
+    path = cache_file(tmp_path / "c.h5", X, np.zeros(200, np.int64))
+    assert main(["dedup", str(path), "--json", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["large_groups"] == 1
+    assert "1 near-duplicate group(s) hold more than 50 rows (the largest 60" in out.err
+    assert "59 of 200 rows (30%) would be dropped" in out.err
+    from embedder.errors import EmbedderNotice
+
+    with pytest.warns(EmbedderNotice, match="more than 50 rows.*raise --duplicate-threshold"):
+        s = run_curate(CurateConfig(str(path), out=str(tmp_path / "r"), device="cpu", gallery=0, progress=False))
+    assert s["duplicates"]["large_groups"] == 1 and s["duplicates"]["to_drop"] == 59
+
+
+def test_curates_duplicate_columns_do_not_chain(tmp_path):
+    path = _chain(tmp_path, [10, 500, 20])
+    s = run_curate(CurateConfig(str(path), out=str(tmp_path / "r"), device="cpu", gallery=0, progress=False,
+                                folds=2))
+    table = pq.read_table(tmp_path / "r" / "scores.parquet").to_pydict()
+    assert table["duplicate_group"][:4] == [0, 0, 0, -1] and table["duplicate_keep"][:4] == [False, True, False, True]
+    assert s["duplicates"]["to_drop"] == 2
+    path = _chain(tmp_path / "first")
+    run_curate(CurateConfig(str(path), out=str(tmp_path / "r2"), device="cpu", gallery=0, progress=False, folds=2,
+                            keep="first"))
+    table = pq.read_table(tmp_path / "r2" / "scores.parquet").to_pydict()
+    assert table["duplicate_group"][:3] == [0, 0, -1] and table["duplicate_keep"][:3] == [True, False, True]

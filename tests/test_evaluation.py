@@ -71,6 +71,22 @@ def test_knn_vote_equals_brute_force_numpy_for_every_k():
     assert len({tuple(knn.votes(X[te], [k])[k].argmax(1)) for k in ks}) > 1  # k matters on this data
 
 
+def test_knn_vote_considers_small_k_and_picks_it_on_validation_when_it_wins():
+    """40 arcs of the unit circle, classes alternating, 10 train rows per arc: only the nearest few
+    neighbours share a row's arc. DINOv2's k (10, 20, 100, 200) alone forced k >= 10 here."""
+    rng = np.random.default_rng(0)
+
+    def arcs(n):
+        t = rng.uniform(0, 2 * np.pi, n)
+        return np.stack([np.cos(t), np.sin(t)], 1).astype(np.float32), (t // (2 * np.pi / 40) % 2).astype(int)
+
+    (X, y), (X_val, y_val) = arcs(400), arcs(200)
+    knn = KNNVote().fit(X, y, X_val, y_val)
+    by_k = {r["k"]: r["val_accuracy"] for r in knn.cv_results_}
+    assert {1, 3, 5} <= set(by_k) and knn.k_ < 10
+    assert by_k[knn.k_] == max(by_k.values()) > max(v for k, v in by_k.items() if k >= 10)
+
+
 def test_knn_vote_pickles_and_predicts_the_same():
     X, y = overlapping_blobs(seed=2)
     knn = KNNVote(k=10).fit(X[::2], np.array(["a", "b", "c", "d", "e", "f"])[y[::2]])
@@ -123,12 +139,12 @@ def test_knn_vote_probe_reports_every_k_and_the_metrics(two_layer_cache, tmp_pat
     report = json.loads(capsys.readouterr().out)
     splits, labels = _split(two_layer_cache)
     assert report["splits"]["train"] == len(splits.train) == 42
-    assert set(report["accuracy_by_k"]) == {"10", "20", "100", "200"}
+    assert set(report["accuracy_by_k"]) == {"1", "3", "5", "10", "20", "50", "100", "200"}
     assert report["accuracy_by_k"]["200"]["k_used"] == 42  # capped at the train size
     with FeatureCache(two_layer_cache) as c:
         X = c.features()
     ref = {k: (brute_force_votes(X[splits.train], labels[splits.train], X[splits.test], k, n_classes=7).argmax(1)
-               == labels[splits.test]).mean() for k in (10, 20, 100, 200)}
+               == labels[splits.test]).mean() for k in (1, 3, 5, 10, 20, 50, 100, 200)}
     assert {int(k): r["test"] for k, r in report["accuracy_by_k"].items()} == pytest.approx(ref)
     chosen = report["chosen"]["k"]
     assert report["test_accuracy"] == pytest.approx(ref[chosen])

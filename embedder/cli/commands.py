@@ -469,6 +469,7 @@ def index_update(config, args) -> dict:
     for advice in report["advice"]:
         print(f"  a rebuild would be better: {advice}. Rebuild without --update: "
               f"`embedder index {config.cache} --out {config.out}`.")
+    return report
 
 
 def remove(config, args) -> dict:
@@ -641,7 +642,7 @@ def dedup(config, args) -> dict:
         return {"path": paths[r], "keep": None, **({"cache": "other" if r >= n else "cache"} if config.against else {})}
 
     doc = {"threshold": config.threshold, "metric": config.metric, "kind": found.kind, "pairs": found.pairs,
-           "against": config.against, "keep": config.keep, "groups": []}
+           "against": config.against, "keep": config.keep, "large_groups": found.large_groups, "groups": []}
     for g, keep in zip(found.groups, found.keep):
         doc["groups"].append([{**entry(r), "keep": r in keep} for r in g])
     if _as_json(args):
@@ -700,7 +701,7 @@ def plot(config, args) -> dict:
 
     out = config.out or str(Path(config.cache).with_suffix(f".{config.method}.png"))
     path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, seed=config.seed,
-                      layer=config.layer, overwrite=config.overwrite)
+                      layer=config.layer, overwrite=config.overwrite, progress=config.progress)
     report = {"out": str(path), "cache": config.cache, "method": config.method, "seed": config.seed}
     print_json(report) if _as_json(args) else print(f"wrote {path}")
     return report

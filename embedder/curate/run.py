@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,12 @@ from embedder.curate import neighbours as nb
 from embedder.curate.config import CurateConfig
 from embedder.data.rows import row_location
 from embedder.data.splits import folder_splits
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, EmbedderNotice
 from embedder.learn.train import same_feature_space
 from embedder.names import display_path
 from embedder.outputs import CACHE, CURATE, claim, expect, write_dir
-from embedder.search.dedup import duplicate_pairs, keep_of, pair_groups, row_sizes
+from embedder.progress import stage
+from embedder.search.dedup import anchored_groups, dedup_notices, duplicate_pairs, keep_order, row_sizes
 from embedder.search.kinds import prepare
 
 SCORE_COLUMNS = ("path", "split", "given_label", "suggested_label", "label_quality", "label_issue",
@@ -73,7 +75,8 @@ def run_curate(config: CurateConfig) -> dict:
         if config.gallery:
             from embedder.curate.gallery import write_gallery
 
-            write_gallery(tmp / "gallery.html", columns, data.files, summary, config.gallery)
+            with stage("curate: gallery", enabled=config.progress):
+                write_gallery(tmp / "gallery.html", columns, data.files, summary, config.gallery)
         summary["out"] = str(config.out)
         summary["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")) + ["summary.json"]
         summary["wall_s"] = time.perf_counter() - t0
@@ -119,12 +122,14 @@ def _score(config: CurateConfig, data: _Data) -> tuple[dict, dict]:
                                "given_label": [data.classes[c] if c >= 0 else "" for c in data.labels]}
     summary = {"cache": str(config.cache), "rows": n, "labelled": int((data.labels >= 0).sum()),
                "classes": len(data.classes), "splits": _split_counts(data), "split_how": data.split_how}
-    summary["label_mistakes"] = _label_scores(config, data, cols)
+    with stage(f"curate: label mistakes ({config.folds}-fold probe)", enabled=config.progress):
+        summary["label_mistakes"] = _label_scores(config, data, cols)
     Xn = prepare(data.X, "cosine")
-    sims, _ = nb.neighbours(Xn, max(config.k, 3), _index_search(config, data) if config.index else None)
-    cols["outlier_score"] = nb.outlier_scores(sims, config.k)
-    cols["uniqueness"] = nb.uniqueness(sims)
-    cols["representative"] = nb.representatives(Xn, data.labels, config.representatives, config.seed)
+    with stage("curate: neighbours, outliers, uniqueness, representatives", enabled=config.progress):
+        sims, _ = nb.neighbours(Xn, max(config.k, 3), _index_search(config, data) if config.index else None)
+        cols["outlier_score"] = nb.outlier_scores(sims, config.k)
+        cols["uniqueness"] = nb.uniqueness(sims)
+        cols["representative"] = nb.representatives(Xn, data.labels, config.representatives, config.seed)
     summary["outliers"] = {"k": min(config.k, n - 1), "top": _top(cols, np.argsort(-cols["outlier_score"]),
                                                                   "outlier_score")}
     summary["uniqueness"] = {"weights": list(nb.UNIQUENESS_WEIGHTS),
@@ -133,7 +138,8 @@ def _score(config: CurateConfig, data: _Data) -> tuple[dict, dict]:
         data.classes[c]: [cols["path"][r] for r in sorted(np.flatnonzero((data.labels == c) & (
             cols["representative"] > 0)), key=lambda r: cols["representative"][r])]
         for c in range(len(data.classes))}
-    summary["leaks"] = _leak_scores(config, data, Xn, cols)
+    with stage("curate: leaks", enabled=config.progress):
+        summary["leaks"] = _leak_scores(config, data, Xn, cols)
     summary["duplicates"] = _duplicate_scores(config, data, Xn, cols)
     return cols, summary
 
@@ -213,17 +219,24 @@ def _duplicate_scores(config: CurateConfig, data: _Data, Xn: np.ndarray, cols: d
         for start in range(0, n, nb.BLOCK_ROWS):
             yield start, Xn[start : start + nb.BLOCK_ROWS]
 
-    pairs, kind = duplicate_pairs(blocks, n, Xn.shape[1], config.duplicate_threshold, "cosine", seed=config.seed)
-    groups = pair_groups(pairs, n)
-    group, keep = np.full(n, -1, np.int64), np.zeros(n, bool)
+    pairs, kind = duplicate_pairs(blocks, n, Xn.shape[1], config.duplicate_threshold, "cosine", seed=config.seed,
+                                  progress=config.progress)
+    members = np.unique(pairs)
+    order = keep_order(members, data.paths, data.sizes(members) if config.keep == "largest" else None)
+    groups, kept = anchored_groups(pairs, order)  # every dropped row matches its group's kept row
+    group, keep = np.full(n, -1, np.int64), np.ones(n, bool)
     for g, members in enumerate(groups):
         group[members] = g
-        keep[keep_of(members, data.paths, data.sizes(members) if config.keep == "largest" else None)] = True
-    keep[group < 0] = True
+        keep[members] = False
+    keep[kept] = True
     cols["duplicate_group"], cols["duplicate_keep"] = group, keep
+    large, notices = dedup_notices(groups, kept, n, config.duplicate_threshold, "cosine", data.paths,
+                                   "--duplicate-threshold")
+    for notice in notices:
+        warnings.warn(notice, EmbedderNotice, stacklevel=2)
     return {"threshold": config.duplicate_threshold, "kind": kind, "groups": len(groups),
             "rows_in_groups": int((group >= 0).sum()), "to_drop": int((~keep).sum()), "keep": config.keep,
-            "largest_groups": [[cols["path"][r] for r in g] for g in groups[:TOP]]}
+            "large_groups": large, "largest_groups": [[cols["path"][r] for r in g] for g in groups[:TOP]]}
 
 
 def _split_counts(data: _Data) -> dict | None:

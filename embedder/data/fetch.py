@@ -26,8 +26,8 @@ together on `--fetch-threads` threads per reader process, so the network's laten
 hidden behind decoding and the model.
 
 `--keep-downloads DIR` keeps each fetched body as DIR/<h[:2]>/<h><ext> (h: the SHA-256 of the
-URL, ext: the URL's image extension, else the Content-Type's) and appends `h<TAB>url` to
-DIR/urls.tsv; a URL whose file is there already is read from it instead of fetched again
+URL, ext: the URL's image extension, else the Content-Type's) and appends `<h[:2]>/<h><ext><TAB>url`
+to DIR/urls.tsv; a URL whose file is there already is read from it instead of fetched again
 (re-embedding a URL list with another model costs no second download).
 """
 

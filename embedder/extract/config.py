@@ -116,8 +116,9 @@ class EmbedConfig:
     fetch_threads: int = option(FetchSettings.threads, metavar="N", group=SOURCE_OPTIONS,
                                 help="http(s) rows: downloads in flight per reader process")
     keep_downloads: str | None = option(None, path=True, metavar="DIR", group=SOURCE_OPTIONS,
-                                        help="http(s) rows: keep each download as DIR/<sha256 of the URL>.<ext> "
-                                             "(listed in DIR/urls.tsv) and read it from there next time; "
+                                        help="http(s) rows: keep each download as DIR/<h[:2]>/<h><.ext> (h: the SHA-256 "
+                                             "of the URL; .ext: the URL's, else the Content-Type's, else none), "
+                                             "listed in DIR/urls.tsv, and read it from there next time; "
                                              "by default nothing is written to disk")
     retry_errors: bool = option(False, group=ROW_OPTIONS,
                                 help="read the rows of the cache's errors table again (downloads that timed out "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -36,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from tqdm.auto import tqdm
 
 from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
@@ -54,6 +52,7 @@ from embedder.models.constants import batch_size_for
 from embedder.models.registry import Preprocessing, get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.names import display_path
+from embedder.progress import bar as progress_bar
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
 
@@ -297,10 +296,7 @@ def _embed_pending(writer: CacheWriter, backbone: FrozenBackbone, config: EmbedC
     listing = writer.listing
     reader = BatchReader(listing.root, listing.paths, writer.pending, config.batch_size, backbone.preprocessing,
                          config.max_pixels, config.jpeg_draft, listing.members, config.fetch_settings())
-    bar = tqdm(
-        total=len(writer.pending), unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
-        file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s
-    )
+    bar = progress_bar(total=len(writer.pending), unit="img", desc="embed", enabled=progress)
     embedded = 0
     with bar, contextlib.closing(reader.fetcher):  # queued downloads dropped if the loop stops early
         for batch in _timed(_loader(reader, config.resolved_workers(), backbone.device.type == "cuda"), timer):

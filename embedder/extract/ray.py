@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import replace
 
@@ -207,7 +206,7 @@ def _errors_of(shard_set: ShardSet, shards: set[int]) -> list[tuple[str, str]]:
 
 def _run_pool(ray, config: EmbedConfig, options: RayOptions, shard_set: ShardSet, pending, gpus: float) -> list[dict]:
     """Embed the pending shards on an actor pool; returns one summary per shard embedded."""
-    from tqdm.auto import tqdm
+    from embedder.progress import bar as progress_bar
 
     actors = options.actors
     if actors is None:
@@ -228,8 +227,7 @@ def _run_pool(ray, config: EmbedConfig, options: RayOptions, shard_set: ShardSet
         num_gpus=gpus,
     )
     summaries = []
-    bar = tqdm(total=len(pending), unit="shard", desc="embed (ray)", disable=not config.progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=len(pending), unit="shard", desc="embed (ray)", enabled=config.progress)
     # The view opens every finished shard: refresh it now and then, not after each of thousands.
     next_view = time.monotonic() + 30
     with bar:

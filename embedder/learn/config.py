@@ -18,7 +18,7 @@ from embedder.outputs import CLASSIFIER, PICTURE, require_suffix
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 4, 15))  # the probe's C sweep (embedder.learn.probe)
 KNN_VOTE = "knn-vote"  # DINOv2's weighted k-NN vote (embedder.learn.knn)
-DEFAULT_KS = (10, 20, 100, 200)  # the k the vote compares (DINOv2's eval/knn.py)
+DEFAULT_KS = (1, 3, 5, 10, 20, 50, 100, 200)  # DINOv2's 10, 20, 100, 200 and the small k a small train split needs
 ALL_LAYERS = "all"  # --layer all: the layer sweep (embedder.learn.sweep)
 SCHEDULES = ("step", "cosine")
 HEADS = ("linear", "mlp")
@@ -102,6 +102,7 @@ class ProbeConfig:
     device: str = option("auto", help="auto, cpu or cuda[:N]")
     layer: str | None = option(None, help="which layer of a multi-layer cache (default: the first, /features); "
                                           "all = train on every layer and compare them")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)

@@ -71,7 +71,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.device = device
 
     # -- sklearn API ----------------------------------------------------------------------
-    def fit(self, X, y, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None, progress=None):
+        """Fit on (X, y); the C sweep is scored on (X_val, y_val) when given, else on a held-out
+        `val_fraction`. `progress`: an object whose update(1) is called after each C (a tqdm bar)."""
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], y_numeric=False)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
@@ -82,9 +84,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if X_val is not None:
             X_val = validate_data(self, X_val, reset=False, dtype=np.float32)
             val_codes = self._codes(np.asarray(y_val))
-            self._fit_swept(lambda: [(X, codes)], (X_val, val_codes), refit=None)
+            self._fit_swept(lambda: [(X, codes)], (X_val, val_codes), refit=None, progress=progress)
         elif self.C is not None:
-            self._fit_swept(lambda: [(X, codes)], None, refit=None)
+            self._fit_swept(lambda: [(X, codes)], None, refit=None, progress=progress)
         else:
             try:
                 tr, va = train_test_split(
@@ -96,17 +98,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             if va is None:
                 self._fit_fixed(lambda: [(X, codes)], 1.0)
             else:
-                self._fit_swept(lambda: [(X[tr], codes[tr])], (X[va], codes[va]), refit=lambda: [(X, codes)])
+                self._fit_swept(lambda: [(X[tr], codes[tr])], (X[va], codes[va]), refit=lambda: [(X, codes)],
+                                progress=progress)
         return self
 
-    def fit_blocks(self, blocks: Blocks, classes: np.ndarray, n_features: int, val=None):
+    def fit_blocks(self, blocks: Blocks, classes: np.ndarray, n_features: int, val=None, progress=None):
         """Fit on data that does not fit in memory. `blocks()` must yield (X block, class codes)
-        afresh on every call (one call = one pass); `val` is an in-memory (X, codes) pair."""
+        afresh on every call (one call = one pass); `val` is an in-memory (X, codes) pair;
+        `progress` as in fit."""
         self.classes_ = np.asarray(classes)
         self.n_features_in_ = n_features
         if val is None and self.C is None:
             raise ValueError("fit_blocks needs validation rows (val=(X, codes)) to sweep C, or a fixed C.")
-        self._fit_swept(blocks, val, refit=None)
+        self._fit_swept(blocks, val, refit=None, progress=progress)
         return self
 
     def decision_function(self, X):
@@ -140,7 +144,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise ValueError("validation labels contain classes not seen in training")
         return codes
 
-    def _fit_swept(self, blocks: Blocks, val, refit: Blocks | None) -> None:
+    def _fit_swept(self, blocks: Blocks, val, refit: Blocks | None, progress=None) -> None:
         dev = _device(self.device)
         mean, scale, n = _moments(blocks, dev)
         Cs = [float(self.C)] if self.C is not None else sorted(float(c) for c in self.Cs)
@@ -154,6 +158,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             if val is not None:
                 row["val_accuracy"] = float(_accuracy(params, val[0], val[1], mean, scale, dev))
             self.cv_results_.append(row)
+            if progress is not None:
+                progress.update(1)
             score = row.get("val_accuracy", 0.0)
             if best is None or score > best[0]:
                 best = (score, C, [p.detach().clone() for p in params], iters)

@@ -22,6 +22,7 @@ from pathlib import Path
 from embedder.cache.reader import FeatureCache
 from embedder.learn.config import ProbeConfig
 from embedder.outputs import CACHE, PICTURE, PROBE, claim, expect, png_metadata, write_dir, write_file
+from embedder.progress import bar
 
 SWEEP_FILE = "sweep.json"
 
@@ -43,7 +44,8 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
     claim(out, PROBE, [config.cache], config.overwrite)
     if config.plot_path.absolute().parent != out.absolute():
         claim(config.plot_path, PICTURE, [config.cache], config.overwrite, flag="--plot")
-    with write_dir(out, PROBE, [config.cache], config.overwrite) as (tmp, _):
+    with write_dir(out, PROBE, [config.cache], config.overwrite) as (tmp, _), \
+            bar(desc="probe: layers", unit="layer", total=len(layers), enabled=config.progress) as shown:
         for name, dim in layers.items():
             folder = _folder_name(name)
             layer_config = replace(config, layer=name, out=str(out / folder), plot=None)
@@ -55,6 +57,7 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
             rows.append({"layer": name, "dim": dim, "val_accuracy": report["val_accuracy"],
                          "test_accuracy": report["test_accuracy"], "chosen": report["chosen"],
                          "fit_s": report["fit_s"], "wall_s": report["wall_s"], "out": str(out / folder)})
+            shown.update(1)
         best = max(rows, key=lambda r: r["val_accuracy"])  # first of equals: the earlier layer
         plot = config.plot_path
         in_dir = plot.absolute().parent == out.absolute()

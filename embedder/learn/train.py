@@ -33,6 +33,7 @@ from embedder.learn.probe import LinearProbe
 from embedder.learn.probefile import PROBE_FILE, SKLEARN_FILE, ProbeFile, read_probe, write_probe
 from embedder.learn.sweep import SWEEP_FILE
 from embedder.outputs import CACHE, PROBE, claim, expect, write_dir
+from embedder.progress import bar, stage
 
 REPORT_FILE = "report.json"
 
@@ -159,15 +160,19 @@ def _fit_probe(config: ProbeConfig, cache: FeatureCache, classes: list[str], tra
     names = np.asarray(classes, dtype=object)
     probe = LinearProbe(Cs=config.Cs, random_state=config.seed, device=config.device)
     streamed = len(train.rows) * cache.dim * 4 > config.memory_budget
+    with bar(desc="probe: C sweep", unit="C", total=len(config.Cs), enabled=config.progress) as shown:
+        if not streamed:
+            X_train = train.load()
+            probe.fit(X_train, names[train.codes], X_val, names[val_codes], progress=shown)
+        else:
+            # A block is a quarter of the budget: it exists in a few copies at once (the read, its
+            # selection, the standardised tensor).
+            block_rows = max(1, config.memory_budget // (4 * cache.dim * 4))
+            probe.fit_blocks(lambda: train.blocks(block_rows), names, cache.dim, val=(X_val, val_codes),
+                             progress=shown)
     if not streamed:
-        X_train = train.load()
-        probe.fit(X_train, names[train.codes], X_val, names[val_codes])
         train_pred = probe.predict(X_train)
     else:
-        # A block is a quarter of the budget: it exists in a few copies at once (the read, its
-        # selection, the standardised tensor).
-        block_rows = max(1, config.memory_budget // (4 * cache.dim * 4))
-        probe.fit_blocks(lambda: train.blocks(block_rows), names, cache.dim, val=(X_val, val_codes))
         train_pred = np.concatenate([probe.predict(X) for X, _ in train.blocks(block_rows)])
     fit_s = time.perf_counter() - t_fit
     to_codes = {c: i for i, c in enumerate(classes)}
@@ -200,7 +205,8 @@ def _fit_sklearn(config: ProbeConfig, cache: FeatureCache, classes: list[str], t
 
     t_fit = time.perf_counter()
     X_train = train.load()
-    search = fit_classifier(config.classifier, X_train, train.codes, config.seed)
+    with stage(f"probe: cross-validated {config.classifier}", enabled=config.progress):
+        search = fit_classifier(config.classifier, X_train, train.codes, config.seed)
     fit_s = time.perf_counter() - t_fit
     joblib.dump({"model": search.best_estimator_, "classes": classes, "fingerprint": cache.fingerprint,
                  "components": cache.components}, tmp / SKLEARN_FILE)
@@ -297,9 +303,11 @@ def _few_shot(config: ProbeConfig, classes: list[str], parts: tuple[_Rows, _Rows
     """The classifier of the run trained on N rows per class of the train split (embedder.learn.fewshot)."""
     train, val, test = parts
     same_cache = os.path.samefile(train.cache.path, val.cache.path)
-    report = few_shot(train.rows, train.codes, train.cache.features, _few_shot_trainer(config, classes, X_val,
-                      val.codes, X_test), test.codes, config.shots, config.draws, config.seed,
-                      val.rows if same_cache else None)
+    with bar(desc="probe: few-shot draws", unit="draw", total=len(config.shots) * config.draws,
+             enabled=config.progress) as shown:
+        report = few_shot(train.rows, train.codes, train.cache.features, _few_shot_trainer(config, classes, X_val,
+                          val.codes, X_test), test.codes, config.shots, config.draws, config.seed,
+                          val.rows if same_cache else None, progress=shown)
     report["classifier"] = config.classifier
     return report
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import BadImageError, ConfigError, SourceError
@@ -38,6 +36,7 @@ from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import resolve_runtime
 from embedder.models.style import gram
 from embedder.outputs import PICTURE, claim, png_metadata, write_file
+from embedder.progress import bar as progress_bar
 
 
 @dataclass
@@ -223,7 +222,7 @@ def _optimise(image: torch.Tensor, loss_of, steps: int, progress: bool) -> None:
         loss.backward()
         return loss
 
-    bar = tqdm(range(steps), desc="stylize", unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(range(steps), desc="stylize", unit="step", enabled=progress)
     for _ in bar:
         loss = optimizer.step(closure)
         with torch.no_grad():

@@ -156,7 +156,7 @@ def build_index(
     hidden temporary folder that replaces INDEX_DIR in one step, so a kill leaves the old index
     or the new one; the next build removes what a killed one left.
     """
-    from tqdm.auto import tqdm
+    from embedder.progress import bar as progress_bar
 
     _check_options(kind, metric, target_recall)
     expect(cache_path, CACHE)
@@ -175,7 +175,8 @@ def build_index(
         if holds_out(plan.knob, plan.on_disk, plan.n, len(q_rows)):
             keep[q_rows] = False  # fresh tuning queries, added last under their own rows
         shards = None
-        with tqdm(total=plan.n, unit="vec", desc=f"index ({plan.kind})", disable=not progress or plan.on_disk) as bar:
+        with progress_bar(total=plan.n, unit="vec", desc=f"index ({plan.kind})",
+                          enabled=progress and not plan.on_disk) as bar:
             if plan.on_disk:
                 shards = add_on_disk(index, cache, plan, tmp, progress)
             else:
@@ -252,13 +253,13 @@ def add_rows(index, x: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> None:
 def add_on_disk(index, cache: FeatureCache, plan: BuildPlan, tmp: Path, progress: bool) -> int:
     """Fill the trained, empty `index` through per-shard indexes merged on disk. Returns the shard count."""
     from faiss.contrib.ondisk import merge_ondisk
-    from tqdm.auto import tqdm
 
     from embedder.cache.shards import row_ranges
+    from embedder.progress import bar as progress_bar
 
     faiss = load_faiss()
     files = []
-    with tqdm(total=plan.n, unit="vec", desc=f"index ({plan.kind}, on disk)", disable=not progress) as bar:
+    with progress_bar(total=plan.n, unit="vec", desc=f"index ({plan.kind}, on disk)", enabled=progress) as bar:
         for k, (start, stop) in enumerate(row_ranges(cache, plan.block_rows)):
             shard = faiss.clone_index(index)  # same trained quantizer (and codebooks), no vectors
             for s in range(start, stop, plan.block_rows):

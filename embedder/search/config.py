@@ -196,6 +196,7 @@ class PlotConfig:
     max_points: int = option(5000, help="seeded sample of at most this many rows")
     seed: int = option(0, help="seed of the sample and of the projection (same cache and seed: same picture)")
     layer: str | None = option(None, help=LAYER_HELP)
+    progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
         check_choices(self)

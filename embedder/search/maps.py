@@ -164,8 +164,7 @@ def map_scores(index) -> dict[str, np.ndarray]:
 def map_rows(index, method: str, seed: int, fit_rows: int, progress: bool = False) -> np.ndarray:
     """(ntotal, 2) coordinates of the index's rows, NaN for removed ones: fitted on a seeded sample
     of at most `fit_rows` live rows, the others placed by the fitted model block by block."""
-    from tqdm.auto import tqdm
-
+    from embedder.progress import bar, stage
     from embedder.search.kinds import prepare
 
     live = np.setdiff1d(np.arange(index.ntotal, dtype=np.int64), index.removed)
@@ -175,11 +174,12 @@ def map_rows(index, method: str, seed: int, fit_rows: int, progress: bool = Fals
     fit = live if len(live) <= fit_rows else np.sort(rng.choice(live, size=fit_rows, replace=False))
     xy = np.full((index.ntotal, 2), np.nan, dtype=np.float32)
     with _VectorReader(index) as read:
-        model, xy[fit] = project(prepare(read(fit), index.metric), method, seed)
+        with stage(f"map: fitting {method} on {len(fit)} rows", enabled=progress):
+            model, xy[fit] = project(prepare(read(fit), index.metric), method, seed)
         rest = np.setdiff1d(live, fit)
         block = 16384
-        for start in tqdm(range(0, len(rest), block), desc=f"map: placing rows ({method})", unit="block",
-                          disable=not progress or not len(rest)):
+        for start in bar(range(0, len(rest), block), desc=f"map: placing rows ({method})", unit="block",
+                         enabled=progress and len(rest) > 0):
             rows = rest[start:start + block]
             xy[rows] = model.transform(prepare(read(rows), index.metric))
     return xy

@@ -10,11 +10,12 @@ from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.figures import pyplot, save_figure
 from embedder.outputs import CACHE, PICTURE, claim, expect
+from embedder.progress import stage
 from embedder.search.maps import PLOT_METHODS, project
 
 
 def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int = 5000, seed: int = 0,
-               layer: str | None = None, overwrite: bool = False) -> Path:
+               layer: str | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """A 2-D scatter of the features (PCA, t-SNE or UMAP of a seeded sample), coloured by label.
 
     Seeded throughout (the sample, and the projection's random_state): the same cache gives the same PNG."""
@@ -31,7 +32,8 @@ def plot_space(cache_path, out: str | Path, method: str = "pca", max_points: int
         )
         labels, classes = cache.labels[rows], cache.classes
     # UMAP by cosine, as features are compared; PCA and t-SNE as before, Euclidean.
-    xy = project(X, method, seed, metric="cosine")[1]
+    with stage(f"plot: {method} of {len(X)} rows", enabled=progress):
+        xy = project(X, method, seed, metric="cosine")[1]
     fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
     if classes:
         cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")

@@ -26,6 +26,7 @@ scores them exactly instead, as `search` does.
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import numpy as np
 
@@ -137,7 +138,7 @@ def drop_rows(hits: list[Hit], rows, limit: int | None = None) -> list[Hit]:
     """`hits` without the rows `rows`, ranked again from 1, at most `limit`."""
     skip = {int(r) for r in rows}
     kept = [h for h in hits if h.id not in skip][:limit]
-    return [Hit(rank, h.id, h.path, h.label, h.score) for rank, h in enumerate(kept, start=1)]
+    return [replace(h, rank=rank) for rank, h in enumerate(kept, start=1)]  # metadata and all kept
 
 
 # ---------------------------------------------------------------------------- range search

@@ -99,12 +99,11 @@ def _rows_of(given: list[str], row: dict[str, int], source: Path) -> tuple[list[
 def _missing_rows(paths: list[str], source: Path, removed: set[int], progress: bool) -> tuple[list[int], int]:
     """Rows whose image is gone (a tar row: its shard), and how many URL rows were not checked
     (checking would fetch them)."""
-    from tqdm.auto import tqdm
-
     from embedder.data.rows import location_exists, row_location
+    from embedder.progress import bar
 
     missing, unchecked = [], 0
-    for i, p in enumerate(tqdm(paths, unit="file", desc="prune: checking files", disable=not progress)):
+    for i, p in enumerate(bar(paths, unit="file", desc="prune: checking files", enabled=progress)):
         if i in removed:
             continue
         there = location_exists(row_location(source, p))

@@ -186,7 +186,7 @@ def rebuild_advice(meta: dict, n: int) -> list[str]:
 def _grow(cache: FeatureCache, out: Path, tmp: Path, meta: dict, n_old: int, removed: np.ndarray | None, seed: int,
           n_eval: int, block_rows: int, progress: bool):
     """The saved index with the new rows added, its knob re-checked. Returns (index, tuned, queries' rows, held out)."""
-    from tqdm.auto import tqdm
+    from embedder.progress import bar as progress_bar
 
     n, metric, on_disk = len(cache), meta["metric"], bool(meta.get("on_disk"))
     knob = knob_of(meta["kind"])
@@ -201,7 +201,7 @@ def _grow(cache: FeatureCache, out: Path, tmp: Path, meta: dict, n_old: int, rem
         # would land under the wrong ids.
         raise ConfigError(f"{out} holds {index.ntotal} vectors for {n_old} rows, so new rows cannot be numbered "
                           f"by their cache row. Rebuild without --update: `embedder index CACHE.h5 --out {out}`.")
-    with tqdm(total=n - n_old, unit="vec", desc=f"update ({meta['kind']})", disable=not progress) as bar:
+    with progress_bar(total=n - n_old, unit="vec", desc=f"update ({meta['kind']})", enabled=progress) as bar:
         if on_disk:
             index = _add_on_disk(index, cache, metric, n_old, block_rows, out, tmp, bar)
         else:

@@ -3,7 +3,6 @@ a 2-D map of the index at /map (its data routes: embedder.serve.maps).
 
     create_app(index_dir)      the FastAPI application (the index is opened here, and again when INDEX_DIR
                                changes: embedder.serve.live)
-    serve(index_dir, ...)      create it and run it with uvicorn until interrupted
     run(app, host, port)       run an app from create_app (`embedder serve` does, after its banner),
                                within the server's timeouts and connection cap (embedder.serve.server)
     allowed_hosts_for(host)    the Host names a server bound to `host` answers to by default
@@ -622,30 +621,6 @@ def _thumbnail(index: SearchIndex, row_id: int, scrub: Callable[[str], str]) -> 
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
-
-
-def serve(
-    index_dir: str | os.PathLike,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    default_k: int = 10,
-    log_level: str = "warning",
-    weights_path: str | None = None,
-    allowed_hosts: Iterable[str] | None = None,
-    max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
-    decode_slots: int = DEFAULT_DECODE_SLOTS,
-    limits: ServerLimits | None = None,
-) -> None:
-    """Open the index and serve it with uvicorn until interrupted (Ctrl-C).
-
-    `allowed_hosts` default: allowed_hosts_for(host). `limits`: the server's timeouts and connection cap.
-    """
-    app = create_app(
-        index_dir, max_upload_bytes=max_upload_bytes, default_k=default_k, max_pixels=max_pixels,
-        weights_path=weights_path, allowed_hosts=allowed_hosts or allowed_hosts_for(host), decode_slots=decode_slots,
-    )
-    run(app, host, port, log_level, limits)
 
 
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from embedder.data.sources import Listing
 from embedder.data.splits import Splits
@@ -23,6 +23,7 @@ from embedder.learn.config import FinetuneConfig
 from embedder.learn.finetune.data import ImageRows, SplitSets, make_loader
 from embedder.learn.finetune.network import FinetuneNetwork
 from embedder.models.registry import Preprocessing
+from embedder.progress import bar as progress_bar
 
 
 def make_optimizer(config: FinetuneConfig, net: FinetuneNetwork):
@@ -121,10 +122,7 @@ class Trainer:
     def _phase(self, loader: DataLoader, desc: str, train: bool) -> tuple[float, float, int]:
         """One pass over `loader`: (mean loss, accuracy, images used)."""
         loss_sum, correct, total = 0.0, 0, 0
-        bar = tqdm(
-            total=len(loader.dataset), unit="img", desc=desc, disable=not self.config.progress, dynamic_ncols=True,
-            file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0, leave=False,
-        )
+        bar = progress_bar(total=len(loader.dataset), unit="img", desc=desc, enabled=self.config.progress, leave=False)
         skip_single = train and self.net.bn_trains
         with bar, torch.set_grad_enabled(train):
             for batch in loader:
