@@ -323,7 +323,7 @@ def parse_size(text: str) -> int:
 
 OVERWRITE_HELP = ("replace an output of this command's kind at --out that was made from other inputs or another "
                   "configuration (one made from the same inputs is rebuilt without it; anything embedder did not "
-                  "write is never replaced: README, Outputs)")
+                  "write is never replaced: docs/reference/exit-codes.md)")
 
 
 def overwrite_option() -> Any:

@@ -83,6 +83,13 @@ def _offline_torch_home(tmp_path_factory, monkeypatch):
     # Exported ONNX graphs: shared by the session's tests (an export costs seconds), never the user's.
     monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path_factory.getbasetemp() / "embedder_cache"))
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    # timm weights download from the hub when it answers (embedder.models.catalog.TimmWeights): the tests
+    # never reach the real one (tests/test_weights_download.py serves a loopback hub), and offline mode
+    # makes a missing file an immediate error rather than five retries.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     yield
 
 

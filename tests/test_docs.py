@@ -24,3 +24,28 @@ def test_the_cli_reference_documents_every_command_and_flag():
             for flag in action.option_strings:
                 if flag not in ("-h", "--help"):
                     assert f"`{flag}" in page, (name, flag)
+
+
+def test_the_readme_python_block_runs_as_written(tmp_path):
+    """The README's dozen lines of API run as they are (in a fresh folder, on the shipped digits)."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import env_with_repo
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.DOTALL).group(1)
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env_with_repo(), capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout and "(1, 1280) []" in proc.stdout
+
+
+def test_the_readme_stays_short_and_its_links_resolve():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 220
+    import re
+
+    for target in re.findall(r"\]\(((?:docs|data)/[^)#]+)", readme):
+        assert (REPO / target).is_file(), target

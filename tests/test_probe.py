@@ -136,7 +136,8 @@ def test_predict_cli(labelled_cache, tmp_path, capsys):
     assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "m.pt")]) == 0
     (tree.parent / "broken.jpg").write_bytes(b"nope")
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "m.pt"), str(tree / "ant"), str(tree.parent / "broken.jpg"), "--json"]) == 0
+    # Every readable image is labelled, and the unreadable one fails the command (exit 2, issue 24).
+    assert main(["predict", str(tmp_path / "m.pt"), str(tree / "ant"), str(tree.parent / "broken.jpg"), "--json"]) == 2
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 11 and rows[-1]["error"]
     assert all(r["label"] in ("ant", "bee", "cat") and 0 < r["probability"] <= 1 for r in rows[:-1])
@@ -296,3 +297,47 @@ def test_zero_test_fraction_means_no_test_split():
     assert len(s.test) == 0 and len(s.train) + len(s.val) == 20 and not set(s.train) & set(s.val)
     s = assign_splits(paths, labels, ["a", "b"])
     assert (len(s.train), len(s.val), len(s.test)) == (12, 4, 4)
+
+
+STANDALONE = """
+import json, sys
+import numpy as np, onnxruntime, torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+described = json.load(open(sys.argv[1]))
+pre = described["preprocessing"]
+geometry = v2.Compose([v2.Resize(pre["resize_size"], interpolation=InterpolationMode(pre["interpolation"]),
+                                 antialias=pre["antialias"]), v2.CenterCrop(pre["crop_size"])])
+pixels = np.stack([geometry(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)).numpy()
+                   for p in sys.argv[3:]]).astype(np.float32) / np.float32(255)
+session = onnxruntime.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+logits = session.run([described["output"]], {described["input"]: pixels})[0]
+assert not any(m == "embedder" or m.startswith("embedder.") for m in sys.modules)
+print(json.dumps({"labels": [described["classes"][i] for i in logits.argmax(1)], "logits": logits.tolist()}))
+"""
+
+
+def test_an_exported_classifier_runs_without_embedder_and_predicts_as_predict_does(labelled_cache, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from embedder.learn.export import standalone_paths
+    from embedder.learn.predict import predict
+
+    tree, cache = labelled_cache
+    run_probe(ProbeConfig(str(cache), out=str(tmp_path / "p"), Cs=FAST_CS, device="cpu"))
+    model_path = export_probe(tmp_path / "p", tmp_path / "model.pt")
+    graph, described = standalone_paths(model_path)
+    assert graph.is_file() and json.loads(described.read_text())["classes"] == ["ant", "bee", "cat"]
+    images = sorted(str(p) for p in tree.rglob("*.*"))[:12]
+    # A clean interpreter with no embedder on its path: onnxruntime, numpy, PIL and torchvision's transforms.
+    done = subprocess.run([sys.executable, "-I", "-c", STANDALONE, str(described), str(graph), *images],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outside = json.loads(done.stdout)
+    ours = predict(model_path, images, device="cpu", runtime="torch")
+    assert outside["labels"] == [r["label"] for r in ours]
+    logits = np.array(outside["logits"])
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy().max(1),
+                               [r["probability"] for r in ours], rtol=1e-4, atol=1e-5)

@@ -156,7 +156,8 @@ def test_keep_downloads_writes_each_body_once_and_reads_it_back_without_the_serv
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
     assert "DIR/<h[:2]>/<h><.ext>" in " ".join(capsys.readouterr().out.split())
-    assert "`DIR/<h[:2]>/<h><.ext>`" in (Path(__file__).parents[1] / "README.md").read_text()
+    # ... and the docs (the CLI reference is generated from that help, so the two cannot drift apart)
+    assert "DIR/<h[:2]>/<h><.ext>" in (Path(__file__).parents[1] / "docs" / "reference" / "cli.md").read_text()
     # The server is gone: a second model's run reads every row from the kept files.
     report = embed(fast_config(tmp_path / "urls.txt", tmp_path / "second.h5", keep_downloads=str(keep),
                                fetch_retries=0, fetch_timeout=0.2))

@@ -42,6 +42,9 @@ class ExportVectorsConfig:
     block_rows: int = option(8192, help="rows read and written at a time (a Parquet row group): what memory holds")
     overwrite: bool = overwrite_option()
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
+    metric: str = option("cosine", choices=("cosine", "l2"),
+                         help="npy: what the readers will rank by; autofaiss and clip-retrieval rank by inner "
+                              "product, so cosine writes L2-normalised vectors, l2 the vectors as cached")
 
     def __post_init__(self):
         check_choices(self)

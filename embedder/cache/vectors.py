@@ -5,13 +5,18 @@ source, the cache's fingerprint and components, classes, columns):
 
     parquet   DIR/embeddings.parquet: one table, one row group per block read, with `id` (the
               cache row), `path`, `label` (class name, null when unlabelled), every metadata
-              column, and `embedding` (fixed-size list<float32>[D]). pandas, pyarrow, DuckDB and
-              LanceDB read it as is.
+              column, and `embedding` (fixed-size list<float32>[D], the cached vectors). pandas,
+              pyarrow and LanceDB read it as is; DuckDB reads `embedding` as FLOAT[] (Parquet has no
+              fixed-size lists), so its array functions take `embedding::FLOAT[D]` (embedder.json's
+              `duckdb_cast`).
     npy       clip-retrieval's layout: DIR/img_emb/img_emb_{i}.npy (float32 or float16 [n_i, D],
               the cache's dtype) and DIR/metadata/metadata_{i}.parquet with the same rows in the
-              same order: `image_path` (the file, SOURCE joined to the path), `path`, `label` and
-              the metadata columns. autofaiss (`--embeddings DIR/img_emb`) and clip-retrieval's
-              back end take it as is. `i` is zero-padded to the digits of the part count.
+              same order: `image_path` (the file, SOURCE joined to the path; a tar row's is
+              `SHARD.tar/MEMBER`, see embedder.data.rows), `path`, `label` and the metadata columns.
+              autofaiss (`--embeddings DIR/img_emb`) and clip-retrieval's back end rank by inner
+              product, so for `metric` cosine (the default, as the index's) the vectors are written
+              L2-normalised; embedder.json records `metric` and `normalized`. `i` is zero-padded to the
+              digits of the part count.
 
 File names that are not UTF-8 (raw bytes, embedder.names) are written with `\\xNN` escapes,
 since Parquet strings are UTF-8. Both stream: a block of `block_rows` rows is read from the cache and written, so memory stays
@@ -44,6 +49,7 @@ from embedder.names import ERRORS as NAME_ERRORS
 from embedder.outputs import CACHE, VECTORS, claim, expect, write_dir
 
 FORMATS = ("parquet", "npy")
+METRICS = ("cosine", "l2")  # what the npy export's readers rank by (the index's --metric)
 PARQUET_FILE = "embeddings.parquet"
 SIDECAR = "embedder.json"
 IMPORTED = "imported"  # the `model` component of an imported cache
@@ -90,13 +96,16 @@ class VectorsReport:
 
 def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None = None,
                    rows_per_file: int = DEFAULT_ROWS_PER_FILE, block_rows: int = DEFAULT_BLOCK_ROWS,
-                   overwrite: bool = False, progress: bool = True) -> VectorsReport:
+                   overwrite: bool = False, progress: bool = True, metric: str = "cosine") -> VectorsReport:
     """Write the rows of a cache (one layer) into the folder `out`, block by block (module docstring).
-    `out` is staged and swapped in whole, under the output policy (embedder.outputs)."""
+    `out` is staged and swapped in whole, under the output policy (embedder.outputs). `metric`: what
+    the npy export's readers should rank by; cosine writes unit vectors, since they rank by inner product."""
     from embedder.progress import bar as progress_bar
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}.")
     t0 = time.perf_counter()
     expect(cache_path, CACHE)
     claim(out, VECTORS, [cache_path], overwrite)  # before the cache is read
@@ -104,17 +113,27 @@ def export_vectors(cache_path, out, fmt: str = "parquet", *, layer: str | None =
             write_dir(out, VECTORS, [cache_path], overwrite) as (tmp, _):
         bar = progress_bar(total=len(cache), unit="row", desc="export", enabled=progress)
         with bar:
-            writer = _write_parquet if fmt == "parquet" else _write_npy
-            files = writer(cache, tmp, max(1, rows_per_file), max(1, block_rows), bar)
-        (tmp / SIDECAR).write_text(json.dumps(_sidecar(cache, fmt), indent=1))
+            if fmt == "parquet":
+                files = _write_parquet(cache, tmp, max(1, block_rows), bar)
+            else:
+                files = _write_npy(cache, tmp, max(1, rows_per_file), max(1, block_rows), bar, metric == "cosine")
+        (tmp / SIDECAR).write_text(json.dumps(_sidecar(cache, fmt, metric), indent=1))
         rows, dim = len(cache), cache.dim
     return VectorsReport(str(out), fmt, rows, dim, files, time.perf_counter() - t0)
 
 
-def _sidecar(cache: FeatureCache, fmt: str) -> dict:
-    return {"format": f"embedder-vectors/{fmt}", "rows": len(cache), "dim": cache.dim, "layer": cache.layer,
-            "source": cache.source, "fingerprint": cache.fingerprint, "components": cache.components,
-            "classes": cache.classes, "columns": cache.column_kinds}
+def _sidecar(cache: FeatureCache, fmt: str, metric: str) -> dict:
+    layout = {"format": f"embedder-vectors/{fmt}", "rows": len(cache), "dim": cache.dim, "layer": cache.layer,
+              "source": cache.source, "fingerprint": cache.fingerprint, "components": cache.components,
+              "classes": cache.classes, "columns": cache.column_kinds}
+    if fmt == "npy":
+        # What the vectors are, for tools that rank by inner product (autofaiss, clip-retrieval).
+        layout.update(metric=metric, normalized="l2" if metric == "cosine" else "as cached")
+    else:
+        # Parquet has no fixed-size list type: DuckDB reads `embedding` as FLOAT[], and its array functions
+        # (array_cosine_similarity, array_inner_product) take FLOAT[D]: this cast.
+        layout["duckdb_cast"] = f"embedding::FLOAT[{cache.dim}]"
+    return layout
 
 
 def _schema(cache: FeatureCache, embedding: bool, image_path: bool):
@@ -159,7 +178,7 @@ def _null_mask(name: str, values: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _write_parquet(cache: FeatureCache, tmp: Path, _rows_per_file: int, block_rows: int, bar) -> list[str]:
+def _write_parquet(cache: FeatureCache, tmp: Path, block_rows: int, bar) -> list[str]:
     import pyarrow.parquet as pq
 
     schema = _schema(cache, embedding=True, image_path=False)
@@ -172,8 +191,9 @@ def _write_parquet(cache: FeatureCache, tmp: Path, _rows_per_file: int, block_ro
     return [PARQUET_FILE]
 
 
-def _write_npy(cache: FeatureCache, tmp: Path, rows_per_file: int, block_rows: int, bar) -> list[str]:
-    """clip-retrieval's parts: each .npy written as a header then its rows, one block at a time."""
+def _write_npy(cache: FeatureCache, tmp: Path, rows_per_file: int, block_rows: int, bar, unit: bool) -> list[str]:
+    """clip-retrieval's parts: each .npy written as a header then its rows, one block at a time; `unit`:
+    each row divided by its L2 norm (in float32; a zero row stays zero)."""
     import pyarrow.parquet as pq
 
     n, dim = len(cache), cache.dim
@@ -190,7 +210,11 @@ def _write_npy(cache: FeatureCache, tmp: Path, rows_per_file: int, block_rows: i
             np.lib.format.write_array_header_1_0(f, header)
             for start in range(lo, hi, block_rows):
                 stop = min(start + block_rows, hi)
-                f.write(memoryview(np.ascontiguousarray(cache.features(slice(start, stop)), dtype=dtype)))  # no copy
+                block = cache.features(slice(start, stop))
+                if unit:
+                    block = np.asarray(block, dtype=np.float32)
+                    block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+                f.write(memoryview(np.ascontiguousarray(block, dtype=dtype)))  # no copy where it is already so
                 writer.write_table(_table(cache, schema, start, stop, None), row_group_size=block_rows)
                 bar.update(stop - start)
         files += [emb, meta]

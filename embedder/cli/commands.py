@@ -83,8 +83,9 @@ def _model_entry(name: str, args) -> dict:
           f"mean {pre['mean']}, std {pre['std']}")
     print("  layers: " + ", ".join(f"{n} ({d})" for n, d in entry["layers"].items())
           + "; aliases: " + (", ".join(f"{a}={n}" for a, n in entry["aliases"].items()) or "-"))
+    print(f"  poolings (--pool): {', '.join(entry['poolings'])}")
     if entry["blocks"]:
-        print(f"  transformer blocks ({len(entry['blocks'])}, pool with --pool cls|avg|cls+avg): "
+        print(f"  transformer blocks ({len(entry['blocks'])}, pool with --pool {'|'.join(entry['poolings'])}): "
               f"{entry['blocks'][0]} ... {entry['blocks'][-1]}")
     offline = "present offline" if entry["weights_offline"] else "NOT present offline"
     print(f"  weights: {entry['weights']} ({offline}: {entry['weights_file']})")
@@ -283,7 +284,8 @@ def export_vectors(config, args):
     from embedder.cache.vectors import export_vectors as run
 
     report = run(config.cache, config.out, config.format, layer=config.layer, rows_per_file=config.rows_per_file,
-                 block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress)
+                 block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress,
+                 metric=config.metric)
     print_json(report.as_dict()) if _as_json(args) else print(report.summary())
     return report
 
@@ -346,7 +348,10 @@ def export(config, args) -> Path:
     from embedder.learn.export import export_probe
 
     path = export_probe(config.probe_dir, config.out, config.weights, overwrite=config.overwrite)
-    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`")
+    standalone = path.with_suffix(".onnx")
+    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`"
+          + (f"; {standalone} and {path.with_suffix('.json')}: the same for onnxruntime, without embedder"
+             if standalone.is_file() else ""))
     return path
 
 

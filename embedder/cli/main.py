@@ -20,7 +20,7 @@ from embedder.cli import commands
 from embedder.cli.failures import explain, show_notice
 from embedder.options import add_arguments, from_arguments
 
-EPILOG = "Docs: README.md. Every command has --help."
+EPILOG = "Docs: docs/ (the site: make docs-serve), docs/reference/cli.md for every flag."
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a Unix tool whose reader left
 
 

@@ -22,6 +22,7 @@ from embedder.outputs import SAMPLES as SAMPLE_DATASET
 from embedder.outputs import write_dir
 
 SAMPLES = ("digits", "lfw_subset", "photos")
+PROBE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # RGB photographs, for checks on natural images
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "logo")
 
 
@@ -111,3 +112,13 @@ def _photos(folder: Path) -> int:
         else:
             image.save(folder / f"{name}.jpg", quality=95)
     return len(PHOTOS)
+
+
+def probe_photos() -> list:
+    """The RGB sample photos as uint8 [3, H, W] tensors, from scikit-image's bundled data (no files written):
+    natural images for checks that noise would mislead (a runtime's round-off, embedder.models.onnx)."""
+    import skimage.data
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])).permute(2, 0, 1)
+            for name in PROBE_PHOTOS]

@@ -8,7 +8,8 @@ Layouts (auto-detected, or forced with `layout=`):
   flat               SOURCE/**/<image>, no labels (-1)
   filelist           a .txt/.csv file of `path[,label]` lines, relative to the list's folder
   table              a .parquet/.csv table: a column of paths or URLs, labels, metadata (embedder.data.table)
-  tar                webdataset tar shards (embedder.data.tar)
+  tar                webdataset tar shards (embedder.data.tar); a folder of shards as img2dataset
+                     writes it (with .parquet / _stats.json siblings) too, the siblings ignored (SHARD_SIDECAR)
 
 A path in a file list or a table may be an http(s) URL: the row is then fetched by the
 reader (embedder.data.fetch) and keyed by the URL itself.
@@ -64,6 +65,13 @@ SAME_FILE = "same file as another listed path (hard link or symlink)"
 FOLDER_AGAIN = "folder already listed through another path (symlink)"
 UNREADABLE_FOLDER = "folder cannot be read"
 LISTED_TWICE = "listed more than once in the file list"
+# img2dataset writes 00000.tar with 00000.parquet (every sample it tried, failed ones too) and
+# 00000_stats.json (the shard's counts); webdataset tools add .idx / .json shard indexes. They are
+# ignored, not read: a sample's own metadata is its .json member inside the tar, which the listing
+# already reads (a table keyed like the rows), and the .parquet repeats it for the samples that made
+# it into the shard, plus rows for those that did not (no image to embed).
+SHARD_SIDECAR = "shard metadata beside the .tar shards (img2dataset/webdataset); the samples' .json members are read"
+SHARD_SIDECAR_SUFFIXES = (".parquet", ".json", ".idx")
 
 
 @dataclass
@@ -227,6 +235,14 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
     """The rows of SOURCE (see the module docstring). `columns`: which columns of a table SOURCE
     hold the rows and labels (--path-column, --url-column, --label-column)."""
     columns = columns or TableColumns()
+    sidecars = shard_folder_sidecars(source)
+    if sidecars:  # an img2dataset / webdataset output folder: its shards, the sidecars ignored with a reason
+        if layout not in ("auto", tarsrc.LAYOUT) or columns.path or columns.url:
+            raise SourceError(f"SOURCE {source} is a folder of tar shards: --layout, --path-column and --url-column "
+                              "do not apply (leave them out).")
+        listing = _list_tar(str(source), columns.label)
+        listing.ignored += [(name, SHARD_SIDECAR) for name in sidecars]
+        return _nonempty(listing, source).limit(limit)
     if tarsrc.is_tar_source(str(source)):
         if layout not in ("auto", tarsrc.LAYOUT):
             raise SourceError(f"SOURCE {source} is tar shards, so --layout {layout} does not apply (leave it auto).")
@@ -262,13 +278,43 @@ def list_source(source: str | os.PathLike, layout: str = "auto", limit: int | No
     return _nonempty(listing, src).limit(limit)
 
 
+def shard_folder_sidecars(source: str | os.PathLike) -> list[str]:
+    """The sidecar files (sorted names) of a folder of .tar shards as img2dataset and webdataset tools
+    write it (SHARD_SIDECAR); [] when SOURCE is not such a folder (no sidecars, or anything else in it)."""
+    p = Path(source).expanduser()
+    if not p.is_dir():
+        return []
+    try:
+        entries = [e for e in os.scandir(p) if not e.name.startswith(".")]
+    except OSError:
+        return []
+    shards = [e for e in entries if e.name.lower().endswith(".tar") and e.is_file()]
+    others = [e for e in entries if e not in shards]
+    if not shards or not others:
+        return []
+    if not all(e.is_file() and e.name.lower().endswith(SHARD_SIDECAR_SUFFIXES) for e in others):
+        return []
+    return sorted(e.name for e in others)
+
+
 def _nonempty(listing: Listing, src) -> Listing:
     if not listing.paths:
         hint = f" ({describe_ignored(listing.ignored_counts())} files ignored)" if listing.ignored else ""
+        tars = _tar_names(src)
+        shards = (f" It holds {len(tars)} .tar files: to embed the shards, pass them as SOURCE, e.g. "
+                  f"{Path(src) / tars[0]} or a pattern such as {Path(src) / '{00000..00099}.tar'}.") if tars else ""
         raise SourceError(
-            f"SOURCE {src} holds no images{hint}. Image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}."
+            f"SOURCE {src} holds no images{hint}. Image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}.{shards}"
         )
     return listing
+
+
+def _tar_names(src) -> list[str]:
+    p = Path(src).expanduser()
+    try:
+        return sorted(e.name for e in os.scandir(p) if e.name.lower().endswith(".tar")) if p.is_dir() else []
+    except OSError:
+        return []
 
 
 def _list_tar(source: str, label_from: str | None = None) -> Listing:

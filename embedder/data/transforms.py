@@ -31,7 +31,9 @@ class Preprocessing:
     antialias: bool = True
 
     def with_image_size(self, size: int) -> Preprocessing:
-        """Scale the crop to `size`, keeping the weights' resize/crop ratio (e.g. 256/224)."""
+        """Scale the crop to `size`, keeping the weights' resize/crop ratio (e.g. 256/224): torchvision's
+        weights transforms take both sizes and define no rule between them. timm models take timm's own
+        sizes instead (BackboneSpec.preprocessing_for, embedder.models.catalog.timm_preprocessing)."""
         if size < 8:
             raise ConfigError(f"--image-size must be at least 8 pixels, got {size}.")
         resize = round(size * self.resize_size / self.crop_size)

@@ -91,7 +91,7 @@ class EmbedConfig:
                                    "recorded in the fingerprint")
     metadata: str | None = option(None, path=True, metavar="FILE", group=ROW_OPTIONS,
                                   help="a .csv or .parquet table with a `path` column (relative to SOURCE) and any "
-                                       "other columns, joined to the rows by path and stored as /columns (README: "
+                                       "other columns, joined to the rows by path and stored as /columns (docs/reference/cache-format.md: "
                                        "metadata columns)")
     path_column: str | None = option(None, metavar="NAME", group=SOURCE_OPTIONS,
                                      help="a table SOURCE's column of image paths (relative to the table's folder) "

@@ -235,7 +235,7 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
 
 
 def layer_aliases(backbone: FrozenBackbone) -> dict[str, str]:
-    """{node: the model's first alias for it} of the layers this run stores (the name the README uses)."""
+    """{node: the model's first alias for it} of the layers this run stores (the name the docs use)."""
     named: dict[str, str] = {}
     for alias, node in backbone.spec.layer_aliases.items():
         named.setdefault(node, alias)

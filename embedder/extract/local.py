@@ -170,11 +170,12 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
                   lock: WriteLock) -> EmbedReport:
     started = time.perf_counter()
     listing = list_source(config.source, config.layout, config.limit, config.table_columns())
+    # The user's tables are checked before the model is built (seconds, or an ONNX export).
+    metadata = load_metadata(config, listing)
+    columns, unlisted = known_columns(listing, metadata)
     if backbone is None:
         config = with_runtime(config)
         backbone = backbone_for(config)
-    metadata = load_metadata(config, listing)
-    columns, unlisted = known_columns(listing, metadata)
     spec = cache_spec(config, listing, backbone, command if command is not None else config.command_line(), metadata)
     _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,

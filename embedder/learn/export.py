@@ -71,4 +71,69 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
         weights=components["weights"],
         origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe.fingerprint, "C": probe.C},
     )
-    return save_classifier(out, model, info)
+    path = save_classifier(out, model, info)
+    from embedder.models.onnx import versions
+
+    if versions() is not None:  # without the ONNX packages, the checkpoint alone (predict needs no more)
+        write_standalone(path)
+    return path
+
+
+STANDALONE_FORMAT = "embedder-standalone-classifier/1"
+
+
+def standalone_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(MODEL.onnx, MODEL.json) beside MODEL.pt: the classifier for a deployment without embedder."""
+    path = Path(path)
+    return path.with_suffix(".onnx"), path.with_suffix(".json")
+
+
+def write_standalone(path: str | os.PathLike) -> tuple[Path, Path]:
+    """Beside the checkpoint `path`: MODEL.onnx, backbone + head as one ONNX graph (float32 RGB pixels in
+    [0, 1], [N, 3, crop, crop] -> logits [N, classes]; the normalisation inside), and MODEL.json, what an
+    outside program needs to feed it (resize, crop, interpolation, mean/std applied inside, class names).
+    onnxruntime alone runs it; `embedder predict MODEL.pt` gives the same predictions (tests/test_probe.py)."""
+    import contextlib
+    import io
+    import json
+    import warnings
+
+    from embedder.atomic import staged_file
+    from embedder.learn.checkpoint import load_classifier
+    from embedder.models.onnx import OPSET, require
+
+    require()
+    classifier = load_classifier(path, device="cpu", runtime="torch")
+    network, pre = classifier.network, classifier.preprocessing
+    graph = _Logits(network).eval()
+    example = torch.rand(2, 3, pre.crop_size, pre.crop_size, generator=torch.Generator().manual_seed(0))
+    onnx_path, json_path = standalone_paths(path)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), staged_file(onnx_path) as tmp:
+        warnings.simplefilter("ignore")  # the exporter's notes about its own internals
+        program = torch.onnx.export(graph, (example,), input_names=["pixels"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},),
+                                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
+        program.save(str(tmp))
+    described = {
+        "format": STANDALONE_FORMAT, "graph": onnx_path.name, "input": "pixels", "output": "logits",
+        "pixels": "float32 RGB [N, 3, crop, crop] in [0, 1] (uint8 / 255); mean and std are applied inside",
+        "preprocessing": {**pre.as_dict(), "steps": [(
+            f"decode to RGB; resize the shorter side to {pre.resize_size} ({pre.interpolation}, antialias "
+            f"{pre.antialias}); centre-crop {pre.crop_size}x{pre.crop_size}; divide by 255")]},
+        "classes": list(classifier.classes), "probabilities": "softmax over logits",
+        "model": classifier.info.model, "layer": classifier.info.layer, "weights": classifier.info.weights,
+    }
+    with staged_file(json_path) as tmp:
+        tmp.write_text(json.dumps(described, indent=1))
+    return onnx_path, json_path
+
+
+class _Logits(torch.nn.Module):
+    """The classifier's pass on float pixels in [0, 1] (normalisation, backbone, head), for the exporter."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network.pooled_output(self.network._maps(pixels), self.network.node)

@@ -118,18 +118,11 @@ class FrozenBackbone(nn.Module):
         """`output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
         super().__init__()
         _validate(config)
-        if config.pool in ("cls", "cls+avg") and spec.prefix_tokens == 0:
-            raise ConfigError(
-                f"--pool {config.pool} takes a ViT's class token, but {spec.name} has none (its layers output "
-                "CNN maps); use --pool avg, max or gem."
-            )
+        spec.check_pool(config.pool)  # from the model's own description (registers are no class token)
         self.spec = spec
         self.config = config
         self.weights = weights
-        preprocessing = spec.preprocessing
-        if config.image_size is not None:
-            preprocessing = preprocessing.with_image_size(config.image_size)
-        self.preprocessing: Preprocessing = preprocessing
+        self.preprocessing: Preprocessing = spec.preprocessing_for(config.image_size)
         nodes = self._name_outputs(model, output)
         self._lock(model, nodes)
         # torch.compile's wrapper and the batch size its graph is fixed to; set at the end of __init__.

@@ -98,7 +98,7 @@ def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool
     return matches[-1], int(width)
 
 
-def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, build_at=None):
+def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, build_at=None, preprocessing_at=None):
     from embedder.models.registry import BackboneSpec
 
     head = find_head(model)
@@ -109,6 +109,7 @@ def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, buil
     replaceable = (isinstance(model.get_submodule(head), (nn.Linear, nn.Identity))
                    and not (uses_timm and isinstance(model.get_classifier(), tuple)))
     prefix, blocks, tokens = token_layout(model)
+    class_token = bool(prefix) and has_class_token(model)
     aliases = {"pool": node, "fc_input": node}
     if tokens:
         aliases["tokens"] = tokens  # the final (normed) token sequence, for --pool cls|avg|cls+avg
@@ -125,8 +126,10 @@ def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, buil
         head_inputs=(node,) if replaceable else (),
         uses_timm=uses_timm,
         prefix_tokens=prefix,
+        class_token=class_token,
         blocks=blocks,
         build_at=build_at,
+        preprocessing_at=preprocessing_at,
     )
 
 
@@ -142,6 +145,17 @@ def token_layout(model: nn.Module) -> tuple[int, tuple[str, ...], str]:
         return 0, (), ""
     blocks = tuple(f"{root}.{n}" for n, _ in model.get_submodule(root).named_children())
     return prefix, blocks, final
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether token 0 is a class token, as the model describes itself: timm's `has_class_token`
+    (False for `*_gap` ViTs, whose prefix tokens are registers), else a `cls_token` parameter
+    (timm's Eva and others); torchvision's VisionTransformer always has its `class_token`."""
+    if hasattr(model, "has_class_token"):
+        return bool(model.has_class_token)
+    if hasattr(model, "class_token") and hasattr(model, "encoder"):  # torchvision VisionTransformer
+        return True
+    return getattr(model, "cls_token", None) is not None
 
 
 def sized_builder(name: str, build_at, patch: int, native: int):
@@ -230,7 +244,8 @@ def torchvision_weights(arch: str, tag: str):
 
 @dataclass(frozen=True)
 class TimmWeights(WeightsSource):
-    """A timm pretrained tag's weights from the Hugging Face hub cache (read offline)."""
+    """A timm pretrained tag's weights: the Hugging Face hub cache, else downloaded into it (HF_ENDPOINT,
+    HF_HOME and HF_HUB_OFFLINE apply, as for timm.create_model(pretrained=True))."""
 
     model_name: str  # e.g. vit_small_patch16_224.dino
     hf_hub_id: str  # e.g. timm/vit_small_patch16_224.dino
@@ -267,14 +282,38 @@ class TimmWeights(WeightsSource):
         return (f"run `huggingface-cli download {self.hf_hub_id}` on a machine with network access and copy the "
                 f"folder to {self.location()} (HF_HOME chooses the cache directory)")
 
+    def _download(self) -> tuple[str | None, str]:
+        """(the file fetched from the hub into its cache, as timm.create_model(pretrained=True) fetches it:
+        model.safetensors, else pytorch_model.bin; None and why where that fails: offline, HF_HUB_OFFLINE)."""
+        if not self.hf_hub_id:
+            return None, "timm names no hub file"
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        why = ""
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                return hf_hub_download(self.hf_hub_id, filename), ""
+            except EntryNotFoundError as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            except Exception as exc:  # noqa: BLE001 (no network, a proxy, offline mode: the message below says what to do)
+                return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return None, why
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         from pathlib import Path
 
+        from huggingface_hub.constants import ENDPOINT
+
         cached = self._cached()
+        why = ""
         if cached is None:
-            where = f"https://huggingface.co/{self.hf_hub_id}" if self.hf_hub_id else "(timm names no hub file)"
+            cached, why = self._download()
+        if cached is None:
+            where = f"{ENDPOINT}/{self.hf_hub_id}" if self.hf_hub_id else "(timm names no hub file)"
             raise WeightsUnavailableError(
-                f"The weights of timm:{self.model_name} are not in the Hugging Face cache.\n"
+                f"The weights of timm:{self.model_name} are not in the Hugging Face cache and could not be "
+                f"downloaded from {where} ({why}).\n"
                 f"Download model.safetensors from {where} on a machine with network access "
                 f"(e.g. `huggingface-cli download {self.hf_hub_id}`) and copy the cache folder to\n"
                 f"  {self.location()}\n"
@@ -301,7 +340,7 @@ def _timm_spec(name: str):
 
     probe = build()
     cfg = probe.pretrained_cfg or {}
-    preprocessing = timm_preprocessing(probe)
+    preprocessing = timm_preprocessing(cfg)
     sized = None
     if cfg.get("fixed_input_size"):
         # timm's flag for "the model takes an img_size argument that fixes its input size" (ViTs,
@@ -318,19 +357,33 @@ def _timm_spec(name: str):
         uses_timm=True,
         model=probe,
         build_at=sized,
+        preprocessing_at=functools.partial(timm_preprocessing, dict(cfg)),
     )
 
 
-def timm_preprocessing(model: nn.Module) -> Preprocessing:
-    """Eval geometry from `resolve_data_config(pretrained_cfg)`: crop = input size, resize = crop / crop_pct."""
-    from timm.data import resolve_data_config
+def timm_preprocessing(pretrained_cfg: dict, image_size: int | None = None) -> Preprocessing:
+    """The eval preprocessing that timm builds for the model at crop `image_size` (None: its own):
+    `create_transform(**resolve_data_config({"input_size": ...}, pretrained_cfg=...))`, read back off
+    the transform objects themselves (its Resize is floor(crop / crop_pct)), so the sizes are timm's
+    and never re-derived here."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision import transforms as T
 
-    data = resolve_data_config({}, model=model)
-    crop = int(data["input_size"][-1])
+    args = {} if image_size is None else {"input_size": (3, int(image_size), int(image_size))}
+    data = resolve_data_config(args, pretrained_cfg=dict(pretrained_cfg))
+    steps = create_transform(**data, is_training=False).transforms
+    resize = next((t for t in steps if isinstance(t, T.Resize)), None)
+    crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
+    if resize is None or crop is None:  # crop_mode border: no plain Resize; the shorter side as timm scales it
+        side, crop_side = math.floor(data["input_size"][-1] / float(data["crop_pct"])), data["input_size"][-1]
+    else:  # crop_mode squash resizes both sides to the same length; embedder resizes the shorter one
+        side = resize.size if isinstance(resize.size, int) else resize.size[0]
+        crop_side = crop.size if isinstance(crop.size, int) else crop.size[0]
     interpolation = data.get("interpolation", "bicubic")
+    # mean and std as the config states them (the Normalize tensors are float32-rounded copies of them)
     return Preprocessing(
-        resize_size=math.floor(crop / float(data.get("crop_pct", 0.875))),
-        crop_size=crop,
+        resize_size=int(side),
+        crop_size=int(crop_side),
         interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
         mean=tuple(float(v) for v in data["mean"]),
         std=tuple(float(v) for v in data["std"]),

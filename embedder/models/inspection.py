@@ -104,7 +104,7 @@ def _marks(spec: BackboneSpec) -> dict[str, list[str]]:
     for alias, node in sorted(spec.layer_aliases.items()):
         add(node, f"alias {alias}")
     for i, node in enumerate(spec.blocks):
-        add(node, f"block {i} (tokens: --pool cls|avg|cls+avg)")
+        add(node, f"block {i} (tokens: --pool {'|'.join(p for p in spec.poolings if p != 'none')})")
     return marks
 
 

@@ -13,8 +13,9 @@ hash of everything that decides it: the backbone's configuration and outputs, a 
 parameters and buffers, and the torch / onnx / onnxscript versions. `graph.onnx` sits beside
 `meta.json`, which records that identity and the file's sha256: a file that does not match
 (a disk error, an interrupted copy) is rebuilt, never used. Every session is checked against
-the torch pass on two probe images when it is opened; features that disagree (cosine below
-`MIN_COSINE`) are refused, so the runtime is never silently different.
+an fp64 pass of the torch module on the sample photos when it is opened; features further from it than
+fp32 round-off on that model explains (check_against_torch) are refused, so the runtime is never silently
+different.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 GRAPH_FORMAT = "embedder-onnx-1"  # bump when what the graph computes changes
 OPSET = 18
-MIN_COSINE = 0.99999  # torch vs ONNX Runtime on the probe images; measured: 1.000000 (docs/BENCHMARKS.md)
+MIN_COSINE = 0.99999  # torch vs ONNX Runtime on random crops (tests); measured: 1.000000 (docs/BENCHMARKS.md)
 INSTALL = "pip install onnxruntime onnx onnxscript"
 EXPORT_WAIT_S = 900.0  # another process exporting the same graph: wait for it rather than export twice
 
@@ -207,26 +208,53 @@ def _export(backbone: FrozenBackbone, path: Path) -> None:
         program.save(str(path))
 
 
+# The self-check's bar (1 - cosine to an fp64 pass): ROUNDOFF_FACTOR x torch's own fp32 error on the same
+# images (ONNX Runtime's kernels sum in other orders; measured within 0.03-8x of torch's, docs/RELIABILITY.md),
+# and never below ROUNDOFF_FLOOR, the README's "cosine >= 0.99999".
+ROUNDOFF_FACTOR = 20.0
+ROUNDOFF_FLOOR = 1e-5
+
+
 def check_against_torch(backbone: FrozenBackbone, session: OnnxSession) -> float:
-    """The smallest cosine between torch's and the session's outputs on two probe images (refused below
-    MIN_COSINE): the guarantee that the runtime changes the last bits, never the features."""
-    size = backbone.preprocessing.crop_size
-    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    """The session's largest error (1 - cosine) to an fp64 pass of the backbone on natural images (the
+    sample photos, at the backbone's preprocessing), refused when it exceeds what fp32 round-off on this
+    model explains: ROUNDOFF_FACTOR x torch's own fp32 error to the same fp64 pass (at least ROUNDOFF_FLOOR).
+    A correct graph differs from torch in the last bits only; a wrong one by far more."""
+    import copy
+
+    from embedder.data.samples import probe_photos
+    from embedder.data.transforms import geometric_transform
+
+    crop = geometric_transform(backbone.preprocessing)
+    pixels = torch.stack([crop(p) for p in probe_photos()])  # uint8 [N, 3, crop, crop]
+    x = pixels.float().div_(255.0).to(backbone.device)
+    reference = copy.deepcopy(backbone).double()  # _session is not set yet: a plain torch module
     with torch.inference_mode():
-        expected = _Graph(backbone)(pixels.to(backbone.device))
+        fp32 = _Graph(backbone)(x)
+        fp64 = _Graph(reference)(x.double())
+    del reference
     got = session.run(pixels)
-    worst = 1.0
-    for e, g in zip(expected, got):
-        e, g = e.float().cpu().flatten(1).double(), g.flatten(1).double()
-        if e.shape != g.shape:
-            worst = -1.0
-            break
-        scale = e.norm(dim=1) * g.norm(dim=1)
-        cos = torch.where(scale > 0, (e * g).sum(1) / scale.clamp_min(1e-300), (e == g).all(1).double())
-        worst = min(worst, float(cos.min()))
-    if worst < MIN_COSINE:
+    torch_error, onnx_error = _worst_error(fp32, fp64), _worst_error(got, fp64)
+    bar = max(ROUNDOFF_FACTOR * torch_error, ROUNDOFF_FLOOR)
+    if onnx_error > bar:
         raise ConfigError(
-            f"ONNX Runtime's features for {backbone.spec.name} differ from torch's (cosine {worst:.6f} < {MIN_COSINE}); "
+            f"ONNX Runtime's features for {backbone.spec.name} differ from an fp64 pass by 1 - cosine "
+            f"{onnx_error:.2e}, more than fp32 round-off explains ({bar:.2e}: torch fp32 is at {torch_error:.2e}); "
             f"use --runtime torch. The graph is {session.path}."
         )
+    return 1.0 - onnx_error
+
+
+def _worst_error(outputs, reference) -> float:
+    """The largest 1 - cosine between matching rows of two output lists (1.0 for a shape mismatch)."""
+    worst = 0.0
+    for g, e in zip(outputs, reference):
+        e, g = e.cpu().flatten(1).double(), g.cpu().flatten(1).double()
+        if e.shape != g.shape:
+            return 1.0
+        scale = e.norm(dim=1) * g.norm(dim=1)
+        both_zero = (e.norm(dim=1) == 0) & (g.norm(dim=1) == 0)
+        error = torch.where(scale > 0, 1.0 - (e * g).sum(1) / scale.clamp_min(1e-300),
+                            torch.where(both_zero, 0.0, 1.0).double())
+        worst = max(worst, float(error.max()))
     return worst

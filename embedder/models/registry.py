@@ -44,13 +44,50 @@ class BackboneSpec:
     # whose first one `--pool cls` takes; blocks lists the transformer blocks for --layer.
     prefix_tokens: int = 0
     blocks: tuple[str, ...] = ()
+    # Whether the first prefix token is a class token (timm's `has_class_token`; torchvision's ViT
+    # always has one). A `*_gap` ViT with registers has prefix tokens but no class token: its
+    # token 0 is a register, so `--pool cls` is not offered (see `poolings`).
+    class_token: bool = False
     # The architecture for another input size (--image-size), for models whose position
     # embeddings fix it (ViTs); None where `build()` takes any size (CNNs).
     build_at: Callable[[int], nn.Module] | None = None
+    # The preprocessing at another crop size (--image-size), as the model's library builds it (timm:
+    # resolve_data_config + create_transform, embedder.models.catalog.timm_preprocessing); None: the
+    # weights' resize/crop ratio kept (torchvision's weights transforms take both sizes and define no rule).
+    preprocessing_at: Callable[[int], Preprocessing] | None = None
 
     @property
     def feature_dim(self) -> int:
         return self.layer_dims[self.default_layer]
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        """The --pool values this model can do, read from its own description: CNN maps pool by
+        avg/max/gem; a ViT's tokens by avg/max over the patch tokens, and by its class token only
+        where it has one."""
+        if self.prefix_tokens == 0:
+            return ("avg", "max", "gem", "none")
+        return ("avg", "max", "none") + (("cls", "cls+avg") if self.class_token else ())
+
+    def check_pool(self, pool: str) -> None:
+        """ConfigError, in one line naming the poolings it can do, for a pooling this model cannot do."""
+        if pool in self.poolings:
+            return
+        if pool in ("cls", "cls+avg"):
+            why = ("its leading tokens are registers, not a class token" if self.prefix_tokens
+                   else "it has no class token (its layers output CNN maps)")
+        else:
+            why = "that pools CNN maps, not a ViT's tokens" if self.prefix_tokens else "that is not a pooling"
+        raise ConfigError(f"--pool {pool} does not apply to {self.name}: {why}; "
+                          f"it can pool with {', '.join(self.poolings)}.")
+
+    def preprocessing_for(self, image_size: int | None) -> Preprocessing:
+        """The preprocessing at crop `image_size` (None: the weights' own)."""
+        if image_size is None or image_size == self.preprocessing.crop_size:
+            return self.preprocessing
+        if self.preprocessing_at is None or image_size < 8:  # with_image_size refuses sizes below 8
+            return self.preprocessing.with_image_size(image_size)
+        return self.preprocessing_at(image_size)
 
     def resolve_layer(self, layer: str | None) -> str:
         """Map a user-facing layer name (None = default, alias, or graph node) to a graph node."""
@@ -312,6 +349,8 @@ def model_entry(name: str) -> dict:
         "aliases": dict(spec.layer_aliases),
         "blocks": list(spec.blocks),
         "prefix_tokens": spec.prefix_tokens,
+        "class_token": spec.class_token,
+        "poolings": list(spec.poolings),
         "head": spec.head,
         "preprocessing": spec.preprocessing.as_dict(),
         "weights": spec.weights.identity,

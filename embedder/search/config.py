@@ -99,7 +99,7 @@ class SearchConfig:
     k: int = option(10, flag="-k", aliases=("--top-k",), help="neighbours per query")
     where: str | None = option(None, metavar="FILTER",
                                help="only rows this filter keeps, e.g. \"label == 'cat' and width >= 256\" "
-                                    "(columns id, path, label and the index's metadata columns; README: Filters)")
+                                    "(columns id, path, label and the index's metadata columns; docs/reference/filters.md)")
     combine: bool = option(False, help="one query from all the positive examples (--image files, or the rows of "
                                        "--vector) instead of one per example: Rocchio's alpha * mean(positives) "
                                        "- beta * mean(negatives); implied by any negative")

@@ -316,7 +316,7 @@ class _Limits:
 # The filter fields' OpenAPI format: a grammar no JSON schema states, named so that a client (and
 # the schemathesis hooks in benchmarks/) can tell a filter from any other string.
 FILTER_FORMAT = "embedder-row-filter"
-FILTER_HELP = ("only rows this filter keeps, e.g. `label == 'cat' and width >= 256` (the README's filter language; "
+FILTER_HELP = ("only rows this filter keeps, e.g. `label == 'cat' and width >= 256` (docs/reference/filters.md; "
                "columns: {columns}); empty: every row")
 
 

@@ -148,9 +148,7 @@ def _resolve(config: FinetuneConfig) -> _Run:
     )
     probe = read_init_head(config.init_head, spec, node, listing.classes, in_features) if config.init_head else None
     weights = resolve_weights(spec.weights, config.weights)
-    preprocessing = spec.preprocessing
-    if config.image_size is not None:
-        preprocessing = preprocessing.with_image_size(config.image_size)
+    preprocessing = spec.preprocessing_for(config.image_size)
     return _Run(spec, node, runtime, listing, splits, probe, weights, preprocessing)
 
 
