@@ -38,6 +38,7 @@ BENCHMARKS = {
     "export": "export-vectors (Parquet, npy) at N and 10 N rows: added peak RSS stays flat",
     "errors": "the errors table of a listing of mostly missing files: writer time and added RSS at N .. 8 N rows",
     "fidelity": "default and layer features against timm's and torchvision's own models and transforms: min cosine",
+    "sync": "rerun of embed with 1% changed against the full run; watch latency; unchanged sync at 100k paths",
 }
 
 

@@ -31,6 +31,8 @@ _EXPORTS = {
     "WeightsUnavailableError": "embedder.errors",
     "EmbedReport": "embedder.extract.local",
     "embed": "embedder.extract.local",
+    "sync": "embedder.search.watch",
+    "SyncReport": "embedder.search.watch",
     "embed_images": "embedder.extract.core",
     "load_backbone": "embedder.extract.core",
     "LinearProbe": "embedder.learn.probe",
@@ -50,6 +52,7 @@ __all__ = [
     "FrozenBackbone",
     "LinearProbe",
     "SourceError",
+    "SyncReport",
     "WeightsUnavailableError",
     "__version__",
     "embed",
@@ -58,6 +61,7 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "open_cache",
+    "sync",
 ]
 
 

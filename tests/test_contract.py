@@ -51,10 +51,11 @@ def _writers(m, out: str) -> dict[str, list[str]]:
         "finetune": ["finetune", str(m / "images"), *MODEL, "--epochs", "1", "--out", out],
         "stylize": ["stylize", "--content", image, "--style", image, *MODEL, "--steps", "1", "--out", out],
         "make-samples": ["make-samples", out.rsplit("/", 1)[0], "--only", out.rsplit("/", 1)[1]],
+        "watch": ["watch", str(m / "images"), *MODEL, "--out", out],
     }
 
 
-SUFFIX = {"embed": ".h5", "merge": ".h5", "import-vectors": ".h5", "plot": ".png", "search --grid": ".png",
+SUFFIX = {"embed": ".h5", "watch": ".h5", "merge": ".h5", "import-vectors": ".h5", "plot": ".png", "search --grid": ".png",
           "probe --plot": ".png", "stylize": ".png", "export": ".pt"}
 WRITERS = sorted(_writers(REPO, "x/digits"))
 

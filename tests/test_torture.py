@@ -37,6 +37,7 @@ from tests.torture import (
     random_kills,
     remove_scenario,
     session_pids,
+    sync_scenario,
 )
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -113,6 +114,25 @@ def test_kill_at_every_step_of_finish_of_an_append_run(forkers, tmp_path):
     assert not _failed(before, after), _failed(before, after)
     assert before.kills == after.kills >= 6
     assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
+
+
+def test_kill_at_every_step_of_finish_of_a_sync_run(forkers, tmp_path):
+    """Changed, gone and new files in one rerun: each kill's rerun ends bit-equal to an uninterrupted sync,
+    with one live row per path."""
+    before, after = _sweep_both(lambda base: sync_scenario("sync", base, per_class=3, grow=2, commit_every=4),
+                                tmp_path, forkers, at_least=6)
+    assert not _failed(before, after), _failed(before, after)
+    assert before.kills == after.kills >= 6
+    assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
+
+
+def test_random_kills_of_a_sync_run(forker, tmp_path):
+    sc = sync_scenario("sync-random", tmp_path, per_class=10, grow=3, commit_every=4)
+    _clean(prepare(sc, ForkRunner(forker), forker))
+    assert sc.ref["out/c.h5"]["live_paths_unique"] and "row_state" in sc.ref["out/c.h5"]
+    tally = random_kills(sc, ForkRunner(forker), kills=4, rng=np.random.default_rng(1))
+    _clean(tally)
+    assert tally.reruns_ok == tally.reruns == tally.kills
 
 
 def test_kill_at_every_step_of_a_probe_saved_over_another_runs_probe(forkers, tmp_path):

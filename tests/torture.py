@@ -94,9 +94,19 @@ def read_cache(path: Path, queries=None) -> dict | None:
                 snap[f"layers/{name}"] = _array(f["layers"][name])
             for name in ("paths", "classes", "errors/path", "errors/reason"):
                 snap[name] = _strings(f[name])
+            if "row_state" in f:  # a synced cache: which rows are live (embedder.cache.sync)
+                snap["row_state"] = _array(f["row_state"])
+                snap["live_paths_unique"] = _live_paths_unique(f)
             return snap
     except Exception as exc:  # noqa: BLE001 - whatever a torn file raises, it is a finding, not a crash
         return {"error": _unreadable(exc)}
+
+
+def _live_paths_unique(f) -> bool:
+    """Whether no path has two live rows (a sync's guarantee)."""
+    state = f["row_state"][()]
+    paths = [p for p, s in zip(f["paths"][()], state) if s == 0]
+    return len(paths) == len(set(paths))
 
 
 def cache_problem(path: Path) -> str | None:
@@ -348,6 +358,36 @@ def append_scenario(name: str, base: Path, per_class: int, grow: int, image_size
                     phase="finish", weight=weight)
 
 
+def change_source(src: Path, seed: int = 2) -> None:
+    """Two files of each class rewritten (new pixels, another size and mtime), one deleted, one garbage file fixed."""
+    rng = np.random.default_rng(seed)
+    for c in ("a", "b", "c"):
+        for path in sorted((src / c).glob("*_00[01].*")):
+            write_image(path, rng, size=(int(rng.integers(24, 64)), int(rng.integers(24, 64))))
+            os.utime(path, (1.5e9, 1.5e9))
+    for path in sorted((src / "c").glob("*_002.*")):
+        path.unlink()
+
+
+def sync_scenario(name: str, base: Path, per_class: int, grow: int, image_size: int = 32,
+                  commit_every: int = 8, weight: int = 3) -> Scenario:
+    """A cache of the source, then files change, go and arrive, then the rerun syncs the cache."""
+    flags = fast_flags(image_size, 0, commit_every)
+    cache = Artefact("cache", "out/c.h5")
+
+    def setup(sc: Scenario, forker: Forker) -> None:
+        make_source(sc.root / "src", per_class)
+        (sc.root / "inputs").mkdir()
+        _embed_input(sc, forker, "inputs/base.h5", flags)
+        change_source(sc.root / "src")
+        grow_source(sc.root / "src", grow)
+        sc.old[cache.path] = read_cache(sc.root / "inputs/base.h5")
+
+    argv = ["embed", "src", "--out", cache.path, *flags]
+    return Scenario(name, base / name, argv, [cache], setup, restore=[("inputs/base.h5", cache.path)],
+                    phase="finish", weight=weight)
+
+
 def make_sharded(root: Path, src: str, out: str, image_size: int, shard_size: int) -> None:
     """A sharded cache as `--backend ray` writes it, each shard embedded here in turn (no Ray)."""
     from embedder.cache.shards import ShardSet
@@ -513,6 +553,7 @@ def kill_scenarios(base: Path, quick: bool) -> list[Scenario]:
         fresh_scenario("fresh", base, n, size),
         fresh_scenario("fresh-workers", base, n, size, workers=1),
         append_scenario("append", base, n, n // 2, size),
+        sync_scenario("sync", base, n, n // 4, size),
         merge_scenario("merge", base, n, size),
         index_scenario("index-flat", base, 40, "flat"),
         index_scenario("index-ivf", base, 40, "ivf", over="flat"),
@@ -530,6 +571,7 @@ def inject_scenarios(base: Path, quick: bool) -> list[Scenario]:
     found = [
         fresh_scenario("inject-finish-fresh", base, 4),
         append_scenario("inject-finish-append", base, 2, 2, commit_every=4),
+        sync_scenario("inject-finish-sync", base, 3, 2, commit_every=4),
         probe_scenario("inject-probe", base, 6, over_seed=1),
         index_scenario("inject-index", base, 6, "ivf", over="flat"),
     ]

@@ -1,4 +1,4 @@
-"""Settings of `info`, `merge`, `export-vectors` and `import-vectors`, declared once (embedder.options)."""
+"""Settings of `info`, `compact`, `merge`, `export-vectors` and `import-vectors`, declared once (embedder.options)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ class InfoConfig:
     cache: str = option(positional=True, path=True, metavar="CACHE.h5|INDEX_DIR",
                         help="feature cache, or index folder, to describe")
     errors: bool = option(False, help="list every file in the errors table")
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    cache: str = option(positional=True, path=True,
+                        help="feature cache to rewrite without its superseded and removed rows (live rows sorted by "
+                             "path: what a fresh embed of a folder writes); rebuild its index afterwards")
 
 
 @dataclass(frozen=True)

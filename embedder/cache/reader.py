@@ -136,8 +136,11 @@ class FeatureCache:
     ...         use(block.features, block.labels)
     """
 
-    def __init__(self, path: str | os.PathLike, require_complete: bool = True, layer: str | None = None):
-        """`layer` picks the layer of a multi-layer cache (None = the primary, /features)."""
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, layer: str | None = None,
+                 live: bool = True):
+        """`layer` picks the layer of a multi-layer cache (None = the primary, /features). `live`: rows
+        superseded or removed by a sync (embedder.cache.sync) are hidden, and the live rows numbered
+        0..n-1; False reads every stored row (what the writer and an index, whose ids are stored rows, need)."""
         self.path = Path(path)
         if not self.path.is_file():
             try:
@@ -173,6 +176,9 @@ class FeatureCache:
             self._f.close()
             raise
         self._ds_name = "features" if self.layer == self.primary_layer else f"layers/{self.layer}"
+        # Stored rows of the live rows, when some are dead and hidden (None: every row is read as stored).
+        state = self.row_state
+        self._live = np.flatnonzero(state == 0) if live and state is not None and state.any() else None
 
     def incomplete_reason(self) -> str:
         """Why an incomplete cache cannot be used yet: a run still writing it, or one that was interrupted."""
@@ -224,7 +230,7 @@ class FeatureCache:
     def layer_rows(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Rows of any stored layer, whichever layer this view reads."""
         ds = self._f["features" if name == self.primary_layer else f"layers/{name}"]
-        return ds[:] if rows is None else ds[rows]
+        return self._read(ds, rows)
 
     def _virtual_sources(self):
         ds = self._f["features"]
@@ -296,7 +302,44 @@ class FeatureCache:
         return int(self._f[self._ds_name].shape[1])
 
     def __len__(self) -> int:
+        return self.stored_rows if self._live is None else len(self._live)
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows in the file, dead ones included."""
         return int(self._f["features"].shape[0])
+
+    @property
+    def row_state(self) -> np.ndarray | None:
+        """Per stored row: 0 live, 1 superseded, 2 removed (embedder.cache.sync); None when all are live."""
+        return self._f["row_state"][:] if "row_state" in self._f else None
+
+    @property
+    def generation(self) -> int:
+        """Consolidations that changed this file's rows (an index records the one it reflects)."""
+        return int(self._f.attrs.get("generation", 0))
+
+    @property
+    def live_rows(self) -> np.ndarray | None:
+        """The stored row of each row read (None: they are the same)."""
+        return self._live
+
+    def _read(self, ds: h5py.Dataset, rows):
+        """`ds` at `rows` of this view: many scattered live rows are read as one contiguous span and
+        picked in memory (HDF5's point selection is slow)."""
+        stored = self._stored(rows)
+        if stored is None:
+            return ds[:]
+        span = _span(stored)
+        return ds[stored] if span is None else ds[span][stored - span.start]
+
+    def _stored(self, rows):
+        """Rows of the live view -> stored rows (increasing, as h5py wants); None stays None (all)."""
+        if self._live is None:
+            return rows
+        if rows is None:
+            return self._live
+        return self._live[rows]
 
     @property
     def classes(self) -> list[str]:
@@ -318,23 +361,33 @@ class FeatureCache:
         columns as object arrays of str. An unknown name is a CacheError listing the columns."""
         if not self.column_kinds and names is None:
             return {}
-        return self._checked(read_columns(self._f, names, rows, what=str(self.path)))
+        stored = self._stored(rows)
+        span = _span(stored)
+        if span is None:
+            return self._checked(read_columns(self._f, names, stored, what=str(self.path)))
+        values = read_columns(self._f, names, span, what=str(self.path))
+        return self._checked({n: v[stored - span.start] for n, v in values.items()})
 
     # rows ----------------------------------------------------------------------------------
     @property
     def labels(self) -> np.ndarray:
-        return self._f["labels"][:]
+        labels = self._f["labels"][:]
+        return labels if self._live is None else labels[self._live]
 
     @property
     def paths(self) -> list[str]:
-        return self._checked(read_paths(self._f["paths"])) if len(self) else []
+        if not len(self):
+            return []
+        paths = self._checked(read_paths(self._f["paths"]))
+        return paths if self._live is None else [paths[i] for i in self._live]
 
     def path_rows(self, rows: slice) -> list[str]:
         """The paths of a range of rows (streaming readers: `paths` reads them all)."""
-        return self._checked(list(self._f["paths"].asstr(errors=NAME_ERRORS)[rows]))
+        view = self._f["paths"].asstr(errors=NAME_ERRORS)
+        return self._checked(list(view[rows] if self._live is None else view[self._live[rows]]))
 
     def label_rows(self, rows: slice) -> np.ndarray:
-        return self._checked(self._f["labels"][rows])
+        return self._checked(self._read(self._f["labels"], rows))
 
     @property
     def errors(self) -> list[tuple[str, str]]:
@@ -349,15 +402,21 @@ class FeatureCache:
         return json.loads(self._f.attrs.get("ignored", "{}"))
 
     def features(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        ds = self._f[self._ds_name]
-        return self._checked(ds[:] if rows is None else ds[rows])
+        return self._checked(self._read(self._f[self._ds_name], rows))
 
     def iter_blocks(self, block_rows: int = 65536) -> Iterator[Block]:
-        """Stream (features, labels) in row order, `block_rows` at a time."""
+        """Stream (features, labels) in row order, `block_rows` at a time (live rows: `start` counts those)."""
         ds, labels = self._f[self._ds_name], self._f["labels"]
         for start in range(0, len(self), block_rows):
             stop = min(start + block_rows, len(self))
-            yield Block(start, *self._checked((ds[start:stop], labels[start:stop])))
+            if self._live is None:
+                yield Block(start, *self._checked((ds[start:stop], labels[start:stop])))
+                continue
+            # One contiguous read over the stored rows of this block, the dead ones dropped after.
+            stored = self._live[start:stop]
+            span = slice(int(stored[0]), int(stored[-1]) + 1)
+            keep = stored - stored[0]
+            yield Block(start, *self._checked((ds[span][keep], labels[span][keep])))
 
     def _checked(self, data):
         """Rows read from an incomplete cache -- a live view over a run's part files -- are only
@@ -384,12 +443,20 @@ class FeatureCache:
 def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
     """What `embedder info` shows: rows, width, fingerprint and components, classes with counts, errors,
     ignored files, and whether the run is finished, still going (its writer's pid) or was interrupted."""
+    from embedder.cache.sync import compaction_pays, dead_counts
+
     with FeatureCache(path, require_complete=False) as cache:
         errors = cache.errors
         labels = cache.labels
+        dead = dead_counts(cache.row_state)
         doc = {
             "path": str(path),
             "rows": len(cache),
+            "stored_rows": cache.stored_rows,
+            "superseded": dead["superseded"],
+            "removed": dead["removed"],
+            "generation": cache.generation,
+            "compact": compaction_pays(cache.stored_rows, dead["superseded"] + dead["removed"]),
             "dim": cache.dim,
             "dtype": str(cache.attrs["feature_dtype"]),
             "complete": cache.complete,
@@ -414,6 +481,13 @@ def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
         if list_errors:
             doc["error_list"] = [{"path": p, "reason": r} for p, r in errors]
     return doc
+
+
+def _span(stored) -> slice | None:
+    """The contiguous stored rows covering a long list of live rows (None: read `stored` as given)."""
+    if not isinstance(stored, np.ndarray) or len(stored) < 1024:
+        return None
+    return slice(int(stored.min()), int(stored.max()) + 1)
 
 
 def read_paths(ds: h5py.Dataset) -> list[str]:

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -44,6 +44,15 @@ from embedder.cache.reader import (
     FeatureCache,
     chunk_rows,
     read_paths,
+)
+from embedder.cache.sync import (
+    HASH_COLUMN,
+    STATE,
+    SyncOptions,
+    SyncPlan,
+    classify,
+    record_of,
+    settle_states,
 )
 from embedder.cache.view import Member, error_widths, link_primary, write_attrs, write_errors, write_view
 from embedder.data.metadata import as_kind, nulls
@@ -100,7 +109,7 @@ class CacheWriter:
     def __init__(
         self, path, spec: CacheSpec, listing, *, overwrite: bool = False, commit_every: int = 512,
         fixed_width_paths: bool = False, lock: WriteLock | None = None, ignored: dict | None = None,
-        columns: dict[str, np.ndarray] | None = None, retry_errors: bool = False,
+        columns: dict[str, np.ndarray] | None = None, retry_errors: bool = False, sync: SyncOptions | None = None,
     ):
         """`lock`: the cache's write lock, when the caller took it already (`embed` does, before
         it builds the model, so that a second run is refused at once). `ignored`: {reason: files}
@@ -108,7 +117,10 @@ class CacheWriter:
         of the columns of `spec.columns` known before reading (split, --metadata), aligned with
         the listing's rows; the others come with each batch (`add(..., columns=)`). `retry_errors`:
         the complete cache's errors-table rows are read again (a download that timed out, a file
-        since repaired); the finished cache keeps each path's newest outcome."""
+        since repaired); the finished cache keeps each path's newest outcome. `sync`: compare the listing
+        with the complete cache's live rows (embedder.cache.sync): changed files are embedded again
+        and their old rows superseded, gone files' rows removed; `self.plan` counts the four kinds.
+        None: append only (new paths; nothing is compared or marked)."""
         if spec.feature_dtype not in FEATURE_DTYPES:
             raise CacheError(f"feature dtype must be one of {FEATURE_DTYPES}, got {spec.feature_dtype!r}.")
         self.path = Path(path).absolute()
@@ -134,6 +146,9 @@ class CacheWriter:
         self.pending: np.ndarray = np.zeros(0, dtype=np.int64)
         self.removed_from_source = 0
         self.retry_errors = retry_errors
+        self.sync = sync
+        self.plan: SyncPlan | None = None
+        self._dead = 0  # dead rows (superseded, removed) of the consolidated file
 
     # lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -169,6 +184,7 @@ class CacheWriter:
                 self.path.unlink()
         existing = self._read_existing()
         manifest = self._read_manifest()
+        self._keep_hashes(existing, manifest)
         if existing is not None and existing["complete"]:
             self.base = existing
             self._check_columns(existing["columns"], f"{self.path}")
@@ -198,19 +214,40 @@ class CacheWriter:
 
         done = set(self.committed.paths)
         done.update(p for p, _ in self.committed.errors)
+        if self.sync is not None:
+            self.plan = classify(self.listing, self.base["record"] if self.base else None, self.sync)
+            if self.plan.hashes is not None:
+                self.static_columns[HASH_COLUMN] = self.plan.hashes
         if self.base:
-            done.update(self.base["paths"])
-            if not self.retry_errors:
-                done.update(p for p, _ in self.base["errors"])
+            if self.sync is not None:  # the live rows' paths, but those to embed again
+                done.update(p for p in self.base["record"].paths if p not in self.plan.redo)
+            else:
+                done.update(self.base["paths"])
+            if not self.retry_errors:  # (a sync reads again those modified since: plan.redo)
+                redo = self.plan.redo if self.plan is not None else set()
+                done.update(p for p, _ in self.base["errors"] if p not in redo)
             listed = set(self.listing.paths)
             self.removed_from_source = sum(1 for p in self.base["paths"] if p not in listed)
         self.pending = np.array([i for i, p in enumerate(self.listing.paths) if p not in done], dtype=np.int64)
         if self.base is None and manifest is None:
             self._write_view()  # from the first second on, CACHE.h5 opens and says "0 rows"
 
+    def _keep_hashes(self, existing: dict | None, manifest: dict | None) -> None:
+        """A cache (or an interrupted run) that stores content hashes keeps storing and comparing them;
+        `--hash` adds them to one that does not (its earlier rows hold '')."""
+        recorded = [(existing or {}).get("columns") or {}, (manifest or {}).get("columns") or {}]
+        wanted = self.sync is not None and self.sync.hash
+        if HASH_COLUMN in self.spec.columns or not (wanted or any(HASH_COLUMN in c for c in recorded)):
+            return
+        self.spec = replace(self.spec, columns={**self.spec.columns, HASH_COLUMN: "str"})
+        self.sync = replace(self.sync or SyncOptions(), hash=True)
+
     def _check_columns(self, kinds: dict[str, str] | None, what: str) -> None:
         """An append or a resume keeps the cache's columns: refuse a run whose columns differ, naming
-        them. A cache written before columns existed (None) takes them, its rows holding nulls."""
+        them. A cache written before columns existed (None) takes them, its rows holding nulls; so does
+        one written without --hash take the hash column."""
+        if kinds is not None and HASH_COLUMN not in kinds:
+            kinds = {**kinds, HASH_COLUMN: "str"} if HASH_COLUMN in self.spec.columns else kinds
         diff = "" if kinds is None else column_differences(kinds, self.spec.columns)
         if diff:
             raise CacheError(
@@ -245,7 +282,7 @@ class CacheWriter:
         if not self.path.exists():
             return None
         try:
-            cache = FeatureCache(self.path, require_complete=False)
+            cache = FeatureCache(self.path, require_complete=False, live=False)
         except CacheError as exc:
             raise CacheError(f"{exc} Use --overwrite to replace it, or choose another --out.") from None
         with cache:
@@ -254,8 +291,13 @@ class CacheWriter:
                 raise CacheMismatchError(self.path, diff, "Use --overwrite to replace it, or choose another --out.")
             if not cache.complete:
                 return {"complete": False}
-            return {"complete": True, "rows": len(cache), "paths": cache.paths, "errors": cache.errors,
-                    "columns": kinds_in(cache._f)}
+            paths, errors, state = cache.paths, cache.errors, cache.row_state
+            kinds = kinds_in(cache._f)
+            record = record_of(paths, state, cache.columns([n for n in ("size", "mtime", HASH_COLUMN)
+                                                            if n in (kinds or {})]), errors,
+                               written_at=self.path.stat().st_mtime)
+            return {"complete": True, "rows": len(cache), "paths": paths, "errors": errors, "columns": kinds,
+                    "state": state, "generation": cache.generation, "record": record}
 
     def _read_manifest(self) -> dict | None:
         mpath = self.partial / "manifest.json"
@@ -452,12 +494,13 @@ class CacheWriter:
 
     # finishing -----------------------------------------------------------------------------
     def finish(self) -> int:
-        """Commit what is buffered and consolidate base + parts into one file. Returns its rows."""
+        """Commit what is buffered and consolidate base + parts into one file. Returns its live rows."""
         self.commit()
-        if not self.committed.files and self.base is not None:
+        if not self.committed.files and self.base is not None and not self._marks_change():
             self._drop_partial()
-            return self.base["rows"]
-        old = FeatureCache(self.path, require_complete=True) if self.base is not None else None
+            state = self.base["state"]
+            return self.base["rows"] - (0 if state is None else int(np.count_nonzero(state)))
+        old = FeatureCache(self.path, require_complete=True, live=False) if self.base is not None else None
         tmp = temp_file(self.path)
         needed = sum(p.stat().st_size for p in self.committed.files) + (self.path.stat().st_size if old else 0)
         try:
@@ -468,7 +511,7 @@ class CacheWriter:
             if old is not None:
                 old.close()
         self._drop_partial()  # a kill before this is recognised by the next run (_parts_are_in)
-        return rows
+        return rows - self._dead
 
     def _consolidate(self, old: FeatureCache | None, tmp: Path) -> int:
         """Base (when appending) + parts, as one self-contained file at `tmp`. Returns its rows."""
@@ -482,13 +525,18 @@ class CacheWriter:
             if old is not None:
                 _copy_base(old, rows, _relabelling(old.classes, classes))
                 paths, errors = old.paths, old.errors
-                values.append(old.columns(self.spec.columns) if old.column_kinds
+                have = [n for n in self.spec.columns if n in old.column_kinds]
+                values.append({**null_columns(self.spec.columns, len(old)), **old.columns(have)} if have
                               else null_columns(self.spec.columns, len(old)))
             new = self._copy_parts(rows, len(paths), _relabelling(self.classes, classes), values)
             # A base error read again (--retry-errors) is now a row or a newer error: the newest outcome wins.
             redone = set(new) | {p for p, _ in self.committed.errors}
             paths, errors = paths + new, [e for e in errors if e[0] not in redone]
+            if self.sync is not None and self.sync.prune:  # a gone file's error goes with it
+                listed = set(self.listing.paths)
+                errors = [e for e in errors if e[0] in listed]
             self._create_paths(f, paths)
+            self._write_states(f, paths)
             if self.spec.columns:
                 write_columns(f, self.spec.columns, column_concat(values, self.spec.columns),
                               fixed_width=self.fixed_width_paths, resizable=True)
@@ -496,21 +544,35 @@ class CacheWriter:
             write_errors(f, errors + self.committed.errors)
             link_primary(f, self.spec)
             write_attrs(f, self.spec, rows=total, complete=True, ignored=self.ignored)
+            f.attrs["generation"] = (self.base or {}).get("generation", 0) + 1
         return total
 
+    def _states(self, paths: list[str]) -> np.ndarray:
+        """The row states of the consolidated rows `paths` (embedder.cache.sync.settle_states)."""
+        base = (self.base or {}).get("state")
+        state = np.zeros(len(paths), np.uint8)
+        if base is not None:
+            state[:len(base)] = base
+        listed = set(self.listing.paths) if self.sync is not None and self.sync.prune else None
+        return settle_states(paths, state, listed, {p for p, _ in self.committed.errors})
+
+    def _marks_change(self) -> bool:
+        """Whether a sync with nothing to embed still changes the base's row states (gone files)."""
+        if self.sync is None:
+            return False
+        base = self.base["state"] if self.base["state"] is not None else np.zeros(self.base["rows"], np.uint8)
+        return not np.array_equal(self._states(self.base["paths"]), base)
+
+    def _write_states(self, f: h5py.File, paths: list[str]) -> None:
+        """/row_state, only where a row is dead: a cache without dead rows is as it always was."""
+        state = self._states(paths)
+        self._dead = int(np.count_nonzero(state))
+        if self._dead:
+            f.create_dataset(STATE, data=state, maxshape=(None,), chunks=(min(65536, max(len(state), 1)),),
+                             track_times=False)
+
     def _create_rows(self, f: h5py.File, total: int) -> dict[str, h5py.Dataset]:
-        """The row datasets of a finished cache but /paths, by name: chunked (~1 MiB) and resizable
-        along N, so that a later append run can grow them."""
-        dtype = self.spec.feature_dtype
-        widths = {"features": self.spec.feature_dim, **{f"layers/{k}": d for k, d in self.spec.extra_layers.items()}}
-        rows = {
-            name: f.create_dataset(name, shape=(total, dim), maxshape=(None, dim), dtype=dtype, track_times=False,
-                                   chunks=(min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim))
-            for name, dim in widths.items()
-        }
-        rows["labels"] = f.create_dataset("labels", shape=(total,), maxshape=(None,), dtype=np.int64,
-                                          chunks=(min(65536, max(total, 1)),), track_times=False)
-        return rows
+        return create_rows(f, self.spec, total)
 
     def _copy_parts(self, rows: dict[str, h5py.Dataset], start: int, relabel: np.ndarray,
                     values: list[dict[str, np.ndarray]]) -> list[str]:
@@ -526,14 +588,34 @@ class CacheWriter:
         return paths
 
     def _create_paths(self, f: h5py.File, paths: list[str]) -> None:
-        encoded = [encode_path(p) for p in paths]
-        if self.fixed_width_paths:
-            path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
-            data = np.array(encoded, dtype=path_dtype)
-        else:
-            data, path_dtype = np.array(encoded, dtype=object), STR
-        f.create_dataset("paths", data=data, dtype=path_dtype, shape=(len(paths),), maxshape=(None,),
-                         chunks=(min(65536, max(len(paths), 1)),), track_times=False)
+        create_paths(f, paths, self.fixed_width_paths)
+
+
+def create_rows(f: h5py.File, spec: CacheSpec, total: int) -> dict[str, h5py.Dataset]:
+    """The row datasets of a finished cache but /paths, by name: chunked (~1 MiB) and resizable
+    along N, so that a later append run can grow them."""
+    dtype = spec.feature_dtype
+    widths = {"features": spec.feature_dim, **{f"layers/{k}": d for k, d in spec.extra_layers.items()}}
+    rows = {
+        name: f.create_dataset(name, shape=(total, dim), maxshape=(None, dim), dtype=dtype, track_times=False,
+                               chunks=(min(chunk_rows(dim, np.dtype(dtype).itemsize), max(total, 1)), dim))
+        for name, dim in widths.items()
+    }
+    rows["labels"] = f.create_dataset("labels", shape=(total,), maxshape=(None,), dtype=np.int64,
+                                      chunks=(min(65536, max(total, 1)),), track_times=False)
+    return rows
+
+
+def create_paths(f: h5py.File, paths: list[str], fixed_width: bool = False) -> None:
+    """/paths of a finished cache: variable-length UTF-8, or fixed width (a Ray shard: virtual datasets map it)."""
+    encoded = [encode_path(p) for p in paths]
+    if fixed_width:
+        path_dtype = h5py.string_dtype("utf-8", max((len(p) for p in encoded), default=1))
+        data = np.array(encoded, dtype=path_dtype)
+    else:
+        data, path_dtype = np.array(encoded, dtype=object), STR
+    f.create_dataset("paths", data=data, dtype=path_dtype, shape=(len(paths),), maxshape=(None,),
+                     chunks=(min(65536, max(len(paths), 1)),), track_times=False)
 
 
 def _relabelling(classes: list[str], merged: list[str]) -> np.ndarray:

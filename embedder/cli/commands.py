@@ -156,6 +156,44 @@ def merge(config, args) -> int:
     return rows
 
 
+def compact(config, args) -> dict:
+    from embedder.cache.compact import compact_cache
+
+    report = compact_cache(config.cache)
+    if _as_json(args):
+        print_json(report)
+    elif report["status"] == "compact":
+        print(f"{config.cache} has no superseded or removed rows ({report['rows']} rows). Nothing to do.")
+    else:
+        print(f"wrote {config.cache}: {report['rows']} live rows, sorted by path; {report['dropped']} dead rows "
+              "dropped. Rebuild its index: `embedder index CACHE.h5 --out INDEX_DIR`.")
+    return report
+
+
+def watch(config, args) -> None:
+    from embedder.outputs import INDEX, claim
+    from embedder.search.watch import embed_config_of
+    from embedder.search.watch import watch as run
+
+    _check_embed_paths(config)
+    if config.index is not None:  # the index folder is an output too (embedder.outputs)
+        claim(config.index, INDEX, [config.out], config.overwrite, flag="--index")
+
+    def show(report, mode):
+        if _as_json(args):
+            print(json.dumps({**report.as_dict(), "events": mode}, default=str), flush=True)  # one line per sync
+        else:
+            print(report.summary(), flush=True)
+
+    if not _as_json(args):
+        print(f"watching {config.source} (Ctrl-C stops; the next watch or embed catches up)", flush=True)
+    try:
+        run(embed_config_of(config), config.index, quiet=config.settle, poll=config.poll, interval=config.interval,
+            on_sync=show)
+    except KeyboardInterrupt:
+        print("stopped: everything synced so far is kept; rerun to catch up.", file=sys.stderr)
+
+
 def info(config, args) -> dict:
     from embedder.cache.reader import describe
 
@@ -186,6 +224,8 @@ def index_info(config, args) -> dict:
              f"  cache        {doc['cache']}" + (f" (layer {doc['layer']})" if doc["layer"] else "")]
     if doc["rebuild"]:
         lines.append(f"  rebuild      pays: {doc['rebuild']}")
+    if doc.get("out_of_step"):
+        lines.append(f"  OUT OF STEP  {doc['out_of_step']}")
     print("\n".join(lines))
     return doc
 
@@ -201,6 +241,11 @@ def _info_text(doc: dict, config) -> str:
         state = "INCOMPLETE (interrupted run; rerun its command to finish)"
     lines = [f"{config.cache}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}",
              f"  fingerprint  {doc['fingerprint'][:16]}"]
+    if doc.get("superseded") or doc.get("removed"):
+        lines.append(f"  dead rows    {doc['superseded']} superseded (changed files), {doc['removed']} removed (gone "
+                     f"files), hidden from every reader; {doc['stored_rows']} rows stored, generation "
+                     f"{doc['generation']}")
+        lines.append(f"  compact      {doc['compact'] or 'does not pay yet (few dead rows)'}")
     if len(doc["layers"]) > 1:
         labels = doc.get("layer_labels", {})
         lines.append("  layers       " + ", ".join(f"{labels.get(n, n)}: {d}" for n, d in doc["layers"].items())
@@ -423,7 +468,9 @@ def index_update(config, args) -> dict:
         setting = (f"{knob} {report['knob_before']} -> {report['knob_after']}" if report["retuned"]
                    else f"{knob} {report['knob_after']} kept") if knob else "exact search"
         reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
-        print(f"updated {config.out}: added {report['rows_added']} rows to the {meta['kind']} index, now "
+        dropped = (f", took out {report['rows_removed']} rows a sync superseded or removed"
+                   if report.get("rows_removed") else "")
+        print(f"updated {config.out}: added {report['rows_added']} rows{dropped} to the {meta['kind']} index, now "
               f"{report['ntotal']} x {meta['dim']} ({meta['metric']}), in {meta['updates'][-1]['update_s']:.1f} s; "
               f"{setting}; recall@10 {report['recall_at_10']:.4f} against exact search on {meta['eval_queries']} "
               f"{'held-out new' if meta['eval_queries_held_out'] else 'indexed'} queries, target "

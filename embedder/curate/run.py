@@ -175,14 +175,18 @@ def _index_search(config: CurateConfig, data: _Data):
     from embedder.search.query import SearchIndex
 
     index = SearchIndex.open(config.index)
-    if index.metric != "cosine" or index.paths != data.paths:
+    # Index ids are stored cache rows; curate reads live rows (a synced cache hides superseded and removed ones).
+    live = [i for i in range(len(index.paths)) if not index.is_removed(i)]
+    if index.metric != "cosine" or [index.paths[i] for i in live] != data.paths:
         raise ConfigError(f"{config.index} must be a cosine index of {config.cache} (built with `embedder index "
-                          f"{config.cache} --out DIR`); leave --index out to let curate build its own.")
+                          f"{config.cache} --out DIR`, or updated with --update after its last sync); leave "
+                          "--index out to let curate build its own.")
+    position = {row: n for n, row in enumerate(live)}
 
     def search(block: np.ndarray, k: int):
         hits = index.search(block, k)
         sims = np.array([[h.score for h in row] + [-1.0] * (k - len(row)) for row in hits], np.float32)
-        ids = np.array([[h.id for h in row] + [-1] * (k - len(row)) for row in hits], np.int64)
+        ids = np.array([[position.get(h.id, -1) for h in row] + [-1] * (k - len(row)) for row in hits], np.int64)
         return sims, ids
 
     return search

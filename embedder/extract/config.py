@@ -141,6 +141,13 @@ class EmbedConfig:
     retry_errors: bool = option(False, group=ROW_OPTIONS,
                                 help="read the rows of the cache's errors table again (downloads that timed out "
                                      "or were refused, files since repaired): each becomes a row or a newer error")
+    hash: bool = option(False, group=ROW_OPTIONS,
+                        help="a rerun finds changed files by a SHA-256 of their bytes, stored in the cache, instead "
+                             "of their size and mtime (for file systems whose mtimes cannot be trusted; reads "
+                             "every file on each rerun). A cache that stores hashes keeps comparing them")
+    refresh_urls: bool = option(False, group=ROW_OPTIONS,
+                                help="a rerun fetches every http(s) row again and replaces its row (URL rows are "
+                                     "otherwise left as they are: comparing them would download them)")
     overwrite: bool = overwrite_option()
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 

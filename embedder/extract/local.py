@@ -16,6 +16,7 @@ from pathlib import Path
 
 from embedder.atomic import WriteLock
 from embedder.cache.reader import CacheSpec, recorded_components, recorded_fidelity
+from embedder.cache.sync import SyncOptions
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, describe_ignored, list_source
 from embedder.errors import EmbedderNotice
@@ -56,11 +57,14 @@ class EmbedReport:
     metadata_unlisted_examples: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # --metadata: casts made to the table's columns
     fidelity: dict | None = None  # a fast path's fidelity card (embedder.extract.fidelity)
+    # a rerun's comparison of SOURCE with the cache (embedder.cache.sync): new, changed, gone, unchanged
+    sync: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of_run(cls, config: EmbedConfig, spec: CacheSpec, listing: Listing, started: float, *, already_cached: int,
                embedded: int, errors: list[tuple[str, str]], total_rows: int, stage_s: dict[str, float],
-               unlisted: list[str] | None = None, notes: list[str] | None = None) -> EmbedReport:
+               unlisted: list[str] | None = None, notes: list[str] | None = None,
+               sync: dict[str, int] | None = None) -> EmbedReport:
         """The report of a run into `config.out` that began at `started` (`time.perf_counter()`);
         `unlisted`: the --metadata table's paths that are not in the listing."""
         unlisted = unlisted or []
@@ -80,11 +84,12 @@ class EmbedReport:
             metadata_unlisted=len(unlisted),
             metadata_unlisted_examples=unlisted[:UNLISTED_SHOWN],
             notes=list(notes or []),
+            sync=dict(sync or {}),
         )
 
     @property
     def up_to_date(self) -> bool:
-        return self.embedded == 0 and not self.errors
+        return self.embedded == 0 and not self.errors and not self.sync.get("gone")
 
     @property
     def images_per_s(self) -> float:
@@ -101,6 +106,7 @@ class EmbedReport:
             f"wrote {self.out}  ({self.total_rows} rows, fingerprint {self.fingerprint[:12]})",
             f"  images embedded : {self.embedded}  ({self.images_per_s:.1f} img/s over {self.wall_s:.1f} s)",
             f"  already cached  : {self.already_cached}",
+            *([self._sync_line()] if self.sync else []),
             *([f"  layers          : {', '.join(json.loads(self.config['layers']))} (the first is /features)"]
               if "layers" in self.config else []),
             f"  errors          : {len(self.errors)}" + (" (see the errors table: embedder info --errors)" if self.errors else ""),
@@ -123,6 +129,11 @@ class EmbedReport:
         lines.append("                     'wait' is the time the model stage waited for them)")
         return "\n".join(lines)
 
+    def _sync_line(self) -> str:
+        s = self.sync
+        return (f"  sync            : {s['new']} new, {s['changed']} changed, {s['gone']} gone, {s['unchanged']} "
+                "unchanged (a changed file's old row is superseded, a gone one's removed)")
+
     def as_dict(self) -> dict:
         return {
             "out": self.out,
@@ -142,6 +153,7 @@ class EmbedReport:
             "metadata_unlisted_examples": self.metadata_unlisted_examples,
             "notes": self.notes,
             "fidelity": self.fidelity,
+            "sync": self.sync,
         }
 
 
@@ -175,11 +187,15 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
                       card_json(card))
     _notices(config, backbone, metadata)
     with CacheWriter(config.out, spec, listing, overwrite=config.overwrite, commit_every=config.commit_every,
-                     lock=lock, columns=columns, retry_errors=config.retry_errors) as writer:
+                     lock=lock, columns=columns, retry_errors=config.retry_errors,
+                     sync=SyncOptions(hash=config.hash, refresh_urls=config.refresh_urls,
+                                      prune=config.limit is None)) as writer:  # --limit lists part of SOURCE
         done = embed_into(writer, backbone, config)
+        sync = writer.plan.as_dict()
     report = EmbedReport.of_run(config, spec, listing, started, already_cached=done.already_cached,
                                 embedded=done.embedded, errors=done.errors, total_rows=done.total_rows,
-                                stage_s=done.stage_s, unlisted=unlisted, notes=metadata.notes if metadata else [])
+                                stage_s=done.stage_s, unlisted=unlisted, notes=metadata.notes if metadata else [],
+                                sync=sync)
     report.fidelity = card
     require_rows(config, done.total_rows)
     return report

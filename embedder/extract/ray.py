@@ -28,6 +28,7 @@ from embedder.atomic import WriteLock, file_sha256
 from embedder.cache.fingerprint import component_differences, fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.shards import Shard, ShardJob, ShardSet, lock_output, write_json
+from embedder.cache.sync import changes_since
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import Listing, list_source
 from embedder.errors import CacheMismatchError, ConfigError
@@ -103,6 +104,9 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     if config.retry_errors:
         raise ConfigError("--retry-errors works with --backend local: a sharded cache's errors live in its "
                           "shards. Merge it (`embedder merge`) and retry into the merged cache.")
+    if config.hash or config.refresh_urls:
+        raise ConfigError("--hash and --refresh-urls sync a cache with --backend local only (a Ray rerun adds new "
+                          "files): run `embedder embed SOURCE --out OUT` without --backend ray to sync it.")
     options = options or RayOptions()
     ray = _ray()
     started = time.perf_counter()
@@ -110,6 +114,7 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
     with lock_output(config.out, held=lock):
         config = with_runtime(config)
         listing = list_source(config.source, config.layout, config.limit, config.table_columns())
+        _refuse_changes(config, listing)
         command = command if command is not None else config.command_line(backend="ray")
         started_here = not ray.is_initialized()
         if started_here:
@@ -119,6 +124,20 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def _refuse_changes(config: EmbedConfig, listing: Listing) -> None:
+    """A Ray rerun adds new files only: one whose SOURCE changed or lost files since is refused, naming
+    the local run that syncs (embedder.cache.sync), rather than leaving stale rows without a word."""
+    if config.overwrite or config.limit is not None:
+        return
+    plan = changes_since(config.out, listing)
+    if plan is not None and (plan.changed or plan.gone):
+        raise ConfigError(
+            f"{plan.changed} files of SOURCE changed and {plan.gone} are gone since {config.out} was made, and "
+            f"--backend ray adds new files only. Sync it with a local run (merge a sharded cache first: `embedder "
+            f"merge {config.out} --out ONE.h5`, then `embedder embed {config.source} --out ONE.h5` without "
+            "--backend ray), or remake it with --overwrite.")
 
 
 def _init(ray, address: str | None, progress: bool) -> None:

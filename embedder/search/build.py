@@ -51,6 +51,7 @@ from embedder.search.kinds import (
     pq_bytes,
     prepare,
 )
+from embedder.search.removal import drop_dead_rows
 from embedder.search.tune import Truth, Tuned, ground_truth, holds_out, tune
 
 
@@ -161,9 +162,10 @@ def build_index(
     expect(cache_path, CACHE)
     claim(out_dir, INDEX, [cache_path], overwrite)  # before the cache is read (embedder.outputs)
     with write_dir(out_dir, INDEX, [cache_path], overwrite) as (tmp, written), \
-            FeatureCache(cache_path, layer=layer) as cache:  # tmp becomes INDEX_DIR
+            FeatureCache(cache_path, layer=layer, live=False) as cache:  # tmp becomes INDEX_DIR; ids = stored rows
         t0 = time.perf_counter()
-        if len(cache) == 0:
+        dead = dead_rows(cache)
+        if len(cache) == len(dead):
             raise ConfigError(f"{cache_path} has no rows to index.")
         plan = plan_build(len(cache), cache.dim, kind, metric, memory_budget, block_rows, on_disk)
         index = new_index(plan.factory, plan.dim, plan.metric)
@@ -187,7 +189,16 @@ def build_index(
                 bar.update(len(q_rows))
         meta = metadata(cache, cache_path, plan, index, shards, tuned, q_rows, keep, target_recall, t0)
         save(tmp, index, cache, meta)
+        if len(dead):  # rows a sync superseded or removed: never returned by a search
+            drop_dead_rows(Path(out_dir), tmp, meta, dead, staged=True)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return {**meta, "notes": written.notes()}
+
+
+def dead_rows(cache: FeatureCache) -> np.ndarray:
+    """The stored rows of `cache` that a sync superseded or removed (sorted; empty when none)."""
+    state = cache.row_state
+    return np.zeros(0, np.int64) if state is None else np.flatnonzero(state).astype(np.int64)
 
 
 def _check_options(kind: str, metric: str, target_recall: float) -> None:
@@ -283,6 +294,7 @@ def metadata(cache: FeatureCache, cache_path, plan: BuildPlan, index, shards: in
     return {
         "format": "embedder-index/1",
         "cache": str(Path(cache_path).resolve()),
+        "cache_generation": cache.generation,  # the cache's rows this index reflects (embedder.cache.sync)
         "fingerprint": cache.fingerprint,
         "components": cache.components,
         "layer": cache.layer,

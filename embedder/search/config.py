@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
+from embedder.extract.config import EmbedConfig
 from embedder.models.constants import RUNTIMES
 from embedder.options import check_choices, option, overwrite_option, parse_size, specs
 from embedder.outputs import PICTURE, require_suffix
@@ -218,3 +219,22 @@ class MapConfig:
         check_choices(self)
         if self.fit_rows < MIN_MAP_ROWS:
             raise ConfigError(f"--fit-rows must be at least {MIN_MAP_ROWS}, got {self.fit_rows}.")
+
+
+@dataclass(frozen=True)
+class WatchConfig(EmbedConfig):
+    """`embedder watch`: the embed options, and how the folder is followed."""
+
+    index: str | None = option(None, path=True, metavar="INDEX_DIR",
+                               help="index to keep in step (built at the first sync when absent; updated after each)")
+    settle: float = option(1.0, metavar="SECONDS",
+                          help="sync once no event came for this long and every new file kept its size and mtime "
+                               "over it (a file still being copied is not read half-done)")
+    poll: bool = option(False, help="poll the folder instead of the platform's file-system events (network file "
+                                    "systems, containers without inotify)")
+    interval: float = option(1.0, metavar="SECONDS", help="--poll: seconds between two scans")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.settle > 0 or not self.interval > 0:
+            raise ConfigError("--settle and --interval must be above 0 seconds.")

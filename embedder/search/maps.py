@@ -197,7 +197,7 @@ class _VectorReader:
 
         path = self.index.meta.get("cache")
         if path and Path(path).is_file():
-            self.cache = FeatureCache(path, layer=self.index.meta.get("layer"))
+            self.cache = FeatureCache(path, layer=self.index.meta.get("layer"), live=False)  # ids: stored rows
         elif not self.index._reconstructs:
             raise ConfigError(f"A map needs the index's vectors: this {self.index.meta['kind']} index keeps "
                               f"compressed codes and its cache is not at {path}. Put the cache back there.")

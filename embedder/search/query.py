@@ -310,7 +310,7 @@ class SearchIndex:
             raise ConfigError(f"This {self.meta['kind']} index keeps compressed codes, so this query reads exact "
                               f"vectors from its cache, which is not at {path}. Put the cache back there, or rebuild "
                               "the index with --kind flat, ivf or hnsw.")
-        with FeatureCache(path, layer=self.meta.get("layer")) as cache:
+        with FeatureCache(path, layer=self.meta.get("layer"), live=False) as cache:  # ids are stored rows
             found = cache.features(order)
         return np.asarray(found[np.searchsorted(order, ids)], dtype=np.float32)
 

@@ -149,6 +149,35 @@ def remove_rows(index_dir, paths=(), remove_from=None, prune_missing: bool = Fal
             "paths": [stored[i] for i in new[:SHOWN_UNKNOWN]]}
 
 
+def drop_dead_rows(index_dir: Path, tmp: Path, meta: dict, dead: np.ndarray, staged: bool) -> int:
+    """Take the cache rows `dead` (superseded or removed by a sync, embedder.cache.sync) out of every
+    search of the index staged in `tmp`, as `--remove` does: removed in place where faiss can, else
+    hidden. `staged`: tmp holds the new index files already (a build or an update); else they are
+    those of `index_dir`, linked in. Updates `meta`; returns the rows newly removed."""
+    source = tmp if staged else index_dir
+    with h5py.File(source / "rows.h5", "r") as f:
+        before = f["removed"][:].astype(np.int64) if "removed" in f else np.zeros(0, np.int64)
+    new = np.setdiff1d(np.asarray(dead, dtype=np.int64), before)
+    removed = np.union1d(before, new).astype(np.int64)
+    in_place = meta["kind"] in INVERTED_LIST_KINDS and not meta.get("on_disk")
+    if not staged:
+        _write(index_dir, tmp, new if in_place else None, removed)
+    elif len(new):
+        if in_place:
+            faiss = load_faiss()
+            index = faiss.read_index(str(tmp / "index.faiss"))
+            index.remove_ids(faiss.IDSelectorBatch(new))
+            faiss.write_index(index, str(tmp / "index.faiss.tmp"))
+            os.replace(tmp / "index.faiss.tmp", tmp / "index.faiss")
+        with h5py.File(tmp / "rows.h5", "a") as f:
+            if "removed" in f:
+                del f["removed"]
+            f.create_dataset("removed", data=removed, dtype=np.int64)
+    if len(removed):
+        meta.update(removed_rows=len(removed), removed_in_place=in_place)
+    return len(new)
+
+
 def _write(index_dir: Path, tmp: Path, remove_ids: np.ndarray | None, removed: np.ndarray) -> None:
     """The staged folder: every file of `index_dir`, index.faiss edited when `remove_ids` is given,
     rows.h5 with the new /removed."""
@@ -198,7 +227,27 @@ def describe_index(index_dir) -> dict:
            "params": meta.get("params", {}), "recall_at_10": meta.get("recall_at_10"), "cache": meta.get("cache"),
            "layer": meta.get("layer_label") or meta.get("layer"), "on_disk": bool(meta.get("on_disk"))}
     doc["rebuild"] = rebuild_advice(meta["kind"], rows, removed, hidden)
+    doc["cache_generation"] = meta.get("cache_generation")
+    doc["out_of_step"] = out_of_step(meta, rows)
     return doc
+
+
+def out_of_step(meta: dict, rows: int) -> str | None:
+    """Why the index no longer reflects its cache (the cache grew or was synced since), or None;
+    None too when the cache is not where the index says."""
+    path = meta.get("cache")
+    try:
+        with h5py.File(path, "r") as f:
+            generation, stored = int(f.attrs.get("generation", 0)), int(f["features"].shape[0])
+    except (OSError, TypeError, KeyError):
+        return None
+    known = meta.get("cache_generation")
+    if stored == rows and (known is None or known == generation):
+        return None
+    fix = (f"`embedder index {path} --out INDEX_DIR --update` brings it in step" if stored >= rows else
+           f"the cache was compacted or made again: rebuild, `embedder index {path} --out INDEX_DIR`")
+    return (f"the cache is at generation {generation} with {stored} stored rows, the index reflects "
+            f"{'an older generation' if known is None else f'generation {known}'} with {rows}: {fix}")
 
 
 def rebuild_advice(kind: str, rows: int, removed: int, hidden: int) -> str | None:

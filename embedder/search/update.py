@@ -35,8 +35,9 @@ import numpy as np
 from embedder.atomic import WriteLock, staging
 from embedder.cache.reader import FeatureCache, read_paths
 from embedder.errors import CacheMismatchError, ConfigError
-from embedder.search.build import add_rows, plan_build, read_rows, sample_rows, save
+from embedder.search.build import add_rows, dead_rows, plan_build, read_rows, sample_rows, save
 from embedder.search.kinds import INVERTED_LIST_KINDS, knob_of, knob_values, load_faiss, prepare, set_knob
+from embedder.search.removal import drop_dead_rows
 from embedder.search.tune import Truth, Tuned, ground_truth, tune
 
 GROWTH_ADVICE = 4  # rows per row the IVF lists were sized for, past which a rebuild pays
@@ -62,29 +63,55 @@ def update_index(cache_path, index_dir, layer: str | None = None, kind: str = "a
         raise ConfigError(f"{index_dir} is a {meta['kind']} index; --update keeps its kind. To make a {kind} index, "
                           f"rebuild without --update: `embedder index {cache_path} --out {index_dir} --kind {kind}`.")
     t0 = time.perf_counter()
-    with WriteLock(out), FeatureCache(cache_path, layer=_layer(meta, layer, index_dir, cache_path)) as cache:
+    # Stored rows (live=False): faiss ids are stored rows, which a sync never renumbers.
+    with WriteLock(out), FeatureCache(cache_path, layer=_layer(meta, layer, index_dir, cache_path),
+                                      live=False) as cache:
         _check_same_space(cache, cache_path, meta, index_dir)
         old_paths, removed = _read_rows(out)
         n_old = _check_prefix(cache, old_paths, cache_path, index_dir)
+        dead = np.setdiff1d(dead_rows(cache), removed if removed is not None else np.zeros(0, np.int64))
         advice = rebuild_advice(meta, len(cache))
         # Blocks as a build of the grown cache would read them: the budget's last quarter bounds them.
         block_rows = plan_build(len(cache), cache.dim, meta["kind"], meta["metric"], meta["memory_budget"],
                                 block_rows).block_rows
-        if len(cache) == n_old:
-            return {"status": "up_to_date", "rows_added": 0, "ntotal": n_old, "knob": knob_of(meta["kind"]),
-                    "knob_before": _knob_value(meta), "knob_after": _knob_value(meta),
+        if len(cache) == n_old and not len(dead):
+            return {"status": "up_to_date", "rows_added": 0, "rows_removed": 0, "ntotal": n_old,
+                    "knob": knob_of(meta["kind"]), "knob_before": _knob_value(meta), "knob_after": _knob_value(meta),
                     "recall_at_10": meta["recall_at_10"], "retuned": False, "advice": advice, "meta": meta}
+        if len(cache) == n_old:  # a sync that only removed files: their rows leave every search
+            return _drop_only(out, meta, cache, cache_path, dead, advice, t0)
         with staging(out) as tmp:  # tmp becomes INDEX_DIR; a failure or kill before the swap leaves the old one
             index, tuned, fresh, held_out = _grow(cache, out, tmp, meta, n_old, removed, seed, n_eval, block_rows,
                                                   progress)
             new_meta = _updated_meta(meta, cache, cache_path, index, tuned, n_old, fresh, held_out, advice, t0)
             save(tmp, index, cache, new_meta)
             _carry_forward(out, tmp, removed)
+            # Superseded and removed rows go in the same swap: no search ever sees a path twice.
+            new_meta["updates"][-1]["rows_removed"] = drop_dead_rows(out, tmp, new_meta, dead, staged=True)
+            (tmp / "meta.json").write_text(json.dumps(new_meta, indent=2))
     before = _knob_value(meta)
     return {"status": "updated", "rows_added": new_meta["ntotal"] - n_old, "ntotal": new_meta["ntotal"],
+            "rows_removed": new_meta["updates"][-1]["rows_removed"],
             "knob": knob_of(meta["kind"]),
             "knob_before": before, "knob_after": tuned.value, "recall_at_10": tuned.recall,
             "retuned": tuned.value != before, "advice": advice, "meta": new_meta}
+
+
+def _drop_only(out: Path, meta: dict, cache: FeatureCache, cache_path, dead: np.ndarray, advice: list[str],
+               t0: float) -> dict:
+    """An update that adds nothing: the rows a sync superseded or removed leave the index, in one staged swap."""
+    new = json.loads(json.dumps(meta))
+    with staging(out) as tmp:
+        dropped = drop_dead_rows(out, tmp, new, dead, staged=False)
+        new.update(cache=str(Path(cache_path).resolve()), cache_generation=cache.generation)
+        new.setdefault("updates", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                              "rows_added": 0, "rows_removed": dropped, "ntotal": meta["ntotal"],
+                                              "update_s": round(time.perf_counter() - t0, 3)})
+        (tmp / "meta.json").write_text(json.dumps(new, indent=2))
+    value = _knob_value(meta)
+    return {"status": "updated", "rows_added": 0, "rows_removed": dropped, "ntotal": meta["ntotal"],
+            "knob": knob_of(meta["kind"]), "knob_before": value, "knob_after": value,
+            "recall_at_10": meta["recall_at_10"], "retuned": False, "advice": advice, "meta": new}
 
 
 def _read_meta(out: Path) -> dict:
@@ -280,7 +307,8 @@ def _updated_meta(meta: dict, cache: FeatureCache, cache_path, index, tuned: Tun
         new["params"][knob] = tuned.value
     if "on_disk_shards" in new["params"]:
         new["params"]["on_disk_shards"] += 1
-    new.update(cache=str(Path(cache_path).resolve()), ntotal=len(cache), recall_at_10=tuned.recall,
+    new.update(cache=str(Path(cache_path).resolve()), cache_generation=cache.generation, ntotal=len(cache),
+               recall_at_10=tuned.recall,
                tuning=tuned.tuning, target_reached=tuned.recall >= meta["target_recall"], eval_queries=len(q_rows),
                eval_queries_held_out=held_out, faiss_version=load_faiss().__version__)
     new.setdefault("updates", []).append({
