@@ -174,3 +174,22 @@ def test_serve_limits_are_checked_and_reach_uvicorn(capsys):
     for flags in (["--header-timeout", "0"], ["--body-timeout", "inf"], ["--max-connections", "0"]):
         assert main(["serve", "idx", *flags]) == 2
         assert "must be" in capsys.readouterr().err
+
+
+def test_health_says_when_the_index_is_out_of_step_with_its_cache(folder, monkeypatch):
+    """The cache gains rows (an embed rerun, a sync) while the index is served: /health names the
+    command that brings the index in step, and stops saying it once the index is updated."""
+    from embedder.serve import app as served
+
+    monkeypatch.setattr(served._StepCheck, "CHECK_S", 0.0)  # re-read at every request, for the test
+    tmp, X = folder
+    with running(create_app(tmp / "idx")) as (host, port):
+        health = f"http://{host}:{port}/health"
+        assert get(health)[1]["out_of_step"] is None
+        (tmp / "c.h5").unlink()
+        synthetic_cache(tmp / "c.h5", X)  # the cache grew; the index was not updated
+        status, body = get(health)
+        assert status == 200 and "--update" in body["out_of_step"] and f"{N}" in body["out_of_step"]
+        update_index(tmp / "c.h5", tmp / "idx", progress=False)
+        status, body = get(health)
+        assert body["ntotal"] == GROWN and body["out_of_step"] is None

@@ -147,6 +147,9 @@ class HealthOut(BaseModel):
     kind: str | None
     metric: str | None
     fingerprint: str | None
+    out_of_step: str | None = Field(None, description="why the index no longer reflects its cache (the cache was "
+                                    "synced, appended to or compacted since) and the command that brings it in "
+                                    "step; null when it is in step or the cache is not at hand")
 
 
 def _error(description: str, model: type[BaseModel] = ErrorOut) -> dict:
@@ -276,6 +279,7 @@ def _current_index(live: LiveIndex) -> Callable:
 def _add_page_routes(app: FastAPI, current) -> None:
     page, map_page = _static("index.html"), _static("map.html")
     assets = {name: _static(name) for name in STATIC}
+    step = _StepCheck()
 
     @_get_and_head(app, "/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> HTMLResponse:
@@ -299,7 +303,28 @@ def _add_page_routes(app: FastAPI, current) -> None:
             "kind": index.meta.get("kind"),
             "metric": index.metric,
             "fingerprint": index.meta.get("fingerprint"),
+            "out_of_step": step.of(index),
         }
+
+
+class _StepCheck:
+    """`out_of_step` of the index being served, read from its cache's attributes at most once per
+    CHECK_S seconds (a small HDF5 read, kept off the hot path of a busy /health)."""
+
+    CHECK_S = 2.0
+
+    def __init__(self):
+        self._last: tuple[int, float, str | None] | None = None
+
+    def of(self, index: SearchIndex) -> str | None:
+        import time
+
+        from embedder.search.removal import out_of_step
+
+        now = time.monotonic()
+        if self._last is None or self._last[0] != id(index) or now - self._last[1] > self.CHECK_S:
+            self._last = (id(index), now, out_of_step(index.meta, index.ntotal))
+        return self._last[2]
 
 
 @dataclass(frozen=True)
