@@ -65,6 +65,10 @@ docs-serve: $(STAMP)
 docs-reference: $(STAMP)
 	$(PY) -m embedder.cli.reference > docs/reference/cli.md
 
+# The pictures of the site (search page and map screenshots, a neighbour grid, a confusion matrix).
+docs-pictures: $(STAMP) browser
+	$(PY) docs/pictures.py data
+
 TUTORIALS := $(basename $(notdir $(filter-out docs/tutorials/machine.py,$(wildcard docs/tutorials/*.py))))
 tutorials: $(STAMP)
 	@for t in $(TUTORIALS); do echo "tutorial $$t"; \
