@@ -16,7 +16,7 @@ import pytest
 from embedder.cache.reader import CacheSpec, FeatureCache
 from embedder.cache.writer import CacheWriter
 from embedder.data.sources import list_source
-from embedder.errors import AllImagesFailedError, CacheError, CacheMismatchError, SourceError
+from embedder.errors import AllImagesFailedError, CacheError, CacheMismatchError, ConfigError, SourceError
 from embedder.extract.core import BatchReader, backbone_for, cache_spec, embed_images, known_columns
 from embedder.extract.local import embed
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree, write_image
@@ -134,9 +134,12 @@ def test_configuration_mismatch_is_refused_with_the_differences(tree, tmp_path):
 def test_foreign_file_is_not_overwritten_without_asking(tree, tmp_path):
     out = tmp_path / "c.h5"
     out.write_text("precious")
-    with pytest.raises(CacheError, match="--overwrite"):
-        embed(fast_config(tree, out))
-    assert out.read_text() == "precious"
+    # One output policy (embedder.outputs): a file embedder did not write is never replaced, not even
+    # with --overwrite, which replaces only a cache of another configuration.
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="embedder did not write"):
+            embed(fast_config(tree, out, overwrite=overwrite))
+        assert out.read_text() == "precious"
 
 
 def _wait_for_parts(partial, n, proc, timeout=120):
