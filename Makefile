@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test test-loaded browser clean docs docs-serve docs-reference tutorials
+.PHONY: install quickstart test test-loaded browser clean docs docs-serve docs-reference tutorials docs-pictures
 
 # torch/torchvision are pinned in constraints.txt (torch==2.14.1 torchvision==0.29.1): the
 # CPU-only torch wheel cannot be paired with any published torchvision, and an unpinned
