@@ -201,15 +201,21 @@ def staging(out: Path) -> Iterator[Path]:
 def staged_file(out: str | os.PathLike) -> Iterator[Path]:
     """`staged_dir` for a single file: yields the temporary path to write."""
     out = Path(out).absolute()
-    with WriteLock(out):
-        remove_leftovers(out)
-        tmp = temp_file(out)
-        try:
-            yield tmp
-            atomic_replace(tmp, out)
-        except BaseException:
-            discard(tmp)
-            raise
+    with WriteLock(out), file_staging(out) as tmp:
+        yield tmp
+
+
+@contextmanager
+def file_staging(out: Path) -> Iterator[Path]:
+    """`staged_file` for a caller that holds `out`'s write lock already (embedder.outputs.write_file)."""
+    remove_leftovers(out)
+    tmp = temp_file(out)
+    try:
+        yield tmp
+        atomic_replace(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 def _glob_escape(name: str) -> str:

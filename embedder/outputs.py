@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedder.atomic import WriteLock, atomic_replace, discard, remove_leftovers, staging, temp_file
+from embedder.atomic import WriteLock, file_staging, staging
 from embedder.errors import ConfigError
 
 MARKER = ".embedder-output.json"  # in a folder output
@@ -250,17 +250,10 @@ def write_file(out: str | os.PathLike, kind: OutputKind, inputs: Sequence[str | 
     """Write a file output: yields the temporary path to write (the caller marks it, e.g. with
     `png_metadata`), which replaces `out` in one step when the block ends without error."""
     out = Path(out).absolute()
-    with WriteLock(out):
+    with WriteLock(out):  # its lock file is beside `out`: the folder exists from here on
         claim(out, kind, inputs, overwrite, flag)
-        remove_leftovers(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file(out)
-        try:
+        with file_staging(out) as tmp:
             yield tmp
-            atomic_replace(tmp, out)
-        except BaseException:
-            discard(tmp)
-            raise
 
 
 def png_metadata(inputs: Sequence[str | os.PathLike]) -> dict[str, str]:
