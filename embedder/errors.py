@@ -30,7 +30,10 @@ def did_you_mean(name: str, known, prefix: str = "") -> str:
     spelling of a suggestion for models, flags, pipeline keys, layers and columns alike."""
     import difflib
 
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=3, cutoff=0.6)
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+    if not close and len(str(name)) >= 3:  # a name cut short: `gpus` for gpus_per_actor
+        close = [k for k in known if k.startswith(str(name))][:3]
     return f" Did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
 
 

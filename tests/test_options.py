@@ -109,6 +109,7 @@ VALID = {  # one valid config per command whose settings have choices; each choi
     "serve": lambda: CONFIGS["serve"]("idx"),
     "predict": lambda: CONFIGS["predict"]("m.pt", ("a.jpg",)),
     "export-vectors": lambda: CONFIGS["export-vectors"]("c.h5", out="d"),
+    "watch": lambda: CONFIGS["watch"]("src", "resnet18", "o.h5", batch_size=4),
 }
 
 
