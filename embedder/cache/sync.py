@@ -198,8 +198,13 @@ def changes_since(out, listing) -> SyncPlan | None:
         return None
     with cache:
         names = [n for n in ("size", "mtime", HASH_COLUMN) if n in cache.column_kinds]
-        record = record_of(cache.paths, cache.row_state, cache.columns(names) if names else {}, cache.errors,
-                           written_at=Path(out).stat().st_mtime)
+        try:
+            record = record_of(cache.paths, cache.row_state, cache.columns(names) if names else {}, cache.errors,
+                               written_at=Path(out).stat().st_mtime)
+        except OSError:
+            # A sharded cache's view over shards still being written (a Ray run resumed from its parts)
+            # cannot be read whole: there is nothing finished to compare with, and the run resumes.
+            return None
     return classify(listing, record, SyncOptions())
 
 
