@@ -420,3 +420,31 @@ def test_a_ray_rerun_on_a_changed_source_is_refused_in_one_line(tmp_path, capsys
     code = main(["embed", *cli_args(fast_config(tree, out)), "--backend", "ray"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "0 files of SOURCE changed and 1 are gone" in err[0]
+
+
+class _GuardedSet(set):
+    """A set that fails when iterated without its owner's lock held: the observer's thread adds
+    paths while `settle` waits, so reading the live set unlocked is the race CI once hit."""
+
+    def __init__(self, lock):
+        super().__init__()
+        self.guard = lock
+
+    def __iter__(self):
+        assert self.guard.locked(), "the arrivals set was iterated without its lock"
+        return super().__iter__()
+
+
+def test_settle_reads_the_arrivals_under_their_lock_and_returns_what_was_touched(tmp_path):
+    import threading
+
+    from embedder.search.watch import _Arrivals, settle
+
+    arrivals = _Arrivals()
+    arrivals.paths = _GuardedSet(arrivals.lock)
+    image = tmp_path / "a.png"
+    write_image(image, np.random.default_rng(1))
+    arrivals.touch(str(image), str(tmp_path / "gone.png"))
+    taken = settle(arrivals, 0.05, threading.Event())
+    assert taken == {str(image), str(tmp_path / "gone.png")}
+    assert arrivals.snapshot()[0] == frozenset()

@@ -97,6 +97,12 @@ class _Arrivals:
             self.last = time.monotonic()
         self.wake.set()
 
+    def snapshot(self) -> tuple[frozenset[str], float]:
+        """The touched paths and the seconds since the last event, read together: the observer's
+        thread adds paths while a sync waits, so nothing may iterate the live set."""
+        with self.lock:
+            return frozenset(self.paths), time.monotonic() - self.last
+
     def take(self) -> set[str]:
         with self.lock:
             taken, self.paths = self.paths, set()
@@ -115,12 +121,12 @@ def _stat(path: str) -> tuple[int, int] | None:
 def settle(arrivals: _Arrivals, quiet: float, stop: threading.Event) -> set[str]:
     """Wait until no event came for `quiet` seconds and every touched file kept its size and mtime
     over that time (a copy in progress keeps changing them). Returns the touched paths."""
-    seen = {p: _stat(p) for p in arrivals.paths}
+    paths, _ = arrivals.snapshot()
+    seen = {p: _stat(p) for p in paths}
     while not stop.is_set():
         stop.wait(quiet)
-        with arrivals.lock:
-            idle = time.monotonic() - arrivals.last
-            now = {p: _stat(p) for p in arrivals.paths}
+        paths, idle = arrivals.snapshot()
+        now = {p: _stat(p) for p in paths}
         if idle >= quiet and now == seen:
             return arrivals.take()
         seen = now
