@@ -16,7 +16,7 @@ import torch
 BENCHMARKS = {
     "precision": "CPU precision and memory layout, model only (torch fp32, channels_last, bf16 side by side)",
     "fastpaths": "int8 and bf16 against the exact fp32 default: model only, end to end, fidelity cards",
-    "int8_routes": "int8 routes side by side: ONNX Runtime QDQ (ours), torch.ao FX, torchao PT2E + inductor, Intel "
+    "int8_routes": "int8 routes side by side: ONNX Runtime QDQ (ours), torch.ao FX, torchao PT2E, Intel "
                    "Neural Compressor; speed at batch 32, fidelity cards; the decode share of embed, fp32 and int8",
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "runtime": "torch eager, bf16, --compile and ONNX Runtime against the GEMM peak; model only and end to end",

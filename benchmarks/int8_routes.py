@@ -270,7 +270,7 @@ def run(quick: bool = False) -> None:
         compare("efficientnet_lite0", "DEFAULT", Path("data/digits"), size, batch, rounds, 100 if quick else 300,
                 timed=False)
         for model, weights in (("resnet18" if quick else "resnet50", "none"), ("efficientnet_lite0", "DEFAULT")):
-            decode_share(model, weights, crops, size, tmp, rounds=1 if quick else 3)
+            decode_share(model, weights, crops, size, tmp, rounds=1 if quick else 2)
         decode_share("efficientnet_lite0", "DEFAULT", Path("data/digits"), size, tmp, rounds=1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
