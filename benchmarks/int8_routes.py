@@ -250,8 +250,12 @@ def decode_share(model: str, weights: str, source: Path, size: int | None, tmp: 
     for name, extra in (("embed, exact default", {}), ("embed --precision int8", ungated)):
         report = embed(replace(config, **extra))
         card_s = report.fidelity["seconds"] if report.fidelity else 0.0
-        print(f"  {name:<24} wall {report.wall_s:6.1f} s, card {card_s:5.1f} s, without the card "
-              f"{report.embedded / max(report.wall_s - card_s, 1e-9):6.1f} img/s")
+        st = report.stage_s  # the loop's seconds per stage; decode and resize are the reader worker's
+        loop = sum(st.get(k, 0.0) for k in ("wait", "transfer", "model", "write"))
+        print(f"  {name:<24} wall {report.wall_s:6.1f} s = card {card_s:5.1f} + loop {loop:5.1f} + the rest "
+              f"{report.wall_s - card_s - loop:5.1f} (setup, listing, commit); loop {report.embedded / loop:6.1f} img/s: "
+              f"model {st.get('model', 0):5.1f} s, waiting for the reader {st.get('wait', 0):5.1f} s, write "
+              f"{st.get('write', 0):4.1f} s; reader decode {st.get('decode', 0):5.1f} s + resize {st.get('resize', 0):5.1f} s")
 
 
 def run(quick: bool = False) -> None:
