@@ -40,7 +40,8 @@ from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
-from embedder.data.fetch import Fetcher, FetchSettings, is_url
+from embedder.data.fetch import Fetcher, FetchSettings
+from embedder.data.formats import is_url
 from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, merge_tables, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from embedder.data.fetch import is_url
+from embedder.data.formats import is_url
 from embedder.data.sources import Listing, list_source
 from embedder.data.splits import Splits, assign_splits, check_labels
 from embedder.errors import ConfigError
