@@ -80,14 +80,24 @@ def test_no_import_circles():
         "\n".join(f"{sorted(c)}:\n{_describe(graph, c)}" for c in circles))
 
 
-def test_the_circle_finder_finds_circles():
-    # Lazy and TYPE_CHECKING imports are edges like any other in grimp's graph; a circle through three modules
-    # is one circle, and a module that only imports (or is only imported) is in none.
-    graph = grimp.ImportGraph()
-    for importer, imported in [("p.a", "p.b"), ("p.b", "p.c"), ("p.c", "p.a"), ("p.d", "p.a"), ("p.a", "p.e")]:
-        graph.add_import(importer=importer, imported=imported)
-    assert import_circles(graph) == [{"p.a", "p.b", "p.c"}]
-    graph.remove_import(importer="p.c", imported="p.a")
+def test_the_circle_finder_finds_circles(tmp_path, monkeypatch):
+    # A package on disk, read by grimp as the real one is: an import inside a function and one under
+    # TYPE_CHECKING close circles like any other; a circle through three modules is one circle, and a
+    # module that only imports (or is only imported) is in none.
+    files = {
+        "a.py": "from circ import b\n",
+        "b.py": "def f():\n    from circ import c\n",
+        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from circ import a\n",
+        "d.py": "from circ import a, e\n",
+        "e.py": "",
+    }
+    (tmp_path / "circ").mkdir()
+    for name, text in {"__init__.py": "", **files}.items():
+        (tmp_path / "circ" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = grimp.build_graph("circ", cache_dir=None)
+    assert import_circles(graph) == [{"circ.a", "circ.b", "circ.c"}]
+    graph.remove_import(importer="circ.c", imported="circ.a")
     assert import_circles(graph) == []
 
 
