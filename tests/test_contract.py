@@ -333,7 +333,7 @@ def test_one_spelling_of_top_k_and_one_auto_batch_size():
     from embedder.cli.main import build_parser
     from embedder.extract.config import EmbedConfig
     from embedder.learn.config import PredictConfig
-    from embedder.models.constants import batch_size_for
+    from embedder.models.batchsize import batch_size_for
 
     for command, rest in (("search", ["I", "--id", "1"]), ("predict", ["M.pt", "a.jpg"])):
         for spelling in ("-k", "--top-k"):

@@ -293,7 +293,7 @@ class CacheWriter:
             if not cache.complete:
                 return {"complete": False}
             paths, errors, state = cache.paths, cache.errors, cache.row_state
-            kinds = kinds_in(cache._f)
+            kinds = kinds_in(cache.h5file)
             record = record_of(paths, state, cache.columns([n for n in ("size", "mtime", HASH_COLUMN)
                                                             if n in (kinds or {})]), errors,
                                written_at=self.path.stat().st_mtime)

@@ -40,7 +40,8 @@ from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
-from embedder.data.fetch import Fetcher, FetchSettings, is_url
+from embedder.data.fetch import Fetcher, FetchSettings
+from embedder.data.formats import is_url
 from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, merge_tables, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
@@ -48,7 +49,8 @@ from embedder.data.workers import die_with_parent
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
-from embedder.models.constants import batch_size_for
+from embedder.models.batchsize import batch_size_for
+from embedder.models.onnx import on_runtime
 from embedder.models.registry import Preprocessing, get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.names import display_path
@@ -174,7 +176,7 @@ def load_backbone(
     (`runtime`: auto, torch or onnxruntime; see embedder.models.runtime.choose_runtime)."""
     engine = choose_runtime(runtime, get_backbone_spec(model).family, device, precision, compile)
     runtime = resolve_runtime(device, precision, memory_layout, get_backbone_spec(model).family)
-    return FrozenBackbone.from_config(
+    return on_runtime(FrozenBackbone.from_config(
         BackboneConfig(
             model=model,
             weights=weights,
@@ -191,7 +193,7 @@ def load_backbone(
             compile=compile,
             runtime=engine,
         )
-    )
+    ))
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:
