@@ -5,7 +5,7 @@ out), and each front end only formats the hits.
     Example.of_id(row) / Example.of_vector(v, row=None)   one example: an indexed row, or a vector
                                                           (an embedded image, a given vector)
     Query(positives, negatives=(), k=K, threshold=None, where=None, combine=False, alpha=ALPHA,
-          beta=BETA, exclude_examples=False)
+          beta=BETA, exclude_examples=False, exclude=())
     answer(index, query) -> [[Hit]]                       one list of hits per query vector: one per
                                                           positive, or one when the examples combine
 
@@ -61,6 +61,7 @@ class Query:
     combine           one query from all the positives: alpha * mean(positives) - beta * mean(negatives)
     exclude_examples  leave the examples' own indexed rows out of the hits (each query its own
                       example's; a combined query all of them)
+    exclude           more rows left out of every query's hits
     """
 
     positives: tuple[Example, ...]
@@ -72,10 +73,12 @@ class Query:
     alpha: float = ALPHA
     beta: float = BETA
     exclude_examples: bool = False
+    exclude: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "positives", tuple(self.positives))
         object.__setattr__(self, "negatives", tuple(self.negatives))
+        object.__setattr__(self, "exclude", tuple(int(r) for r in self.exclude))
         if self.k is None and self.threshold is None:
             raise ConfigError("k may be left out (every row in range) only for a range search: give a threshold.")
         if self.k is not None and self.k < 1:
@@ -109,8 +112,7 @@ def answer(index: SearchIndex, query: Query) -> list[list[Hit]]:
         skip = [[e.row for e in (*query.positives, *query.negatives) if e.row is not None]]
     if not len(vectors):
         return []
-    if not query.exclude_examples:
-        skip = [[] for _ in skip]
+    skip = [[*(rows if query.exclude_examples else []), *query.exclude] for rows in skip]
     extra = max(map(len, skip))  # asked for beyond k, as the examples may take places
     if query.threshold is not None:
         cap = None if query.k is None else query.k + extra
