@@ -550,77 +550,53 @@ def _check_layer(index, config) -> None:
 
 
 def _run_queries(index, config):
-    """[(query, hits)] and [(query, reason)] for the one kind of query the config names."""
-    from embedder.search.queries import query_vectors, read_query_vectors
-
-    k, where = config.k, config.where
-    if config.combined or config.threshold is not None or config.exclude_examples:
-        return _run_example_queries(index, config)
-    if config.image:
-        results, errors = index.search_files(expand_images(config.image), k=k, where=where)
-        return [(str(f), hits) for f, hits in results], errors
-    if config.path is not None:
-        row = index.row_of_path(config.path)
-        return [(str(index.image_path(row)), index.search_ids([row], k, where)[0])], []
-    if config.row_id is not None:
-        return [(str(index.image_path(config.row_id)), index.search_ids([config.row_id], k, where)[0])], []
-    vectors = query_vectors(read_query_vectors(config.vector), index.dim, index.metric)
-    return [(None, hits) for hits in index.search(vectors, k, where)], []
-
-
-def _run_example_queries(index, config):
-    """_run_queries for combined examples (Rocchio), range search, and results without the examples."""
+    """[(query, hits)] and [(query, reason)]: the config's examples turned into one Query
+    (embedder.search.ask) and answered there; the names are the CLI's own."""
     from embedder.errors import AllImagesFailedError
-    from embedder.search.queries import drop_rows, range_search, rocchio
+    from embedder.search.ask import Query, answer
 
-    index.allowed(config.where)  # a bad filter, or range, is refused before any image is embedded
+    where = index.parse_filter(config.where)  # a bad filter, or range, is refused before any image is embedded
     if config.threshold is not None:
         _check_range_metric(index, config)
     one = (lambda value: () if value is None else (value,))
-    names, vectors, errors, rows = _examples(index, config.image, one(config.path), one(config.row_id), config.vector)
+    names, positives, errors = _examples(index, config.image, one(config.path), one(config.row_id), config.vector,
+                                         config.exclude_examples)
+    negatives = []
     if config.combined:
-        neg_names, negatives, neg_errors, neg_rows = _examples(index, config.negative, config.negative_path,
-                                                               config.negative_id)
+        neg_names, negatives, neg_errors = _examples(index, config.negative, config.negative_path,
+                                                     config.negative_id, find_rows=config.exclude_examples)
         errors += neg_errors
-        if not len(vectors):
+        if not positives:
             raise AllImagesFailedError("None of the positive examples could be read.")
-        vectors = rocchio(vectors, negatives, config.alpha, config.beta, index.metric)[None]
         shown = " + ".join(n for n in names if n) or f"{len(names)} vectors"
         names = [shown + "".join(f" - {n}" for n in neg_names)]
-        rows = [[r for group in rows + neg_rows for r in group]]
-    skip = rows if config.exclude_examples else [[] for _ in names]
-    extra = max(map(len, skip), default=0)  # asked for beyond the limit, as the examples may take places
-    if config.threshold is not None:
-        limit = config.max_results
-        found = range_search(index, vectors, config.threshold, None if limit is None else limit + extra,
-                             where=config.where)
-    else:
-        limit = config.k
-        found = index.search(vectors, limit + extra, config.where) if len(vectors) else []
-    return [(q, drop_rows(hits, s, limit)) for q, hits, s in zip(names, found, skip)], errors
+    query = Query(tuple(positives), tuple(negatives), k=config.max_results if config.threshold is not None else config.k,
+                  threshold=config.threshold, where=where, combine=config.combined, alpha=config.alpha,
+                  beta=config.beta, exclude_examples=config.exclude_examples)
+    return list(zip(names, answer(index, query))), errors
 
 
-def _examples(index, images=(), paths=(), ids=(), vector=None):
-    """(names, vectors, errors, [indexed rows of each]) of examples given as images, cached paths,
-    row ids or a .npy file, in that order."""
-    import numpy as np
-
+def _examples(index, images=(), paths=(), ids=(), vector=None, find_rows=False):
+    """(names, [Example], errors) of examples given as images, cached paths, row ids or a .npy file,
+    in that order; `find_rows`: an image file that is an indexed row knows it (to be left out)."""
+    from embedder.search.ask import Example
     from embedder.search.queries import query_vectors, read_query_vectors, rows_of_files, rows_of_paths
 
-    names, parts, errors, rows = [], [], [], []
+    names, examples, errors = [], [], []
     if images:
         feats, ok, errors = index.embed_files(expand_images(images))
-        names, parts, rows = [str(f) for f in ok], [feats], [rows_of_files(index, [f]) for f in ok]
-    ids = rows_of_paths(index, paths) + [int(i) for i in ids]
-    if ids:
-        parts.append(index.row_vectors(ids))  # first: it refuses an id out of range, or removed
-        names += [str(index.image_path(i)) for i in ids]
-        rows += [[i] for i in ids]
+        for f, feat in zip(ok, feats):
+            row = rows_of_files(index, [f])[:1] if find_rows else []
+            examples.append(Example.of_vector(feat, row[0] if row else None))
+        names = [str(f) for f in ok]
+    ids = index.check_ids(rows_of_paths(index, paths) + [int(i) for i in ids])  # out of range, or removed
+    names += [str(index.image_path(i)) for i in ids]
+    examples += [Example.of_id(i) for i in ids]
     if vector is not None:
         loaded = query_vectors(read_query_vectors(vector), index.dim, index.metric)
-        names, parts, rows = [*names, *[None] * len(loaded)], [*parts, loaded], [*rows, *[[] for _ in loaded]]
-    vectors = np.concatenate(parts) if parts else np.zeros((0, index.dim), dtype=np.float32)
-    return names, vectors, errors, rows
+        names += [None] * len(loaded)
+        examples += [Example.of_vector(v) for v in loaded]
+    return names, examples, errors
 
 
 def _check_range_metric(index, config) -> None:
