@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from embedder.names import display_path
 
 # What one image may be: a file path, a file's encoded bytes, a PIL image, a uint8 [H, W, C] array
 # (C = 1, 3 or 4; or [H, W] gray) or a uint8 [C, H, W] tensor (torchvision's `read_image` layout).
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageError(NamedTuple):
