@@ -63,6 +63,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "extract":  # the callable subpackage (embedder/extract/__init__.py), imported on first use too
+        return importlib.import_module("embedder.extract")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -180,3 +180,31 @@ def test_index_build_and_open_give_the_hits_of_embedder_search(tmp_path, capsys)
     assert main(["search", str(tmp_path / "idx"), "--id", "3", "-k", "5", "--where", "label == 'b'", "--json"]) == 0
     cli = json.loads(capsys.readouterr().out)["hits"]
     assert opened.search(3, k=5, where="label == 'b'").ids[0].tolist() == [h["id"] for h in cli]
+    # by image, through the cache's own backbone: as `search --image`; a failed image answers with no hits
+    image = tree / opened.paths[3]
+    assert main(["search", str(tmp_path / "idx"), "--image", str(image), "-k", "5", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)["hits"]
+    Q, errors = opened.extract([image, tmp_path / "gone.jpg"], errors="return")
+    assert [e.index for e in errors] == [1] and np.isnan(Q[1]).all()
+    found = opened.search(Q, k=5)
+    assert found.ids[0].tolist() == [h["id"] for h in cli] and found.ids[0, 0] == 3
+    assert (found.ids[1] == -1).all() and found.paths[1] == [None] * 5
+    with pytest.raises(ConfigError, match="has no model"):
+        embedder.Index.from_array(X).extract([image])
+
+
+def test_the_public_names_import_lazily_from_a_fresh_interpreter():
+    """`embedder.extract` is the subpackage made callable: reachable as an attribute before anything imported it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import env_with_repo
+
+    code = ("import sys, embedder\n"
+            "assert callable(embedder.extract) and 'torch' not in sys.modules\n"
+            "from embedder import *\n"
+            "print(sorted(n for n in embedder.__all__ if n in globals()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env_with_repo(), capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(sorted(embedder.__all__))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from embedder.errors import ConfigError
+from embedder.extract.images import ImageError, ImageInput, features_of
 from embedder.search.config import METRICS
 from embedder.search.filters import as_column, compile_mask
 from embedder.search.kinds import factory_string, load_faiss, new_index, prepare
@@ -96,6 +97,8 @@ class Index:
     --------
     >>> index = Index.from_array(X, paths=files)
     >>> scores, ids, paths = index.search(X[:3], k=5)   # or index.search([0, 1, 2], k=5): by row id
+    >>> index = Index.open("photos.index")
+    >>> scores, ids, paths = index.search(index.extract(["query.jpg"]), k=5)   # by image
     """
 
     def __init__(self, searcher: SearchIndex | ArraySearcher):
@@ -204,6 +207,8 @@ class Index:
         queries : array-like
             Float vectors, ``[n, D]`` or one ``[D]``; or integer row ids (an int, a list of ints, an
             integer array), each searched with its own indexed vector (the row itself then comes first).
+            A row that is all NaN (an image that failed in `embedder.extract` or `extract`) gets no
+            hits: its row of the answer is padding.
         k : int
             Neighbours per query (fewer when fewer rows are allowed).
         where : str, optional
@@ -217,10 +222,52 @@ class Index:
         """
         if k < 1:
             raise ConfigError("k must be at least 1.")
-        searcher = self._searcher
+        searcher, width = self._searcher, min(k, len(self))
         ids = _as_row_ids(queries)
-        vectors = searcher.row_vectors(ids) if ids is not None else query_vectors(queries, self.dim, self.metric)
-        return self._neighbours(searcher.search(vectors, k, where), min(k, len(self)))
+        if ids is not None:
+            return self._neighbours(searcher.search(searcher.row_vectors(ids), k, where), width)
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            query_vectors(queries, self.dim, self.metric)  # raises: the wrong width
+        failed = np.isnan(queries).all(axis=1)
+        hits: list[list[Hit]] = [[] for _ in range(len(queries))]  # an image that failed: a row of no hits
+        if not failed.all():
+            found = iter(searcher.search(query_vectors(queries[~failed], self.dim, self.metric), k, where))
+            hits = [[] if bad else next(found) for bad in failed]
+        return self._neighbours(hits, width)
+
+    def extract(self, images: Sequence[ImageInput], *, batch_size: int | None = None,
+                errors: Literal["raise", "return"] = "raise") -> np.ndarray | tuple[np.ndarray, list[ImageError]]:
+        """Features of images in this index's feature space, ready for `search`.
+
+        The backbone is the one the index's cache was embedded with, rebuilt from its fingerprint
+        (refused if this installation would compute other features), as ``embedder search --image``
+        rebuilds it. Only an opened or built index has one.
+
+        Parameters
+        ----------
+        images : sequence of path, bytes, PIL.Image.Image, numpy.ndarray or torch.Tensor
+            As `embedder.extract` takes them.
+        batch_size : int, optional
+            Images per forward pass (default: ``--batch-size auto``'s).
+        errors : {"raise", "return"}
+            As `embedder.extract`: raise at the first image that fails, or return ``(features, errors)``
+            with a NaN row for each failed image (`search` answers such a row with no hits).
+
+        Returns
+        -------
+        features : numpy.ndarray
+            float32 ``[len(images), D]``, row i for image i.
+        errors : list of ImageError
+            Only with ``errors="return"``.
+        """
+        if not isinstance(self._searcher, SearchIndex):
+            raise ConfigError("An index made from an array has no model: get features with "
+                              "embedder.extract(images, model=...) and the settings the array was made with.")
+        if errors not in ("raise", "return"):
+            raise ConfigError(f"errors must be 'raise' or 'return', got {errors!r}.")
+        features, failed = features_of(self._searcher.backbone(), images, batch_size, on_error=errors)
+        return (features, failed) if errors == "return" else features
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The indexed vectors of rows ``ids`` (unit length under cosine), float32 ``[len(ids), D]``."""
