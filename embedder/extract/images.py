@@ -13,7 +13,7 @@ image at all (a float array, a number) is the caller's mistake: a `ConfigError` 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -33,16 +33,41 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageError(NamedTuple):
-    """One image that could not be used: where it was in the input, what it was, and why."""
+    """One image that could not be used: where it was in the input, what it was, and why.
+
+    Attributes
+    ----------
+    index : int
+        Its position in the images given; that row of the features is NaN.
+    image : str
+        Its path, or what was given (``"PIL image 640x480 RGBA"``, ``"array (32, 32, 3) uint8"``).
+    reason : str
+        The reader's reason, as ``embed`` records it in a cache's errors table.
+    """
 
     index: int  # its position in the images given: its row of the features is NaN
     image: str  # its path, or what was given ("PIL image 640x480 RGBA", "array (32, 32, 3) uint8")
     reason: str  # the reader's reason, as `embed` records it in a cache's errors table
 
 
-def as_image_list(images) -> list:
-    """The images of a sequence, a uint8 [N, H, W, C] array or a [N, C, H, W] tensor, checked; ConfigError
-    for anything that is not a list of images (a lone image: pass [image])."""
+def as_image_list(images: Sequence[ImageInput] | np.ndarray | torch.Tensor) -> list[ImageInput]:
+    """The images of a sequence, a uint8 [N, H, W, C] array or a [N, C, H, W] tensor, each checked.
+
+    Parameters
+    ----------
+    images : sequence of ImageInput, numpy.ndarray or torch.Tensor
+        What `embedder.extract` was given.
+
+    Returns
+    -------
+    list of ImageInput
+
+    Raises
+    ------
+    ConfigError
+        Anything that is not a list of images (a lone image: pass ``[image]``), or an input of
+        the wrong kind (a float array, a number).
+    """
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         images = list(images)
     elif isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor)):
@@ -68,8 +93,19 @@ def _check_input(i: int, image) -> None:
     raise ConfigError(f"images[{i}] is {describe(image)}: give a path, encoded bytes, a PIL image or a uint8 array.")
 
 
-def describe(image) -> str:
-    """What an input was, for an error: its path, or its kind and size."""
+def describe(image: object) -> str:
+    """What an input was, for an error message.
+
+    Parameters
+    ----------
+    image : object
+        One input.
+
+    Returns
+    -------
+    str
+        Its path, or its kind and size (``"PIL image 640x480 RGBA"``).
+    """
     if isinstance(image, (str, os.PathLike)):
         return display_path(os.fspath(image))
     if isinstance(image, bytes):
@@ -82,8 +118,31 @@ def describe(image) -> str:
     return f"a {type(image).__name__}"
 
 
-def pixels_of(image: ImageInput, transform, resize_size: int, max_pixels: int) -> torch.Tensor:
-    """One input as the network's uint8 [3, crop, crop] crop; BadImageError with the reason."""
+def pixels_of(image: ImageInput, transform: Callable[[torch.Tensor], torch.Tensor], resize_size: int,
+              max_pixels: int) -> torch.Tensor:
+    """One input as the network's crop, read as `embed` reads a file.
+
+    Parameters
+    ----------
+    image : ImageInput
+        One checked input (`as_image_list`).
+    transform : callable
+        The backbone's resize and centre crop (`embedder.data.transforms.geometric_transform`).
+    resize_size : int
+        The shorter side after resizing (refuses extreme aspect ratios before the transform).
+    max_pixels : int
+        Larger images are refused as decompression bombs.
+
+    Returns
+    -------
+    torch.Tensor
+        uint8 ``[3, crop, crop]``.
+
+    Raises
+    ------
+    BadImageError
+        The image cannot be used; ``.reason`` says why.
+    """
     if isinstance(image, (str, os.PathLike)):
         return read_for_model(image, transform, resize_size, max_pixels)
     if isinstance(image, bytes):
@@ -110,10 +169,28 @@ def pixels_of(image: ImageInput, transform, resize_size: int, max_pixels: int) -
 
 def features_of(backbone: FrozenBackbone, images: Sequence[ImageInput], batch_size: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, on_error: str = "return") -> tuple[np.ndarray, list[ImageError]]:
-    """(features float32 [n, D], errors): row i is images[i], a row of NaN where it failed.
+    """Features of images with a built backbone: the loop under `embedder.extract` and `embed_images`.
 
-    `batch_size` None: `--batch-size auto`'s for the backbone's device. `on_error` "raise": a SourceError
-    naming the first image that fails, before any later batch runs."""
+    Parameters
+    ----------
+    backbone : FrozenBackbone
+        Any backbone (or classifier network) that takes uint8 crops.
+    images : sequence of ImageInput
+        As `embedder.extract` takes them.
+    batch_size : int, optional
+        Images per forward pass; None: ``--batch-size auto``'s for the backbone's device.
+    max_pixels : int
+        Larger images are refused as decompression bombs.
+    on_error : {"return", "raise"}
+        ``"raise"``: a SourceError naming the first image that fails, before any later batch runs.
+
+    Returns
+    -------
+    features : numpy.ndarray
+        float32 ``[len(images), D]``: row i is images[i], a row of NaN where it failed.
+    errors : list of ImageError
+        The failed images, in input order (empty with ``on_error="raise"``).
+    """
     images = as_image_list(images)
     batch_size = batch_size or batch_size_for(str(backbone.device))
     pre = backbone.preprocessing

@@ -28,8 +28,18 @@ from embedder.search.query import Hit, SearchIndex
 class Neighbours(NamedTuple):
     """The answer of `Index.search`: row i answers query i, column j is its (j+1)-th nearest row.
 
-    Fewer than k hits (a filter that keeps fewer rows) pad `ids` with -1, `scores` with NaN and
-    `paths` with None, as faiss pads with -1."""
+    Fewer than k hits (a filter that keeps fewer rows, a query image that failed) pad `ids` with
+    -1, `scores` with NaN and `paths` with None, as faiss pads with -1.
+
+    Attributes
+    ----------
+    scores : numpy.ndarray
+        float32 ``[n, k]``: cosine similarity (metric cosine, higher is nearer), else squared L2 distance.
+    ids : numpy.ndarray
+        int64 ``[n, k]``: row ids, i.e. rows of the array or of the cache.
+    paths : list of list of str, or None
+        The rows' paths (or the names given to `Index.from_array`); None if the index has none.
+    """
 
     scores: np.ndarray  # float32 [n, k]: cosine similarity (metric cosine, higher is nearer), else squared L2
     ids: np.ndarray  # int64 [n, k]: row ids, i.e. rows of the array or of the cache
@@ -37,7 +47,21 @@ class Neighbours(NamedTuple):
 
 
 class ArraySearcher:
-    """Exact search over an array held in memory: a faiss flat index, filters over its columns."""
+    """Exact search over an array held in memory: a faiss flat index, filters over its columns.
+
+    The in-memory counterpart of `SearchIndex`, with the same public methods; use it through
+    `Index.from_array`.
+
+    Parameters
+    ----------
+    vectors : numpy.ndarray
+        ``[n, D]`` finite float vectors.
+    metric : {"cosine", "l2"}
+    paths : list of str or None
+        A name per row.
+    columns : dict of str to numpy.ndarray
+        Per-row columns a filter can name, besides ``id`` and ``path``.
+    """
 
     def __init__(self, vectors: np.ndarray, metric: str, paths: list[str] | None, columns: dict[str, np.ndarray]):
         self.metric, self.dim, self.ntotal = metric, vectors.shape[1], len(vectors)
@@ -47,7 +71,7 @@ class ArraySearcher:
         self.table = {"id": np.arange(self.ntotal, dtype=np.int64), **({"path": as_column(paths)} if paths else {}),
                       **{name: as_column(values) for name, values in columns.items()}}
 
-    def row_vectors(self, ids) -> np.ndarray:
+    def row_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The indexed vectors of row ids (unit length under cosine); ConfigError for an id out of range."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         bad = ids[(ids < 0) | (ids >= self.ntotal)]
