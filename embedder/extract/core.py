@@ -48,8 +48,8 @@ from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.data.workers import die_with_parent
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
+from embedder.extract.images import features_of
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
-from embedder.models.batchsize import batch_size_for
 from embedder.models.onnx import on_runtime
 from embedder.models.registry import Preprocessing, get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
@@ -377,20 +377,12 @@ def embed_images(
     backbone: FrozenBackbone, paths: list[str | Path], batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Features for image files, in memory, with the same reader as `embed`
-    (`batch_size` None: `--batch-size auto`'s, for the backbone's device).
+    """Features for image files, in memory, with the same reader as `embed` (`batch_size` None:
+    `--batch-size auto`'s, for the backbone's device).
 
-    Returns (features [n_ok, D], errors [(path, reason)]); rows follow `paths`, minus failures.
+    Returns (features [len(paths), D], errors [(path, reason)]): row i is paths[i], a row of NaN
+    where that file could not be used. `embedder.extract(paths, model=backbone, errors="return")`
+    is the same with PIL images and arrays too.
     """
-    rows = np.arange(len(paths), dtype=np.int64)
-    batch_size = batch_size or batch_size_for(str(backbone.device))
-    reader = BatchReader(Path("."), [str(p) for p in paths], rows, batch_size, backbone.preprocessing, max_pixels)
-    feats, errors = [], []
-    for b in range(len(reader)):
-        batch = reader[b]
-        if len(batch["indices"]):
-            feats.append(backbone(batch["images"]).cpu().numpy())
-        errors += [(str(paths[i]), reason) for i, reason in batch["errors"]]
-    out = np.concatenate(feats) if feats else np.zeros((0, backbone.feature_dim), np.float32)
-    return out, errors
-
+    features, failed = features_of(backbone, list(paths), batch_size, max_pixels)
+    return features, [(str(paths[e.index]), e.reason) for e in failed]

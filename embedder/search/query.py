@@ -200,7 +200,8 @@ class SearchIndex:
 
         feats, errors = embed_images(self.backbone(), files, batch_size=batch_size)
         failed = {p for p, _ in errors}
-        return feats, [f for f in files if str(f) not in failed], errors
+        ok = [str(f) not in failed for f in files]  # the rows of failed files are NaN
+        return feats[ok], [f for f, good in zip(files, ok) if good], errors
 
     def search_pixels(self, images, k: int = 10, max_pixels: int | None = None,
                       where: str | None = None) -> list[list[Hit]]:
