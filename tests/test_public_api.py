@@ -191,6 +191,19 @@ def test_index_build_and_open_give_the_hits_of_embedder_search(tmp_path, capsys)
     assert (found.ids[1] == -1).all() and found.paths[1] == [None] * 5
     with pytest.raises(ConfigError, match="has no model"):
         embedder.Index.from_array(X).extract([image])
+    # a Query (negatives, a range, a filter, rows left out): the one path the CLI and the service answer through
+    from embedder import Example, Query
+
+    asked = Query(positives=(Example.of_id(0),), negatives=(Example.of_id(7),), k=4, exclude_examples=True)
+    assert main(["search", str(tmp_path / "idx"), "--id", "0", "--negative-id", "7", "-k", "4",
+                 "--exclude-examples", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)["hits"]
+    found = opened.search(asked)
+    assert found.ids[0].tolist() == [h["id"] for h in cli] and 0 not in found.ids[0] and 7 not in found.ids[0]
+    ranged = opened.search(Query(positives=(Example.of_id(2),), k=None, threshold=-1.0, where="label == 'a'"))
+    assert sorted(ranged.ids[0].tolist()) == [i for i, p in enumerate(opened.paths) if p.startswith("a/")]
+    with pytest.raises(ConfigError, match="from_array takes vectors"):
+        embedder.Index.from_array(X).search(asked)
 
 
 def test_the_public_names_import_lazily_from_a_fresh_interpreter():

@@ -24,7 +24,7 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb_bytes, load_rgb_im
 from embedder.data.transforms import apply_guarded, geometric_transform, read_for_model
 from embedder.errors import BadImageError, ConfigError, SourceError
 from embedder.models.backbone import FrozenBackbone
-from embedder.models.constants import batch_size_for
+from embedder.models.batchsize import batch_size_for
 from embedder.names import display_path
 
 # What one image may be: a file path, a file's encoded bytes, a PIL image, a uint8 [H, W, C] array

@@ -18,6 +18,7 @@ import numpy as np
 
 from embedder.errors import ConfigError
 from embedder.extract.images import ImageError, ImageInput, features_of
+from embedder.search.ask import Query, answer
 from embedder.search.config import METRICS
 from embedder.search.filters import as_column, compile_mask
 from embedder.search.kinds import factory_string, load_faiss, new_index, prepare
@@ -222,14 +223,16 @@ class Index:
         """
         return cls(SearchIndex.open(Path(index_dir), weights_path=weights_path, runtime=runtime))
 
-    def search(self, queries: np.ndarray | Sequence[float] | Sequence[int] | int, k: int = 10, *,
+    def search(self, queries: Query | np.ndarray | Sequence[float] | Sequence[int] | int, k: int = 10, *,
                where: str | None = None) -> Neighbours:
         """The k nearest rows of each query.
 
         Parameters
         ----------
-        queries : array-like
-            Float vectors, ``[n, D]`` or one ``[D]``; or integer row ids (an int, a list of ints, an
+        queries : Query or array-like
+            A `Query` (examples, negatives, a range, a filter, rows to exclude: answered as
+            ``embedder search`` and the service answer it; `k` and `where` are then the Query's own,
+            and an index made by `from_array` does not take one); or float vectors, ``[n, D]`` or one ``[D]``; or integer row ids (an int, a list of ints, an
             integer array), each searched with its own indexed vector (the row itself then comes first).
             A row that is all NaN (an image that failed in `embedder.extract` or `extract`) gets no
             hits: its row of the answer is padding.
@@ -244,6 +247,8 @@ class Index:
         Neighbours
             ``(scores, ids, paths)``, each ``[n, min(k, len(index))]``.
         """
+        if isinstance(queries, Query):
+            return self._answer(queries)
         if k < 1:
             raise ConfigError("k must be at least 1.")
         searcher, width = self._searcher, min(k, len(self))
@@ -296,6 +301,14 @@ class Index:
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The indexed vectors of rows ``ids`` (unit length under cosine), float32 ``[len(ids), D]``."""
         return np.asarray(self._searcher.row_vectors(np.asarray(ids, dtype=np.int64).reshape(-1)), dtype=np.float32)
+
+    def _answer(self, query: Query) -> Neighbours:
+        """A Query, through the one place that answers it for the CLI and the service too."""
+        if not isinstance(self._searcher, SearchIndex):
+            raise ConfigError("A Query is answered by an index folder (Index.build or Index.open); an index made "
+                              "by from_array takes vectors or row ids: index.search(X, k, where=...).")
+        hits = answer(self._searcher, query)
+        return self._neighbours(hits, max((len(h) for h in hits), default=0))
 
     def _neighbours(self, hits: list[list[Hit]], width: int) -> Neighbours:
         scores = np.full((len(hits), width), np.nan, dtype=np.float32)
