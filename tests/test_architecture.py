@@ -46,10 +46,6 @@ def test_curate_sits_between_learn_search_and_serve():
         "embedder.learn | embedder.search")
 
 
-# The one circle still allowed: cli/commands <-> cli/pipeline, which helper i27cmd removes with the single
-# command table (issue 27). Drop this exception once that branch is merged.
-ALLOWED_CIRCLES = [{"embedder.cli.commands", "embedder.cli.pipeline"}]  # and ignore_imports in pyproject.toml
-
 
 def import_circles(graph: grimp.ImportGraph) -> list[set[str]]:
     """Every set of two or more modules that import each other, directly or through others (a strongly
@@ -75,7 +71,7 @@ def _describe(graph: grimp.ImportGraph, circle: set[str]) -> str:
 
 def test_no_import_circles():
     graph = grimp.build_graph("embedder", cache_dir=None)
-    circles = [c for c in import_circles(graph) if c not in ALLOWED_CIRCLES]
+    circles = import_circles(graph)
     assert not circles, "modules that import each other (move what they share into a module below both):\n" + (
         "\n".join(f"{sorted(c)}:\n{_describe(graph, c)}" for c in circles))
 

@@ -206,7 +206,7 @@ def test_a_bug_is_70_and_nothing_else_is(monkeypatch, made, capsys):
     def broken(config, args):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(COMMANDS, "info", dataclasses.replace(COMMANDS["info"], run=broken))
+    monkeypatch.setitem(COMMANDS, "info", dataclasses.replace(COMMANDS["info"], handler=broken))
     assert main(["info", str(made / "c.h5")]) == 70
     assert "This is a bug in embedder" in capsys.readouterr().err
     assert commands.info is not broken
