@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 ONE = """
-import json, sys, time
+import json, resource, sys, time
 import numpy as np, h5py  # noqa: F401 - libraries, loaded before the baseline
 from pathlib import Path
 from embedder.cache.reader import CacheSpec
@@ -32,7 +32,7 @@ paths = [f"photos/2024/folder_{i // 1000:04d}/IMG_{i:08d}_missing.jpg" for i in 
 listing = Listing(out.parent, paths, np.full(n, -1, dtype=np.int64), [], "filelist")
 spec = CacheSpec({"model": "synthetic", "dim": "16"}, str(out.parent), 16, layout="filelist")
 base = kib("VmRSS")
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 with CacheWriter(out, spec, listing, commit_every=512) as w:
     for start in range(0, n, 64):
         idx = np.arange(start, min(start + 64, n))
@@ -41,7 +41,10 @@ with CacheWriter(out, spec, listing, commit_every=512) as w:
         w.add(ok, np.ones((len(ok), 16), np.float32), errors)
     t_add = time.perf_counter() - t0
     w.finish()
-print(json.dumps({"n": n, "add_s": t_add, "wall_s": time.perf_counter() - t0, "added_mib": (kib("VmHWM") - base) / 1024}))
+c1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime  # less moved by other jobs than the wall time
+print(json.dumps({"n": n, "add_s": t_add, "wall_s": time.perf_counter() - t0, "cpu_s": cpu,
+                  "added_mib": (kib("VmHWM") - base) / 1024}))
 """
 
 
@@ -57,11 +60,43 @@ def measure(n: int, pythonpath: str | None = None) -> dict:
 
 def run(quick: bool = False) -> list[dict]:
     sizes = (10_000, 40_000) if quick else (25_000, 50_000, 100_000, 200_000)
-    print(f"   {'rows':>8} {'errors':>8} {'add+commits s':>14} {'total s':>8} {'us/row':>7} {'added MiB':>10}")
+    print(f"   {'rows':>8} {'errors':>8} {'add+commits s':>14} {'total s':>8} {'cpu s':>6} {'us/row':>7} "
+          f"{'added MiB':>10}")
     results = []
     for n in sizes:
         r = measure(n)
         results.append(r)
-        print(f"   {n:>8,} {n - n // 20:>8,} {r['add_s']:>14.2f} {r['wall_s']:>8.2f} {1e6 * r['wall_s'] / n:>7.1f} "
+        print(f"   {n:>8,} {n - n // 20:>8,} {r['add_s']:>14.2f} {r['wall_s']:>8.2f} {r['cpu_s']:>6.2f} "
+              f"{1e6 * r['wall_s'] / n:>7.1f} "
               f"{r['added_mib']:>10.1f}")
     return results
+
+
+def compare(against: str, sizes=(25_000, 50_000, 100_000, 200_000), repeats: int = 3) -> None:
+    """This checkout against the tree at `against` (e.g. `git archive REF embedder | tar -x -C DIR`),
+    each N in turn for both, `repeats` times interleaved; the best of each (the run least slowed by
+    other jobs on a shared machine)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(f"   {'rows':>8} {'before s':>9} {'cpu s':>6} {'us/row':>7} {'MiB':>6} "
+          f"{'after s':>8} {'cpu s':>6} {'us/row':>7} {'MiB':>6} {'ratio':>6}")
+    for n in sizes:
+        runs = {"before": [], "after": []}
+        for _ in range(repeats):
+            runs["before"].append(measure(n, against))
+            runs["after"].append(measure(n, here))
+        b, a = (min(runs[k], key=lambda r: r["wall_s"]) for k in ("before", "after"))
+        print(f"   {n:>8,} {b['wall_s']:>9.2f} {b['cpu_s']:>6.2f} {1e6 * b['wall_s'] / n:>7.1f} {b['added_mib']:>6.1f} "
+              f"{a['wall_s']:>8.2f} {a['cpu_s']:>6.2f} {1e6 * a['wall_s'] / n:>7.1f} {a['added_mib']:>6.1f} "
+              f"{b['wall_s'] / a['wall_s']:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.errors", description=__doc__)
+    ap.add_argument("--against", required=True, help="a folder holding another tree's embedder/ package")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
+                    default=(25_000, 50_000, 100_000, 200_000))
+    args = ap.parse_args()
+    compare(args.against, args.sizes, args.repeats)

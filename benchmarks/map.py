@@ -21,7 +21,7 @@ from benchmarks.search import clustered, write_cache
 from embedder.search.build import build_index
 from embedder.search.maps import compute_map
 from embedder.serve.app import create_app
-from tests.loopback import running
+from embedder.serve.server import serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,7 +45,7 @@ def page_timings(index_dir: Path) -> dict:
     from playwright import sync_api
 
     app = create_app(index_dir)
-    with running(app) as (host, port), sync_api.sync_playwright() as p:
+    with serve_in_thread(app) as (host, port), sync_api.sync_playwright() as p:
         url = f"http://{host}:{port}"
         t0 = time.perf_counter()
         with urllib.request.urlopen(f"{url}/map/points") as r:  # builds the body (the page then gets it ready)
@@ -83,7 +83,7 @@ def fallback_s(index_dir: Path) -> float:
     """The first /map/points of an index without a stored map: the service's own PCA, then the body."""
     (index_dir / "map.h5").unlink()
 
-    with running(create_app(index_dir)) as (host, port):
+    with serve_in_thread(create_app(index_dir)) as (host, port):
         t0 = time.perf_counter()
         with urllib.request.urlopen(f"http://{host}:{port}/map/points") as r:
             r.read()

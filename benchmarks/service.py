@@ -51,7 +51,7 @@ MAX_ERROR_BYTES = 4096
 @contextmanager
 def serving(index_dir: Path, *flags: str):
     """`embedder serve INDEX_DIR` in its own process on a free loopback port; yields (port, pid)."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "embedder", "serve", str(index_dir), "--port", str(port), *flags]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -76,7 +76,7 @@ def peak_rss_mib(pid: int) -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

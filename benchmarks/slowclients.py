@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.service import _free_port, exchange
+from benchmarks.service import exchange, free_port
 
 FILE_LIMIT = 1024
 HEAD = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
@@ -49,7 +49,7 @@ def server(index_dir: Path, flags: list[str], files: int = FILE_LIMIT):
     def limit_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "embedder", "serve", str(index_dir), "--port", str(port), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=limit_files)  # noqa: PLW1509 - this benchmark starts no threads
@@ -138,15 +138,16 @@ def dropped_after(socks: list[socket.socket], limit_s: float = 40.0) -> float | 
 
 
 def run(quick: bool = False) -> dict:
+    from benchmarks.search import clustered, write_cache
     from embedder.search.build import build_index
-    from tests.test_index import clustered, synthetic_cache
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 20000),) * 2)
     counts = (0, 200, 1100) if quick else (0, 200, 900, 1100, 2000)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        X = clustered(2000 if quick else 20000, 64 if quick else 256, centers=20)
-        build_index(synthetic_cache(Path(tmp) / "c.h5", X), Path(tmp) / "idx", kind="flat", progress=False)
+        X = clustered(2000 if quick else 20000, 64 if quick else 256, centers=20, seed=0)
+        write_cache(Path(tmp) / "c.h5", X)
+        build_index(Path(tmp) / "c.h5", Path(tmp) / "idx", kind="flat", progress=False)
         for name, (flags, files) in SERVERS.items():
             for n in counts if files == FILE_LIMIT else [c for c in counts if c >= 900]:
                 with server(Path(tmp) / "idx", flags, files) as port:

@@ -74,7 +74,7 @@ def part2(work: Path, arrivals: int, quick: bool) -> None:
     from embedder.extract.core import embed_images
     from embedder.search.watch import watch
     from embedder.serve.app import create_app
-    from tests.loopback import running
+    from embedder.serve.server import serve_in_thread
 
     src, out, idx = work / "watched", work / "w.h5", work / "idx"
     make_jpegs(src, 20, seed=5, scale=0.5)
@@ -92,7 +92,7 @@ def part2(work: Path, arrivals: int, quick: bool) -> None:
     latencies, statuses = [], []
     try:
         ready.wait(600)
-        with running(create_app(idx)) as (host, port):
+        with serve_in_thread(create_app(idx)) as (host, port):
             url = f"http://{host}:{port}/search/vector"
             for i, path in enumerate(spare):
                 name = f"new_{i:03d}.jpg"

@@ -1,14 +1,19 @@
 """embedder: frozen pretrained CNN features, extracted once into an HDF5 cache.
 
-    from embedder import EmbedConfig, embed, FeatureCache, load_backbone
+    import embedder
 
-    embed(EmbedConfig(source="photos/", model="efficientnet_lite0", out="feats.h5"))
-    with FeatureCache("feats.h5") as cache:
-        for block in cache.iter_blocks():
-            ...
+    X = embedder.extract(["a.jpg", "b.png"], model="efficientnet_lite0")   # row i is image i
+    index = embedder.Index.from_array(X, paths=["a.jpg", "b.png"])
+    scores, ids, paths = index.search(X, k=2)
 
-The names below are imported on first use (PEP 562), so `import embedder.errors` or the CLI's
-`--help` do not pay for torch.
+    embedder.embed(embedder.EmbedConfig(source="photos/", model="efficientnet_lite0", out="feats.h5"))
+    with embedder.FeatureCache("feats.h5") as cache:
+        X, y = cache.features(), cache.labels
+
+`__all__` is the public API (`extract` is the subpackage `embedder.extract`, which is callable:
+`embedder.extract.api.extract`); the other names below stay importable from here for older code.
+They are imported on first use (PEP 562), so `import embedder.errors` or the CLI's `--help` do
+not pay for torch.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ _EXPORTS = {
     "sync": "embedder.search.watch",
     "SyncReport": "embedder.search.watch",
     "embed_images": "embedder.extract.core",
+    "ImageError": "embedder.extract.images",
+    "Index": "embedder.search.api",
+    "Query": "embedder.search.ask",
+    "Example": "embedder.search.ask",
+    "Neighbours": "embedder.search.api",
     "load_backbone": "embedder.extract.core",
     "LinearProbe": "embedder.learn.probe",
     "get_backbone_spec": "embedder.models.registry",
@@ -41,31 +51,23 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "BackboneConfig",
-    "CacheError",
-    "CacheMismatchError",
-    "ConfigError",
     "EmbedConfig",
-    "EmbedReport",
     "EmbedderError",
     "FeatureCache",
-    "FrozenBackbone",
+    "Index",
     "LinearProbe",
-    "SourceError",
-    "SyncReport",
-    "WeightsUnavailableError",
+    "Query",
     "__version__",
     "embed",
-    "embed_images",
-    "get_backbone_spec",
+    "extract",
     "list_backbones",
     "load_backbone",
-    "open_cache",
-    "sync",
 ]
 
 
 def __getattr__(name: str):
+    if name == "extract":  # the callable subpackage (embedder/extract/__init__.py), imported on first use too
+        return importlib.import_module("embedder.extract")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
@@ -74,4 +76,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return sorted({*__all__, *_EXPORTS})

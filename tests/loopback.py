@@ -1,8 +1,9 @@
 """A real HTTP server on 127.0.0.1 for URL sources: good images, 404s, slow and truncated answers.
 
 Used by tests/test_urls.py and benchmarks/urls.py; `running(app)` serves an ASGI app (the
-search service) the same way, for tests/test_service.py and benchmarks/map.py. Nothing leaves the machine: the server
-binds the loopback address on a free port and runs in a daemon thread of the test process.
+search service) for tests/test_service.py, with embedder.serve.server.serve_in_thread (which
+benchmarks/map.py calls itself). Nothing leaves the machine: the server binds the loopback
+address on a free port and runs in a daemon thread of the test process.
 
 Routes (the part of the URL path before the first "/" picks the behaviour):
 
@@ -30,38 +31,19 @@ the value where one is needed:
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-@contextmanager
 def running(app, **options):
-    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; yield (host, port).
-    `options`: more uvicorn.Config keywords (e.g. embedder.serve.server.uvicorn_options)."""
-    import uvicorn
+    """The service in a thread of the test process (embedder.serve.server.serve_in_thread): yields (host, port)."""
+    from embedder.serve.server import serve_in_thread
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    return serve_in_thread(app, **options)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -206,7 +206,7 @@ def test_a_bug_is_70_and_nothing_else_is(monkeypatch, made, capsys):
     def broken(config, args):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(COMMANDS, "info", dataclasses.replace(COMMANDS["info"], run=broken))
+    monkeypatch.setitem(COMMANDS, "info", dataclasses.replace(COMMANDS["info"], handler=broken))
     assert main(["info", str(made / "c.h5")]) == 70
     assert "This is a bug in embedder" in capsys.readouterr().err
     assert commands.info is not broken
@@ -333,7 +333,7 @@ def test_one_spelling_of_top_k_and_one_auto_batch_size():
     from embedder.cli.main import build_parser
     from embedder.extract.config import EmbedConfig
     from embedder.learn.config import PredictConfig
-    from embedder.models.constants import batch_size_for
+    from embedder.models.batchsize import batch_size_for
 
     for command, rest in (("search", ["I", "--id", "1"]), ("predict", ["M.pt", "a.jpg"])):
         for spelling in ("-k", "--top-k"):

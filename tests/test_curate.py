@@ -222,7 +222,7 @@ def test_a_pipeline_curate_step_runs_like_the_command(tmp_path):
                                      'device = "cpu"\ngallery = 4\n')
     _, steps = load_pipeline(tmp_path / "p.toml", progress=False)
     assert steps[0].config.out == str(tmp_path / "report") and steps[0].config.folds == 3
-    summary = steps[0].execute()
+    summary = steps[0].execute().as_dict()
     assert summary["label_mistakes"]["folds"] == 3 and (tmp_path / "report" / "gallery.html").is_file()
 
 

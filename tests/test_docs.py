@@ -39,7 +39,8 @@ def test_the_readme_python_block_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env_with_repo(), capture_output=True,
                           text=True, check=False, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "accuracy" in proc.stdout and "(1, 1280) []" in proc.stdout
+    assert "accuracy" in proc.stdout and "(3, 1280) [(2, 'file not found')]" in proc.stdout
+    assert "3/0003.png 7/0007.png" in proc.stdout  # each file's own cached row comes first
 
 
 def test_the_readme_stays_short_and_its_links_resolve():

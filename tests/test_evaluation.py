@@ -262,7 +262,7 @@ draws = 2
 out = "knn"
 label = "k-NN vote"
 """)
-    (report,) = run_pipeline(toml, progress=False)  # the step validates its keys like the CLI
+    (report,) = [r.as_dict() for r in run_pipeline(toml, progress=False)]  # the step validates its keys like the CLI
     assert report["classifier"] == "knn-vote" and set(report["few_shot"]["shots"]) == {"1", "2"}
     assert (tmp_path / "knn" / "classifier.joblib").is_file()
     printed = capsys.readouterr().out

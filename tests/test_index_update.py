@@ -264,7 +264,7 @@ update = true
 
     config = IndexConfig(str(tmp_path / "new" / "c.h5"), out=str(tmp_path / "idx"), update=True, progress=False)
     report = commands.index(config, argparse.Namespace(json=False))
-    assert report["status"] == "up_to_date" and report["ntotal"] == 700
+    assert report.as_dict()["status"] == "up_to_date" and report.as_dict()["ntotal"] == 700
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

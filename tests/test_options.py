@@ -79,7 +79,7 @@ def test_unknown_and_missing_keys_are_refused_by_name():
 
 def test_every_pipeline_step_is_a_command_config():
     for kind, step in STEP_KINDS.items():
-        cls = step.config_class()
+        cls = step.config()
         assert cls in CONFIGS.values(), kind
         assert all(dataclasses.is_dataclass(cls) for cls in CONFIGS.values())
 

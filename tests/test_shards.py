@@ -79,7 +79,7 @@ def test_sharded_cache_equals_local_cache_and_merges_to_it(tmp_path, capsys):
     assert rows == 21 and complete and len(shard_set.shards) == 3
     assert_same_cache(local.out, sharded.out)  # bit for bit, errors table included
     with FeatureCache(local.out) as a, FeatureCache(sharded.out) as b:
-        assert a.fingerprint == b.fingerprint and b._f["features"].is_virtual
+        assert a.fingerprint == b.fingerprint and b.h5file["features"].is_virtual
         assert b.errors == [("dog/broken.jpg", a.errors[0][1])]
     for shard in shard_set.shards:  # every shard is a normal finished cache with a marker
         marker = json.loads((shard_set.dir / f"{shard.name}.done").read_text())

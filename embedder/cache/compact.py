@@ -23,7 +23,7 @@ import numpy as np
 from embedder.atomic import WriteLock, atomic_replace, discard, remove_leftovers, temp_file
 from embedder.cache.columns import write_columns
 from embedder.cache.reader import PARTIAL_SUFFIX, STR, FeatureCache
-from embedder.cache.sync import dead_counts
+from embedder.cache.rowstate import dead_counts
 from embedder.cache.view import link_primary, write_attrs, write_errors
 from embedder.cache.writer import create_paths, create_rows
 from embedder.errors import CacheError
@@ -78,7 +78,7 @@ def _write_compacted(live: FeatureCache, tmp: Path, generation: int) -> int:
                 else:
                     layer = live.primary_layer if name == "features" else name.removeprefix("layers/")
                     ds[begin : begin + len(block)] = live.layer_rows(layer, sorted_block)[back]
-        create_paths(f, [paths[i] for i in order], fixed_width=h5py.check_string_dtype(live._f["paths"].dtype).length
+        create_paths(f, [paths[i] for i in order], fixed_width=h5py.check_string_dtype(live.h5file["paths"].dtype).length
                      is not None)
         if spec.columns:
             values = live.columns(list(spec.columns))

@@ -56,6 +56,7 @@ import numpy as np
 from embedder.atomic import lock_holder
 from embedder.cache.columns import kinds_in, read_columns
 from embedder.cache.fingerprint import component_differences, fingerprint_of, layer_view_components
+from embedder.cache.rowstate import compaction_pays, dead_counts
 from embedder.cache.schema import (  # noqa: F401 - re-exported
     FEATURE_DTYPES,
     PARTIAL_SUFFIX,
@@ -237,6 +238,12 @@ class FeatureCache:
         return ds.virtual_sources() if ds.is_virtual else []
 
     # metadata ------------------------------------------------------------------------------
+    @property
+    def h5file(self) -> h5py.File:
+        """The open file, read-only: for code that copies its on-disk layout (dataset dtypes, the shards
+        behind a view), as the cache's writer, views and compaction do."""
+        return self._f
+
     @property
     def attrs(self) -> h5py.AttributeManager:
         return self._f.attrs
@@ -443,8 +450,6 @@ class FeatureCache:
 def describe(path: str | os.PathLike, list_errors: bool = False) -> dict:
     """What `embedder info` shows: rows, width, fingerprint and components, classes with counts, errors,
     ignored files, and whether the run is finished, still going (its writer's pid) or was interrupted."""
-    from embedder.cache.sync import compaction_pays, dead_counts
-
     with FeatureCache(path, require_complete=False) as cache:
         errors = cache.errors
         labels = cache.labels

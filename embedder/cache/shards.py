@@ -348,10 +348,10 @@ def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], comp
             if (c.file_fingerprint != spec.fingerprint or c.spec.layers != spec.layers or c.classes != list(classes)
                     or c.column_kinds != spec.columns):
                 raise CacheError(f"{path} does not belong to {out} (fingerprint, layers, classes or columns differ).")
-            ds = c._f["paths"]
+            ds = c.h5file["paths"]
             if h5py.check_string_dtype(ds.dtype).length is None:
                 raise CacheError(f"{path} stores variable-length paths; a view needs shards written by embedder.")
-            widths = {n: c._f[f"columns/{n}"].dtype.itemsize for n, k in spec.columns.items() if k == "str"}
+            widths = {n: c.h5file[f"columns/{n}"].dtype.itemsize for n, k in spec.columns.items() if k == "str"}
             members.append(Member(os.path.relpath(path, out.parent), len(c), ds.dtype.itemsize, widths))
             errors += c.errors
     return views.write_view(out, spec, classes, members, errors, complete=complete, ignored=ignored,
@@ -360,7 +360,7 @@ def write_view(out, spec: CacheSpec, classes: list[str], files: list[Path], comp
 
 def row_ranges(cache: FeatureCache, block_rows: int = 65536) -> list[tuple[int, int]]:
     """The row ranges of a cache's shards when it is a view over shards, else blocks of `block_rows`."""
-    ds = cache._f["features"]
+    ds = cache.h5file["features"]
     n = len(cache)
     if ds.is_virtual and cache.complete:
         ranges = []

@@ -45,12 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.data.fetch import is_url
+from embedder.cache.rowstate import LIVE, REMOVED, SUPERSEDED
+from embedder.data.formats import is_url
 
-LIVE, SUPERSEDED, REMOVED = 0, 1, 2
 STATE = "row_state"
 HASH_COLUMN = "sha256"  # the column `--hash` stores (hex digest of the file's bytes)
-COMPACT_PAYS = 0.2  # dead rows above this share of the rows: compaction pays (reads skip them, files shrink)
 
 
 @dataclass(frozen=True)
@@ -228,18 +227,3 @@ def settle_states(paths: list[str], state: np.ndarray, listed: set[str] | None, 
         elif p in failed:
             state[i] = SUPERSEDED
     return state
-
-
-def dead_counts(state: np.ndarray | None) -> dict[str, int]:
-    if state is None:
-        return {"superseded": 0, "removed": 0}
-    return {"superseded": int((state == SUPERSEDED).sum()), "removed": int((state == REMOVED).sum())}
-
-
-def compaction_pays(rows: int, dead: int) -> str | None:
-    """Why `embedder compact` pays now, or None."""
-    if rows and dead / rows > COMPACT_PAYS:
-        return (f"{dead / rows:.0%} of the rows are superseded or removed: every read still skips them and the "
-                "file keeps their bytes. `embedder compact CACHE.h5` rewrites it with live rows only "
-                "(an index of it must then be rebuilt).")
-    return None

@@ -44,6 +44,19 @@ class Member:
     error_widths: tuple[int, int] | None = None  # bytes of its fixed-width /errors/path, /errors/reason
 
 
+def merged(file: str, members: list[Member]) -> Member:
+    """The member that a view of `members`, written at `file`, is to a view over it: a run's view
+    maps its parts through such block views, so each commit maps a few blocks and the last parts
+    rather than every part (mapping every part at each commit was quadratic over a run)."""
+    with_errors = [m.error_widths for m in members if m.errors]
+    return Member(
+        file, sum(m.rows for m in members), max(m.path_width for m in members),
+        {c: max(m.column_widths.get(c, 1) for m in members) for m in members for c in m.column_widths},
+        sum(m.errors for m in members),
+        (max(w[0] for w in with_errors), max(w[1] for w in with_errors)) if with_errors else None,
+    )
+
+
 def write_view(
     out: Path, spec: CacheSpec, classes: list[str], members: list[Member], errors: list[tuple[str, str]], *,
     complete: bool, ignored: dict | None = None, shards: int | None = None,

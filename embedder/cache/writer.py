@@ -54,7 +54,7 @@ from embedder.cache.sync import (
     record_of,
     settle_states,
 )
-from embedder.cache.view import Member, error_widths, link_primary, write_attrs, write_errors, write_view
+from embedder.cache.view import Member, error_widths, link_primary, merged, write_attrs, write_errors, write_view
 from embedder.data.metadata import as_kind, nulls
 from embedder.errors import CacheError, CacheMismatchError, DiskFullError
 from embedder.names import decode_path, encode_path
@@ -143,6 +143,7 @@ class CacheWriter:
         self.base: dict | None = None  # summary of the previous complete cache, when appending
         self.committed = _Committed()
         self.classes: list[str] = []  # label space of the parts (append-only)
+        self._blocks: list[Member] = []  # block views written so far over the first parts (_blocked)
         self.pending: np.ndarray = np.zeros(0, dtype=np.int64)
         self.removed_from_source = 0
         self.retry_errors = retry_errors
@@ -292,7 +293,7 @@ class CacheWriter:
             if not cache.complete:
                 return {"complete": False}
             paths, errors, state = cache.paths, cache.errors, cache.row_state
-            kinds = kinds_in(cache._f)
+            kinds = kinds_in(cache.h5file)
             record = record_of(paths, state, cache.columns([n for n in ("size", "mtime", HASH_COLUMN)
                                                             if n in (kinds or {})]), errors,
                                written_at=self.path.stat().st_mtime)
@@ -483,14 +484,33 @@ class CacheWriter:
     def _write_view(self) -> None:
         """CACHE.h5 as a view over the committed parts (fresh runs only; embedder.cache.view)."""
         c = self.committed
-        members = [Member(os.path.relpath(part, self.path.parent), n, width, cw, ne, ew)
-                   for part, n, width, cw, ne, ew in zip(c.files, c.rows, c.path_widths, c.column_widths,
-                                                         c.error_counts, c.error_widths)]
         # The parts' errors are mapped, not copied, unless a part of an older run holds them variable-length.
         mapped = all(w is not None or n == 0 for n, w in zip(c.error_counts, c.error_widths))
+        members = self._blocked() if mapped else [self._member(i) for i in range(len(c.files))]
         needed = (64 << 10) + 512 * len(members) + (0 if mapped else 2 * c.error_bytes)
         write_view(self.path, self.spec, self.classes, members, None if mapped else c.errors, complete=False,
                    ignored=self.ignored, guard=lambda tmp: self._writing(tmp, needed=needed))
+
+    def _member(self, i: int, folder: Path | None = None) -> Member:
+        """Committed part `i` as a view's member, named relative to `folder` (default: the cache's)."""
+        c = self.committed
+        return Member(os.path.relpath(c.files[i], folder or self.path.parent), c.rows[i], c.path_widths[i],
+                      c.column_widths[i], c.error_counts[i], c.error_widths[i])
+
+    def _blocked(self) -> list[Member]:
+        """The committed parts as a view's members, each full run of VIEW_BLOCK parts replaced by one
+        block view over them: the run's view maps O(parts / VIEW_BLOCK + VIEW_BLOCK) members at each
+        commit, not every part (that was quadratic over a run). A block is written once, when it fills;
+        a resumed run writes its blocks anew (never trusting a file the killed run left)."""
+        parts = len(self.committed.files)
+        while len(self._blocks) < parts // VIEW_BLOCK:
+            k = len(self._blocks)
+            block = self.partial / f"view-{k:06d}.h5"
+            inside = [self._member(i, self.partial) for i in range(k * VIEW_BLOCK, (k + 1) * VIEW_BLOCK)]
+            write_view(block, self.spec, self.classes, inside, None, complete=False,
+                       guard=lambda tmp: self._writing(tmp, needed=(64 << 10) + 512 * VIEW_BLOCK))
+            self._blocks.append(merged(os.path.relpath(block, self.path.parent), inside))
+        return self._blocks + [self._member(i) for i in range(len(self._blocks) * VIEW_BLOCK, parts)]
 
     # finishing -----------------------------------------------------------------------------
     def finish(self) -> int:
@@ -638,6 +658,7 @@ def _copy_base(old: FeatureCache, rows: dict[str, h5py.Dataset], relabel: np.nda
 
 
 DISK_HEADROOM = 256 << 10  # bytes kept free beyond an estimate: HDF5's own overhead varies
+VIEW_BLOCK = 32  # parts per block view of a run's live view (_blocked)
 
 
 def _free_bytes(folder: Path) -> int | None:

@@ -1,5 +1,7 @@
 """What each command prints. A handler takes the command's config (and the parsed arguments for
-the presentation flags: `--json`), calls the library, prints, and returns the library's report.
+the presentation flags: `--json`), calls the library, prints, and returns a report: a value with
+`as_dict()` (what --json prints) and `summary()` (the text), the library's own or one of
+embedder.cli.reports. The commands are registered in embedder.cli.table.
 
 Imports of the library happen inside the handlers: the parser and a refused command must not
 pay for torch.
@@ -9,113 +11,111 @@ from __future__ import annotations
 
 import json
 import sys
+from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
+from embedder.cli.reports import (
+    BuildableModelsReport,
+    CacheInfoReport,
+    CompactReport,
+    CurateReport,
+    DedupReport,
+    EvaluateReport,
+    ExportReport,
+    IndexInfoReport,
+    IndexReport,
+    IndexUpdateReport,
+    InspectReport,
+    MapReport,
+    MergeReport,
+    ModelEntryReport,
+    ModelsReport,
+    PlotReport,
+    PredictReport,
+    ProbeReport,
+    RemovalReport,
+    Report,
+    SamplesReport,
+)
 from embedder.names import display_path
 
+if TYPE_CHECKING:  # the annotations only: the parser and a refused command must not pay for torch
+    from embedder.cache.config import (
+        CompactConfig,
+        ExportVectorsConfig,
+        ImportVectorsConfig,
+        InfoConfig,
+        MergeConfig,
+    )
+    from embedder.cache.vectors import VectorsReport
+    from embedder.curate.config import CurateConfig
+    from embedder.data.config import MakeSamplesConfig
+    from embedder.extract.config import EmbedConfig, RayOptions
+    from embedder.extract.local import EmbedReport
+    from embedder.learn.config import EvaluateConfig, ExportConfig, FinetuneConfig, PredictConfig, ProbeConfig
+    from embedder.learn.finetune.run import FinetuneReport
+    from embedder.models.config import InspectConfig, ModelsConfig, StylizeConfig
+    from embedder.models.stylize import StylizeReport
+    from embedder.search.config import DedupConfig, IndexConfig, MapConfig, PlotConfig, SearchConfig, WatchConfig
+    from embedder.search.query import Hit
+    from embedder.search.watch import SyncReport
+    from embedder.serve.config import ServeConfig
 
-def print_json(obj) -> None:
+
+def print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
-def _as_json(args) -> bool:
+def _as_json(args: Namespace) -> bool:
     return bool(getattr(args, "json", False))
+
+
+R = TypeVar("R", bound=Report)
+
+
+def show(report: R, args: Namespace) -> R:
+    """Print a report as the presentation flags ask (--json: its dict; else its text), and return it."""
+    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
+    return report
 
 
 # ------------------------------------------------------------------------------- models
 
 
-def models(config, args):
+def models(config: ModelsConfig, args: Namespace) -> ModelsReport | BuildableModelsReport | ModelEntryReport:
     if config is not None and config.all:
-        return _models_all(config.name, args)
+        from embedder.models.registry import buildable_models
+
+        return show(BuildableModelsReport(buildable_models(config.name), pattern=config.name), args)
     if config is not None and config.name:
-        return _model_entry(config.name, args)
+        from embedder.models.registry import model_entry
+
+        return show(ModelEntryReport(model_entry(config.name), name=config.name), args)
     from embedder.models.registry import registry_table
 
-    rows = registry_table()
-    if _as_json(args):
-        print_json(rows)
-        return rows
-    print(f"{'model':<20}{'dim':>6}  {'offline':<8}{'input':<18}{'other layers':<26}weights file")
-    for r in rows:
-        other = ", ".join(f"{a} ({d})" for a, d in r["other_layers"].items()) or "-"
-        print(f"{r['name']:<20}{r['feature_dim']:>6}  {'yes' if r['weights_offline'] else 'no':<8}"
-              f"{r['input']:<18}{other:<26}{r['weights_file']}")
-    missing = [r for r in rows if not r["weights_offline"]]
-    if missing:
-        print(f"\n{len(missing)} models have no pretrained weights on this machine. They download on first use "
-              "when there is a network; offline, copy the file to the path shown, pass --weights PATH, "
-              "or use --weights none (random init).")
-    return rows
+    return show(ModelsReport(registry_table()), args)
 
 
-def _models_all(pattern: str | None, args) -> dict[str, list[str]]:
-    from embedder.models.registry import buildable_models
-
-    groups = buildable_models(pattern)
-    if _as_json(args):
-        print_json(groups)
-        return groups
-    print(f"curated aliases ({len(groups['curated'])}): {', '.join(groups['curated']) or '-'}")
-    print(f"torchvision classification models ({len(groups['torchvision'])}): "
-          f"{', '.join(groups['torchvision']) or '-'}")
-    shown = groups["timm"] if pattern else groups["timm"][:20]
-    more = ", ... (filter with `embedder models --all 'timm:vit_*'`)" if len(shown) < len(groups["timm"]) else ""
-    print(f"timm models ({len(groups['timm'])}): {', '.join(shown) or '-'}{more}")
-    if pattern:
-        print(f"timm pretrained tags ({len(groups['timm_pretrained'])}): {', '.join(groups['timm_pretrained']) or '-'}")
-    print("A timm name takes a pretrained tag (timm:convnext_small.fb_in22k); a torchvision name a weights name "
-          "(torchvision:resnet50.IMAGENET1K_V1). `embedder models NAME` shows one entry.")
-    return groups
-
-
-def _model_entry(name: str, args) -> dict:
-    from embedder.models.registry import model_entry
-
-    entry = model_entry(name)
-    if _as_json(args):
-        print_json(entry)
-        return entry
-    pre = entry["preprocessing"]
-    print(f"{name}: {entry['feature_dim']}-d default feature at {entry['default_layer']} (head {entry['head']})")
-    print(f"  input: resize {pre['resize_size']} ({pre['interpolation']}), crop {pre['crop_size']}, "
-          f"mean {pre['mean']}, std {pre['std']}")
-    print("  layers: " + ", ".join(f"{n} ({d})" for n, d in entry["layers"].items())
-          + "; aliases: " + (", ".join(f"{a}={n}" for a, n in entry["aliases"].items()) or "-"))
-    print(f"  poolings (--pool): {', '.join(entry['poolings'])}")
-    if entry["blocks"]:
-        print(f"  transformer blocks ({len(entry['blocks'])}, pool with --pool {'|'.join(entry['poolings'])}): "
-              f"{entry['blocks'][0]} ... {entry['blocks'][-1]}")
-    offline = "present offline" if entry["weights_offline"] else "NOT present offline"
-    print(f"  weights: {entry['weights']} ({offline}: {entry['weights_file']})")
-    if entry["weights_hint"]:
-        print(f"  to use them offline: {entry['weights_hint']}; or pass --weights PATH (a state dict), "
-              "or --weights none (random init)")
-    print(f"  all layers: embedder inspect {name}")
-    return entry
-
-
-def inspect(config, args):
-    from embedder.models.inspection import format_inspection, inspect_model
+def inspect(config: InspectConfig, args: Namespace) -> InspectReport:
+    from embedder.models.inspection import inspect_model
 
     ins = inspect_model(config.model, image_size=config.image_size, weights=config.weights)
-    print_json(ins.as_dict()) if _as_json(args) else print(format_inspection(ins, config.depth))
-    return ins
+    return show(InspectReport(ins, config.depth), args)
 
 
-def stylize(config, args):
+def stylize(config: StylizeConfig, args: Namespace) -> StylizeReport:
     from embedder.models.stylize import stylize as run
 
-    report = run(config)
-    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
-    return report
+    return show(run(config), args)
 
 
 # -------------------------------------------------------------------------------- cache
 
 
-def embed(config, args, ray_options=None):
+def embed(config: EmbedConfig, args: Namespace, ray_options: RayOptions | None = None) -> EmbedReport:
     """`args.lock`: the cache's write lock, taken before the config was even built."""
     lock, command = getattr(args, "lock", None), getattr(args, "command_line", None)
     _check_embed_paths(config)
@@ -130,11 +130,10 @@ def embed(config, args, ray_options=None):
         from embedder.extract.local import embed as run
 
         report = run(config, command=command, lock=lock)
-    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
-    return report
+    return show(report, args)
 
 
-def _check_embed_paths(config) -> None:
+def _check_embed_paths(config: EmbedConfig | WatchConfig) -> None:
     """SOURCE and --out, checked before torch is imported (seconds): a typo is refused as fast as `info` answers."""
     import os
 
@@ -148,29 +147,23 @@ def _check_embed_paths(config) -> None:
     claim(config.out, CACHE)
 
 
-def merge(config, args) -> int:
+def merge(config: MergeConfig, args: Namespace) -> MergeReport:
     from embedder.cache.shards import merge_cache
 
     rows = merge_cache(config.cache, config.out, overwrite=config.overwrite)
-    print(f"wrote {config.out}: {rows} rows, one self-contained file (same fingerprint as {config.cache})")
-    return rows
-
-
-def compact(config, args) -> dict:
-    from embedder.cache.compact import compact_cache
-
-    report = compact_cache(config.cache)
-    if _as_json(args):
-        print_json(report)
-    elif report["status"] == "compact":
-        print(f"{config.cache} has no superseded or removed rows ({report['rows']} rows). Nothing to do.")
-    else:
-        print(f"wrote {config.cache}: {report['rows']} live rows, sorted by path; {report['dropped']} dead rows "
-              "dropped. Rebuild its index: `embedder index CACHE.h5 --out INDEX_DIR`.")
+    report = MergeReport({"cache": config.cache, "out": config.out, "rows": rows})
+    print(report.summary())  # no --json
     return report
 
 
-def watch(config, args) -> None:
+def compact(config: CompactConfig, args: Namespace) -> CompactReport:
+    from embedder.cache.compact import compact_cache
+
+    return show(CompactReport(compact_cache(config.cache), cache=config.cache), args)
+
+
+def watch(config: WatchConfig, args: Namespace) -> None:
+    """Runs until Ctrl-C, printing each sync's report as it comes: nothing is left to return."""
     from embedder.outputs import INDEX, claim
     from embedder.search.watch import embed_config_of
     from embedder.search.watch import watch as run
@@ -179,7 +172,7 @@ def watch(config, args) -> None:
     if config.index is not None:  # the index folder is an output too (embedder.outputs)
         claim(config.index, INDEX, [config.out], config.overwrite, flag="--index")
 
-    def show(report, mode):
+    def on_sync(report: SyncReport, mode: object) -> None:
         if _as_json(args):
             print(json.dumps({**report.as_dict(), "events": mode}, default=str), flush=True)  # one line per sync
         else:
@@ -189,185 +182,84 @@ def watch(config, args) -> None:
         print(f"watching {config.source} (Ctrl-C stops; the next watch or embed catches up)", flush=True)
     try:
         run(embed_config_of(config), config.index, quiet=config.settle, poll=config.poll, interval=config.interval,
-            on_sync=show)
+            on_sync=on_sync)
     except KeyboardInterrupt:
         print("stopped: everything synced so far is kept; rerun to catch up.", file=sys.stderr)
 
 
-def info(config, args) -> dict:
+def info(config: InfoConfig, args: Namespace) -> CacheInfoReport | IndexInfoReport:
+    if (Path(config.cache) / "meta.json").is_file():
+        from embedder.search.removal import describe_index
+
+        return show(IndexInfoReport(describe_index(config.cache), index=config.cache), args)
     from embedder.cache.reader import describe
 
-    if (Path(config.cache) / "meta.json").is_file():
-        return index_info(config, args)
     doc = describe(config.cache, list_errors=config.errors)
-    print_json(doc) if _as_json(args) else print(_info_text(doc, config))
-    return doc
+    return show(CacheInfoReport(doc, cache=config.cache, listed_errors=config.errors), args)
 
 
-def index_info(config, args) -> dict:
-    from embedder.search.removal import describe_index
-
-    doc = describe_index(config.cache)
-    if _as_json(args):
-        print_json(doc)
-        return doc
-    knob = {k: v for k, v in doc["params"].items() if k in ("nprobe", "efSearch")}
-    recall = "-" if doc["recall_at_10"] is None else f"{doc['recall_at_10']:.4f}"
-    lines = [f"{config.cache}: {doc['kind']} index of {doc['rows']} x {doc['dim']} ({doc['metric']})"
-             + (", lists on disk" if doc["on_disk"] else ""),
-             f"  searchable   {doc['searchable']} rows",
-             f"  removed      {doc['removed']}" + (" (removed in place)" if doc["removed_in_place"] else
-                                                   f" ({doc['hidden']} hidden from every search)" if doc["hidden"]
-                                                   else ""),
-             f"  columns      {', '.join(doc['columns'])}  (for search --where)",
-             f"  recall@10    {recall}" + (f" with {knob}" if knob else ""),
-             f"  cache        {doc['cache']}" + (f" (layer {doc['layer']})" if doc["layer"] else "")]
-    if doc["rebuild"]:
-        lines.append(f"  rebuild      pays: {doc['rebuild']}")
-    if doc.get("out_of_step"):
-        lines.append(f"  OUT OF STEP  {doc['out_of_step']}")
-    print("\n".join(lines))
-    return doc
-
-
-def _info_text(doc: dict, config) -> str:
-    from embedder.data.sources import describe_ignored
-
-    if doc["complete"]:
-        state = "complete"
-    elif doc["writer_pid"] is not None:
-        state = f"INCOMPLETE (being written right now by embedder pid {doc['writer_pid']}; rows so far shown)"
-    else:
-        state = "INCOMPLETE (interrupted run; rerun its command to finish)"
-    lines = [f"{config.cache}: {doc['rows']} x {doc['dim']} {doc['dtype']}, {state}",
-             f"  fingerprint  {doc['fingerprint'][:16]}"]
-    if doc.get("superseded") or doc.get("removed"):
-        lines.append(f"  dead rows    {doc['superseded']} superseded (changed files), {doc['removed']} removed (gone "
-                     f"files), hidden from every reader; {doc['stored_rows']} rows stored, generation "
-                     f"{doc['generation']}")
-        lines.append(f"  compact      {doc['compact'] or 'does not pay yet (few dead rows)'}")
-    if len(doc["layers"]) > 1:
-        labels = doc.get("layer_labels", {})
-        lines.append("  layers       " + ", ".join(f"{labels.get(n, n)}: {d}" for n, d in doc["layers"].items())
-                     + "  (the first is /features; pick one with --layer in probe, index, search)")
-    order = ["model", "weights", "layer", "pooling", "normalization", "preprocessing", "decoder", "precision",
-             "memory_layout", "runtime", "device_type", "feature_dtype"]
-    for key, value in sorted(doc["components"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
-        if key == "preprocessing":
-            value = ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
-        elif key == "layer":
-            value = doc.get("layer_labels", {}).get(value, value)
-        lines.append(f"  {key:<20} {value}")
-    lines.append(f"  source       {doc['source']} ({doc['layout']})")
-    if doc.get("fidelity"):
-        from embedder.extract.fidelity import card_lines
-
-        lines += [line.replace("  fidelity card   :", "  fidelity card") for line in card_lines(doc["fidelity"])]
-    if "shards" in doc:
-        lines.append(f"  sharded      view over {doc['shards']} finished shards in {config.cache}.shards/ "
-                     "(embedder merge makes one file)")
-    if doc["classes"]:
-        shown = ", ".join(f"{c} ({n})" for c, n in list(doc["rows_per_class"].items())[:12])
-        more = f" ... {len(doc['classes']) - 12} more" if len(doc["classes"]) > 12 else ""
-        lines.append(f"  classes      {len(doc['classes'])}: {shown}{more}")
-    if doc["unlabelled_rows"]:
-        lines.append(f"  unlabelled   {doc['unlabelled_rows']} rows")
-    if doc["columns"]:
-        lines.append("  columns      " + ", ".join(f"{n} ({k})" for n, k in doc["columns"].items()))
-    else:
-        lines.append("  columns      none (written before metadata columns existed)")
-    hint = "" if config.errors or not doc["errors"] else " (list them with --errors)"
-    lines.append(f"  errors       {doc['errors']}{hint}")
-    lines += [f"    {display_path(e['path'])}: {e['reason']}" for e in doc.get("error_list", [])]
-    if doc["ignored"]:
-        lines.append(f"  ignored      {describe_ignored(doc['ignored'])}: files under SOURCE that are not rows")
-    return "\n".join(lines)
-
-
-def export_vectors(config, args):
+def export_vectors(config: ExportVectorsConfig, args: Namespace) -> VectorsReport:
     from embedder.cache.vectors import export_vectors as run
 
     report = run(config.cache, config.out, config.format, layer=config.layer, rows_per_file=config.rows_per_file,
                  block_rows=config.block_rows, overwrite=config.overwrite, progress=config.progress,
                  metric=config.metric)
-    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
-    return report
+    return show(report, args)
 
 
-def import_vectors(config, args):
+def import_vectors(config: ImportVectorsConfig, args: Namespace) -> VectorsReport:
     from embedder.cache.vectors import import_vectors as run
 
     report = run(list(config.inputs), config.out, source=config.source, overwrite=config.overwrite,
                  block_rows=config.block_rows, progress=config.progress,
                  command=getattr(args, "command_line", "") or "")
-    if _as_json(args):
-        print_json(report.as_dict())
-    else:
+    if not _as_json(args):
         for note in report.notes:
             print(f"note: {note}", file=sys.stderr)
-        print(report.summary())
-    return report
+    return show(report, args)
 
 
-def make_samples(config, args):
+def make_samples(config: MakeSamplesConfig, args: Namespace) -> SamplesReport:
     from embedder.data.samples import make_samples as run
 
-    made = run(config.out, only=list(config.only) or None)
-    print(made.summary())
-    return made
+    report = SamplesReport(run(config.out, only=list(config.only) or None))
+    print(report.summary())  # no --json
+    return report
 
 
 # -------------------------------------------------------------------------------- learn
 
 
-def probe(config, args) -> dict:
-    from embedder.learn.metrics import format_table
+def probe(config: ProbeConfig, args: Namespace) -> ProbeReport:
     from embedder.learn.train import run_probe
 
-    report = run_probe(config)
-    if _as_json(args):
-        print_json(report)
-    elif report.get("sweep"):
-        from embedder.learn.sweep import format_sweep
-
-        print(format_sweep(report))
-    else:
-        print(format_table(report))
-    return report
+    return show(ProbeReport(run_probe(config)), args)
 
 
-def evaluate(config, args) -> dict:
+def evaluate(config: EvaluateConfig, args: Namespace) -> EvaluateReport:
     from embedder.learn.train import evaluate_probe
 
-    result = evaluate_probe(config.probe_dir, config.cache)
-    if _as_json(args):
-        print_json(result)
-    else:
-        acc = result["accuracy"]
-        print(f"{config.cache}: {result['rows']} rows, accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}")
-    return result
+    return show(EvaluateReport(evaluate_probe(config.probe_dir, config.cache), cache=config.cache), args)
 
 
-def export(config, args) -> Path:
+def export(config: ExportConfig, args: Namespace) -> ExportReport:
     from embedder.learn.export import export_probe
 
     path = export_probe(config.probe_dir, config.out, config.weights, overwrite=config.overwrite)
     standalone = path.with_suffix(".onnx")
-    print(f"wrote {path}: backbone + linear head, ready for `embedder predict {path} IMAGE...`"
-          + (f"; {standalone} and {path.with_suffix('.json')}: the same for onnxruntime, without embedder"
-             if standalone.is_file() else ""))
-    return path
-
-
-def finetune(config, args):
-    from embedder.learn.finetune import finetune as run
-
-    report = run(config)
-    print_json(report.as_dict()) if _as_json(args) else print(report.summary())
+    report = ExportReport({"out": str(path), "onnx": str(standalone) if standalone.is_file() else None,
+                           "onnx_json": str(path.with_suffix(".json"))})
+    print(report.summary())  # no --json
     return report
 
 
-def expand_images(items) -> list[str]:
+def finetune(config: FinetuneConfig, args: Namespace) -> FinetuneReport:
+    from embedder.learn.finetune import finetune as run
+
+    return show(run(config), args)
+
+
+def expand_images(items: Sequence[str]) -> list[str]:
     """Files as given, folders as their image files (sorted, recursively). Refused at once, before any
     model is built, when none of them exists; a missing one among others becomes that image's error."""
     import os
@@ -390,7 +282,7 @@ def expand_images(items) -> list[str]:
     return paths
 
 
-def _failed_part(errors, what: str, total: int) -> None:
+def _failed_part(errors: Sequence[object], what: str, total: int) -> None:
     """Exit non-zero when some of the inputs failed (they were printed with their reasons)."""
     from embedder.errors import PartialFailureError
 
@@ -399,110 +291,49 @@ def _failed_part(errors, what: str, total: int) -> None:
                                   "the others were answered.")
 
 
-def predict(config, args) -> list[dict]:
+def predict(config: PredictConfig, args: Namespace) -> PredictReport:
     from embedder.errors import AllImagesFailedError
     from embedder.learn.predict import predict as run
 
     results = run(config.model, expand_images(config.images), top_k=config.top_k, batch_size=config.batch_size,
                   device=config.device, runtime=config.runtime)
-    if _as_json(args):
-        print_json(results)
-    else:
-        for r in results:
-            if "error" in r:
-                print(f"{display_path(r['path'])}\tERROR\t{r['error']}")
-                continue
-            extra = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
-            print(f"{display_path(r['path'])}\t{r['label']}\t{r['probability']:.3f}"
-                  + (f"\t({extra})" if extra else ""))
+    report = show(PredictReport(results), args)
     if all("error" in r for r in results):
         raise AllImagesFailedError("None of the images could be read.")
     _failed_part([r for r in results if "error" in r], "images", len(results))
-    return results
+    return report
 
 
 # ------------------------------------------------------------------------------- search
 
 
-def index(config, args) -> dict:
+def index(config: IndexConfig, args: Namespace) -> IndexReport | IndexUpdateReport | RemovalReport:
     if config.removing:
-        return remove(config, args)
+        from embedder.search.removal import remove_rows
+
+        report = remove_rows(config.cache, config.remove, config.remove_from, config.prune_missing, config.progress)
+        return show(RemovalReport(report, index=config.cache), args)
+    if config.update and (Path(config.out) / "meta.json").is_file():
+        from embedder.search.update import update_index
+
+        report = update_index(config.cache, config.out, layer=config.layer, kind=config.kind,
+                              memory_budget=config.memory_budget, seed=config.seed, progress=config.progress)
+        return show(IndexUpdateReport(report, cache=config.cache, out=config.out), args)
     from embedder.search.build import build_index
 
-    if config.update and (Path(config.out) / "meta.json").is_file():
-        return index_update(config, args)
     if config.update and not _as_json(args):
         print(f"no index at {config.out} yet: building one (later runs with --update add the new rows to it)")
     meta = build_index(config.cache, config.out, kind=config.kind, metric=config.metric,
                        memory_budget=config.memory_budget, target_recall=config.target_recall, seed=config.seed,
                        progress=config.progress, on_disk=config.on_disk, layer=config.layer,
                        overwrite=config.overwrite)
-    if _as_json(args):
-        print_json(meta)
-        return meta
-    for note in meta["notes"]:
-        print(f"embedder: {note}", file=sys.stderr)
-    knob = {k: v for k, v in meta["params"].items() if k in ("nprobe", "efSearch")}
-    print(f"wrote {config.out}: {meta['kind']} index of {meta['ntotal']} x {meta['dim']} ({meta['metric']}) "
-          f"in {meta['build_s']:.1f} s, layer {meta.get('layer_label') or meta['layer']}")
-    print(f"  why            {meta['why']}")
-    print(f"  parameters     {meta['params']}")
-    reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
-    print(f"  recall@10      {meta['recall_at_10']:.4f} against exact search on {meta['eval_queries']} held-out "
-          f"queries; target {meta['target_recall']} {reached}" + (f" with {knob}" if knob else ""))
-    return meta
+    if not _as_json(args):
+        for note in meta["notes"]:
+            print(f"embedder: {note}", file=sys.stderr)
+    return show(IndexReport(meta, out=config.out), args)
 
 
-def index_update(config, args) -> dict:
-    from embedder.search.update import update_index
-
-    report = update_index(config.cache, config.out, layer=config.layer, kind=config.kind,
-                          memory_budget=config.memory_budget, seed=config.seed, progress=config.progress)
-    if _as_json(args):
-        print_json(report)
-        return report
-    meta, knob = report["meta"], report["knob"]
-    if report["status"] == "up_to_date":
-        print(f"{config.out} is up to date: {config.cache} has no rows beyond its {report['ntotal']}; nothing written.")
-    else:
-        setting = (f"{knob} {report['knob_before']} -> {report['knob_after']}" if report["retuned"]
-                   else f"{knob} {report['knob_after']} kept") if knob else "exact search"
-        reached = "reached" if meta["target_reached"] else "NOT reached (the best setting is kept)"
-        dropped = (f", took out {report['rows_removed']} rows a sync superseded or removed"
-                   if report.get("rows_removed") else "")
-        print(f"updated {config.out}: added {report['rows_added']} rows{dropped} to the {meta['kind']} index, now "
-              f"{report['ntotal']} x {meta['dim']} ({meta['metric']}), in {meta['updates'][-1]['update_s']:.1f} s; "
-              f"{setting}; recall@10 {report['recall_at_10']:.4f} against exact search on {meta['eval_queries']} "
-              f"{'held-out new' if meta['eval_queries_held_out'] else 'indexed'} queries, target "
-              f"{meta['target_recall']} {reached}.")
-    for advice in report["advice"]:
-        print(f"  a rebuild would be better: {advice}. Rebuild without --update: "
-              f"`embedder index {config.cache} --out {config.out}`.")
-    return report
-
-
-def remove(config, args) -> dict:
-    from embedder.search.removal import remove_rows
-
-    report = remove_rows(config.cache, config.remove, config.remove_from, config.prune_missing, config.progress)
-    if _as_json(args):
-        print_json(report)
-        return report
-    how = "removed in place" if report["removed_in_place"] else "hidden from every search"
-    print(f"{config.cache}: {report['newly_removed']} row(s) removed ({how}), "
-          f"{report['already_removed']} already removed; {report['removed_rows']} of {report['rows']} rows "
-          "removed in all")
-    for p in report["paths"]:
-        print(f"  {display_path(p)}")
-    if report["newly_removed"] > len(report["paths"]):
-        print(f"  ... {report['newly_removed'] - len(report['paths'])} more")
-    if report["urls_not_checked"]:
-        print(f"  {report['urls_not_checked']} URL row(s) not checked (--prune-missing checks files; remove dead "
-              "URLs with --remove-from)")
-    return report
-
-
-def search(config, args):
+def search(config: SearchConfig, args: Namespace) -> list[tuple[str | None, list[Hit]]]:
     from embedder.outputs import PICTURE, claim
     from embedder.search.query import SearchIndex
 
@@ -550,77 +381,53 @@ def _check_layer(index, config) -> None:
 
 
 def _run_queries(index, config):
-    """[(query, hits)] and [(query, reason)] for the one kind of query the config names."""
-    from embedder.search.queries import query_vectors, read_query_vectors
-
-    k, where = config.k, config.where
-    if config.combined or config.threshold is not None or config.exclude_examples:
-        return _run_example_queries(index, config)
-    if config.image:
-        results, errors = index.search_files(expand_images(config.image), k=k, where=where)
-        return [(str(f), hits) for f, hits in results], errors
-    if config.path is not None:
-        row = index.row_of_path(config.path)
-        return [(str(index.image_path(row)), index.search_ids([row], k, where)[0])], []
-    if config.row_id is not None:
-        return [(str(index.image_path(config.row_id)), index.search_ids([config.row_id], k, where)[0])], []
-    vectors = query_vectors(read_query_vectors(config.vector), index.dim, index.metric)
-    return [(None, hits) for hits in index.search(vectors, k, where)], []
-
-
-def _run_example_queries(index, config):
-    """_run_queries for combined examples (Rocchio), range search, and results without the examples."""
+    """[(query, hits)] and [(query, reason)]: the config's examples turned into one Query
+    (embedder.search.ask) and answered there; the names are the CLI's own."""
     from embedder.errors import AllImagesFailedError
-    from embedder.search.queries import drop_rows, range_search, rocchio
+    from embedder.search.ask import Query, answer
 
-    index.allowed(config.where)  # a bad filter, or range, is refused before any image is embedded
+    where = index.parse_filter(config.where)  # a bad filter, or range, is refused before any image is embedded
     if config.threshold is not None:
         _check_range_metric(index, config)
     one = (lambda value: () if value is None else (value,))
-    names, vectors, errors, rows = _examples(index, config.image, one(config.path), one(config.row_id), config.vector)
+    names, positives, errors = _examples(index, config.image, one(config.path), one(config.row_id), config.vector,
+                                         config.exclude_examples)
+    negatives = []
     if config.combined:
-        neg_names, negatives, neg_errors, neg_rows = _examples(index, config.negative, config.negative_path,
-                                                               config.negative_id)
+        neg_names, negatives, neg_errors = _examples(index, config.negative, config.negative_path,
+                                                     config.negative_id, find_rows=config.exclude_examples)
         errors += neg_errors
-        if not len(vectors):
+        if not positives:
             raise AllImagesFailedError("None of the positive examples could be read.")
-        vectors = rocchio(vectors, negatives, config.alpha, config.beta, index.metric)[None]
         shown = " + ".join(n for n in names if n) or f"{len(names)} vectors"
         names = [shown + "".join(f" - {n}" for n in neg_names)]
-        rows = [[r for group in rows + neg_rows for r in group]]
-    skip = rows if config.exclude_examples else [[] for _ in names]
-    extra = max(map(len, skip), default=0)  # asked for beyond the limit, as the examples may take places
-    if config.threshold is not None:
-        limit = config.max_results
-        found = range_search(index, vectors, config.threshold, None if limit is None else limit + extra,
-                             where=config.where)
-    else:
-        limit = config.k
-        found = index.search(vectors, limit + extra, config.where) if len(vectors) else []
-    return [(q, drop_rows(hits, s, limit)) for q, hits, s in zip(names, found, skip)], errors
+    query = Query(tuple(positives), tuple(negatives), k=config.max_results if config.threshold is not None else config.k,
+                  threshold=config.threshold, where=where, combine=config.combined, alpha=config.alpha,
+                  beta=config.beta, exclude_examples=config.exclude_examples)
+    return list(zip(names, answer(index, query))), errors
 
 
-def _examples(index, images=(), paths=(), ids=(), vector=None):
-    """(names, vectors, errors, [indexed rows of each]) of examples given as images, cached paths,
-    row ids or a .npy file, in that order."""
-    import numpy as np
-
+def _examples(index, images=(), paths=(), ids=(), vector=None, find_rows=False):
+    """(names, [Example], errors) of examples given as images, cached paths, row ids or a .npy file,
+    in that order; `find_rows`: an image file that is an indexed row knows it (to be left out)."""
+    from embedder.search.ask import Example
     from embedder.search.queries import query_vectors, read_query_vectors, rows_of_files, rows_of_paths
 
-    names, parts, errors, rows = [], [], [], []
+    names, examples, errors = [], [], []
     if images:
         feats, ok, errors = index.embed_files(expand_images(images))
-        names, parts, rows = [str(f) for f in ok], [feats], [rows_of_files(index, [f]) for f in ok]
-    ids = rows_of_paths(index, paths) + [int(i) for i in ids]
-    if ids:
-        parts.append(index.row_vectors(ids))  # first: it refuses an id out of range, or removed
-        names += [str(index.image_path(i)) for i in ids]
-        rows += [[i] for i in ids]
+        for f, feat in zip(ok, feats):
+            row = rows_of_files(index, [f])[:1] if find_rows else []
+            examples.append(Example.of_vector(feat, row[0] if row else None))
+        names = [str(f) for f in ok]
+    ids = index.check_ids(rows_of_paths(index, paths) + [int(i) for i in ids])  # out of range, or removed
+    names += [str(index.image_path(i)) for i in ids]
+    examples += [Example.of_id(i) for i in ids]
     if vector is not None:
         loaded = query_vectors(read_query_vectors(vector), index.dim, index.metric)
-        names, parts, rows = [*names, *[None] * len(loaded)], [*parts, loaded], [*rows, *[[] for _ in loaded]]
-    vectors = np.concatenate(parts) if parts else np.zeros((0, index.dim), dtype=np.float32)
-    return names, vectors, errors, rows
+        names += [None] * len(loaded)
+        examples += [Example.of_vector(v) for v in loaded]
+    return names, examples, errors
 
 
 def _check_range_metric(index, config) -> None:
@@ -633,7 +440,7 @@ def _check_range_metric(index, config) -> None:
                           f"({'a cosine similarity' if index.metric == 'cosine' else 'a squared L2 distance'}).")
 
 
-def dedup(config, args) -> dict:
+def dedup(config: DedupConfig, args: Namespace) -> DedupReport:
     from embedder.cache.reader import FeatureCache
     from embedder.search.dedup import find_duplicates
 
@@ -654,82 +461,31 @@ def dedup(config, args) -> dict:
            "against": config.against, "keep": config.keep, "large_groups": found.large_groups, "groups": []}
     for g, keep in zip(found.groups, found.keep):
         doc["groups"].append([{**entry(r), "keep": r in keep} for r in g])
-    if _as_json(args):
-        print_json(doc)
-        return doc
-    drop = sum(not e["keep"] for g in doc["groups"] for e in g)
-    print(f"{len(found.groups)} near-duplicate groups ({config.metric} {'>=' if config.metric == 'cosine' else '<='} "
-          f"{config.threshold}, {found.kind} index), {sum(len(g) for g in found.groups)} images, {drop} to drop"
-          + (f" from {config.cache} (duplicates of {config.against})" if config.against else ""))
-    for k, g in enumerate(doc["groups"], start=1):
-        print(f"group {k} ({len(g)}):")
-        for e in g:
-            where = f"[{e['cache']}] " if config.against else ""
-            print(f"  {'keep' if e['keep'] else 'drop'}  {where}{display_path(e['path'])}")
-    return doc
+    return show(DedupReport(doc, cache=config.cache), args)
 
 
-def curate(config, args) -> dict:
+def curate(config: CurateConfig, args: Namespace) -> CurateReport:
     from embedder.curate.run import run_curate
 
-    doc = run_curate(config)
-    if _as_json(args):
-        print_json(doc)
-        return doc
-    print(f"{doc['cache']}: {doc['rows']} rows, {doc['labelled']} labelled, {doc['classes']} classes; "
-          f"splits: {doc['split_how']}")
-    lm = doc["label_mistakes"]
-    if "skipped" in lm:
-        print(f"  label mistakes  skipped: {lm['skipped']}")
-    else:
-        print(f"  label mistakes  {lm['issues']} likely (confident learning, {lm['folds']}-fold probe, C {lm['C']:.3g},"
-              f" out-of-fold accuracy {100 * lm['out_of_fold_accuracy']:.1f}%)")
-        for t in lm["top"][:5]:
-            print(f"      {t['label_quality']:.3f}  {t['given_label']} -> {t['suggested_label']}  "
-                  f"{display_path(t['path'])}")
-    print(f"  outliers        most outlying (cosine distance to neighbour number {doc['outliers']['k']}):")
-    for t in doc["outliers"]["top"][:5]:
-        print(f"      {t['outlier_score']:.3f}  {display_path(t['path'])}")
-    leaks = doc["leaks"]
-    if "skipped" in leaks:
-        print(f"  leaks           skipped: {leaks['skipped']}")
-    else:
-        print(f"  leaks           {leaks['count']} val/test rows with a train row at similarity >= "
-              f"{leaks['threshold']} ({leaks['by_split']['val']} val, {leaks['by_split']['test']} test)")
-        for t in leaks["pairs"][:5]:
-            print(f"      {t['similarity']:.3f}  {display_path(t['path'])}  ~  {display_path(t['train_path'])}")
-    dup = doc["duplicates"]
-    print(f"  duplicates      {dup['groups']} groups (similarity >= {dup['threshold']}), {dup['rows_in_groups']} "
-          f"rows, {dup['to_drop']} to drop (--keep {dup['keep']})")
-    print(f"wrote {', '.join(doc['files'])} in {doc['out']} ({doc['wall_s']:.1f} s)")
-    return doc
+    return show(CurateReport(run_curate(config)), args)
 
 
-def plot(config, args) -> dict:
+def plot(config: PlotConfig, args: Namespace) -> PlotReport:
     from embedder.search.plots import plot_space
 
     out = config.out or str(Path(config.cache).with_suffix(f".{config.method}.png"))
     path = plot_space(config.cache, out, method=config.method, max_points=config.max_points, seed=config.seed,
                       layer=config.layer, overwrite=config.overwrite, progress=config.progress)
     report = {"out": str(path), "cache": config.cache, "method": config.method, "seed": config.seed}
-    print_json(report) if _as_json(args) else print(f"wrote {path}")
-    return report
+    return show(PlotReport(report), args)
 
 
-def map_index(config, args) -> dict:
+def map_index(config: MapConfig, args: Namespace) -> MapReport:
     from embedder.search.maps import compute_map
 
     report = compute_map(config.index, method=config.method, seed=config.seed, fit_rows=config.fit_rows,
                          progress=config.progress, scores=config.scores)
-    if _as_json(args):
-        print_json(report)
-        return report
-    placed = report["mapped"] - report["fitted_on"]
-    print(f"wrote {report['map']}: {report['method']} map of {report['mapped']} rows in {report['seconds']:.1f} s"
-          + (f" (fitted on {report['fitted_on']}, {placed} placed by the fitted model)" if placed else "")
-          + (f", with the curate scores {', '.join(report['scores'])}" if report["scores"] else "")
-          + f"; `embedder serve {config.index}` shows it at /map")
-    return report
+    return show(MapReport(report, index=config.index), args)
 
 
 # -------------------------------------------------------------------------------- serve
@@ -756,7 +512,8 @@ def _check_port(host: str, port: int) -> None:
             raise error from None
 
 
-def serve(config, args) -> None:
+def serve(config: ServeConfig, args: Namespace) -> None:
+    """Runs until stopped: nothing is left to return."""
     from embedder.serve.app import allowed_hosts_for, create_app, run
 
     _check_port(config.host, config.port)
@@ -768,12 +525,3 @@ def serve(config, args) -> None:
     print(f"serving {config.index} on http://{where}:{config.port}/  (answering Host: {', '.join(hosts)}; "
           "API spec: /openapi.json)", flush=True)
     run(app, host=config.host, port=config.port, limits=config.server_limits)
-
-
-# ---------------------------------------------------------------------------------- run
-
-
-def run(_config, args):
-    from embedder.cli.pipeline import run_pipeline
-
-    return run_pipeline(args.pipeline, progress=not args.quiet)

@@ -1,9 +1,9 @@
 """Command line: parse -> typed config -> library call -> exit code.
 
-Each command is one row of COMMANDS: its help, the config dataclass its flags come from
-(embedder.options builds them from the fields' declarations) and the handler in
-embedder.cli.commands that calls the library and prints. A command's own presentation
-flags (`--json`) and the embed command's backend choice are the only arguments declared here.
+Each command is one row of the command table (embedder.cli.table.COMMANDS): its help, the config
+dataclass its flags come from (embedder.options builds them from the fields' declarations) and
+the handler that calls the library, prints and returns the report. A command's own presentation
+flag (`--json`) is the only argument added here.
 """
 
 from __future__ import annotations
@@ -13,108 +13,15 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from embedder.cli import commands
 from embedder.cli.failures import explain, show_notice
+from embedder.cli.table import COMMANDS, Command
 from embedder.options import add_arguments, from_arguments
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 EPILOG = "Docs: docs/ (the site: make docs-serve), docs/reference/cli.md for every flag."
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a Unix tool whose reader left
-
-
-def _cfg(module: str, name: str) -> Callable[[], type]:
-    """A config class, imported when its command's parser is built (config modules are light)."""
-    def load():
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-
-    return load
-
-
-@dataclass(frozen=True)
-class Command:
-    help: str
-    run: Callable[[object, argparse.Namespace], object]  # (config, args) -> report; prints
-    config: Callable[[], type] | None = None
-    json: str | None = None  # help of --json, when the command has it
-    extra: Callable[[argparse.ArgumentParser], None] | None = None  # arguments that are not config fields
-
-
-def _embed_extra(p: argparse.ArgumentParser) -> None:
-    from embedder.extract.config import RayOptions
-
-    p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="ray: shard the listing over a Ray cluster's actor pool (pip install 'embedder[ray]')")
-    add_arguments(p, RayOptions)
-
-
-def _run_extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pipeline", help="the pipeline TOML file, e.g. pipelines/quickstart.toml")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-COMMANDS: dict[str, Command] = {
-    "models": Command("list backbones, feature widths and offline weight availability (--all: every buildable "
-                      "name; NAME: one entry)", commands.models, _cfg("embedder.models.config", "ModelsConfig"),
-                      json="print the registry as JSON"),
-    "inspect": Command("list a model's layers (graph nodes) with output shapes, default and head marked",
-                       commands.inspect, _cfg("embedder.models.config", "InspectConfig"), json="print as JSON"),
-    "embed": Command("extract features of an image folder into an HDF5 cache (resumable)", commands.embed,
-                     _cfg("embedder.extract.config", "EmbedConfig"), json="print the run report as JSON",
-                     extra=_embed_extra),
-    "merge": Command("consolidate a sharded cache (from --backend ray) into one self-contained file", commands.merge,
-                     _cfg("embedder.cache.config", "MergeConfig")),
-    "compact": Command("rewrite a synced cache without its superseded and removed rows (atomic)", commands.compact,
-                       _cfg("embedder.cache.config", "CompactConfig"), json="print the report as JSON"),
-    "probe": Command("train a linear probe (or a scikit-learn classifier) on a feature cache", commands.probe,
-                     _cfg("embedder.learn.config", "ProbeConfig"),
-                     json="print the report as JSON (includes val_accuracy)"),
-    "evaluate": Command("apply a saved probe or classifier to another cache", commands.evaluate,
-                        _cfg("embedder.learn.config", "EvaluateConfig"), json="print the result as JSON"),
-    "export": Command("assemble backbone + trained linear probe into one image classifier", commands.export,
-                      _cfg("embedder.learn.config", "ExportConfig")),
-    "predict": Command("label images with an exported or fine-tuned classifier", commands.predict,
-                       _cfg("embedder.learn.config", "PredictConfig"), json="print the labels as JSON"),
-    "finetune": Command("train the whole network (or a head on a frozen backbone) on images", commands.finetune,
-                        _cfg("embedder.learn.config", "FinetuneConfig"), json="print the report as JSON"),
-    "stylize": Command("neural style transfer: repaint --content with the texture of --style (L-BFGS)",
-                       commands.stylize, _cfg("embedder.models.config", "StylizeConfig"),
-                       json="print the report as JSON"),
-    "index": Command("build a FAISS similarity index from a feature cache, or remove rows from one", commands.index,
-                     _cfg("embedder.search.config", "IndexConfig"), json="print the index's metadata as JSON"),
-    "search": Command("query an index by image(s), cached path, row id or vector", commands.search,
-                      _cfg("embedder.search.config", "SearchConfig"), json="JSON lines: one object per query"),
-    "dedup": Command("list near-duplicate groups of a cache (range search)", commands.dedup,
-                     _cfg("embedder.search.config", "DedupConfig"), json="print the groups as JSON"),
-    "curate": Command("score every image for label mistakes, outliers, uniqueness, leaks and duplicates",
-                      commands.curate, _cfg("embedder.curate.config", "CurateConfig"),
-                      json="print the summary as JSON"),
-    "plot": Command("2-D scatter of a cache coloured by label", commands.plot,
-                    _cfg("embedder.search.config", "PlotConfig"), json="print the report as JSON"),
-    "map": Command("compute the 2-D map of an index that `serve` shows at /map (UMAP or PCA, stored as "
-                   "INDEX_DIR/map.h5)", commands.map_index, _cfg("embedder.search.config", "MapConfig"),
-                   json="print the report as JSON"),
-    "serve": Command("HTTP search service with a web page (FastAPI + uvicorn)", commands.serve,
-                     _cfg("embedder.serve.config", "ServeConfig")),
-    "watch": Command("keep a cache (and --index) in step with a folder as files arrive, change and go",
-                     commands.watch, _cfg("embedder.search.config", "WatchConfig"),
-                     json="print one JSON line per sync"),
-    "info": Command("describe a feature cache or an index folder", commands.info, _cfg("embedder.cache.config", "InfoConfig"),
-                    json="print the description as JSON"),
-    "export-vectors": Command("write a cache's vectors and metadata as Parquet, or clip-retrieval's .npy layout",
-                              commands.export_vectors, _cfg("embedder.cache.config", "ExportVectorsConfig"),
-                              json="print the report as JSON"),
-    "import-vectors": Command("build a cache from vectors embedded elsewhere (.npy + Parquet, or Parquet)",
-                              commands.import_vectors, _cfg("embedder.cache.config", "ImportVectorsConfig"),
-                              json="print the report as JSON"),
-    "run": Command("run a declarative pipeline (TOML), e.g. pipelines/quickstart.toml", commands.run,
-                   extra=_run_extra),
-    "make-samples": Command("write the sample datasets (from data shipped in packages)", commands.make_samples,
-                            _cfg("embedder.data.config", "MakeSamplesConfig")),
-}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

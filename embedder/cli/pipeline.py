@@ -23,7 +23,6 @@ not after an hour of extraction.
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,9 +30,12 @@ from pathlib import Path
 
 import tomllib
 
-from embedder.cli import commands
+from embedder.cli.table import COMMANDS, Command
 from embedder.errors import ConfigError
 from embedder.options import from_table
+
+# The commands that can be steps: the rows of the command table with a `step`.
+STEP_KINDS: dict[str, Command] = {name: command for name, command in COMMANDS.items() if command.step is not None}
 
 
 @dataclass
@@ -45,63 +47,18 @@ class Step:
     config: object = None  # the step's validated config
 
 
-@dataclass(frozen=True)
-class StepKind:
-    """A step is a command: the same config (its TOML keys are the config's fields) and the same handler."""
-
-    config: str  # "module:Class"
-    handler: Callable
-    describe: Callable[[object], str]
-    labelled: bool = False  # takes `label` (a row of the results table)
-    # Where a step's default differs from the command's. Kept so that pipelines written before
-    # the options were declared once still do what they did (the search step showed 5 hits).
-    defaults: tuple[tuple[str, object], ...] = ()
-
-    def config_class(self) -> type:
-        module, name = self.config.split(":")
-        return getattr(importlib.import_module(module), name)
-
-
-STEP_KINDS: dict[str, StepKind] = {
-    "make-samples": StepKind("embedder.data.config:MakeSamplesConfig", commands.make_samples,
-                             lambda c: f"make sample data in {c.out}"),
-    "embed": StepKind("embedder.extract.config:EmbedConfig", commands.embed,
-                      lambda c: f"embed {c.source} with {c.model} -> {c.out}", labelled=True),
-    "info": StepKind("embedder.cache.config:InfoConfig", commands.info, lambda c: f"describe {c.cache}"),
-    "probe": StepKind("embedder.learn.config:ProbeConfig", commands.probe,
-                      lambda c: f"{c.classifier} on {c.cache}", labelled=True),
-    "finetune": StepKind("embedder.learn.config:FinetuneConfig", commands.finetune,
-                         lambda c: f"{'fixed feature extractor' if c.freeze_backbone else 'fine-tune'} {c.model} on "
-                                   f"{c.source} -> {c.out}", labelled=True),
-    "index": StepKind("embedder.search.config:IndexConfig", commands.index, lambda c: f"index {c.cache} -> {c.out}"),
-    "curate": StepKind("embedder.curate.config:CurateConfig", commands.curate,
-                       lambda c: f"curate {c.cache} -> {c.out}"),
-    "map": StepKind("embedder.search.config:MapConfig", commands.map_index,
-                    lambda c: f"{c.method} map of {c.index} -> {c.index}/map.h5"),
-    "search": StepKind("embedder.search.config:SearchConfig", commands.search,
-                       lambda c: f"search {c.index} with {', '.join(c.image) or c.path or c.row_id or c.vector}"
-                                 + (f" where {c.where}" if c.where else ""),
-                       defaults=(("k", 5),)),
-}
-
-
 def _step(kind: str, values: dict, base: Path, progress: bool, pipeline: Path) -> Step:
-    step_kind = STEP_KINDS[kind]
-    values = dict(step_kind.defaults) | dict(values)
-    label = values.pop("label", "") if step_kind.labelled else ""
-    ray = _ray_options(values) if kind == "embed" else None
-    cls = step_kind.config_class()
-    config = from_table(cls, values, base_dir=base, what=kind)
+    command = STEP_KINDS[kind]
+    spec = command.step
+    values = dict(spec.defaults) | dict(values)
+    label = values.pop("label", "") if spec.label is not None else ""
+    more = (_ray_options(values),) if kind == "embed" else ()
+    config = from_table(command.config(), values, base_dir=base, what=kind)
     if hasattr(config, "progress"):  # `embedder run --quiet` sets it for every step
         config = replace(config, progress=progress)
     args = argparse.Namespace(json=False, command_line=f"embedder run {pipeline}")
-    execute = (lambda: step_kind.handler(config, args, ray)) if kind == "embed" else (
-        lambda: step_kind.handler(config, args))
-    if kind == "finetune" and not label:
-        label = "fixed feature extractor" if config.freeze_backbone else "fine-tune"
-    if kind == "probe" and not label:
-        label = config.classifier
-    return Step(kind, step_kind.describe(config), execute, label, config)
+    return Step(kind, spec.describe(config), lambda: command.run(config, args, *more),
+                label or (spec.label(config) if spec.label is not None else ""), config)
 
 
 def _ray_options(values: dict):
@@ -144,6 +101,11 @@ def load_pipeline(path: str | Path, progress: bool = True) -> tuple[str, list[St
     return head.get("name", path.stem), steps
 
 
+def run(_config: None, args: argparse.Namespace) -> list[object]:
+    """The `run` command: the reports of the pipeline's steps, in order."""
+    return run_pipeline(args.pipeline, progress=not args.quiet)
+
+
 def run_pipeline(path: str | Path, progress: bool = True) -> list[object]:
     name, steps = load_pipeline(path, progress)
     results = []
@@ -164,7 +126,7 @@ def results_table(steps: list[Step], results: list[object]) -> str:
     for step, result in zip(steps, results):
         if not step.label:
             continue
-        doc = result if isinstance(result, dict) else result.as_dict()
+        doc = result.as_dict()
         test, val = doc.get("test_accuracy"), doc.get("val_accuracy")
         rows.append((step.label, test, val, doc.get("wall_s", 0.0)))
     if not rows:

@@ -1,4 +1,4 @@
-"""The command-line reference page, generated from the one command table (embedder.cli.main.COMMANDS)
+"""The command-line reference page, generated from the one command table (embedder.cli.table.COMMANDS)
 and the option declarations (embedder.options): no flag is described by hand in two places.
 
     python -m embedder.cli.reference > docs/reference/cli.md
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from embedder.cli.main import COMMANDS, EPILOG, build_parser
-from embedder.cli.pipeline import STEP_KINDS
+from embedder.cli.main import EPILOG, build_parser
+from embedder.cli.table import COMMANDS, Command
 from embedder.options import specs
 
 HEADER = """# Command-line reference
@@ -38,12 +38,12 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def _command(name: str, command, parser: argparse.ArgumentParser) -> str:
-    keys = _toml_keys(command) if name in STEP_KINDS else {}
+def _command(name: str, command: Command, parser: argparse.ArgumentParser) -> str:
+    keys = _toml_keys(command) if command.step is not None else {}
     actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     positional = " ".join(_metavar(a) for a in actions if not a.option_strings)
     lines = [f"\n## {name}\n", f"`embedder {name} {positional} [options]`".replace("  ", " ") + "\n", command.help + ".\n"]
-    if name in STEP_KINDS:
+    if command.step is not None:
         lines.append(f"Also a pipeline step: `run = \"{name}\"`.\n")
     lines.append("| argument | default | TOML key | meaning |\n|---|---|---|---|")
     for a in actions:
@@ -51,7 +51,7 @@ def _command(name: str, command, parser: argparse.ArgumentParser) -> str:
     return "\n".join(lines)
 
 
-def _toml_keys(command) -> dict[str, str]:
+def _toml_keys(command: Command) -> dict[str, str]:
     return {s.name: f"`{s.key}`" for s in specs(command.config()) if s.option.toml} if command.config else {}
 
 
@@ -67,7 +67,7 @@ def _flags(a: argparse.Action) -> str:
     return ", ".join(f"`{o}{value}`" for o in a.option_strings)
 
 
-def _default(a: argparse.Action, command) -> str:
+def _default(a: argparse.Action, command: Command) -> str:
     if command.config is None:
         return "" if a.default in (None, False) else f"`{a.default}`"
     field = next((s.field for s in specs(command.config()) if s.name == a.dest), None)

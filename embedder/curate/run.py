@@ -29,7 +29,7 @@ from embedder.curate.config import CurateConfig
 from embedder.data.rows import row_location
 from embedder.data.splits import folder_splits
 from embedder.errors import ConfigError, EmbedderNotice
-from embedder.learn.train import same_feature_space
+from embedder.learn.trainer import same_feature_space
 from embedder.names import display_path
 from embedder.outputs import CACHE, CURATE, claim, expect, write_dir
 from embedder.progress import stage

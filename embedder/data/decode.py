@@ -131,6 +131,26 @@ def load_rgb_bytes(
     return pixels.contiguous() if contiguous else pixels
 
 
+def load_rgb_image(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, *, contiguous: bool = True) -> torch.Tensor:
+    """`load_rgb` for an image already opened (a PIL image given to the Python API): the same size check,
+    EXIF orientation and colour rules, so a file and `Image.open` of it give the same pixels."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                            "(raise it with max_pixels= if the image is genuine)")
+    try:
+        img.load()  # an image opened lazily from a truncated file fails here, as the file would
+        array = np.array(_to_rgb(_turn(img, _orientation(img))), dtype=np.uint8)
+    except OSError as exc:
+        raise BadImageError(f"corrupt image data: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - one unusable image, never a dead run
+        raise BadImageError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None
+    import torch
+
+    pixels = torch.from_numpy(array).permute(2, 0, 1)  # [H, W, 3] memory, as the decoders give it
+    return pixels.contiguous() if contiguous else pixels
+
+
 def shown_size(data: bytes) -> tuple[int, int]:
     """(width, height) of encoded image bytes as shown (EXIF orientation applied), from the header alone."""
     with warnings.catch_warnings():

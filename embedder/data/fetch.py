@@ -49,9 +49,9 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from embedder._version import __version__
+from embedder.data.formats import IMAGE_EXTENSIONS
 from embedder.errors import BadImageError
 
-URL_SCHEMES = ("http://", "https://")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 DEADLINE_FACTOR = 6  # a whole attempt, connect to last byte, may take this many --fetch-timeouts
 RETRY_AFTER_MAX = 60.0  # seconds: a longer Retry-After is shortened to this (and must fit the row's deadline)
@@ -59,10 +59,6 @@ BACKOFF_MAX = 30.0  # seconds between two attempts without a Retry-After
 MAX_REDIRECTS = 10
 MANIFEST = "urls.tsv"
 _CHUNK = 1 << 16
-
-
-def is_url(path: str) -> bool:
-    return path[:8].lower().startswith(URL_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -467,8 +463,6 @@ def url_hash(url: str) -> str:
 
 
 def _url_suffix(url: str) -> str:
-    from embedder.data.sources import IMAGE_EXTENSIONS
-
     suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
     return suffix if suffix in IMAGE_EXTENSIONS else ""
 

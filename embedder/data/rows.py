@@ -15,8 +15,9 @@ import tarfile
 from pathlib import Path
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes
-from embedder.data.fetch import FetchSettings, is_url
+from embedder.data.fetch import FetchSettings
 from embedder.data.fetch import fetch as fetch_one
+from embedder.data.formats import is_url
 from embedder.data.table import TABLE_SOURCE_SUFFIXES, TEXT_TABLE_SUFFIXES
 from embedder.data.tar import MAX_MEMBER_BYTES
 from embedder.errors import BadImageError

@@ -45,15 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from embedder.data import tar as tarsrc
-from embedder.data.fetch import is_url
+from embedder.data.formats import IMAGE_EXTENSIONS, is_url
 from embedder.data.metadata import MetadataTable
 from embedder.data.table import LAYOUT as TABLE_LAYOUT
 from embedder.data.table import NOT_UTF8, NUL_PATH, TableColumns, is_table_source, list_table
 from embedder.errors import SourceError
 
-IMAGE_EXTENSIONS = frozenset(
-    [".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"]
-)
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 LAYOUTS = ("auto", "imagefolder", "split-imagefolder", "flat", "filelist")
 

@@ -34,7 +34,7 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from embedder.data.fetch import is_url
+from embedder.data.formats import is_url
 from embedder.data.metadata import BUILTIN, MATCHED, RESERVED, MetadataTable, check_column_names, table_columns
 from embedder.errors import SourceError
 

@@ -18,7 +18,8 @@ from embedder.data.metadata import TABLE_SUFFIXES
 from embedder.data.sources import LAYOUTS
 from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
-from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES, batch_size_for
+from embedder.models.batchsize import batch_size_for
+from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
 from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, positive, to_arguments
 
 ROW_OPTIONS = "what is embedded"

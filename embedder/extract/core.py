@@ -40,15 +40,17 @@ from embedder.cache.fingerprint import fingerprint_components
 from embedder.cache.reader import CacheSpec, FeatureCache, recorded_components
 from embedder.cache.writer import CacheWriter
 from embedder.data.decode import DEFAULT_MAX_PIXELS
-from embedder.data.fetch import Fetcher, FetchSettings, is_url
+from embedder.data.fetch import Fetcher, FetchSettings
+from embedder.data.formats import is_url
 from embedder.data.metadata import BUILTIN, READ_COLUMNS, MetadataTable, merge_tables, null_of, read_table, split_column
 from embedder.data.sources import Listing
 from embedder.data.transforms import geometric_transform, read_for_model
 from embedder.data.workers import die_with_parent
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
+from embedder.extract.images import features_of
 from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
-from embedder.models.constants import batch_size_for
+from embedder.models.onnx import on_runtime
 from embedder.models.registry import Preprocessing, get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.names import display_path
@@ -174,7 +176,7 @@ def load_backbone(
     (`runtime`: auto, torch or onnxruntime; see embedder.models.runtime.choose_runtime)."""
     engine = choose_runtime(runtime, get_backbone_spec(model).family, device, precision, compile)
     runtime = resolve_runtime(device, precision, memory_layout, get_backbone_spec(model).family)
-    return FrozenBackbone.from_config(
+    return on_runtime(FrozenBackbone.from_config(
         BackboneConfig(
             model=model,
             weights=weights,
@@ -191,7 +193,7 @@ def load_backbone(
             compile=compile,
             runtime=engine,
         )
-    )
+    ))
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:
@@ -375,20 +377,12 @@ def embed_images(
     backbone: FrozenBackbone, paths: list[str | Path], batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Features for image files, in memory, with the same reader as `embed`
-    (`batch_size` None: `--batch-size auto`'s, for the backbone's device).
+    """Features for image files, in memory, with the same reader as `embed` (`batch_size` None:
+    `--batch-size auto`'s, for the backbone's device).
 
-    Returns (features [n_ok, D], errors [(path, reason)]); rows follow `paths`, minus failures.
+    Returns (features [len(paths), D], errors [(path, reason)]): row i is paths[i], a row of NaN
+    where that file could not be used. `embedder.extract(paths, model=backbone, errors="return")`
+    is the same with PIL images and arrays too.
     """
-    rows = np.arange(len(paths), dtype=np.int64)
-    batch_size = batch_size or batch_size_for(str(backbone.device))
-    reader = BatchReader(Path("."), [str(p) for p in paths], rows, batch_size, backbone.preprocessing, max_pixels)
-    feats, errors = [], []
-    for b in range(len(reader)):
-        batch = reader[b]
-        if len(batch["indices"]):
-            feats.append(backbone(batch["images"]).cpu().numpy())
-        errors += [(str(paths[i]), reason) for i, reason in batch["errors"]]
-    out = np.concatenate(feats) if feats else np.zeros((0, backbone.feature_dim), np.float32)
-    return out, errors
-
+    features, failed = features_of(backbone, list(paths), batch_size, max_pixels)
+    return features, [(str(paths[e.index]), e.reason) for e in failed]

@@ -19,6 +19,7 @@ from embedder.atomic import save_torch, staged_file
 from embedder.errors import ConfigError
 from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_architecture
 from embedder.models.heads import head_slot, mlp_head, replace_head
+from embedder.models.onnx import on_runtime
 from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import choose_runtime, resolve_runtime
 from embedder.models.weights import ResolvedWeights
@@ -111,5 +112,6 @@ def load_classifier(path: str | os.PathLike, device: str = "auto", runtime: str 
         runtime=choose_runtime(runtime, spec.family, resolved.device, resolved.precision),
     )
     weights = ResolvedWeights("file", f"classifier:{Path(path).name}", lambda m: None)
-    network = FrozenBackbone(model, spec, config, weights, output=(logits_node(head_path, head), len(info.classes)))
+    network = on_runtime(FrozenBackbone(model, spec, config, weights,
+                                      output=(logits_node(head_path, head), len(info.classes))))
     return ImageClassifier(network, info)

@@ -155,4 +155,4 @@ class _Logits(torch.nn.Module):
         self.network = network
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.network.pooled_output(self.network._maps(pixels), self.network.node)
+        return self.network.pooled_output(self.network.maps(pixels), self.network.node)

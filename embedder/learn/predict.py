@@ -29,8 +29,9 @@ def predict(
     classifier = load_classifier(model_path, device=device, runtime=runtime)
     logits, errors = embed_images(classifier.network, list(paths), batch_size=batch_size)
     failed = {p for p, _ in errors}
-    ok_paths = [p for p in paths if p not in failed]
-    proba = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    ok = [str(p) not in failed for p in paths]  # the rows of failed files are NaN
+    ok_paths = [p for p, good in zip(paths, ok) if good]
+    proba = torch.softmax(torch.from_numpy(logits[ok]), dim=1).numpy()
     k = max(1, min(top_k, len(classifier.classes)))
     results = []
     for path, p in zip(ok_paths, proba):

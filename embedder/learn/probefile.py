@@ -32,6 +32,7 @@ from embedder.errors import ConfigError
 
 PROBE_FILE = "probe.pt"
 SKLEARN_FILE = "classifier.joblib"  # what PROBE_DIR holds instead when a scikit-learn classifier was trained
+SWEEP_FILE = "sweep.json"  # what PROBE_DIR holds after `--layer all` (embedder.learn.sweep), beside one folder per layer
 FORMAT = "embedder-probe/1"
 REQUIRED = ("coef", "intercept", "classes", "model", "layer")
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from embedder.cache.reader import FeatureCache
 from embedder.learn.config import ProbeConfig
+from embedder.learn.probefile import SWEEP_FILE
+from embedder.learn.trainer import train_probe
 from embedder.outputs import CACHE, PICTURE, PROBE, claim, expect, png_metadata, write_dir, write_file
 from embedder.progress import bar
-
-SWEEP_FILE = "sweep.json"
 
 
 def cache_layers(path: str) -> dict[str, int]:
@@ -34,8 +34,6 @@ def cache_layers(path: str) -> dict[str, int]:
 
 
 def run_layer_sweep(config: ProbeConfig) -> dict:
-    from embedder.learn.train import _run_probe
-
     t0 = time.perf_counter()
     layers = cache_layers(config.cache)
     out = config.out_dir
@@ -51,7 +49,7 @@ def run_layer_sweep(config: ProbeConfig) -> dict:
             layer_config = replace(config, layer=name, out=str(out / folder), plot=None)
             (tmp / folder).mkdir()
             with contextlib.ExitStack() as stack:
-                report = _run_probe(
+                report = train_probe(
                     layer_config, lambda p, n=name: stack.enter_context(FeatureCache(p, layer=n)), tmp / folder)
             reports[name] = report
             rows.append({"layer": name, "dim": dim, "val_accuracy": report["val_accuracy"],

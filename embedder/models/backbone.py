@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError, did_you_mean
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
-from embedder.models.registry import COMBINE, BackboneSpec, Preprocessing, get_backbone_spec
+from embedder.models.graph import feature_extractor, graph_node_names
+from embedder.models.registry import get_backbone_spec
+from embedder.models.spec import COMBINE, BackboneSpec
 from embedder.models.style import StyleDescriptor
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights, resolve_weights
 
@@ -137,10 +140,7 @@ class FrozenBackbone(nn.Module):
         # double entries in modules() or state_dict); it wraps self.body.
         if config.compile:
             self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
-        if config.runtime == "onnxruntime":
-            from embedder.models.onnx import session_for
-
-            self.__dict__["_session"] = session_for(self)
+        # runtime "onnxruntime": embedder.models.onnx.on_runtime attaches the checked session (`use_session`).
 
     def _name_outputs(self, model: nn.Module, output: tuple[str, int] | None) -> tuple[str, ...]:
         """Set the primary node, the outputs and the style nodes; return every graph node to extract."""
@@ -173,7 +173,7 @@ class FrozenBackbone(nn.Module):
         for m in model.modules():
             if getattr(m, "inplace", False) is True:
                 m.inplace = False
-        self.body = _feature_extractor(model, nodes, self.spec.uses_timm)
+        self.body = feature_extractor(model, nodes, self.spec.uses_timm)
         self.register_buffer("mean", torch.tensor(self.preprocessing.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.preprocessing.std).view(1, 3, 1, 1), persistent=False)
         for p in self.parameters():
@@ -248,9 +248,12 @@ class FrozenBackbone(nn.Module):
         """
         if not torch.is_floating_point(images):
             raise TypeError("feature_maps takes float images in [0, 1]; convert uint8 with .float() / 255")
-        return self._maps(images.to(self.device))
+        return self.maps(images.to(self.device))
 
-    def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The torch pass's raw maps of every node, {node: tensor}, for float pixels in [0, 1] already on the
+        device: the normalisation, the layout, the precision and the graph, without `feature_maps`'s checks.
+        What the ONNX exporter traces (embedder.models.onnx) and a classifier's export wraps."""
         self._assert_eval()
         x = (x - self.mean) / self.std
         if self.config.channels_last:
@@ -284,6 +287,13 @@ class FrozenBackbone(nn.Module):
             ) from exc
         return {k: v[:n] for k, v in maps.items()} if n < size else maps
 
+    def use_session(self, session) -> None:
+        """Run `session`, the checked ONNX Runtime graph of this backbone's pass (embedder.models.onnx.session_for),
+        from now on: what `runtime="onnxruntime"` asks for."""
+        if self.config.runtime != "onnxruntime":
+            raise ConfigError(f"An ONNX Runtime session is for a backbone of runtime onnxruntime, not {self.config.runtime}.")
+        self.__dict__["_session"] = session
+
     def use_quantized(self, session, record: dict) -> None:
         """Run `session`, the int8 graph of this backbone (embedder.models.quantize.quantize), from now on."""
         if self.config.precision != "int8":
@@ -296,11 +306,14 @@ class FrozenBackbone(nn.Module):
         if self.config.precision == "int8" and self.quantization is None:
             raise ConfigError("An int8 backbone is calibrated on sample images before it runs "
                               "(embedder.extract.fidelity.prepare, as `embed --precision int8` does).")
+        if self._session is None and self.config.runtime == "onnxruntime":
+            raise ConfigError("A backbone of runtime onnxruntime runs its ONNX graph: build it with "
+                              "embedder.models.onnx.on_runtime (as embedder.extract.load_backbone does).")
         if self._session is not None:
             return self._run_session(x)  # it scales uint8 itself, off torch's thread pool
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        maps = self._maps(x)
+        maps = self.maps(x)
         out = {}
         for node in self.output_names:
             if node == STYLE_OUTPUT:
@@ -329,7 +342,7 @@ class FrozenBackbone(nn.Module):
         """Output shape of every node for one image at the crop size (one forward of zeros)."""
         size = self.preprocessing.crop_size
         with torch.inference_mode():
-            maps = self._maps(torch.zeros(1, 3, size, size, device=self.device))
+            maps = self.maps(torch.zeros(1, 3, size, size, device=self.device))
         return {k: tuple(v.shape) for k, v in maps.items()}
 
 
@@ -391,48 +404,3 @@ def _check_nodes(model: nn.Module, spec: BackboneSpec, nodes: list[str]) -> None
             f"Model {spec.name!r} has no layer {node!r}.{did_you_mean(node, names + list(spec.layer_aliases))} "
             f"List every layer with `embedder inspect {spec.name}`."
         )
-
-
-def graph_node_names(model: nn.Module, uses_timm: bool) -> list[str]:
-    """The eval-mode graph nodes that can be returned, in execution order."""
-    if uses_timm:
-        from timm.models import get_graph_node_names
-    else:
-        from torchvision.models.feature_extraction import get_graph_node_names
-    was_training = model.training
-    model.eval()
-    try:
-        return list(get_graph_node_names(model)[1])
-    finally:
-        model.train(was_training)
-
-
-def _feature_extractor(model: nn.Module, nodes: tuple[str, ...], uses_timm: bool) -> nn.Module:
-    """A graph module that returns {node: output} for each node. Only the needed part of the model runs."""
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
-    # timm's wrappers are these calls with its leaf modules and untraced functions.
-    tracer = {}
-    if uses_timm:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-
-        tracer = {"tracer_kwargs": {"leaf_modules": list(get_notrace_modules()),
-                                    "autowrap_functions": list(get_notrace_functions())}}
-    model.eval()
-    try:
-        body = create_feature_extractor(model, return_nodes={n: n for n in nodes}, **tracer)
-    except ValueError:
-        # Nodes that only the eval-mode trace has (LeViT's and EfficientFormer's attention-bias
-        # cache, read when not training): the train-mode graph gets the nodes it has, as it never runs (below).
-        model.eval()  # the failed attempt left it in train mode
-        train = get_graph_node_names(model, **tracer)[0]
-        kept = [n for n in nodes if n in train] or train[-1:]
-        body = create_feature_extractor(model, train_return_nodes={n: n for n in kept},
-                                        eval_return_nodes={n: n for n in nodes}, **tracer)
-        model.eval()
-    # The graph module is traced twice and switches to its train-mode graph on `.train()`, where
-    # functional dropout (DenseNet's F.dropout(training=self.training)) was traced as active;
-    # setting `.training` back cannot switch it back. Both slots hold the eval graph, so no call can.
-    if getattr(body, "eval_graph", None) is not None:
-        body.train_graph = body.eval_graph
-    return body

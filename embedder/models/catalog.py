@@ -19,7 +19,9 @@ from torch import nn
 
 from embedder.data.transforms import Preprocessing, preprocessing_from_transforms
 from embedder.errors import ConfigError, WeightsUnavailableError
-from embedder.models.weights import TorchvisionWeights, WeightsSource, _read_state_dict
+from embedder.models.graph import feature_extractor, graph_node_names
+from embedder.models.spec import BackboneSpec
+from embedder.models.weights import TorchvisionWeights, WeightsSource, read_state_dict
 
 PREFIXES = ("torchvision:", "timm:")
 
@@ -70,11 +72,9 @@ def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool
     """(graph node whose output the head consumes, its width). The head's input is caught by a hook
     on the model, then matched by value against every traced node (fx may trace through the head,
     so a hook inside the traced graph would not fire)."""
-    from embedder.models.backbone import _feature_extractor, graph_node_names
-
     model.eval()
     nodes = [n for n in graph_node_names(model, uses_timm) if n != head_path and not n.startswith(head_path + ".")]
-    body = _feature_extractor(model, tuple(nodes), uses_timm)
+    body = feature_extractor(model, tuple(nodes), uses_timm)
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(head_path).register_forward_hook(lambda m, args, out: seen.append(args[0]))
     # Seeded noise, not zeros: distinct layers rarely agree on it.
@@ -99,8 +99,6 @@ def head_input_node(model: nn.Module, head_path: str, size: int, uses_timm: bool
 
 
 def _spec(name, build, weights, preprocessing, find_head, uses_timm, model, build_at=None, preprocessing_at=None):
-    from embedder.models.registry import BackboneSpec
-
     head = find_head(model)
     node, width = head_input_node(model, head, preprocessing.crop_size, uses_timm)
     # Only a Linear can be replaced by a head trained on the pooled features (SqueezeNet's
@@ -320,7 +318,7 @@ class TimmWeights(WeightsSource):
                 "(set HF_HOME to use another cache directory), or pass the file with "
                 "--weights /path/to/model.safetensors, or use --weights none for random initialisation."
             )
-        return _read_state_dict(Path(cached))
+        return read_state_dict(Path(cached))
 
 
 def _timm_spec(name: str):

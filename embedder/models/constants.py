@@ -14,18 +14,3 @@ RUNTIMES = ("auto", "torch", "onnxruntime")  # what runs the frozen pass (embedd
 # On GPUs large batches are what fills the device; 32 is unmeasured there (no GPU lent yet).
 CPU_BATCH_SIZE = 4
 GPU_BATCH_SIZE = 32
-
-
-def batch_size_for(device: str = "auto") -> int:
-    """`--batch-size auto`, the same in every command and in the Python API (embedder.models.runtime's
-    CPU_BATCH_SIZE and GPU_BATCH_SIZE). Without a GPU device node there is no CUDA device to ask
-    torch about, so the answer needs no torch import (which takes seconds): a bad command line is
-    refused before it."""
-    import os
-
-    if device == "cpu" or (device == "auto" and not any(
-            os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/proc/driver/nvidia"))):
-        return CPU_BATCH_SIZE
-    from embedder.models.runtime import auto_batch_size
-
-    return auto_batch_size(device)

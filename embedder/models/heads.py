@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from embedder.errors import ConfigError
-from embedder.models.registry import BackboneSpec
+from embedder.models.spec import BackboneSpec
 
 
 def mlp_head(in_features: int, n_classes: int, hidden: int = 512) -> nn.Sequential:

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from embedder.models.backbone import _feature_extractor, build_model, graph_node_names
-from embedder.models.registry import BackboneSpec, get_backbone_spec
+from embedder.models.backbone import build_model
+from embedder.models.graph import feature_extractor, graph_node_names
+from embedder.models.registry import get_backbone_spec
+from embedder.models.spec import BackboneSpec
 from embedder.models.weights import resolve_weights
 
 
@@ -48,7 +50,7 @@ def inspect_model(name: str, image_size: int | None = None, weights: str = "none
     model = build_model(spec, resolve_weights(spec.weights, weights), image_size).eval()
     size = image_size or spec.preprocessing.crop_size
     nodes = [n for n in graph_node_names(model, spec.uses_timm) if n != "x"]
-    extractor = _feature_extractor(model, tuple(nodes), spec.uses_timm)
+    extractor = feature_extractor(model, tuple(nodes), spec.uses_timm)
     with torch.inference_mode():
         outputs = extractor(torch.zeros(1, 3, size, size))
     modules = dict(model.named_modules())

@@ -84,7 +84,7 @@ class _Graph(nn.Module):
         self.backbone = backbone
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = self.backbone._maps(pixels)
+        maps = self.backbone.maps(pixels)
         pooled = [self.backbone.pooled_output(maps, n) for n in self.backbone.layers]
         return (*pooled, *(maps[n].float() for n in self.backbone.style_nodes))
 
@@ -121,6 +121,14 @@ class OnnxSession:
         return [torch.from_numpy(a) for a in arrays]
 
 
+def on_runtime(backbone: FrozenBackbone) -> FrozenBackbone:
+    """`backbone` on the engine its configuration names: for runtime "onnxruntime", with the checked session
+    of its graph attached (`session_for`); a torch backbone as it is. Every builder of a backbone calls it."""
+    if backbone.config.runtime == "onnxruntime":
+        backbone.use_session(session_for(backbone))
+    return backbone
+
+
 def session_for(backbone: FrozenBackbone) -> OnnxSession:
     """The checked session of `backbone`'s graph, exporting it first when the cache lacks it."""
     require()
@@ -139,7 +147,7 @@ def session_for(backbone: FrozenBackbone) -> OnnxSession:
         if session is None:
             if first:  # seconds to a minute with no other sign of life (docs/BENCHMARKS.md)
                 warnings.warn(f"Exporting {backbone.spec.name} to ONNX, once: later runs load it from {folder}.",
-                              EmbedderNotice, stacklevel=4)
+                              EmbedderNotice, stacklevel=3)
             with staging(folder) as tmp:
                 _export(backbone, tmp / "graph.onnx")
                 meta = {"identity": identity, "sha256": file_sha256(tmp / "graph.onnx")}

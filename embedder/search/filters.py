@@ -326,5 +326,22 @@ def as_column(values) -> np.ndarray:
 
 def compile_mask(text: str, columns: dict[str, np.ndarray]) -> np.ndarray:
     """Parse `text` against the columns and evaluate it: the boolean mask of the rows it keeps."""
-    tree = parse(text, {name: column_kind(values) for name, values in columns.items()})
-    return evaluate(tree, columns)
+    return Filter.parse(text, columns).mask(columns)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A filter parsed once, at the boundary (the CLI's --where, a request's `where`): its text, which
+    names it (in answers, and as the key of remembered masks), and its tree, typed against the columns."""
+
+    text: str
+    tree: object
+
+    @classmethod
+    def parse(cls, text: str, columns: dict[str, np.ndarray]) -> Filter:
+        """FilterError, pointing at the bad token, for a filter these columns cannot answer."""
+        return cls(text, parse(text, {name: column_kind(values) for name, values in columns.items()}))
+
+    def mask(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """The boolean mask of the rows it keeps."""
+        return evaluate(self.tree, columns)

@@ -138,7 +138,7 @@ def score_columns(index, scores) -> dict[str, np.ndarray]:
     table = pq.read_table(path)
     if "path" not in table.column_names:
         raise ConfigError(f"{path} has no `path` column: it is not a scores table of `embedder curate`.")
-    rows = np.array([index._row.get(p, -1) for p in table.column("path").to_pylist()], dtype=np.int64)
+    rows = index.rows.rows_of(table.column("path").to_pylist())
     if not (rows >= 0).any():
         raise ConfigError(f"No path of {path} is a row of {index.dir}: curate the index's own cache "
                           f"({index.meta.get('cache')}).")
@@ -198,7 +198,7 @@ class _VectorReader:
         path = self.index.meta.get("cache")
         if path and Path(path).is_file():
             self.cache = FeatureCache(path, layer=self.index.meta.get("layer"), live=False)  # ids: stored rows
-        elif not self.index._reconstructs:
+        elif not self.index.searcher.reconstructs:
             raise ConfigError(f"A map needs the index's vectors: this {self.index.meta['kind']} index keeps "
                               f"compressed codes and its cache is not at {path}. Put the cache back there.")
         return self
@@ -206,7 +206,7 @@ class _VectorReader:
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         if self.cache is not None:
             return np.asarray(self.cache.features(rows), dtype=np.float32)  # rows sorted, as h5py wants
-        return self.index._vectors(rows)
+        return self.index.searcher.vectors(rows)
 
     def __exit__(self, *exc) -> None:
         if self.cache is not None:

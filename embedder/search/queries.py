@@ -19,7 +19,7 @@ Range search, per index kind (faiss `range_search` answers for all five):
                        `score_margin`), and the candidates are re-scored with the cache's exact
                        vectors: every row returned passes, with its exact score. Needs the cache.
 A filter (`where`) and the index's removed rows apply inside faiss, through the IDSelector that
-SearchIndex.selector_params builds for `search`; HNSW with few allowed rows (SearchIndex.exact_rows)
+Searcher.selector_params builds for `search`; HNSW with few allowed rows (Searcher.exact_rows)
 scores them exactly instead, as `search` does.
 """
 
@@ -75,6 +75,11 @@ def query_vectors(vectors, dim: int, metric: str) -> np.ndarray:
     return (vectors / scale).astype(np.float32)
 
 
+class NoDirectionError(ConfigError):
+    """The negative examples cancel the positive ones: the combined query has no direction (the
+    request's fault, which the service answers with 422)."""
+
+
 def rocchio(positives: np.ndarray, negatives: np.ndarray | None = None, alpha: float = 1.0, beta: float = 0.75,
             metric: str = "cosine") -> np.ndarray:
     """One query from examples: alpha * mean(positives) - beta * mean(negatives), shape (D,).
@@ -94,7 +99,7 @@ def rocchio(positives: np.ndarray, negatives: np.ndarray | None = None, alpha: f
     if metric == "cosine":
         norm = np.linalg.norm(query)
         if norm < 1e-6 * max(alpha, beta, 1.0):
-            raise ConfigError("The negative examples cancel the positive ones: the combined query has no direction. "
+            raise NoDirectionError("The negative examples cancel the positive ones: the combined query has no direction. "
                               "Lower --beta, or give other examples.")
         query = query / norm
     return query.astype(np.float32)
@@ -171,7 +176,7 @@ def range_search(index: SearchIndex, queries: np.ndarray, threshold: float, max_
             keep = row_scores >= threshold if cosine else row_scores <= threshold
             row_ids, row_scores = row_ids[keep], row_scores[keep]
         order = np.lexsort((row_ids, -row_scores if cosine else row_scores))[:max_results]
-        out.append(index._hits(row_scores[order][None], row_ids[order][None])[0])
+        out.append(index.rows.hits(row_scores[order][None], row_ids[order][None])[0])
     return out
 
 
@@ -180,29 +185,23 @@ def _found(index: SearchIndex, q: np.ndarray, radius: float, allowed: np.ndarray
     if allowed is not None and not allowed.any():
         return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in q]
     hnsw = index.meta["kind"] == "hnsw"
-    if hnsw and allowed is not None and allowed.sum() <= index.exact_rows:
+    if hnsw and allowed is not None and allowed.sum() <= index.searcher.exact_rows:
         return _exact_range(index, q, radius, np.flatnonzero(allowed))
-    params = None if allowed is None else index.selector_params(allowed, 1)
-    return _hnsw_range(index, q, radius, params) if hnsw else _range(index, q, radius, params)
+    params = None if allowed is None else index.searcher.selector_params(allowed, 1)
+    return _hnsw_range(index, q, radius, params) if hnsw else index.searcher.range(q, radius, params)
 
 
 def _exact_range(index: SearchIndex, q: np.ndarray, radius: float, rows: np.ndarray):
-    """_range computed exactly over `rows` (HNSW keeps its vectors), scored as faiss scores them."""
-    x = index._vectors(rows)
+    """Searcher.range computed exactly over `rows` (HNSW keeps its vectors), scored as faiss scores them."""
+    x = index.searcher.vectors(rows)
     cosine = index.metric == "cosine"
     scores = q @ x.T if cosine else (q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1)[None]
     keep = scores > radius if cosine else scores < radius
     return [(rows[keep[n]], scores[n][keep[n]].astype(np.float32)) for n in range(len(q))]
 
 
-def _range(index: SearchIndex, q: np.ndarray, radius: float, params=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(ids, scores)] per query, as faiss's range search gives them."""
-    lims, scores, ids = index.index.range_search(q, radius, **({"params": params} if params is not None else {}))
-    return [(ids[lims[n]:lims[n + 1]], scores[lims[n]:lims[n + 1]]) for n in range(len(q))]
-
-
 def _hnsw_range(index: SearchIndex, q: np.ndarray, radius: float, params=None):
-    """_range over the graph, with efSearch at least twice the rows found: a graph walk finds
+    """Searcher.range over the graph, with efSearch at least twice the rows found: a graph walk finds
     few more rows in range than its width (recall 0.61 at efSearch 16 for 250 rows in range,
     1.0 at 256), so a query that fills half of it is asked again four times wider."""
     from embedder.search.kinds import load_faiss
@@ -217,7 +216,7 @@ def _hnsw_range(index: SearchIndex, q: np.ndarray, radius: float, params=None):
         p.efSearch = ef
         if params is not None and getattr(params, "sel", None) is not None:
             p.sel = params.sel  # a caller's selector (e.g. a filter) still applies
-        for n, hit in zip(pending, _range(index, q[pending], radius, p)):
+        for n, hit in zip(pending, index.searcher.range(q[pending], radius, p)):
             found[n] = hit
         last = ef >= HNSW_RANGE_MAX_EF
         pending = np.asarray([n for n in pending if 2 * len(found[n][0]) >= ef and not last], dtype=np.int64)
@@ -242,7 +241,7 @@ def score_margin(index: SearchIndex) -> float:
         return _margins[index]
     rows = np.unique(np.linspace(0, index.ntotal - 1, min(MARGIN_SAMPLE, index.ntotal)).astype(np.int64))
     q = prepare(index.cache_vectors(rows), index.metric)
-    approx, found = index.index.search(q, min(10, index.ntotal))
+    approx, found = index.searcher.index.search(q, min(10, index.ntotal))
     gaps = [np.abs(approx[n][found[n] >= 0] - exact_scores(index, q[n], found[n][found[n] >= 0])).max(initial=0.0)
             for n in range(len(q))]
     _margins[index] = 2.0 * float(max(gaps, default=0.0)) + 1e-6

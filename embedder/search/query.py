@@ -1,122 +1,69 @@
-"""Querying a saved index: by vector, by cached row id, or by image through the cache's own backbone."""
+"""Querying a saved index: by vector, by cached row id, or by image through the cache's own backbone.
+
+SearchIndex is the facade over an index folder's three parts, each in its own module:
+    IndexFiles  (embedder.search.files)     meta.json, opening index.faiss and rows.h5, the cache's vectors
+    RowTable    (embedder.search.rows)      what each row id is: path, label, metadata; removed rows; filters
+    Searcher    (embedder.search.searcher)  the faiss index: k nearest and range, under a selector
+A query of examples, range, filter and exclusions is a Query (embedder.search.ask), answered there.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import sys
 import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 
-from embedder.cache.columns import read_columns
-from embedder.cache.reader import FeatureCache, read_paths
-from embedder.data.metadata import INT_NULL
 from embedder.data.rows import row_location
-from embedder.errors import CacheMismatchError, ConfigError, RemovedRowError
-from embedder.outputs import INDEX, expect
-from embedder.search.filters import as_column, compile_mask
-from embedder.search.kinds import INVERTED_LIST_KINDS, inner, load_faiss, prepare, set_knob
-
-# HNSW with at most this many allowed rows searches them exactly: cheaper than a graph walk
-# that mostly meets excluded nodes, and exact (benchmarks/filters.py).
-EXACT_ROWS = 4096
-HNSW_FILTERED_EF = 1024  # the widest efSearch a filtered HNSW search widens its tuned one to
-EXACT_BLOCK = 65536  # rows reconstructed at a time by the exact fallback of a filtered search
-MASKS_KEPT = 32  # filters whose masks are remembered (a service sees the same few again and again)
-
-
-@dataclass
-class Hit:
-    rank: int  # 1-based
-    id: int  # row in the cache and the index
-    path: str
-    label: str | None
-    score: float  # cosine similarity (metric cosine) or squared L2 distance (metric l2)
-    metadata: dict | None = None  # the row's metadata columns, when the index has them (JSON values)
-
-    def as_dict(self) -> dict:
-        doc = {"rank": self.rank, "id": self.id, "path": self.path, "label": self.label, "score": self.score}
-        if self.metadata is not None:
-            doc["metadata"] = self.metadata
-        return doc
-
-
-@contextmanager
-def _c_stdout_to_stderr():
-    """Send what C code prints on stdout to stderr: faiss announces on-disk lists with a printf,
-    which would land in front of `search --json` output."""
-    import ctypes
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        ctypes.CDLL(None).fflush(None)  # C's own stdout buffer, before fd 1 points back
-        os.dup2(saved, 1)
-        os.close(saved)
+from embedder.errors import CacheMismatchError, ConfigError
+from embedder.search.files import IndexFiles
+from embedder.search.filters import Filter
+from embedder.search.kinds import prepare
+from embedder.search.rows import MASKS_KEPT, Hit, RowTable  # noqa: F401 - Hit and MASKS_KEPT: their old home
+from embedder.search.searcher import EXACT_BLOCK, EXACT_ROWS, HNSW_FILTERED_EF, Searcher  # noqa: F401
 
 
 class SearchIndex:
     """A saved index, ready to answer queries by vector, by cached row id, or by image."""
 
-    exact_rows = EXACT_ROWS  # HNSW: filters keeping at most this many rows are searched exactly
-
     def __init__(self, index_dir, weights_path: str | None = None, runtime: str = "auto"):
-        self.dir = Path(index_dir)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            expect(self.dir, INDEX)  # names what is there instead (a feature cache, nothing)
-            raise ConfigError(f"{self.dir} has no meta.json: not a complete index. Rebuild it with `embedder index`.")
-        self.meta = json.loads(meta_path.read_text())
-        faiss = load_faiss()
-        # On-disk lists are found next to index.faiss, wherever the folder has moved since.
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.meta.get("on_disk") else 0
-        with _c_stdout_to_stderr():
-            self.index = faiss.read_index(str(self.dir / "index.faiss"), flags)
-        knob = next((k for k in ("nprobe", "efSearch") if k in self.meta["params"]), None)
-        if knob:
-            set_knob(self.index, knob, self.meta["params"][knob])
-        with h5py.File(self.dir / "rows.h5", "r") as f:
-            self.paths = read_paths(f["paths"]) if len(f["paths"]) else []
-            self.labels = f["labels"][:]
-            self.classes = read_paths(f["classes"])
-            # Sorted unique row ids hidden from every search (`embedder index INDEX_DIR --remove`).
-            self.removed = f["removed"][:].astype(np.int64) if "removed" in f else np.zeros(0, np.int64)
-            # The cache's metadata columns (rows.h5 /columns, embedder.cache.columns); {} for older indexes.
-            self.columns: dict[str, np.ndarray] = read_columns(f) if "columns" in f else {}
-        self._row = {p: i for i, p in enumerate(self.paths)}
-        self._removed_set = set(self.removed.tolist())
-        self._masks: dict[str | None, np.ndarray | None] = {}
-        self._masks_lock = threading.Lock()
-        self._table: dict[str, np.ndarray] | None = None
-        self.metric = self.meta["metric"]
+        self.files = IndexFiles(index_dir)
+        self.rows: RowTable
+        self.searcher: Searcher
+        self.rows, self.searcher = self.files.open()
         self.weights_path = weights_path
         self.runtime = runtime
         self._backbone = None
         self._backbone_lock = threading.Lock()
-        # Exact indexes can give back their vectors, so search by id needs no cache file.
-        self._reconstructs = self.meta["kind"] in ("flat", "hnsw", "ivf")
-        if self.meta["kind"] == "ivf":
-            ivf = faiss.extract_index_ivf(self.index)
-            # Removed rows leave gaps in the ids, which an array direct map cannot hold.
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable if len(self.removed) else faiss.DirectMap.Array)
 
     @classmethod
     def open(cls, index_dir, weights_path: str | None = None, runtime: str = "auto") -> SearchIndex:
         return cls(index_dir, weights_path, runtime)
 
+    # -- what it is: the parts' attributes, under their old names ----------------------------
+    dir = property(lambda self: self.files.dir)
+    meta = property(lambda self: self.files.meta)
+    index = property(lambda self: self.searcher.index, doc="the faiss index")
+    metric = property(lambda self: self.searcher.metric)
+    paths = property(lambda self: self.rows.paths)
+    labels = property(lambda self: self.rows.labels)
+    classes = property(lambda self: self.rows.classes)
+    removed = property(lambda self: self.rows.removed)
+    columns = property(lambda self: self.rows.columns)
+
+    @property
+    def exact_rows(self) -> int:
+        """HNSW: filters keeping at most this many rows are searched exactly (the searcher's)."""
+        return self.searcher.exact_rows
+
+    @exact_rows.setter
+    def exact_rows(self, value: int) -> None:
+        self.searcher.exact_rows = value
+
     @property
     def ntotal(self) -> int:
         """Rows of the index, removed ones included: row ids run from 0 to ntotal - 1."""
-        return len(self.paths)
+        return len(self.rows)
 
     @property
     def dim(self) -> int:
@@ -131,76 +78,46 @@ class SearchIndex:
         return row_location(self.source, self.paths[row_id])
 
     def has_path(self, path: str) -> bool:
-        return path in self._row
+        return self.rows.has_path(path)
 
     def row_of_path(self, path: str, removed: bool = False) -> int:
         """The row id of a path as the cache stored it; RemovedRowError for a removed row unless `removed`."""
-        if path not in self._row:
+        if not self.rows.has_path(path):
             raise KeyError(f"{path!r} is not in the index (paths are relative to {self.source}).")
-        if not removed:
-            self._check_not_removed([self._row[path]])
-        return self._row[path]
+        return self.rows.row_of_path(path, removed)
 
     def is_removed(self, row_id: int) -> bool:
-        return row_id in self._removed_set
-
-    def _check_not_removed(self, ids) -> None:
-        gone = [int(i) for i in ids if int(i) in self._removed_set]
-        if gone:
-            raise RemovedRowError(f"row {gone[0]} ({self.paths[gone[0]]}) was removed from the index "
-                                  f"(`embedder index {self.dir} --remove`); it is never searched nor returned.")
+        return self.rows.is_removed(row_id)
 
     # -- filters -------------------------------------------------------------------------------
     def filter_columns(self) -> dict[str, np.ndarray]:
         """What a filter can name: id, path, label ("" when unlabelled), then rows.h5's /columns."""
-        if self._table is None:
-            names = np.array([*self.classes, ""], dtype=str)  # label -1 takes the last: ""
-            self._table = {"id": np.arange(self.ntotal, dtype=np.int64), "path": as_column(self.paths),
-                           "label": names[self.labels] if self.ntotal else names[:0]}
-            self._table.update({k: as_column(v) for k, v in self.columns.items() if k not in self._table})
-        return self._table
+        return self.rows.filter_columns()
 
-    def allowed(self, where: str | None = None) -> np.ndarray | None:
+    def parse_filter(self, where: str | Filter | None) -> Filter | None:
+        """A filter parsed against this index's columns, its mask computed and remembered (FilterError
+        for a bad one); None for no filter or an empty one."""
+        if isinstance(where, str) and not where.strip():
+            return None
+        where = self.rows.parse_filter(where)
+        self.allowed(where)
+        return where
+
+    def allowed(self, where: str | Filter | None = None) -> np.ndarray | None:
         """Mask of the rows a search may return (kept by `where`, not removed); None when every row
         the faiss index holds may be returned, so no selector is needed. FilterError for a bad filter."""
-        with self._masks_lock:  # a service's threads share the remembered masks
-            if where in self._masks:
-                return self._masks[where]
-            mask = None if where is None else compile_mask(where, self.filter_columns())
-            if len(self.removed) and (where is not None or self.removed_in_faiss):
-                mask = np.ones(self.ntotal, bool) if mask is None else mask.copy()
-                mask[self.removed] = False
-            if len(self._masks) >= MASKS_KEPT:
-                self._masks.pop(next(iter(self._masks)))
-            self._masks[where] = mask
-            return mask
+        return self.rows.allowed(where, hide_removed=self.removed_in_faiss)
 
     @property
     def removed_in_faiss(self) -> bool:
         """Whether removed rows are still in the faiss index (hidden by the selector) or removed in place."""
-        return bool(len(self.removed)) and int(self.index.ntotal) == self.ntotal
+        return bool(len(self.removed)) and self.searcher.ntotal == self.ntotal
 
     def row_metadata(self, row_id: int) -> dict:
         """{column: value} of one row, as JSON values: a null (NaN, INT_NULL; embedder.data.metadata) is None."""
-        out = {}
-        for name, values in self.columns.items():
-            value = values[row_id].item() if isinstance(values[row_id], np.generic) else values[row_id]
-            missing = (isinstance(value, float) and math.isnan(value)) or (type(value) is int and value == INT_NULL)
-            out[name] = None if missing else value
-        return out
+        return self.rows.metadata(row_id)
 
-    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
-        out = []
-        for row_scores, row_ids in zip(scores, ids):
-            hits = []
-            for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0), start=1):
-                label = self.labels[i]
-                hits.append(Hit(rank, int(i), self.paths[i], self.classes[label] if label >= 0 else None, float(s),
-                                self.row_metadata(int(i)) if self.columns else None))
-            out.append(hits)
-        return out
-
-    def search(self, queries: np.ndarray, k: int = 10, where: str | None = None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int = 10, where: str | Filter | None = None) -> list[list[Hit]]:
         """The k nearest rows of each query among those `where` keeps (every row when None), never a
         removed one; fewer than k only when fewer rows are allowed."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -209,112 +126,40 @@ class SearchIndex:
         if k < 1:
             raise ConfigError("k must be at least 1.")
         allowed = self.allowed(where)
-        x = prepare(queries, self.metric)
-        if allowed is None:
-            scores, ids = self.index.search(x, min(k, int(self.index.ntotal)))
-        else:
+        if allowed is not None:
             k = min(k, int(allowed.sum()))
             if k == 0:
-                return [[] for _ in range(len(x))]
-            scores, ids = self._search_allowed(x, k, allowed)
-        return self._hits(scores, ids)
-
-    def _search_allowed(self, x: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Search inside faiss with a bitmap selector of the allowed rows, keeping the tuned knob.
-
-        HNSW with few allowed rows (EXACT_ROWS) searches them exactly instead. An approximate
-        index can still return fewer than k under a selective selector (HNSW's walk and IVF's
-        few probed lists meet too few allowed rows). Those queries are searched again
-        completely: IVF kinds with every list probed (still inside faiss, same codes and scores),
-        HNSW exactly over the allowed rows' own vectors."""
-        faiss = load_faiss()
-        rows = int(allowed.sum())
-        if self.meta["kind"] == "hnsw" and rows <= self.exact_rows:
-            return self._exact_among(x, k, np.flatnonzero(allowed))
-        params = self.selector_params(allowed, k)
-        scores, ids = self.index.search(x, k, params=params)
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
-        if len(short):
-            if self.meta["kind"] in INVERTED_LIST_KINDS:
-                nlist = faiss.extract_index_ivf(self.index).nlist
-                again = self.index.search(x[short], k, params=faiss.SearchParametersIVF(sel=params.sel, nprobe=nlist))
-            else:
-                again = self._exact_among(x[short], k, np.flatnonzero(allowed))
-            scores[short], ids[short] = again
-        return scores, ids
+                return [[] for _ in range(len(queries))]
+        return self.rows.hits(*self.searcher.search(prepare(queries, self.metric), k, allowed))
 
     def selector_params(self, allowed: np.ndarray, k: int):
-        """Search parameters that let faiss return only the `allowed` rows (a bitmap selector, in
-        `sel`), with the index's tuned knob. HNSW's efSearch is divided by the square root of the
-        allowed fraction (up to HNSW_FILTERED_EF): a walk that meets mostly excluded nodes needs a
-        wider beam to keep its recall among the allowed ones (100k x 128, 10% allowed: recall@10
-        0.84 at the tuned efSearch 32, 0.98 at 101, 0.999 at 320 for 1.6x the time)."""
-        faiss = load_faiss()
-        selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
-        # faiss's wrappers keep the bitmap alive with the selector, and the selector with the parameters.
-        return self._params(selector, int(allowed.sum()) / max(self.ntotal, 1), k)
+        """The searcher's faiss parameters that return only the `allowed` rows (Searcher.selector_params)."""
+        return self.searcher.selector_params(allowed, k)
 
-    def _params(self, selector, fraction: float, k: int):
-        """selector_params' parameters for a selector that allows `fraction` of the rows."""
-        faiss = load_faiss()
-        kind = self.meta["kind"]
-        if kind in INVERTED_LIST_KINDS:
-            return faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
-        if kind == "hnsw":
-            ef = inner(self.index).hnsw.efSearch
-            fraction = max(fraction, 1e-9)
-            ef = max(ef, min(HNSW_FILTERED_EF, math.ceil(max(ef / math.sqrt(fraction), 2 * k / fraction))))
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
-        return faiss.SearchParameters(sel=selector)
-
-    def _exact_among(self, x: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of `x` among `rows` (reconstructed in blocks; flat and HNSW), as faiss scores them."""
-        from embedder.search.kinds import faiss_metric
-
-        faiss = load_faiss()
-        metric, ip = faiss_metric(self.metric), self.metric == "cosine"
-        scores, found = [], []
-        for s in range(0, len(rows), EXACT_BLOCK):  # faiss.knn per block; the blocks' top-k merged below
-            block = rows[s:s + EXACT_BLOCK]
-            d, i = faiss.knn(x, self._vectors(block), min(k, len(block)), metric=metric)
-            scores.append(d)
-            found.append(block[i])
-        scores, found = np.hstack(scores), np.hstack(found)
-        order = np.argsort(-scores if ip else scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
-
-    def _vectors(self, rows: np.ndarray) -> np.ndarray:
-        """The indexed (prepared) vectors of `rows`, which flat and HNSW keep exactly."""
-        return np.ascontiguousarray(self.index.reconstruct_batch(rows.astype(np.int64)), dtype=np.float32)
-
-    def row_vectors(self, ids) -> np.ndarray:
-        """The indexed vectors of row ids, shape (n, D) (exact ones from the cache where the index
-        keeps lossy codes). ConfigError for an id out of range, RemovedRowError for a removed row."""
+    def check_ids(self, ids) -> list[int]:
+        """`ids` as ints; ConfigError for an id out of range, RemovedRowError for a removed row."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.ntotal]
         if bad:
             raise ConfigError(f"Row id {bad[0]} is not in the index (ids run from 0 to {self.ntotal - 1}).")
-        self._check_not_removed(ids)
+        self.rows.check_not_removed(ids)
+        return ids
+
+    def row_vectors(self, ids) -> np.ndarray:
+        """The indexed vectors of row ids, shape (n, D) (exact ones from the cache where the index
+        keeps lossy codes). ConfigError for an id out of range, RemovedRowError for a removed row."""
+        ids = self.check_ids(ids)
         if not ids:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self._reconstructs:
+        if self.searcher.reconstructs:
             return np.stack([self.index.reconstruct(i) for i in ids])
         return self.cache_vectors(ids)
 
     def cache_vectors(self, ids) -> np.ndarray:
         """The cache's exact vectors of rows `ids` (any order, repeats allowed)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        order = np.unique(ids)  # h5py reads increasing rows
-        path = self.meta.get("cache")
-        if not path or not Path(path).is_file():
-            raise ConfigError(f"This {self.meta['kind']} index keeps compressed codes, so this query reads exact "
-                              f"vectors from its cache, which is not at {path}. Put the cache back there, or rebuild "
-                              "the index with --kind flat, ivf or hnsw.")
-        with FeatureCache(path, layer=self.meta.get("layer"), live=False) as cache:  # ids are stored rows
-            found = cache.features(order)
-        return np.asarray(found[np.searchsorted(order, ids)], dtype=np.float32)
+        return self.files.cache_vectors(ids)
 
-    def search_ids(self, ids: list[int], k: int = 10, where: str | None = None) -> list[list[Hit]]:
+    def search_ids(self, ids: list[int], k: int = 10, where: str | Filter | None = None) -> list[list[Hit]]:
         """The neighbours of indexed rows, by row id (`row_vectors`' errors for a bad one)."""
         return self.search(self.row_vectors(ids), k, where)
 
@@ -355,7 +200,8 @@ class SearchIndex:
 
         feats, errors = embed_images(self.backbone(), files, batch_size=batch_size)
         failed = {p for p, _ in errors}
-        return feats, [f for f in files if str(f) not in failed], errors
+        ok = [str(f) not in failed for f in files]  # the rows of failed files are NaN
+        return feats[ok], [f for f, good in zip(files, ok) if good], errors
 
     def search_pixels(self, images, k: int = 10, max_pixels: int | None = None,
                       where: str | None = None) -> list[list[Hit]]:

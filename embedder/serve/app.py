@@ -56,9 +56,13 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb_bytes, shown_size
 from embedder.data.rows import load_location_rgb
 from embedder.errors import BadImageError, ConfigError, EmbedderError, FilterError
 from embedder.names import display_path
-from embedder.search.config import SearchConfig
+from embedder.search.ask import ALPHA as ROCCHIO_ALPHA
+from embedder.search.ask import BETA as ROCCHIO_BETA
+from embedder.search.ask import Example, answer
+from embedder.search.ask import Query as Ask
 from embedder.search.filters import MAX_LENGTH as MAX_FILTER_LENGTH
-from embedder.search.queries import query_vectors, range_search, rocchio
+from embedder.search.filters import Filter
+from embedder.search.queries import NoDirectionError, query_vectors
 from embedder.search.query import Hit, SearchIndex
 from embedder.serve.config import (
     DEFAULT_DECODE_SLOTS,
@@ -93,9 +97,6 @@ MULTIPART_SLACK = 64 * 1024
 JSON_BYTES_PER_VALUE = 64
 JSON_SLACK = 64 * 1024
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-# The CLI's defaults (`embedder search --alpha/--beta`), declared once there.
-ROCCHIO_ALPHA = SearchConfig.__dataclass_fields__["alpha"].default
-ROCCHIO_BETA = SearchConfig.__dataclass_fields__["beta"].default
 UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}  # one image part, not empty
 STATIC = {"search.js": "text/javascript; charset=utf-8", "search.css": "text/css; charset=utf-8",
           "map.js": "text/javascript; charset=utf-8", "map.css": "text/css; charset=utf-8"}
@@ -361,15 +362,13 @@ def _filter_help(index: SearchIndex) -> str:
     return FILTER_HELP.format(columns=", ".join(index.filter_columns()))
 
 
-def _filter(index: SearchIndex, where: str | None) -> str | None:
-    """The request's filter, checked (and its mask computed) before any other work: 422 with the
+def _filter(index: SearchIndex, where: str | None) -> Filter | None:
+    """The request's filter, parsed (and its mask computed) before any other work: 422 with the
     parser's message, which points at the bad token."""
-    where = where if where and where.strip() else None
     try:
-        index.allowed(where)
+        return index.parse_filter(where or None)
     except FilterError as exc:
         raise HTTPException(422, detail=str(exc)) from None
-    return where
 
 
 def _add_image_routes(app: FastAPI, first: SearchIndex, current, limits: _Limits) -> None:
@@ -405,8 +404,8 @@ def _add_image_routes(app: FastAPI, first: SearchIndex, current, limits: _Limits
                 image, query = await run_in_threadpool(uploads.decode, file[0])
             k = min(k, index.ntotal)
             async with model_lock:
-                hits = await run_in_threadpool(uploads.search, image, k, query["filename"], where)
-            return _results(_with_filter(query, where), k, hits, index.metric)
+                feats = await run_in_threadpool(uploads.embed, [image], query["filename"])
+            return await run_in_threadpool(examples.answer, query, [Example.of_vector(feats[0])], [], k, where)
         examples.check_count(len(file), "images")
         examples.check_count(len(negative), "negative images")
         decoded = []
@@ -417,7 +416,9 @@ def _add_image_routes(app: FastAPI, first: SearchIndex, current, limits: _Limits
         async with model_lock:
             feats = await run_in_threadpool(uploads.embed, [image for image, _ in decoded])
         query = {"positives": [q for _, q in decoded[:len(file)]], "negatives": [q for _, q in decoded[len(file):]]}
-        return await run_in_threadpool(examples.answer, query, feats[:len(file)], feats[len(file):], k, where)
+        positives, negatives = [Example.of_vector(f) for f in feats[:len(file)]], feats[len(file):]
+        return await run_in_threadpool(examples.answer, query, positives, [Example.of_vector(f) for f in negatives],
+                                       k, where)
 
     @_get_and_head(
         app, "/thumbnail/{row_id}", summary="JPEG thumbnail of an indexed image", response_class=Response,
@@ -453,15 +454,9 @@ class _Uploads:
         width, height = shown_size(data)  # of the upload, not of its smaller decoded copy
         return image, {"filename": name, "bytes": len(data), "width": width, "height": height}
 
-    def embed(self, images) -> np.ndarray:
+    def embed(self, images, name: str = "an upload") -> np.ndarray:
         try:
             return self.index.embed_pixels(images, max_pixels=self.limits.max_pixels)
-        except BadImageError as exc:  # e.g. an extreme aspect ratio, found when resizing
-            raise HTTPException(400, detail=f"an upload: {exc.reason}") from None
-
-    def search(self, image, k: int, name: str, where: str | None = None) -> list[Hit]:
-        try:
-            return self.index.search_pixels([image], k=k, max_pixels=self.limits.max_pixels, where=where)[0]
         except BadImageError as exc:  # e.g. an extreme aspect ratio, found when resizing
             raise HTTPException(400, detail=f"{name}: {exc.reason}") from None
 
@@ -481,10 +476,7 @@ def _add_lookup_routes(app: FastAPI, first: SearchIndex, current, limits: _Limit
         _refuse_removed(index, [row_id])
         where = _filter(index, where)
         k = min(k, index.ntotal)
-        if examples.plain:
-            hits = index.search_ids([row_id], k=k, where=where)[0]
-            return _results(_with_filter({"id": row_id}, where), k, hits, index.metric)
-        return examples.answer({"id": row_id}, index.row_vectors([row_id]), np.zeros((0, index.dim)), k, where)
+        return examples.answer({"id": row_id}, [Example.of_id(row_id)], [], k, where)
 
     @app.post("/search/vector", response_model=SearchOut, summary="Neighbours of a feature vector", responses={
         422: _error(f"not one {first.dim}-d vector of finite numbers (or all zero under cosine), or a bad "
@@ -494,11 +486,8 @@ def _add_lookup_routes(app: FastAPI, first: SearchIndex, current, limits: _Limit
         vector = _query_vector(body.vector, index.metric)
         where = _filter(index, body.where)
         k = min(body.k, index.ntotal)
-        if body.threshold is None:
-            hits = index.search(vector[None, :], k=k, where=where)[0]
-            return _results(_with_filter({"vector_dim": index.dim}, where), k, hits, index.metric)
-        examples = _Examples(index, body.threshold, [])
-        return examples.answer({"vector_dim": index.dim}, vector[None, :], np.zeros((0, index.dim)), k, where)
+        return _Examples(index, body.threshold, []).answer({"vector_dim": index.dim}, [Example.of_vector(vector)], [],
+                                                           k, where)
 
 
 def range_field(metric: str) -> tuple[str, dict]:
@@ -552,26 +541,27 @@ class _Examples:
         if n > MAX_EXAMPLES:
             raise HTTPException(422, detail=f"{n} {what} in one query; this server takes at most {MAX_EXAMPLES}")
 
-    def answer(self, query: dict, positives: np.ndarray, negatives: np.ndarray, k: int,
-               where: str | None = None) -> dict:
-        """Combine the examples (Rocchio) and search among the rows `where` keeps: the k nearest, or
-        the range, at most k."""
+    def answer(self, query: dict, positives: list[Example], negatives: list[Example], k: int,
+               where: Filter | None = None) -> dict:
+        """The request as a Query (several uploads combine into one, as do any negatives), answered
+        by embedder.search.ask: the k nearest among the rows `where` keeps, or the range, at most k."""
         query = _with_filter(query, where)
         if self.negative_id:
-            negatives = np.concatenate([negatives, self.index.row_vectors(self.negative_id)])
+            negatives = [*negatives, *map(Example.of_id, self.negative_id)]
             query = {**query, "negative_ids": self.negative_id}
+        if self.threshold is not None:
+            query = {**query, range_field(self.index.metric)[0]: self.threshold}
+        ask = Ask(tuple(positives), tuple(negatives), k=k, threshold=self.threshold, where=where,
+                  combine=len(positives) > 1, alpha=ROCCHIO_ALPHA, beta=ROCCHIO_BETA)
         try:
-            vector = rocchio(positives, negatives, ROCCHIO_ALPHA, ROCCHIO_BETA, self.index.metric)[None]
-        except ConfigError as exc:  # the negatives cancel the positives: the request's fault
+            (hits,) = answer(self.index, ask)
+        except NoDirectionError as exc:  # the negatives cancel the positives: the request's fault
             raise HTTPException(422, detail=str(exc)) from None
-        if self.threshold is None:
-            return _results(query, k, self.index.search(vector, k=k, where=where)[0], self.index.metric)
-        hits = range_search(self.index, vector, self.threshold, max_results=k, where=where)[0]
-        return _results({**query, range_field(self.index.metric)[0]: self.threshold}, k, hits, self.index.metric)
+        return _results(query, k, hits, self.index.metric)
 
 
-def _with_filter(query: dict, where: str | None) -> dict:
-    return query if where is None else {**query, "where": where}
+def _with_filter(query: dict, where: Filter | None) -> dict:
+    return query if where is None else {**query, "where": where.text}
 
 
 def _vector_query(dim: int, default_k: int, metric: str, filter_help: str = "") -> type[BaseModel]:

@@ -4,6 +4,7 @@ deadline it lacks.
 
     ServerLimits              the limits (`embedder serve` flags; embedder.serve.config), with their defaults
     uvicorn_options(limits)   keyword arguments of uvicorn.Config / uvicorn.run that apply them
+    serve_in_thread(app)      the service on a free loopback port in a thread, for benchmarks and tests
 
 uvicorn bounds a request head's size (h11's max incomplete event size) and the idle time between
 requests on a kept-alive connection (timeout_keep_alive), and answers 503 once `limit_concurrency`
@@ -25,10 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from embedder.errors import EmbedderError
 from embedder.serve.config import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, ServerLimits
 
 KEEP_ALIVE_S = 5  # idle seconds between requests on one connection (uvicorn's default)
@@ -37,6 +44,35 @@ FD_HEADROOM = 64  # files the process keeps for itself besides the connections (
 FILES_WANTED = 65536  # open files asked for: room for many slow clients while their deadlines run
 
 log = logging.getLogger("uvicorn.error")
+
+
+START_WAIT_S = 30.0  # serve_in_thread: how long uvicorn may take to start listening
+
+
+@contextmanager
+def serve_in_thread(app, **options) -> Iterator[tuple[str, int]]:
+    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port, in a daemon thread of this process, while
+    the `with` block runs; yields (host, port). `options`: more uvicorn.Config keywords (`uvicorn_options`).
+    For benchmarks, tests and notebooks; `embedder serve` runs uvicorn in the foreground instead."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_WAIT_S
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise EmbedderError(f"The service did not start within {START_WAIT_S:.0f} s; uvicorn's log says why.")
+            time.sleep(0.02)
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def uvicorn_options(limits: ServerLimits) -> dict:

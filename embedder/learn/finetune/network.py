@@ -26,12 +26,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError
 from embedder.learn.config import HEADS
 from embedder.learn.probefile import ProbeFile, read_probe
 from embedder.models.backbone import build_model
 from embedder.models.heads import head_slot, mlp_head, replace_head
-from embedder.models.registry import BackboneSpec, Preprocessing
+from embedder.models.spec import BackboneSpec
 from embedder.models.weights import ResolvedWeights
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from embedder.data.fetch import is_url
+from embedder.data.formats import is_url
 from embedder.data.sources import Listing, list_source
 from embedder.data.splits import Splits, assign_splits, check_labels
+from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
 from embedder.learn.config import FinetuneConfig
@@ -26,8 +27,9 @@ from embedder.learn.finetune.loop import Trainer, seeded_rng
 from embedder.learn.finetune.network import FinetuneNetwork, build_network, load_head, read_init_head
 from embedder.learn.probefile import ProbeFile
 from embedder.models.heads import head_slot
-from embedder.models.registry import BackboneSpec, Preprocessing, get_backbone_spec
+from embedder.models.registry import get_backbone_spec
 from embedder.models.runtime import Runtime, resolve_runtime
+from embedder.models.spec import BackboneSpec
 from embedder.models.weights import ResolvedWeights, resolve_weights
 from embedder.outputs import FINETUNE, claim, write_dir
 
