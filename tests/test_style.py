@@ -17,7 +17,8 @@ from embedder.models.space import BackboneConfig
 from embedder.models.style import StyleDescriptor, gram, gram_triangle
 from embedder.models.weights import resolve_weights
 
-SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32"}
+SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32", "memory_layout": "contiguous",
+         "runtime": "torch"}
 
 
 @pytest.fixture(autouse=True)
