@@ -132,3 +132,27 @@ def test_the_style_name_is_one_constant():
     assert backbone.STYLE_OUTPUT == space.STYLE == fingerprint.STYLE == constants.STYLE
     source = (REPO / "embedder" / "cache" / "fingerprint.py").read_text()
     assert '"style"' not in source
+
+
+def test_the_onnx_graph_key_is_read_off_the_components_and_keeps_its_form():
+    # Cached graphs (an int8 cache's own, which query by image needs) must still be found: the identity is
+    # the one built from the backbone's attributes before the components keyed it.
+    import json
+
+    import torch
+
+    from embedder.models.onnx import GRAPH_FORMAT, OPSET, graph_key, versions
+
+    if versions() is None:
+        pytest.skip("ONNX Runtime is not installed")
+    backbone = FeatureSpace("resnet18", **{**SMALL, "extra_layers": ("layer3", "style"), "style_layers": ("layer1",),
+                                           "style_dim": 16, "memory_layout": "channels_last"}).load()
+    key, identity = graph_key(backbone, components(backbone))
+    cfg = backbone.config
+    before = {"format": GRAPH_FORMAT, "opset": OPSET, "model": backbone.spec.name, "weights": backbone.weights.identity,
+              "preprocessing": backbone.preprocessing.as_dict(), "layers": list(backbone.layers),
+              "style_nodes": list(backbone.style_nodes), "pool": cfg.pool, "normalize": cfg.normalize,
+              "channels_last": cfg.channels_last, "torch": str(torch.__version__),
+              **{k: v for k, v in versions().items() if k != "onnxruntime"}}
+    assert {k: v for k, v in identity.items() if k != "tensors"} == json.loads(json.dumps(before))
+    assert identity["layers"] == ["avgpool", "layer3"] and key.startswith("resnet18-")

@@ -187,10 +187,11 @@ def with_runtime(config: EmbedConfig) -> EmbedConfig:
     if config.precision == "fast" and resolve_runtime(config.device, "auto").device != "cpu":
         config = replace(config, precision="auto")  # the fast paths are the CPU's; a GPU's default is its fast path
     if recorded is not None:
-        # An existing cache keeps its precision (the old bf16 default's too; `fast` keeps what it chose).
-        if config.precision == "fast" and "precision" in recorded_settings(recorded):
-            config = replace(config, precision="auto")
+        # An existing cache keeps its precision (the old bf16 default's too; `fast` keeps what it chose) and
+        # its runtime: FeatureSpace.resolve's "recorded" step, taken here so the run's config says so.
         kept = recorded_settings(recorded)
+        if config.precision == "fast" and "precision" in kept:
+            config = replace(config, precision="auto")
         return replace(config, **{k: v for k, v in kept.items() if getattr(config, k) == "auto"})
     if config.runtime != "auto" or config.precision == "fast":  # fast: embedder.extract.fidelity picks per path
         return config

@@ -115,7 +115,7 @@ class FrozenBackbone(nn.Module):
         # double entries in modules() or state_dict); it wraps self.body.
         if config.compile:
             self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
-        # runtime "onnxruntime": embedder.models.onnx.on_runtime attaches the checked session (`use_session`).
+        # runtime "onnxruntime": FeatureSpace.load attaches the checked session (`use_session`).
 
     def _name_outputs(self, model: nn.Module, output: tuple[str, int] | None) -> tuple[str, ...]:
         """Set the primary node, the outputs and the style nodes; return every graph node to extract."""

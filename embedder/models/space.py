@@ -111,13 +111,15 @@ class FeatureSpace:
 
     @property
     def resolved(self) -> bool:
+        """No setting is left "auto" (what a backbone is built from)."""
         return AUTO not in (self.device, self.precision, self.memory_layout, self.runtime)
 
     # -- resolve ----------------------------------------------------------------------------
     def resolve(self, recorded: dict | None = None) -> FeatureSpace:
         """This space with every ``"auto"`` made concrete: the explicit value, else what `recorded` (a
         cache's fingerprint components) recorded of it (precision and runtime), else the default of
-        this machine and model family (`resolve_runtime`, then `choose_runtime`). Idempotent."""
+        this machine and model family (`resolve_runtime`, then `choose_runtime`). Idempotent; a choice
+        this machine cannot run (cuda without a GPU, int8 on torch) is a ConfigError."""
         from embedder.models.registry import get_backbone_spec
 
         return self._resolve(get_backbone_spec(self.model), recorded)
@@ -143,14 +145,17 @@ class FeatureSpace:
         `output` = (graph node, width) the layers: a classifier's network with its replaced head
         (embedder.learn.checkpoint)."""
         from embedder.models.backbone import FrozenBackbone
-        from embedder.models.onnx import on_runtime
+        from embedder.models.onnx import session_for
         from embedder.models.registry import get_backbone_spec
 
         spec = get_backbone_spec(self.model)
         space = self._resolve(spec)
         if network is None:
             network, weights = space._network(spec)
-        return on_runtime(FrozenBackbone(network, spec, space, weights, output=output))
+        backbone = FrozenBackbone(network, spec, space, weights, output=output)
+        if space.runtime == "onnxruntime":  # its checked graph, keyed by the components (embedder.models.onnx)
+            backbone.use_session(session_for(backbone, components(backbone)))
+        return backbone
 
     def network(self, recorded_weights: str | None = None) -> tuple[BackboneSpec, nn.Module, ResolvedWeights]:
         """(the model's registry entry, its architecture at `image_size` with the weights loaded, those
