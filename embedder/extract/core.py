@@ -158,10 +158,8 @@ class StageTimer:
 
 def load_backbone(model: str, weights: str = "DEFAULT", **settings) -> FrozenBackbone:
     """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them:
-    ``FeatureSpace(model, weights, **settings).load()``. The settings are `FeatureSpace`'s fields (layer,
-    extra_layers, style_layers, style_dim, pool, normalize, image_size, device, precision, memory_layout,
-    compile, runtime), with its defaults; `runtime`: auto, torch or onnxruntime (see
-    embedder.models.runtime.choose_runtime)."""
+    ``FeatureSpace(model, weights, **settings).load()``. The settings are `FeatureSpace`'s fields, with its
+    defaults (embedder.models.space.FeatureSpace documents each); a name that is not one is a ConfigError."""
     check_settings({"model": model, "weights": weights, **settings})
     return FeatureSpace(model, weights, **settings).load()
 
