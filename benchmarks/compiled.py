@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from embedder.models.backbone import BackboneConfig, FrozenBackbone
+from embedder.models.backbone import FrozenBackbone
 from embedder.models.runtime import resolve_runtime
+from embedder.models.space import FeatureSpace
 
 
 def compare(model: str, size: int, batch: int, rounds: int, batches_per_round: int) -> None:
@@ -31,9 +32,9 @@ def compare(model: str, size: int, batch: int, rounds: int, batches_per_round: i
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
 
     def make(compile: bool) -> FrozenBackbone:
-        return FrozenBackbone.from_config(BackboneConfig(
-            model, weights="none", precision=runtime.precision, channels_last=runtime.channels_last,
-            image_size=size, compile=compile))
+        return FeatureSpace(model, weights="none", device="cpu", precision=runtime.precision,
+                            memory_layout=runtime.memory_layout, image_size=size, compile=compile,
+                            runtime="torch").load()
 
     eager, compiled = make(False), make(True)
     t0 = time.perf_counter()

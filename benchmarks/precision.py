@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from embedder.models.backbone import BackboneConfig, FrozenBackbone
 from embedder.models.runtime import cpu_has_native_bf16, resolve_runtime
+from embedder.models.space import FeatureSpace
 
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", True)]
 
@@ -30,9 +30,8 @@ def compare(models: list[str], batch: int, rounds: int, batches_per_round: int) 
     print(f"# auto resolves to: {resolve_runtime('cpu')}")
     for model in models:
         nets = {
-            (p, cl): FrozenBackbone.from_config(
-                BackboneConfig(model, weights="none", precision=p, channels_last=cl)
-            )
+            (p, cl): FeatureSpace(model, weights="none", device="cpu", precision=p, runtime="torch",
+                                  memory_layout="channels_last" if cl else "contiguous").load()
             for p, cl in VARIANTS
         }
         reference = nets[("fp32", False)](x)

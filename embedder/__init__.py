@@ -23,7 +23,8 @@ import importlib
 from embedder._version import __version__ as __version__
 
 _EXPORTS = {
-    "BackboneConfig": "embedder.models.backbone",
+    "BackboneConfig": "embedder.models.space",
+    "FeatureSpace": "embedder.models.space",
     "FrozenBackbone": "embedder.models.backbone",
     "FeatureCache": "embedder.cache.reader",
     "open_cache": "embedder.cache.reader",

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from embedder.errors import ConfigError, WeightsUnavailableError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
+from embedder.models.backbone import FrozenBackbone, build_model
 from embedder.models.registry import get_backbone_spec, list_backbones
+from embedder.models.space import BackboneConfig
 from embedder.models.weights import resolve_weights
 
-SMALL = {"weights": "none", "image_size": 32, "precision": "fp32", "channels_last": False}
+SMALL = {"weights": "none", "image_size": 32, "precision": "fp32", "memory_layout": "contiguous", "device": "cpu",
+         "runtime": "torch"}
 
 
 def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -164,7 +166,8 @@ def test_shipped_efficientnet_lite0_sees_a_cat_in_chelsea():
 
     from embedder.data.transforms import geometric_transform
 
-    bb = FrozenBackbone.from_config(BackboneConfig("efficientnet_lite0", precision="fp32"))
+    bb = FrozenBackbone.from_config(BackboneConfig("efficientnet_lite0", precision="fp32", memory_layout="contiguous",
+                                                   runtime="torch"))
     assert bb.weights.kind == "default"
     pixels = torch.from_numpy(np.array(Image.fromarray(chelsea()))).permute(2, 0, 1)
     x = geometric_transform(bb.preprocessing)(pixels)[None]

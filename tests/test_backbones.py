@@ -13,11 +13,12 @@ from torch import nn
 
 from embedder.cli.main import main
 from embedder.errors import ConfigError, WeightsUnavailableError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
+from embedder.models.backbone import FrozenBackbone, build_model
 from embedder.models.registry import get_backbone_spec, list_backbones
+from embedder.models.space import BackboneConfig
 from embedder.models.weights import load_into, resolve_weights
 
-SMALL = {"weights": "none", "precision": "fp32", "channels_last": False}
+SMALL = {"weights": "none", "precision": "fp32", "memory_layout": "contiguous", "device": "cpu", "runtime": "torch"}
 TIMM_VIT = "timm:vit_tiny_patch16_224"
 TV_VIT = "torchvision:vit_b_16"
 

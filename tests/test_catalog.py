@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from embedder.errors import ConfigError, WeightsUnavailableError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
+from embedder.models.backbone import FrozenBackbone, build_model
 from embedder.models.registry import get_backbone_spec
+from embedder.models.space import BackboneConfig
 from embedder.models.weights import resolve_weights, weights_choice_for
 
-SMALL = {"weights": "none", "precision": "fp32", "channels_last": False}
+SMALL = {"weights": "none", "precision": "fp32", "memory_layout": "contiguous", "device": "cpu", "runtime": "torch"}
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -17,8 +17,9 @@ import pytest
 from embedder.errors import CacheMismatchError, ConfigError
 from embedder.extract.local import embed
 from embedder.models import registry
-from embedder.models.backbone import BackboneConfig, FrozenBackbone
+from embedder.models.backbone import FrozenBackbone
 from embedder.models.registry import get_backbone_spec, model_entry
+from embedder.models.space import BackboneConfig
 from tests import fidelity
 from tests.conftest import fast_config, make_tree
 

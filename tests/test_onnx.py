@@ -20,6 +20,7 @@ from embedder.extract.local import embed
 from embedder.models import runtime as runtimes
 from embedder.models.onnx import MIN_COSINE, cache_root, graph_key
 from embedder.models.runtime import choose_runtime, resolve_runtime
+from embedder.models.space import components
 from tests.conftest import cli_args, embedder_cmd, env_with_repo, fast_config, make_tree
 from tests.test_cache import _wait_for_parts, assert_same_cache, read_all
 
@@ -95,7 +96,7 @@ def test_batchnorm_is_exported_with_its_running_statistics(tmp_path):
 def test_the_export_is_cached_and_a_damaged_graph_is_rebuilt():
     load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
     reference = load_backbone("resnet18", "none", runtime="torch", **SMALL)
-    key, _ = graph_key(reference)
+    key, _ = graph_key(reference, components(reference))
     graph = cache_root() / key / "graph.onnx"
     assert graph.is_file() and (graph.parent / "meta.json").is_file()
     stamp = graph.stat().st_mtime_ns
@@ -233,7 +234,7 @@ def test_a_correct_graph_is_accepted_where_fp32_itself_rounds_off_beyond_a_fixed
                              precision="fp32", memory_layout="contiguous")
     torch_pass = load_backbone("resnet18", weights, runtime="torch", image_size=64, device="cpu",
                                precision="fp32", memory_layout="contiguous")
-    assert 1 - check_against_torch(torch_pass, session_for(torch_pass)) < 1e-5
+    assert 1 - check_against_torch(torch_pass, session_for(torch_pass, components(torch_pass))) < 1e-5
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert min_cosine(backbone(images), torch_pass(images)) > 0.999  # the same features, up to fp32 round-off
 
@@ -249,6 +250,6 @@ def test_a_wrong_graph_is_refused_by_the_self_check():
     with torch.no_grad():
         weight = wrong.body.get_submodule("layer1.0.conv1").weight
         weight.mul_(1 + 0.02 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-    session = session_for(wrong)  # a sound graph of `wrong`: accepted against `wrong` itself
+    session = session_for(wrong, components(wrong))  # a sound graph of `wrong`: accepted against `wrong` itself
     with pytest.raises(ConfigError, match="differ from an fp64 pass .* more than fp32 round-off explains"):
         check_against_torch(right, session)

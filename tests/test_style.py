@@ -10,13 +10,15 @@ import torch
 
 from embedder.cli.main import main
 from embedder.errors import ConfigError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_model
+from embedder.models.backbone import FrozenBackbone, build_model
 from embedder.models.inspection import inspect_model
 from embedder.models.registry import get_backbone_spec
+from embedder.models.space import BackboneConfig
 from embedder.models.style import StyleDescriptor, gram, gram_triangle
 from embedder.models.weights import resolve_weights
 
-SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32"}
+SMALL = {"weights": "none", "image_size": 64, "device": "cpu", "precision": "fp32", "memory_layout": "contiguous",
+         "runtime": "torch"}
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +209,8 @@ def test_stylize_is_deterministic_for_a_seed_and_keeps_the_backbone_frozen(style
     spec = get_backbone_spec("efficientnet_lite0")
     nodes = tuple(spec.node_name(n) for n in spec.style_layers)
     bb = FrozenBackbone.from_config(BackboneConfig(
-        "efficientnet_lite0", layer=spec.content_layer, extra_layers=nodes, image_size=32, precision="fp32"))
+        "efficientnet_lite0", layer=spec.content_layer, extra_layers=nodes, image_size=32, precision="fp32",
+        memory_layout="contiguous", runtime="torch"))
     before = {k: v.clone() for k, v in bb.state_dict().items()}
 
     def run(seed, name):

@@ -15,14 +15,15 @@ import numpy as np
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.errors import ConfigError
-from embedder.extract.core import load_backbone
 from embedder.extract.images import ImageError, ImageInput, as_image_list, features_of
 from embedder.models.backbone import FrozenBackbone
+from embedder.models.space import FeatureSpace
 
 ERRORS = ("raise", "return")
-# The settings that build the model: extract's keywords of the same names, with load_backbone's defaults.
-MODEL_SETTINGS = ("weights", "layer", "pool", "normalize", "image_size", "device", "precision", "memory_layout",
-                  "runtime")
+# The defaults of the settings that build the model: FeatureSpace's. extract's signature spells its
+# keywords out for help() and type checkers; MODEL_SETTINGS (below) are those that are FeatureSpace
+# fields, and tests/test_feature_space.py holds each default to FeatureSpace's.
+_LOAD_DEFAULTS = FeatureSpace.defaults()
 
 
 @overload
@@ -39,15 +40,15 @@ def extract(
     images: Sequence[ImageInput],
     model: str | FrozenBackbone,
     *,
-    weights: str = "DEFAULT",
-    layer: str | None = None,
-    pool: str = "avg",
-    normalize: str = "none",
-    image_size: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    memory_layout: str = "auto",
-    runtime: str = "auto",
+    weights: str = _LOAD_DEFAULTS["weights"],
+    layer: str | None = _LOAD_DEFAULTS["layer"],
+    pool: str = _LOAD_DEFAULTS["pool"],
+    normalize: str = _LOAD_DEFAULTS["normalize"],
+    image_size: int | None = _LOAD_DEFAULTS["image_size"],
+    device: str = _LOAD_DEFAULTS["device"],
+    precision: str = _LOAD_DEFAULTS["precision"],
+    memory_layout: str = _LOAD_DEFAULTS["memory_layout"],
+    runtime: str = _LOAD_DEFAULTS["runtime"],
     batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     errors: Literal["raise", "return"] = "raise",
@@ -102,8 +103,8 @@ def extract(
     if errors not in ERRORS:
         raise ConfigError(f"errors must be 'raise' or 'return', got {errors!r}.")
     images = as_image_list(images)  # a wrong kind of input is refused before the model is built
-    settings = {"weights": weights, "layer": layer, "pool": pool, "normalize": normalize, "image_size": image_size,
-                "device": device, "precision": precision, "memory_layout": memory_layout, "runtime": runtime}
+    arguments = locals()
+    settings = {name: arguments[name] for name in MODEL_SETTINGS}
     if isinstance(model, FrozenBackbone):
         given = [name for name, value in settings.items() if value != _LOAD_DEFAULTS[name]]
         if given:
@@ -111,10 +112,10 @@ def extract(
                               "load_backbone, or give extract the model's name.")
         backbone = model
     else:
-        backbone = load_backbone(model, **settings)
+        backbone = FeatureSpace(model, **settings).load()
     features, failed = features_of(backbone, images, batch_size, max_pixels, on_error=errors)
     return (features, failed) if errors == "return" else features
 
 
-_LOAD_DEFAULTS = {name: p.default for name, p in inspect.signature(load_backbone).parameters.items()
-                  if name in MODEL_SETTINGS}
+# extract's keywords that are FeatureSpace settings (the others say how images are read and returned).
+MODEL_SETTINGS = tuple(name for name in inspect.signature(extract).parameters if name in _LOAD_DEFAULTS)

@@ -20,12 +20,13 @@ from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
 from embedder.models.batchsize import batch_size_for
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
+from embedder.models.space import FeatureSpace
 from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, positive, to_arguments
 
 ROW_OPTIONS = "what is embedded"
-# The EmbedConfig fields that are `load_backbone` keywords of the same name.
-BACKBONE_FIELDS = ("model", "weights", "layer", "normalize", "image_size", "device", "precision", "memory_layout",
-                   "pool", "style_layers", "style_dim", "compile", "runtime")
+# The EmbedConfig fields that build the model: FeatureSpace's, by the same names (`extra_layers` also takes
+# --style's "style", see `outputs`).
+BACKBONE_FIELDS = FeatureSpace.field_names()
 SOURCE_OPTIONS = "table and URL sources"
 FAST_OPTIONS = "fast paths (--precision int8, bf16 or fast on the CPU)"
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
@@ -199,12 +200,12 @@ class EmbedConfig:
         extra = self.extra_layers + (("style",) if self.style and "style" not in (self.layer, *self.extra_layers) else ())
         return (self.layer, *extra)
 
-    def backbone_settings(self) -> dict:
-        """The `load_backbone` keywords of this run: the fields that decide the features, by the same
-        names (the inverse, from a cache's fingerprint, is embedder.cache.fingerprint.backbone_settings)."""
+    def space(self) -> FeatureSpace:
+        """The feature space this run asks for (unresolved: `auto` stays auto): the fields of the same
+        names, with --style's descriptor among the extra layers."""
         settings = {name: getattr(self, name) for name in BACKBONE_FIELDS}
         settings["extra_layers"] = tuple(n for n in self.outputs[1:] if n is not None)
-        return settings
+        return FeatureSpace(**settings)
 
     def table_columns(self) -> TableColumns:
         return TableColumns(self.path_column, self.url_column, self.label_column)

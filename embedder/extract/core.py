@@ -26,10 +26,11 @@ the network the same batches.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,10 @@ from embedder.data.workers import die_with_parent
 from embedder.errors import AllImagesFailedError, BadImageError
 from embedder.extract.config import EmbedConfig
 from embedder.extract.images import features_of
-from embedder.models.backbone import DEFAULT_STYLE_DIM, BackboneConfig, FrozenBackbone
-from embedder.models.onnx import on_runtime
-from embedder.models.registry import Preprocessing, get_backbone_spec
-from embedder.models.runtime import choose_runtime, resolve_runtime
+from embedder.models.backbone import FrozenBackbone
+from embedder.models.registry import Preprocessing
+from embedder.models.runtime import resolve_runtime
+from embedder.models.space import FeatureSpace, check_settings, recorded_settings
 from embedder.names import display_path
 from embedder.progress import bar as progress_bar
 
@@ -155,69 +156,44 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - t0
 
 
-def load_backbone(
-    model: str,
-    weights: str = "DEFAULT",
-    *,
-    layer: str | None = None,
-    normalize: str = "none",
-    image_size: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    memory_layout: str = "auto",
-    pool: str = "avg",
-    extra_layers: tuple[str, ...] = (),
-    style_layers: tuple[str, ...] = (),
-    style_dim: int = DEFAULT_STYLE_DIM,
-    compile: bool = False,
-    runtime: str = "auto",
-) -> FrozenBackbone:
-    """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them
-    (`runtime`: auto, torch or onnxruntime; see embedder.models.runtime.choose_runtime)."""
-    engine = choose_runtime(runtime, get_backbone_spec(model).family, device, precision, compile)
-    runtime = resolve_runtime(device, precision, memory_layout, get_backbone_spec(model).family)
-    return on_runtime(FrozenBackbone.from_config(
-        BackboneConfig(
-            model=model,
-            weights=weights,
-            layer=layer,
-            pool=pool,
-            normalize=normalize,
-            image_size=image_size,
-            device=runtime.device,
-            precision=runtime.precision,
-            channels_last=runtime.channels_last,
-            extra_layers=tuple(extra_layers),
-            style_layers=tuple(style_layers),
-            style_dim=style_dim,
-            compile=compile,
-            runtime=engine,
-        )
-    ))
+def load_backbone(model: str, weights: str = "DEFAULT", **settings) -> FrozenBackbone:
+    """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them:
+    ``FeatureSpace(model, weights, **settings).load()``. The settings are `FeatureSpace`'s fields, with its
+    defaults (embedder.models.space.FeatureSpace documents each); a name that is not one is a ConfigError."""
+    check_settings({"model": model, "weights": weights, **settings})
+    return FeatureSpace(model, weights, **settings).load()
+
+
+# The signature help() and inspect show: FeatureSpace's fields, so that it cannot drift from them.
+load_backbone.__signature__ = inspect.Signature([
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+    inspect.Parameter("weights", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="DEFAULT", annotation=str),
+    *(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+      for f in fields(FeatureSpace) if f.name not in ("model", "weights")),
+], return_annotation=FrozenBackbone)
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:
-    return load_backbone(**config.backbone_settings())
+    return config.space().load()
 
 
 def with_runtime(config: EmbedConfig) -> EmbedConfig:
     """`config` with `--runtime auto` (and `--precision auto`) made concrete, once per run (so every
-    Ray actor runs the same): what a cache being resumed or appended to was made with, else the
-    fastest for the device and model family."""
+    Ray actor runs the same), by `FeatureSpace.resolve`'s precedence: what a cache being resumed or
+    appended to was made with, else the fastest for the device and model family."""
     recorded = None if config.overwrite else recorded_components(config.out)
     if config.precision == "fast" and resolve_runtime(config.device, "auto").device != "cpu":
         config = replace(config, precision="auto")  # the fast paths are the CPU's; a GPU's default is its fast path
     if recorded is not None:
-        if config.precision in ("auto", "fast") and recorded.get("precision") in ("fp32", "bf16", "fp16", "int8"):
-            # An existing cache keeps its precision (the old bf16 default's too; `fast` keeps what it chose).
-            config = replace(config, precision=recorded["precision"])
-        if config.runtime == "auto":
-            config = replace(config, runtime="onnxruntime" if "runtime" in recorded else "torch")
-        return config
+        # An existing cache keeps its precision (the old bf16 default's too; `fast` keeps what it chose) and
+        # its runtime: FeatureSpace.resolve's "recorded" step, taken here so the run's config says so.
+        kept = recorded_settings(recorded)
+        if config.precision == "fast" and "precision" in kept:
+            config = replace(config, precision="auto")
+        return replace(config, **{k: v for k, v in kept.items() if getattr(config, k) == "auto"})
     if config.runtime != "auto" or config.precision == "fast":  # fast: embedder.extract.fidelity picks per path
         return config
-    family = get_backbone_spec(config.model).family
-    return replace(config, runtime=choose_runtime("auto", family, config.device, config.precision, config.compile))
+    return replace(config, runtime=config.space().resolve().runtime)
 
 
 def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str,

@@ -31,7 +31,7 @@ import torch
 from embedder.data.sources import Listing
 from embedder.errors import ConfigError
 from embedder.extract.config import EmbedConfig
-from embedder.extract.core import BatchReader, load_backbone
+from embedder.extract.core import BatchReader
 from embedder.models.backbone import FrozenBackbone
 from embedder.models.quantize import LEVELS, QuantSettings, quantize
 
@@ -119,7 +119,7 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
 
 
 def _build(config: EmbedConfig, precision: str, runtime: str) -> FrozenBackbone:
-    return load_backbone(**{**config.backbone_settings(), "precision": precision, "runtime": runtime})
+    return replace(config.space(), precision=precision, runtime=runtime).load()
 
 
 def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, recorded: dict | None) -> Sample:

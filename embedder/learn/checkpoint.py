@@ -17,11 +17,10 @@ from torch import nn
 
 from embedder.atomic import save_torch, staged_file
 from embedder.errors import ConfigError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone, build_architecture
+from embedder.models.backbone import FrozenBackbone, build_architecture
 from embedder.models.heads import head_slot, mlp_head, replace_head
-from embedder.models.onnx import on_runtime
 from embedder.models.registry import get_backbone_spec
-from embedder.models.runtime import choose_runtime, resolve_runtime
+from embedder.models.space import FeatureSpace
 from embedder.models.weights import ResolvedWeights
 
 FORMAT = "embedder-classifier/1"
@@ -101,17 +100,8 @@ def load_classifier(path: str | os.PathLike, device: str = "auto", runtime: str 
     model = build_architecture(spec, info.image_size)  # a ViT's position embeddings fit the saved size
     head, head_path = replace_head(model, spec, info.layer, build_head(info, head_slot(spec, info.layer)[1]))
     model.load_state_dict(payload["state_dict"], strict=True)
-    resolved = resolve_runtime(device, info.precision, info.memory_layout)
-    config = BackboneConfig(
-        model=info.model,
-        weights=info.weights,
-        image_size=info.image_size,
-        device=resolved.device,
-        precision=resolved.precision,
-        channels_last=resolved.channels_last,
-        runtime=choose_runtime(runtime, spec.family, resolved.device, resolved.precision),
-    )
+    space = FeatureSpace(info.model, info.weights, image_size=info.image_size, device=device,
+                         precision=info.precision, memory_layout=info.memory_layout, runtime=runtime)
     weights = ResolvedWeights("file", f"classifier:{Path(path).name}", lambda m: None)
-    network = on_runtime(FrozenBackbone(model, spec, config, weights,
-                                      output=(logits_node(head_path, head), len(info.classes))))
+    network = space.load(network=model, weights=weights, output=(logits_node(head_path, head), len(info.classes)))
     return ImageClassifier(network, info)

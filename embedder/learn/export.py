@@ -12,15 +12,12 @@ from pathlib import Path
 
 import torch
 
-from embedder.cache.fingerprint import backbone_settings
 from embedder.cache.vectors import imported_refusal
-from embedder.errors import ConfigError, WeightsUnavailableError
+from embedder.errors import ConfigError
 from embedder.learn.checkpoint import ClassifierInfo, save_classifier
 from embedder.learn.probefile import read_probe
-from embedder.models.backbone import build_model
 from embedder.models.heads import replace_head
-from embedder.models.registry import get_backbone_spec
-from embedder.models.weights import resolve_weights
+from embedder.models.space import FeatureSpace
 from embedder.outputs import CLASSIFIER, claim, require_suffix
 
 
@@ -50,14 +47,8 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
             f"This probe was trained on {components['pooling']}-pooled features, but the network's classifier "
             "sits after global *average* pooling. Embed with --pool avg and train the probe again to export it."
         )
-    spec = get_backbone_spec(probe.model)
-    settings = backbone_settings(components, weights_path)
-    weights = resolve_weights(spec.weights, settings["weights"])
-    if weights.identity != components["weights"]:
-        raise WeightsUnavailableError(
-            f"--weights gives {weights.identity}, but the probe's cache was embedded with {components['weights']}."
-        )
-    model = build_model(spec, weights, settings["image_size"])
+    space = FeatureSpace.from_components(components, weights_path)
+    spec, model, _ = space.network(recorded_weights=components["weights"])
     head, _ = replace_head(model, spec, probe.layer, len(probe.classes))
     with torch.no_grad():
         head.weight.copy_(probe.coef)
@@ -66,9 +57,9 @@ def export_probe(probe_dir: str | os.PathLike, out: str | os.PathLike, weights_p
         model=probe.model,
         layer=probe.layer,
         classes=list(probe.classes),
-        image_size=settings["image_size"],
-        precision=settings["precision"],
-        memory_layout=settings["memory_layout"],
+        image_size=space.image_size,
+        precision=space.precision,
+        memory_layout=space.memory_layout,
         weights=components["weights"],
         origin={"kind": "linear-probe", "probe_dir": str(probe_dir), "fingerprint": probe.fingerprint, "C": probe.C},
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,46 +23,18 @@ from torch import nn
 
 from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError, did_you_mean
-from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS
+from embedder.models.constants import POOLINGS, STYLE
 from embedder.models.graph import feature_extractor, graph_node_names
-from embedder.models.registry import get_backbone_spec
 from embedder.models.spec import COMBINE, BackboneSpec
 from embedder.models.style import StyleDescriptor
-from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights, resolve_weights
+from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights
 
 # int8's torch pass is the exact fp32 one; its features come from a quantised ONNX Runtime graph,
 # calibrated on the user's images (embedder.models.quantize) and attached with `use_quantized`.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 NORMALIZATIONS = ("none", "l2")
 GEM_P = 3.0  # generalised-mean exponent (Radenović et al.): between average (1) and max (inf)
-STYLE_OUTPUT = "style"  # output name of the Gram style descriptor, next to the layers' node names
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Everything that determines the features of an image (besides the pixels)."""
-
-    model: str
-    weights: str = "DEFAULT"  # DEFAULT | none | path to a state-dict file
-    layer: str | None = None  # None = the registry's default output point
-    pool: str = "avg"  # avg | max | gem | none (flatten the map)
-    normalize: str = "none"  # "none" or "l2"
-    image_size: int | None = None  # overrides the weights' crop size (resize scales with it)
-    device: str = "cpu"  # resolved device: "cpu" or "cuda[:i]"
-    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 | int8 (CPU, runtime onnxruntime)
-    channels_last: bool = False
-    # More outputs from the same pass. Among `layer` and `extra_layers`, "style" names the
-    # Gram style descriptor (embedder.models.style) over `style_layers`.
-    extra_layers: tuple[str, ...] = ()
-    style_layers: tuple[str, ...] = ()  # () = the registry's style layers
-    style_dim: int = DEFAULT_STYLE_DIM  # 0 = the full Gram triangles, unprojected
-    # torch.compile (inductor, weights frozen into the graph): 1.25-1.5x on a 2-core CPU for
-    # ResNet-50 after 18-26 s of compiling (benchmarks/compiled.py). It changes the last bits
-    # (about 1e-4 absolute), so it is part of the fingerprint.
-    compile: bool = False
-    # "torch" or "onnxruntime" (embedder.models.onnx): the same pass, exported once and run by
-    # ONNX Runtime on the CPU (1.3-1.9x faster there, docs/BENCHMARKS.md), cosine >= 0.99999.
-    runtime: str = "torch"
+STYLE_OUTPUT = STYLE  # output name of the Gram style descriptor, next to the layers' node names
 
 
 def build_model(spec: BackboneSpec, weights: ResolvedWeights, image_size: int | None = None) -> nn.Module:
@@ -89,7 +60,10 @@ def _seeded(seed: int):
         yield
 
 
-def _validate(config: BackboneConfig) -> None:
+def _validate(config) -> None:
+    if not config.resolved:
+        raise ConfigError("A backbone is built from a resolved FeatureSpace: use FeatureSpace(...).load(), which "
+                          f"resolves device, precision, memory_layout and runtime (got {config}).")
     if config.pool not in POOLINGS:
         raise ConfigError(f"--pool must be one of {', '.join(POOLINGS)}, got {config.pool!r}.")
     if config.normalize not in NORMALIZATIONS:
@@ -117,12 +91,13 @@ class FrozenBackbone(nn.Module):
         self,
         model: nn.Module,
         spec: BackboneSpec,
-        config: BackboneConfig,
+        config,
         weights: ResolvedWeights,
         *,
         output: tuple[str, int] | None = None,
     ):
-        """`output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
+        """`config`: the resolved `embedder.models.space.FeatureSpace` (built by its `load()`, the one
+        builder); `output` = (graph node, width) overrides `config.layer`, e.g. a replaced head's logits."""
         super().__init__()
         _validate(config)
         spec.check_pool(config.pool)  # from the model's own description (registers are no class token)
@@ -140,7 +115,7 @@ class FrozenBackbone(nn.Module):
         # double entries in modules() or state_dict); it wraps self.body.
         if config.compile:
             self.__dict__["_compiled"] = torch.compile(self.body, dynamic=False, options={"freezing": True})
-        # runtime "onnxruntime": embedder.models.onnx.on_runtime attaches the checked session (`use_session`).
+        # runtime "onnxruntime": FeatureSpace.load attaches the checked session (`use_session`).
 
     def _name_outputs(self, model: nn.Module, output: tuple[str, int] | None) -> tuple[str, ...]:
         """Set the primary node, the outputs and the style nodes; return every graph node to extract."""
@@ -209,10 +184,9 @@ class FrozenBackbone(nn.Module):
         self.feature_dim = self.outputs[self.node]
 
     @classmethod
-    def from_config(cls, config: BackboneConfig) -> FrozenBackbone:
-        spec = get_backbone_spec(config.model)
-        weights = resolve_weights(spec.weights, config.weights)
-        return cls(build_model(spec, weights, config.image_size), spec, config, weights)
+    def from_config(cls, config) -> FrozenBackbone:
+        """The backbone of `config`, a FeatureSpace: `config.load()` (kept for callers from before it)."""
+        return config.load()
 
     # -- the lock -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenBackbone:
@@ -308,7 +282,7 @@ class FrozenBackbone(nn.Module):
                               "(embedder.extract.fidelity.prepare, as `embed --precision int8` does).")
         if self._session is None and self.config.runtime == "onnxruntime":
             raise ConfigError("A backbone of runtime onnxruntime runs its ONNX graph: build it with "
-                              "embedder.models.onnx.on_runtime (as embedder.extract.load_backbone does).")
+                              "embedder.models.space.FeatureSpace.load (as embedder.load_backbone does).")
         if self._session is not None:
             return self._run_session(x)  # it scales uint8 itself, off torch's thread pool
         if x.dtype == torch.uint8:

@@ -4,6 +4,9 @@
 # cls and cls+avg are for token sequences only (DINOv2's linear-eval choices).
 POOLINGS = ("avg", "max", "gem", "none", "cls", "cls+avg")
 DEFAULT_STYLE_DIM = 2048  # length of the projected style descriptor (embedder.models.style)
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # resolved precisions (their dtypes: embedder.models.backbone)
+# The Gram style descriptor's name among the layers (`--layer style`), and its fingerprint component.
+STYLE = "style"
 RUNTIMES = ("auto", "torch", "onnxruntime")  # what runs the frozen pass (embedder.models.runtime.choose_runtime)
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from embedder.atomic import WriteLock, file_sha256, staging
 from embedder.errors import ConfigError, EmbedderNotice
+from embedder.models.constants import STYLE
 
 if TYPE_CHECKING:
     from embedder.models.backbone import FrozenBackbone
@@ -121,16 +122,10 @@ class OnnxSession:
         return [torch.from_numpy(a) for a in arrays]
 
 
-def on_runtime(backbone: FrozenBackbone) -> FrozenBackbone:
-    """`backbone` on the engine its configuration names: for runtime "onnxruntime", with the checked session
-    of its graph attached (`session_for`); a torch backbone as it is. Every builder of a backbone calls it."""
-    if backbone.config.runtime == "onnxruntime":
-        backbone.use_session(session_for(backbone))
-    return backbone
-
-
-def session_for(backbone: FrozenBackbone) -> OnnxSession:
-    """The checked session of `backbone`'s graph, exporting it first when the cache lacks it."""
+def session_for(backbone: FrozenBackbone, components: dict) -> OnnxSession:
+    """The checked session of `backbone`'s graph, exporting it first when the cache lacks it. `components`:
+    the backbone's fingerprint components (embedder.models.space.components), which key the graph.
+    `FeatureSpace.load` attaches it to every backbone of runtime onnxruntime."""
     require()
     if backbone.config.compile:
         raise ConfigError("--compile is a torch.compile option; drop it, or use --runtime torch.")
@@ -139,7 +134,7 @@ def session_for(backbone: FrozenBackbone) -> OnnxSession:
             f"--runtime onnxruntime runs fp32 on the CPU (got {backbone.config.precision} on {backbone.device.type}); "
             "use --device cpu --precision fp32, or --runtime torch."
         )
-    key, identity = graph_key(backbone)
+    key, identity = graph_key(backbone, components)
     folder = cache_root() / key
     with WriteLock(folder, wait_s=EXPORT_WAIT_S):
         first = not folder.exists()
@@ -157,24 +152,28 @@ def session_for(backbone: FrozenBackbone) -> OnnxSession:
     return session
 
 
-def graph_key(backbone: FrozenBackbone) -> tuple[str, dict]:
-    """(folder name, identity): a hash of the configuration, the outputs, the exporter's versions and
-    the network's own tensors (so two checkpoints that share a file name never share a graph)."""
-    cfg = backbone.config
+def graph_key(backbone: FrozenBackbone, components: dict) -> tuple[str, dict]:
+    """(folder name, identity): a hash of what decides the graph among the backbone's fingerprint
+    `components` (model, weights, preprocessing, the pooled layers, the style layers, pooling,
+    normalisation, layout, torch), the exporter's versions and the network's own tensors (so two
+    checkpoints that share a file name never share a graph). The identity keeps the form it had before
+    issue 27, so graphs cached then (an int8 cache's own, which query by image needs) are still found."""
     tensors = hashlib.sha256()
     for name, value in backbone.body.state_dict().items():
         tensors.update(name.encode())
         tensors.update(value.detach().cpu().contiguous().numpy().tobytes())
+    outputs = json.loads(components["layers"]) if "layers" in components else [components["layer"]]
+    style = json.loads(components[STYLE])["layers"] if STYLE in components else []
     identity = {
-        "format": GRAPH_FORMAT, "opset": OPSET, "model": backbone.spec.name, "weights": backbone.weights.identity,
-        "preprocessing": backbone.preprocessing.as_dict(), "layers": list(backbone.layers),
-        "style_nodes": list(backbone.style_nodes), "pool": cfg.pool, "normalize": cfg.normalize,
-        "channels_last": cfg.channels_last, "tensors": tensors.hexdigest(), "torch": str(torch.__version__),
-        **{k: v for k, v in require().items() if k != "onnxruntime"},
+        "format": GRAPH_FORMAT, "opset": OPSET, "model": components["model"], "weights": components["weights"],
+        "preprocessing": json.loads(components["preprocessing"]), "layers": [n for n in outputs if n != STYLE],
+        "style_nodes": style, "pool": components["pooling"], "normalize": components["normalization"],
+        "channels_last": components["memory_layout"] == "channels_last", "tensors": tensors.hexdigest(),
+        "torch": components["torch_version"], **{k: v for k, v in require().items() if k != "onnxruntime"},
     }
     text = json.dumps(identity, sort_keys=True)
     # As meta.json reads it back (tuples become lists), so the cached copy compares equal.
-    return f"{backbone.spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:24]}", json.loads(text)
+    return f"{components['model']}-{hashlib.sha256(text.encode()).hexdigest()[:24]}", json.loads(text)
 
 
 def _open_cached(folder: Path, identity: dict) -> OnnxSession | None:

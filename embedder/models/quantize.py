@@ -34,6 +34,7 @@ import numpy as np
 from embedder.atomic import WriteLock, file_sha256, staging
 from embedder.errors import ConfigError, EmbedderNotice
 from embedder.models.onnx import EXPORT_WAIT_S, OnnxSession, cache_root, graph_key, require
+from embedder.models.space import components
 
 if TYPE_CHECKING:
     from embedder.models.backbone import FrozenBackbone
@@ -67,7 +68,7 @@ def quantize(backbone: FrozenBackbone, pixels: np.ndarray, settings: QuantSettin
     require()
     if settings.method not in METHODS or settings.level not in LEVELS:
         raise ConfigError(f"--calibration must be one of {', '.join(METHODS)}, got {settings.method!r}.")
-    fp32_key, identity = graph_key(backbone)
+    fp32_key, identity = graph_key(backbone, components(backbone))
     base = cache_root() / fp32_key / "graph.onnx"
     if not base.is_file():
         raise ConfigError(f"{backbone.spec.name}'s fp32 ONNX graph is missing from {base.parent}; "
@@ -93,7 +94,7 @@ def cached(backbone: FrozenBackbone, record: dict) -> OnnxSession:
     """The session of the int8 graph a cache recorded (its `quantization` component), from the graph
     cache: a query by image needs the very graph, and the calibration images may be gone."""
     require()
-    fp32_key, identity = graph_key(backbone)
+    fp32_key, identity = graph_key(backbone, components(backbone))
     full = {"fp32_graph": identity, **{k: v for k, v in record.items() if k != "fp32_nodes"}}
     key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_root() / f"{fp32_key}-int8-{key}"

@@ -22,6 +22,8 @@ from embedder.errors import ConfigError, EmbedderNotice
 from embedder.models.constants import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from embedder.models.onnx import INSTALL, versions
 
+AUTO_VALUE = "auto"
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -100,10 +102,12 @@ def choose_runtime(runtime: str, family: str, device: str = "auto", precision: s
         if runtime == "torch" and precision == "int8":
             raise ConfigError("--precision int8 runs on ONNX Runtime; drop --runtime torch (or use --precision bf16).")
         return runtime
-    resolved = resolve_runtime(device, precision, "auto", family)
-    if resolved.precision == "int8":
+    if AUTO_VALUE in (device, precision):  # a caller with resolved values (FeatureSpace.resolve) resolves once
+        resolved = resolve_runtime(device, precision, "auto", family)
+        device, precision = resolved.device, resolved.precision
+    if precision == "int8":
         return "onnxruntime"
-    if resolved.device != "cpu" or resolved.precision != "fp32" or compile:
+    if device != "cpu" or precision != "fp32" or compile:
         return "torch"  # ONNX Runtime's CPU provider runs fp32; on CUDA and with --compile torch is the fast path
     if ONNX_CPU_SPEEDUP.get(family, 1.0) <= 1.0:
         return "torch"

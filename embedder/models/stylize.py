@@ -30,10 +30,10 @@ from PIL import Image
 
 from embedder.data.decode import DEFAULT_MAX_PIXELS, load_rgb
 from embedder.errors import BadImageError, ConfigError, SourceError
-from embedder.models.backbone import BackboneConfig, FrozenBackbone
+from embedder.models.backbone import FrozenBackbone
 from embedder.models.config import StylizeConfig
 from embedder.models.registry import get_backbone_spec
-from embedder.models.runtime import resolve_runtime
+from embedder.models.space import FeatureSpace
 from embedder.models.style import gram
 from embedder.outputs import PICTURE, claim, png_metadata, write_file
 from embedder.progress import bar as progress_bar
@@ -170,13 +170,12 @@ def _layers(config: StylizeConfig, spec) -> tuple[str, list[tuple[str, float]]]:
 
 
 def _stylize_backbone(config: StylizeConfig, content_layer: str, weighted) -> FrozenBackbone:
-    return FrozenBackbone.from_config(
-        BackboneConfig(
-            model=config.model, weights=config.weights, layer=content_layer,
-            extra_layers=tuple(n for n, _ in weighted), image_size=config.image_size,
-            device=resolve_runtime(config.device, "fp32", "contiguous").device, precision="fp32",
-        )
-    )
+    # The torch pass in fp32: the style loss differentiates through it to the pixels.
+    return FeatureSpace(
+        model=config.model, weights=config.weights, layer=content_layer, extra_layers=tuple(n for n, _ in weighted),
+        image_size=config.image_size, device=config.device, precision="fp32", memory_layout="contiguous",
+        runtime="torch",
+    ).load()
 
 
 def _images(config: StylizeConfig, device) -> tuple[torch.Tensor, torch.Tensor]:

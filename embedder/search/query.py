@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 
@@ -220,19 +221,20 @@ def query_backbone(components: dict, weights_path: str | None = None, runtime: s
     """Rebuild the backbone a cache was embedded with, refusing any difference in the fingerprint.
 
     `runtime` auto: the one the cache was made with, or torch where ONNX Runtime is not installed."""
-    from embedder.cache.fingerprint import backbone_settings, component_differences, fingerprint_components
+    from embedder.cache.fingerprint import component_differences, fingerprint_components
     from embedder.cache.vectors import imported_refusal
-    from embedder.extract.core import load_backbone
     from embedder.models.onnx import versions
+    from embedder.models.space import FeatureSpace
 
     refusal = imported_refusal(components)
     if refusal:
         raise ConfigError(refusal)
-    settings = backbone_settings(components, weights_path)
+    space = FeatureSpace.from_components(components, weights_path)
     if runtime == "auto":
-        runtime = settings["runtime"] if versions() is not None else "torch"
-    backbone = load_backbone(**{**settings, "runtime": runtime})
-    if settings["precision"] == "int8":  # the cache's own quantised graph (embedder.models.quantize)
+        runtime = space.runtime if versions() is not None else "torch"
+    # Queried eagerly (compile=False) and on `runtime`: see the differences ignored below.
+    backbone = replace(space, compile=False, runtime=runtime).load()
+    if space.precision == "int8":  # the cache's own quantised graph (embedder.models.quantize)
         from embedder.models.quantize import cached
 
         record = json.loads(components["quantization"])

@@ -44,8 +44,13 @@ def build_network(
     head: str = "linear",
     mlp_hidden: int = 512,
     image_size: int | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> tuple[nn.Module, nn.Module, str]:
     """The backbone with its weights and a new head for `n_classes` on `layer`'s features.
+
+    `model`: the network already built with those weights (`FeatureSpace.network()`, as finetune does);
+    by default it is built here.
 
     Returns (model, the new head, its dotted path). The head is a *new module* (the
     `fc.out_features = n` mistake leaves 1000 outputs); its random init uses torch's global
@@ -55,7 +60,8 @@ def build_network(
         raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {head!r}.")
     in_features = head_slot(spec, layer)[1]
     module = nn.Linear(in_features, n_classes) if head == "linear" else mlp_head(in_features, n_classes, mlp_hidden)
-    model = build_model(spec, weights, image_size)  # a ViT is built for the input size
+    if model is None:
+        model = build_model(spec, weights, image_size)  # a ViT is built for the input size
     installed, path = replace_head(model, spec, layer, module)
     return model, installed, path
 

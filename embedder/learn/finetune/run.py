@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from embedder.data.formats import is_url
 from embedder.data.sources import Listing, list_source
@@ -28,9 +29,9 @@ from embedder.learn.finetune.network import FinetuneNetwork, build_network, load
 from embedder.learn.probefile import ProbeFile
 from embedder.models.heads import head_slot
 from embedder.models.registry import get_backbone_spec
-from embedder.models.runtime import Runtime, resolve_runtime
+from embedder.models.space import FeatureSpace
 from embedder.models.spec import BackboneSpec
-from embedder.models.weights import ResolvedWeights, resolve_weights
+from embedder.models.weights import ResolvedWeights
 from embedder.outputs import FINETUNE, claim, write_dir
 
 
@@ -119,7 +120,8 @@ class _Run:
 
     spec: BackboneSpec
     node: str  # the feature layer the head sits on
-    runtime: Runtime
+    space: FeatureSpace  # resolved: the network's model, weights, image size and device (trained in fp32)
+    model: nn.Module  # the space's network, its new head not yet on
     listing: Listing
     splits: Splits
     probe: ProbeFile | None  # --init-head
@@ -128,7 +130,7 @@ class _Run:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.runtime.device)
+        return torch.device(self.space.device)
 
 
 def _resolve(config: FinetuneConfig) -> _Run:
@@ -136,7 +138,8 @@ def _resolve(config: FinetuneConfig) -> _Run:
     spec = get_backbone_spec(config.model)
     node = spec.resolve_layer(config.layer)
     in_features = head_slot(spec, config.layer)[1]
-    runtime = resolve_runtime(config.device, "fp32", "contiguous")
+    space = FeatureSpace(config.model, config.weights, layer=node, image_size=config.image_size, device=config.device,
+                         precision="fp32", memory_layout="contiguous", runtime="torch").resolve()
     listing = list_source(config.source, config.layout, config.limit)
     urls = sum(map(is_url, listing.paths))
     if urls:
@@ -149,9 +152,9 @@ def _resolve(config: FinetuneConfig) -> _Run:
         listing.paths, listing.labels, listing.classes, config.seed, config.val_fraction, config.test_fraction
     )
     probe = read_init_head(config.init_head, spec, node, listing.classes, in_features) if config.init_head else None
-    weights = resolve_weights(spec.weights, config.weights)
+    _, model, weights = space.network()
     preprocessing = spec.preprocessing_for(config.image_size)
-    return _Run(spec, node, runtime, listing, splits, probe, weights, preprocessing)
+    return _Run(spec, node, space, model, listing, splits, probe, weights, preprocessing)
 
 
 def _finetune(config: FinetuneConfig, out: Path, tmp: Path) -> FinetuneReport:
@@ -190,7 +193,7 @@ def _network(config: FinetuneConfig, run: _Run) -> FinetuneNetwork:
     Its head's random init draws from torch's global RNG: callers seed it."""
     model, head, _ = build_network(
         run.spec, run.weights, run.node, len(run.listing.classes), config.head, config.mlp_hidden,
-        run.preprocessing.crop_size,
+        run.preprocessing.crop_size, model=run.model,
     )
     if run.probe is not None:
         load_head(head, run.probe)
@@ -213,7 +216,7 @@ def _settings(config: FinetuneConfig, run: _Run) -> dict:
         "head": config.head,
         "mlp_hidden": config.mlp_hidden,
         "weights": run.weights.identity,
-        "device": run.runtime.device,
+        "device": run.space.device,
         "classes": list(run.listing.classes),
         "image_size": run.preprocessing.crop_size,
         "freeze_backbone": config.freeze_backbone,
