@@ -139,3 +139,44 @@ def test_cli_refusal_is_one_line_with_exit_2(tree, tmp_path):
     errors = [line for line in done.stderr.splitlines() if "fails its fidelity card" in line]
     assert done.returncode == 2 and len(errors) == 1 and "(--min-overlap to accept)" in errors[0]
     assert "Traceback" not in done.stderr and not (tmp_path / "c.h5").exists()
+
+
+def test_models_card_measures_the_fast_paths_on_sample_images_and_writes_nothing(tree, tmp_path, monkeypatch, capsys):
+    from embedder.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tree.rglob("*"))
+    assert main(["models", "resnet18", "--card", str(tree), "--weights", "none", "--image-size", "32",
+                 "--calibration-images", "8", "--fidelity-images", "20", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)["card"]
+    assert card["asked"] == "fast" and set(card["cards"]) == {"int8", "bf16"} and card["held_aside_images"] == 20
+    carded = [c for c in card["cards"].values() if "mean_cosine" in c]  # a path slower than fp32 is not carded
+    assert carded and all(c["failure"] for c in card["cards"].values() if "mean_cosine" not in c)
+    for c in carded:
+        assert 0 < c["min_cosine"] <= c["mean_cosine"] <= 1 + 1e-6 and 0 <= c["knn_overlap"] <= 1
+    passing = {p: c["img_per_s"] for p, c in card["cards"].items() if c["passes"]}
+    best = max(passing, key=passing.get, default="fp32")
+    assert card["precision"] == (best if best != "fp32" and passing[best] > card["exact"]["img_per_s"] else "fp32")
+    calibrated = card["calibration"]["paths"]
+    assert len(calibrated) == 8 and all((tree / p).is_file() for p in calibrated)
+    assert sorted(p.name for p in tree.rglob("*")) == before and not list(tmp_path.iterdir())  # no cache, nothing
+    # the text form shows the entry, then the card
+    assert main(["models", "resnet18", "--card", str(tree), "--weights", "none", "--image-size", "32",
+                 "--calibration-images", "8", "--fidelity-images", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "fidelity card" in text and "int8" in text and "bf16" in text and text.index("weights:") < text.index("card")
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["models", "--card", "x"], "give NAME"),
+    (["models", "--all", "resnet", "--card", "x"], "give NAME"),
+    (["models", "resnet18", "--weights", "none"], "--weights"),
+    (["models", "resnet18", "--calibration-images", "8"], "--calibration-images"),
+    (["models", "resnet18", "--card", "/nonexistent/photos"], "/nonexistent/photos"),
+])
+def test_models_card_refusals_are_one_line_with_exit_2(argv, names, capsys):
+    from embedder.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and names in err

@@ -93,7 +93,15 @@ def models(config: ModelsConfig, args: Namespace) -> ModelsReport | BuildableMod
     if config is not None and config.name:
         from embedder.models.registry import model_entry
 
-        return show(ModelEntryReport(model_entry(config.name), name=config.name), args)
+        entry = model_entry(config.name)
+        if config.card is not None:  # the entry is checked first: a wrong NAME costs no sample reading
+            from embedder.extract.fidelity import model_card
+
+            entry = {**entry, "card": model_card(config.name, config.card, weights=config.weights,
+                                                 image_size=config.image_size,
+                                                 calibration_images=config.calibration_images,
+                                                 fidelity_images=config.fidelity_images)}
+        return show(ModelEntryReport(entry, name=config.name), args)
     from embedder.models.registry import registry_table
 
     return show(ModelsReport(registry_table()), args)

@@ -344,6 +344,10 @@ class ModelEntryReport(DocReport):
             lines.append(f"  to use them offline: {entry['weights_hint']}; or pass --weights PATH (a state dict), "
                          "or --weights none (random init)")
         lines.append(f"  all layers: embedder inspect {name}")
+        if entry.get("card") is not None:
+            from embedder.extract.fidelity import card_lines
+
+            lines += card_lines(entry["card"])
         return "\n".join(lines)
 
 

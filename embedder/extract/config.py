@@ -19,7 +19,7 @@ from embedder.data.sources import LAYOUTS
 from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
 from embedder.models.batchsize import batch_size_for
-from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, RUNTIMES
+from embedder.models.constants import CALIBRATION_IMAGES, DEFAULT_STYLE_DIM, FIDELITY_IMAGES, POOLINGS, RUNTIMES
 from embedder.models.space import FeatureSpace
 from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, positive, to_arguments
 
@@ -72,10 +72,10 @@ class EmbedConfig:
                                  "On the CPU, int8 (ONNX Runtime, calibrated on some of SOURCE's images) and bf16 "
                                  "run with a fidelity card checked against fp32 on held-aside images; fast = the "
                                  "fastest of them, measured here, whose card passes (README: fast paths)")
-    calibration_images: int = option(32, metavar="N", group=FAST_OPTIONS,
+    calibration_images: int = option(CALIBRATION_IMAGES, metavar="N", group=FAST_OPTIONS,
                                      help="int8: calibrate on N images evenly spaced over SOURCE's sorted listing (a "
                                           "resumed or appended cache: the ones its card recorded)")
-    fidelity_images: int = option(200, metavar="N", group=FAST_OPTIONS,
+    fidelity_images: int = option(FIDELITY_IMAGES, metavar="N", group=FAST_OPTIONS,
                                   help="other images (evenly spaced) that the fidelity card is measured on")
     calibration: str = option("percentile", choices=("percentile", "entropy", "minmax"), group=FAST_OPTIONS,
                               help="int8 activation ranges: ONNX Runtime's calibration method")

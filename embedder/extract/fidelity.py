@@ -33,6 +33,7 @@ from embedder.errors import ConfigError
 from embedder.extract.config import EmbedConfig
 from embedder.extract.core import BatchReader
 from embedder.models.backbone import FrozenBackbone
+from embedder.models.constants import CALIBRATION_IMAGES, FIDELITY_IMAGES
 from embedder.models.quantize import LEVELS, QuantSettings, quantize
 
 K = 10  # neighbours whose overlap the card reports
@@ -116,6 +117,20 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
               "cards": tried, "jpeg_draft": config.jpeg_draft,
               "seconds": round(time.perf_counter() - started, 2)}  # building, calibrating and measuring
     return backbone, result
+
+
+def model_card(model: str, source: str, *, weights: str = "DEFAULT", image_size: int | None = None,
+               calibration_images: int = CALIBRATION_IMAGES, fidelity_images: int = FIDELITY_IMAGES) -> dict:
+    """The fidelity cards of `model`'s fast paths (int8, bf16) on a sample of SOURCE's images, measured as
+    `embed --precision fast` measures them (same sample rule, gates and timings), without writing a cache.
+    The card names the path `--precision fast` would choose here."""
+    from embedder.data.sources import list_source
+
+    config = EmbedConfig(source=source, model=model, out="card.h5", weights=weights, image_size=image_size,
+                         precision="fast", calibration_images=calibration_images,
+                         fidelity_images=fidelity_images)  # `out` is never written: only the card is computed
+    listing = list_source(config.source, config.layout, config.limit, config.table_columns())
+    return prepare(config, listing)[1]
 
 
 def _build(config: EmbedConfig, precision: str, runtime: str) -> FrozenBackbone:

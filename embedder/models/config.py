@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedder.errors import ConfigError
+from embedder.models.constants import CALIBRATION_IMAGES, FIDELITY_IMAGES
 from embedder.options import check_choices, option, overwrite_option
 from embedder.outputs import PICTURE, require_suffix
 
@@ -18,6 +19,26 @@ class ModelsConfig:
                                    "a filter on the names (a glob such as 'timm:vit_*', or a substring)")
     all: bool = option(False, help="list every buildable model: the curated aliases, torchvision's "
                                    "classification models and timm's")
+    card: str | None = option(None, path=True, metavar="SOURCE",
+                              help="also measure NAME's fast paths (int8, bf16) against fp32 on a sample of SOURCE's "
+                                   "images, as `embed --precision fast` would, and show their fidelity cards; "
+                                   "writes no cache")
+    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"),
+                          help="with --card: DEFAULT (pretrained), none (random init) or PATH to a state dict")
+    image_size: int | None = option(None, help="with --card: input size (default: the weights')")
+    calibration_images: int = option(CALIBRATION_IMAGES, metavar="N", help="with --card: images that calibrate int8 (as embed's)")
+    fidelity_images: int = option(FIDELITY_IMAGES, metavar="N", help="with --card: other images both paths embed (as embed's)")
+
+    def __post_init__(self):
+        if self.card is not None and (self.all or not self.name):
+            raise ConfigError("--card measures one model: give NAME, without --all "
+                              "(e.g. `embedder models efficientnet_lite0 --card photos/`).")
+        card_only = {"--weights": self.weights != "DEFAULT", "--image-size": self.image_size is not None,
+                     "--calibration-images": self.calibration_images != CALIBRATION_IMAGES,
+                     "--fidelity-images": self.fidelity_images != FIDELITY_IMAGES}
+        given = [flag for flag, set_ in card_only.items() if set_]
+        if self.card is None and given:
+            raise ConfigError(f"{', '.join(given)} set how --card SOURCE measures a model; add --card SOURCE, or drop them.")
 
 
 @dataclass(frozen=True)

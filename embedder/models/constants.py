@@ -17,3 +17,5 @@ RUNTIMES = ("auto", "torch", "onnxruntime")  # what runs the frozen pass (embedd
 # On GPUs large batches are what fills the device; 32 is unmeasured there (no GPU lent yet).
 CPU_BATCH_SIZE = 4
 GPU_BATCH_SIZE = 32
+CALIBRATION_IMAGES = 32  # images that calibrate int8 (embed's and `models --card`'s default)
+FIDELITY_IMAGES = 200  # held-aside images a fidelity card compares fp32 and a fast path on
