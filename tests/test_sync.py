@@ -178,7 +178,16 @@ def _watcher(tmp_path: Path, tree: Path, *extra: str):
 
     flags = cli_args(fast_config(tree, tmp_path / "c.h5"))
     argv = embedder_cmd("watch", *flags, "--index", str(tmp_path / "idx"), "--settle", "0.3", "--json", *extra)
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_repo())
+    # Ctrl-C must reach it as at a terminal: a suite started in the background (`cmd &` without job
+    # control, nohup) ignores SIGINT, an ignored signal stays ignored across exec, and Python then never
+    # raises KeyboardInterrupt. A handled one is reset to the default: so handle it while starting the child.
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_repo())
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _next_sync(proc) -> dict:
