@@ -49,9 +49,10 @@ def merged(file: str, members: list[Member]) -> Member:
     maps its parts through such block views, so each commit maps a few blocks and the last parts
     rather than every part (mapping every part at each commit was quadratic over a run)."""
     with_errors = [m.error_widths for m in members if m.errors]
+    names = {c for m in members for c in m.column_widths}
     return Member(
         file, sum(m.rows for m in members), max(m.path_width for m in members),
-        {c: max(m.column_widths.get(c, 1) for m in members) for m in members for c in m.column_widths},
+        {c: max(m.column_widths.get(c, 1) for m in members) for c in names},
         sum(m.errors for m in members),
         (max(w[0] for w in with_errors), max(w[1] for w in with_errors)) if with_errors else None,
     )
