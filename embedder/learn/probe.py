@@ -20,7 +20,8 @@ fitted attributes end in `_`, `classes_` orders the columns of `predict_proba`, 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,13 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from embedder.learn.config import DEFAULT_CS
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]  # () -> iterator of (X block, y codes)
+ArrayLike = np.ndarray | Sequence[Sequence[float]]
+
+
+class Progress(Protocol):
+    """What `fit` reports to: a tqdm bar, or anything with `update(n)`."""
+
+    def update(self, n: int = 1) -> object: ...
 
 
 def _device(name: str) -> torch.device:
@@ -60,9 +68,24 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         Seed of the internal validation split.
     device : str
         "auto" (CUDA when present), "cpu" or "cuda".
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        The class labels, in the order of `predict_proba`'s columns.
+    coef_ : ndarray of shape (n_classes, n_features), float32
+        Weights on the raw (unstandardised) features.
+    intercept_ : ndarray of shape (n_classes,), float32
+    C_ : float
+        The C that was kept.
+    cv_results_ : list of dict
+        One row per C tried: ``{"C": ..., "val_accuracy": ...}``.
+    n_iter_ : int
+        L-BFGS iterations of the final fit.
     """
 
-    def __init__(self, C=None, Cs=DEFAULT_CS, val_fraction=0.2, max_iter=100, random_state=0, device="auto"):
+    def __init__(self, C: float | None = None, Cs: Sequence[float] = DEFAULT_CS, val_fraction: float = 0.2,
+                 max_iter: int = 100, random_state: int = 0, device: str = "auto"):
         self.C = C
         self.Cs = Cs
         self.val_fraction = val_fraction
@@ -71,9 +94,27 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.device = device
 
     # -- sklearn API ----------------------------------------------------------------------
-    def fit(self, X, y, X_val=None, y_val=None, progress=None):
-        """Fit on (X, y); the C sweep is scored on (X_val, y_val) when given, else on a held-out
-        `val_fraction`. `progress`: an object whose update(1) is called after each C (a tqdm bar)."""
+    def fit(self, X: ArrayLike, y: ArrayLike, X_val: ArrayLike | None = None, y_val: ArrayLike | None = None,
+            progress: Progress | None = None) -> LinearProbe:
+        """Fit on (X, y), sweeping C unless it is fixed.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The features (float32 or float64).
+        y : array-like of shape (n_samples,)
+            The labels; at least two classes.
+        X_val, y_val : array-like, optional
+            Validation rows that score the C sweep; without them a stratified `val_fraction` of (X, y)
+            scores it and the model is refit on all rows.
+        progress : object with ``update(n)``, optional
+            Called once after each C (a tqdm bar).
+
+        Returns
+        -------
+        LinearProbe
+            self, fitted.
+        """
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], y_numeric=False)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
@@ -102,10 +143,28 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                                 progress=progress)
         return self
 
-    def fit_blocks(self, blocks: Blocks, classes: np.ndarray, n_features: int, val=None, progress=None):
-        """Fit on data that does not fit in memory. `blocks()` must yield (X block, class codes)
-        afresh on every call (one call = one pass); `val` is an in-memory (X, codes) pair;
-        `progress` as in fit."""
+    def fit_blocks(self, blocks: Blocks, classes: np.ndarray, n_features: int,
+                   val: tuple[np.ndarray, np.ndarray] | None = None, progress: Progress | None = None) -> LinearProbe:
+        """Fit on data that does not fit in memory, with the same optimiser and result as `fit`.
+
+        Parameters
+        ----------
+        blocks : callable
+            ``blocks()`` yields (X block, class codes) afresh on every call (one call = one pass).
+        classes : ndarray
+            The class labels that the codes index.
+        n_features : int
+            The width of X.
+        val : (X, codes), optional
+            In-memory validation rows; required unless `C` is fixed.
+        progress : object with ``update(n)``, optional
+            As in `fit`.
+
+        Returns
+        -------
+        LinearProbe
+            self, fitted.
+        """
         self.classes_ = np.asarray(classes)
         self.n_features_in_ = n_features
         if val is None and self.C is None:
@@ -113,13 +172,33 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self._fit_swept(blocks, val, refit=None, progress=progress)
         return self
 
-    def decision_function(self, X):
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
+        """The class scores (for two classes, the second's minus the first's).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
+        """
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         scores = X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype)
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        """The softmax probabilities, columns ordered as `classes_`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         scores = X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype)
@@ -127,7 +206,18 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         p = np.exp(scores)
         return p / p.sum(axis=1, keepdims=True)
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """The most probable class of each row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Labels from `classes_`.
+        """
         proba = self.predict_proba(X)  # checks fitted-ness before classes_ is touched
         return self.classes_[np.argmax(proba, axis=1)]
 
