@@ -161,9 +161,23 @@ def embed(config: EmbedConfig, backbone: FrozenBackbone | None = None, command: 
           lock: WriteLock | None = None) -> EmbedReport:
     """Embed every image of `config.source` into the cache `config.out` (create, resume or append).
 
-    `backbone`: one built already (else `backbone_for(config)`); `command`: what the cache records
-    as its command (default: `config.command_line()`); `lock`: the cache's write lock, when the
-    caller holds it already (the CLI takes it first thing)."""
+    Parameters
+    ----------
+    config : EmbedConfig
+        What to embed, with which feature space, into which cache (`embedder embed`'s options).
+    backbone : FrozenBackbone, optional
+        One built already; by default the config's feature space is loaded (and, for a fast path, its
+        fidelity card measured and checked).
+    command : str, optional
+        The command line the cache records (default: `config.command_line()`).
+    lock : WriteLock, optional
+        The cache's write lock, when the caller holds it already (the CLI takes it first thing).
+
+    Returns
+    -------
+    EmbedReport
+        What was embedded, skipped and refused, with ``summary()`` and ``as_dict()``.
+    """
     if lock is not None:
         return _embed_locked(config, backbone, command, lock)
     # The lock first: a second run into the same cache is refused at once, before it spends
