@@ -95,7 +95,7 @@ def test_a_query_through_from_array_is_exact(pair):
     assert found.ids[0].tolist() == order
     # a range under a filter: every allowed row in range, and only those
     bound = float(np.sort(score)[::-1][30] if cosine else np.sort(score)[30])
-    width = memory._searcher.rows.columns["width"]
+    width = memory._searcher.filter_columns()["width"]
     found = memory.search(Query((Example.of_vector(q),), k=None, threshold=bound, where="width > 150"))
     inside = (score >= bound) if cosine else (score <= bound)
     assert sorted(found.ids[0].tolist()) == np.flatnonzero(inside & (width > 150)).tolist()
