@@ -202,8 +202,8 @@ def test_index_build_and_open_give_the_hits_of_embedder_search(tmp_path, capsys)
     assert found.ids[0].tolist() == [h["id"] for h in cli] and 0 not in found.ids[0] and 7 not in found.ids[0]
     ranged = opened.search(Query(positives=(Example.of_id(2),), k=None, threshold=-1.0, where="label == 'a'"))
     assert sorted(ranged.ids[0].tolist()) == [i for i, p in enumerate(opened.paths) if p.startswith("a/")]
-    with pytest.raises(ConfigError, match="from_array takes vectors"):
-        embedder.Index.from_array(X).search(asked)
+    memory = embedder.Index.from_array(X, paths=opened.paths)  # in memory, through the same `answer`
+    assert memory.search(asked).ids.tolist() == found.ids.tolist() and memory.search(asked).paths == found.paths
 
 
 def test_the_public_names_import_lazily_from_a_fresh_interpreter():

@@ -1,10 +1,11 @@
 """`embedder.Index`: a similarity index from an array, from a cache, or opened from its folder.
 
-One class over two searchers with the same public methods (`search(vectors, k, where)`,
-`row_vectors(ids)`, `dim`, `metric`, `ntotal`, `paths`): a saved index folder
-(`embedder.search.query.SearchIndex`, built by `embedder.search.build.build_index`) and
-`ArraySearcher`, an exact faiss index over an array in memory. `Index.search` takes plain arrays
-(vectors, or integer row ids) and answers with arrays (`Neighbours`), the way faiss does.
+One class over `embedder.search.query.SearchIndex`, which is either a saved index folder (built by
+`embedder.search.build.build_index`) or an exact faiss index over an array in memory
+(`SearchIndex.of_array`: the same row table and searcher interfaces, no folder). `Index.search`
+takes plain arrays (vectors, or integer row ids) and answers with arrays (`Neighbours`), the way
+faiss does, or a `Query`, answered for both kinds by `embedder.search.ask.answer` as for the CLI
+and the service.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from embedder.errors import ConfigError
 from embedder.extract.images import ImageError, ImageInput, features_of
 from embedder.search.ask import Query, answer
 from embedder.search.config import METRICS
-from embedder.search.filters import as_column, compile_mask
-from embedder.search.kinds import factory_string, load_faiss, new_index, prepare
+from embedder.search.filters import as_column
 from embedder.search.queries import query_vectors
 from embedder.search.query import Hit, SearchIndex
 
@@ -45,57 +45,6 @@ class Neighbours(NamedTuple):
     scores: np.ndarray  # float32 [n, k]: cosine similarity (metric cosine, higher is nearer), else squared L2
     ids: np.ndarray  # int64 [n, k]: row ids, i.e. rows of the array or of the cache
     paths: list[list[str | None]] | None  # the rows' paths (or the names given to from_array); None if it has none
-
-
-class ArraySearcher:
-    """Exact search over an array held in memory: a faiss flat index, filters over its columns.
-
-    The in-memory counterpart of `SearchIndex`, with the same public methods; use it through
-    `Index.from_array`.
-
-    Parameters
-    ----------
-    vectors : numpy.ndarray
-        ``[n, D]`` finite float vectors.
-    metric : {"cosine", "l2"}
-    paths : list of str or None
-        A name per row.
-    columns : dict of str to numpy.ndarray
-        Per-row columns a filter can name, besides ``id`` and ``path``.
-    """
-
-    def __init__(self, vectors: np.ndarray, metric: str, paths: list[str] | None, columns: dict[str, np.ndarray]):
-        self.metric, self.dim, self.ntotal = metric, vectors.shape[1], len(vectors)
-        self.paths = paths
-        self.index = new_index(factory_string("flat"), self.dim, metric)
-        self.index.add(prepare(vectors, metric))
-        self.table = {"id": np.arange(self.ntotal, dtype=np.int64), **({"path": as_column(paths)} if paths else {}),
-                      **{name: as_column(values) for name, values in columns.items()}}
-
-    def row_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The indexed vectors of row ids (unit length under cosine); ConfigError for an id out of range."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = ids[(ids < 0) | (ids >= self.ntotal)]
-        if len(bad):
-            raise ConfigError(f"Row id {bad[0]} is not in the index (ids run from 0 to {self.ntotal - 1}).")
-        return self.index.reconstruct_batch(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
-
-    def search(self, queries: np.ndarray, k: int = 10, where: str | None = None) -> list[list[Hit]]:
-        """The k nearest rows of each query among those `where` keeps (every row when None)."""
-        faiss = load_faiss()
-        x = prepare(np.atleast_2d(queries), self.metric)
-        if where is None:
-            scores, ids = self.index.search(x, min(k, self.ntotal))
-        else:
-            allowed = compile_mask(where, self.table)
-            k = min(k, int(allowed.sum()))
-            if k == 0:
-                return [[] for _ in range(len(x))]
-            selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
-            scores, ids = self.index.search(x, k, params=faiss.SearchParameters(sel=selector))
-        return [[Hit(rank, int(i), self.paths[i] if self.paths else str(i), None, float(s))
-                 for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_s, row_i) if i >= 0), start=1)]
-                for row_s, row_i in zip(scores, ids)]
 
 
 class Index:
@@ -126,13 +75,13 @@ class Index:
     >>> scores, ids, paths = index.search(index.extract(["query.jpg"]), k=5)   # by image
     """
 
-    def __init__(self, searcher: SearchIndex | ArraySearcher):
+    def __init__(self, searcher: SearchIndex):
         """Use `from_array`, `build` or `open`."""
         self._searcher = searcher
         self.metric: str = searcher.metric
         self.dim: int = int(searcher.dim)
-        self.paths: list[str] | None = list(searcher.paths) if searcher.paths else None
-        self.meta: dict | None = searcher.meta if isinstance(searcher, SearchIndex) else None
+        self.paths: list[str] | None = list(searcher.paths) if searcher.paths and searcher.rows.named else None
+        self.meta: dict | None = None if searcher.in_memory else searcher.meta
 
     def __len__(self) -> int:
         return int(self._searcher.ntotal)
@@ -155,11 +104,13 @@ class Index:
         metric : {"cosine", "l2"}
             Cosine similarity (rows are scaled to unit length), or squared Euclidean distance.
         columns : dict of str to sequence, optional
-            Per-row metadata that a search's ``where`` filter can name, besides ``id`` and ``path``.
+            Per-row metadata that a search's ``where`` filter (or a `Query`'s) can name, besides
+            ``id`` and ``path``.
 
         Returns
         -------
         Index
+            Searched with arrays or with a `Query`, as an index folder is (`SearchIndex.of_array`).
         """
         if metric not in METRICS:
             raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
@@ -170,7 +121,8 @@ class Index:
         for name, values in {"paths": paths, **(columns or {})}.items():
             if values is not None and len(values) != len(X):
                 raise ConfigError(f"{name} has {len(values)} values for the {len(X)} rows of X.")
-        return cls(ArraySearcher(X, metric, [str(p) for p in paths] if paths is not None else None, columns or {}))
+        names = [str(p) for p in paths] if paths is not None else None
+        return cls(SearchIndex.of_array(X, metric, names, {k: as_column(v) for k, v in (columns or {}).items()}))
 
     @classmethod
     def build(cls, cache: str | os.PathLike, out: str | os.PathLike, *, kind: str = "auto", metric: str = "cosine",
@@ -230,10 +182,11 @@ class Index:
         Parameters
         ----------
         queries : Query or array-like
-            A `Query` (examples, negatives, a range, a filter, rows to exclude: answered as
-            ``embedder search`` and the service answer it; `k` and `where` are then the Query's own,
-            and an index made by `from_array` does not take one); or float vectors, ``[n, D]`` or one ``[D]``; or integer row ids (an int, a list of ints, an
-            integer array), each searched with its own indexed vector (the row itself then comes first).
+            A `Query` (examples as row ids or vectors, negatives, a range, a filter, rows to exclude:
+            answered as ``embedder search`` and the service answer it, by any index, `from_array`'s
+            too; `k` and `where` are then the Query's own); or float vectors, ``[n, D]`` or one
+            ``[D]``; or integer row ids (an int, a list of ints, an integer array), each searched with
+            its own indexed vector (the row itself then comes first).
             A row that is all NaN (an image that failed in `embedder.extract` or `extract`) gets no
             hits: its row of the answer is padding.
         k : int
@@ -290,7 +243,7 @@ class Index:
         errors : list of ImageError
             Only with ``errors="return"``.
         """
-        if not isinstance(self._searcher, SearchIndex):
+        if self._searcher.in_memory:
             raise ConfigError("An index made from an array has no model: get features with "
                               "embedder.extract(images, model=...) and the settings the array was made with.")
         if errors not in ("raise", "return"):
@@ -303,10 +256,8 @@ class Index:
         return np.asarray(self._searcher.row_vectors(np.asarray(ids, dtype=np.int64).reshape(-1)), dtype=np.float32)
 
     def _answer(self, query: Query) -> Neighbours:
-        """A Query, through the one place that answers it for the CLI and the service too."""
-        if not isinstance(self._searcher, SearchIndex):
-            raise ConfigError("A Query is answered by an index folder (Index.build or Index.open); an index made "
-                              "by from_array takes vectors or row ids: index.search(X, k, where=...).")
+        """A Query, through the one place that answers it for the CLI and the service too (an array's
+        index as a folder's)."""
         hits = answer(self._searcher, query)
         return self._neighbours(hits, max((len(h) for h in hits), default=0))
 

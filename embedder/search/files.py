@@ -2,6 +2,8 @@
 rows.h5 (the row table), and the feature cache it was built from (exact vectors for lossy kinds).
 
     IndexFiles(index_dir)       meta.json read and checked; .open() -> (RowTable, Searcher); .cache_vectors(ids)
+    ArrayParts(X, metric, ...)  the same for an array in memory (embedder.Index.from_array): an exact flat
+                                index and its row table, no folder, no cache
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import numpy as np
 from embedder.cache.reader import FeatureCache
 from embedder.errors import ConfigError
 from embedder.outputs import INDEX, expect
-from embedder.search.kinds import load_faiss, set_knob
-from embedder.search.rows import RowTable
+from embedder.search.kinds import factory_string, load_faiss, new_index, prepare, set_knob
+from embedder.search.rows import ArrayRows, RowTable
 from embedder.search.searcher import Searcher
 
 
@@ -79,3 +81,37 @@ class IndexFiles:
         with FeatureCache(path, layer=self.meta.get("layer"), live=False) as cache:  # ids are stored rows
             found = cache.features(order)
         return np.asarray(found[np.searchsorted(order, ids)], dtype=np.float32)
+
+
+class ArrayParts:
+    """The in-memory counterpart of IndexFiles: an exact (flat) index over an array's rows and their
+    row table, so that a `SearchIndex` over them answers what an index folder answers (the same
+    search, filters, range search and `embedder.search.ask.answer`).
+
+    Parameters
+    ----------
+    vectors : numpy.ndarray
+        ``[n, D]`` finite float32 vectors (`embedder.Index.from_array` checks them).
+    metric : {"cosine", "l2"}
+    names : list of str or None
+        A name per row.
+    columns : dict of str to numpy.ndarray
+        Per-row columns a filter can name (`ArrayRows`).
+    """
+
+    dir = None  # no folder
+
+    def __init__(self, vectors: np.ndarray, metric: str, names: list[str] | None, columns: dict[str, np.ndarray]):
+        n, dim = vectors.shape
+        self.meta = {"kind": "flat", "metric": metric, "dim": int(dim), "params": {}}
+        index = new_index(factory_string("flat"), dim, metric)
+        index.add(prepare(vectors, metric))
+        self._parts = ArrayRows(n, names, columns), Searcher(index, "flat", metric, n)
+
+    def open(self) -> tuple[RowTable, Searcher]:
+        """(the row table, the searcher of the flat index), as IndexFiles.open gives them."""
+        return self._parts
+
+    def cache_vectors(self, ids) -> np.ndarray:
+        """Never needed: a flat index gives its rows' vectors back exactly (`SearchIndex.row_vectors`)."""
+        raise ConfigError("An index made from an array has no cache: its vectors are the index's own.")

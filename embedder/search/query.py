@@ -2,6 +2,7 @@
 
 SearchIndex is the facade over an index folder's three parts, each in its own module:
     IndexFiles  (embedder.search.files)     meta.json, opening index.faiss and rows.h5, the cache's vectors
+                                            (ArrayParts: the same for an array in memory, `SearchIndex.of_array`)
     RowTable    (embedder.search.rows)      what each row id is: path, label, metadata; removed rows; filters
     Searcher    (embedder.search.searcher)  the faiss index: k nearest and range, under a selector
 A query of examples, range, filter and exclusions is a Query (embedder.search.ask), answered there.
@@ -17,7 +18,7 @@ import numpy as np
 
 from embedder.data.rows import row_location
 from embedder.errors import CacheMismatchError, ConfigError
-from embedder.search.files import IndexFiles
+from embedder.search.files import ArrayParts, IndexFiles
 from embedder.search.filters import Filter
 from embedder.search.kinds import prepare
 from embedder.search.rows import MASKS_KEPT, Hit, RowTable  # noqa: F401 - Hit and MASKS_KEPT: their old home
@@ -28,7 +29,8 @@ class SearchIndex:
     """A saved index, ready to answer queries by vector, by cached row id, or by image."""
 
     def __init__(self, index_dir, weights_path: str | None = None, runtime: str = "auto"):
-        self.files = IndexFiles(index_dir)
+        """An index folder, opened; or `ArrayParts` (an array's rows in memory: `of_array`)."""
+        self.files: IndexFiles | ArrayParts = index_dir if isinstance(index_dir, ArrayParts) else IndexFiles(index_dir)
         self.rows: RowTable
         self.searcher: Searcher
         self.rows, self.searcher = self.files.open()
@@ -40,6 +42,33 @@ class SearchIndex:
     @classmethod
     def open(cls, index_dir, weights_path: str | None = None, runtime: str = "auto") -> SearchIndex:
         return cls(index_dir, weights_path, runtime)
+
+    @classmethod
+    def of_array(cls, vectors: np.ndarray, metric: str, names: list[str] | None = None,
+                 columns: dict[str, np.ndarray] | None = None) -> SearchIndex:
+        """An exact index over the rows of an array, in memory, answering what a folder's index answers.
+
+        Parameters
+        ----------
+        vectors : numpy.ndarray
+            ``[n, D]`` finite float32 vectors.
+        metric : {"cosine", "l2"}
+        names : list of str, optional
+            A name per row (its ``path``).
+        columns : dict of str to numpy.ndarray, optional
+            Per-row columns a filter can name (as `embedder.search.filters.as_column` gives them).
+
+        Returns
+        -------
+        SearchIndex
+            With no folder (`dir` None) and no model: queries by image need an index folder.
+        """
+        return cls(ArrayParts(vectors, metric, names, columns or {}))
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the index is an array's, held in memory (`of_array`), rather than a folder's."""
+        return isinstance(self.files, ArrayParts)
 
     # -- what it is: the parts' attributes, under their old names ----------------------------
     dir = property(lambda self: self.files.dir)

@@ -2,6 +2,7 @@
 which rows were removed, and the masks filters give over the rows. No faiss in it.
 
     RowTable.read(path, name)    the table of an index folder's rows.h5
+    ArrayRows(n, names, columns) the table of an array's rows in memory (embedder.Index.from_array)
     Hit                          one result: a row with its score, rank and metadata
 """
 
@@ -42,6 +43,8 @@ class Hit:
 
 class RowTable:
     """Rows 0 .. n-1 of an index: paths as the cache stored them, labels, metadata columns, removed ids."""
+
+    named = True  # whether `paths` are the rows' own names (an array's unnamed rows go by their ids)
 
     def __init__(self, paths: list[str], labels: np.ndarray, classes: list[str], removed: np.ndarray,
                  columns: dict[str, np.ndarray], name: str = "INDEX_DIR"):
@@ -149,3 +152,35 @@ class RowTable:
                                 self.metadata(int(i)) if self.columns else None))
             out.append(hits)
         return out
+
+
+class ArrayRows(RowTable):
+    """The rows of an array held in memory (`embedder.Index.from_array`): no labels, none removed.
+
+    A filter names ``id``, ``path`` (when the rows were named) and the given columns, as they were
+    given: a column named like those takes their place. Hits carry no metadata: `embedder.Index`
+    turns them into arrays (`Neighbours`), which have no place for it, and a dict per hit would
+    slow every search of an index with columns (by about a fifth: 2000 queries x k=10, 20k rows, 2 columns).
+
+    Parameters
+    ----------
+    n : int
+        Rows of the array.
+    names : list of str or None
+        A name per row (its ``path``); None: rows go by their id (``"0"``, ``"1"``, ...) in hits.
+    columns : dict of str to numpy.ndarray
+        Per-row columns, each as `embedder.search.filters.as_column` gives it.
+    """
+
+    def __init__(self, n: int, names: list[str] | None, columns: dict[str, np.ndarray]):
+        super().__init__(names if names is not None else [str(i) for i in range(n)], np.full(n, -1, np.int64), [],
+                         np.zeros(0, np.int64), {}, name="the array")
+        self.named = names is not None
+        self.given = columns  # for filters only (the class's docstring)
+
+    def filter_columns(self) -> dict[str, np.ndarray]:
+        """What a filter can name: id, path (named rows only), then the given columns."""
+        if self._table is None:
+            self._table = {"id": np.arange(len(self), dtype=np.int64),
+                           **({"path": as_column(self.paths)} if self.named else {}), **self.given}
+        return self._table
