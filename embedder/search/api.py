@@ -48,7 +48,7 @@ class Neighbours(NamedTuple):
 
 
 class Index:
-    """A similarity index over feature vectors, searched with plain arrays.
+    """A similarity index over feature vectors, searched with plain arrays, row ids or a `Query`.
 
     Build one with `Index.from_array` (in memory), `Index.build` (a folder, from a feature cache,
     as ``embedder index`` builds it) or `Index.open` (a folder built before).
@@ -252,7 +252,18 @@ class Index:
         return (features, failed) if errors == "return" else features
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The indexed vectors of rows ``ids`` (unit length under cosine), float32 ``[len(ids), D]``."""
+        """The indexed vectors of some rows.
+
+        Parameters
+        ----------
+        ids : sequence of int
+            Row ids.
+
+        Returns
+        -------
+        ndarray of shape (len(ids), dim), float32
+            The rows as indexed (unit length under cosine).
+        """
         return np.asarray(self._searcher.row_vectors(np.asarray(ids, dtype=np.int64).reshape(-1)), dtype=np.float32)
 
     def _answer(self, query: Query) -> Neighbours:

@@ -51,17 +51,29 @@ class Example:
 
 @dataclass(frozen=True)
 class Query:
-    """What to search for, and how.
+    """What to search for, and how: the one value that the CLI, the service and `Index.search` answer.
 
-    positives         examples searched for: each its own query, or one combined query (`combined`)
-    negatives         examples the combined query moves away from (Rocchio); any negative combines
-    k                 neighbours per query; with a threshold, the most rows per range (None: all)
-    threshold         range search: every row with cosine >= T (metric cosine) or squared L2 <= T (l2)
-    where             a filter (parsed: SearchIndex.parse_filter; text is parsed by `answer`)
-    combine           one query from all the positives: alpha * mean(positives) - beta * mean(negatives)
-    exclude_examples  leave the examples' own indexed rows out of the hits (each query its own
-                      example's; a combined query all of them)
-    exclude           more rows left out of every query's hits
+    Parameters
+    ----------
+    positives : tuple of Example
+        The examples searched for: each its own query, or one combined query (`combined`).
+    negatives : tuple of Example
+        Examples the combined query moves away from (Rocchio); any negative combines.
+    k : int or None
+        Neighbours per query; with a threshold, the most rows per range (None: all of them).
+    threshold : float, optional
+        Range search: every row with cosine >= T (metric cosine) or squared L2 <= T (l2).
+    where : Filter or str, optional
+        A filter over the index's columns (text is parsed once, by `answer`).
+    combine : bool
+        One query from all the positives: ``alpha * mean(positives) - beta * mean(negatives)``.
+    alpha, beta : float
+        Rocchio's weights (alpha > 0, beta >= 0).
+    exclude_examples : bool
+        Leave the examples' own indexed rows out of the hits (each query its own example's; a combined
+        query all of them).
+    exclude : tuple of int
+        More rows left out of every query's hits.
     """
 
     positives: tuple[Example, ...]
