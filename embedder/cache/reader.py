@@ -64,6 +64,7 @@ from embedder.cache.schema import (  # noqa: F401 - re-exported
     SHARDS_SUFFIX,
 )
 from embedder.errors import CacheError, ConfigError, EmbedderError
+from embedder.models.outputspec import OutputSpec
 from embedder.names import ERRORS as NAME_ERRORS
 from embedder.outputs import CACHE, expect
 
@@ -87,6 +88,10 @@ class CacheSpec:
     # The fidelity card of a fast path (--precision int8, bf16, fast; embedder.extract.fidelity), JSON; "" = none.
     # Not a component: it measures the features, it does not decide them.
     fidelity: str = ""
+    # {name a person may give -> the layer it names} (FrozenBackbone.layer_names): the run's own resolution of
+    # its --layer names and the model's aliases, so a reader resolves `--layer` without the registry. Not a
+    # component either; {} (caches written before it) leaves readers on the registry (`resolve_layer`).
+    names: dict[str, str] = field(default_factory=dict)
 
     @property
     def extra_layers(self) -> dict[str, int]:
@@ -127,6 +132,29 @@ class Block:
     @property
     def stop(self) -> int:
         return self.start + len(self.features)
+
+
+def resolve_layer(name: str | None, layers: list[str], names: dict[str, str] | None, model: str) -> str | None:
+    """The stored layer (of `layers`, the first the default) that `name` asks for, else None: the one
+    resolution of a `--layer` given to read a cache or an index made from one. `names` is the map the
+    writing run recorded (`CacheSpec.names`); None, for caches written before it, is the legacy route:
+    the aliases the registry gives the cache's `model` today (none for a model this version does not know)."""
+    if name in layers:
+        return name
+    wanted = OutputSpec.parse(name)
+    if names is None:
+        names = _registry_aliases(model)
+    node = wanted.node(names, layers[0])
+    return node if node in layers else None
+
+
+def _registry_aliases(model: str) -> dict[str, str]:
+    from embedder.models.registry import get_backbone_spec
+
+    try:
+        return dict(get_backbone_spec(model).layer_aliases)
+    except EmbedderError:  # a model this version does not know: plain names only
+        return {}
 
 
 class FeatureCache:
@@ -173,7 +201,7 @@ class FeatureCache:
                 raise CacheError(f"{self.path} is incomplete and its part files are gone ({missing[0]} ...).")
         try:
             self.layer = self._resolve_layer(layer)
-        except CacheError:
+        except EmbedderError:  # not this cache's layer, or not a layer name at all
             self._f.close()
             raise
         self._ds_name = "features" if self.layer == self.primary_layer else f"layers/{self.layer}"
@@ -212,19 +240,11 @@ class FeatureCache:
         return next(iter(self.layers))
 
     def _resolve_layer(self, layer: str | None) -> str:
-        layers = self.layers
-        if layer is None or layer == "default" or layer in layers:
-            return self.primary_layer if layer in (None, "default") else layer
-        try:  # a friendly name (fc7, relu4_2, pool) of the cache's model
-            from embedder.models.registry import get_backbone_spec
-
-            node = get_backbone_spec(self.file_components["model"]).node_name(layer)
-        except EmbedderError:  # a model this version does not know: plain names only
-            node = layer
-        if node in layers:
+        node = resolve_layer(layer, list(self.layers), self.layer_names, self.file_components.get("model", ""))
+        if node is not None:
             return node
         raise CacheError(
-            f"{self.path} has no layer {layer!r}; it holds {', '.join(layers)}. Embed it with `--layer {layer}` "
+            f"{self.path} has no layer {layer!r}; it holds {', '.join(self.layers)}. Embed it with `--layer {layer}` "
             "(several --layer options store several layers in one pass)."
         )
 
@@ -283,7 +303,13 @@ class FeatureCache:
         layers = json.loads(attrs["layers"]) if "layers" in attrs else {}
         return CacheSpec(self.file_components, self.source, int(attrs["feature_dim"]), str(attrs["layout"]),
                          str(attrs["command"]), layers, self.column_kinds, self.aliases,
-                         str(attrs.get("fidelity", "")))
+                         str(attrs.get("fidelity", "")), self.layer_names or {})
+
+    @property
+    def layer_names(self) -> dict[str, str] | None:
+        """{name -> layer} the run that wrote this cache resolved (`CacheSpec.names`); None for a cache
+        written before it was recorded, which `resolve_layer` resolves through the registry instead."""
+        return json.loads(self._f.attrs["layer_names"]) if "layer_names" in self._f.attrs else None
 
     @property
     def aliases(self) -> dict[str, str]:

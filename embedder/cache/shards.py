@@ -187,6 +187,8 @@ class ShardSet:
             self.manifest["layers"] = spec.layers
         if spec.columns:
             self.manifest["columns"] = spec.columns
+        if spec.names:  # the run's {name: layer}, which the view over the shards records (CacheSpec.names)
+            self.manifest["layer_names"] = spec.names
 
     def prepare(self, overwrite: bool = False) -> None:
         """Create the folder, or check that an existing one belongs to this very plan."""
@@ -383,7 +385,7 @@ def _view_of(src) -> tuple[Path, bool]:
         raise CacheError(f"{src} is neither a feature cache nor a shards folder (no manifest.json).")
     m = json.loads(mpath.read_text())
     spec = CacheSpec(m["components"], m["source"], m["feature_dim"], m["layout"], m["command"], m.get("layers", {}),
-                     m.get("columns", {}))
+                     m.get("columns", {}), names=m.get("layer_names", {}))
     files = [src / f"shard-{k:05d}.h5" for k in range(m["shards"]) if (src / f"shard-{k:05d}.done").exists()]
     _remove_dead_views(src)
     view = src / f".view-{os.getpid()}.h5"

@@ -156,6 +156,8 @@ def write_attrs(f: h5py.File, spec: CacheSpec, rows: int, complete: bool, ignore
         f.attrs["layers"] = json.dumps(spec.layers)  # {name: width}, the primary (/features) first
     if spec.aliases:
         f.attrs["layer_aliases"] = json.dumps(spec.aliases)  # {node: alias}, for display only
+    if spec.names:
+        f.attrs["layer_names"] = json.dumps(spec.names)  # {name: layer}, what `--layer` resolves with
     f.attrs["committed_rows"] = rows
     f.attrs["complete"] = complete
     f.attrs["command"] = spec.command

@@ -378,12 +378,15 @@ def search(config: SearchConfig, args: Namespace) -> list[tuple[str | None, list
 
 
 def _check_layer(index, config) -> None:
+    from embedder.cache.reader import resolve_layer
     from embedder.errors import ConfigError
-    from embedder.models.registry import get_backbone_spec
 
-    built_on = index.meta.get("layer") or index.meta["components"]["layer"]
-    if config.layer is not None and get_backbone_spec(index.meta["components"]["model"]).node_name(
-            config.layer) != built_on:
+    # The cache's resolver, with the names the cache recorded (an index built before they were copied
+    # into meta.json: None, the registry's aliases).
+    meta = index.meta
+    built_on = meta.get("layer") or meta["components"]["layer"]
+    if config.layer is not None and resolve_layer(config.layer, [built_on], meta.get("layer_names"),
+                                                  meta["components"].get("model", "")) != built_on:
         raise ConfigError(f"{config.index} indexes the layer {built_on!r}, not {config.layer!r}. Build an index of "
                           f"that layer with `embedder index CACHE.h5 --layer {config.layer} --out DIR`.")
 

@@ -19,7 +19,7 @@ from embedder.data.sources import LAYOUTS
 from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
 from embedder.models.batchsize import batch_size_for
-from embedder.models.constants import CALIBRATION_IMAGES, DEFAULT_STYLE_DIM, FIDELITY_IMAGES, POOLINGS, RUNTIMES
+from embedder.models.constants import CALIBRATION_IMAGES, DEFAULT_STYLE_DIM, FIDELITY_IMAGES, POOLINGS, RUNTIMES, STYLE
 from embedder.models.space import FeatureSpace
 from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, positive, to_arguments
 
@@ -197,7 +197,7 @@ class EmbedConfig:
     @property
     def outputs(self) -> tuple[str | None, ...]:
         """Requested outputs, primary first: `layer`, `extra_layers`, then "style" with --style."""
-        extra = self.extra_layers + (("style",) if self.style and "style" not in (self.layer, *self.extra_layers) else ())
+        extra = self.extra_layers + ((STYLE,) if self.style and STYLE not in (self.layer, *self.extra_layers) else ())
         return (self.layer, *extra)
 
     def space(self) -> FeatureSpace:

@@ -213,6 +213,7 @@ def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, 
         columns=column_kinds(metadata),
         aliases=layer_aliases(backbone),
         fidelity=fidelity,
+        names=backbone.layer_names,
     )
 
 

@@ -25,7 +25,8 @@ from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError, did_you_mean
 from embedder.models.constants import POOLINGS, STYLE
 from embedder.models.graph import feature_extractor, graph_node_names
-from embedder.models.spec import COMBINE, BackboneSpec
+from embedder.models.outputspec import COMBINE, DEFAULT, parse_outputs
+from embedder.models.spec import BackboneSpec
 from embedder.models.style import StyleDescriptor
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights
 
@@ -120,9 +121,13 @@ class FrozenBackbone(nn.Module):
     def _name_outputs(self, model: nn.Module, output: tuple[str, int] | None) -> tuple[str, ...]:
         """Set the primary node, the outputs and the style nodes; return every graph node to extract."""
         spec, config = self.spec, self.config
+        # The one resolution of the requested names (aliases -> graph nodes); a cache records it (`layer_names`).
+        self.requested: dict[str, str] = {}
         if output is None:
-            self.node = spec.node_name(config.layer)
-            names = list(dict.fromkeys([self.node] + [spec.node_name(n) for n in config.extra_layers]))
+            wanted = parse_outputs(config.layer, config.extra_layers)
+            self.requested = {str(o): o.node(spec.layer_aliases, spec.default_layer) for o in wanted}
+            self.node = self.requested[str(wanted[0])]
+            names = list(dict.fromkeys(self.requested.values()))
         else:
             self.node = output[0]
             names = [self.node]
@@ -130,8 +135,6 @@ class FrozenBackbone(nn.Module):
         self.layers: tuple[str, ...] = tuple(n for n in names if n != STYLE_OUTPUT)  # pooled outputs
         # Each pooled output's graph nodes: itself, or the parts of `a+b` (concatenated once pooled).
         self.parts: dict[str, tuple[str, ...]] = {n: tuple(n.split(COMBINE)) for n in self.layers}
-        if any(STYLE_OUTPUT in p for p in self.parts.values() if len(p) > 1):
-            raise ConfigError("--layer style cannot be part of a combined layer (`a+b`); give it as its own --layer.")
         style = STYLE_OUTPUT in names
         style_layers = (config.style_layers or spec.style_layers) if style else ()
         self.style_nodes: tuple[str, ...] = tuple(dict.fromkeys(spec.node_name(n) for n in style_layers))
@@ -182,6 +185,18 @@ class FrozenBackbone(nn.Module):
                 self.outputs[STYLE_OUTPUT] = self.style_descriptor.dim
             self.outputs = {n: self.outputs[n] for n in self.output_names}
         self.feature_dim = self.outputs[self.node]
+
+    @property
+    def layer_names(self) -> dict[str, str]:
+        """{name -> what the graph and a cache call it}: each name this pass was asked for, and every alias
+        of the model for one of its outputs or their parts (`a+b`). What a cache records, so that a reader
+        resolves a `--layer` without the registry. `default` is left out: a cache's default is its first layer."""
+        held = set(self.outputs) | {p for n in self.layers for p in self.parts[n]}
+        names = {name: node for name, node in self.requested.items() if name != DEFAULT}
+        for alias, node in self.spec.layer_aliases.items():
+            if node in held:
+                names.setdefault(alias, node)
+        return names
 
     @classmethod
     def from_config(cls, config) -> FrozenBackbone:

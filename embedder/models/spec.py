@@ -10,9 +10,8 @@ from torch import nn
 
 from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError
+from embedder.models.outputspec import COMBINE, OutputSpec  # noqa: F401 - COMBINE re-exported
 from embedder.models.weights import WeightsSource
-
-COMBINE = "+"  # `--layer blocks.10+blocks.11`: one output, the parts pooled and concatenated
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,5 @@ class BackboneSpec:
     def node_name(self, layer: str | None) -> str:
         """Like `resolve_layer`, but any name passes through: graph nodes beyond `layer_dims` are
         checked against the traced graph by the backbone (see `embedder inspect MODEL`)."""
-        if layer is None or layer == "default":
-            return self.default_layer
         # `a+b`: the outputs of a and b concatenated (each pooled), e.g. a ViT's last blocks.
-        return "+".join(self.layer_aliases.get(part, part) for part in layer.split(COMBINE))
+        return OutputSpec.parse(layer).node(self.layer_aliases, self.default_layer)

@@ -299,6 +299,7 @@ def metadata(cache: FeatureCache, cache_path, plan: BuildPlan, index, shards: in
         "components": cache.components,
         "layer": cache.layer,
         "layer_label": cache.layer_label(),
+        "layer_names": cache.layer_names,  # {name: layer} the cache resolves --layer with (None: an older cache)
         "source": cache.source,
         "kind": plan.kind,
         "factory": plan.factory,
