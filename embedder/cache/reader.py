@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated 
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +160,21 @@ def _registry_aliases(model: str) -> dict[str, str]:
 class FeatureCache:
     """Read-only view of a cache. Nothing is loaded whole unless asked for.
 
+    Parameters
+    ----------
+    path : str or PathLike
+        The cache (``feats.h5``).
+    require_complete : bool
+        Refuse a cache whose run has not finished (False: read what is committed, through the live view).
+    layer : str, optional
+        The layer of a multi-layer cache, as the run named it (an alias, a graph node, ``A+B``, ``style``)
+        or as stored; None: the primary layer (/features).
+    live : bool
+        Hide the rows that a sync superseded or removed and number the live rows 0..n-1; False reads every
+        stored row (what the writer and an index, whose ids are stored rows, need).
+
+    Examples
+    --------
     >>> with FeatureCache("feats.h5") as cache:
     ...     for block in cache.iter_blocks(65536):
     ...         use(block.features, block.labels)
@@ -249,7 +264,19 @@ class FeatureCache:
         )
 
     def layer_rows(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Rows of any stored layer, whichever layer this view reads."""
+        """Rows of any stored layer, whichever layer this view reads.
+
+        Parameters
+        ----------
+        name : str
+            A stored layer's name (`layers`).
+        rows : slice or ndarray of int, optional
+            The rows (default: all).
+
+        Returns
+        -------
+        ndarray of shape (rows, the layer's width)
+        """
         ds = self._f["features" if name == self.primary_layer else f"layers/{name}"]
         return self._read(ds, rows)
 
@@ -317,7 +344,17 @@ class FeatureCache:
         return json.loads(self._f.attrs.get("layer_aliases", "{}"))
 
     def layer_label(self, node: str | None = None) -> str:
-        """A layer as a person names it, with the graph node beside it: `avgpool (global_pool.flatten)`."""
+        """A layer as a person names it, with the graph node beside it: `avgpool (global_pool.flatten)`.
+
+        Parameters
+        ----------
+        node : str, optional
+            A stored layer (default: the one this view reads).
+
+        Returns
+        -------
+        str
+        """
         node = node or self.layer
         alias = self.aliases.get(node)
         return f"{alias} ({node})" if alias and alias != node else node
@@ -389,9 +426,22 @@ class FeatureCache:
         """{name: kind} of the stored columns (int64, float64, bool or str)."""
         return kinds_in(self._f) or {}
 
-    def columns(self, names=None, rows: slice | np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """{name: values} of the columns `names` (default: all) at `rows` (default: all rows); str
-        columns as object arrays of str. An unknown name is a CacheError listing the columns."""
+    def columns(self, names: Sequence[str] | None = None,
+                rows: slice | np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Metadata columns.
+
+        Parameters
+        ----------
+        names : sequence of str, optional
+            The columns (default: all); an unknown name is a CacheError listing the columns.
+        rows : slice or ndarray of int, optional
+            The rows (default: all).
+
+        Returns
+        -------
+        dict of str to ndarray
+            {name: values}; str columns as object arrays of str.
+        """
         if not self.column_kinds and names is None:
             return {}
         stored = self._stored(rows)
@@ -415,11 +465,31 @@ class FeatureCache:
         return paths if self._live is None else [paths[i] for i in self._live]
 
     def path_rows(self, rows: slice) -> list[str]:
-        """The paths of a range of rows (streaming readers: `paths` reads them all)."""
+        """The paths of a range of rows (streaming readers: `paths` reads them all).
+
+        Parameters
+        ----------
+        rows : slice
+
+        Returns
+        -------
+        list of str
+            Paths relative to the cache's source (or URLs).
+        """
         view = self._f["paths"].asstr(errors=NAME_ERRORS)
         return self._checked(list(view[rows] if self._live is None else view[self._live[rows]]))
 
     def label_rows(self, rows: slice) -> np.ndarray:
+        """The labels of a range of rows (-1: none).
+
+        Parameters
+        ----------
+        rows : slice
+
+        Returns
+        -------
+        ndarray of int64
+        """
         return self._checked(self._read(self._f["labels"], rows))
 
     @property
@@ -435,10 +505,33 @@ class FeatureCache:
         return json.loads(self._f.attrs.get("ignored", "{}"))
 
     def features(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """The features of this layer.
+
+        Parameters
+        ----------
+        rows : slice or ndarray of int, optional
+            The rows (default: all of them, loaded whole: `iter_blocks` streams instead).
+
+        Returns
+        -------
+        ndarray of shape (rows, dim)
+            In the cache's stored dtype (float32 unless embedded with --dtype float16).
+        """
         return self._checked(self._read(self._f[self._ds_name], rows))
 
     def iter_blocks(self, block_rows: int = 65536) -> Iterator[Block]:
-        """Stream (features, labels) in row order, `block_rows` at a time (live rows: `start` counts those)."""
+        """Stream the features and labels in row order.
+
+        Parameters
+        ----------
+        block_rows : int
+            Rows per block.
+
+        Yields
+        ------
+        Block
+            ``start`` (counting live rows), ``features`` and ``labels``.
+        """
         ds, labels = self._f[self._ds_name], self._f["labels"]
         for start in range(0, len(self), block_rows):
             stop = min(start + block_rows, len(self))
@@ -464,6 +557,7 @@ class FeatureCache:
         return data
 
     def close(self) -> None:
+        """Close the file (a ``with`` block does it)."""
         self._f.close()
 
     def __enter__(self) -> Self:
