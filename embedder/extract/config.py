@@ -41,6 +41,10 @@ FAST = "fast"
 
 @dataclass(frozen=True)
 class EmbedConfig:
+    """`embedder embed`'s settings: `space`, a `FeatureSpace`, holds the backbone's (`--model`, `--pool`, ...),
+    the other fields say what is read and how it runs. From Python, `EmbedConfig.of(source=..., model=...,
+    out=..., pool=...)` takes the flags' names."""
+
     source: str = option(positional=True, path=True,
                          help="image folder (ImageFolder tree, train/val split tree or flat), .txt/.csv file list "
                               "(paths or http(s) URLs), .parquet/.csv table, .tar shard(s) or a pattern such as "

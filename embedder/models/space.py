@@ -115,6 +115,8 @@ class FeatureSpace:
     image_size: int | None = option(None, group=ROW_OPTIONS,
                                     help="override the weights' crop size (resize keeps its ratio)")
     device: str = option(AUTO, group=RUN_OPTIONS, help="auto, cpu or cuda[:N]")
+    # "fast" is embed's choice, resolved there before a backbone is built (EmbedConfig amends the choices);
+    # the help says it because only embed and watch show this flag.
     precision: str = option(AUTO, choices=(AUTO, *PRECISIONS), group=RUN_OPTIONS,
                             help="auto = fp32 on every CPU (exact, the same on every machine), bf16/fp16 on a GPU. "
                                  "On the CPU, int8 (ONNX Runtime, calibrated on some of SOURCE's images) and bf16 "
