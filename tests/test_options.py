@@ -46,6 +46,27 @@ def test_the_command_line_of_a_config_gives_the_config_back(config):
     assert parse(name, to_arguments(config)) == config
 
 
+# What `EmbedConfig.command_line()` recorded in caches before the backbone settings were nested (issue 27).
+RECORDED_BEFORE = ("embedder embed src --model resnet18 --out o.h5 --weights none --layer avgpool --layer layer3 "
+                   "--pool gem --style --style-layer layer1 --style-layer layer2 --batch-size 4 --workers 0 "
+                   "--precision fast --runtime torch --image-size 32 --dtype float16 --quiet")
+
+
+def test_a_recorded_command_line_still_parses_and_is_recorded_with_the_same_tokens():
+    import shlex
+
+    old = shlex.split(RECORDED_BEFORE)
+    config = parse("embed", old[2:])
+    assert config == EmbedConfig.of(source="src", model="resnet18", out="o.h5", weights="none", layer="avgpool",
+                                    extra_layers=("layer3",), style=True, style_layers=("layer1", "layer2"),
+                                    pool="gem", precision="fast", runtime="torch", batch_size=4, workers=0,
+                                    image_size=32, feature_dtype="float16", progress=False)
+    assert config.space.extra_layers == ("layer3", "style") and config.space.pool == "gem"
+    # The same tokens (the backbone's flags now come together, after SOURCE), and they give the config back.
+    new = shlex.split(config.command_line())
+    assert new[:3] == old[:3] and sorted(new) == sorted(old) and parse("embed", new[2:]) == config
+
+
 def test_left_out_flags_and_left_out_keys_get_the_same_defaults(tmp_path):
     from_cli = parse("embed", ["src", "--model", "resnet18", "--out", "o.h5"])
     from_toml = from_table(EmbedConfig, {"source": "src", "model": "resnet18", "out": "o.h5"}, None, "embed")
