@@ -161,3 +161,22 @@ def _value(config, spec):
 
 def _table(config) -> dict:
     return {s.name: _value(config, s) for s in specs(type(config)) if s.option.toml}
+
+
+def test_a_nested_config_is_taken_flat_with_the_nesting_fields_amendments():
+    from embedder.models.space import FeatureSpace
+
+    space = {s.name: s for s in specs(FeatureSpace)}
+    embed = {s.name: s for s in specs(EmbedConfig)}
+    finetune = {s.name: s for s in specs(CONFIGS["finetune"])}
+    # embed amends one choice (its own "fast"); the rest is FeatureSpace's declaration as it is.
+    assert "fast" in embed["precision"].option.choices and "fast" not in space["precision"].option.choices
+    assert embed["pool"].option == space["pool"].option and embed["pool"].owner == "space"
+    assert parse("embed", ["src", "--model", "m", "--out", "o.h5", "--precision", "fast"]).space.precision == "fast"
+    # finetune takes some of them, ungrouped, with its one --layer; the others are no flags of it.
+    assert finetune["layer"].option.group == "" and not finetune["layer"].option.repeat
+    assert "precision" not in finetune and "pool" not in finetune
+    with pytest.raises(SystemExit):
+        parse("finetune", ["src", "--model", "m", "--out", "o", "--pool", "max"])
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'pool'"):
+        CONFIGS["finetune"].of(source="src", model="m", out="o", pool="max")
