@@ -91,7 +91,7 @@ def label_mistakes(quick: bool, work: Path) -> None:
     digits = digits_sample(work, quick)
     cache = work / "digits.h5"
     t = time.perf_counter()
-    embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))
+    embed(EmbedConfig.of(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))
     embed_s = time.perf_counter() - t
     with h5py.File(cache, "r+") as f:  # flip 5% of the labels, seeded, each to another class
         labels = f["labels"][:]

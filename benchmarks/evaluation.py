@@ -42,7 +42,7 @@ def run(quick: bool = False) -> None:
         digits = digits_sample(work, quick)
         cache = work / "digits.h5"
         t = time.perf_counter()
-        embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), layer=LAYERS[0],
+        embed(EmbedConfig.of(source=str(digits), model="efficientnet_lite0", out=str(cache), layer=LAYERS[0],
                           extra_layers=LAYERS[1:], progress=False))
         print(f"# efficientnet_lite0 (shipped ImageNet weights), digits, layers {', '.join(LAYERS)}: "
               f"embedded in {time.perf_counter() - t:.1f} s; seeded 60/20/20 split")

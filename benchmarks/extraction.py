@@ -74,7 +74,7 @@ def run(quick: bool = False) -> None:
             model_s += time.perf_counter() - t0
             for workers in (0, 1):
                 out = work / f"c{r}-{workers}.h5"
-                report = embed(EmbedConfig(source=str(work / "images"), model=model, out=str(out), weights="none",
+                report = embed(EmbedConfig.of(source=str(work / "images"), model=model, out=str(out), weights="none",
                                            batch_size=batch, workers=workers, progress=False), backbone=backbone)
                 e2e[workers] = e2e.get(workers, 0.0) + report.wall_s
                 stages[workers] = report.stage_s

@@ -71,7 +71,7 @@ def photo_crops(root: Path, count: int = 192, size: int = 448) -> Path:
 
 
 def _config(source, out, model, weights, **extra) -> EmbedConfig:
-    return EmbedConfig(source=str(source), model=model, out=str(out), weights=weights, progress=False,
+    return EmbedConfig.of(source=str(source), model=model, out=str(out), weights=weights, progress=False,
                        overwrite=True, **extra)
 
 

@@ -71,7 +71,7 @@ def decode(paths: list[Path], device: str, sync) -> None:
 
 def end_to_end(folder: Path, device: str, batch: int, work: Path) -> None:
     n = sum(1 for _ in folder.rglob("*.jpg"))
-    config = EmbedConfig(str(folder), "resnet50", str(work / "e2e.h5"), weights="none", device=device,
+    config = EmbedConfig.of(source=str(folder), model="resnet50", out=str(work / "e2e.h5"), weights="none", device=device,
                          batch_size=batch, progress=False, overwrite=True, runtime="torch")
     t0 = time.perf_counter()
     embed(config)

@@ -190,7 +190,7 @@ def speeds(nets: dict, pixels: np.ndarray, batch: int, rounds: int) -> dict[str,
 def compare(model: str, weights: str, source: Path, size: int | None, batch: int, rounds: int,
             held: int, timed: bool) -> None:
     """Build every route on `source`'s calibration sample; print speed (when `timed`) and fidelity."""
-    config = EmbedConfig(source=str(source), model=model, out="unused.h5", weights=weights, image_size=size,
+    config = EmbedConfig.of(source=str(source), model=model, out="unused.h5", weights=weights, image_size=size,
                          precision="int8", fidelity_images=held, progress=False)
     listing = list_source(str(source), "auto")
     exact = load_backbone(model, weights, image_size=size, device="cpu", precision="fp32", runtime="onnxruntime")
@@ -221,13 +221,13 @@ def compare(model: str, weights: str, source: Path, size: int | None, batch: int
 def decode_share(model: str, weights: str, source: Path, size: int | None, tmp: Path, rounds: int) -> None:
     """Reading vs model per image, and whole `embed()` walls, fp32 (the default) and int8, on `source`."""
     listing = list_source(str(source), "auto")
-    config = EmbedConfig(source=str(source), model=model, out=str(tmp / "share.h5"), weights=weights,
+    config = EmbedConfig.of(source=str(source), model=model, out=str(tmp / "share.h5"), weights=weights,
                          image_size=size, progress=False, overwrite=True, fidelity_images=64)
     exact = load_backbone(model, weights, image_size=size, device="cpu", precision="fp32", runtime="onnxruntime")
     reader = BatchReader(listing.root, listing.paths, np.arange(len(listing)), config.batch_size,
                          exact.preprocessing, config.max_pixels, False, listing.members, config.fetch_settings())
     int8 = load_backbone(model, weights, image_size=size, device="cpu", precision="int8", runtime="onnxruntime")
-    sample = read_sample(replace(config, precision="int8"), listing, exact, None)
+    sample = read_sample(replace(config, space=replace(config.space, precision="int8")), listing, exact, None)
     int8.use_quantized(*quantize(int8, sample.calibration, QuantSettings(level=0)))
     read_s, model_s = [], {"fp32": [], "int8": []}
     for _ in range(rounds):

@@ -28,7 +28,7 @@ EMBED = """
 import json, resource, sys
 from embedder.extract.config import EmbedConfig
 from embedder.extract.local import embed
-embed(EmbedConfig(source=sys.argv[1], model="resnet18", weights="none", out=sys.argv[2], progress=False))
+embed(EmbedConfig.of(source=sys.argv[1], model="resnet18", weights="none", out=sys.argv[2], progress=False))
 print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """

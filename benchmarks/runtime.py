@@ -144,7 +144,7 @@ def end_to_end(model: str, n: int, work: Path, fastest: float) -> None:
     # end-to-end rate cannot stay near the model-only one where this share is large.
     print(f"{'runtime':<34}{'img/s':>8}{'of fastest model-only':>24}{'reading ms/img':>16}{'reading share':>15}")
     for runtime, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("auto", "auto")):
-        config = EmbedConfig(str(photos), model, str(work / f"{model}-{runtime}.h5"), weights="none",
+        config = EmbedConfig.of(source=str(photos), model=model, out=str(work / f"{model}-{runtime}.h5"), weights="none",
                              runtime=runtime, precision=precision, device="cpu", progress=False, overwrite=True)
         resolved = with_runtime(config)
         t0 = time.perf_counter()
@@ -153,7 +153,7 @@ def end_to_end(model: str, n: int, work: Path, fastest: float) -> None:
         read_ms = 1000 * (report.stage_s.get("decode", 0.0) + report.stage_s.get("resize", 0.0)) / n
         share = read_ms / (read_ms + 1000 * cores / fastest)
         chosen = resolve_runtime("cpu", precision, "auto", get_backbone_spec(model).family).precision
-        label = f"{runtime} {precision}" + (f" (= {resolved.runtime} {chosen})" if runtime == "auto" else "")
+        label = f"{runtime} {precision}" + (f" (= {resolved.space.runtime} {chosen})" if runtime == "auto" else "")
         print(f"{label:<34}{rate:>8.1f}{rate / fastest:>23.0%}{read_ms:>16.2f}{share:>15.0%}")
 
 

@@ -123,7 +123,7 @@ def digit_features(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray
 
     digits = make_samples(work, only=["digits"])["digits"]
     cache = work / "digits.h5"
-    embed(EmbedConfig(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))
+    embed(EmbedConfig.of(source=str(digits), model="efficientnet_lite0", out=str(cache), progress=False))
     with FeatureCache(cache) as c:
         X = c.features()
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)

@@ -333,7 +333,7 @@ def build(work: Path, quick: bool) -> tuple[Path, list, list]:
 
     n, size = (24, 64) if quick else (96, None)
     make_jpegs(work / "images" / "photos", n, scale=1.0)
-    embed(EmbedConfig(source=str(work / "images"), model="resnet18", weights="none", out=str(work / "c.h5"),
+    embed(EmbedConfig.of(source=str(work / "images"), model="resnet18", weights="none", out=str(work / "c.h5"),
                       image_size=size, progress=False))
     build_index(work / "c.h5", work / "index", kind="flat", progress=False)
     with FeatureCache(work / "c.h5") as cache:

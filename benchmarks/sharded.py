@@ -52,11 +52,11 @@ def run(quick: bool = False) -> None:
         local_rates, ray_rates, prep_rates = [], [], []
         try:
             for r in range(rounds):  # alternate, so drifting load on a shared machine hits both sides
-                local = embed(EmbedConfig(out=str(work / f"local{r}.h5"), **common))
+                local = embed(EmbedConfig.of(out=str(work / f"local{r}.h5"), **common))
                 local_rates.append(local.embedded / local.wall_s)
                 prep_rates.append(n / (local.stage_s["decode"] + local.stage_s["resize"]))
                 t0 = time.perf_counter()
-                report = embed_ray(EmbedConfig(out=str(work / f"ray{r}.h5"), **common),
+                report = embed_ray(EmbedConfig.of(out=str(work / f"ray{r}.h5"), **common),
                                    RayOptions(shard_size=shard, actors=1, cpus_per_actor=2.0))
                 wall = time.perf_counter() - t0
                 assert report.total_rows == n

@@ -44,9 +44,9 @@ from embedder.extract.local import embed
 
 def _config(src: Path, out: Path, quick: bool) -> EmbedConfig:
     if quick:
-        return EmbedConfig(source=str(src), model="resnet18", weights="none", image_size=64, out=str(out),
+        return EmbedConfig.of(source=str(src), model="resnet18", weights="none", image_size=64, out=str(out),
                            progress=False)
-    return EmbedConfig(source=str(src), model="efficientnet_lite0", out=str(out), progress=False)
+    return EmbedConfig.of(source=str(src), model="efficientnet_lite0", out=str(out), progress=False)
 
 
 def part1(work: Path, n: int, quick: bool) -> None:
@@ -65,7 +65,7 @@ def part1(work: Path, n: int, quick: bool) -> None:
     t0 = time.perf_counter()
     again = embed(config, backbone=backbone)
     sync_s = time.perf_counter() - t0
-    print(f"# part 1: {n} JPEGs, {config.model}, {full.embedded} embedded in {full_s:.1f} s (full run)")
+    print(f"# part 1: {n} JPEGs, {config.space.model}, {full.embedded} embedded in {full_s:.1f} s (full run)")
     print(f"  sync of {len(changed)} changed files ({again.sync}): {sync_s:.2f} s, stages {again.stage_s}")
     print(f"  sync / full = {sync_s / full_s:.3%}  (bound: 5%)")
 
@@ -109,7 +109,7 @@ def part2(work: Path, arrivals: int, quick: bool) -> None:
     lat = np.array(latencies)
     walls = [c.wall_s for c in cycles[1:]]
     print(f"# part 2: watch + index (flat) + embedder serve, {arrivals} arrivals one at a time, settle 0.3 s, "
-          f"{config.model}")
+          f"{config.space.model}")
     print(f"  file appears -> the service returns it: median {np.median(lat):.2f} s, p95 "
           f"{np.percentile(lat, 95):.2f} s, max {lat.max():.2f} s; {len(statuses)} requests, "
           f"{sum(s != 200 for s in statuses)} not 200")

@@ -75,7 +75,7 @@ def run(quick: bool = False) -> None:
             for name in order:
                 src = sources[name]
                 out = work / f"{name.split()[0]}-{r}.h5"
-                report = embed(EmbedConfig(source=str(src), model=model, out=str(out), weights="none",
+                report = embed(EmbedConfig.of(source=str(src), model=model, out=str(out), weights="none",
                                            batch_size=32, workers=0, progress=False), backbone=backbone)
                 wall[name].append(report.wall_s)
                 decode[name].append(report.stage_s["decode"])

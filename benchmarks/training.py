@@ -29,13 +29,13 @@ def run(quick: bool = False) -> None:
     try:
         data = make_samples(work, only=["lfw_subset"])["lfw_subset"]
         t0 = time.perf_counter()
-        embed(EmbedConfig(source=str(data), model="efficientnet_lite0", out=str(work / "c.h5"), progress=False))
+        embed(EmbedConfig.of(source=str(data), model="efficientnet_lite0", out=str(work / "c.h5"), progress=False))
         extract_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         probe = run_probe(ProbeConfig(str(work / "c.h5"), out=str(work / "probe")))
         probe_s = time.perf_counter() - t1
         t2 = time.perf_counter()
-        loop = finetune(FinetuneConfig(source=str(data), model="efficientnet_lite0", out=str(work / "frozen"),
+        loop = finetune(FinetuneConfig.of(source=str(data), model="efficientnet_lite0", out=str(work / "frozen"),
                                        freeze_backbone=True, epochs=epochs, lr=0.01, progress=False))
         loop_s = time.perf_counter() - t2
         cached = extract_s + probe_s

@@ -126,7 +126,7 @@ def speed(quick: bool, work: Path) -> None:
         tutorial_features(model, root, name, batch_size=32)
         seconds["tutorial loop (batch 32, 4 workers)"] += time.perf_counter() - t
         t = time.perf_counter()
-        embed(EmbedConfig(source=str(root), model=name, weights="none", out=str(work / f"d{r}.h5"), progress=False),
+        embed(EmbedConfig.of(source=str(root), model=name, weights="none", out=str(work / f"d{r}.h5"), progress=False),
               backbone=default)
         seconds["embedder default (JPEG -> cache)"] += time.perf_counter() - t
     base = rounds * n / seconds["tutorial loop (batch 4, 4 workers)"]
@@ -134,7 +134,7 @@ def speed(quick: bool, work: Path) -> None:
     for variant, s in seconds.items():
         rate = rounds * n / s
         print(f"{variant:<40}{rate:>8.1f}{rate / base:>12.2f}x")
-    embed(EmbedConfig(source=str(root), model=name, weights="none", out=str(work / "exact.h5"), progress=False,
+    embed(EmbedConfig.of(source=str(root), model=name, weights="none", out=str(work / "exact.h5"), progress=False,
                       precision="fp32", memory_layout="contiguous"), backbone=exact)
     mine = cache_features(work / "d0.h5", tut_paths)
     fp32 = cache_features(work / "exact.h5", tut_paths)
@@ -162,7 +162,7 @@ def accuracy(quick: bool, work: Path) -> None:
     name = "efficientnet_lite0"
     digits = digits_sample(work, quick)
     t = time.perf_counter()
-    embed(EmbedConfig(source=str(digits), model=name, out=str(work / "default.h5"), progress=False))
+    embed(EmbedConfig.of(source=str(digits), model=name, out=str(work / "default.h5"), progress=False))
     emb_s = time.perf_counter() - t
     t = time.perf_counter()
     paths, feats = tutorial_features(tutorial_model(name, "DEFAULT"), digits, name)

@@ -76,7 +76,7 @@ def _embed_rounds(work: Path, model: str, names: list[str], delay: float, rounds
         for r in range(rounds):
             for name in (sources if r % 2 == 0 else list(reversed(sources))):
                 out = work / f"{name}-{delay}-{r}.h5"
-                report = embed(EmbedConfig(source=str(sources[name]), model=model, out=str(out), weights="none",
+                report = embed(EmbedConfig.of(source=str(sources[name]), model=model, out=str(out), weights="none",
                                            batch_size=32, workers=0, progress=False), backbone=backbone)
                 assert not report.errors, report.errors[:3]
                 best[name] = max(best[name], len(names) / report.wall_s)

@@ -6,7 +6,7 @@
     index = embedder.Index.from_array(X, paths=["a.jpg", "b.png"])
     scores, ids, paths = index.search(X, k=2)
 
-    embedder.embed(embedder.EmbedConfig(source="photos/", model="efficientnet_lite0", out="feats.h5"))
+    embedder.embed(embedder.EmbedConfig.of(source="photos/", model="efficientnet_lite0", out="feats.h5"))
     with embedder.FeatureCache("feats.h5") as cache:
         X, y = cache.features(), cache.labels
 

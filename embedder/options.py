@@ -8,8 +8,16 @@ its type comes from the annotation. From that one declaration:
   * `from_arguments(Config, namespace)` builds the config from parsed flags,
   * `from_table(Config, table, base_dir, what)` builds it from a pipeline TOML table (unknown
     and missing keys refused by name; path fields taken relative to the pipeline's folder),
+  * `from_keywords(Config, **values)` builds it from flat keywords (a Python caller's `Config.of(...)`),
   * `to_arguments(config)` gives back the command-line tokens (what a cache records so that
     an interrupted run can say how to resume).
+
+A field declared `option(nested=True)` holds another config dataclass (`EmbedConfig.space`, a
+`FeatureSpace`) whose options are this command's own, flat: `--pool` and the TOML key `pool` fill
+`config.space.pool`, the nested class's declaration (help, choices, default) is the one used, and
+`to_arguments` gives back the same flat tokens. The nesting field may take only some of them
+(`only`), replace their help groups (`group`; "" = none) or amend one where this command differs
+(`amend`: {field: {Option attribute: value}}, e.g. embed's extra precision "fast").
 
 Defaults live only in the dataclass: argparse leaves a setting the user did not give at None,
 and None means "not given", so the CLI, a TOML step and a Python caller who leave a setting
@@ -53,6 +61,9 @@ class Option:
     exclusive: str | None = None  # name of a mutually exclusive group (see REQUIRED_GROUPS)
     nargs: str | None = None  # a tuple flag that takes its values at once (`--only a b`), not repeated
     aliases: tuple[str, ...] = ()  # other spellings of the flag (`-k` and `--top-k` in every command)
+    nested: bool = False  # the field is a config dataclass whose options are flattened into this one's
+    only: tuple[str, ...] | None = None  # nested: the nested options this command takes (default: all)
+    amend: dict[str, dict] | None = None  # nested: {field: {Option attribute: value}} where this command differs
 
 
 def option(default: Any = dataclasses.MISSING, **kwargs) -> Any:
@@ -67,6 +78,7 @@ class _Spec:
     kind: type  # bool, int, float, str (the element type for tuples)
     many: bool  # a tuple field
     optional: bool  # None is allowed
+    owner: str | None = None  # the nesting field that holds it (`space`), None for a field of the config itself
 
     @property
     def name(self) -> str:
@@ -87,16 +99,44 @@ class _Spec:
 
 
 def specs(cls) -> list[_Spec]:
-    """The declared options of a config class, in field order."""
+    """The declared options of a config class, in field order, a nested field's options in its place."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         opt = f.metadata.get(METADATA_KEY)
         if opt is None:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with option(...)")
+        if opt.nested:
+            out += _nested_specs(f.name, hints[f.name], opt)
+            continue
         kind, many, optional = _kind(hints[f.name])
         out.append(_Spec(f, opt, kind, many, optional))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__} declares {sorted({n for n in names if names.count(n) > 1})} twice")
     return out
+
+
+def _nested_specs(owner: str, inner: type, outer: Option) -> list[_Spec]:
+    """The options of the config class `inner` as the field `owner` takes them (see `Option.nested`)."""
+    found = specs(inner)
+    unknown = (set(outer.only or ()) | set(outer.amend or {})) - {s.name for s in found}
+    if unknown:
+        raise TypeError(f"{owner}: {inner.__name__} has no option {sorted(unknown)}")
+    out = []
+    for s in found:
+        if outer.only is not None and s.name not in outer.only:
+            continue
+        changes = {"group": outer.group} if outer.group is not None else {}
+        changes.update((outer.amend or {}).get(s.name, {}))
+        out.append(dataclasses.replace(s, option=dataclasses.replace(s.option, **changes), owner=owner))
+    return out
+
+
+def _value(config, spec: _Spec):
+    """The value of a (possibly nested) option in `config`."""
+    holder = getattr(config, spec.owner) if spec.owner else config
+    return getattr(holder, spec.name)
 
 
 def _kind(hint) -> tuple[type, bool, bool]:
@@ -204,7 +244,7 @@ def from_arguments(cls, namespace: argparse.Namespace, **fixed):
 
 def to_arguments(config) -> list[str]:
     """Command-line tokens that reproduce `config` (options left at their defaults are left out)."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    values = {spec.name: _value(config, spec) for spec in specs(type(config))}
     values = config._to_cli(values) if hasattr(config, "_to_cli") else values
     positional, flags = [], []
     for spec in specs(type(config)):
@@ -288,13 +328,30 @@ def _resolved(value, path, base_dir: Path):
     return str(p if p.is_absolute() else base_dir / p)
 
 
+def from_keywords(cls, **values):
+    """A config from flat keywords, as a Python caller writes them: `model=...` fills `space.model` (a
+    config's `of`: `EmbedConfig.of(source=..., model=..., out=...)`)."""
+    return _build(cls, values, "keyword")
+
+
 def _build(cls, values: dict, what: str):
     if hasattr(cls, "_from_cli"):
         values = cls._from_cli(values)
     try:
-        return cls(**values)
+        return cls(**_nest(cls, values))
     except TypeError as exc:
         raise ConfigError(f"Bad {what} settings: {exc}") from exc
+
+
+def _nest(cls, values: dict) -> dict:
+    """Flat values (`pool`) -> the keywords of `cls` (`space=FeatureSpace(..., pool=...)`)."""
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.metadata[METADATA_KEY].nested and f.name not in values:
+            inner = {s.name: values.pop(s.name) for s in specs(cls) if s.owner == f.name and s.name in values}
+            values[f.name] = hints[f.name](**inner)
+    return values
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -338,7 +395,7 @@ def check_choices(cfg) -> None:
         choices = spec.option.choices
         if choices is None:
             continue
-        value = getattr(cfg, spec.name)
+        value = _value(cfg, spec)
         for item in value if spec.many and isinstance(value, tuple | list) else (value,):
             if item is None and spec.optional:
                 continue

@@ -64,7 +64,7 @@ def fast_config(source, out, **overrides) -> EmbedConfig:
         "progress": False,
     }
     values.update(overrides)
-    return EmbedConfig(**values)
+    return EmbedConfig.of(**values)
 
 
 def cli_args(config: EmbedConfig) -> list[str]:

@@ -275,7 +275,7 @@ def test_toml_keys_are_the_flag_names(tmp_path):
 
     c = from_table(EmbedConfig, {"source": "s", "model": "m", "out": "c.h5", "dtype": "float16",
                                  "layer": ["avgpool", "layer4"]}, None, "embed")
-    assert c.feature_dtype == "float16" and c.layer == "avgpool" and c.extra_layers == ("layer4",)
+    assert c.feature_dtype == "float16" and c.space.layer == "avgpool" and c.space.extra_layers == ("layer4",)
     legacy = from_table(EmbedConfig, {"source": "s", "model": "m", "out": "c.h5", "feature_dtype": "float16"},
                         None, "embed")
     assert legacy.feature_dtype == "float16"  # pipelines written before keep working
@@ -339,7 +339,7 @@ def test_one_spelling_of_top_k_and_one_auto_batch_size():
         for spelling in ("-k", "--top-k"):
             args = build_parser(only=command).parse_args([command, *rest, spelling, "3"])
             assert (args.k if command == "search" else args.top_k) == 3
-    assert EmbedConfig(source="s", model="m", out="c.h5", device="cpu").batch_size == batch_size_for("cpu")
+    assert EmbedConfig.of(source="s", model="m", out="c.h5", device="cpu").batch_size == batch_size_for("cpu")
     assert PredictConfig(model="m.pt", images=("a",)).batch_size is None  # auto, resolved as embed's
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import inspect
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
+import numpy as np
 import pytest
 
 from embedder.errors import ConfigError
@@ -88,26 +89,76 @@ def test_a_backbone_is_built_from_a_resolved_space_only():
 def test_the_settings_are_declared_once():
     import embedder
     from embedder.extract.api import MODEL_SETTINGS, extract
-    from embedder.extract.config import BACKBONE_FIELDS, EmbedConfig
     from embedder.extract.core import load_backbone
 
     names, defaults = FeatureSpace.field_names(), FeatureSpace.defaults()
     assert embedder.BackboneConfig is BackboneConfig is FeatureSpace
-    assert BACKBONE_FIELDS == names
     # load_backbone's keywords are FeatureSpace's fields, with its defaults, in its order.
     params = inspect.signature(load_backbone).parameters
     assert tuple(params) == names
     assert {n: p.default for n, p in params.items() if n != "model"} == defaults
     with pytest.raises(ConfigError, match="Unknown backbone setting 'pooling'"):
         load_backbone("resnet18", pooling="avg")
-    # extract() spells out the settings it takes: each is a field, with the field's default.
+    # extract() takes every setting but extra_layers (one array: one output), with FeatureSpace's defaults and
+    # types, and refuses other keywords before it builds anything.
     given = inspect.signature(extract).parameters
-    assert MODEL_SETTINGS and set(MODEL_SETTINGS) <= set(names)
-    assert {n: given[n].default for n in MODEL_SETTINGS} == {n: defaults[n] for n in MODEL_SETTINGS}
-    # The embed options of the same names default alike (--layer's list is split into layer + extra_layers).
-    embed_defaults = {f.name: f.default for f in fields(EmbedConfig) if f.name in names and f.default is not MISSING}
-    assert set(embed_defaults) == set(names) - {"model"}
-    assert embed_defaults == {n: defaults[n] for n in embed_defaults}
+    assert MODEL_SETTINGS == tuple(n for n in names if n not in ("model", "extra_layers"))
+    assert {n: (given[n].default, given[n].annotation) for n in MODEL_SETTINGS} == {
+        f.name: (f.default, f.type) for f in fields(FeatureSpace) if f.name in MODEL_SETTINGS}
+    assert all(given[n].kind is inspect.Parameter.KEYWORD_ONLY for n in MODEL_SETTINGS)
+    assert f"    {', '.join(MODEL_SETTINGS)} :" in extract.__doc__
+    for bad in ("pooling", "extra_layers"):
+        with pytest.raises(ConfigError, match=f"Unknown backbone setting '{bad}'"):
+            extract([np.zeros((8, 8, 3), np.uint8)], "resnet18", **{bad: "avg"})
+
+
+# Options named as a FeatureSpace setting that are a setting of something else: a cache's or an index's
+# layer, the query backbone of search/serve (declared once as search.config.query_*_option), the probe's
+# device, predict's MODEL.pt and its network's runtime, and the model commands (models --card, inspect,
+# stylize) whose model is built for another purpose, with other defaults.
+OTHER_MEANINGS = {
+    "ProbeConfig": {"device", "layer"}, "CurateConfig": {"device", "layer"}, "ExportVectorsConfig": {"layer"},
+    "IndexConfig": {"layer"}, "SearchConfig": {"layer", "weights", "runtime"}, "DedupConfig": {"layer"},
+    "PlotConfig": {"layer"}, "ServeConfig": {"weights", "runtime"}, "ExportConfig": {"weights"},
+    "PredictConfig": {"model", "device", "runtime"}, "ModelsConfig": {"weights", "image_size"},
+    "InspectConfig": {"model", "image_size", "weights"},
+    "StylizeConfig": {"model", "weights", "style_layers", "image_size", "device"},
+}
+
+
+def test_the_backbone_options_are_declared_only_on_feature_space():
+    # embed, watch and finetune take the backbone settings by nesting a FeatureSpace: their options are its
+    # fields (the same declaration); no command declares one of them again.
+    from embedder.cli.main import COMMANDS
+    from embedder.options import specs
+
+    own = {f.name: f for f in fields(FeatureSpace)}
+    again, nested = [], {}
+    for name, command in COMMANDS.items():
+        cls = command.config() if command.config else None
+        for spec in specs(cls) if cls else ():
+            if spec.owner is not None:
+                assert spec.field is own[spec.name], (name, spec.name)
+                nested.setdefault(name, set()).add(spec.name)
+            elif spec.name in own and spec.name not in OTHER_MEANINGS.get(cls.__name__, ()):
+                again.append(f"{cls.__name__}.{spec.name}")
+    assert not again, f"declared again (nest a FeatureSpace instead): {again}"
+    assert nested["embed"] == nested["watch"] == set(own)
+    assert nested["finetune"] == {"model", "weights", "layer", "image_size", "device"}
+
+
+def test_a_config_cannot_declare_a_nested_option_twice():
+    from dataclasses import dataclass
+
+    from embedder.options import option, specs
+
+    @dataclass(frozen=True)
+    class Twice:
+        space: FeatureSpace = option(nested=True)  # noqa: RUF009
+        pool: str = option("avg")
+
+    with pytest.raises(TypeError, match=r"Twice declares \['pool'\] twice"):
+        specs(Twice)
 
 
 def test_only_models_builds_a_backbone():

@@ -57,7 +57,7 @@ def ft_config(source, out, **overrides) -> FinetuneConfig:
         "progress": False,
     }
     values.update(overrides)
-    return FinetuneConfig(**values)
+    return FinetuneConfig.of(**values)
 
 
 def saved_state(out) -> dict[str, torch.Tensor]:
@@ -334,7 +334,7 @@ def test_from_mapping_resolves_paths_and_rejects_unknown_keys(tmp_path):
         base_dir=tmp_path,
     )
     assert config.source == str(tmp_path / "data/images") and config.out == str(tmp_path / "runs/ft")
-    assert config.init_head == str(tmp_path / "runs/probe") and config.epochs == 3 and config.weights == "DEFAULT"
+    assert config.init_head == str(tmp_path / "runs/probe") and config.epochs == 3 and config.space.weights == "DEFAULT"
     with pytest.raises(ConfigError, match=r"Unknown finetune setting 'epoch'\. Did you mean 'epochs'\?"):
         FinetuneConfig.from_mapping({"source": "x", "model": "resnet18", "out": "o", "epoch": 3})
     with pytest.raises(ConfigError, match="needs out"):

@@ -33,7 +33,7 @@ def test_every_field_is_declared_and_becomes_a_flag(name):
 
 
 @pytest.mark.parametrize("config", [
-    EmbedConfig("src", "resnet18", "o.h5", weights="none", layer="avgpool", extra_layers=("layer3", "style"),
+    EmbedConfig.of(source="src", model="resnet18", out="o.h5", weights="none", layer="avgpool", extra_layers=("layer3", "style"),
                 style_layers=("layer1", "layer2"), batch_size=4, workers=0, image_size=32, feature_dtype="float16",
                 progress=False),
     ProbeConfig("c.h5", out="p", classifier="knn", memory_budget=3 << 20, seed=2),
@@ -46,10 +46,31 @@ def test_the_command_line_of_a_config_gives_the_config_back(config):
     assert parse(name, to_arguments(config)) == config
 
 
+# What `EmbedConfig.command_line()` recorded in caches before the backbone settings were nested (issue 27).
+RECORDED_BEFORE = ("embedder embed src --model resnet18 --out o.h5 --weights none --layer avgpool --layer layer3 "
+                   "--pool gem --style --style-layer layer1 --style-layer layer2 --batch-size 4 --workers 0 "
+                   "--precision fast --runtime torch --image-size 32 --dtype float16 --quiet")
+
+
+def test_a_recorded_command_line_still_parses_and_is_recorded_with_the_same_tokens():
+    import shlex
+
+    old = shlex.split(RECORDED_BEFORE)
+    config = parse("embed", old[2:])
+    assert config == EmbedConfig.of(source="src", model="resnet18", out="o.h5", weights="none", layer="avgpool",
+                                    extra_layers=("layer3",), style=True, style_layers=("layer1", "layer2"),
+                                    pool="gem", precision="fast", runtime="torch", batch_size=4, workers=0,
+                                    image_size=32, feature_dtype="float16", progress=False)
+    assert config.space.extra_layers == ("layer3", "style") and config.space.pool == "gem"
+    # The same tokens (the backbone's flags now come together, after SOURCE), and they give the config back.
+    new = shlex.split(config.command_line())
+    assert new[:3] == old[:3] and sorted(new) == sorted(old) and parse("embed", new[2:]) == config
+
+
 def test_left_out_flags_and_left_out_keys_get_the_same_defaults(tmp_path):
     from_cli = parse("embed", ["src", "--model", "resnet18", "--out", "o.h5"])
     from_toml = from_table(EmbedConfig, {"source": "src", "model": "resnet18", "out": "o.h5"}, None, "embed")
-    assert from_cli == from_toml == EmbedConfig("src", "resnet18", "o.h5")
+    assert from_cli == from_toml == EmbedConfig.of(source="src", model="resnet18", out="o.h5")
     index_cli = parse("index", ["c.h5", "--out", "i"])
     assert index_cli == from_table(IndexConfig, {"cache": "c.h5", "out": "i"}, None, "index")
 
@@ -62,7 +83,7 @@ def test_pipeline_tables_parse_like_flags_and_resolve_paths(tmp_path):
     search = from_table(SearchConfig, {"index": "idx", "image": "q.jpg", "k": 5}, tmp_path, "search")
     assert search.image == (str(tmp_path / "q.jpg"),) and Path(search.index).is_absolute()
     weights = from_table(EmbedConfig, {"source": "s", "model": "m", "out": "o.h5", "weights": "none"}, tmp_path, "e")
-    assert weights.weights == "none"  # a keyword, not a path
+    assert weights.space.weights == "none"  # a keyword, not a path
 
 
 def test_unknown_and_missing_keys_are_refused_by_name():
@@ -96,9 +117,9 @@ def test_pipeline_search_step_keeps_its_own_default_k(tmp_path):
 
 
 VALID = {  # one valid config per command whose settings have choices; each choice is then broken
-    "embed": lambda: EmbedConfig("src", "resnet18", "o.h5", batch_size=4),
+    "embed": lambda: EmbedConfig.of(source="src", model="resnet18", out="o.h5", batch_size=4),
     "probe": lambda: ProbeConfig("c.h5"),
-    "finetune": lambda: CONFIGS["finetune"]("src", "resnet18", "out"),
+    "finetune": lambda: CONFIGS["finetune"].of(source="src", model="resnet18", out="out"),
     "stylize": lambda: CONFIGS["stylize"](content="c.jpg", style="s.jpg", out="o.png"),
     "index": lambda: IndexConfig("c.h5", out="i"),
     "dedup": lambda: CONFIGS["dedup"]("c.h5"),
@@ -109,7 +130,7 @@ VALID = {  # one valid config per command whose settings have choices; each choi
     "serve": lambda: CONFIGS["serve"]("idx"),
     "predict": lambda: CONFIGS["predict"]("m.pt", ("a.jpg",)),
     "export-vectors": lambda: CONFIGS["export-vectors"]("c.h5", out="d"),
-    "watch": lambda: CONFIGS["watch"]("src", "resnet18", "o.h5", batch_size=4),
+    "watch": lambda: CONFIGS["watch"].of(source="src", model="resnet18", out="o.h5", batch_size=4),
 }
 
 
@@ -121,10 +142,41 @@ def test_a_value_outside_the_declared_choices_is_refused_naming_the_flag(name):
     for spec in chosen:
         bad = ("bogus",) if spec.many else "bogus"
         with pytest.raises(ConfigError, match=rf"{spec.flag} must be one of .*got 'bogus'"):
-            dataclasses.replace(VALID[name](), **{spec.name: bad})
+            _replaced(VALID[name](), spec, bad)
         with pytest.raises(ConfigError, match=rf"{spec.flag} must be one of"):
             from_table(CONFIGS[name], {**_table(VALID[name]()), spec.name: bad}, None, name)
 
 
+def _replaced(config, spec, value):
+    """`config` with the option `spec` (a nested one too: `space.pool`) set to `value`."""
+    if spec.owner is None:
+        return dataclasses.replace(config, **{spec.name: value})
+    inner = dataclasses.replace(getattr(config, spec.owner), **{spec.name: value})
+    return dataclasses.replace(config, **{spec.owner: inner})
+
+
+def _value(config, spec):
+    return getattr(getattr(config, spec.owner) if spec.owner else config, spec.name)
+
+
 def _table(config) -> dict:
-    return {s.name: getattr(config, s.name) for s in specs(type(config)) if s.option.toml}
+    return {s.name: _value(config, s) for s in specs(type(config)) if s.option.toml}
+
+
+def test_a_nested_config_is_taken_flat_with_the_nesting_fields_amendments():
+    from embedder.models.space import FeatureSpace
+
+    space = {s.name: s for s in specs(FeatureSpace)}
+    embed = {s.name: s for s in specs(EmbedConfig)}
+    finetune = {s.name: s for s in specs(CONFIGS["finetune"])}
+    # embed amends one choice (its own "fast"); the rest is FeatureSpace's declaration as it is.
+    assert "fast" in embed["precision"].option.choices and "fast" not in space["precision"].option.choices
+    assert embed["pool"].option == space["pool"].option and embed["pool"].owner == "space"
+    assert parse("embed", ["src", "--model", "m", "--out", "o.h5", "--precision", "fast"]).space.precision == "fast"
+    # finetune takes some of them, ungrouped, with its one --layer; the others are no flags of it.
+    assert finetune["layer"].option.group == "" and not finetune["layer"].option.repeat
+    assert "precision" not in finetune and "pool" not in finetune
+    with pytest.raises(SystemExit):
+        parse("finetune", ["src", "--model", "m", "--out", "o", "--pool", "max"])
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'pool'"):
+        CONFIGS["finetune"].of(source="src", model="m", out="o", pool="max")

@@ -84,7 +84,7 @@ def test_url_rows_thumbnails_are_fetched_and_prune_missing_leaves_them(tmp_path,
 
 def test_finetune_refuses_url_rows_and_says_how_to_download_them(tmp_path):
     (tmp_path / "urls.csv").write_text("url,label\nhttp://127.0.0.1:9/a.jpg,a\nhttp://127.0.0.1:9/b.jpg,b\n")
-    config = FinetuneConfig(source=str(tmp_path / "urls.csv"), model="resnet18", out=str(tmp_path / "ft"),
+    config = FinetuneConfig.of(source=str(tmp_path / "urls.csv"), model="resnet18", out=str(tmp_path / "ft"),
                             weights="none")
     with pytest.raises(ConfigError, match="2 http\\(s\\) URL rows.*--keep-downloads"):
         finetune(config)

@@ -396,7 +396,7 @@ def make_sharded(root: Path, src: str, out: str, image_size: int, shard_size: in
     from embedder.extract.core import backbone_for, cache_spec
     from embedder.extract.ray import embed_shard
 
-    config = EmbedConfig(source=str(root / src), model="resnet18", out=str(root / out), weights="none",
+    config = EmbedConfig.of(source=str(root / src), model="resnet18", out=str(root / out), weights="none",
                          image_size=image_size, batch_size=4, workers=0, device="cpu", precision="fp32",
                          memory_layout="contiguous", progress=False, commit_every=8)
     listing = list_source(config.source)

@@ -104,7 +104,7 @@ COMMANDS: dict[str, Command] = _rows(
             H + "inspect", "embedder.models.config:InspectConfig", json="print as JSON"),
     Command("embed", "extract features of an image folder into an HDF5 cache (resumable)", H + "embed",
             "embedder.extract.config:EmbedConfig", json="print the run report as JSON", extra=_embed_extra,
-            step=PipelineStep(lambda c: f"embed {c.source} with {c.model} -> {c.out}", label=lambda c: "")),
+            step=PipelineStep(lambda c: f"embed {c.source} with {c.space.model} -> {c.out}", label=lambda c: "")),
     Command("merge", "consolidate a sharded cache (from --backend ray) into one self-contained file", H + "merge",
             "embedder.cache.config:MergeConfig"),
     Command("compact", "rewrite a synced cache without its superseded and removed rows (atomic)", H + "compact",
@@ -120,8 +120,8 @@ COMMANDS: dict[str, Command] = _rows(
             "embedder.learn.config:PredictConfig", json="print the labels as JSON"),
     Command("finetune", "train the whole network (or a head on a frozen backbone) on images", H + "finetune",
             "embedder.learn.config:FinetuneConfig", json="print the report as JSON",
-            step=PipelineStep(lambda c: f"{'fixed feature extractor' if c.freeze_backbone else 'fine-tune'} {c.model} on "
-                                f"{c.source} -> {c.out}",
+            step=PipelineStep(lambda c: f"{'fixed feature extractor' if c.freeze_backbone else 'fine-tune'} "
+                                f"{c.space.model} on {c.source} -> {c.out}",
                       label=lambda c: "fixed feature extractor" if c.freeze_backbone else "fine-tune")),
     Command("stylize", "neural style transfer: repaint --content with the texture of --style (L-BFGS)",
             H + "stylize", "embedder.models.config:StylizeConfig", json="print the report as JSON"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Literal, overload
 
 import numpy as np
@@ -17,12 +18,12 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.errors import ConfigError
 from embedder.extract.images import ImageError, ImageInput, as_image_list, features_of
 from embedder.models.backbone import FrozenBackbone
-from embedder.models.space import FeatureSpace
+from embedder.models.space import FeatureSpace, check_settings
 
 ERRORS = ("raise", "return")
-# The defaults of the settings that build the model: FeatureSpace's. extract's signature spells its
-# keywords out for help() and type checkers; MODEL_SETTINGS (below) are those that are FeatureSpace
-# fields, and tests/test_feature_space.py holds each default to FeatureSpace's.
+# The settings extract takes: FeatureSpace's, with its defaults (its signature, below, is generated from the
+# fields), less `extra_layers`: extract returns one array, of one output.
+MODEL_SETTINGS = tuple(n for n in FeatureSpace.field_names() if n not in ("model", "extra_layers"))
 _LOAD_DEFAULTS = FeatureSpace.defaults()
 
 
@@ -40,18 +41,10 @@ def extract(
     images: Sequence[ImageInput],
     model: str | FrozenBackbone,
     *,
-    weights: str = _LOAD_DEFAULTS["weights"],
-    layer: str | None = _LOAD_DEFAULTS["layer"],
-    pool: str = _LOAD_DEFAULTS["pool"],
-    normalize: str = _LOAD_DEFAULTS["normalize"],
-    image_size: int | None = _LOAD_DEFAULTS["image_size"],
-    device: str = _LOAD_DEFAULTS["device"],
-    precision: str = _LOAD_DEFAULTS["precision"],
-    memory_layout: str = _LOAD_DEFAULTS["memory_layout"],
-    runtime: str = _LOAD_DEFAULTS["runtime"],
     batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     errors: Literal["raise", "return"] = "raise",
+    **settings: object,
 ) -> np.ndarray | tuple[np.ndarray, list[ImageError]]:
     """Features of images: a float32 array whose row i is ``images[i]``.
 
@@ -67,10 +60,10 @@ def extract(
         A model name (``embedder models`` lists them; ``torchvision:NAME`` and ``timm:NAME`` too),
         or a backbone already built by `load_backbone`, to reuse across calls (the settings below
         then belong to it and must be left at their defaults).
-    weights, layer, pool, normalize, image_size, device, precision, memory_layout, runtime : str or int
-        As the ``embedder embed`` flags of the same names, with the same defaults: pretrained
-        weights, the pooled last stage, fp32 on the CPU. ``precision`` ``int8`` and ``fast`` need
-        calibration images: use `embed`.
+    SETTINGS : str, int or bool
+        `FeatureSpace`'s settings (it documents each), as the ``embedder embed`` flags of the same
+        names, with the same defaults: pretrained weights, the pooled last stage, fp32 on the CPU.
+        ``precision`` ``int8`` and ``fast`` need calibration images: use `embed`.
     batch_size : int, optional
         Images per forward pass (default: ``--batch-size auto``'s, 4 on the CPU, 32 on a GPU). The
         same files in the same order and batch size give ``embed``'s rows bit for bit.
@@ -93,7 +86,8 @@ def extract(
     SourceError
         An image cannot be used and ``errors="raise"``.
     ConfigError
-        A setting or an input of the wrong kind (a float array, a lone image not in a list).
+        A keyword that is not a setting, a setting or an input of the wrong kind (a float array, a lone
+        image not in a list).
 
     Examples
     --------
@@ -102,9 +96,8 @@ def extract(
     """
     if errors not in ERRORS:
         raise ConfigError(f"errors must be 'raise' or 'return', got {errors!r}.")
+    check_settings(settings, MODEL_SETTINGS)
     images = as_image_list(images)  # a wrong kind of input is refused before the model is built
-    arguments = locals()
-    settings = {name: arguments[name] for name in MODEL_SETTINGS}
     if isinstance(model, FrozenBackbone):
         given = [name for name, value in settings.items() if value != _LOAD_DEFAULTS[name]]
         if given:
@@ -117,5 +110,15 @@ def extract(
     return (features, failed) if errors == "return" else features
 
 
-# extract's keywords that are FeatureSpace settings (the others say how images are read and returned).
-MODEL_SETTINGS = tuple(name for name in inspect.signature(extract).parameters if name in _LOAD_DEFAULTS)
+def _signature() -> inspect.Signature:
+    """extract's signature as help() and inspect show it: each setting a keyword with FeatureSpace's default
+    and type, so that it cannot drift from the fields."""
+    params = list(inspect.signature(extract).parameters.values())[:-1]  # less **settings
+    types = {f.name: f.type for f in fields(FeatureSpace)}
+    settings = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_LOAD_DEFAULTS[n], annotation=types[n])
+                for n in MODEL_SETTINGS]
+    return inspect.signature(extract).replace(parameters=[*params[:2], *settings, *params[2:]])
+
+
+extract.__signature__ = _signature()
+extract.__doc__ = extract.__doc__.replace("    SETTINGS :", f"    {', '.join(MODEL_SETTINGS)} :")

@@ -8,7 +8,7 @@ what lands in the cache fingerprint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from embedder.cache.schema import FEATURE_DTYPES
@@ -19,59 +19,47 @@ from embedder.data.sources import LAYOUTS
 from embedder.data.table import TableColumns
 from embedder.errors import ConfigError
 from embedder.models.batchsize import batch_size_for
-from embedder.models.constants import CALIBRATION_IMAGES, DEFAULT_STYLE_DIM, FIDELITY_IMAGES, POOLINGS, RUNTIMES, STYLE
-from embedder.models.space import FeatureSpace
-from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, positive, to_arguments
+from embedder.models.constants import CALIBRATION_IMAGES, FIDELITY_IMAGES, PRECISIONS, STYLE
+from embedder.models.space import AUTO, ROW_OPTIONS, RUN_OPTIONS, FeatureSpace
+from embedder.options import (
+    check_choices,
+    from_keywords,
+    from_table,
+    int_or_auto,
+    option,
+    overwrite_option,
+    positive,
+    to_arguments,
+)
 
-ROW_OPTIONS = "what is embedded"
-# The EmbedConfig fields that build the model: FeatureSpace's, by the same names (`extra_layers` also takes
-# --style's "style", see `outputs`).
-BACKBONE_FIELDS = FeatureSpace.field_names()
 SOURCE_OPTIONS = "table and URL sources"
 FAST_OPTIONS = "fast paths (--precision int8, bf16 or fast on the CPU)"
-RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
+# embed's own precision: the fastest fast path whose fidelity card passes (embedder.extract.fidelity), chosen
+# before the backbone is built, so a FeatureSpace never holds it.
+FAST = "fast"
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
+    """`embedder embed`'s settings: `space`, a `FeatureSpace`, holds the backbone's (`--model`, `--pool`, ...),
+    the other fields say what is read and how it runs. From Python, `EmbedConfig.of(source=..., model=...,
+    out=..., pool=...)` takes the flags' names."""
+
     source: str = option(positional=True, path=True,
                          help="image folder (ImageFolder tree, train/val split tree or flat), .txt/.csv file list "
                               "(paths or http(s) URLs), .parquet/.csv table, .tar shard(s) or a pattern such as "
                               "shards/{00000..00099}.tar")
-    model: str = option(help="backbone name (see `embedder models`)")
+    # The backbone's settings, their flags and TOML keys declared once, by FeatureSpace: --model, --pool, ...
+    space: FeatureSpace = option(  # noqa: RUF009 (a field declaration, as every option(...) here)
+        nested=True, amend={"precision": {"choices": (AUTO, *PRECISIONS, FAST)}})
     out: str = option(path=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
-    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"),
-                          help="DEFAULT (pretrained), none (random init) or PATH to a state dict")
-    # The CLI's repeated --layer fills `layer` (the first: /features) and `extra_layers` (see _from_cli).
-    layer: str | None = option(None, repeat=True, metavar="NAME", group=ROW_OPTIONS,
-                               help="output point (default: the pooled last conv stage); any name from `embedder "
-                                    "inspect MODEL`. Repeat for several layers in one pass: each is stored as its own "
-                                    "dataset, the first as /features; A+B is one output of A's and B's pooled outputs side by side "
-                                    "(a ViT's last blocks); `style` names the Gram style descriptor")
-    extra_layers: tuple[str, ...] = option((), cli=False, help="more layers of the same pass, each its own dataset")
-    pool: str = option("avg", choices=POOLINGS, group=ROW_OPTIONS,
-                       help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), "
-                            "none = flatten; a ViT block's tokens: cls, avg (of the patch tokens) or cls+avg")
     style: bool = option(False, group=ROW_OPTIONS,
                          help="also store the Gram-matrix style descriptor as the layer `style` (indexable)")
-    style_layers: tuple[str, ...] = option((), flag="--style-layer", metavar="NAME", group=ROW_OPTIONS,
-                                           help="a layer of the style descriptor; repeat (default: the model's, "
-                                                "see `embedder inspect`)")
-    style_dim: int = option(DEFAULT_STYLE_DIM, group=ROW_OPTIONS,
-                            help="length of the style descriptor (seeded count-sketch projection); 0 = full Gram "
-                                 "triangles")
-    normalize: str = option("none", choices=("none", "l2"), group=ROW_OPTIONS, help="store L2-normalised features")
     batch_size: int | None = option(None, parse=int_or_auto, group=RUN_OPTIONS,
                                     help="images per forward pass (default auto: 4 on CPU, 32 on GPU; measured, see "
                                          "docs/BENCHMARKS.md)")
     workers: int | None = option(None, parse=int_or_auto, group=RUN_OPTIONS,
                                  help="reader processes (default auto: one per spare core, at most 8)")
-    device: str = option("auto", group=RUN_OPTIONS, help="auto, cpu or cuda[:N]")
-    precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "fast"), group=RUN_OPTIONS,
-                            help="auto = fp32 on every CPU (exact, the same on every machine), bf16/fp16 on a GPU. "
-                                 "On the CPU, int8 (ONNX Runtime, calibrated on some of SOURCE's images) and bf16 "
-                                 "run with a fidelity card checked against fp32 on held-aside images; fast = the "
-                                 "fastest of them, measured here, whose card passes (README: fast paths)")
     calibration_images: int = option(CALIBRATION_IMAGES, metavar="N", group=FAST_OPTIONS,
                                      help="int8: calibrate on N images evenly spaced over SOURCE's sorted listing (a "
                                           "resumed or appended cache: the ones its card recorded)")
@@ -86,17 +74,6 @@ class EmbedConfig:
     max_accuracy_drop: float = option(0.5, metavar="POINTS", group=FAST_OPTIONS,
                                       help="gate (labelled SOURCE): refuse a fast path whose linear-probe or k-NN "
                                            "accuracy drops more")
-    memory_layout: str = option("auto", choices=("auto", "channels_last", "contiguous"), group=RUN_OPTIONS,
-                                help="tensor layout of the model's input and weights")
-    compile: bool = option(False, group=RUN_OPTIONS,
-                           help="torch.compile the backbone: 1.25-1.5x faster on CPU once compiled, 18-26 s to "
-                                "compile; worth it from about 1,300 images (docs/BENCHMARKS.md)")
-    runtime: str = option("auto", choices=RUNTIMES, group=RUN_OPTIONS,
-                          help="what runs the frozen pass. auto: ONNX Runtime on the CPU for the model families "
-                               "where it is faster (docs/BENCHMARKS.md), else torch; a cache being resumed or "
-                               "appended to keeps the runtime it was made with")
-    image_size: int | None = option(None, group=ROW_OPTIONS,
-                                    help="override the weights' crop size (resize keeps its ratio)")
     limit: int | None = option(None, group=ROW_OPTIONS, help="only the first N files of the sorted listing")
     layout: str = option("auto", choices=LAYOUTS, group=ROW_OPTIONS, help="how SOURCE is organised (default: detect)")
     feature_dtype: str = option("float32", flag="--dtype", choices=FEATURE_DTYPES, group=ROW_OPTIONS,
@@ -154,15 +131,17 @@ class EmbedConfig:
     progress: bool = option(True, inverse="--quiet", toml=False, help="no progress bar")
 
     def __post_init__(self):
-        for name in ("extra_layers", "style_layers"):  # TOML gives lists
-            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        space = self.space
+        if self.style and STYLE not in (space.layer, *space.extra_layers):  # --style: one more output
+            object.__setattr__(self, "space", replace(space, extra_layers=(*space.extra_layers, STYLE)))
         if self.batch_size is None:
-            object.__setattr__(self, "batch_size", batch_size_for(self.device))
+            object.__setattr__(self, "batch_size", batch_size_for(self.space.device))
         check_choices(self)
-        if self.style_dim < 0:
-            raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {self.style_dim}.")
+        if space.style_dim < 0:
+            raise ConfigError(f"--style-dim must be 0 (no projection) or positive, got {space.style_dim}.")
+        positive(space, "image_size", optional=True)
         positive(self, "batch_size", "commit_every", "max_pixels")
-        positive(self, "limit", "image_size", optional=True)
+        positive(self, "limit", optional=True)
         positive(self, "fetch_threads", "calibration_images", "fidelity_images")
         for name in ("fetch_timeout", "max_download_mb"):
             if not getattr(self, name) > 0:
@@ -181,6 +160,9 @@ class EmbedConfig:
         """Build from a TOML table; relative paths are taken relative to `base_dir`."""
         return from_table(cls, values, base_dir, "embed")
 
+    # EmbedConfig.of(source=..., model=..., out=..., pool=...): flat keywords, as the flags (embedder.options).
+    of = classmethod(from_keywords)
+
     @classmethod
     def _from_cli(cls, values: dict) -> dict:
         """The command line's repeated --layer: the first is `layer`, the others `extra_layers`."""
@@ -191,21 +173,12 @@ class EmbedConfig:
         return values
 
     def _to_cli(self, values: dict) -> dict:
-        layers = tuple(n or "default" for n in (self.layer, *self.extra_layers)) if self.extra_layers else self.layer
-        return {**values, "layer": layers}
-
-    @property
-    def outputs(self) -> tuple[str | None, ...]:
-        """Requested outputs, primary first: `layer`, `extra_layers`, then "style" with --style."""
-        extra = self.extra_layers + ((STYLE,) if self.style and STYLE not in (self.layer, *self.extra_layers) else ())
-        return (self.layer, *extra)
-
-    def space(self) -> FeatureSpace:
-        """The feature space this run asks for (unresolved: `auto` stays auto): the fields of the same
-        names, with --style's descriptor among the extra layers."""
-        settings = {name: getattr(self, name) for name in BACKBONE_FIELDS}
-        settings["extra_layers"] = tuple(n for n in self.outputs[1:] if n is not None)
-        return FeatureSpace(**settings)
+        """The outputs as repeated --layer, less the one --style added (__post_init__)."""
+        extra = values["extra_layers"]
+        if self.style and extra and extra[-1] == STYLE:
+            extra = extra[:-1]
+        layers = tuple(n or "default" for n in (values["layer"], *extra)) if extra else values["layer"]
+        return {**values, "layer": layers, "extra_layers": extra}
 
     def table_columns(self) -> TableColumns:
         return TableColumns(self.path_column, self.url_column, self.label_column)

@@ -174,7 +174,7 @@ load_backbone.__signature__ = inspect.Signature([
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:
-    return config.space().load()
+    return config.space.load()
 
 
 def with_runtime(config: EmbedConfig) -> EmbedConfig:
@@ -182,18 +182,23 @@ def with_runtime(config: EmbedConfig) -> EmbedConfig:
     Ray actor runs the same), by `FeatureSpace.resolve`'s precedence: what a cache being resumed or
     appended to was made with, else the fastest for the device and model family."""
     recorded = None if config.overwrite else recorded_components(config.out)
-    if config.precision == "fast" and resolve_runtime(config.device, "auto").device != "cpu":
-        config = replace(config, precision="auto")  # the fast paths are the CPU's; a GPU's default is its fast path
+    return replace(config, space=_run_space(config.space, recorded))
+
+
+def _run_space(space: FeatureSpace, recorded: dict | None) -> FeatureSpace:
+    """`with_runtime`'s space: `recorded` are the fingerprint components of the cache being continued."""
+    if space.precision == "fast" and resolve_runtime(space.device, "auto").device != "cpu":
+        space = replace(space, precision="auto")  # the fast paths are the CPU's; a GPU's default is its fast path
     if recorded is not None:
         # An existing cache keeps its precision (the old bf16 default's too; `fast` keeps what it chose) and
         # its runtime: FeatureSpace.resolve's "recorded" step, taken here so the run's config says so.
         kept = recorded_settings(recorded)
-        if config.precision == "fast" and "precision" in kept:
-            config = replace(config, precision="auto")
-        return replace(config, **{k: v for k, v in kept.items() if getattr(config, k) == "auto"})
-    if config.runtime != "auto" or config.precision == "fast":  # fast: embedder.extract.fidelity picks per path
-        return config
-    return replace(config, runtime=config.space().resolve().runtime)
+        if space.precision == "fast" and "precision" in kept:
+            space = replace(space, precision="auto")
+        return replace(space, **{k: v for k, v in kept.items() if getattr(space, k) == "auto"})
+    if space.runtime != "auto" or space.precision == "fast":  # fast: embedder.extract.fidelity picks per path
+        return space
+    return replace(space, runtime=space.resolve().runtime)
 
 
 def cache_spec(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, command: str,

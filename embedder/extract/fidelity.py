@@ -77,16 +77,16 @@ class Sample:
 
 
 def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None) -> tuple[FrozenBackbone, dict]:
-    """(backbone, card) for `config.precision` int8, bf16 or fast (resolved, measured, gated).
+    """(backbone, card) for `config.space.precision` int8, bf16 or fast (resolved, measured, gated).
     `recorded`: the card of the cache being resumed or appended to (its calibration rows are reused)."""
     started = time.perf_counter()
     gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
-    exact = _build(config, "fp32", config.runtime)
+    exact = _build(config, "fp32", config.space.runtime)
     sample = read_sample(config, listing, exact, recorded)
     exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
-    candidates = (config.precision,)
-    if config.precision == "fast":  # an explicit --runtime is kept: int8 runs on ONNX Runtime, bf16 on torch
-        candidates = tuple(p for p, no in (("int8", "torch"), ("bf16", "onnxruntime")) if config.runtime != no)
+    candidates = (config.space.precision,)
+    if config.space.precision == "fast":  # an explicit --runtime is kept: int8 runs on ONNX Runtime, bf16 on torch
+        candidates = tuple(p for p, no in (("int8", "torch"), ("bf16", "onnxruntime")) if config.space.runtime != no)
     tried: dict[str, dict] = {}
     for path in candidates:
         backbone, card = (_int8 if path == "int8" else _bf16)(config, sample, exact_out, gates, exact_speed)
@@ -94,12 +94,12 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
         if backbone is not None:
             tried[path]["backbone"] = backbone
     passing = {p: c for p, c in tried.items() if "backbone" in c and c["passes"]}
-    if config.precision != "fast":
-        card = tried[config.precision]
+    if config.space.precision != "fast":
+        card = tried[config.space.precision]
         if not card["passes"]:
-            raise ConfigError(f"--precision {config.precision} fails its fidelity card on {len(sample.held)} "
+            raise ConfigError(f"--precision {config.space.precision} fails its fidelity card on {len(sample.held)} "
                               f"held-aside images of SOURCE: {card['failure']}; or use --precision fp32.")
-        chosen, backbone = config.precision, card.pop("backbone")
+        chosen, backbone = config.space.precision, card.pop("backbone")
     else:
         chosen = max(passing, key=lambda p: passing[p]["img_per_s"], default="fp32")
         if chosen != "fp32" and passing[chosen]["img_per_s"] <= exact_speed:
@@ -107,7 +107,7 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
         backbone = tried[chosen].pop("backbone") if chosen != "fp32" else exact
     for c in tried.values():
         c.pop("backbone", None)
-    result = {"format": CARD_FORMAT, "precision": chosen, "asked": config.precision,
+    result = {"format": CARD_FORMAT, "precision": chosen, "asked": config.space.precision,
               "exact": {"precision": "fp32", "runtime": exact.config.runtime, "img_per_s": round(exact_speed, 2)},
               "held_aside_images": len(sample.held), "labelled": bool((sample.labels >= 0).any()),
               "calibration": {"images": len(sample.calibration_rows),
@@ -126,15 +126,15 @@ def model_card(model: str, source: str, *, weights: str = "DEFAULT", image_size:
     The card names the path `--precision fast` would choose here."""
     from embedder.data.sources import list_source
 
-    config = EmbedConfig(source=source, model=model, out="card.h5", weights=weights, image_size=image_size,
-                         precision="fast", calibration_images=calibration_images,
-                         fidelity_images=fidelity_images)  # `out` is never written: only the card is computed
+    config = EmbedConfig.of(source=source, out="card.h5", model=model, weights=weights, image_size=image_size,
+                            precision="fast", calibration_images=calibration_images,
+                            fidelity_images=fidelity_images)  # `out` is never written: only the card is computed
     listing = list_source(config.source, config.layout, config.limit, config.table_columns())
     return prepare(config, listing)[1]
 
 
 def _build(config: EmbedConfig, precision: str, runtime: str) -> FrozenBackbone:
-    return replace(config.space(), precision=precision, runtime=runtime).load()
+    return replace(config.space, precision=precision, runtime=runtime).load()
 
 
 def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone, recorded: dict | None) -> Sample:
@@ -148,7 +148,7 @@ def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone,
         cal_rows = spread(np.arange(n, dtype=np.int64), min(config.calibration_images, n // 2))
     rest = spread(np.setdiff1d(np.arange(n, dtype=np.int64), cal_rows), config.fidelity_images)
     if len(cal_rows) < 1 or len(rest) < K + 1:
-        raise ConfigError(f"--precision {config.precision} calibrates on some images of SOURCE and checks its "
+        raise ConfigError(f"--precision {config.space.precision} calibrates on some images of SOURCE and checks its "
                           f"fidelity on others: it needs at least {2 * (K + 1)} images, SOURCE has {n}; "
                           "use --precision fp32.")
     calibration, _ = _pixels(config, listing, cal_rows, backbone)
@@ -157,7 +157,8 @@ def read_sample(config: EmbedConfig, listing: Listing, backbone: FrozenBackbone,
     held_exact = _pixels(replace(config, jpeg_draft=False), listing, held_rows, backbone)[0] if config.jpeg_draft else held
     if len(calibration) < 1 or len(held) < K + 1:
         raise ConfigError(f"Too few of SOURCE's sample images could be read to calibrate and check "
-                          f"--precision {config.precision} ({len(calibration)} + {len(held)}); use --precision fp32.")
+                          f"--precision {config.space.precision} ({len(calibration)} + {len(held)}); "
+                          "use --precision fp32.")
     return Sample(cal_rows, calibration, held, np.asarray(listing.labels)[held_rows], held_exact)
 
 
@@ -217,7 +218,7 @@ def _bf16(config, sample, exact_out, gates, exact_speed):
     """(backbone, card) of torch bf16 autocast; under `fast`, a path slower than fp32 gets no card."""
     backbone = _build(config, "bf16", "torch")
     head = sample.held[: 2 * config.batch_size]
-    if config.precision == "fast":
+    if config.space.precision == "fast":
         _, speed = _timed_outputs(backbone, head, config.batch_size)
         if speed <= exact_speed:
             return None, {"img_per_s": round(speed, 2), "speedup": round(speed / exact_speed, 2), "passes": False,

@@ -218,11 +218,12 @@ def _embed_locked(config: EmbedConfig, backbone: FrozenBackbone | None, command:
 def _backbone_and_card(config: EmbedConfig, listing: Listing) -> tuple[FrozenBackbone, dict | None]:
     """The run's backbone; for a CPU fast path (--precision int8, bf16, fast) also its fidelity card,
     measured on SOURCE's images (the calibration rows of a cache being resumed are the recorded ones)."""
-    cpu = resolve_runtime(config.device, "fp32").device == "cpu"
-    if config.precision not in FAST_PATHS or not cpu:
+    cpu = resolve_runtime(config.space.device, "fp32").device == "cpu"
+    if config.space.precision not in FAST_PATHS or not cpu:
         return backbone_for(config), None
     recorded = None if config.overwrite else recorded_fidelity(config.out)
-    if recorded is None and config.precision == "bf16" and not config.overwrite and recorded_components(config.out):
+    if (recorded is None and config.space.precision == "bf16" and not config.overwrite
+            and recorded_components(config.out)):
         return backbone_for(config), None  # a cache of the old bf16 default (no card): resumed as it was made
     return prepare(config, listing, recorded)
 
@@ -231,10 +232,10 @@ def _notices(config: EmbedConfig, backbone: FrozenBackbone, metadata=None) -> No
     """What the user should know before a long run starts (the CLI shows each as one line)."""
     for note in metadata.notes if metadata is not None else []:
         warnings.warn(note, EmbedderNotice, stacklevel=3)
-    if config.pool == "none":
+    if config.space.pool == "none":
         mib = sum(backbone.outputs.values()) * (2 if config.feature_dtype == "float16" else 4) * 1000 / 2**20
         warnings.warn(f"--pool none stores whole maps: {dict(backbone.outputs)} values per image, "
                       f"{mib:.0f} MiB per 1000 images.", EmbedderNotice, stacklevel=3)
-    if config.compile and config.progress:
-        warnings.warn(f"--compile: the first batch compiles {config.model} (tens of seconds on a CPU).",
+    if config.space.compile and config.progress:
+        warnings.warn(f"--compile: the first batch compiles {config.space.model} (tens of seconds on a CPU).",
                       EmbedderNotice, stacklevel=3)

@@ -98,9 +98,9 @@ def embed_ray(config: EmbedConfig, options: RayOptions | None = None, command: s
 
     Several `--layer`s and `--style` work as on the local backend: every shard stores every layer.
     `lock`: the cache's write lock, when the caller holds it already (the CLI takes it first thing)."""
-    if config.precision in ("int8", "fast"):
-        raise ConfigError(f"--precision {config.precision} calibrates and checks its fidelity card in one process: "
-                          "use --backend local (or --precision fp32 on Ray).")
+    if config.space.precision in ("int8", "fast"):
+        raise ConfigError(f"--precision {config.space.precision} calibrates and checks its fidelity card in one "
+                          "process: use --backend local (or --precision fp32 on Ray).")
     if config.retry_errors:
         raise ConfigError("--retry-errors works with --backend local: a sharded cache's errors live in its "
                           "shards. Merge it (`embedder merge`) and retry into the merged cache.")
@@ -182,7 +182,7 @@ def _embed_on_ray(ray, config: EmbedConfig, options: RayOptions, listing: Listin
 def _gpus_per_actor(ray, config: EmbedConfig, options: RayOptions) -> float:
     if options.gpus_per_actor is not None:
         return options.gpus_per_actor
-    return 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if config.space.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def _plan_spec(ray, config: EmbedConfig, options: RayOptions, listing: Listing, command: str,

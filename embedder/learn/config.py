@@ -12,7 +12,17 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.data.sources import LAYOUTS
 from embedder.errors import ConfigError
 from embedder.models.constants import RUNTIMES
-from embedder.options import check_choices, from_table, int_or_auto, option, overwrite_option, parse_size, positive
+from embedder.models.space import FeatureSpace
+from embedder.options import (
+    check_choices,
+    from_keywords,
+    from_table,
+    int_or_auto,
+    option,
+    overwrite_option,
+    parse_size,
+    positive,
+)
 from embedder.outputs import CLASSIFIER, PICTURE, require_suffix
 
 CLASSIFIERS = ("logreg", "linear-svm", "ridge", "knn", "mlp")  # scikit-learn pipelines (embedder.learn.classifiers)
@@ -22,6 +32,7 @@ DEFAULT_KS = (1, 3, 5, 10, 20, 50, 100, 200)  # DINOv2's 10, 20, 100, 200 and th
 ALL_LAYERS = "all"  # --layer all: the layer sweep (embedder.learn.sweep)
 SCHEDULES = ("step", "cosine")
 HEADS = ("linear", "mlp")
+FINETUNE_SETTINGS = ("model", "weights", "layer", "image_size", "device")  # of FeatureSpace's, those finetune takes
 
 
 def _int_list(text, flag: str) -> tuple[int, ...]:
@@ -144,11 +155,13 @@ class ProbeConfig:
 class FinetuneConfig:
     source: str = option(positional=True, path=True,
                          help="ImageFolder tree, split tree (train/ val/ [test/]) or file list")
-    model: str = option(help="backbone name (see `embedder models`)")
+    # The backbone settings finetune honours, declared by FeatureSpace (--model, --weights, ...); its --layer
+    # is one layer, the head's input.
+    space: FeatureSpace = option(  # noqa: RUF009 (a field declaration, as every option(...) here)
+        nested=True, only=FINETUNE_SETTINGS, group="", amend={"layer": {
+            "repeat": False, "metavar": None, "help": "feature layer the head sits on (default: the pooled last stage)"}})
     out: str = option(path=True, help="output folder: best.pt (for `embedder predict`) and history.json")
     overwrite: bool = overwrite_option()
-    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"), help="DEFAULT, none or PATH")
-    layer: str | None = option(None, help="feature layer the head sits on (default: the pooled last stage)")
     epochs: int = option(5, help="passes over the training images")
     batch_size: int = option(32, help="images per step")
     lr: float = option(0.001, help="learning rate (SGD)")
@@ -165,9 +178,7 @@ class FinetuneConfig:
                                    help="start the head from a trained linear probe")
     head: str = option("linear", choices=HEADS, help="linear, or mlp (Linear, BatchNorm, ReLU, Linear)")
     mlp_hidden: int = option(512, help="hidden width of the mlp head")
-    image_size: int | None = option(None, help="override the weights' crop size (resize keeps its ratio)")
     workers: int | None = option(None, parse=int_or_auto, help="reader processes (default auto)")
-    device: str = option("auto", help="auto, cpu or cuda[:N]")
     seed: int = option(0, help="split, head init, shuffling and augmentation")
     val_fraction: float = option(0.2, help="share of the images for validation (without a val/ folder)")
     test_fraction: float = option(0.2, help="share of the images for testing (without a test/ folder)")
@@ -178,7 +189,8 @@ class FinetuneConfig:
 
     def __post_init__(self):
         positive(self, "epochs", "batch_size", "step_size", "mlp_hidden", "max_pixels")
-        positive(self, "limit", "image_size", optional=True)
+        positive(self, "limit", optional=True)
+        positive(self.space, "image_size", optional=True)
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ConfigError(f"--workers must be 0 or more, got {self.workers!r}.")
         check_choices(self)
@@ -215,6 +227,9 @@ class FinetuneConfig:
         from embedder.models.runtime import auto_workers
 
         return auto_workers(self.workers)
+
+    # FinetuneConfig.of(source=..., model=..., out=..., layer=...): flat keywords, as the flags.
+    of = classmethod(from_keywords)
 
 
 def _number(cfg, name: str, *, low: float, below: float | None = None, positive: bool = False) -> None:

@@ -1,8 +1,9 @@
 """`FeatureSpace`: everything besides the pixels that decides a feature's bits, as one immutable value.
 
-The one declaration of the backbone's settings. The other front doors derive from it: the keywords of
-`embedder.load_backbone` and `embedder.extract`, the `embed` options that build the model
-(`embedder.extract.config.BACKBONE_FIELDS`) and a cache's fingerprint components.
+The one declaration of the backbone's settings, their command-line flags and pipeline keys included
+(`option(...)`, embedder.options). The other front doors derive from it: the keywords of
+`embedder.load_backbone` and `embedder.extract`, the options of `embed`, `watch` and `finetune` (which
+nest a FeatureSpace: `EmbedConfig.space`) and a cache's fingerprint components.
 
 The value's life, as timm's `resolve_model_data_config` and torchvision's `WeightsEnum.verify` parse once:
 
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from embedder._version import __version__
 from embedder.errors import ConfigError, WeightsUnavailableError
-from embedder.models.constants import DEFAULT_STYLE_DIM, PRECISIONS, STYLE
+from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, PRECISIONS, RUNTIMES, STYLE
+from embedder.options import option
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 AUTO = "auto"
 # Fingerprint components that record how a cache was made rather than the backbone: not settings.
 NOT_SETTINGS = ("feature_dtype", "jpeg_draft", "quantization")
+# The help groups of the settings' options (`embed --help`).
+ROW_OPTIONS = "what is embedded"
+RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
 @dataclass(frozen=True)
@@ -85,20 +90,47 @@ class FeatureSpace:
         run by ONNX Runtime on the CPU (1.3-1.9x faster there, docs/BENCHMARKS.md), cosine >= 0.99999.
     """
 
-    model: str
-    weights: str = "DEFAULT"
-    layer: str | None = None
-    extra_layers: tuple[str, ...] = ()
-    style_layers: tuple[str, ...] = ()
-    style_dim: int = DEFAULT_STYLE_DIM
-    pool: str = "avg"
-    normalize: str = "none"
-    image_size: int | None = None
-    device: str = AUTO
-    precision: str = AUTO
-    memory_layout: str = AUTO
-    compile: bool = False
-    runtime: str = AUTO
+    # Each setting's command-line and pipeline spelling is declared here, once (embedder.options): `embed`,
+    # `watch` and `finetune` nest a FeatureSpace and take these options as their own flags and TOML keys.
+    model: str = option(help="backbone name (see `embedder models`)")
+    weights: str = option("DEFAULT", path=("DEFAULT", "none", "random"),
+                          help="DEFAULT (pretrained), none (random init) or PATH to a state dict")
+    # The CLI's repeated --layer fills `layer` (the first: /features) and `extra_layers` (EmbedConfig._from_cli).
+    layer: str | None = option(None, repeat=True, metavar="NAME", group=ROW_OPTIONS,
+                               help="output point (default: the pooled last conv stage); any name from `embedder "
+                                    "inspect MODEL`. Repeat for several layers in one pass: each is stored as its own "
+                                    "dataset, the first as /features; A+B is one output of A's and B's pooled outputs side by side "
+                                    "(a ViT's last blocks); `style` names the Gram style descriptor")
+    extra_layers: tuple[str, ...] = option((), cli=False, help="more layers of the same pass, each its own dataset")
+    style_layers: tuple[str, ...] = option((), flag="--style-layer", metavar="NAME", group=ROW_OPTIONS,
+                                           help="a layer of the style descriptor; repeat (default: the model's, "
+                                                "see `embedder inspect`)")
+    style_dim: int = option(DEFAULT_STYLE_DIM, group=ROW_OPTIONS,
+                            help="length of the style descriptor (seeded count-sketch projection); 0 = full Gram "
+                                 "triangles")
+    pool: str = option("avg", choices=POOLINGS, group=ROW_OPTIONS,
+                       help="how a [C, H, W] map becomes a vector: average, max, generalised mean (p=3), "
+                            "none = flatten; a ViT block's tokens: cls, avg (of the patch tokens) or cls+avg")
+    normalize: str = option("none", choices=("none", "l2"), group=ROW_OPTIONS, help="store L2-normalised features")
+    image_size: int | None = option(None, group=ROW_OPTIONS,
+                                    help="override the weights' crop size (resize keeps its ratio)")
+    device: str = option(AUTO, group=RUN_OPTIONS, help="auto, cpu or cuda[:N]")
+    # "fast" is embed's choice, resolved there before a backbone is built (EmbedConfig amends the choices);
+    # the help says it because only embed and watch show this flag.
+    precision: str = option(AUTO, choices=(AUTO, *PRECISIONS), group=RUN_OPTIONS,
+                            help="auto = fp32 on every CPU (exact, the same on every machine), bf16/fp16 on a GPU. "
+                                 "On the CPU, int8 (ONNX Runtime, calibrated on some of SOURCE's images) and bf16 "
+                                 "run with a fidelity card checked against fp32 on held-aside images; fast = the "
+                                 "fastest of them, measured here, whose card passes (README: fast paths)")
+    memory_layout: str = option(AUTO, choices=(AUTO, "channels_last", "contiguous"), group=RUN_OPTIONS,
+                                help="tensor layout of the model's input and weights")
+    compile: bool = option(False, group=RUN_OPTIONS,
+                           help="torch.compile the backbone: 1.25-1.5x faster on CPU once compiled, 18-26 s to "
+                                "compile; worth it from about 1,300 images (docs/BENCHMARKS.md)")
+    runtime: str = option(AUTO, choices=RUNTIMES, group=RUN_OPTIONS,
+                          help="what runs the frozen pass. auto: ONNX Runtime on the CPU for the model families "
+                               "where it is faster (docs/BENCHMARKS.md), else torch; a cache being resumed or "
+                               "appended to keeps the runtime it was made with")
 
     def __post_init__(self):
         for name in ("extra_layers", "style_layers"):  # lists from TOML or JSON
@@ -292,9 +324,11 @@ def components(backbone: FrozenBackbone, feature_dtype: str = "float32", *, jpeg
     return found
 
 
-def check_settings(settings: dict) -> None:
-    """Refuse a keyword that is not a setting, naming the settings (a typo must not be ignored)."""
-    unknown = sorted(set(settings) - set(FeatureSpace.field_names()))
+def check_settings(settings: dict, allowed: tuple[str, ...] | None = None) -> None:
+    """Refuse a keyword that is not a setting (or not one of `allowed`), naming the settings (a typo must not
+    be ignored)."""
+    allowed = FeatureSpace.field_names() if allowed is None else allowed
+    unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise ConfigError(f"Unknown backbone setting {', '.join(map(repr, unknown))}; the settings are "
-                          f"{', '.join(FeatureSpace.field_names()[1:])} (embedder.models.space.FeatureSpace).")
+                          f"{', '.join(n for n in allowed if n != 'model')} (embedder.models.space.FeatureSpace).")

@@ -2,7 +2,7 @@
 
     from embedder.learn.finetune import FinetuneConfig, finetune
 
-    report = finetune(FinetuneConfig(source="photos/", model="resnet18", out="runs/ft"))
+    report = finetune(FinetuneConfig.of(source="photos/", model="resnet18", out="runs/ft"))
 
 One module per job, in the order a run uses them:
 

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -135,11 +135,10 @@ class _Run:
 
 def _resolve(config: FinetuneConfig) -> _Run:
     # Cheap checks first: a bad model, layer, device or probe fails before any image is read.
-    spec = get_backbone_spec(config.model)
-    node = spec.resolve_layer(config.layer)
-    in_features = head_slot(spec, config.layer)[1]
-    space = FeatureSpace(config.model, config.weights, layer=node, image_size=config.image_size, device=config.device,
-                         precision="fp32", memory_layout="contiguous", runtime="torch").resolve()
+    spec = get_backbone_spec(config.space.model)
+    node = spec.resolve_layer(config.space.layer)
+    in_features = head_slot(spec, config.space.layer)[1]
+    space = replace(config.space, layer=node, precision="fp32", memory_layout="contiguous", runtime="torch").resolve()
     listing = list_source(config.source, config.layout, config.limit)
     urls = sum(map(is_url, listing.paths))
     if urls:
@@ -153,7 +152,7 @@ def _resolve(config: FinetuneConfig) -> _Run:
     )
     probe = read_init_head(config.init_head, spec, node, listing.classes, in_features) if config.init_head else None
     _, model, weights = space.network()
-    preprocessing = spec.preprocessing_for(config.image_size)
+    preprocessing = spec.preprocessing_for(config.space.image_size)
     return _Run(spec, node, space, model, listing, splits, probe, weights, preprocessing)
 
 
@@ -244,7 +243,7 @@ def _classifier_info(config: FinetuneConfig, run: _Run, best_epoch: int, best: d
         classes=list(run.listing.classes),
         head_kind=config.head,
         mlp_hidden=config.mlp_hidden,
-        image_size=config.image_size,
+        image_size=config.space.image_size,
         precision="fp32",
         memory_layout="contiguous",
         weights=run.weights.identity,
