@@ -15,8 +15,10 @@ import torch
 from embedder.cache.reader import FeatureCache
 from embedder.cli.main import main
 from embedder.errors import CacheError, ConfigError
+from embedder.extract.config import EmbedConfig
 from embedder.extract.local import embed
 from embedder.models.outputspec import OutputSpec, parse_outputs
+from embedder.models.space import FeatureSpace
 from embedder.search.build import build_index
 from tests.conftest import REPO, fast_config, make_tree
 
@@ -130,3 +132,24 @@ def test_a_bad_name_is_refused_by_the_reader_and_the_backbone(written):
 
     with pytest.raises(ConfigError, match="without spaces"):
         load_backbone("resnet18", "none", layer="layer3", extra_layers=("pool ",), device="cpu", image_size=32)
+
+
+def test_a_bad_name_is_refused_where_the_space_is_made_before_any_model(tmp_path, capsys, monkeypatch):
+    """The names are parsed once, when the FeatureSpace is made from a flag, a TOML key or a keyword: a bad
+    one is refused there, by every front door, and no model is built (the registry's builder is never called)."""
+    from embedder.models import backbone
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built for a config that names a bad layer")
+
+    monkeypatch.setattr(backbone, "build_model", no_model)
+    tree = make_tree(tmp_path / "img", classes=("a", "b"), per_class=1)
+    with pytest.raises(ConfigError, match="a layer name on each side"):
+        FeatureSpace("resnet18", layer="layer3+")
+    with pytest.raises(ConfigError, match="without spaces"):
+        EmbedConfig.of(source=str(tree), model="resnet18", out=str(tmp_path / "c.h5"), extra_layers=("pool ",))
+    code = main(["embed", str(tree), "--model", "resnet18", "--weights", "none", "--out", str(tmp_path / "c.h5"),
+                 "--layer", "layer3", "--layer", "style+pool"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "style cannot be part of a combined layer" in err[0]
+    assert not (tmp_path / "c.h5").exists()

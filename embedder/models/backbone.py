@@ -25,7 +25,7 @@ from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError, did_you_mean
 from embedder.models.constants import POOLINGS, STYLE
 from embedder.models.graph import feature_extractor, graph_node_names
-from embedder.models.outputspec import COMBINE, DEFAULT, parse_outputs
+from embedder.models.outputspec import COMBINE, DEFAULT
 from embedder.models.spec import BackboneSpec
 from embedder.models.style import StyleDescriptor
 from embedder.models.weights import RANDOM_INIT_SEED, ResolvedWeights
@@ -124,7 +124,7 @@ class FrozenBackbone(nn.Module):
         # The one resolution of the requested names (aliases -> graph nodes); a cache records it (`layer_names`).
         self.requested: dict[str, str] = {}
         if output is None:
-            wanted = parse_outputs(config.layer, config.extra_layers)
+            wanted = config.outputs  # parsed once, when the space was made
             self.requested = {str(o): o.node(spec.layer_aliases, spec.default_layer) for o in wanted}
             self.node = self.requested[str(wanted[0])]
             names = list(dict.fromkeys(self.requested.values()))

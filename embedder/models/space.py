@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from embedder._version import __version__
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, PRECISIONS, RUNTIMES, STYLE
+from embedder.models.outputspec import OutputSpec, parse_outputs
 from embedder.options import option
 
 if TYPE_CHECKING:
@@ -135,6 +136,16 @@ class FeatureSpace:
     def __post_init__(self):
         for name in ("extra_layers", "style_layers"):  # lists from TOML or JSON
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        # The layer names are parsed here, once, at the boundary (a flag, a TOML key, a keyword, a cache's
+        # components): a name outside the grammar is refused before any model is built. The strings stay
+        # the fields (what a command line, a TOML step and a fingerprint spell); `outputs` is the parse.
+        object.__setattr__(self, "_outputs", parse_outputs(self.layer, self.extra_layers))
+
+    @property
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        """The requested outputs, primary first, parsed (`embedder.models.outputspec`): `layer`, then
+        `extra_layers`. The backbone resolves them to graph nodes, once."""
+        return self._outputs
 
     @property
     def channels_last(self) -> bool:
