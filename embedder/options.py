@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -352,6 +354,49 @@ def _nest(cls, values: dict) -> dict:
             inner = {s.name: values.pop(s.name) for s in specs(cls) if s.owner == f.name and s.name in values}
             values[f.name] = hints[f.name](**inner)
     return values
+
+
+# ------------------------------------------------------------------------------ docs
+
+
+def parameters_doc(cls, names: tuple[str, ...] | None = None, *, flat: bool = True) -> str:
+    """numpydoc ``Parameters`` entries (``name : type`` then the help, indented) of `cls`'s options, from
+    their one declaration, so that a docstring cannot drift from the flags. `names`: only these; `flat`:
+    a nested config's options in its place (False: the nesting field itself, as its class)."""
+    lines = []
+    entries = [_entry(s) for s in specs(cls)] if flat else _own_entries(cls)
+    for name, kind, text in entries:
+        if names is None or name in names:
+            lines.append(f"{name} : {kind}")
+            lines += textwrap.wrap(text.rstrip(".") + ".", 100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def document(cls):
+    """Add the numpydoc Parameters section of a config class's fields to its docstring (the fields'
+    `option(help=...)` are its only text); a class decorator."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    cls.__doc__ = f"{doc}\n\nParameters\n----------\n{parameters_doc(cls, flat=False)}\n"
+    return cls
+
+
+def _own_entries(cls) -> list[tuple[str, str, str]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        opt = f.metadata[METADATA_KEY]
+        if opt.nested:
+            out.append((f.name, hints[f.name].__name__, opt.help or f"the {hints[f.name].__name__}'s settings"))
+        else:
+            out.append(_entry(_Spec(f, opt, *_kind(hints[f.name]))))
+    return out
+
+
+def _entry(spec: _Spec) -> tuple[str, str, str]:
+    kind = f"tuple of {spec.kind.__name__}" if spec.many else spec.kind.__name__
+    if spec.option.choices and not spec.many:
+        kind = "{" + ", ".join(map(repr, spec.option.choices)) + "}"
+    return spec.name, kind + (", optional" if spec.optional else ""), _help(spec) or spec.name.replace("_", " ")
 
 
 # ------------------------------------------------------------------------------ parsers

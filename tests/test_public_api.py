@@ -221,3 +221,55 @@ def test_the_public_names_import_lazily_from_a_fresh_interpreter():
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(sorted(embedder.__all__))
+
+
+# A class that users get from its constructors, not its __init__ (which takes internals).
+BUILT_BY = {"Index": ("from_array", "build", "open")}
+
+
+def _public_callables():
+    """(name, object) of every public name of `embedder.__all__` and the public methods of its classes."""
+    for name in embedder.__all__:
+        obj = embedder.extract.api.extract if name == "extract" else getattr(embedder, name)
+        if name.startswith("__") or (inspect.isclass(obj) and issubclass(obj, BaseException)):
+            continue
+        if not inspect.isclass(obj):
+            yield name, obj
+            continue
+        if name not in BUILT_BY:
+            yield name, obj
+        for member, value in vars(obj).items():
+            if not member.startswith("_") and (inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod))):
+                yield f"{name}.{member}", getattr(obj, member)
+
+
+def _doc_problems(name: str, obj) -> list[str]:
+    doc = inspect.getdoc(obj) or ""
+    params = [p for p in inspect.signature(obj).parameters.values() if p.name not in ("self", "cls")]
+    problems = [f"{name}: {p.name} has no type hint" for p in params if p.annotation is inspect.Parameter.empty]
+    if not doc:
+        problems.append(f"{name}: no docstring")
+    elif params and "Parameters\n----------" not in doc:
+        problems.append(f"{name}: no numpydoc Parameters section")
+    returns = inspect.signature(obj).return_annotation
+    # A function of no arguments says what it returns in its summary line (`list_backbones`).
+    if params and returns not in (None, "None", inspect.Signature.empty) and not inspect.isclass(obj) \
+            and not any(s in doc for s in ("Returns\n-------", "Yields\n------")):
+        problems.append(f"{name}: no numpydoc Returns section")
+    return problems
+
+
+def test_every_public_function_and_class_has_type_hints_and_numpydoc_sections():
+    seen = dict(_public_callables())
+    assert {"extract", "Index.search", "Index.from_array", "LinearProbe.fit", "EmbedConfig.of", "FeatureCache.features",
+            "load_backbone", "embed"} <= set(seen)
+    problems = [p for name, obj in seen.items() for p in _doc_problems(name, obj)]
+    assert problems == []
+    # The settings' entries come from their one declaration (FeatureSpace's options), not a second text.
+    from embedder.models.space import FeatureSpace
+    from embedder.options import specs
+
+    for spec in specs(FeatureSpace):
+        assert spec.option.help.rstrip(".")[:40] in " ".join(inspect.getdoc(FeatureSpace).split()), spec.name
+    assert "pool : {'avg'" in inspect.getdoc(embedder.extract.api.extract)
+    assert "precision : {'auto'" in inspect.getdoc(embedder.load_backbone)

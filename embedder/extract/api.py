@@ -8,8 +8,8 @@ reader (`embedder.extract.images`), so a file gives the row `embed` caches for i
 from __future__ import annotations
 
 import inspect
+import textwrap
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Literal, overload
 
 import numpy as np
@@ -18,7 +18,8 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.errors import ConfigError
 from embedder.extract.images import ImageError, ImageInput, as_image_list, features_of
 from embedder.models.backbone import FrozenBackbone
-from embedder.models.space import FeatureSpace, check_settings
+from embedder.models.space import FeatureSpace, check_settings, setting_parameters
+from embedder.options import parameters_doc
 
 ERRORS = ("raise", "return")
 # The settings extract takes: FeatureSpace's, with its defaults (its signature, below, is generated from the
@@ -59,11 +60,11 @@ def extract(
     model : str or FrozenBackbone
         A model name (``embedder models`` lists them; ``torchvision:NAME`` and ``timm:NAME`` too),
         or a backbone already built by `load_backbone`, to reuse across calls (the settings below
-        then belong to it and must be left at their defaults).
-    SETTINGS : str, int or bool
-        `FeatureSpace`'s settings (it documents each), as the ``embedder embed`` flags of the same
-        names, with the same defaults: pretrained weights, the pooled last stage, fp32 on the CPU.
-        ``precision`` ``int8`` and ``fast`` need calibration images: use `embed`.
+        then belong to it and must be left at their defaults). The settings are `FeatureSpace`'s, as
+        the ``embedder embed`` flags of the same names, with the same defaults (pretrained weights, the
+        pooled last stage, fp32 on the CPU); ``precision`` ``int8`` and ``fast`` need calibration
+        images: use `embed`.
+    SETTINGS
     batch_size : int, optional
         Images per forward pass (default: ``--batch-size auto``'s, 4 on the CPU, 32 on a GPU). The
         same files in the same order and batch size give ``embed``'s rows bit for bit.
@@ -114,11 +115,10 @@ def _signature() -> inspect.Signature:
     """extract's signature as help() and inspect show it: each setting a keyword with FeatureSpace's default
     and type, so that it cannot drift from the fields."""
     params = list(inspect.signature(extract).parameters.values())[:-1]  # less **settings
-    types = {f.name: f.type for f in fields(FeatureSpace)}
-    settings = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_LOAD_DEFAULTS[n], annotation=types[n])
-                for n in MODEL_SETTINGS]
+    settings = setting_parameters(MODEL_SETTINGS)
     return inspect.signature(extract).replace(parameters=[*params[:2], *settings, *params[2:]])
 
 
 extract.__signature__ = _signature()
-extract.__doc__ = extract.__doc__.replace("    SETTINGS :", f"    {', '.join(MODEL_SETTINGS)} :")
+extract.__doc__ = extract.__doc__.replace(
+    "    SETTINGS\n", textwrap.indent(parameters_doc(FeatureSpace, MODEL_SETTINGS), "    ") + "\n")

@@ -23,6 +23,7 @@ from embedder.models.constants import CALIBRATION_IMAGES, FIDELITY_IMAGES, PRECI
 from embedder.models.space import AUTO, ROW_OPTIONS, RUN_OPTIONS, FeatureSpace
 from embedder.options import (
     check_choices,
+    document,
     from_keywords,
     from_table,
     int_or_auto,
@@ -39,6 +40,7 @@ FAST_OPTIONS = "fast paths (--precision int8, bf16 or fast on the CPU)"
 FAST = "fast"
 
 
+@document
 @dataclass(frozen=True)
 class EmbedConfig:
     """`embedder embed`'s settings: `space`, a `FeatureSpace`, holds the backbone's (`--model`, `--pool`, ...),
@@ -51,7 +53,9 @@ class EmbedConfig:
                               "shards/{00000..00099}.tar")
     # The backbone's settings, their flags and TOML keys declared once, by FeatureSpace: --model, --pool, ...
     space: FeatureSpace = option(  # noqa: RUF009 (a field declaration, as every option(...) here)
-        nested=True, amend={"precision": {"choices": (AUTO, *PRECISIONS, FAST)}})
+        nested=True, amend={"precision": {"choices": (AUTO, *PRECISIONS, FAST)}},
+        help="the feature space: the backbone's settings, spelled as embed's flags of the same names (--model, "
+             "--layer, --pool, --precision, ...; `EmbedConfig.of` takes them as flat keywords)")
     out: str = option(path=True, help="HDF5 cache to create, resume or append to (e.g. feats.h5)")
     style: bool = option(False, group=ROW_OPTIONS,
                          help="also store the Gram-matrix style descriptor as the layer `style` (indexable)")
@@ -157,11 +161,40 @@ class EmbedConfig:
 
     @classmethod
     def from_mapping(cls, values: dict, base_dir: Path | None = None) -> EmbedConfig:
-        """Build from a TOML table; relative paths are taken relative to `base_dir`."""
+        """The config of a pipeline's embed step.
+
+        Parameters
+        ----------
+        values : dict
+            The TOML table: embed's flags as keys (``model``, ``pool``, ...); unknown and missing keys are
+            refused by name.
+        base_dir : Path, optional
+            Relative paths are taken relative to it (the pipeline file's folder).
+
+        Returns
+        -------
+        EmbedConfig
+        """
         return from_table(cls, values, base_dir, "embed")
 
-    # EmbedConfig.of(source=..., model=..., out=..., pool=...): flat keywords, as the flags (embedder.options).
-    of = classmethod(from_keywords)
+    @classmethod
+    def of(cls, **settings: object) -> EmbedConfig:
+        """The config of flat keywords, named as embed's flags: the feature space's go into `space`.
+
+        Parameters
+        ----------
+        **settings
+            ``source``, ``model``, ``out`` and any other option (``pool="gem"``, ``precision="int8"``).
+
+        Returns
+        -------
+        EmbedConfig
+
+        Examples
+        --------
+        >>> EmbedConfig.of(source="photos/", model="resnet50", out="feats.h5", layer="layer3")
+        """
+        return from_keywords(cls, **settings)
 
     @classmethod
     def _from_cli(cls, values: dict) -> dict:
@@ -181,21 +214,35 @@ class EmbedConfig:
         return {**values, "layer": layers, "extra_layers": extra}
 
     def table_columns(self) -> TableColumns:
+        """The table source's path, URL and label columns, as the listing takes them."""
         return TableColumns(self.path_column, self.url_column, self.label_column)
 
     def fetch_settings(self) -> FetchSettings:
+        """How http(s) rows are downloaded (`embedder.data.fetch`)."""
         return FetchSettings(timeout=self.fetch_timeout, retries=self.fetch_retries,
                              max_bytes=int(self.max_download_mb * 2**20), threads=self.fetch_threads,
                              keep=str(self.keep_downloads) if self.keep_downloads else None)
 
     def resolved_workers(self) -> int:
+        """The reader processes: `workers`, or one per spare core (at most 8) when it is auto."""
         from embedder.models.runtime import auto_workers
 
         return auto_workers(self.workers)
 
     def command_line(self, backend: str = "local") -> str:
         """The `embedder embed` command equivalent to this config (what the cache records, so that an
-        interrupted run can be told how to resume)."""
+        interrupted run can be told how to resume).
+
+        Parameters
+        ----------
+        backend : {"local", "ray"}
+            The backend the command names.
+
+        Returns
+        -------
+        str
+            A shell-quoted command line.
+        """
         import shlex
 
         extra = ["--backend", "ray"] if backend == "ray" else []

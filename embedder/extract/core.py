@@ -28,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import textwrap
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,9 @@ from embedder.extract.images import features_of
 from embedder.models.backbone import FrozenBackbone
 from embedder.models.registry import Preprocessing
 from embedder.models.runtime import resolve_runtime
-from embedder.models.space import FeatureSpace, check_settings, recorded_settings
+from embedder.models.space import FeatureSpace, check_settings, recorded_settings, setting_parameters
 from embedder.names import display_path
+from embedder.options import parameters_doc
 from embedder.progress import bar as progress_bar
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
@@ -158,8 +160,17 @@ class StageTimer:
 
 def load_backbone(model: str, weights: str = "DEFAULT", **settings) -> FrozenBackbone:
     """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them:
-    ``FeatureSpace(model, weights, **settings).load()``. The settings are `FeatureSpace`'s fields, with its
-    defaults (embedder.models.space.FeatureSpace documents each); a name that is not one is a ConfigError."""
+    ``FeatureSpace(model, weights, **settings).load()``; a keyword that is not a setting is a ConfigError.
+
+    Parameters
+    ----------
+    SETTINGS
+
+    Returns
+    -------
+    FrozenBackbone
+        The eval-locked backbone (`FrozenBackbone.embed` takes a uint8 batch).
+    """
     check_settings({"model": model, "weights": weights, **settings})
     return FeatureSpace(model, weights, **settings).load()
 
@@ -168,9 +179,9 @@ def load_backbone(model: str, weights: str = "DEFAULT", **settings) -> FrozenBac
 load_backbone.__signature__ = inspect.Signature([
     inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
     inspect.Parameter("weights", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="DEFAULT", annotation=str),
-    *(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-      for f in fields(FeatureSpace) if f.name not in ("model", "weights")),
+    *setting_parameters(FeatureSpace.field_names()[2:]),
 ], return_annotation=FrozenBackbone)
+load_backbone.__doc__ = load_backbone.__doc__.replace("    SETTINGS", textwrap.indent(parameters_doc(FeatureSpace), "    "))
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:

@@ -23,6 +23,7 @@ The value's life, as timm's `resolve_model_data_config` and torchvision's `Weigh
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import MISSING, dataclass, fields, replace
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from embedder._version import __version__
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, PRECISIONS, RUNTIMES, STYLE
 from embedder.models.outputspec import OutputSpec, parse_outputs
-from embedder.options import option
+from embedder.options import document, option
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,44 +52,14 @@ ROW_OPTIONS = "what is embedded"
 RUN_OPTIONS = "how it runs (none of these change the features, except --precision and --memory-layout)"
 
 
+@document
 @dataclass(frozen=True)
 class FeatureSpace:
     """Everything that determines the features of an image, besides the pixels.
 
-    Parameters
-    ----------
-    model : str
-        A model name (``embedder models``; ``torchvision:NAME`` and ``timm:NAME`` too).
-    weights : str
-        ``"DEFAULT"`` (pretrained), ``"none"`` (seeded random init), a weights name or a state-dict file.
-    layer : str, optional
-        The primary output point (None: the registry's default); an alias, a graph node, ``a+b`` (two
-        pooled outputs side by side) or ``"style"`` (the Gram style descriptor).
-    extra_layers : tuple of str
-        More outputs of the same pass, each its own dataset in a cache.
-    style_layers : tuple of str
-        The layers of the style descriptor (empty: the registry's).
-    style_dim : int
-        Length of the style descriptor (seeded count-sketch projection); 0 = the full Gram triangles.
-    pool : str
-        How a map becomes a vector: avg, max, gem, none; a ViT block's tokens: cls, avg, cls+avg, max.
-    normalize : str
-        ``"none"`` or ``"l2"``.
-    image_size : int, optional
-        Overrides the weights' crop size (the resize size scales with it).
-    device : str
-        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
-    precision : str
-        ``"auto"``, fp32, bf16, fp16 or int8 (CPU, ONNX Runtime, calibrated by `embedder.extract.fidelity`).
-    memory_layout : str
-        ``"auto"``, ``"channels_last"`` or ``"contiguous"``: the layout of the input and the weights.
-    compile : bool
-        torch.compile (inductor, weights frozen into the graph): 1.25-1.5x on a 2-core CPU for
-        ResNet-50 after 18-26 s of compiling (benchmarks/compiled.py). It changes the last bits (about
-        1e-4 absolute), so it is part of the fingerprint.
-    runtime : str
-        ``"auto"``, ``"torch"`` or ``"onnxruntime"`` (embedder.models.onnx): the same pass exported once and
-        run by ONNX Runtime on the CPU (1.3-1.9x faster there, docs/BENCHMARKS.md), cosine >= 0.99999.
+    Its Parameters section is generated from the fields' `option(help=...)`, the one text of each setting
+    (also `embed --help`'s). A setting's Python value is the flag's text: ``pool="gem"``, ``weights="none"``.
+    ``compile`` changes the last bits (about 1e-4), so it is part of the fingerprint, like every setting.
     """
 
     # Each setting's command-line and pipeline spelling is declared here, once (embedder.options): `embed`,
@@ -333,6 +304,14 @@ def components(backbone: FrozenBackbone, feature_dtype: str = "float32", *, jpeg
             sort_keys=True,
         )
     return found
+
+
+def setting_parameters(names: tuple[str, ...]) -> list[inspect.Parameter]:
+    """Keyword-only parameters for the settings `names`, with their defaults and types: the signature that
+    help() and inspect show for a function that takes them as ``**settings`` (`load_backbone`, `extract`)."""
+    found = {f.name: f for f in fields(FeatureSpace)}
+    return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=found[n].default, annotation=found[n].type)
+            for n in names]
 
 
 def check_settings(settings: dict, allowed: tuple[str, ...] | None = None) -> None:
