@@ -67,6 +67,13 @@ def fast_config(source, out, **overrides) -> EmbedConfig:
     return EmbedConfig.of(**values)
 
 
+def network_of(model: str, image_size: int | None = None):
+    """A random-init network of `model`, built as finetune builds one (`FeatureSpace.network()`)."""
+    from embedder.models.space import FeatureSpace
+
+    return FeatureSpace(model, "none", image_size=image_size).network()[1]
+
+
 def cli_args(config: EmbedConfig) -> list[str]:
     """The `embedder embed` command line equivalent to `config`."""
     return to_arguments(config)

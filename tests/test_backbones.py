@@ -17,6 +17,7 @@ from embedder.models.backbone import FrozenBackbone, build_model
 from embedder.models.registry import get_backbone_spec, list_backbones
 from embedder.models.space import BackboneConfig
 from embedder.models.weights import load_into, resolve_weights
+from tests.conftest import network_of
 
 SMALL = {"weights": "none", "precision": "fp32", "memory_layout": "contiguous", "device": "cpu", "runtime": "torch"}
 TIMM_VIT = "timm:vit_tiny_patch16_224"
@@ -200,7 +201,7 @@ def test_finetune_network_replaces_each_kind_of_head(name, path, size):
     assert spec.head == path
     weights = resolve_weights(spec.weights, "none")
     old = build_model(spec, weights, size).get_submodule(path)
-    model, head, where = build_network(spec, weights, None, 7, image_size=size)
+    model, head, where = build_network(spec, network_of(name, size), None, 7)
     assert where == path and model.get_submodule(path) is head
     assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (old.in_features, 7)
     assert head.in_features == spec.feature_dim
@@ -217,8 +218,7 @@ def test_an_mlp_head_on_a_timm_vit(tmp_path):
     from embedder.learn.finetune.network import build_network
 
     spec = get_backbone_spec(TIMM_VIT)
-    model, head, where = build_network(spec, resolve_weights(spec.weights, "none"), None, 3, head="mlp",
-                                       mlp_hidden=16, image_size=32)
+    model, head, where = build_network(spec, network_of(TIMM_VIT, 32), None, 3, head="mlp", mlp_hidden=16)
     assert where == "head" and head[0].in_features == 192 and head[-1].out_features == 3
     assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
@@ -232,7 +232,7 @@ def test_a_convolution_head_is_refused_with_the_way_out():
     backbone = FrozenBackbone.from_config(BackboneConfig("torchvision:squeezenet1_1", image_size=64, **SMALL))
     assert spec.feature_dim == backbone.feature_dim == backbone(images(2, 64)).shape[1] == 512
     with pytest.raises(ConfigError, match="embedder probe"):
-        build_network(spec, resolve_weights(spec.weights, "none"), None, 3)
+        build_network(spec, network_of("torchvision:squeezenet1_1"), None, 3)
 
 
 def test_a_distilled_models_two_heads_are_refused_but_it_embeds():
@@ -244,7 +244,7 @@ def test_a_distilled_models_two_heads_are_refused_but_it_embeds():
     spec = get_backbone_spec(name)
     assert spec.head == "head" and spec.head_inputs == ()
     with pytest.raises(ConfigError, match="two heads"):
-        build_network(spec, resolve_weights(spec.weights, "none"), None, 3, image_size=32)
+        build_network(spec, network_of(name, 32), None, 3)
     backbone = FrozenBackbone.from_config(BackboneConfig(name, image_size=32, **SMALL))
     x = images(2, 32)
     model = build_model(spec, resolve_weights(spec.weights, "none"), 32).eval()

@@ -21,7 +21,7 @@ from embedder.learn.finetune import FinetuneConfig, FinetuneNetwork, build_netwo
 from embedder.models.backbone import build_model
 from embedder.models.registry import get_backbone_spec
 from embedder.models.weights import resolve_weights
-from tests.conftest import make_tree, write_image
+from tests.conftest import make_tree, network_of, write_image
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -118,7 +118,7 @@ def test_freeze_bn_locks_batchnorm_but_trains_convolutions(images, tmp_path):
 def test_freeze_bn_lock_survives_train_and_module_flips():
     spec = get_backbone_spec("resnet18")
     pre = spec.preprocessing.with_image_size(32)
-    model, head, _ = build_network(spec, resolve_weights(spec.weights, "none"), None, 3)
+    model, head, _ = build_network(spec, network_of("resnet18"), None, 3)
     net = FinetuneNetwork(model, head, pre, freeze_bn=True)
     net.train()
     assert model.conv1.training and model.fc.training
@@ -132,15 +132,14 @@ def test_freeze_bn_lock_survives_train_and_module_flips():
 
 def test_new_heads_replace_fc_with_the_right_shape():
     spec = get_backbone_spec("resnet18")
-    weights = resolve_weights(spec.weights, "none")
     x = torch.randn(4, 3, 32, 32)
 
-    model, head, path = build_network(spec, weights, None, 3)
+    model, head, path = build_network(spec, network_of("resnet18"), None, 3)
     assert path == "fc" and model.fc is head
     assert type(head) is nn.Linear and head.weight.shape == (3, 512) and head.bias.shape == (3,)
     assert model.eval()(x).shape == (4, 3)
 
-    model, head, path = build_network(spec, weights, "layer4", 5, head="mlp", mlp_hidden=16)
+    model, head, path = build_network(spec, network_of("resnet18"), "layer4", 5, head="mlp", mlp_hidden=16)
     assert path == "fc" and isinstance(head, nn.Sequential)
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert head[0].in_features == 512 and head[-1].weight.shape == (5, 16)
@@ -167,7 +166,7 @@ def test_best_checkpoint_loads_and_history_is_written(images, tmp_path, head):
     assert logits.shape == (5, 3)
     # The checkpoint computes what the trained network computes.
     spec = get_backbone_spec("resnet18")
-    model, head_module, _ = build_network(spec, resolve_weights(spec.weights, "none"), None, 3, head, 16)
+    model, head_module, _ = build_network(spec, network_of("resnet18"), None, 3, head, 16)
     model.load_state_dict(saved_state(out))
     net = FinetuneNetwork(model, head_module, spec.preprocessing.with_image_size(32)).eval()
     torch.testing.assert_close(logits, net(x))

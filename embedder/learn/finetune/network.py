@@ -30,27 +30,20 @@ from embedder.data.transforms import Preprocessing
 from embedder.errors import ConfigError
 from embedder.learn.config import HEADS
 from embedder.learn.probefile import ProbeFile, read_probe
-from embedder.models.backbone import build_model
 from embedder.models.heads import head_slot, mlp_head, replace_head
 from embedder.models.spec import BackboneSpec
-from embedder.models.weights import ResolvedWeights
 
 
 def build_network(
     spec: BackboneSpec,
-    weights: ResolvedWeights,
+    model: nn.Module,
     layer: str | None,
     n_classes: int,
     head: str = "linear",
     mlp_hidden: int = 512,
-    image_size: int | None = None,
-    *,
-    model: nn.Module | None = None,
 ) -> tuple[nn.Module, nn.Module, str]:
-    """The backbone with its weights and a new head for `n_classes` on `layer`'s features.
-
-    `model`: the network already built with those weights (`FeatureSpace.network()`, as finetune does);
-    by default it is built here.
+    """`model` (the backbone's network with its weights: `FeatureSpace.network()`, the one place a
+    network is built) with a new head for `n_classes` on `layer`'s features.
 
     Returns (model, the new head, its dotted path). The head is a *new module* (the
     `fc.out_features = n` mistake leaves 1000 outputs); its random init uses torch's global
@@ -60,8 +53,6 @@ def build_network(
         raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {head!r}.")
     in_features = head_slot(spec, layer)[1]
     module = nn.Linear(in_features, n_classes) if head == "linear" else mlp_head(in_features, n_classes, mlp_hidden)
-    if model is None:
-        model = build_model(spec, weights, image_size)  # a ViT is built for the input size
     installed, path = replace_head(model, spec, layer, module)
     return model, installed, path
 

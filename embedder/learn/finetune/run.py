@@ -190,10 +190,8 @@ def _network(config: FinetuneConfig, run: _Run) -> FinetuneNetwork:
     """The backbone with its new head (from the probe with --init-head), on the device, in eval mode.
 
     Its head's random init draws from torch's global RNG: callers seed it."""
-    model, head, _ = build_network(
-        run.spec, run.weights, run.node, len(run.listing.classes), config.head, config.mlp_hidden,
-        run.preprocessing.crop_size, model=run.model,
-    )
+    model, head, _ = build_network(run.spec, run.model, run.node, len(run.listing.classes), config.head,
+                                   config.mlp_hidden)
     if run.probe is not None:
         load_head(head, run.probe)
     net = FinetuneNetwork(
