@@ -18,6 +18,8 @@ BENCHMARKS = {
     "fastpaths": "int8 and bf16 against the exact fp32 default: model only, end to end, fidelity cards",
     "int8_routes": "int8 routes side by side: ONNX Runtime QDQ (ours), torch.ao FX, torchao PT2E, Intel "
                    "Neural Compressor; speed at batch 32, fidelity cards; the decode share of embed, fp32 and int8",
+    "int8_options": "ONNX Runtime's int8 options side by side, model only: QDQ / QOperator, U8S8 / S8S8, per "
+                    "channel / per tensor / reduce_range, more operators, spinning, optimisation level; batches 1-16",
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "runtime": "torch eager, bf16, --compile and ONNX Runtime against the GEMM peak; model only and end to end",
     "extraction": "JPEG files -> committed cache, against the bare model forward",

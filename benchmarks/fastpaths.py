@@ -101,13 +101,15 @@ def model_only(crops: Path, tmp: Path, model: str, size: int | None, rounds: int
             print(f"  batch {batch:>2}  {name:<28}{rate:>8.1f} img/s {rate / base:>6.2f}x")
 
 
-def end_to_end(crops: Path, tmp: Path, model: str, size: int | None) -> None:
+def end_to_end(crops: Path, tmp: Path, model: str, size: int | None, fast: bool = True) -> None:
+    """`fast`: also the `--precision fast` run (it times bf16 as well: minutes where bf16 is emulated)."""
     print(f"\n{model} end to end, {len(list(crops.iterdir()))} JPEGs -> committed cache (whole embed() call)")
-    for name, extra in (("exact default (no --precision)", {}),
-                        ("--precision int8", {"precision": "int8", "fidelity_images": 64}),
-                        ("exact default, again", {}),
-                        ("--precision int8, again (graph cached)", {"precision": "int8", "fidelity_images": 64}),
-                        ("--precision fast", {"precision": "fast", "fidelity_images": 64})):
+    runs = (("exact default (no --precision)", {}),
+            ("--precision int8", {"precision": "int8", "fidelity_images": 64}),
+            ("exact default, again", {}),
+            ("--precision int8, again (graph cached)", {"precision": "int8", "fidelity_images": 64}),
+            ("--precision fast", {"precision": "fast", "fidelity_images": 64}))
+    for name, extra in runs if fast else runs[:4]:
         report = embed(_config(crops, tmp / "e2e.h5", model, "none", image_size=size, **extra))
         card_s = report.fidelity["seconds"] if report.fidelity else 0.0
         loop = report.embedded / max(report.wall_s - card_s, 1e-9)

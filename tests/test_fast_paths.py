@@ -167,6 +167,23 @@ def test_models_card_measures_the_fast_paths_on_sample_images_and_writes_nothing
     assert "fidelity card" in text and "int8" in text and "bf16" in text and text.index("weights:") < text.index("card")
 
 
+def test_models_card_shows_its_steps_on_stderr_and_quiet_hides_them(tree, tmp_path, monkeypatch, capsys):
+    from embedder.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["models", "resnet18", "--card", str(tree), "--weights", "none", "--image-size", "32",
+            "--calibration-images", "8", "--fidelity-images", "20", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("fidelity card:")]
+    assert "\r" not in captured.err and lines and lines[-1].startswith("fidelity card: 100%"), captured.err
+    done, total = lines[-1].split("|")[2].split()[0].split("/")
+    assert done == total and int(total) >= 5  # fp32 build, sample, fp32 pass, >= 1 int8 level, bf16
+    assert json.loads(captured.out)["card"]["asked"] == "fast"  # stdout carries the JSON alone
+    assert main([*argv, "--quiet"]) == 0
+    assert "fidelity card" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, names", [
     (["models", "--card", "x"], "give NAME"),
     (["models", "--all", "resnet", "--card", "x"], "give NAME"),

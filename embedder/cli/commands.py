@@ -100,7 +100,8 @@ def models(config: ModelsConfig, args: Namespace) -> ModelsReport | BuildableMod
             entry = {**entry, "card": model_card(config.name, config.card, weights=config.weights,
                                                  image_size=config.image_size,
                                                  calibration_images=config.calibration_images,
-                                                 fidelity_images=config.fidelity_images)}
+                                                 fidelity_images=config.fidelity_images,
+                                                 progress=config.progress)}
         return show(ModelEntryReport(entry, name=config.name), args)
     from embedder.models.registry import registry_table
 

@@ -35,6 +35,7 @@ from embedder.extract.core import BatchReader
 from embedder.models.backbone import FrozenBackbone
 from embedder.models.constants import CALIBRATION_IMAGES, FIDELITY_IMAGES
 from embedder.models.quantize import LEVELS, QuantSettings, quantize
+from embedder.progress import bar as progress_bar
 
 K = 10  # neighbours whose overlap the card reports
 FAST_PATHS = ("int8", "bf16", "fast")
@@ -78,18 +79,51 @@ class Sample:
 
 def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None) -> tuple[FrozenBackbone, dict]:
     """(backbone, card) for `config.space.precision` int8, bf16 or fast (resolved, measured, gated).
-    `recorded`: the card of the cache being resumed or appended to (its calibration rows are reused)."""
-    started = time.perf_counter()
-    gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
-    exact = _build(config, "fp32", config.space.runtime)
-    sample = read_sample(config, listing, exact, recorded)
-    exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
+    `recorded`: the card of the cache being resumed or appended to (its calibration rows are reused).
+    Tens of seconds with nothing else to show: a bar over its steps (`config.progress`)."""
     candidates = (config.space.precision,)
     if config.space.precision == "fast":  # an explicit --runtime is kept: int8 runs on ONNX Runtime, bf16 on torch
         candidates = tuple(p for p, no in (("int8", "torch"), ("bf16", "onnxruntime")) if config.space.runtime != no)
+    steps = 3 + sum(len(LEVELS) if p == "int8" else 1 for p in candidates)
+    with progress_bar(desc="fidelity card", unit="step", total=steps, enabled=config.progress) as shown:
+        return _prepare(config, listing, recorded, candidates, _Steps(shown))
+
+
+class _Steps:
+    """The card's bar: `start(what)` names the step under way, `done()` counts it, `skip(n)` drops
+    steps that will not run (the int8 levels after the one that passes) from the total."""
+
+    def __init__(self, shown):
+        self.shown = shown
+
+    def start(self, what: str) -> None:
+        self.shown.set_postfix_str(what)
+
+    def done(self) -> None:
+        self.shown.update(1)
+
+    def skip(self, count: int) -> None:
+        if count and self.shown.total is not None:
+            self.shown.total -= count
+            self.shown.refresh()
+
+
+def _prepare(config: EmbedConfig, listing: Listing, recorded: dict | None, candidates: tuple[str, ...],
+             steps: _Steps) -> tuple[FrozenBackbone, dict]:
+    started = time.perf_counter()
+    gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
+    steps.start("fp32 backbone")
+    exact = _build(config, "fp32", config.space.runtime)
+    steps.done()
+    steps.start("reading the sample")
+    sample = read_sample(config, listing, exact, recorded)
+    steps.done()
+    steps.start(f"fp32 on {len(sample.held)} images")
+    exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
+    steps.done()
     tried: dict[str, dict] = {}
     for path in candidates:
-        backbone, card = (_int8 if path == "int8" else _bf16)(config, sample, exact_out, gates, exact_speed)
+        backbone, card = (_int8 if path == "int8" else _bf16)(config, sample, exact_out, gates, exact_speed, steps)
         tried[path] = card
         if backbone is not None:
             tried[path]["backbone"] = backbone
@@ -120,15 +154,16 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
 
 
 def model_card(model: str, source: str, *, weights: str = "DEFAULT", image_size: int | None = None,
-               calibration_images: int = CALIBRATION_IMAGES, fidelity_images: int = FIDELITY_IMAGES) -> dict:
+               calibration_images: int = CALIBRATION_IMAGES, fidelity_images: int = FIDELITY_IMAGES,
+               progress: bool = True) -> dict:
     """The fidelity cards of `model`'s fast paths (int8, bf16) on a sample of SOURCE's images, measured as
     `embed --precision fast` measures them (same sample rule, gates and timings), without writing a cache.
-    The card names the path `--precision fast` would choose here."""
+    The card names the path `--precision fast` would choose here. `progress`: a bar over its steps on stderr."""
     from embedder.data.sources import list_source
 
-    config = EmbedConfig.of(source=source, out="card.h5", model=model, weights=weights, image_size=image_size,
-                            precision="fast", calibration_images=calibration_images,
-                            fidelity_images=fidelity_images)  # `out` is never written: only the card is computed
+    config = EmbedConfig.of(source=source, model=model, out="card.h5", weights=weights, image_size=image_size,
+                            precision="fast", calibration_images=calibration_images, fidelity_images=fidelity_images,
+                            progress=progress)  # `out` is never written: only the card is computed
     listing = list_source(config.source, config.layout, config.limit, config.table_columns())
     return prepare(config, listing)[1]
 
@@ -194,14 +229,17 @@ def _timed_outputs(backbone: FrozenBackbone, pixels: np.ndarray, batch: int) -> 
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, len(pixels) / max(seconds, 1e-9)
 
 
-def _int8(config, sample, exact_out, gates, exact_speed):
+def _int8(config, sample, exact_out, gates, exact_speed, steps):
     """(backbone, card) of the first quantisation level whose card passes, else (None, the last card)."""
+    steps.start("int8 backbone")
     backbone = _build(config, "int8", "onnxruntime")
     card, attempts = {}, []
     for level in LEVELS:
+        steps.start(f"int8 level {level}: quantising" if level == 0 else f"int8 level {level}")
         session, record = quantize(backbone, sample.calibration, QuantSettings(config.calibration, True, level))
         backbone.use_quantized(session, record)
         out, speed = _timed_outputs(backbone, sample.held, config.batch_size)
+        steps.done()
         card = {**fidelity_card(exact_out, out, sample.labels), "img_per_s": round(speed, 2),
                 "speedup": round(speed / exact_speed, 2), "fp32_nodes": record["fp32_nodes"],
                 "calibration_method": config.calibration, "level": level}
@@ -210,17 +248,20 @@ def _int8(config, sample, exact_out, gates, exact_speed):
         attempts.append({"level": level, "fp32_nodes": len(record["fp32_nodes"]), "failure": card["failure"]})
         card["attempts"] = list(attempts)
         if card["passes"]:
+            steps.skip(len(LEVELS) - 1 - LEVELS.index(level))
             return backbone, card
     return None, card
 
 
-def _bf16(config, sample, exact_out, gates, exact_speed):
+def _bf16(config, sample, exact_out, gates, exact_speed, steps):
     """(backbone, card) of torch bf16 autocast; under `fast`, a path slower than fp32 gets no card."""
+    steps.start("bf16")
     backbone = _build(config, "bf16", "torch")
     head = sample.held[: 2 * config.batch_size]
     if config.space.precision == "fast":
         _, speed = _timed_outputs(backbone, head, config.batch_size)
         if speed <= exact_speed:
+            steps.done()
             return None, {"img_per_s": round(speed, 2), "speedup": round(speed / exact_speed, 2), "passes": False,
                           "failure": "slower than fp32 on this machine (not carded)"}
     out, speed = _timed_outputs(backbone, sample.held, config.batch_size)
@@ -228,6 +269,7 @@ def _bf16(config, sample, exact_out, gates, exact_speed):
             "speedup": round(speed / exact_speed, 2), "engine": "torch autocast bf16"}
     card["failure"] = gates.failure(card)
     card["passes"] = card["failure"] is None
+    steps.done()
     return backbone, card
 
 

@@ -28,6 +28,7 @@ class ModelsConfig:
     image_size: int | None = option(None, help="with --card: input size (default: the weights')")
     calibration_images: int = option(CALIBRATION_IMAGES, metavar="N", help="with --card: images that calibrate int8 (as embed's)")
     fidelity_images: int = option(FIDELITY_IMAGES, metavar="N", help="with --card: other images both paths embed (as embed's)")
+    progress: bool = option(True, inverse="--quiet", toml=False, help="with --card: no progress bar")
 
     def __post_init__(self):
         if self.card is not None and (self.all or not self.name):
