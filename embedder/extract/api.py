@@ -7,8 +7,6 @@ reader (`embedder.extract.images`), so a file gives the row `embed` caches for i
 
 from __future__ import annotations
 
-import inspect
-import textwrap
 from collections.abc import Sequence
 from typing import Literal, overload
 
@@ -18,12 +16,11 @@ from embedder.data.decode import DEFAULT_MAX_PIXELS
 from embedder.errors import ConfigError
 from embedder.extract.images import ImageError, ImageInput, as_image_list, features_of
 from embedder.models.backbone import FrozenBackbone
-from embedder.models.space import FeatureSpace, check_settings, setting_parameters
-from embedder.options import parameters_doc
+from embedder.models.space import FeatureSpace, check_settings, takes_settings
 
 ERRORS = ("raise", "return")
-# The settings extract takes: FeatureSpace's, with its defaults (its signature, below, is generated from the
-# fields), less `extra_layers`: extract returns one array, of one output.
+# The settings extract takes: FeatureSpace's, with its defaults (its signature and docs generated from the
+# fields: takes_settings), less `extra_layers`: extract returns one array, of one output.
 MODEL_SETTINGS = tuple(n for n in FeatureSpace.field_names() if n not in ("model", "extra_layers"))
 _LOAD_DEFAULTS = FeatureSpace.defaults()
 
@@ -38,6 +35,7 @@ def extract(images: Sequence[ImageInput], model: str | FrozenBackbone, *, errors
             **settings: object) -> tuple[np.ndarray, list[ImageError]]: ...
 
 
+@takes_settings(MODEL_SETTINGS)
 def extract(
     images: Sequence[ImageInput],
     model: str | FrozenBackbone,
@@ -109,16 +107,3 @@ def extract(
         backbone = FeatureSpace(model, **settings).load()
     features, failed = features_of(backbone, images, batch_size, max_pixels, on_error=errors)
     return (features, failed) if errors == "return" else features
-
-
-def _signature() -> inspect.Signature:
-    """extract's signature as help() and inspect show it: each setting a keyword with FeatureSpace's default
-    and type, so that it cannot drift from the fields."""
-    params = list(inspect.signature(extract).parameters.values())[:-1]  # less **settings
-    settings = setting_parameters(MODEL_SETTINGS)
-    return inspect.signature(extract).replace(parameters=[*params[:2], *settings, *params[2:]])
-
-
-extract.__signature__ = _signature()
-extract.__doc__ = extract.__doc__.replace(
-    "    SETTINGS\n", textwrap.indent(parameters_doc(FeatureSpace, MODEL_SETTINGS), "    ") + "\n")

@@ -26,9 +26,7 @@ the network the same batches.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -54,9 +52,8 @@ from embedder.extract.images import features_of
 from embedder.models.backbone import FrozenBackbone
 from embedder.models.registry import Preprocessing
 from embedder.models.runtime import resolve_runtime
-from embedder.models.space import FeatureSpace, check_settings, recorded_settings, setting_parameters
+from embedder.models.space import FeatureSpace, check_settings, recorded_settings, takes_settings
 from embedder.names import display_path
-from embedder.options import parameters_doc
 from embedder.progress import bar as progress_bar
 
 STAGES = ("decode", "resize", "wait", "transfer", "model", "write")
@@ -158,6 +155,7 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - t0
 
 
+@takes_settings(FeatureSpace.field_names()[2:], documented=FeatureSpace.field_names())
 def load_backbone(model: str, weights: str = "DEFAULT", **settings) -> FrozenBackbone:
     """An eval-locked backbone with `auto` settings resolved exactly as `embedder embed` resolves them:
     ``FeatureSpace(model, weights, **settings).load()``; a keyword that is not a setting is a ConfigError.
@@ -173,15 +171,6 @@ def load_backbone(model: str, weights: str = "DEFAULT", **settings) -> FrozenBac
     """
     check_settings({"model": model, "weights": weights, **settings})
     return FeatureSpace(model, weights, **settings).load()
-
-
-# The signature help() and inspect show: FeatureSpace's fields, so that it cannot drift from them.
-load_backbone.__signature__ = inspect.Signature([
-    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-    inspect.Parameter("weights", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="DEFAULT", annotation=str),
-    *setting_parameters(FeatureSpace.field_names()[2:]),
-], return_annotation=FrozenBackbone)
-load_backbone.__doc__ = load_backbone.__doc__.replace("    SETTINGS", textwrap.indent(parameters_doc(FeatureSpace), "    "))
 
 
 def backbone_for(config: EmbedConfig) -> FrozenBackbone:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import textwrap
 from dataclasses import MISSING, dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from embedder._version import __version__
 from embedder.errors import ConfigError, WeightsUnavailableError
 from embedder.models.constants import DEFAULT_STYLE_DIM, POOLINGS, PRECISIONS, RUNTIMES, STYLE
 from embedder.models.outputspec import OutputSpec, parse_outputs
-from embedder.options import document, option
+from embedder.options import document, option, parameters_doc
 
 if TYPE_CHECKING:
     from torch import nn
@@ -312,6 +313,23 @@ def setting_parameters(names: tuple[str, ...]) -> list[inspect.Parameter]:
     found = {f.name: f for f in fields(FeatureSpace)}
     return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=found[n].default, annotation=found[n].type)
             for n in names]
+
+
+def takes_settings(names: tuple[str, ...], documented: tuple[str, ...] | None = None):
+    """Decorator for a function that takes settings as ``**settings``: help(), inspect and the API docs show
+    each of `names` as a keyword with its type and default, where ``**settings`` stood (before the other
+    keyword-only parameters), and the docstring's ``SETTINGS`` line becomes the numpydoc entries of
+    `documented` (default: `names`), from the settings' one declaration. So neither can drift from the fields."""
+    def wrap(func):
+        sig = inspect.signature(func)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(params))
+        func.__signature__ = sig.replace(parameters=[*params[:at], *setting_parameters(names), *params[at:]])
+        entries = textwrap.indent(parameters_doc(FeatureSpace, documented or names), "    ")
+        func.__doc__ = func.__doc__.replace("    SETTINGS\n", entries + "\n")
+        return func
+
+    return wrap
 
 
 def check_settings(settings: dict, allowed: tuple[str, ...] | None = None) -> None:
