@@ -90,22 +90,37 @@ class _Graph(nn.Module):
         return (*pooled, *(maps[n].float() for n in self.backbone.style_nodes))
 
 
+# WeightBiasQuantization quantises, per tensor, the fp32 weights of any node fed by a DequantizeLinear:
+# it undid every node an int8 graph keeps in fp32 (nodes_to_exclude). Lite0 level 1 (its depthwise
+# convolutions in fp32), digits: mean cosine 0.65 with it, 0.99 without, as the graph run unoptimised
+# computes it. An fp32 graph has no DequantizeLinear, so nothing else changes.
+KEPT_OPTIMISATIONS_OFF = ["WeightBiasQuantization"]
+
+
+def session_options():
+    """ONNX Runtime's options for every graph we run (with `KEPT_OPTIMISATIONS_OFF` disabled)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.use_deterministic_compute = True
+    # No spinning: ORT's idle threads otherwise busy-wait after each run, on the cores that the
+    # uint8 -> float step and the reader process need next. Measured: Lite0 model-only 245
+    # against 160-198 img/s with spinning, ResNet-50 equal (docs/BENCHMARKS.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings would land in front of --json output
+    return options
+
+
 class OnnxSession:
     """An ONNX Runtime session over a cached graph, run with torch's thread count."""
 
     def __init__(self, path: Path):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.use_deterministic_compute = True
-        # No spinning: ORT's idle threads otherwise busy-wait after each run, on the cores that the
-        # uint8 -> float step and the reader process need next. Measured: Lite0 model-only 245
-        # against 160-198 img/s with spinning, ResNet-50 equal (docs/BENCHMARKS.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # errors only: its warnings would land in front of --json output
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=KEPT_OPTIMISATIONS_OFF)
         self.input = self.session.get_inputs()[0].name
         self.path = path
 
