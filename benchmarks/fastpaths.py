@@ -10,7 +10,7 @@
    (building, calibrating, the exact pass over the held-aside images), shown apart.
 3. Fidelity cards (what `embed --precision int8` / `bf16` computes first) for Lite0's shipped weights on
    photo crops and on the digits (300 held-aside, so one image is 0.33 points), and for random-init
-   ResNet-50 on photo crops.
+   ResNet-50 on photo crops; then Lite0's figures at every int8 level, whatever the gates.
 4. The exact default (ONNX Runtime fp32) against torch fp32: the smallest cosine over the photo crops.
 
 The photos are only 8 (`embedder make-samples`), too few for a held-aside k-NN@10 sample, so the
@@ -33,9 +33,9 @@ from embedder.data.sources import list_source
 from embedder.errors import ConfigError
 from embedder.extract.config import EmbedConfig
 from embedder.extract.core import load_backbone, with_runtime
-from embedder.extract.fidelity import card_lines, prepare, read_sample
+from embedder.extract.fidelity import _timed_outputs, card_lines, fidelity_card, prepare, read_sample
 from embedder.extract.local import embed
-from embedder.models.quantize import QuantSettings, quantize
+from embedder.models.quantize import LEVELS, QuantSettings, quantize
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -134,13 +134,36 @@ def cards(tmp: Path, runs: list[tuple[str, str, Path, dict]]) -> None:
                 print("\n".join(card_lines(card)))
                 for c in card["cards"].values():
                     for attempt in c.get("attempts", []):
-                        print(f"    int8 level {attempt['level']} ({attempt['fp32_nodes']} nodes fp32): "
-                              f"{attempt['failure'] or 'passes'}")
+                        print(f"    int8 level {attempt['level']} ({attempt['fp32_nodes']} nodes fp32): mean cosine "
+                              f"{attempt['mean_cosine']:.4f}, k-NN@10 overlap {attempt['knn_overlap']:.3f}, "
+                              f"{attempt['speedup']:.2f}x fp32: {attempt['failure'] or 'passes'}")
                     for name in ("probe", "knn"):
                         if f"{name}_accuracy" in c:
                             print(f"    {name} accuracy fp32 {c[f'{name}_accuracy']['fp32']:.2f} -> "
                                   f"{c[f'{name}_accuracy']['fast']:.2f} ({c[f'{name}_drop']:+.2f} points drop)")
                 break
+
+
+def levels(tmp: Path, model: str, weights: str, source: Path, **extra) -> None:
+    """Every int8 level's figures on one sample, whatever the gates (a refused run's card only names
+    the last level's failure): what each step of the ladder buys, and what it costs in speed."""
+    config = _config(source, tmp / "levels.h5", model, weights, precision="int8", **extra)
+    listing = list_source(str(source), "auto")
+    exact = load_backbone(model, weights, device="cpu", precision="fp32", runtime="onnxruntime",
+                          image_size=config.space.image_size)
+    sample = read_sample(config, listing, exact, None)
+    reference, exact_speed = _timed_outputs(exact, sample.held, config.batch_size)
+    print(f"\n{model} ({weights}) on {source.name}: int8 levels, {len(sample.held)} held-aside images")
+    for level in LEVELS:
+        int8 = load_backbone(model, weights, device="cpu", precision="int8", runtime="onnxruntime",
+                             image_size=config.space.image_size)
+        int8.use_quantized(*quantize(int8, sample.calibration, QuantSettings(level=level)))
+        out, speed = _timed_outputs(int8, sample.held, config.batch_size)
+        card = fidelity_card(reference, out, sample.labels)
+        drops = "".join(f", {n} {card[f'{n}_drop']:+.2f} points" for n in ("probe", "knn") if f"{n}_drop" in card)
+        print(f"  level {level} ({len(int8.quantization['fp32_nodes'])} nodes fp32): mean cosine "
+              f"{card['mean_cosine']:.4f}, min {card['min_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}"
+              f"{drops}; {speed / exact_speed:.2f}x fp32")
 
 
 def exact_vs_torch(crops: Path, tmp: Path, model: str, weights: str, size: int | None) -> None:
@@ -178,6 +201,9 @@ def run(quick: bool = False) -> None:
                 ("efficientnet_lite0", "DEFAULT", Path("data/digits"), {"fidelity_images": 300}),
                 (model, "none", crops, {"image_size": size} if size else {})]
         cards(tmp, runs[2:] if quick else runs)
+        if not quick:
+            levels(tmp, "efficientnet_lite0", "DEFAULT", crops)
+            levels(tmp, "efficientnet_lite0", "DEFAULT", Path("data/digits"), fidelity_images=300)
         exact_vs_torch(crops, tmp, "efficientnet_lite0", "DEFAULT", None)
         if not quick:
             exact_vs_torch(crops, tmp, model, "none", size)

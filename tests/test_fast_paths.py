@@ -47,6 +47,11 @@ def test_int8_run_stores_its_card_shown_by_info_and_its_quantised_graph_is_reuse
     int8 = card["cards"]["int8"]
     assert int8["passes"] and int8["mean_cosine"] >= 0.995 and int8["knn_overlap"] >= 0.9
     assert "probe_drop" in int8 and "knn_drop" in int8  # the tree is labelled
+    # Each level tried keeps its figures, so a card shows why the levels before the chosen one failed.
+    last = int8["attempts"][-1]
+    assert last["level"] == int8["level"] and last["failure"] is None
+    assert (last["mean_cosine"], last["knn_overlap"], last["speedup"]) == (
+        int8["mean_cosine"], int8["knn_overlap"], int8["speedup"])
     quant = json.loads(report.config["quantization"])
     assert quant["calibration_images"] == 8 and quant["per_channel"] and quant["fp32_nodes"] == int8["fp32_nodes"]
     with h5py.File(tmp_path / "int8.h5") as f:

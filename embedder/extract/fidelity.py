@@ -245,7 +245,8 @@ def _int8(config, sample, exact_out, gates, exact_speed, steps):
                 "calibration_method": config.calibration, "level": level}
         card["failure"] = gates.failure(card)
         card["passes"] = card["failure"] is None
-        attempts.append({"level": level, "fp32_nodes": len(record["fp32_nodes"]), "failure": card["failure"]})
+        attempts.append({"level": level, "fp32_nodes": len(record["fp32_nodes"]), "failure": card["failure"],
+                         **{k: card[k] for k in ("mean_cosine", "knn_overlap", "speedup")}})
         card["attempts"] = list(attempts)
         if card["passes"]:
             steps.skip(len(LEVELS) - 1 - LEVELS.index(level))

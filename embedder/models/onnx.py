@@ -153,7 +153,8 @@ def session_for(backbone: FrozenBackbone, components: dict) -> OnnxSession:
     folder = cache_root() / key
     with WriteLock(folder, wait_s=EXPORT_WAIT_S):
         first = not folder.exists()
-        session = _open_cached(folder, identity)
+        found = open_cached(folder, identity)
+        session = found[0] if found else None
         if session is None:
             if first:  # seconds to a minute with no other sign of life (docs/BENCHMARKS.md)
                 warnings.warn(f"Exporting {backbone.spec.name} to ONNX, once: later runs load it from {folder}.",
@@ -191,21 +192,22 @@ def graph_key(backbone: FrozenBackbone, components: dict) -> tuple[str, dict]:
     return f"{components['model']}-{hashlib.sha256(text.encode()).hexdigest()[:24]}", json.loads(text)
 
 
-def _open_cached(folder: Path, identity: dict) -> OnnxSession | None:
-    """The cached graph's session, or None when it is missing, stale or damaged (it is then rebuilt)."""
+def open_cached(folder: Path, identity: dict, what: str = "ONNX graph", redo: str = "exporting it again"
+                ) -> tuple[OnnxSession, dict] | None:
+    """(session, meta.json) of the graph cached in `folder`, or None when it is missing, stale or
+    damaged: the caller then makes it again (`redo`, said in a notice naming `what`)."""
     graph, meta_file = folder / "graph.onnx", folder / "meta.json"
     if not folder.exists():
         return None
     try:
         meta = json.loads(meta_file.read_text())
         intact = meta.get("identity") == identity and meta.get("sha256") == file_sha256(graph)
-        session = OnnxSession(graph) if intact else None
+        found = (OnnxSession(graph), meta) if intact else None
     except Exception:  # noqa: BLE001 - anything unreadable is rebuilt, whatever the error
-        session = None
-    if session is None:
-        warnings.warn(f"The cached ONNX graph in {folder} is damaged or stale; exporting it again.",
-                      EmbedderNotice, stacklevel=4)
-    return session
+        found = None
+    if found is None:
+        warnings.warn(f"The cached {what} in {folder} is damaged or stale; {redo}.", EmbedderNotice, stacklevel=4)
+    return found
 
 
 def _export(backbone: FrozenBackbone, path: Path) -> None:

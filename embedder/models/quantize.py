@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedder.atomic import WriteLock, file_sha256, staging
-from embedder.errors import ConfigError, EmbedderNotice
-from embedder.models.onnx import EXPORT_WAIT_S, OnnxSession, cache_root, graph_key, require
+from embedder.errors import ConfigError
+from embedder.models.onnx import EXPORT_WAIT_S, OnnxSession, cache_root, graph_key, open_cached, require
 from embedder.models.space import components
 
 if TYPE_CHECKING:
@@ -111,20 +111,8 @@ def cached(backbone: FrozenBackbone, record: dict) -> OnnxSession:
 
 
 def _open_cached(folder: Path, identity: dict) -> tuple[OnnxSession, list[str]] | None:
-    graph, meta_file = folder / "graph.onnx", folder / "meta.json"
-    if not folder.exists():
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        intact = meta.get("identity") == identity and meta.get("sha256") == file_sha256(graph)
-        found = (OnnxSession(graph), list(meta["fp32_nodes"])) if intact else None
-    except Exception:  # noqa: BLE001 - anything unreadable is rebuilt, whatever the error
-        found = None
-    if found is not None:
-        return found
-    warnings.warn(f"The cached int8 graph in {folder} is damaged or stale; quantising it again.",
-                  EmbedderNotice, stacklevel=4)
-    return None
+    found = open_cached(folder, identity, "int8 graph", "quantising it again")
+    return (found[0], list(found[1]["fp32_nodes"])) if found else None
 
 
 def _quantize_file(base: Path, tmp: Path, pixels: np.ndarray, settings: QuantSettings) -> list[str]:
