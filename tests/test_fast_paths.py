@@ -98,6 +98,14 @@ def test_a_path_that_fails_its_gate_is_refused_naming_the_figure_and_the_overrid
         embed(cfg(tree, out, precision="bf16", min_cosine=0.0, min_overlap=1.01))
 
 
+def test_a_fast_path_is_timed_against_the_exact_default_not_its_own_runtime_in_fp32(tree, tmp_path):
+    default = embed(cfg(tree, tmp_path / "fp32.h5", precision="auto"))
+    report = embed(cfg(tree, tmp_path / "bf16.h5", precision="bf16", min_cosine=0.0, min_overlap=0.0))
+    assert report.config["precision"] == "bf16" and "runtime" not in report.config  # bf16 itself runs on torch
+    assert default.config["runtime"].startswith("onnxruntime")  # ResNet's exact default
+    assert report.fidelity["exact"]["runtime"] == "onnxruntime"  # so the card's speed-up is against it
+
+
 def test_fast_takes_the_fastest_passing_path_it_measured_and_records_it(tree, tmp_path):
     report = embed(cfg(tree, tmp_path / "fast.h5", precision="fast"))
     card = report.fidelity

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import embedder_cmd, env_with_repo, make_tree
+from tests.conftest import alive, embedder_cmd, env_with_repo, make_tree
 from tests.crashpoints import WHEN, Forker
 from tests.torture import (
     LOCK_ERROR,
@@ -160,20 +160,12 @@ def test_kill_at_every_step_of_a_removal_from_an_index(forkers, tmp_path):
     assert before.reruns_ok == before.kills and after.reruns_ok == after.kills
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_for_rows(cache, alive, timeout=600.0) -> None:
+def _wait_for_rows(cache, running, timeout=600.0) -> None:
     """Until the cache at `cache` shows committed rows (read with plain h5py). `timeout` only
     guards against a hang: a busy machine may take long to get there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert alive(), "the run ended before it committed anything"
+        assert running(), "the run ended before it committed anything"
         try:
             with h5py.File(cache, "r") as f:
                 if int(f.attrs["committed_rows"]) > 0:
@@ -196,7 +188,7 @@ def test_immediate_rerun_after_kill_9_with_forked_reader_workers_is_not_locked_o
     sc.reset()
     pid = forker.start(sc.argv, sc.root)
     try:
-        _wait_for_rows(sc.root / "out/c.h5", lambda: _alive(pid))
+        _wait_for_rows(sc.root / "out/c.h5", lambda: alive(pid))
         workers = [p for p in session_pids(pid) if p != pid]
         assert workers, "the run should have a reader worker"
         for worker in workers:
@@ -206,9 +198,9 @@ def test_immediate_rerun_after_kill_9_with_forked_reader_workers_is_not_locked_o
         rerun = forker.run(sc.argv, sc.root)
         # No reader outlives its run (issue 25): the kernel killed the stopped orphans with their parent.
         deadline = time.monotonic() + 120  # only a guard against a hang; it is over long before
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(w) for w in workers), "an orphaned reader worker outlived its run"
+        assert not any(alive(w) for w in workers), "an orphaned reader worker outlived its run"
     finally:
         kill_session(pid)  # SIGKILL ends stopped processes too
     if LOCK_ERROR in rerun.output:

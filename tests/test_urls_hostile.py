@@ -17,7 +17,7 @@ import pytest
 
 from embedder.data.fetch import DEADLINE_FACTOR, RETRY_AFTER_MAX, Fetcher, FetchSettings, retry_after, row_deadline
 from embedder.errors import BadImageError
-from tests.conftest import make_tree
+from tests.conftest import alive, make_tree
 from tests.loopback import LoopbackServer
 
 S = FetchSettings(timeout=0.3, retries=1, backoff=0.01, max_bytes=1 << 20)
@@ -159,14 +159,6 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_reader_waiting_out_a_retry_after_dies_with_its_killed_run(server, tmp_path):
     server.hostile["wait"] = "50"  # the reader sleeps 50 s before its second attempt
@@ -185,7 +177,7 @@ def test_a_reader_waiting_out_a_retry_after_dies_with_its_killed_run(server, tmp
         run.send_signal(signal.SIGKILL)
         run.wait()
     deadline = time.monotonic() + 30  # far below the 50 s the reader would sleep without the parent-death signal
-    while any(_alive(p) for p in readers) and time.monotonic() < deadline:
+    while any(alive(p) for p in readers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in readers), "a reader outlived its killed run"
+    assert not any(alive(p) for p in readers), "a reader outlived its killed run"
     assert server.hits["/retry-after/wait"] == 1

@@ -113,7 +113,7 @@ def _prepare(config: EmbedConfig, listing: Listing, recorded: dict | None, candi
     started = time.perf_counter()
     gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
     steps.start("fp32 backbone")
-    exact = _build(config, "fp32", config.space.runtime)
+    exact = _build(config, "fp32", _exact_runtime(config))
     steps.done()
     steps.start("reading the sample")
     sample = read_sample(config, listing, exact, recorded)
@@ -166,6 +166,16 @@ def model_card(model: str, source: str, *, weights: str = "DEFAULT", image_size:
                             progress=progress)  # `out` is never written: only the card is computed
     listing = list_source(config.source, config.layout, config.limit, config.table_columns())
     return prepare(config, listing)[1]
+
+
+def _exact_runtime(config: EmbedConfig) -> str:
+    """Where the exact path runs: the exact default's runtime (`auto`), so a card's speed-up is against
+    what the user gets without asking; int8 starts from the fp32 ONNX graph, so it is measured against
+    that graph run in fp32 (the exact default wherever ONNX Runtime is, the model families int8 serves).
+    bf16 runs on torch; its card compared it with torch fp32, which the default (ONNX Runtime) outruns."""
+    if config.space.precision == "int8":
+        return "onnxruntime"
+    return "auto" if config.space.precision == "bf16" else config.space.runtime
 
 
 def _build(config: EmbedConfig, precision: str, runtime: str) -> FrozenBackbone:
