@@ -253,3 +253,19 @@ def test_a_wrong_graph_is_refused_by_the_self_check():
     session = session_for(wrong, components(wrong))  # a sound graph of `wrong`: accepted against `wrong` itself
     with pytest.raises(ConfigError, match="differ from an fp64 pass .* more than fp32 round-off explains"):
         check_against_torch(right, session)
+
+
+def test_a_graph_is_checked_against_torch_once_per_process_and_graph(monkeypatch):
+    """A fidelity card builds the fp32 backbone twice (exact, then the int8 one's base): the same graph
+    bytes of the same network are checked once; another network's graph is checked on its own."""
+    from embedder.models import onnx as onnx_module
+
+    checked = []
+    real = onnx_module.check_against_torch
+    monkeypatch.setattr(onnx_module, "check_against_torch", lambda b, s: checked.append(s.path) or real(b, s))
+    monkeypatch.setattr(onnx_module, "_CHECKED", set())
+    first = load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
+    again = load_backbone("resnet18", "none", runtime="onnxruntime", **SMALL)
+    assert len(checked) == 1 and first._session.path == again._session.path
+    load_backbone("resnet18", "none", runtime="onnxruntime", **{**SMALL, "image_size": 48})
+    assert len(checked) == 2 and checked[1] != checked[0]
