@@ -16,7 +16,7 @@ from embedder.extract.fidelity import Gates, fidelity_card, knn_overlap
 from embedder.extract.local import embed
 from embedder.models.onnx import cache_root
 from embedder.search.query import query_backbone
-from tests.conftest import embedder_cmd, env_with_repo, fast_config, make_tree
+from tests.conftest import embedder_cmd, env_with_repo, fast_config, make_tree, write_image
 from tests.test_cache import read_all
 
 
@@ -210,3 +210,41 @@ def test_models_card_refusals_are_one_line_with_exit_2(argv, names, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and names in err
+
+
+def test_an_int8_card_is_reused_on_the_same_images_and_measured_again_when_anything_it_depends_on_changes(
+        tmp_path, monkeypatch):
+    from embedder.extract import cardstore, fidelity
+
+    monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / "cache"))  # no card from another test
+    source = make_tree(tmp_path / "src", classes=("a", "b", "c"), per_class=10)
+    passes = []
+    real = fidelity._timed_outputs
+    monkeypatch.setattr(fidelity, "_timed_outputs", lambda *a: passes.append(1) or real(*a))
+    first = embed(cfg(source, tmp_path / "one.h5", precision="int8"))
+    assert "reused" not in first.fidelity and passes and len(list(cardstore.folder().glob("*.json"))) == 1
+    passes.clear()
+    again = embed(cfg(source, tmp_path / "two.h5", precision="int8"))
+    card = again.fidelity
+    assert passes == []  # neither path ran over the sample: the stored figures are the card
+    assert card["reused"]["seconds"] == first.fidelity["seconds"]
+    assert card["cards"] == first.fidelity["cards"] and card["exact"] == first.fidelity["exact"]
+    assert again.fingerprint == first.fingerprint
+    assert np.array_equal(read_all(tmp_path / "two.h5")[0], read_all(tmp_path / "one.h5")[0])
+    shown = subprocess.run(embedder_cmd("info", str(tmp_path / "two.h5")), env=env_with_repo(), capture_output=True,
+                           text=True, check=True, timeout=120).stdout
+    assert "reused: measured " + card["reused"]["at"] in shown
+    # Measured again when anything it depends on changes: the gates, the CPU, a held-aside image's pixels.
+    assert "reused" not in embed(cfg(source, tmp_path / "g.h5", precision="int8", min_cosine=0.99)).fidelity
+    with monkeypatch.context() as patched:
+        patched.setattr(cardstore, "cpu_identity", lambda: "another CPU")
+        assert "reused" not in embed(cfg(source, tmp_path / "cpu.h5", precision="int8")).fidelity
+    held = next(p for p in sorted(source.rglob("*.png"))
+                if p.relative_to(source).as_posix() not in card["calibration"]["paths"])
+    write_image(held, np.random.default_rng(1), size=(40, 40))
+    assert "reused" not in embed(cfg(source, tmp_path / "px.h5", precision="int8")).fidelity
+    # A damaged stored card is measured again and written anew.
+    for stored in cardstore.folder().glob("*.json"):
+        stored.write_text("{")
+    assert "reused" not in embed(cfg(source, tmp_path / "bad.h5", precision="int8")).fidelity
+    assert "reused" in embed(cfg(source, tmp_path / "good.h5", precision="int8")).fidelity

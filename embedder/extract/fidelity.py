@@ -16,6 +16,9 @@ gate. int8 reaches them with what ONNX Runtime's quantiser offers: the calibrati
 weights, then keeping sensitive nodes in fp32 (embedder.models.quantize levels), in that order.
 `--precision fast` times every candidate on the held-aside sample, here and now, and takes the
 fastest whose card passes (fp32 when none does); the card records the speeds and the choice.
+An `--precision int8` card already made on the same images, graph, gates and CPU is reused
+(embedder.extract.cardstore): the same inputs give the same figures, and a rerun skips the fp32
+backbone and both passes.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ import numpy as np
 import torch
 
 from embedder.data.sources import Listing
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, EmbedderNotice
+from embedder.extract import cardstore
 from embedder.extract.config import EmbedConfig
 from embedder.extract.core import BatchReader
 from embedder.models.backbone import FrozenBackbone
 from embedder.models.constants import CALIBRATION_IMAGES, FIDELITY_IMAGES
-from embedder.models.quantize import LEVELS, QuantSettings, quantize
+from embedder.models.onnx import cache_root, graph_key
+from embedder.models.quantize import LEVELS, QUANT_FORMAT, QuantSettings, calibration_sha256, quantize
+from embedder.models.space import components
 from embedder.progress import bar as progress_bar
 
 K = 10  # neighbours whose overlap the card reports
@@ -84,7 +90,7 @@ def prepare(config: EmbedConfig, listing: Listing, recorded: dict | None = None)
     candidates = (config.space.precision,)
     if config.space.precision == "fast":  # an explicit --runtime is kept: int8 runs on ONNX Runtime, bf16 on torch
         candidates = tuple(p for p, no in (("int8", "torch"), ("bf16", "onnxruntime")) if config.space.runtime != no)
-    steps = 3 + sum(len(LEVELS) if p == "int8" else 1 for p in candidates)
+    steps = 3 + (candidates == ("int8",)) + sum(len(LEVELS) if p == "int8" else 1 for p in candidates)
     with progress_bar(desc="fidelity card", unit="step", total=steps, enabled=config.progress) as shown:
         return _prepare(config, listing, recorded, candidates, _Steps(shown))
 
@@ -102,6 +108,12 @@ class _Steps:
     def done(self) -> None:
         self.shown.update(1)
 
+    def last(self, what: str) -> None:
+        """Drop every step left but one, and name that one (the run's remaining work is `what`)."""
+        if self.shown.total is not None:
+            self.skip(max(self.shown.total - self.shown.n - 1, 0))
+        self.start(what)
+
     def skip(self, count: int) -> None:
         if count and self.shown.total is not None:
             self.shown.total -= count
@@ -112,37 +124,28 @@ def _prepare(config: EmbedConfig, listing: Listing, recorded: dict | None, candi
              steps: _Steps) -> tuple[FrozenBackbone, dict]:
     started = time.perf_counter()
     gates = Gates(config.min_cosine, config.min_overlap, config.max_accuracy_drop)
-    steps.start("fp32 backbone")
-    exact = _build(config, "fp32", _exact_runtime(config))
+    # `--precision int8` alone: its backbone reads the sample and keys it first, so a card already made
+    # on the same images (embedder.extract.cardstore) is reused without building the fp32 backbone.
+    int8_only = candidates == ("int8",)
+    steps.start("int8 backbone" if int8_only else "fp32 backbone")
+    first = _build(config, "int8", "onnxruntime") if int8_only else _build(config, "fp32", _exact_runtime(config))
     steps.done()
     steps.start("reading the sample")
-    sample = read_sample(config, listing, exact, recorded)
+    sample = read_sample(config, listing, first, recorded)
     steps.done()
-    steps.start(f"fp32 on {len(sample.held)} images")
-    exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
-    steps.done()
-    tried: dict[str, dict] = {}
-    for path in candidates:
-        backbone, card = (_int8 if path == "int8" else _bf16)(config, sample, exact_out, gates, exact_speed, steps)
-        tried[path] = card
-        if backbone is not None:
-            tried[path]["backbone"] = backbone
-    passing = {p: c for p, c in tried.items() if "backbone" in c and c["passes"]}
-    if config.space.precision != "fast":
-        card = tried[config.space.precision]
-        if not card["passes"]:
-            raise ConfigError(f"--precision {config.space.precision} fails its fidelity card on {len(sample.held)} "
-                              f"held-aside images of SOURCE: {card['failure']}; or use --precision fp32.")
-        chosen, backbone = config.space.precision, card.pop("backbone")
+    fp32_graph = graph_key(first, components(first))[0] if int8_only else None
+    key = _stored_card_key(config, fp32_graph, sample, gates) if int8_only else None
+    # Reused only with the fp32 graph at hand: the int8 graph is quantised from it if it has gone.
+    stored = cardstore.load(key) if key and (cache_root() / fp32_graph / "graph.onnx").is_file() else None
+    if stored is not None:
+        exact, exact_part, reused = None, stored["exact"], stored["made"]
+        tried = _reuse(config, first, sample, stored, steps)
     else:
-        chosen = max(passing, key=lambda p: passing[p]["img_per_s"], default="fp32")
-        if chosen != "fp32" and passing[chosen]["img_per_s"] <= exact_speed:
-            chosen = "fp32"
-        backbone = tried[chosen].pop("backbone") if chosen != "fp32" else exact
-    for c in tried.values():
-        c.pop("backbone", None)
-    result = {"format": CARD_FORMAT, "precision": chosen, "asked": config.space.precision,
-              "exact": {"precision": "fp32", "runtime": exact.config.runtime, "img_per_s": round(exact_speed, 2)},
+        exact = _build(config, "fp32", "onnxruntime") if int8_only else first
+        tried, exact_part = _measure(config, exact, sample, candidates, gates, steps, first if int8_only else None)
+        reused = None
+    chosen, backbone = _choose(config, tried, exact_part["img_per_s"], exact, len(sample.held))
+    result = {"format": CARD_FORMAT, "precision": chosen, "asked": config.space.precision, "exact": exact_part,
               "held_aside_images": len(sample.held), "labelled": bool((sample.labels >= 0).any()),
               "calibration": {"images": len(sample.calibration_rows),
                               "paths": [listing.paths[r] for r in sample.calibration_rows]},
@@ -150,7 +153,87 @@ def _prepare(config: EmbedConfig, listing: Listing, recorded: dict | None, candi
                         "max_accuracy_drop": gates.max_accuracy_drop},
               "cards": tried, "jpeg_draft": config.jpeg_draft,
               "seconds": round(time.perf_counter() - started, 2)}  # building, calibrating and measuring
+    if reused is not None:
+        result["reused"] = reused  # when and in how long the figures were measured
+    elif key is not None:
+        _keep(key, {"exact": exact_part, "cards": tried, "made": {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": result["seconds"]}})
     return backbone, result
+
+
+def _keep(key: str, card: dict) -> None:
+    """Store a card for reuse; a store that cannot be written costs the next run a measurement, not this run."""
+    try:
+        cardstore.save(key, card)
+    except OSError as exc:
+        warnings.warn(f"The fidelity card could not be kept for reuse in {cardstore.folder()} ({exc}); "
+                      "the next run measures it again.", EmbedderNotice, stacklevel=2)
+
+
+def _measure(config: EmbedConfig, exact: FrozenBackbone, sample: Sample, candidates: tuple[str, ...], gates: Gates,
+             steps: _Steps, int8: FrozenBackbone | None) -> tuple[dict[str, dict], dict]:
+    """(cards by path, each passing one holding its backbone; the exact path's part of the card)."""
+    steps.start(f"fp32 on {len(sample.held)} images")
+    exact_out, exact_speed = _timed_outputs(exact, sample.held_exact, config.batch_size)
+    steps.done()
+    tried: dict[str, dict] = {}
+    for path in candidates:
+        if path == "int8":
+            backbone, card = _int8(config, sample, exact_out, gates, exact_speed, steps, int8)
+        else:
+            backbone, card = _bf16(config, sample, exact_out, gates, exact_speed, steps)
+        tried[path] = {**card, "backbone": backbone} if backbone is not None else card
+    return tried, {"precision": "fp32", "runtime": exact.config.runtime, "img_per_s": round(exact_speed, 2)}
+
+
+def _choose(config: EmbedConfig, tried: dict[str, dict], exact_speed: float, exact: FrozenBackbone | None,
+            held: int) -> tuple[str, FrozenBackbone]:
+    """(the path the run takes, its backbone); the cards lose their backbones. An asked path that fails
+    is refused; `fast` takes the fastest passing path, fp32 when none beats it."""
+    if config.space.precision != "fast":
+        card = tried[config.space.precision]
+        if not card["passes"]:
+            raise ConfigError(f"--precision {config.space.precision} fails its fidelity card on {held} "
+                              f"held-aside images of SOURCE: {card['failure']}; or use --precision fp32.")
+        chosen = config.space.precision
+    else:
+        passing = {p: c for p, c in tried.items() if "backbone" in c and c["passes"]}
+        chosen = max(passing, key=lambda p: passing[p]["img_per_s"], default="fp32")
+        if chosen != "fp32" and passing[chosen]["img_per_s"] <= exact_speed:
+            chosen = "fp32"
+    backbone = tried[chosen]["backbone"] if chosen != "fp32" else exact
+    for c in tried.values():
+        c.pop("backbone", None)
+    return chosen, backbone
+
+
+def _stored_card_key(config: EmbedConfig, fp32_key: str, sample: Sample, gates: Gates) -> str:
+    """The store key of this run's int8 card (embedder.extract.cardstore): everything that decides its
+    figures. `fp32_key`: the fp32 graph's folder (embedder.models.onnx.graph_key: network, settings, exporter)."""
+    import onnxruntime
+    import sklearn
+
+    digest = {name: calibration_sha256(a) for name, a in (("calibration", sample.calibration), ("held", sample.held),
+                                                           ("held_exact", sample.held_exact), ("labels", sample.labels))}
+    return cardstore.card_key({
+        "card": CARD_FORMAT, "int8": QUANT_FORMAT, "fp32_graph": fp32_key, **digest, "k": K,
+        "method": config.calibration, "levels": list(LEVELS), "gates": [gates.min_cosine, gates.min_overlap,
+                                                                         gates.max_accuracy_drop],
+        "threads": torch.get_num_threads(), "cpu": cardstore.cpu_identity(),
+        "versions": [onnxruntime.__version__, sklearn.__version__, np.__version__, torch.__version__]})
+
+
+def _reuse(config: EmbedConfig, int8: FrozenBackbone, sample: Sample, stored: dict, steps: _Steps) -> dict[str, dict]:
+    """The stored int8 card, its backbone attached from the graph cache (quantised again if it is gone:
+    the same pixels and settings give the same graph)."""
+    steps.last("reusing the card made on these images")
+    card = dict(stored["cards"]["int8"])
+    if card["passes"]:
+        session, record = quantize(int8, sample.calibration, QuantSettings(config.calibration, True, card["level"]))
+        int8.use_quantized(session, record)
+        card["backbone"] = int8
+    steps.done()
+    return {"int8": card}
 
 
 def model_card(model: str, source: str, *, weights: str = "DEFAULT", image_size: int | None = None,
@@ -239,10 +322,12 @@ def _timed_outputs(backbone: FrozenBackbone, pixels: np.ndarray, batch: int) -> 
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, len(pixels) / max(seconds, 1e-9)
 
 
-def _int8(config, sample, exact_out, gates, exact_speed, steps):
-    """(backbone, card) of the first quantisation level whose card passes, else (None, the last card)."""
-    steps.start("int8 backbone")
-    backbone = _build(config, "int8", "onnxruntime")
+def _int8(config, sample, exact_out, gates, exact_speed, steps, backbone=None):
+    """(backbone, card) of the first quantisation level whose card passes, else (None, the last card).
+    `backbone`: the int8 backbone, when the caller built it already."""
+    if backbone is None:
+        steps.start("int8 backbone")
+        backbone = _build(config, "int8", "onnxruntime")
     card, attempts = {}, []
     for level in LEVELS:
         steps.start(f"int8 level {level}: quantising" if level == 0 else f"int8 level {level}")
@@ -356,6 +441,9 @@ def card_lines(card: dict) -> list[str]:
     lines = [(f"  fidelity card   : --precision {card['asked']} -> {chosen}, on {card['held_aside_images']} held-aside "
               f"images (calibration: {card['calibration']['images']} others); exact fp32 "
               f"{card['exact']['img_per_s']:.1f} img/s ({card['exact']['runtime']})")]
+    if "reused" in card:
+        lines.append(f"    reused: measured {card['reused']['at']} in {card['reused']['seconds']:.1f} s on the same "
+                     "images, graph, gates and CPU (speeds are from then)")
     for path, c in card["cards"].items():
         if "mean_cosine" not in c:
             lines.append(f"    {path:<5} {c['img_per_s']:.1f} img/s ({c['speedup']:.2f}x): {c['failure']}")

@@ -137,13 +137,8 @@ class OnnxSession:
         return [torch.from_numpy(a) for a in arrays]
 
 
-_CHECKED: set[tuple[str, str]] = set()  # (graph folder, sha256) that passed check_against_torch in this process
-
-
-def session_for(backbone: FrozenBackbone, components: dict) -> OnnxSession:
-    """The checked session of `backbone`'s graph, exporting it first when the cache lacks it. `components`:
-    the backbone's fingerprint components (embedder.models.space.components), which key the graph.
-    `FeatureSpace.load` attaches it to every backbone of runtime onnxruntime."""
+def check_runnable(backbone: FrozenBackbone) -> None:
+    """Refuse, before any graph is built, a backbone ONNX Runtime cannot run as configured."""
     require()
     if backbone.config.compile:
         raise ConfigError("--compile is a torch.compile option; drop it, or use --runtime torch.")
@@ -152,6 +147,16 @@ def session_for(backbone: FrozenBackbone, components: dict) -> OnnxSession:
             f"--runtime onnxruntime runs fp32 on the CPU (got {backbone.config.precision} on {backbone.device.type}); "
             "use --device cpu --precision fp32, or --runtime torch."
         )
+
+
+_CHECKED: set[tuple[str, str]] = set()  # (graph folder, sha256) that passed check_against_torch in this process
+
+
+def session_for(backbone: FrozenBackbone, components: dict) -> OnnxSession:
+    """The checked session of `backbone`'s graph, exporting it first when the cache lacks it. `components`:
+    the backbone's fingerprint components (embedder.models.space.components), which key the graph.
+    `FeatureSpace.load` attaches it to every backbone of runtime onnxruntime."""
+    check_runnable(backbone)
     key, identity = graph_key(backbone, components)
     folder = cache_root() / key
     with WriteLock(folder, wait_s=EXPORT_WAIT_S):

@@ -160,7 +160,7 @@ class FeatureSpace:
         `output` = (graph node, width) the layers: a classifier's network with its replaced head
         (embedder.learn.checkpoint)."""
         from embedder.models.backbone import FrozenBackbone
-        from embedder.models.onnx import session_for
+        from embedder.models.onnx import check_runnable, session_for
         from embedder.models.registry import get_backbone_spec
 
         spec = get_backbone_spec(self.model)
@@ -168,7 +168,11 @@ class FeatureSpace:
         if network is None:
             network, weights = space._network(spec)
         backbone = FrozenBackbone(network, spec, space, weights, output=output)
-        if space.runtime == "onnxruntime":  # its checked graph, keyed by the components (embedder.models.onnx)
+        if space.runtime == "onnxruntime" and space.precision == "int8":
+            # It runs only its quantised graph, attached by embedder.extract.fidelity or quantize.cached;
+            # the fp32 graph it starts from is exported and checked by the exact backbone of its card.
+            check_runnable(backbone)
+        elif space.runtime == "onnxruntime":  # its checked graph, keyed by the components (embedder.models.onnx)
             backbone.use_session(session_for(backbone, components(backbone)))
         return backbone
 
