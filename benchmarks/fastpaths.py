@@ -19,6 +19,7 @@ benchmark cuts 192 crops from them (seeded; 8 photos x 24 random square crops, 4
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -164,6 +165,39 @@ def levels(tmp: Path, model: str, weights: str, source: Path, **extra) -> None:
         print(f"  level {level} ({len(int8.quantization['fp32_nodes'])} nodes fp32): mean cosine "
               f"{card['mean_cosine']:.4f}, min {card['min_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}"
               f"{drops}; {speed / exact_speed:.2f}x fp32")
+
+
+def methods(tmp: Path, model: str, weights: str, source: Path, **extra) -> None:
+    """What each calibration method costs to quantise (level 0, nothing cached: a fresh EMBEDDER_CACHE
+    per method) and what it gives: the first int8 run's fixed cost."""
+    config = _config(source, tmp / "methods.h5", model, weights, precision="int8", **extra)
+    listing = list_source(str(source), "auto")
+    build = {"device": "cpu", "runtime": "onnxruntime", "image_size": config.space.image_size}
+    print(f"\n{model} ({weights}) on {source.name}: calibration methods, level 0, nothing cached")
+    kept = os.environ.get("EMBEDDER_CACHE")
+    try:
+        for method in ("percentile", "minmax", "entropy"):
+            os.environ["EMBEDDER_CACHE"] = str(tmp / f"cache-{method}")
+            _method(config, listing, model, weights, build, method)
+    finally:
+        if kept is None:
+            os.environ.pop("EMBEDDER_CACHE", None)
+        else:
+            os.environ["EMBEDDER_CACHE"] = kept
+
+
+def _method(config, listing, model, weights, build, method) -> None:
+    exact = load_backbone(model, weights, precision="fp32", **build)
+    sample = read_sample(config, listing, exact, None)
+    reference, exact_speed = _timed_outputs(exact, sample.held, config.batch_size)
+    int8 = load_backbone(model, weights, precision="int8", **build)
+    started = time.perf_counter()
+    int8.use_quantized(*quantize(int8, sample.calibration, QuantSettings(method=method)))
+    seconds = time.perf_counter() - started
+    out, speed = _timed_outputs(int8, sample.held, config.batch_size)
+    card = fidelity_card(reference, out, sample.labels)
+    print(f"  {method:<10} quantising {seconds:5.1f} s on {len(sample.calibration)} images; mean cosine "
+          f"{card['mean_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}; {speed / exact_speed:.2f}x fp32")
 
 
 def exact_vs_torch(crops: Path, tmp: Path, model: str, weights: str, size: int | None) -> None:
