@@ -20,6 +20,8 @@ BENCHMARKS = {
                    "Neural Compressor; speed at batch 32, fidelity cards; the decode share of embed, fp32 and int8",
     "int8_options": "ONNX Runtime's int8 options side by side, model only: QDQ / QOperator, U8S8 / S8S8, per "
                     "channel / per tensor / reduce_range, more operators, spinning, optimisation level; batches 1-16",
+    "int8_nodes": "which nodes to keep in fp32: Lite0 with its k costliest convolutions (ONNX Runtime's per-tensor "
+                  "SQNR) in fp32, against levels 0 and 2",
     "compiled": "--compile (torch.compile, inductor) against eager: compile time, speed-up, break-even",
     "runtime": "torch eager, bf16, --compile and ONNX Runtime against the GEMM peak; model only and end to end",
     "extraction": "JPEG files -> committed cache, against the bare model forward",

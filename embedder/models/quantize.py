@@ -28,6 +28,7 @@ import io
 import json
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,23 +116,27 @@ def _open_cached(folder: Path, identity: dict) -> tuple[OnnxSession, list[str]] 
     return (found[0], list(found[1]["fp32_nodes"])) if found else None
 
 
-def _quantize_file(base: Path, tmp: Path, pixels: np.ndarray, settings: QuantSettings) -> list[str]:
-    """Write tmp/graph.onnx, the quantised `base`; return the compute nodes kept in fp32."""
+def _quantize_file(base: Path, tmp: Path, pixels: np.ndarray, settings: QuantSettings,
+                   keep: Callable[[object], list[str]] | None = None) -> list[str]:
+    """Write tmp/graph.onnx, the quantised `base`; return the nodes kept in fp32: `keep(prepared model)`'s,
+    by default the level's (`sensitive_nodes`). benchmarks/int8_nodes.py keeps others to compare."""
     prepared = tmp / "prepared.onnx"
     # The quantiser reports its progress with print(); a library must not print (stdout may carry --json).
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _quantize_quietly(base, prepared, tmp, pixels, settings)
+        return _quantize_quietly(base, prepared, tmp, pixels, settings,
+                                 keep or (lambda model: sensitive_nodes(model, settings.level)))
 
 
-def _quantize_quietly(base: Path, prepared: Path, tmp: Path, pixels: np.ndarray, settings: QuantSettings) -> list[str]:
+def _quantize_quietly(base: Path, prepared: Path, tmp: Path, pixels: np.ndarray, settings: QuantSettings,
+                      keep: Callable[[object], list[str]]) -> list[str]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(base), str(prepared), skip_symbolic_shape=False)
     model = onnx.load(str(prepared))
-    excluded = sensitive_nodes(model, settings.level)
+    excluded = keep(model)
     method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
               "minmax": CalibrationMethod.MinMax}[settings.method]
     quantize_static(
