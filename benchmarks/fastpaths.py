@@ -37,17 +37,13 @@ from embedder.extract.core import load_backbone, with_runtime
 from embedder.extract.fidelity import _timed_outputs, card_lines, fidelity_card, prepare, read_sample
 from embedder.extract.local import embed
 from embedder.models.quantize import LEVELS, QuantSettings, quantize
+from embedder.models.runtime import cpu_info
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    name, flags = cpu_info()
     return f"{name}; " + ", ".join(f"{f} {'yes' if f in flags else 'NO'}" for f in FLAGS)
 
 
@@ -145,59 +141,66 @@ def cards(tmp: Path, runs: list[tuple[str, str, Path, dict]]) -> None:
                 break
 
 
+class Held:
+    """A sample of `source` read as `embed --precision int8` reads it, the exact backbone (ONNX Runtime fp32)
+    and its outputs on the held-aside rows: what the int8 variants below are measured against."""
+
+    def __init__(self, tmp: Path, model: str, weights: str, source: Path, **extra):
+        self.config = _config(source, tmp / "held.h5", model, weights, precision="int8", **extra)
+        self.build = {"device": "cpu", "runtime": "onnxruntime", "image_size": self.config.space.image_size}
+        self.model, self.weights = model, weights
+        self.exact = self.backbone("fp32")
+        self.sample = read_sample(self.config, list_source(str(source), "auto"), self.exact, None)
+        self.reference, self.exact_speed = _timed_outputs(self.exact, self.sample.held, self.config.batch_size)
+
+    def backbone(self, precision: str):
+        return load_backbone(self.model, self.weights, precision=precision, **self.build)
+
+    def figures(self, int8, again: bool = False) -> tuple[dict, float]:
+        """(`int8`'s fidelity card against fp32, its speed over fp32's on the held-aside rows); `again`:
+        time fp32 once more just before (the VM's speed drifts between variants)."""
+        batch = self.config.batch_size
+        exact_speed = _timed_outputs(self.exact, self.sample.held, batch)[1] if again else self.exact_speed
+        out, speed = _timed_outputs(int8, self.sample.held, batch)
+        return fidelity_card(self.reference, out, self.sample.labels), speed / exact_speed
+
+
 def levels(tmp: Path, model: str, weights: str, source: Path, **extra) -> None:
     """Every int8 level's figures on one sample, whatever the gates (a refused run's card only names
     the last level's failure): what each step of the ladder buys, and what it costs in speed."""
-    config = _config(source, tmp / "levels.h5", model, weights, precision="int8", **extra)
-    listing = list_source(str(source), "auto")
-    exact = load_backbone(model, weights, device="cpu", precision="fp32", runtime="onnxruntime",
-                          image_size=config.space.image_size)
-    sample = read_sample(config, listing, exact, None)
-    reference, exact_speed = _timed_outputs(exact, sample.held, config.batch_size)
-    print(f"\n{model} ({weights}) on {source.name}: int8 levels, {len(sample.held)} held-aside images")
+    held = Held(tmp, model, weights, source, **extra)
+    print(f"\n{model} ({weights}) on {source.name}: int8 levels, {len(held.sample.held)} held-aside images")
     for level in LEVELS:
-        int8 = load_backbone(model, weights, device="cpu", precision="int8", runtime="onnxruntime",
-                             image_size=config.space.image_size)
-        int8.use_quantized(*quantize(int8, sample.calibration, QuantSettings(level=level)))
-        out, speed = _timed_outputs(int8, sample.held, config.batch_size)
-        card = fidelity_card(reference, out, sample.labels)
+        int8 = held.backbone("int8")
+        int8.use_quantized(*quantize(int8, held.sample.calibration, QuantSettings(level=level)))
+        card, ratio = held.figures(int8)
         drops = "".join(f", {n} {card[f'{n}_drop']:+.2f} points" for n in ("probe", "knn") if f"{n}_drop" in card)
         print(f"  level {level} ({len(int8.quantization['fp32_nodes'])} nodes fp32): mean cosine "
               f"{card['mean_cosine']:.4f}, min {card['min_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}"
-              f"{drops}; {speed / exact_speed:.2f}x fp32")
+              f"{drops}; {ratio:.2f}x fp32")
 
 
 def methods(tmp: Path, model: str, weights: str, source: Path, **extra) -> None:
     """What each calibration method costs to quantise (level 0, nothing cached: a fresh EMBEDDER_CACHE
     per method) and what it gives: the first int8 run's fixed cost."""
-    config = _config(source, tmp / "methods.h5", model, weights, precision="int8", **extra)
-    listing = list_source(str(source), "auto")
-    build = {"device": "cpu", "runtime": "onnxruntime", "image_size": config.space.image_size}
     print(f"\n{model} ({weights}) on {source.name}: calibration methods, level 0, nothing cached")
     kept = os.environ.get("EMBEDDER_CACHE")
     try:
         for method in ("percentile", "minmax", "entropy"):
             os.environ["EMBEDDER_CACHE"] = str(tmp / f"cache-{method}")
-            _method(config, listing, model, weights, build, method)
+            held = Held(tmp, model, weights, source, **extra)  # exports the fp32 graph into this cache
+            int8 = held.backbone("int8")
+            started = time.perf_counter()
+            int8.use_quantized(*quantize(int8, held.sample.calibration, QuantSettings(method=method)))
+            seconds = time.perf_counter() - started
+            card, ratio = held.figures(int8)
+            print(f"  {method:<10} quantising {seconds:5.1f} s on {len(held.sample.calibration)} images; mean "
+                  f"cosine {card['mean_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}; {ratio:.2f}x fp32")
     finally:
         if kept is None:
             os.environ.pop("EMBEDDER_CACHE", None)
         else:
             os.environ["EMBEDDER_CACHE"] = kept
-
-
-def _method(config, listing, model, weights, build, method) -> None:
-    exact = load_backbone(model, weights, precision="fp32", **build)
-    sample = read_sample(config, listing, exact, None)
-    reference, exact_speed = _timed_outputs(exact, sample.held, config.batch_size)
-    int8 = load_backbone(model, weights, precision="int8", **build)
-    started = time.perf_counter()
-    int8.use_quantized(*quantize(int8, sample.calibration, QuantSettings(method=method)))
-    seconds = time.perf_counter() - started
-    out, speed = _timed_outputs(int8, sample.held, config.batch_size)
-    card = fidelity_card(reference, out, sample.labels)
-    print(f"  {method:<10} quantising {seconds:5.1f} s on {len(sample.calibration)} images; mean cosine "
-          f"{card['mean_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}; {speed / exact_speed:.2f}x fp32")
 
 
 def exact_vs_torch(crops: Path, tmp: Path, model: str, weights: str, size: int | None) -> None:

@@ -23,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fastpaths import _config, cpu_flags, photo_crops
-from embedder.data.sources import list_source
-from embedder.extract.core import load_backbone
-from embedder.extract.fidelity import _timed_outputs, fidelity_card, read_sample
+from benchmarks.fastpaths import Held, cpu_flags, photo_crops
 from embedder.models.onnx import OnnxSession
 from embedder.models.quantize import COMPUTE_OPS, QuantSettings, _activations_of, _quantize_file, quantize
 
@@ -38,41 +35,33 @@ def run(quick: bool = False) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="int8-nodes-"))
     try:
         crops = photo_crops(tmp, count=48 if quick else 192, size=256 if quick else 448)
-        config = _config(crops, tmp / "nodes.h5", MODEL, WEIGHTS, precision="int8")
-        exact = load_backbone(MODEL, WEIGHTS, device="cpu", precision="fp32", runtime="onnxruntime")
-        sample = read_sample(config, list_source(str(crops), "auto"), exact, None)
-        reference, _ = _timed_outputs(exact, sample.held, config.batch_size)
-        measure = _measurer(exact, reference, sample, config.batch_size)
-        print(f"\n{MODEL} ({WEIGHTS}) on {len(sample.held)} held-aside crops, {len(sample.calibration)} calibration")
+        held = Held(tmp, MODEL, WEIGHTS, crops)
+        calibration = held.sample.calibration
+        print(f"\n{MODEL} ({WEIGHTS}) on {len(held.sample.held)} held-aside crops, {len(calibration)} calibration")
         for level in (0, 2):
-            int8 = load_backbone(MODEL, WEIGHTS, device="cpu", precision="int8", runtime="onnxruntime")
-            session, record = quantize(int8, sample.calibration, QuantSettings(level=level))
-            measure(f"level {level}", int8, session, record["fp32_nodes"])
+            session, record = quantize(held.backbone("int8"), calibration, QuantSettings(level=level))
+            _measure(held, f"level {level}", session, record["fp32_nodes"])
             if level == 0:
-                ranked = _ranked(exact._session.path, session.path, sample.calibration[:8], tmp)
+                ranked = _ranked(held.exact._session.path, session.path, calibration[:8], tmp)
         print("  costliest convolutions (SQNR lost, dB): "
               + ", ".join(f"{name} {lost:.1f}" for lost, name in ranked[:8]))
         for k in (2,) if quick else (2, 4, 8):
             chosen = [name for _, name in ranked[:k]]
             out = tmp / f"top{k}"
             out.mkdir()
-            kept = _quantize_file(exact._session.path, out, sample.calibration, QuantSettings(),
+            kept = _quantize_file(held.exact._session.path, out, calibration, QuantSettings(),
                                   keep=lambda model, chosen=chosen: chosen + _activations_of(model, set(chosen)))
-            int8 = load_backbone(MODEL, WEIGHTS, device="cpu", precision="int8", runtime="onnxruntime")
-            measure(f"the {k} costliest", int8, OnnxSession(out / "graph.onnx"), kept)
+            _measure(held, f"the {k} costliest", OnnxSession(out / "graph.onnx"), kept)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _measurer(exact, reference, sample, batch):
-    def measure(what, int8, session, kept):
-        int8.use_quantized(session, {"fp32_nodes": kept})
-        _, exact_speed = _timed_outputs(exact, sample.held, batch)  # again, just before: the VM's speed drifts
-        out, speed = _timed_outputs(int8, sample.held, batch)
-        card = fidelity_card(reference, out, sample.labels)
-        print(f"  {what:<18} ({len(kept):>2} nodes fp32): mean cosine {card['mean_cosine']:.4f}, "
-              f"min {card['min_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}; {speed / exact_speed:.2f}x fp32")
-    return measure
+def _measure(held: Held, what: str, session: OnnxSession, kept: list[str]) -> None:
+    int8 = held.backbone("int8")
+    int8.use_quantized(session, {"fp32_nodes": kept})
+    card, ratio = held.figures(int8, again=True)
+    print(f"  {what:<18} ({len(kept):>2} nodes fp32): mean cosine {card['mean_cosine']:.4f}, "
+          f"min {card['min_cosine']:.4f}, k-NN@10 overlap {card['knn_overlap']:.3f}; {ratio:.2f}x fp32")
 
 
 def _ranked(fp32: Path, int8: Path, pixels: np.ndarray, tmp: Path) -> list[tuple[float, str]]:

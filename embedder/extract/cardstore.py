@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from pathlib import Path
 
 from embedder.atomic import staged_file
 from embedder.models.onnx import cache_root
+from embedder.models.runtime import cpu_info
 
 STORE_FORMAT = "embedder-card-store-1"
 
@@ -52,11 +52,5 @@ def save(key: str, card: dict) -> None:
 
 def cpu_identity() -> str:
     """The CPU's model name and feature flags: a card's figures (int8 kernels, bf16) depend on them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    lines = text.splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
-    return f"{name}; {' '.join(sorted(set(flags)))}"
+    name, flags = cpu_info()
+    return f"{name}; {' '.join(sorted(flags))}"

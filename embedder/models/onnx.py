@@ -98,7 +98,8 @@ KEPT_OPTIMISATIONS_OFF = ["WeightBiasQuantization"]
 
 
 def session_options():
-    """ONNX Runtime's options for every graph we run (with `KEPT_OPTIMISATIONS_OFF` disabled)."""
+    """ONNX Runtime's session options for every graph we run; `KEPT_OPTIMISATIONS_OFF` goes with them,
+    as the session's `disabled_optimizers` (it is not a session option)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

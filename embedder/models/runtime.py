@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -37,13 +38,22 @@ class Runtime:
 
 
 @lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of this machine's CPU, from /proc/cpuinfo (the platform's names and no
+    flags where there is none): what decides which int8 and bf16 kernels run, and how fast."""
+    import platform
+
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+        return f"{platform.machine()} {platform.processor()}".strip(), frozenset()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
+    return name, frozenset(flags)
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 
